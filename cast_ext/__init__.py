@@ -1,0 +1,47 @@
+"""cast_ext: kernels and a training recipe for 2:4 sparse LLMs (CAST: AdamS, weight scaling,
+distillation).
+
+Import order matters: ``_C`` registers the C++ ops, ``ops`` adds their fake (meta) kernels and
+typed wrappers, then the public API.
+"""
+
+from ._version import __version__
+
+try:
+    from . import _C
+except ImportError as e:  # a missing _C is a broken install, never a silent fallback
+    raise ImportError(
+        "cast_ext: the compiled extension cast_ext._C could not be loaded "
+        f"({e}). Build it against the torch you run: "
+        "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
+    ) from e
+
+from . import ops, reference
+from ._build import build_info, cuda_kernels_available, cusparselt_available
+from .ops import (
+    mask_flips,
+    nm_mask,
+    pack_mask,
+    sparse24_compress,
+    sparse24_decompress,
+    sparse24_mask,
+    sparse24_prune,
+    unpack_mask,
+)
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "cuda_kernels_available",
+    "cusparselt_available",
+    "mask_flips",
+    "nm_mask",
+    "ops",
+    "pack_mask",
+    "reference",
+    "sparse24_compress",
+    "sparse24_decompress",
+    "sparse24_mask",
+    "sparse24_prune",
+    "unpack_mask",
+]

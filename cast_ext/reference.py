@@ -1,0 +1,292 @@
+"""Pure-PyTorch reference semantics of every cast_ext op.
+
+This module is THE specification the kernels are tested against (``../shared/SPEC.md`` in the
+project's steering repo, restated in the docstrings below). It is written for clarity, not
+speed: plain torch ops, no custom kernels, device-agnostic (it runs wherever its inputs live).
+
+Conventions shared by all ops:
+
+* Groups of ``m`` consecutive elements run along the **last** dimension (a weight ``[out, in]``
+  is grouped along ``in``, the GEMM's K). The last dimension must be a multiple of ``m``.
+* Mask rule: in every group keep the ``n`` elements of largest ``|w|``; on equal magnitudes the
+  lower index wins. NaN or Inf in a weight is an error.
+* Packed masks: one bit per element, 8 elements per byte, least significant bit first, each row
+  (everything but the last dim) padded to a whole byte: shape ``[*w.shape[:-1], ceil(k / 8)]``,
+  dtype ``uint8``. A 2:4 group therefore occupies one nibble (4 bits per group) and a 4:8 or 2:8
+  group one byte. The same encoding is the metadata of the compressed 2:4 format: the positions
+  of the 2 kept values of a group are the set bits of its nibble.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adams_step_",
+    "mask_flips",
+    "nm_mask",
+    "pack_mask",
+    "sparse24_compress",
+    "sparse24_decompress",
+    "sparse24_gemm",
+    "sparse24_mask",
+    "sparse24_prune",
+    "unpack_mask",
+]
+
+
+def _check_groups(op: str, name: str, w: Tensor, m: int) -> None:
+    if w.dim() < 1 or w.shape[-1] % m != 0:
+        raise ValueError(
+            f"cast_ext.{op}: {name} of shape {list(w.shape)}: last dim must be a multiple of {m}"
+        )
+    if not w.is_floating_point():
+        raise TypeError(f"cast_ext.{op}: {name} has dtype {w.dtype}; expected a floating dtype")
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError(
+            f"cast_ext.{op}: {name} of shape {list(w.shape)} contains NaN or Inf; "
+            "a mask of non-finite weights is undefined"
+        )
+
+
+def nm_mask(w: Tensor, n: int, m: int) -> Tensor:
+    """N:M mask: in each group of ``m`` along the last dim, True for the ``n`` largest ``|w|``.
+
+    Ties go to the lower index: elements are ranked by ``|w|`` descending, then by position
+    ascending, and the first ``n`` are kept. ``sparse24_mask`` is ``nm_mask(w, 2, 4)``.
+
+    Args:
+        w: floating tensor, last dim a multiple of ``m``, finite.
+        n: elements kept per group, ``0 < n <= m``.
+        m: group size.
+
+    Returns:
+        bool tensor of ``w``'s shape.
+    """
+    if not 0 < n <= m:
+        raise ValueError(f"cast_ext.nm_mask: need 0 < n <= m, got n={n}, m={m}")
+    _check_groups("nm_mask", "w", w, m)
+    a = w.detach().abs().float().reshape(-1, m)
+    # rank[i] = number of group members that beat element i: larger |w|, or equal |w| at a
+    # lower index. Element i is kept iff fewer than n members beat it. O(m^2) per group, exact.
+    idx = torch.arange(m, device=w.device)
+    bigger = a.unsqueeze(1) > a.unsqueeze(2)  # [g, i, j]: a[j] > a[i]
+    equal_lower = (a.unsqueeze(1) == a.unsqueeze(2)) & (idx.view(1, 1, m) < idx.view(1, m, 1))
+    rank = (bigger | equal_lower).sum(dim=2)
+    return (rank < n).reshape(w.shape)
+
+
+def sparse24_mask(w: Tensor) -> Tensor:
+    """2:4 mask of ``w`` (see :func:`nm_mask`)."""
+    return nm_mask(w, 2, 4)
+
+
+def sparse24_prune(w: Tensor) -> Tensor:
+    """``w`` with the 2 smallest-magnitude elements of every group of 4 set to zero."""
+    return torch.where(sparse24_mask(w), w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask into bits: ``[..., k]`` -> ``[..., ceil(k / 8)]`` uint8, LSB first."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"cast_ext.pack_mask: mask has dtype {mask.dtype}; expected torch.bool")
+    k = mask.shape[-1]
+    kb = (k + 7) // 8
+    padded = torch.zeros(*mask.shape[:-1], kb * 8, dtype=torch.uint8, device=mask.device)
+    padded[..., :k] = mask.to(torch.uint8)
+    weights = (2 ** torch.arange(8, device=mask.device)).to(torch.uint8)
+    return (padded.reshape(*mask.shape[:-1], kb, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, last_dim: int) -> Tensor:
+    """Inverse of :func:`pack_mask`: ``[..., ceil(k / 8)]`` uint8 -> ``[..., k]`` bool."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"cast_ext.unpack_mask: packed has dtype {packed.dtype}; expected uint8")
+    if packed.shape[-1] != (last_dim + 7) // 8:
+        raise ValueError(
+            f"cast_ext.unpack_mask: packed of shape {list(packed.shape)} cannot hold "
+            f"{last_dim} elements per row"
+        )
+    bits = torch.arange(8, device=packed.device)
+    unpacked = (packed.unsqueeze(-1).long() >> bits) & 1
+    return unpacked.reshape(*packed.shape[:-1], -1)[..., :last_dim].bool()
+
+
+def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
+    """Number of groups of ``m`` whose kept set differs between two packed masks.
+
+    Args:
+        a, b: packed masks (see :func:`pack_mask`) of the same shape.
+        m: group size, 4 or 8 (a group is a nibble or a byte of the packed mask).
+
+    Returns:
+        0-d int64 tensor.
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"cast_ext.mask_flips: a of shape {list(a.shape)} and b of shape {list(b.shape)} differ"
+        )
+    diff = (a ^ b).long()
+    if m == 8:
+        return (diff != 0).sum()
+    if m == 4:
+        return ((diff & 0x0F) != 0).sum() + ((diff & 0xF0) != 0).sum()
+    raise ValueError(f"cast_ext.mask_flips: m must be 4 or 8, got {m}")
+
+
+def sparse24_compress(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Compress ``w`` to 2:4: the kept values and their packed mask.
+
+    Returns:
+        ``(values, meta)``: ``values`` ``[..., k / 2]`` in ``w``'s dtype, the 2 kept elements of
+        each group in ascending position; ``meta`` = ``pack_mask(sparse24_mask(w))``.
+    """
+    mask = sparse24_mask(w)
+    values = w[mask].reshape(*w.shape[:-1], w.shape[-1] // 2)
+    return values, pack_mask(mask)
+
+
+def sparse24_decompress(values: Tensor, meta: Tensor) -> Tensor:
+    """Inverse of :func:`sparse24_compress`: scatter the kept values back, zeros elsewhere."""
+    k = values.shape[-1] * 2
+    mask = unpack_mask(meta, k)
+    out = torch.zeros(*values.shape[:-1], k, dtype=values.dtype, device=values.device)
+    out[mask] = values.reshape(-1)
+    return out
+
+
+def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W^T (+ bias)`` with ``W = sparse24_decompress(values, meta)`` of shape [N, K].
+
+    Accumulates in fp32 and rounds once to ``x``'s dtype, as the tensor-core GEMMs do.
+    """
+    w = sparse24_decompress(values, meta)
+    y = x.float() @ w.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _adams_one(
+    p: Tensor,
+    g: Tensor,
+    mu: Tensor,
+    v: Tensor,
+    packed: Tensor | None,
+    step: Tensor,
+    master: Tensor | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: float,
+    total_steps: int,
+    mask_interval: int,
+    n: int,
+    m: int,
+    inv_scale: Tensor | None,
+) -> None:
+    w = master if master is not None else p
+    t = int(step.item())  # completed steps
+    g = g.float()
+    if inv_scale is not None:
+        g = g * inv_scale
+    if packed is not None and t % mask_interval == 0:
+        packed.copy_(pack_mask(nm_mask(w, n, m)))
+    if weight_decay != 0.0:
+        w.mul_(1.0 - lr * weight_decay)
+    mu.mul_(beta1).add_((1.0 - beta1) * g)
+    if packed is not None:
+        kept = unpack_mask(packed, w.shape[-1])
+        alpha = min(t / total_steps, 1.0)
+        decayed = (1.0 - alpha) * mu + (alpha * decay) * torch.sign(w)
+        mu_eff = torch.where(kept, mu, decayed)
+    else:
+        mu_eff = g
+    v.mul_(beta2).add_((1.0 - beta2) * mu_eff * mu_eff)
+    bc1 = 1.0 - beta1 ** (t + 1)
+    bc2 = 1.0 - beta2 ** (t + 1)
+    upd = (mu if packed is None else mu_eff) / bc1 / ((v / bc2).sqrt() + eps)
+    w.sub_(lr * upd)
+    if master is not None:
+        p.copy_(master)
+    step.add_(1)
+
+
+def adams_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    masks: list[Tensor],
+    steps: list[Tensor],
+    master_params: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decay: float = 0.0,
+    total_steps: int = 1,
+    mask_interval: int = 10,
+    n: int = 2,
+    m: int = 4,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdamS step (SPEC §2, paper Algorithm 1) over a list of tensors, in place.
+
+    Per element, with ``t`` = ``steps[i]`` (completed steps, 0 at the first call):
+
+    * ``g = grad / grad_scale``; decoupled weight decay ``w *= 1 - lr * weight_decay``;
+    * ``mu = beta1 * mu + (1 - beta1) * g`` (the stored momentum never sees the decay);
+    * sparse tensors (``masks`` non-empty): if ``t % mask_interval == 0`` the packed mask is
+      refreshed from the current ``|w|`` (``nm_mask(w, n, m)``) first, before any change; then
+      ``alpha = min(t / total_steps, 1)`` and ``mu_eff = mu`` where kept,
+      ``(1 - alpha) * mu + alpha * decay * sign(w)`` where pruned;
+      ``v = beta2 * v + (1 - beta2) * mu_eff^2``; ``w -= lr * (mu_eff / bc1) / (sqrt(v / bc2) + eps)``;
+    * dense tensors (``masks`` empty): plain Adam, ``v = beta2 * v + (1 - beta2) * g^2`` and
+      ``w -= lr * (mu / bc1) / (sqrt(v / bc2) + eps)``;
+    * ``bc1 = 1 - beta1^(t+1)``, ``bc2 = 1 - beta2^(t+1)``; ``steps[i] += 1``.
+
+    With ``master_params`` (fp32 copies of bf16/fp16 ``params``) the update happens on the
+    master and ``params`` receive its rounded value; the mask is ranked on the master.
+    If ``found_inf`` is nonzero nothing changes: no param, state or step.
+
+    Args:
+        params: weights, updated in place (fp32, or bf16/fp16 with ``master_params``).
+        grads: gradients, same shapes and dtypes as ``params``.
+        exp_avgs, exp_avg_sqs: fp32 first and second moments, updated in place.
+        masks: packed masks (``pack_mask`` layout) of sparse params, or empty for plain Adam.
+        steps: fp32 0-d tensors, completed steps per param, incremented in place.
+        master_params: fp32 master weights, or empty.
+    """
+    if found_inf is not None and bool(found_inf.item() != 0):
+        return
+    inv_scale = None if grad_scale is None else 1.0 / grad_scale.float()
+    for i, p in enumerate(params):
+        _adams_one(
+            p,
+            grads[i],
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            masks[i] if masks else None,
+            steps[i],
+            master_params[i] if master_params else None,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decay=decay,
+            total_steps=total_steps,
+            mask_interval=mask_interval,
+            n=n,
+            m=m,
+            inv_scale=inv_scale,
+        )
+

@@ -1,0 +1,251 @@
+// N:M mask selection, pruning, 2:4 compression and packed masks on the CPU.
+//
+// Algorithm: rows (everything but the last dim) are split over OpenMP threads; each group of m
+// along a row is ranked with the branch-free count of csrc/nm_select.h, the same code the CUDA
+// kernels run, so CPU and CUDA agree bit for bit. Non-finite weights are detected in the same
+// pass and turned into an error after it (outputs are fresh tensors: nothing of the caller's is
+// written).
+// Layout: contiguous rows x k (non-contiguous inputs are made contiguous first); packed masks
+// rows x ceil(k/8) uint8, LSB first. Dtypes: fp32, fp16, bf16 (ranked as fp32 |w|).
+// Reference: cast_ext/reference.py nm_mask, sparse24_mask, sparse24_prune, sparse24_compress,
+// sparse24_decompress, pack_mask, unpack_mask, mask_flips.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "cast_ext.h"
+#include "nm_select.h"
+
+namespace cast_ext {
+namespace {
+
+enum class Mode { Mask, Prune, Compress };
+
+int64_t grain_rows(int64_t k) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)); }
+
+std::vector<int64_t> packed_shape(const at::Tensor& t, int64_t k) {
+  auto shape = t.sizes().vec();
+  shape.back() = packed_last_dim(k);
+  return shape;
+}
+
+// Bits of the kept elements of the group starting at p (m = M).
+template <typename T, int M>
+inline uint32_t group_bits(const T* p, int n, bool& bad) {
+  float a[M];
+  for (int i = 0; i < M; ++i) a[i] = checked_abs(static_cast<float>(p[i]), bad);
+  if constexpr (M == 4) {
+    if (n == 2) return top2_of_4(a[0], a[1], a[2], a[3]);
+  }
+  return topn_of_m<M>(a, n);
+}
+
+template <typename T, int M, Mode MODE>
+bool select_rows(const T* w, int64_t rows, int64_t k, int n, bool* mask, T* values,
+                 uint8_t* meta) {
+  std::atomic<bool> any_bad{false};
+  const int64_t kb = packed_last_dim(k);
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    bool bad = false;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* src = w + r * k;
+      for (int64_t c = 0; c < k; c += M) {
+        const uint32_t bits = group_bits<T, M>(src + c, n, bad);
+        if constexpr (MODE == Mode::Mask) {
+          bool* dst = mask + r * k + c;
+          for (int i = 0; i < M; ++i) dst[i] = (bits >> i) & 1u;
+        } else if constexpr (MODE == Mode::Prune) {
+          T* dst = values + r * k + c;
+          for (int i = 0; i < M; ++i) dst[i] = ((bits >> i) & 1u) ? src[c + i] : T(0);
+        } else {
+          T* dst = values + r * (k / 2) + c / 2;
+          int j = 0;
+          for (int i = 0; i < M; ++i) {
+            if ((bits >> i) & 1u) dst[j++] = src[c + i];
+          }
+          meta[r * kb + c / 8] |= uint8_t(bits << (c % 8));
+        }
+      }
+    }
+    if (bad) any_bad.store(true, std::memory_order_relaxed);
+  });
+  return any_bad.load();
+}
+
+template <Mode MODE>
+std::vector<at::Tensor> nm_select_cpu(const char* op, const at::Tensor& w_in, int64_t n,
+                                      int64_t m) {
+  check_nm(op, n, m);
+  check_grouped_weight(op, "w", w_in, m);
+  const at::Tensor w = w_in.contiguous();
+  const int64_t k = w.size(-1);
+  const int64_t rows = k == 0 ? 0 : w.numel() / k;
+  std::vector<at::Tensor> outs;
+  bool bad = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "cast_ext_cpu", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    if constexpr (MODE == Mode::Mask) {
+      auto mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
+      bad = m == 8 ? select_rows<scalar_t, 8, MODE>(src, rows, k, n, mask.data_ptr<bool>(),
+                                                    nullptr, nullptr)
+                   : select_rows<scalar_t, 4, MODE>(src, rows, k, n, mask.data_ptr<bool>(),
+                                                    nullptr, nullptr);
+      outs = {mask};
+    } else if constexpr (MODE == Mode::Prune) {
+      auto out = at::empty_like(w);
+      bad = select_rows<scalar_t, 4, MODE>(src, rows, k, n, nullptr, out.data_ptr<scalar_t>(),
+                                           nullptr);
+      outs = {out};
+    } else {
+      auto vshape = w.sizes().vec();
+      vshape.back() = k / 2;
+      auto values = at::empty(vshape, w.options());
+      auto meta = at::zeros(packed_shape(w, k), w.options().dtype(at::kByte));
+      bad = select_rows<scalar_t, 4, MODE>(src, rows, k, n, nullptr, values.data_ptr<scalar_t>(),
+                                           meta.data_ptr<uint8_t>());
+      outs = {values, meta};
+    }
+  });
+  check_finite_flag(op, "w", w_in, bad);
+  return outs;
+}
+
+at::Tensor nm_mask_cpu(const at::Tensor& w, int64_t n, int64_t m) {
+  return nm_select_cpu<Mode::Mask>("nm_mask", w, n, m)[0];
+}
+
+at::Tensor sparse24_mask_cpu(const at::Tensor& w) {
+  return nm_select_cpu<Mode::Mask>("sparse24_mask", w, 2, 4)[0];
+}
+
+at::Tensor sparse24_prune_cpu(const at::Tensor& w) {
+  return nm_select_cpu<Mode::Prune>("sparse24_prune", w, 2, 4)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse24_compress_cpu(const at::Tensor& w) {
+  auto outs = nm_select_cpu<Mode::Compress>("sparse24_compress", w, 2, 4);
+  return {outs[0], outs[1]};
+}
+
+at::Tensor sparse24_decompress_cpu(const at::Tensor& values_in, const at::Tensor& meta_in) {
+  const char* op = "sparse24_decompress";
+  check_compressed(op, values_in, meta_in);
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t k = values.size(-1) * 2;
+  const int64_t rows = k == 0 ? 0 : values.numel() * 2 / k;
+  const int64_t kb = packed_last_dim(k);
+  auto oshape = values.sizes().vec();
+  oshape.back() = k;
+  auto out = at::empty(oshape, values.options());
+  std::atomic<bool> any_bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cast_ext_cpu", [&] {
+    const scalar_t* src = values.const_data_ptr<scalar_t>();
+    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+      bool bad = false;
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* v = src + r * (k / 2);
+        for (int64_t c = 0; c < k; c += 4) {
+          const uint32_t bits = (mt[r * kb + c / 8] >> (c % 8)) & 0xFu;
+          const bool ok = __builtin_popcount(bits) == 2;
+          bad |= !ok;
+          for (int i = 0; i < 4; ++i) {
+            const bool keep = ok && ((bits >> i) & 1u);
+            dst[r * k + c + i] = keep ? *v : scalar_t(0);
+            v += keep;
+          }
+          v += ok ? 0 : 2;
+        }
+        if ((k % 8) != 0 && (mt[r * kb + kb - 1] >> 4) != 0) bad = true;
+      }
+      if (bad) any_bad.store(true, std::memory_order_relaxed);
+    });
+  });
+  check_meta_flag(op, meta_in, any_bad.load());
+  return out;
+}
+
+at::Tensor pack_mask_cpu(const at::Tensor& mask_in) {
+  check_bool_mask("pack_mask", mask_in);
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t k = mask.size(-1);
+  const int64_t rows = k == 0 ? 0 : mask.numel() / k;
+  const int64_t kb = packed_last_dim(k);
+  auto packed = at::empty(packed_shape(mask, k), mask.options().dtype(at::kByte));
+  const bool* src = mask.const_data_ptr<bool>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < kb; ++b) {
+        uint32_t bits = 0;
+        const int64_t c0 = b * 8;
+        const int64_t count = std::min<int64_t>(8, k - c0);
+        for (int64_t i = 0; i < count; ++i) bits |= uint32_t(src[r * k + c0 + i]) << i;
+        dst[r * kb + b] = uint8_t(bits);
+      }
+    }
+  });
+  return packed;
+}
+
+at::Tensor unpack_mask_cpu(const at::Tensor& packed_in, int64_t last_dim) {
+  check_packed_mask("unpack_mask", "packed", packed_in, last_dim);
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t k = last_dim;
+  const int64_t kb = packed_last_dim(k);
+  const int64_t rows = kb == 0 ? 0 : packed.numel() / kb;
+  auto shape = packed.sizes().vec();
+  shape.back() = k;
+  auto mask = at::empty(shape, packed.options().dtype(at::kBool));
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  bool* dst = mask.data_ptr<bool>();
+  at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < k; ++c) dst[r * k + c] = (src[r * kb + c / 8] >> (c % 8)) & 1u;
+    }
+  });
+  return mask;
+}
+
+at::Tensor mask_flips_cpu(const at::Tensor& a_in, const at::Tensor& b_in, int64_t m) {
+  check_flips("mask_flips", a_in, b_in, m);
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.contiguous();
+  const uint8_t* pa = a.const_data_ptr<uint8_t>();
+  const uint8_t* pb = b.const_data_ptr<uint8_t>();
+  const int64_t count = at::parallel_reduce(
+      0, a.numel(), 1 << 16, int64_t(0),
+      [&](int64_t i0, int64_t i1, int64_t acc) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const uint32_t d = uint32_t(pa[i] ^ pb[i]);
+          acc += m == 8 ? (d != 0u) : ((d & 0xFu) != 0u) + ((d >> 4) != 0u);
+        }
+        return acc;
+      },
+      [](int64_t x, int64_t y) { return x + y; });
+  return at::scalar_tensor(count, a.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cast_ext, CPU, m) {
+  m.impl("sparse24_mask", &sparse24_mask_cpu);
+  m.impl("nm_mask", &nm_mask_cpu);
+  m.impl("sparse24_prune", &sparse24_prune_cpu);
+  m.impl("sparse24_compress", &sparse24_compress_cpu);
+  m.impl("sparse24_decompress", &sparse24_decompress_cpu);
+  m.impl("pack_mask", &pack_mask_cpu);
+  m.impl("unpack_mask", &unpack_mask_cpu);
+  m.impl("mask_flips", &mask_flips_cpu);
+}
+
+}  // namespace cast_ext

@@ -1,0 +1,39 @@
+// C++ signatures of the CUDA launchers: raw pointers, sizes and a stream, no torch types, so the
+// .cu files compile without torch headers (seconds, not minutes, per file). The torch glue in
+// csrc/cuda/*.cpp checks arguments, allocates and calls these. Every launcher returns the
+// cudaError_t of its launch (cudaSuccess, or the error to report).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace cast_ext {
+namespace cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+// ---- sparse24_mask.cu (reference: nm_mask, sparse24_prune, sparse24_compress, ...) ----------
+// All views are rows x k, row-major, contiguous; groups of m along k; packed masks rows x
+// ceil(k/8) bytes. `bad` (device int, zeroed by the caller) is set if any weight is non-finite.
+enum class MaskOut : int { Mask = 0, Prune = 1, Compress = 2 };
+
+cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64_t k, int n, int m,
+                      bool* mask_out, void* values_out, uint8_t* meta_out, int* bad,
+                      cudaStream_t stream);
+
+cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* meta, int64_t rows,
+                                int64_t k, void* out, int* bad_meta, cudaStream_t stream);
+
+cudaError_t pack_mask(const bool* mask, int64_t rows, int64_t k, uint8_t* packed,
+                      cudaStream_t stream);
+
+cudaError_t unpack_mask(const uint8_t* packed, int64_t rows, int64_t k, bool* mask,
+                        cudaStream_t stream);
+
+// out: one int64 on the device, zeroed by the caller; counts groups of m (4 or 8) that differ.
+cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m, int64_t* out,
+                       cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace cast_ext

@@ -1,0 +1,322 @@
+// N:M mask selection, pruning, 2:4 compression and packed-mask kernels (CUDA, no torch headers).
+//
+// Algorithm: each thread owns one byte of the packed mask, i.e. 8 consecutive elements of a row
+// (two 2:4 groups or one 8-wide group; 4 elements at the end of a row whose length is 4 mod 8).
+// It loads them (one 16-byte load for fp16/bf16, two for fp32, when rows are 8-aligned), ranks
+// each group in registers with the branch-free count of csrc/nm_select.h (shared with the CPU
+// kernels, so both agree bit for bit) and writes its outputs: 8 bools, 8 pruned values, or 4
+// kept values plus one metadata byte.
+// Layout: rows x k row-major contiguous; groups of m along k; packed masks rows x ceil(k/8)
+// bytes, LSB first (reference.pack_mask). Dtypes: fp32, fp16, bf16 (ranked as fp32 |w|).
+// Archs: any (plain loads and stores); built for sm80/sm90.
+// Reference: cast_ext/reference.py nm_mask, sparse24_prune, sparse24_compress,
+// sparse24_decompress, pack_mask, unpack_mask, mask_flips.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/kernels.h"
+#include "nm_select.h"
+
+namespace cast_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Elements a thread owns: 8, or 4 at the end of a row whose length is 4 mod 8.
+__device__ __forceinline__ int count8(int64_t k, int64_t col) {
+  return k - col < 8 ? int(k - col) : 8;
+}
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<float> {
+  static __device__ __forceinline__ float to(float x) { return x; }
+  static __device__ __forceinline__ float zero() { return 0.f; }
+};
+template <>
+struct Conv<__half> {
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half zero() { return __float2half(0.f); }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 zero() { return __float2bfloat16(0.f); }
+};
+
+// 8 elements of T in registers, loaded with 16-byte vectors when `vec`.
+template <typename T>
+struct alignas(16) Pack8 {
+  T v[8];
+};
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, int count, bool vec, Pack8<T>& out) {
+  if (vec) {
+    const uint4* src = reinterpret_cast<const uint4*>(p);
+    uint4* dst = reinterpret_cast<uint4*>(&out);
+#pragma unroll
+    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = __ldg(src + i);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out.v[i] = i < count ? p[i] : Conv<T>::zero();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, int count, bool vec, const Pack8<T>& in) {
+  if (vec) {
+    uint4* dst = reinterpret_cast<uint4*>(p);
+    const uint4* src = reinterpret_cast<const uint4*>(&in);
+#pragma unroll
+    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = src[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < count) p[i] = in.v[i];
+  }
+}
+
+// Bits of the kept elements among the `count` (4 or 8) loaded ones.
+template <typename T, int M>
+__device__ __forceinline__ uint32_t select_bits(const Pack8<T>& x, int count, int n, bool& bad) {
+  float a[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) a[i] = checked_abs(Conv<T>::to(x.v[i]), bad);
+  if (M == 8) return topn_of_m<8>(a, n);  // the host checks k % 8 == 0: count is 8
+  uint32_t bits = n == 2 ? top2_of_4(a[0], a[1], a[2], a[3]) : topn_of_m<4>(a, n);
+  if (count == 8) bits |= (n == 2 ? top2_of_4(a[4], a[5], a[6], a[7]) : topn_of_m<4>(a + 4, n)) << 4;
+  return bits;
+}
+
+template <typename T, int M, MaskOut MODE>
+__global__ void __launch_bounds__(kThreads)
+    nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, int n,
+                     bool* __restrict__ mask_out, T* __restrict__ values_out,
+                     uint8_t* __restrict__ meta_out, int* __restrict__ bad_flag) {
+  const int64_t kb = (k + 7) / 8;
+  const int64_t total = rows * kb;
+  // Vector loads need every thread's 8 elements contiguous and 16-byte aligned: k % 8 == 0 and
+  // (checked by the launcher) an aligned base pointer.
+  const bool aligned_rows = (k % 8) == 0;
+  bool bad = false;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = j / kb;
+    const int64_t col = (j - r * kb) * 8;
+    const int count = count8(k, col);
+    const int64_t off = r * k + col;
+    Pack8<T> x;
+    load8(w + off, count, aligned_rows, x);
+    const uint32_t bits = select_bits<T, M>(x, count, n, bad);
+    if (MODE == MaskOut::Mask) {
+      Pack8<bool> mk;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) mk.v[i] = (bits >> i) & 1u;
+      if (aligned_rows) {
+        *reinterpret_cast<uint2*>(mask_out + off) = *reinterpret_cast<const uint2*>(&mk);
+      } else {
+        for (int i = 0; i < count; ++i) mask_out[off + i] = mk.v[i];
+      }
+    } else if (MODE == MaskOut::Prune) {
+      Pack8<T> y;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::zero();
+      store8(values_out + off, count, aligned_rows, y);
+    } else {  // Compress (2:4): the 2 kept values of each group in ascending position.
+      T kept[4];
+      int c = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if ((bits >> i) & 1u) kept[c & 3] = x.v[i];
+        c += (bits >> i) & 1u;
+      }
+      T* dst = values_out + r * (k / 2) + col / 2;
+      if (aligned_rows && sizeof(T) == 2) {
+        *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(kept);
+      } else {
+        for (int i = 0; i < count / 2; ++i) dst[i] = kept[i];
+      }
+      meta_out[j] = uint8_t(bits);
+    }
+  }
+  if (bad) atomicOr(bad_flag, 1);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    decompress_kernel(const T* __restrict__ values, const uint8_t* __restrict__ meta, int64_t rows,
+                      int64_t k, T* __restrict__ out, int* __restrict__ bad_meta) {
+  const int64_t kb = (k + 7) / 8;
+  const int64_t total = rows * kb;
+  const bool aligned_rows = (k % 8) == 0;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = j / kb;
+    const int64_t col = (j - r * kb) * 8;
+    const int count = count8(k, col);
+    const uint32_t bits = meta[j];
+    const T* src = values + r * (k / 2) + col / 2;
+    // A valid 2:4 byte has exactly 2 bits in each used nibble and none past the row's end.
+    const bool ok = __popc(bits & 0xFu) == 2 &&
+                    (count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u);
+    if (!ok) atomicOr(bad_meta, 1);
+    Pack8<T> y;
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool keep = ok && ((bits >> i) & 1u);
+      y.v[i] = keep ? src[c & 3] : Conv<T>::zero();
+      c += keep;
+    }
+    store8(out + r * k + col, count, aligned_rows, y);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    pack_kernel(const bool* __restrict__ mask, int64_t rows, int64_t k,
+                uint8_t* __restrict__ packed) {
+  const int64_t kb = (k + 7) / 8;
+  const int64_t total = rows * kb;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = j / kb;
+    const int64_t col = (j - r * kb) * 8;
+    const int count = count8(k, col);
+    const bool* src = mask + r * k + col;
+    uint32_t bits = 0;
+    for (int i = 0; i < count; ++i) bits |= uint32_t(src[i]) << i;
+    packed[j] = uint8_t(bits);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    unpack_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t k,
+                  bool* __restrict__ mask) {
+  const int64_t kb = (k + 7) / 8;
+  const int64_t total = rows * kb;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = j / kb;
+    const int64_t col = (j - r * kb) * 8;
+    const int count = count8(k, col);
+    const uint32_t bits = packed[j];
+    bool* dst = mask + r * k + col;
+    for (int i = 0; i < count; ++i) dst[i] = (bits >> i) & 1u;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    flips_kernel(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, int64_t nbytes,
+                 int m, unsigned long long* __restrict__ out) {
+  unsigned long long count = 0;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nbytes;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t d = uint32_t(a[j] ^ b[j]);
+    count += m == 8 ? (d != 0u) : ((d & 0xFu) != 0u) + ((d >> 4) != 0u);
+  }
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) count += __shfl_down_sync(0xffffffffu, count, s);
+  if ((threadIdx.x & 31) == 0 && count) atomicAdd(out, count);
+}
+
+int grid_for(int64_t work) {
+  // Enough blocks to fill any current GPU several times over; the loops stride past the rest.
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return int(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+template <typename T>
+cudaError_t nm_select_t(MaskOut mode, const T* w, int64_t rows, int64_t k, int n, int m,
+                        bool* mask_out, T* values_out, uint8_t* meta_out, int* bad,
+                        cudaStream_t s) {
+  const int grid = grid_for(rows * ((k + 7) / 8));
+#define CAST_LAUNCH(M, MODE) \
+  nm_select_kernel<T, M, MODE><<<grid, kThreads, 0, s>>>(w, rows, k, n, mask_out, values_out, \
+                                                         meta_out, bad)
+  if (m == 8) {
+    switch (mode) {
+      case MaskOut::Mask: CAST_LAUNCH(8, MaskOut::Mask); break;
+      case MaskOut::Prune: CAST_LAUNCH(8, MaskOut::Prune); break;
+      default: return cudaErrorInvalidValue;  // compression is 2:4 only
+    }
+  } else {
+    switch (mode) {
+      case MaskOut::Mask: CAST_LAUNCH(4, MaskOut::Mask); break;
+      case MaskOut::Prune: CAST_LAUNCH(4, MaskOut::Prune); break;
+      case MaskOut::Compress: CAST_LAUNCH(4, MaskOut::Compress); break;
+    }
+  }
+#undef CAST_LAUNCH
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64_t k, int n, int m,
+                      bool* mask_out, void* values_out, uint8_t* meta_out, int* bad,
+                      cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  if ((k % 8 == 0) && (reinterpret_cast<uintptr_t>(w) % 16 != 0)) return cudaErrorMisalignedAddress;
+  switch (dt) {
+    case DType::F32:
+      return nm_select_t(mode, static_cast<const float*>(w), rows, k, n, m, mask_out,
+                         static_cast<float*>(values_out), meta_out, bad, stream);
+    case DType::F16:
+      return nm_select_t(mode, static_cast<const __half*>(w), rows, k, n, m, mask_out,
+                         static_cast<__half*>(values_out), meta_out, bad, stream);
+    case DType::BF16:
+      return nm_select_t(mode, static_cast<const __nv_bfloat16*>(w), rows, k, n, m, mask_out,
+                         static_cast<__nv_bfloat16*>(values_out), meta_out, bad, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* meta, int64_t rows,
+                                int64_t k, void* out, int* bad_meta, cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  const int grid = grid_for(rows * ((k + 7) / 8));
+  switch (dt) {
+    case DType::F32:
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(values), meta,
+                                                       rows, k, static_cast<float*>(out), bad_meta);
+      break;
+    case DType::F16:
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(values), meta,
+                                                       rows, k, static_cast<__half*>(out), bad_meta);
+      break;
+    case DType::BF16:
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(values), meta, rows, k,
+          static_cast<__nv_bfloat16*>(out), bad_meta);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t pack_mask(const bool* mask, int64_t rows, int64_t k, uint8_t* packed,
+                      cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  pack_kernel<<<grid_for(rows * ((k + 7) / 8)), kThreads, 0, stream>>>(mask, rows, k, packed);
+  return cudaGetLastError();
+}
+
+cudaError_t unpack_mask(const uint8_t* packed, int64_t rows, int64_t k, bool* mask,
+                        cudaStream_t stream) {
+  if (rows * k == 0) return cudaSuccess;
+  unpack_kernel<<<grid_for(rows * ((k + 7) / 8)), kThreads, 0, stream>>>(packed, rows, k, mask);
+  return cudaGetLastError();
+}
+
+cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m, int64_t* out,
+                       cudaStream_t stream) {
+  if (nbytes == 0) return cudaSuccess;
+  flips_kernel<<<grid_for(nbytes), kThreads, 0, stream>>>(
+      a, b, nbytes, m, reinterpret_cast<unsigned long long*>(out));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace cast_ext

@@ -1,0 +1,17 @@
+// Every cast_ext op schema, always compiled (CPU-only builds included), so a build without CUDA
+// still knows each op and the dispatcher can name it in errors. Kernels register their impls
+// beside themselves (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fakes live in cast_ext/ops.py; the
+// semantics are cast_ext/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(cast_ext, m) {
+  // N:M masks, pruning and the packed 2:4 format (reference: nm_mask ... sparse24_decompress).
+  m.def("sparse24_mask(Tensor w) -> Tensor");
+  m.def("nm_mask(Tensor w, int n, int m) -> Tensor");
+  m.def("sparse24_prune(Tensor w) -> Tensor");
+  m.def("sparse24_compress(Tensor w) -> (Tensor values, Tensor meta)");
+  m.def("sparse24_decompress(Tensor values, Tensor meta) -> Tensor");
+  m.def("pack_mask(Tensor mask) -> Tensor");
+  m.def("unpack_mask(Tensor packed, int last_dim) -> Tensor");
+  m.def("mask_flips(Tensor a, Tensor b, int m=4) -> Tensor");
+}
