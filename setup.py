@@ -92,7 +92,7 @@ def _cusparselt() -> tuple[Path, Path] | None:
     root = _nvidia_wheel_dir("nvidia.cusparselt")
     if root is None or not (root / "include" / "cusparseLt.h").exists():
         if mode == "1":
-            sys.exit("setup.py: CAST_EXT_CUSPARSELT=1 but the nvidia-cusparselt wheel was not found")
+            sys.exit("setup.py: CAST_EXT_CUSPARSELT=1 but no nvidia-cusparselt wheel was found")
         _say("cuSPARSELt off: the nvidia-cusparselt wheel (cusparseLt.h) was not found")
         return None
     _say(f"cuSPARSELt on: {root}")

@@ -8,7 +8,7 @@ typed wrappers, then the public API.
 from ._version import __version__
 
 try:
-    from . import _C
+    from . import _C  # noqa: F401  (loads the kernels and registers the ops)
 except ImportError as e:  # a missing _C is a broken install, never a silent fallback
     raise ImportError(
         "cast_ext: the compiled extension cast_ext._C could not be loaded "

@@ -74,8 +74,10 @@ def _(values: Tensor, meta: Tensor) -> Tensor:
     k = values.shape[-1] * 2
     torch._check(
         meta.dtype == torch.uint8 and list(meta.shape) == _packed_shape(values.shape, k),
-        lambda: f"cast_ext.sparse24_decompress: meta of shape {list(meta.shape)} does not match "
-        f"values of shape {list(values.shape)}",
+        lambda: (
+            f"cast_ext.sparse24_decompress: meta of shape {list(meta.shape)} does not match "
+            f"values of shape {list(values.shape)}"
+        ),
     )
     return values.new_empty([*values.shape[:-1], k])
 
@@ -90,8 +92,10 @@ def _(mask: Tensor) -> Tensor:
 def _(packed: Tensor, last_dim: int) -> Tensor:
     torch._check(
         packed.shape[-1] == (last_dim + 7) // 8,
-        lambda: f"cast_ext.unpack_mask: packed of shape {list(packed.shape)} cannot hold "
-        f"{last_dim} elements per row",
+        lambda: (
+            f"cast_ext.unpack_mask: packed of shape {list(packed.shape)} cannot hold "
+            f"{last_dim} elements per row"
+        ),
     )
     return packed.new_empty([*packed.shape[:-1], last_dim], dtype=torch.bool)
 

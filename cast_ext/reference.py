@@ -248,7 +248,8 @@ def adams_step_(
       refreshed from the current ``|w|`` (``nm_mask(w, n, m)``) first, before any change; then
       ``alpha = min(t / total_steps, 1)`` and ``mu_eff = mu`` where kept,
       ``(1 - alpha) * mu + alpha * decay * sign(w)`` where pruned;
-      ``v = beta2 * v + (1 - beta2) * mu_eff^2``; ``w -= lr * (mu_eff / bc1) / (sqrt(v / bc2) + eps)``;
+      ``v = beta2 * v + (1 - beta2) * mu_eff^2``;
+      ``w -= lr * (mu_eff / bc1) / (sqrt(v / bc2) + eps)``;
     * dense tensors (``masks`` empty): plain Adam, ``v = beta2 * v + (1 - beta2) * g^2`` and
       ``w -= lr * (mu / bc1) / (sqrt(v / bc2) + eps)``;
     * ``bc1 = 1 - beta1^(t+1)``, ``bc2 = 1 - beta2^(t+1)``; ``steps[i] += 1``.
@@ -289,4 +290,3 @@ def adams_step_(
             m=m,
             inv_scale=inv_scale,
         )
-

@@ -1,0 +1,143 @@
+"""One timing harness for the GPU benchmarks (CPU microbenchmarks use pytest-benchmark).
+
+Every figure is measured beside its baseline in the same process and reported as a row:
+``op, impl, device, dtype, shape, median_us, p20_us, p80_us, baseline, ratio, gbps, tflops,
+versions, git sha, date``. Rows go to a JSON file under ``benchmarks/results/`` (or ``$OUT``).
+
+CUDA timing: CUDA events around each call, median of many calls after warm-up, with inputs
+rotated over several copies so that the L2 cache (50 MB on an H100/H200) does not flatter
+memory-bound kernels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Row",
+    "cpu_time_us",
+    "cuda_time_us",
+    "env_info",
+    "measure_copy_gbps",
+    "quick",
+    "write_rows",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+Row = dict[str, Any]
+
+
+def quick() -> bool:
+    """True when ``CAST_EXT_BENCH_QUICK=1``: small shapes, few repeats (CI smoke mode)."""
+    return os.environ.get("CAST_EXT_BENCH_QUICK", "0") == "1"
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def env_info() -> dict[str, Any]:
+    """Versions and hardware, stored with every result file."""
+    import cast_ext
+
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": _git_sha(),
+        "cast_ext": cast_ext.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "build": cast_ext.build_info(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["torch_cuda"] = torch.version.cuda
+        info["cusparselt_torch"] = torch.backends.cusparselt.version()
+    return info
+
+
+def cuda_time_us(
+    fn: Callable[[int], Any], n_inputs: int = 1, warmup: int = 10, reps: int = 100
+) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile time of ``fn(i)`` in microseconds on the current stream.
+
+    Args:
+        fn: called with the index of the input copy to use (``i % n_inputs``), so callers can
+            rotate over several copies of their inputs.
+        n_inputs: number of input copies to rotate over.
+        warmup: untimed calls first.
+        reps: timed calls.
+    """
+    for i in range(warmup):
+        fn(i % n_inputs)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn(i % n_inputs)
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True))
+    return _stats(times)
+
+
+def cpu_time_us(fn: Callable[[], Any], warmup: int = 2, reps: int = 10) -> tuple[float, ...]:
+    """Median, 20th and 80th percentile wall time of ``fn()`` in microseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return _stats(sorted(times))
+
+
+def _stats(times: Sequence[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written per second), in GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    med, _, _ = cuda_time_us(lambda i: dst.copy_(src), warmup=5, reps=30)
+    return 2 * nbytes / (med * 1e-6) / 1e9
+
+
+def write_rows(name: str, rows: list[Row], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``rows`` with the environment to ``<out_dir>/<name>.json`` and return the path.
+
+    ``out_dir`` defaults to ``$OUT`` when set (the GPU machine), else ``benchmarks/results``.
+    """
+    out = Path(out_dir or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"env": env_info(), "rows": rows}, indent=1) + "\n")
+    return path
