@@ -133,7 +133,9 @@ def _extensions():
         _say(f"TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_ARCHS}")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    define_macros += [("CAST_EXT_WITH_CUDA", "1"), ("CAST_EXT_CUDA_ARCHS", f'"{archs}"')]
+    # Space-separated in build_info(), as the CMake build reports it.
+    archs_str = " ".join(a for a in archs.replace(",", ";").replace(" ", ";").split(";") if a)
+    define_macros += [("CAST_EXT_WITH_CUDA", "1"), ("CAST_EXT_CUDA_ARCHS", f'"{archs_str}"')]
     nvcc = [*opt, "--expt-relaxed-constexpr", "-Xcompiler=-fPIC"]
     if debug:
         nvcc.append("-lineinfo")

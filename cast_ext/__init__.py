@@ -17,7 +17,13 @@ except ImportError as e:  # a missing _C is a broken install, never a silent fal
     ) from e
 
 from . import ops, reference
-from ._build import build_info, cuda_kernels_available, cusparselt_available
+from ._build import (
+    build_info,
+    cuda_kernels_available,
+    cuda_value_checks,
+    cusparselt_available,
+    set_cuda_value_checks,
+)
 from .ops import (
     mask_flips,
     nm_mask,
@@ -33,12 +39,14 @@ __all__ = [
     "__version__",
     "build_info",
     "cuda_kernels_available",
+    "cuda_value_checks",
     "cusparselt_available",
     "mask_flips",
     "nm_mask",
     "ops",
     "pack_mask",
     "reference",
+    "set_cuda_value_checks",
     "sparse24_compress",
     "sparse24_decompress",
     "sparse24_mask",

@@ -7,7 +7,13 @@ from typing import Any
 
 from . import _C
 
-__all__ = ["build_info", "cuda_kernels_available", "cusparselt_available"]
+__all__ = [
+    "build_info",
+    "cuda_kernels_available",
+    "cuda_value_checks",
+    "cusparselt_available",
+    "set_cuda_value_checks",
+]
 
 
 @functools.cache
@@ -29,3 +35,19 @@ def cuda_kernels_available() -> bool:
 def cusparselt_available() -> bool:
     """True if the cuSPARSELt-backed sparse GEMM was compiled in."""
     return bool(build_info()["with_cusparselt"])
+
+
+def set_cuda_value_checks(enabled: bool) -> None:
+    """Turn the CUDA ops' value checks on (default) or off.
+
+    The mask ops refuse NaN/Inf weights and invalid 2:4 metadata. On the CPU that check is free
+    (same pass); on CUDA it costs one device-to-host sync per call, which a hot loop whose
+    inputs are known to be finite can skip. With the checks off such inputs give an
+    unspecified (but deterministic) result instead of an error.
+    """
+    _C.set_cuda_value_checks(bool(enabled))
+
+
+def cuda_value_checks() -> bool:
+    """Whether the CUDA ops' value checks are on (see :func:`set_cuda_value_checks`)."""
+    return bool(_C.cuda_value_checks())

@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "cast_ext.h"
+
 #ifdef CAST_EXT_WITH_CUSPARSELT
 #include <cusparseLt.h>
 #endif
@@ -21,8 +23,8 @@ pybind11::dict build_info() {
   d["openmp"] = true;
 #ifdef CAST_EXT_WITH_CUDA
   d["with_cuda"] = true;
-  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                      std::to_string((CUDART_VERSION % 1000) / 10);
+  d["cuda_version"] =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
   d["cuda_archs"] = std::string(CAST_EXT_CUDA_ARCHS);
 #else
   d["with_cuda"] = false;
@@ -53,4 +55,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "Build facts: torch and CUDA versions, archs, with_cuda, with_cusparselt, cuSPARSELt "
         "version.");
+  m.def(
+      "set_cuda_value_checks", [](bool enabled) { cast_ext::cuda_value_checks().store(enabled); },
+      pybind11::arg("enabled"),
+      "Turn the CUDA ops' value checks (NaN/Inf weights, invalid 2:4 meta: one sync per call) "
+      "on or off.");
+  m.def(
+      "cuda_value_checks", []() { return cast_ext::cuda_value_checks().load(); },
+      "Whether the CUDA ops' value checks are on.");
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <sstream>
 #include <string>
 
@@ -15,6 +16,14 @@ inline std::string shape_str(const at::Tensor& t) {
   std::ostringstream os;
   os << t.sizes();
   return os.str();
+}
+
+// Data checks that need the values on the host (NaN/Inf in a weight, an invalid 2:4 meta) cost
+// one device-to-host sync per call on CUDA. On by default; cast_ext.set_cuda_value_checks(False)
+// turns them off for hot loops (the CPU kernels check for free, in the same pass, always).
+inline std::atomic<bool>& cuda_value_checks() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
 }
 
 #define CAST_CHECK(cond, op, ...) TORCH_CHECK(cond, "cast_ext.", op, ": ", __VA_ARGS__)
@@ -55,8 +64,8 @@ inline void check_meta_flag(const char* op, const at::Tensor& meta, bool bad) {
 
 inline void check_bool_mask(const char* op, const at::Tensor& mask) {
   CAST_CHECK(mask.dim() >= 1, op, "mask must have at least one dim, got a 0-d tensor");
-  CAST_CHECK(mask.scalar_type() == at::kBool, op, "mask of shape ", shape_str(mask),
-             " has dtype ", mask.scalar_type(), "; expected bool");
+  CAST_CHECK(mask.scalar_type() == at::kBool, op, "mask of shape ", shape_str(mask), " has dtype ",
+             mask.scalar_type(), "; expected bool");
 }
 
 // A packed mask holding `last_dim` elements per row.
@@ -80,8 +89,8 @@ inline void check_compressed(const char* op, const at::Tensor& values, const at:
              ": last dim must be even (2 kept values per group of 4)");
   check_same_device(op, "meta", meta, "values", values);
   check_packed_mask(op, "meta", meta, values.size(-1) * 2);
-  CAST_CHECK(meta.sizes().slice(0, meta.dim() - 1) == values.sizes().slice(0, values.dim() - 1),
-             op, "meta of shape ", shape_str(meta), " and values of shape ", shape_str(values),
+  CAST_CHECK(meta.sizes().slice(0, meta.dim() - 1) == values.sizes().slice(0, values.dim() - 1), op,
+             "meta of shape ", shape_str(meta), " and values of shape ", shape_str(values),
              " must agree on every dim but the last");
 }
 

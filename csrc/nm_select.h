@@ -36,10 +36,10 @@ CAST_HD uint32_t top2_of_4(float a0, float a1, float a2, float a3) {
 template <int M>
 CAST_HD uint32_t topn_of_m(const float* a, int n) {
   uint32_t bits = 0;
-CAST_UNROLL
+  CAST_UNROLL
   for (int i = 0; i < M; ++i) {
     uint32_t rank = 0;
-CAST_UNROLL
+    CAST_UNROLL
     for (int j = 0; j < M; ++j) {
       // j beats i: strictly larger, or equal at a lower index.
       rank += (j < i) ? uint32_t(a[j] >= a[i]) : uint32_t(a[j] > a[i]);

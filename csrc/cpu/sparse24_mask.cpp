@@ -48,8 +48,7 @@ inline uint32_t group_bits(const T* p, int n, bool& bad) {
 }
 
 template <typename T, int M, Mode MODE>
-bool select_rows(const T* w, int64_t rows, int64_t k, int n, bool* mask, T* values,
-                 uint8_t* meta) {
+bool select_rows(const T* w, int64_t rows, int64_t k, int n, bool* mask, T* values, uint8_t* meta) {
   std::atomic<bool> any_bad{false};
   const int64_t kb = packed_last_dim(k);
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
@@ -93,10 +92,10 @@ std::vector<at::Tensor> nm_select_cpu(const char* op, const at::Tensor& w_in, in
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     if constexpr (MODE == Mode::Mask) {
       auto mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
-      bad = m == 8 ? select_rows<scalar_t, 8, MODE>(src, rows, k, n, mask.data_ptr<bool>(),
-                                                    nullptr, nullptr)
-                   : select_rows<scalar_t, 4, MODE>(src, rows, k, n, mask.data_ptr<bool>(),
-                                                    nullptr, nullptr);
+      bad = m == 8 ? select_rows<scalar_t, 8, MODE>(src, rows, k, n, mask.data_ptr<bool>(), nullptr,
+                                                    nullptr)
+                   : select_rows<scalar_t, 4, MODE>(src, rows, k, n, mask.data_ptr<bool>(), nullptr,
+                                                    nullptr);
       outs = {mask};
     } else if constexpr (MODE == Mode::Prune) {
       auto out = at::empty_like(w);
@@ -146,30 +145,31 @@ at::Tensor sparse24_decompress_cpu(const at::Tensor& values_in, const at::Tensor
   oshape.back() = k;
   auto out = at::empty(oshape, values.options());
   std::atomic<bool> any_bad{false};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cast_ext_cpu", [&] {
-    const scalar_t* src = values.const_data_ptr<scalar_t>();
-    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
-      bool bad = false;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* v = src + r * (k / 2);
-        for (int64_t c = 0; c < k; c += 4) {
-          const uint32_t bits = (mt[r * kb + c / 8] >> (c % 8)) & 0xFu;
-          const bool ok = __builtin_popcount(bits) == 2;
-          bad |= !ok;
-          for (int i = 0; i < 4; ++i) {
-            const bool keep = ok && ((bits >> i) & 1u);
-            dst[r * k + c + i] = keep ? *v : scalar_t(0);
-            v += keep;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, values.scalar_type(), "cast_ext_cpu", [&] {
+        const scalar_t* src = values.const_data_ptr<scalar_t>();
+        const uint8_t* mt = meta.const_data_ptr<uint8_t>();
+        scalar_t* dst = out.data_ptr<scalar_t>();
+        at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
+          bool bad = false;
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* v = src + r * (k / 2);
+            for (int64_t c = 0; c < k; c += 4) {
+              const uint32_t bits = (mt[r * kb + c / 8] >> (c % 8)) & 0xFu;
+              const bool ok = __builtin_popcount(bits) == 2;
+              bad |= !ok;
+              for (int i = 0; i < 4; ++i) {
+                const bool keep = ok && ((bits >> i) & 1u);
+                dst[r * k + c + i] = keep ? *v : scalar_t(0);
+                v += keep;
+              }
+              v += ok ? 0 : 2;
+            }
+            if ((k % 8) != 0 && (mt[r * kb + kb - 1] >> 4) != 0) bad = true;
           }
-          v += ok ? 0 : 2;
-        }
-        if ((k % 8) != 0 && (mt[r * kb + kb - 1] >> 4) != 0) bad = true;
-      }
-      if (bad) any_bad.store(true, std::memory_order_relaxed);
-    });
-  });
+          if (bad) any_bad.store(true, std::memory_order_relaxed);
+        });
+      });
   check_meta_flag(op, meta_in, any_bad.load());
   return out;
 }

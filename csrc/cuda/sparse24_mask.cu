@@ -87,7 +87,8 @@ __device__ __forceinline__ uint32_t select_bits(const Pack8<T>& x, int count, in
   for (int i = 0; i < 8; ++i) a[i] = checked_abs(Conv<T>::to(x.v[i]), bad);
   if (M == 8) return topn_of_m<8>(a, n);  // the host checks k % 8 == 0: count is 8
   uint32_t bits = n == 2 ? top2_of_4(a[0], a[1], a[2], a[3]) : topn_of_m<4>(a, n);
-  if (count == 8) bits |= (n == 2 ? top2_of_4(a[4], a[5], a[6], a[7]) : topn_of_m<4>(a + 4, n)) << 4;
+  if (count == 8)
+    bits |= (n == 2 ? top2_of_4(a[4], a[5], a[6], a[7]) : topn_of_m<4>(a + 4, n)) << 4;
   return bits;
 }
 
@@ -160,8 +161,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t bits = meta[j];
     const T* src = values + r * (k / 2) + col / 2;
     // A valid 2:4 byte has exactly 2 bits in each used nibble and none past the row's end.
-    const bool ok = __popc(bits & 0xFu) == 2 &&
-                    (count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u);
+    const bool ok =
+        __popc(bits & 0xFu) == 2 && (count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u);
     if (!ok) atomicOr(bad_meta, 1);
     Pack8<T> y;
     int c = 0;
@@ -175,9 +176,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    pack_kernel(const bool* __restrict__ mask, int64_t rows, int64_t k,
-                uint8_t* __restrict__ packed) {
+__global__ void __launch_bounds__(kThreads) pack_kernel(const bool* __restrict__ mask, int64_t rows,
+                                                        int64_t k, uint8_t* __restrict__ packed) {
   const int64_t kb = (k + 7) / 8;
   const int64_t total = rows * kb;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
@@ -233,9 +233,9 @@ cudaError_t nm_select_t(MaskOut mode, const T* w, int64_t rows, int64_t k, int n
                         bool* mask_out, T* values_out, uint8_t* meta_out, int* bad,
                         cudaStream_t s) {
   const int grid = grid_for(rows * ((k + 7) / 8));
-#define CAST_LAUNCH(M, MODE) \
-  nm_select_kernel<T, M, MODE><<<grid, kThreads, 0, s>>>(w, rows, k, n, mask_out, values_out, \
-                                                         meta_out, bad)
+#define CAST_LAUNCH(M, MODE)   \
+  nm_select_kernel<T, M, MODE> \
+      <<<grid, kThreads, 0, s>>>(w, rows, k, n, mask_out, values_out, meta_out, bad)
   if (m == 8) {
     switch (mode) {
       case MaskOut::Mask: CAST_LAUNCH(8, MaskOut::Mask); break;
@@ -284,13 +284,13 @@ cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* met
                                                        rows, k, static_cast<float*>(out), bad_meta);
       break;
     case DType::F16:
-      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(values), meta,
-                                                       rows, k, static_cast<__half*>(out), bad_meta);
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(
+          static_cast<const __half*>(values), meta, rows, k, static_cast<__half*>(out), bad_meta);
       break;
     case DType::BF16:
-      decompress_kernel<<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(values), meta, rows, k,
-          static_cast<__nv_bfloat16*>(out), bad_meta);
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(values),
+                                                       meta, rows, k,
+                                                       static_cast<__nv_bfloat16*>(out), bad_meta);
       break;
   }
   return cudaGetLastError();

@@ -1,7 +1,8 @@
 // Torch glue for the CUDA mask kernels (csrc/cuda/sparse24_mask.cu): argument checks, device
 // guard, current stream, allocation, launch-error checks. Non-finite weights and invalid meta
-// are reported through a device flag that is read back after the kernel (one small copy); the
-// read is skipped while a CUDA graph is being captured, where a sync is not allowed.
+// are reported through a device flag that is read back after the kernel (one small copy and a
+// sync); the read is skipped while a CUDA graph is being captured, where a sync is not allowed,
+// and when the user turned the checks off (cast_ext.set_cuda_value_checks).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -33,7 +34,10 @@ bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-bool read_flag(const at::Tensor& flag) { return !capturing() && flag.item<int>() != 0; }
+bool read_flag(const at::Tensor& flag) {
+  return cuda_value_checks().load(std::memory_order_relaxed) && !capturing() &&
+         flag.item<int>() != 0;
+}
 
 std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const at::Tensor& w_in,
                                        int64_t n, int64_t m) {
@@ -101,10 +105,10 @@ at::Tensor sparse24_decompress_cuda(const at::Tensor& values_in, const at::Tenso
   oshape.back() = k;
   auto out = at::empty(oshape, values.options());
   auto flag = at::zeros({1}, values.options().dtype(at::kInt));
-  check_launch(op, cuda::sparse24_decompress(to_dtype(values.scalar_type()),
-                                             values.const_data_ptr(), meta.const_data_ptr<uint8_t>(),
-                                             rows, k, out.data_ptr(), flag.data_ptr<int>(),
-                                             at::cuda::getCurrentCUDAStream()));
+  check_launch(op,
+               cuda::sparse24_decompress(to_dtype(values.scalar_type()), values.const_data_ptr(),
+                                         meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
+                                         flag.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
   check_meta_flag(op, meta_in, read_flag(flag));
   return out;
 }
@@ -118,9 +122,9 @@ at::Tensor pack_mask_cuda(const at::Tensor& mask_in) {
   auto shape = mask.sizes().vec();
   shape.back() = packed_last_dim(k);
   auto packed = at::empty(shape, mask.options().dtype(at::kByte));
-  check_launch("pack_mask", cuda::pack_mask(mask.const_data_ptr<bool>(), rows, k,
-                                            packed.data_ptr<uint8_t>(),
-                                            at::cuda::getCurrentCUDAStream()));
+  check_launch("pack_mask",
+               cuda::pack_mask(mask.const_data_ptr<bool>(), rows, k, packed.data_ptr<uint8_t>(),
+                               at::cuda::getCurrentCUDAStream()));
   return packed;
 }
 
@@ -133,9 +137,9 @@ at::Tensor unpack_mask_cuda(const at::Tensor& packed_in, int64_t last_dim) {
   auto shape = packed.sizes().vec();
   shape.back() = last_dim;
   auto mask = at::empty(shape, packed.options().dtype(at::kBool));
-  check_launch("unpack_mask", cuda::unpack_mask(packed.const_data_ptr<uint8_t>(), rows, last_dim,
-                                                mask.data_ptr<bool>(),
-                                                at::cuda::getCurrentCUDAStream()));
+  check_launch("unpack_mask",
+               cuda::unpack_mask(packed.const_data_ptr<uint8_t>(), rows, last_dim,
+                                 mask.data_ptr<bool>(), at::cuda::getCurrentCUDAStream()));
   return mask;
 }
 
@@ -146,9 +150,8 @@ at::Tensor mask_flips_cuda(const at::Tensor& a_in, const at::Tensor& b_in, int64
   const at::Tensor b = b_in.contiguous();
   auto out = at::zeros({}, a.options().dtype(at::kLong));
   check_launch("mask_flips",
-               cuda::mask_flips(a.const_data_ptr<uint8_t>(), b.const_data_ptr<uint8_t>(),
-                                a.numel(), int(m), out.data_ptr<int64_t>(),
-                                at::cuda::getCurrentCUDAStream()));
+               cuda::mask_flips(a.const_data_ptr<uint8_t>(), b.const_data_ptr<uint8_t>(), a.numel(),
+                                int(m), out.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
   return out;
 }
 

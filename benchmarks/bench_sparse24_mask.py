@@ -1,0 +1,109 @@
+"""GPU: 2:4 mask, prune and compress against a clone of the same tensor (the copy bandwidth
+bound) and against torch's own 2:4 kernels, all in one run.
+
+Per LLaMA weight shape, bf16: achieved GB/s (bytes read + written) and its fraction of the
+clone's GB/s, with and without the value check (one sync per call); time against
+``torch._sparse_semi_structured_tile`` (xFormers' one-pass sparsifier, which writes W and W^T
+compressed) and ``torch._cslt_compress`` (cuSPARSELt's compressor; needs a pruned input).
+Target (issue 3): >= 80% of the clone's bandwidth.
+
+Run: ``python -m benchmarks.bench_sparse24_mask`` (writes ``sparse24_mask.json``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import cast_ext
+from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
+
+SHAPES = {
+    "llama2-7b.q": (4096, 4096),
+    "llama2-7b.up": (11008, 4096),
+    "llama2-7b.down": (4096, 11008),
+    "llama2-13b.up": (13824, 5120),
+    "llama3-8b.up": (14336, 4096),
+}
+
+
+def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: float) -> list[Row]:
+    n_inputs = 4  # rotate: 4 x 90 MB > the 60 MB L2
+    ws = [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(n_inputs)]
+    numel, esize = ws[0].numel(), ws[0].element_size()
+    out_bytes = {
+        "clone": numel * esize,
+        "sparse24_mask": numel,  # bool
+        "sparse24_prune": numel * esize,
+        "sparse24_compress": numel * esize // 2 + numel // 8,
+    }
+    fns = {
+        "clone": lambda i: ws[i].clone(),
+        "sparse24_mask": lambda i: cast_ext.sparse24_mask(ws[i]),
+        "sparse24_prune": lambda i: cast_ext.sparse24_prune(ws[i]),
+        "sparse24_compress": lambda i: cast_ext.sparse24_compress(ws[i]),
+    }
+    times: dict[str, tuple[float, float, float]] = {}
+    for checks in (True, False):
+        cast_ext.set_cuda_value_checks(checks)
+        for op, fn in fns.items():
+            key = op if checks or op == "clone" else f"{op}[no-check]"
+            if key not in times:
+                times[key] = cuda_time_us(fn, n_inputs=n_inputs, reps=50)
+    cast_ext.set_cuda_value_checks(True)
+    baselines = {}
+    if dtype in (torch.float16, torch.bfloat16) and shape[0] % 128 == 0 and shape[1] % 128 == 0:
+        baselines["torch._sparse_semi_structured_tile"] = cuda_time_us(
+            lambda i: torch._sparse_semi_structured_tile(ws[i], "", True), n_inputs, reps=50
+        )
+    if torch.backends.cusparselt.is_available():
+        pruned = [cast_ext.sparse24_prune(w) for w in ws]
+        baselines["torch._cslt_compress"] = cuda_time_us(
+            lambda i: torch._cslt_compress(pruned[i]), n_inputs, reps=50
+        )
+    clone_us = times["clone"][0]
+    rows = []
+    for key, (med, p20, p80) in {**times, **baselines}.items():
+        op = key.split("[")[0]
+        moved = numel * esize + out_bytes.get(op, 0)
+        gbps = moved / (med * 1e-6) / 1e9 if op in out_bytes else None
+        rows.append(
+            {
+                "op": op,
+                "impl": key if key in baselines else ("cast_ext" + key[len(op) :]),
+                "device": "cuda",
+                "dtype": str(dtype).removeprefix("torch."),
+                "shape": f"{name} {shape[0]}x{shape[1]}",
+                "median_us": round(med, 2),
+                "p20_us": round(p20, 2),
+                "p80_us": round(p80, 2),
+                "baseline": "clone",
+                "ratio_vs_clone_time": round(med / clone_us, 3),
+                "gbps": None if gbps is None else round(gbps, 1),
+                "fraction_of_clone_gbps": None
+                if gbps is None
+                else round(gbps / (2 * numel * esize / (clone_us * 1e-6) / 1e9), 3),
+                "fraction_of_copy_ceiling": None if gbps is None else round(gbps / copy_gbps, 3),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    copy_gbps = measure_copy_gbps()
+    print(f"device copy ceiling: {copy_gbps:.0f} GB/s")
+    shapes = dict(list(SHAPES.items())[:1]) if quick() else SHAPES
+    rows: list[Row] = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, shape in shapes.items():
+            rows += _rows_for(name, shape, dtype, copy_gbps)
+    for r in rows:
+        print(
+            f"{r['shape']:<28} {r['dtype']:<9} {r['impl']:<36} {r['op']:<18} "
+            f"{r['median_us']:9.1f} us  {r['ratio_vs_clone_time']:6.2f}x clone time  "
+            f"{r['gbps'] or 0:7.0f} GB/s  {r['fraction_of_clone_gbps'] or 0:5.2f} of clone"
+        )
+    print(write_rows("sparse24_mask", rows))
+
+
+if __name__ == "__main__":
+    main()

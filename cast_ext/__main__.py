@@ -1,0 +1,103 @@
+"""``python -m cast_ext {info,demo,bench}``.
+
+* ``info``: the build and runtime facts a bug report needs.
+* ``demo``: the CAST demo on a real pretrained LLM (see ``python -m cast_ext demo --help``).
+* ``bench``: the microbenchmarks (CPU: pytest-benchmark; GPU: the CUDA benchmarks), run from a
+  source checkout (``benchmarks/`` is not installed with the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import cast_ext
+
+__all__ = ["info_lines", "main"]
+
+
+def info_lines() -> list[str]:
+    """The lines ``python -m cast_ext info`` prints."""
+    b = cast_ext.build_info()
+    lines = [
+        f"cast_ext {cast_ext.__version__} ({Path(cast_ext.__file__).parent})",
+        f"python {platform.python_version()} on {platform.platform()}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), threads {torch.get_num_threads()}",
+        f"built against torch {b['torch_version']} with {b['compiler']}"
+        + (" [debug]" if b["debug"] else ""),
+        f"with_cuda: {b['with_cuda']}"
+        + (f" (CUDA {b['cuda_version']}, archs {b['cuda_archs']})" if b["with_cuda"] else ""),
+        f"with_cusparselt: {b['with_cusparselt']}"
+        + (f" (cuSPARSELt {b['cusparselt_version']})" if b["with_cusparselt"] else ""),
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(
+                f"gpu {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB"
+            )
+        if torch.backends.cusparselt.is_available():
+            lines.append(f"torch's cuSPARSELt: {torch.backends.cusparselt.version()}")
+    else:
+        lines.append("gpu: none visible (CUDA kernels, if built, are unused)")
+    ops = sorted(
+        n.split("::", 1)[1]
+        for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith("cast_ext::")
+    )
+    lines.append(f"ops ({len(ops)}): {', '.join(ops)}")
+    return lines
+
+
+def _bench(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks").is_dir():
+        print("cast_ext bench: run it from a source checkout (benchmarks/ is not installed)")
+        return 2
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    if args.quick:
+        env["CAST_EXT_BENCH_QUICK"] = "1"
+    if args.device == "cpu":
+        out = Path(args.json) if args.json else root / "benchmarks" / "results" / "cpu.json"
+        cmd = [sys.executable, "-m", "pytest", str(root / "benchmarks" / "cpu"), "-q"]
+        cmd += ["--benchmark-enable", f"--benchmark-json={out}", "-p", "no:cacheprovider"]
+        return subprocess.call(cmd, cwd=root, env=env)
+    rc = 0
+    for name in sorted(p.stem for p in (root / "benchmarks").glob("bench_*.py")):
+        print(f"== benchmarks.{name}", flush=True)
+        rc |= subprocess.call([sys.executable, "-m", f"benchmarks.{name}"], cwd=root, env=env)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cast_ext", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="build and runtime facts")
+    sub.add_parser("demo", help="the CAST demo (options: python -m cast_ext demo --help)")
+    bench = sub.add_parser("bench", help="microbenchmarks")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    bench.add_argument("--quick", action="store_true", help="small shapes (CI smoke mode)")
+    bench.add_argument("--json", help="CPU results file (default benchmarks/results/cpu.json)")
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "info":
+        print("\n".join(info_lines()))
+        return 0
+    if args.cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

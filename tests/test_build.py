@@ -1,0 +1,110 @@
+"""The build: what was compiled in, every op registered for CPU and CUDA, the GPU code inside.
+
+``CAST_EXT_EXPECT_CUDA=1`` (set by .ci/run for the CUDA build) turns "was CUDA built?" from a
+fact to report into a requirement: the CI build must contain the CUDA kernels, cuSPARSELt and
+sm80 + sm90 code even though the CI machine has no GPU. ``CAST_EXT_EXPECT_CUDA=0`` requires a
+CPU-only build (the CAST_EXT_CUDA=0 leg of CI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import cast_ext
+from cast_ext import _C
+
+EXPECT = os.environ.get("CAST_EXT_EXPECT_CUDA")
+
+
+def all_ops() -> list[str]:
+    return sorted(
+        name.split("::", 1)[1]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("cast_ext::")
+    )
+
+
+def test_build_info_keys():
+    info = cast_ext.build_info()
+    for key in ("torch_version", "with_cuda", "cuda_version", "cuda_archs", "with_cusparselt"):
+        assert key in info
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    if info["with_cusparselt"]:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", info["cusparselt_version"])
+        assert info["with_cuda"]
+
+
+@pytest.mark.skipif(EXPECT is None, reason="CAST_EXT_EXPECT_CUDA not set")
+def test_build_matches_expectation():
+    info = cast_ext.build_info()
+    if EXPECT == "1":
+        assert info["with_cuda"] and info["with_cusparselt"], info
+        assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"]
+    else:
+        assert not info["with_cuda"], info
+
+
+def test_every_op_has_cpu_and_cuda_kernels():
+    ops = all_ops()
+    assert {"sparse24_mask", "nm_mask", "sparse24_compress", "pack_mask"} <= set(ops)
+    for op in ops:
+        name = f"cast_ext::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+        # CPU-only builds register a CUDA kernel that explains the build flag (csrc/no_cuda.cpp).
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+
+
+@pytest.mark.skipif(cast_ext.cuda_kernels_available(), reason="this build has CUDA kernels")
+def test_cpu_only_build_explains_cuda_calls():
+    cuda_keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    w = torch.randn(4, 8)
+    for op in all_ops():
+        overload = getattr(torch.ops.cast_ext, op).default
+        with pytest.raises(RuntimeError, match=rf"cast_ext.{op}: .*CAST_EXT_CUDA=1"):
+            args, kwargs = _sample_args(op, w)
+            overload.redispatch(cuda_keys, *args, **kwargs)
+
+
+def _sample_args(op: str, w: torch.Tensor) -> tuple[list, dict]:
+    # Only the dispatch matters: the CPU-only CUDA kernel raises before reading any argument.
+    samples = {"Tensor": w, "Tensor[]": [w], "int": 4, "float": 0.5, "bool": False, "str": "none"}
+    args, kwargs = [], {}
+    for a in getattr(torch.ops.cast_ext, op).default._schema.arguments:
+        if not a.kwarg_only:
+            args.append(samples.get(str(a.type)))
+        elif not a.has_default_value():
+            kwargs[a.name] = samples.get(str(a.type))
+    return args, kwargs
+
+
+def _cuobjdump() -> str | None:
+    candidates = [
+        Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump",
+        shutil.which("cuobjdump"),
+    ]
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c and Path(c).exists()), None)
+
+
+@pytest.mark.skipif(not cast_ext.cuda_kernels_available(), reason="CPU-only build")
+def test_shared_object_holds_sm80_and_sm90_code():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found (CUDA_HOME/bin, PATH, triton)")
+    out = subprocess.run(
+        [tool, "--list-elf", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    archs = set(re.findall(r"sm_(\d+)", out))
+    assert {"80", "90"} <= archs, out
