@@ -3,6 +3,7 @@
 // be a multiple of 4").
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -25,6 +26,12 @@ inline std::atomic<bool>& cuda_value_checks() {
   static std::atomic<bool> enabled{true};
   return enabled;
 }
+
+// Dispatch over the weight dtypes the kernels support: float32, float16, bfloat16.
+#define CAST_DISPATCH_FLOATS(TYPE, NAME, ...)                                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 #define CAST_CHECK(cond, op, ...) TORCH_CHECK(cond, "cast_ext.", op, ": ", __VA_ARGS__)
 

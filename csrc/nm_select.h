@@ -19,17 +19,25 @@
 
 namespace cast_ext {
 
-// Bit i set iff element i is among the 2 largest of 4 magnitudes (ties to the lower index).
-CAST_HD uint32_t top2_of_4(float a0, float a1, float a2, float a3) {
+// Which of 4 magnitudes are the 2 largest (ties to the lower index). A struct of flags rather
+// than a bit field so that the CPU loops over groups stay auto-vectorisable.
+struct Keep4 {
+  bool k0, k1, k2, k3;
+};
+
+CAST_HD Keep4 keep2_of_4(float a0, float a1, float a2, float a3) {
   // cij (i < j): i beats j iff a_i >= a_j.
   const uint32_t c01 = a0 >= a1, c02 = a0 >= a2, c03 = a0 >= a3;
   const uint32_t c12 = a1 >= a2, c13 = a1 >= a3, c23 = a2 >= a3;
-  const uint32_t r0 = 3u - c01 - c02 - c03;  // how many beat element 0
-  const uint32_t r1 = c01 + 2u - c12 - c13;
-  const uint32_t r2 = c02 + c12 + 1u - c23;
-  const uint32_t r3 = c03 + c13 + c23;
-  return uint32_t(r0 < 2u) | (uint32_t(r1 < 2u) << 1) | (uint32_t(r2 < 2u) << 2) |
-         (uint32_t(r3 < 2u) << 3);
+  // Rank of element i = how many beat it; kept iff rank < 2.
+  return {3u - c01 - c02 - c03 < 2u, c01 + 2u - c12 - c13 < 2u, c02 + c12 + 1u - c23 < 2u,
+          c03 + c13 + c23 < 2u};
+}
+
+// Bit i set iff element i is among the 2 largest of 4 magnitudes (ties to the lower index).
+CAST_HD uint32_t top2_of_4(float a0, float a1, float a2, float a3) {
+  const Keep4 k = keep2_of_4(a0, a1, a2, a3);
+  return uint32_t(k.k0) | (uint32_t(k.k1) << 1) | (uint32_t(k.k2) << 2) | (uint32_t(k.k3) << 3);
 }
 
 // General N:M for M <= 8: bit i set iff element i is among the n largest of a[0..M).
@@ -49,10 +57,15 @@ CAST_HD uint32_t topn_of_m(const float* a, int n) {
   return bits;
 }
 
-// |x| as float, with non-finite inputs reported through `bad` (NaN fails every comparison).
+CAST_HD float abs_f(float x) { return x < 0.f ? -x : x; }
+
+// 1 if the magnitude is NaN or Inf (NaN fails every comparison).
+CAST_HD uint32_t nonfinite(float a) { return uint32_t(!(a <= 3.402823466e+38f)); }
+
+// |x| as float, with non-finite inputs reported through `bad`.
 CAST_HD float checked_abs(float x, bool& bad) {
-  const float a = x < 0.f ? -x : x;
-  bad |= !(a <= 3.402823466e+38f);
+  const float a = abs_f(x);
+  bad |= nonfinite(a) != 0u;
   return a;
 }
 

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -36,14 +37,149 @@ std::vector<int64_t> packed_shape(const at::Tensor& t, int64_t k) {
   return shape;
 }
 
-// Bits of the kept elements of the group starting at p (m = M).
+// ---- 2:4 fast path: plain loops over groups that GCC auto-vectorises (flags, no bit fields,
+// an integer accumulator for the non-finite check, 16-bit types handled as raw bits), compiled
+// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, F16C) and baseline x86-64, picked at load time
+// (target_clones): the package needs no -march flag.
+
+// How a dtype's raw storage is read as float.
+struct F32 {
+  using raw = float;
+  static float to(float x) { return x; }
+};
+struct BF16 {
+  using raw = uint16_t;
+  static float to(uint16_t x) { return c10::bit_cast<float>(uint32_t(x) << 16); }
+};
+struct F16 {
+  using raw = uint16_t;
+  static float to(uint16_t x) { return static_cast<float>(c10::bit_cast<_Float16>(x)); }
+};
+
+template <typename K>
+inline Keep4 keep_group(const typename K::raw* x, uint32_t& bad) {
+  const float a0 = abs_f(K::to(x[0])), a1 = abs_f(K::to(x[1]));
+  const float a2 = abs_f(K::to(x[2])), a3 = abs_f(K::to(x[3]));
+  bad |= nonfinite(a0) | nonfinite(a1) | nonfinite(a2) | nonfinite(a3);
+  return keep2_of_4(a0, a1, a2, a3);
+}
+
+inline uint32_t nibble(Keep4 k) {
+  return uint32_t(k.k0) | (uint32_t(k.k1) << 1) | (uint32_t(k.k2) << 2) | (uint32_t(k.k3) << 3);
+}
+
+template <typename K>
+inline uint32_t mask24_span(const typename K::raw* __restrict w, int64_t groups,
+                            bool* __restrict out) {
+  uint32_t bad = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const Keep4 k = keep_group<K>(w + 4 * g, bad);
+    out[4 * g] = k.k0;
+    out[4 * g + 1] = k.k1;
+    out[4 * g + 2] = k.k2;
+    out[4 * g + 3] = k.k3;
+  }
+  return bad;
+}
+
+template <typename K>
+inline uint32_t prune24_span(const typename K::raw* __restrict w, int64_t groups,
+                             typename K::raw* __restrict out) {
+  using R = typename K::raw;
+  uint32_t bad = 0;
+  const R zero = R(0);  // +0 in every supported format
+  for (int64_t g = 0; g < groups; ++g) {
+    const R* x = w + 4 * g;
+    const Keep4 k = keep_group<K>(x, bad);
+    out[4 * g] = k.k0 ? x[0] : zero;
+    out[4 * g + 1] = k.k1 ? x[1] : zero;
+    out[4 * g + 2] = k.k2 ? x[2] : zero;
+    out[4 * g + 3] = k.k3 ? x[3] : zero;
+  }
+  return bad;
+}
+
+// The 2 kept values of a group in ascending position: the first kept of {0, 1, 2} and the last
+// kept of {1, 2, 3}, which covers all 6 patterns without a branch.
+template <typename R>
+inline void kept_pair(const R* x, Keep4 k, R* v) {
+  v[0] = k.k0 ? x[0] : (k.k1 ? x[1] : x[2]);
+  v[1] = k.k3 ? x[3] : (k.k2 ? x[2] : x[1]);
+}
+
+// One row: k/2 kept values and ceil(k/8) meta bytes, two groups (one byte) per iteration.
+template <typename K>
+inline uint32_t compress24_row(const typename K::raw* __restrict w, int64_t k,
+                               typename K::raw* __restrict vals, uint8_t* __restrict meta) {
+  uint32_t bad = 0;
+  const int64_t pairs = k / 8;
+  for (int64_t j = 0; j < pairs; ++j) {
+    const typename K::raw* x = w + 8 * j;
+    const Keep4 a = keep_group<K>(x, bad), b = keep_group<K>(x + 4, bad);
+    kept_pair(x, a, vals + 4 * j);
+    kept_pair(x + 4, b, vals + 4 * j + 2);
+    meta[j] = uint8_t(nibble(a) | (nibble(b) << 4));
+  }
+  if (k % 8) {  // a last, odd group: its byte's high nibble is padding (zero)
+    const Keep4 a = keep_group<K>(w + 8 * pairs, bad);
+    kept_pair(w + 8 * pairs, a, vals + 4 * pairs);
+    meta[pairs] = uint8_t(nibble(a));
+  }
+  return bad;
+}
+
+#define CAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define CAST_FAST_24(K)                                                                   \
+  CAST_CLONES uint32_t mask24(const K::raw* w, int64_t groups, bool* out, K) {            \
+    return mask24_span<K>(w, groups, out);                                                \
+  }                                                                                       \
+  CAST_CLONES uint32_t prune24(const K::raw* w, int64_t groups, K::raw* out, K) {         \
+    return prune24_span<K>(w, groups, out);                                               \
+  }                                                                                       \
+  CAST_CLONES uint32_t compress24(const K::raw* w, int64_t k, K::raw* v, uint8_t* m, K) { \
+    return compress24_row<K>(w, k, v, m);                                                 \
+  }
+CAST_FAST_24(F32)
+CAST_FAST_24(BF16)
+CAST_FAST_24(F16)
+#undef CAST_FAST_24
+
+template <typename T>
+struct KindOf;
+template <>
+struct KindOf<float> {
+  using type = F32;
+};
+template <>
+struct KindOf<c10::BFloat16> {
+  using type = BF16;
+};
+template <>
+struct KindOf<c10::Half> {
+  using type = F16;
+};
+
+template <typename T>
+using raw_t = typename KindOf<T>::type::raw;
+
+template <typename T>
+const raw_t<T>* raw(const T* p) {
+  return reinterpret_cast<const raw_t<T>*>(p);
+}
+template <typename T>
+raw_t<T>* raw(T* p) {
+  return reinterpret_cast<raw_t<T>*>(p);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// ---- General N:M (m = 4 or 8, any n): the shared bit-field ranking, one group at a time.
 template <typename T, int M>
 inline uint32_t group_bits(const T* p, int n, bool& bad) {
   float a[M];
-  for (int i = 0; i < M; ++i) a[i] = checked_abs(static_cast<float>(p[i]), bad);
-  if constexpr (M == 4) {
-    if (n == 2) return top2_of_4(a[0], a[1], a[2], a[3]);
-  }
+  for (int i = 0; i < M; ++i) a[i] = checked_abs(to_float(p[i]), bad);
   return topn_of_m<M>(a, n);
 }
 
@@ -51,25 +187,35 @@ template <typename T, int M, Mode MODE>
 bool select_rows(const T* w, int64_t rows, int64_t k, int n, bool* mask, T* values, uint8_t* meta) {
   std::atomic<bool> any_bad{false};
   const int64_t kb = packed_last_dim(k);
+  const bool fast = M == 4 && n == 2;
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
     bool bad = false;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* src = w + r * k;
-      for (int64_t c = 0; c < k; c += M) {
-        const uint32_t bits = group_bits<T, M>(src + c, n, bad);
-        if constexpr (MODE == Mode::Mask) {
-          bool* dst = mask + r * k + c;
-          for (int i = 0; i < M; ++i) dst[i] = (bits >> i) & 1u;
-        } else if constexpr (MODE == Mode::Prune) {
-          T* dst = values + r * k + c;
-          for (int i = 0; i < M; ++i) dst[i] = ((bits >> i) & 1u) ? src[c + i] : T(0);
-        } else {
-          T* dst = values + r * (k / 2) + c / 2;
-          int j = 0;
-          for (int i = 0; i < M; ++i) {
-            if ((bits >> i) & 1u) dst[j++] = src[c + i];
+    if (fast) {
+      // Rows are contiguous and hold whole groups: mask and prune run over the whole span.
+      const int64_t groups = (r1 - r0) * k / 4;
+      const typename KindOf<T>::type kind{};
+      if constexpr (MODE == Mode::Mask) {
+        bad = mask24(raw(w + r0 * k), groups, mask + r0 * k, kind) != 0u;
+      } else if constexpr (MODE == Mode::Prune) {
+        bad = prune24(raw(w + r0 * k), groups, raw(values + r0 * k), kind) != 0u;
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          bad |=
+              compress24(raw(w + r * k), k, raw(values + r * (k / 2)), meta + r * kb, kind) != 0u;
+        }
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* src = w + r * k;
+        for (int64_t c = 0; c < k; c += M) {
+          const uint32_t bits = group_bits<T, M>(src + c, n, bad);
+          if constexpr (MODE == Mode::Mask) {
+            bool* dst = mask + r * k + c;
+            for (int i = 0; i < M; ++i) dst[i] = (bits >> i) & 1u;
+          } else if constexpr (MODE == Mode::Prune) {
+            T* dst = values + r * k + c;
+            for (int i = 0; i < M; ++i) dst[i] = ((bits >> i) & 1u) ? src[c + i] : T(0);
           }
-          meta[r * kb + c / 8] |= uint8_t(bits << (c % 8));
         }
       }
     }
@@ -88,7 +234,7 @@ std::vector<at::Tensor> nm_select_cpu(const char* op, const at::Tensor& w_in, in
   const int64_t rows = k == 0 ? 0 : w.numel() / k;
   std::vector<at::Tensor> outs;
   bool bad = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "cast_ext_cpu", [&] {
+  CAST_DISPATCH_FLOATS(w.scalar_type(), "cast_ext_cpu", [&] {
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     if constexpr (MODE == Mode::Mask) {
       auto mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
@@ -106,7 +252,7 @@ std::vector<at::Tensor> nm_select_cpu(const char* op, const at::Tensor& w_in, in
       auto vshape = w.sizes().vec();
       vshape.back() = k / 2;
       auto values = at::empty(vshape, w.options());
-      auto meta = at::zeros(packed_shape(w, k), w.options().dtype(at::kByte));
+      auto meta = at::empty(packed_shape(w, k), w.options().dtype(at::kByte));
       bad = select_rows<scalar_t, 4, MODE>(src, rows, k, n, nullptr, values.data_ptr<scalar_t>(),
                                            meta.data_ptr<uint8_t>());
       outs = {values, meta};
