@@ -45,3 +45,9 @@ __all__ = [
     "sparse24_prune",
     "unpack_mask",
 ]
+
+# ---- issue 5: 2:4 sparse GEMM (packed + cuSPARSELt) and SparseLinear --------------------------
+from . import nn
+from .ops import sparse24_gemm
+
+__all__ += ["nn", "sparse24_gemm"]

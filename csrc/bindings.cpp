@@ -7,6 +7,8 @@
 
 #ifdef CAST_EXT_WITH_CUSPARSELT
 #include <cusparseLt.h>
+
+#include "cuda/cusparselt.h"  // issue 5: cslt_cache_info & co.
 #endif
 #ifdef CAST_EXT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -53,4 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info,
         "Build facts: torch and CUDA versions, archs, with_cuda, with_cusparselt, cuSPARSELt "
         "version.");
+  // issue 5: cuSPARSELt plan cache and algorithm table (csrc/cuda/cusparselt.cpp).
+#ifdef CAST_EXT_WITH_CUSPARSELT
+  cast_ext::cslt::bind(m);
+#endif
 }

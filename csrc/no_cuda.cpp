@@ -23,3 +23,12 @@ TORCH_LIBRARY_IMPL(cast_ext, CUDA, m) {
   }
 }
 #endif
+
+// ---- 2:4 sparse GEMM (issue 5) --------------------------------------------------------------
+#ifndef CAST_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(cast_ext, CUDA, m) {
+  for (const char* name : {"sparse24_gemm", "cslt_compress", "cslt_linear"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_not_built>());
+  }
+}
+#endif
