@@ -268,7 +268,8 @@ def _(w: Tensor) -> Tensor:
         lambda: f"cast_ext.cslt_compress: w must be a 2-D fp16/bf16 weight, got {w.dtype}",
     )
     # The buffer size is the library's (it pads); asked once per shape, no kernel runs.
-    return w.new_empty([_cslt_numel(w.shape[0], w.shape[1], w.dtype, w.device)])
+    n, k = int(w.shape[0]), int(w.shape[1])  # the library's size is per concrete shape
+    return w.new_empty([_cslt_numel(n, k, w.dtype, w.device)])
 
 
 @torch.library.register_fake("cast_ext::cslt_linear")

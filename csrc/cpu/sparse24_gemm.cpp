@@ -42,23 +42,31 @@ inline float dot(const float* a, const float* b, int64_t k) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
+// Positions of the 2 kept elements of a group for each 4-bit mask; -1 for an invalid mask
+// (not exactly 2 bits set). A table lookup instead of a bit loop: the expansion is what a
+// small-M call spends its time on.
+struct Pair {
+  int8_t p0, p1;
+};
+constexpr Pair kPairs[16] = {{-1, -1}, {-1, -1}, {-1, -1}, {0, 1},  {-1, -1}, {0, 2},
+                             {1, 2},   {-1, -1}, {-1, -1}, {0, 3},  {1, 3},   {-1, -1},
+                             {2, 3},   {-1, -1}, {-1, -1}, {-1, -1}};
+
 // Expands one packed row of W into dst[k] (fp32). Returns false on an invalid nibble.
 template <typename T>
 inline bool expand_row(const T* vals, const uint8_t* meta, int64_t k, float* dst) {
   bool ok = true;
   for (int64_t g = 0; g < k / 4; ++g) {
-    const uint32_t nib = (meta[g >> 1] >> ((g & 1) * 4)) & 0xFu;
-    ok &= __builtin_popcount(nib) == 2;
-    const float v0 = static_cast<float>(vals[2 * g]);
-    const float v1 = static_cast<float>(vals[2 * g + 1]);
+    const Pair p = kPairs[(meta[g >> 1] >> ((g & 1) * 4)) & 0xFu];
     float* out = dst + 4 * g;
-    int seen = 0;
-    for (int j = 0; j < 4; ++j) {
-      const bool kept = (nib >> j) & 1u;
-      // The first kept position takes v0, the second v1 (values are in ascending position).
-      out[j] = kept ? (seen == 0 ? v0 : v1) : 0.f;
-      seen += kept;
+    out[0] = out[1] = out[2] = out[3] = 0.f;
+    if (p.p0 < 0) {
+      ok = false;
+      continue;
     }
+    // Values are stored in ascending position: the first goes to p0, the second to p1.
+    out[p.p0] = static_cast<float>(vals[2 * g]);
+    out[p.p1] = static_cast<float>(vals[2 * g + 1]);
   }
   return ok;
 }
