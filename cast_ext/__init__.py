@@ -16,7 +16,7 @@ except ImportError as e:  # a missing _C is a broken install, never a silent fal
         "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
     ) from e
 
-from . import ops, reference
+from . import nn, ops, reference
 from ._build import (
     build_info,
     cuda_kernels_available,
@@ -30,6 +30,7 @@ from .ops import (
     pack_mask,
     sparse24_compress,
     sparse24_decompress,
+    sparse24_gemm,
     sparse24_mask,
     sparse24_prune,
     unpack_mask,
@@ -43,12 +44,14 @@ __all__ = [
     "cusparselt_available",
     "mask_flips",
     "nm_mask",
+    "nn",
     "ops",
     "pack_mask",
     "reference",
     "set_cuda_value_checks",
     "sparse24_compress",
     "sparse24_decompress",
+    "sparse24_gemm",
     "sparse24_mask",
     "sparse24_prune",
     "unpack_mask",

@@ -167,3 +167,190 @@ def unpack_mask(packed: Tensor, last_dim: int) -> Tensor:
 def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
     """How many groups of ``m`` changed between two packed masks (0-d int64 tensor)."""
     return torch.ops.cast_ext.mask_flips(a, b, m)
+
+
+# ---- 2:4 sparse GEMM ---------------------------------------------------------------
+# sparse24_gemm: the portable packed format, any device (CPU kernel; CUDA: decompress + cuBLAS),
+# with autograd for x, bias and values. cslt_*: cuSPARSELt on CUDA; no autograd of their own (the
+# buffer is opaque): cast_ext.nn.SparseLinear supplies the backward from values + meta.
+
+__all__ += ["cslt_compress", "cslt_linear", "sparse24_gemm"]
+
+_CSLT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_gemm(op: str, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> int:
+    torch._check(
+        values.dim() == 2,
+        lambda: f"cast_ext.{op}: values of shape {list(values.shape)} must be 2-D",
+    )
+    k = values.shape[1] * 2
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == k,
+        lambda: f"cast_ext.{op}: x of shape {list(x.shape)}: last dim must be in_features = {k}",
+    )
+    torch._check(
+        x.dtype == values.dtype and x.dtype in _FLOATS,
+        lambda: (
+            f"cast_ext.{op}: x ({x.dtype}) and values ({values.dtype}) must share a float dtype"
+        ),
+    )
+    torch._check(
+        meta.dtype == torch.uint8 and list(meta.shape) == [values.shape[0], (k + 7) // 8],
+        lambda: f"cast_ext.{op}: meta of shape {list(meta.shape)} does not match values",
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == values.shape[0] and bias.dtype == x.dtype,
+            lambda: f"cast_ext.{op}: bias of shape {list(bias.shape)} must be [out_features]",
+        )
+    return values.shape[0]
+
+
+@torch.library.register_fake("cast_ext::sparse24_gemm")
+def _(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    n = _check_gemm("sparse24_gemm", x, values, meta, bias)
+    return x.new_empty([*x.shape[:-1], n])
+
+
+def _gemm_setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor | None, ...], output: Tensor
+) -> None:
+    x, values, meta, bias = inputs
+    needs = getattr(ctx, "needs_input_grad", (True, True, False, True))
+    ctx.save_for_backward(x if needs[1] else None, values, meta)
+    ctx.x_shape = x.shape
+    ctx.has_bias = bias is not None
+
+
+def _gemm_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
+    x, values, meta = ctx.saved_tensors
+    n, k = values.shape[0], values.shape[1] * 2
+    g2 = grad.reshape(-1, n)
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.cast_ext.sparse24_decompress(values, meta)
+        grad_x = (g2 @ w).reshape(ctx.x_shape)
+    if ctx.needs_input_grad[1]:
+        # dL/dW = grad^T x, restricted to the kept positions (the mask itself is fixed).
+        gw = g2.t().float() @ x.reshape(-1, k).float()
+        kept = torch.ops.cast_ext.unpack_mask(meta, k)
+        grad_values = gw[kept].reshape(n, k // 2).to(values.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = g2.float().sum(0).to(grad.dtype)
+    return grad_x, grad_values, None, grad_bias
+
+
+torch.library.register_autograd(
+    "cast_ext::sparse24_gemm", _gemm_backward, setup_context=_gemm_setup_context
+)
+
+
+def _cslt_numel(n: int, k: int, dtype: torch.dtype, device: torch.device) -> int:
+    from . import _C
+
+    fn = getattr(_C, "_cslt_compressed_size", None)
+    if fn is None:
+        raise RuntimeError(
+            "cast_ext.cslt_compress: this cast_ext was built without cuSPARSELt "
+            "(CAST_EXT_CUSPARSELT=0, or no CUDA); rebuild with CAST_EXT_CUSPARSELT=1"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(fn(n, k, str(dtype).removeprefix("torch."), index))
+
+
+@torch.library.register_fake("cast_ext::cslt_compress")
+def _(w: Tensor) -> Tensor:
+    torch._check(
+        w.dim() == 2 and w.dtype in _CSLT_DTYPES,
+        lambda: f"cast_ext.cslt_compress: w must be a 2-D fp16/bf16 weight, got {w.dtype}",
+    )
+    # The buffer size is the library's (it pads); asked once per shape, no kernel runs.
+    n, k = int(w.shape[0]), int(w.shape[1])  # the library's size is per concrete shape
+    return w.new_empty([_cslt_numel(n, k, w.dtype, w.device)])
+
+
+@torch.library.register_fake("cast_ext::cslt_linear")
+def _(
+    x: Tensor,
+    w_compressed: Tensor,
+    n: int,
+    k: int,
+    bias: Tensor | None = None,
+    activation: str = "none",
+) -> Tensor:
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == k and x.dtype in _CSLT_DTYPES,
+        lambda: f"cast_ext.cslt_linear: x of shape {list(x.shape)} must be fp16/bf16 [..., {k}]",
+    )
+    torch._check(
+        w_compressed.dtype == x.dtype,
+        lambda: "cast_ext.cslt_linear: w_compressed must have x's dtype",
+    )
+    return x.new_empty([*x.shape[:-1], n])
+
+
+def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ W^T + bias`` with ``W = sparse24_decompress(values, meta)``, on the packed format.
+
+    fp32 accumulation, one rounding to ``x``'s dtype. Differentiable in ``x``, ``bias`` and
+    ``values`` (the mask in ``meta`` is fixed). CPU: a packed-format kernel; CUDA: decompress +
+    cuBLAS (the fast CUDA path is :func:`cslt_linear`).
+
+    Args:
+        x: ``[..., K]``, float32/float16/bfloat16.
+        values: ``[N, K/2]``, ``x``'s dtype (from :func:`sparse24_compress`).
+        meta: ``[N, ceil(K/8)]`` uint8.
+        bias: optional ``[N]``, ``x``'s dtype.
+
+    Returns:
+        ``y`` of shape ``[..., N]`` in ``x``'s dtype.
+
+    Shape:
+        ``[..., K] x [N, K/2] -> [..., N]``.
+    """
+    return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias)
+
+
+def cslt_compress(w: Tensor) -> Tensor:
+    """Compress a 2:4 weight into cuSPARSELt's opaque buffer (CUDA, fp16/bf16).
+
+    Args:
+        w: ``[N, K]`` CUDA weight, exactly 2:4 along ``K`` (at most 2 nonzeros per group of 4),
+            ``N`` and ``K`` multiples of 16.
+
+    Returns:
+        1-D buffer of ``w``'s dtype, only meaningful to :func:`cslt_linear` with the same
+        ``N``, ``K`` and dtype on the same kind of GPU.
+    """
+    return torch.ops.cast_ext.cslt_compress(w)
+
+
+def cslt_linear(
+    x: Tensor,
+    w_compressed: Tensor,
+    n: int,
+    k: int,
+    bias: Tensor | None = None,
+    activation: str = "none",
+) -> Tensor:
+    """``y = act(x @ W^T + bias)`` on the 2:4 sparse tensor cores (cuSPARSELt).
+
+    Plans are cached per shape; the algorithm is searched on the first call of each bucket of
+    ``M`` (see ``cast_ext.nn.cslt_cache_info``). No autograd of its own (the buffer is opaque):
+    use :class:`cast_ext.nn.SparseLinear` for training through it.
+
+    Args:
+        x: ``[..., K]`` CUDA, fp16/bf16.
+        w_compressed: from :func:`cslt_compress` of a ``[n, k]`` weight of ``x``'s dtype.
+        n: out_features.
+        k: in_features.
+        bias: optional ``[n]``, ``x``'s dtype (fused in the epilogue).
+        activation: ``"none"``, ``"relu"`` or ``"gelu"`` (cuSPARSELt's fused GELU epilogue).
+
+    Returns:
+        ``y`` of shape ``[..., n]``.
+    """
+    return torch.ops.cast_ext.cslt_linear(x, w_compressed, n, k, bias, activation)

@@ -9,6 +9,8 @@
 
 #ifdef CAST_EXT_WITH_CUSPARSELT
 #include <cusparseLt.h>
+
+#include "cuda/cusparselt.h"  // cslt_cache_info & co.
 #endif
 #ifdef CAST_EXT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -63,4 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cuda_value_checks", []() { return cast_ext::cuda_value_checks().load(); },
       "Whether the CUDA ops' value checks are on.");
+  // cuSPARSELt plan cache and algorithm table (csrc/cuda/cusparselt.cpp).
+#ifdef CAST_EXT_WITH_CUSPARSELT
+  cast_ext::cslt::bind(m);
+#endif
 }

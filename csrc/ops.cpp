@@ -14,4 +14,14 @@ TORCH_LIBRARY(cast_ext, m) {
   m.def("pack_mask(Tensor mask) -> Tensor");
   m.def("unpack_mask(Tensor packed, int last_dim) -> Tensor");
   m.def("mask_flips(Tensor a, Tensor b, int m=4) -> Tensor");
+
+  // 2:4 sparse GEMM (reference: sparse24_gemm): y = x @ W^T (+ bias) on the portable packed
+  // format (CPU kernel; CUDA runs decompress + cuBLAS). cslt_*: cuSPARSELt (CUDA only):
+  // cslt_compress packs a 2:4 weight [n, k] into the library's opaque buffer; cslt_linear
+  // computes y = act(x @ W^T + bias) with it.
+  m.def("sparse24_gemm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  m.def("cslt_compress(Tensor w) -> Tensor");
+  m.def(
+      "cslt_linear(Tensor x, Tensor w_compressed, int n, int k, Tensor? bias=None, "
+      "str activation=\"none\") -> Tensor");
 }

@@ -43,3 +43,18 @@ def _seed() -> None:
 
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# ---- cuSPARSELt tests ---------------------------------------------------------------
+CUSPARSELT_OK = CUDA_OK and cast_ext.cusparselt_available()
+requires_cusparselt = pytest.mark.skipif(
+    not CUSPARSELT_OK, reason="needs a CUDA GPU and a cast_ext built with cuSPARSELt"
+)
+
+
+def gemm_tol(dtype: torch.dtype, k: int) -> float:
+    """Error bound of a GEMM with fp32 accumulation over k terms, relative to sum |x_i w_i|.
+
+    The output rounding of ``dtype`` (its TOL rtol) plus fp32 accumulation (k * 2^-24).
+    """
+    return TOL[dtype][0] + 2.0 * k * 2.0**-24

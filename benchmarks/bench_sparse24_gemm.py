@@ -1,0 +1,215 @@
+"""2:4 sparse GEMM on the GPU: cast_ext's cuSPARSELt wrapper vs dense cuBLAS vs torch's cuSPARSELt.
+
+For every linear-layer weight of LLaMA-2-7B, LLaMA-2-13B and LLaMA-3-8B (bf16, no bias) and
+token counts M in {1, 16, 128, 1024, 4096, 16384}, one run times
+
+* ``dense``: ``F.linear(x, W)`` (cuBLAS), the baseline of every ratio;
+* ``cast_ext_cslt``: ``cast_ext.ops.cslt_linear`` (cached plan, searched algorithm);
+* ``torch_cslt``: ``torch._cslt_sparse_mm(torch._cslt_compress(W), x.t(), transpose_result=True)``
+  with its default algorithm, x padded to 8 rows as torch's semi-structured tensor does;
+* ``torch_cslt_searched``: the same with the algorithm from ``torch._C._cusparselt.mm_search``
+  (when this torch has it);
+* ``sparse_linear``: ``cast_ext.nn.SparseLinear`` with ``mode="auto"`` (the dispatched layer).
+
+Search, compression and the dispatch's own measurement run before timing and are not counted.
+Each output is checked against the dense one first. Rows: ``ratio`` = dense time / impl time
+(a speedup, > 1 is faster than dense), ``vs_torch_cslt`` = torch_cslt time / impl time, and
+TFLOP/s counting the dense 2*M*N*K. A PNG plot of the speedup over M is written beside the
+JSON (if matplotlib is importable).
+
+Run: ``python -m benchmarks.bench_sparse24_gemm`` (CAST_EXT_BENCH_QUICK=1: 2 shapes, 3 M).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cast_ext
+from cast_ext import ops
+from cast_ext.nn import SparseLinear, dispatch_decisions
+
+from ._harness import Row, cuda_time_us, quick, write_rows
+
+__all__ = ["MODELS", "TOKENS", "main", "run"]
+
+# (out_features N, in_features K) of each model's linear layers.
+MODELS: dict[str, list[tuple[int, int]]] = {
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama2-13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
+    "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+}
+TOKENS = [1, 16, 128, 1024, 4096, 16384]
+DTYPE = torch.bfloat16
+
+
+def _torch_cslt_fn(wc: torch.Tensor, x: torch.Tensor, alg_id: int) -> Callable[[], torch.Tensor]:
+    m = x.shape[0]
+    pad = (-m) % 8
+
+    def fn() -> torch.Tensor:
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg_id)
+        return y[:m] if pad else y
+
+    return fn
+
+
+def _torch_search(wc: torch.Tensor, x: torch.Tensor) -> int | None:
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if search is None:
+        return None
+    xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % 8))
+    try:
+        return int(search(wc, xp.t(), None, None, None, True)[0])
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _ok(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    return y.shape == ref.shape and bool(
+        ((y.float() - ref.float()).abs() <= 2e-2 * ref.float().abs() + 5e-2).all()
+    )
+
+
+def _impls(
+    xs: list[torch.Tensor],
+    w: torch.Tensor,
+    wc: torch.Tensor,
+    wc_torch: torch.Tensor,
+    layer: SparseLinear,
+) -> dict[str, Callable[[int], Any]]:
+    """The timed callables, each taking the index of the input copy."""
+    n, k = w.shape
+    torch_fns = [_torch_cslt_fn(wc_torch, x, 0) for x in xs]
+    impls: dict[str, Callable[[int], Any]] = {
+        "dense": lambda i: F.linear(xs[i], w),
+        "cast_ext_cslt": lambda i: ops.cslt_linear(xs[i], wc, n, k),
+        "torch_cslt": lambda i: torch_fns[i](),
+        "sparse_linear": lambda i: layer(xs[i]),
+    }
+    alg = _torch_search(wc_torch, xs[0])
+    if alg is not None:
+        searched = [_torch_cslt_fn(wc_torch, x, alg) for x in xs]
+        impls["torch_cslt_searched"] = lambda i: searched[i]()
+    return impls
+
+
+def run(reps: int = 30) -> list[Row]:
+    """Time every (weight, M) and return the rows."""
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for model, layers in MODELS.items():
+        for nk in layers:
+            shapes.setdefault(nk, []).append(model)
+    tokens = TOKENS
+    if quick():
+        shapes = dict(list(shapes.items())[:2])
+        tokens = [1, 128, 4096]
+    rows: list[Row] = []
+    for (n, k), models in shapes.items():
+        lin = nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE)
+        w = ops.sparse24_prune(lin.weight.detach())
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        wc = ops.cslt_compress(w)
+        wc_torch = torch._cslt_compress(w)
+        layer = SparseLinear.from_dense(lin, mode="auto", warn=False)
+        for m in tokens:
+            xs = [torch.randn(m, k, device="cuda", dtype=DTYPE) for _ in range(2)]
+            ref = F.linear(xs[0], w)
+            impls = _impls(xs, w, wc, wc_torch, layer)
+            times: dict[str, tuple[float, float, float]] = {}
+            with torch.no_grad():
+                for name, fn in impls.items():
+                    correct = _ok(fn(0), ref)  # also: plan, search, dispatch measurement
+                    med, p20, p80 = cuda_time_us(fn, n_inputs=2, warmup=5, reps=reps)
+                    times[name] = (med, p20, p80)
+                    rows.append(
+                        {
+                            "op": "sparse24_gemm",
+                            "impl": name,
+                            "device": torch.cuda.get_device_name(),
+                            "dtype": "bfloat16",
+                            "shape": f"x[{m},{k}] @ W[{n},{k}]^T",
+                            "m": m,
+                            "n": n,
+                            "k": k,
+                            "models": models,
+                            "median_us": round(med, 2),
+                            "p20_us": round(p20, 2),
+                            "p80_us": round(p80, 2),
+                            "correct": correct,
+                            "tflops": round(2 * m * n * k / (med * 1e-6) / 1e12, 2),
+                        }
+                    )
+            dense_us, torch_us = times["dense"][0], times["torch_cslt"][0]
+            for row in rows[-len(impls) :]:
+                row["baseline"] = "dense F.linear (cuBLAS)"
+                row["ratio"] = round(dense_us / row["median_us"], 3)
+                row["vs_torch_cslt"] = round(torch_us / row["median_us"], 3)
+            summary = (
+                f"{r['impl']}={r['median_us']:.1f}us/{r['ratio']:.2f}x" for r in rows[-len(impls) :]
+            )
+            print(f"N={n:5d} K={k:5d} M={m:5d}  " + "  ".join(summary), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not importable: no plot written")
+        return
+    shapes = sorted({(r["n"], r["k"]) for r in rows})
+    cols = 3
+    fig, axes = plt.subplots(
+        (len(shapes) + cols - 1) // cols, cols, figsize=(15, 4 * ((len(shapes) + 2) // 3))
+    )
+    for ax, (n, k) in zip(getattr(axes, "flat", [axes]), shapes, strict=False):
+        for impl in ("cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse_linear"):
+            pts = sorted(
+                (r["m"], r["ratio"]) for r in rows if (r["n"], r["k"], r["impl"]) == (n, k, impl)
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"W [{n}, {k}]")
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speedup over dense")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"2:4 sparse GEMM, bf16, {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    """Run, print a summary, write JSON rows and the plot."""
+    if not torch.cuda.is_available() or not cast_ext.cusparselt_available():
+        print("bench_sparse24_gemm: needs a CUDA GPU and cast_ext built with cuSPARSELt; skipped")
+        return
+    rows = run(reps=10 if quick() else 30)
+    path = write_rows("sparse24_gemm", rows)
+    print(f"rows: {path}")
+    _plot(rows, path.with_suffix(".png"))
+    print("dispatch decisions:", dispatch_decisions())
+    info = cast_ext.nn.cslt_cache_info()
+    print(f"cuSPARSELt plan cache: plans={info['plans']} hits={info['hits']} "
+          f"misses={info['misses']} searches={info['searches']}")  # fmt: skip
+    if os.environ.get("CAST_EXT_CSLT_SAVE_ALGS") == "1":
+        print("algorithms saved to", cast_ext.nn.save_cslt_algs())
+
+
+if __name__ == "__main__":
+    main()

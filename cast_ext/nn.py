@@ -1,0 +1,503 @@
+"""2:4 sparse linear layers: :class:`SparseLinear`, model swaps and the sparse-vs-dense dispatch.
+
+A :class:`SparseLinear` stores its weight in the portable packed 2:4 format (``values`` +
+``meta`` buffers, see :func:`cast_ext.sparse24_compress`), so its ``state_dict`` loads on any
+device. Its forward runs
+
+* on the CPU: the packed-format kernel :func:`cast_ext.sparse24_gemm`;
+* on CUDA: cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's compressed buffer,
+  kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``; or cuBLAS on the
+  decompressed weight, whichever the dispatch picked for this shape.
+
+Dispatch (``mode="auto"``, CUDA): for each (device, dtype, bucket of M = next power of two of the
+token count, N, K, bias) both paths are timed once, on the first call with that shape, and the
+faster one is used from then on; sparse must win by ``SPARSE_MARGIN`` to be picked, so a layer is
+never measurably slower than the dense one it replaced. ``mode="sparse"``/``"dense"`` force a
+path. :func:`dispatch_decisions` lists what was chosen and the times behind it. The backward
+(input and bias grads, for adapters such as LoRA on a frozen 2:4 base) is a dense GEMM with the
+decompressed weight; ``values``/``meta`` are buffers and get no gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _C, ops
+from ._build import cusparselt_available
+
+__all__ = [
+    "SPARSE_MARGIN",
+    "DispatchDecision",
+    "SparseLinear",
+    "clear_dispatch_decisions",
+    "cslt_cache_info",
+    "dispatch_decisions",
+    "load_cslt_algs",
+    "save_cslt_algs",
+    "to_dense",
+    "to_sparse",
+]
+
+Mode = Literal["auto", "sparse", "dense"]
+_MODES = ("auto", "sparse", "dense")
+
+SPARSE_MARGIN = 0.98
+"""Sparse is chosen only if ``sparse_time < SPARSE_MARGIN * dense_time`` (timing noise guard)."""
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DispatchDecision:
+    """One measured choice between cuSPARSELt and dense cuBLAS for a shape bucket."""
+
+    device: str
+    dtype: str
+    m_bucket: int
+    n: int
+    k: int
+    bias: bool
+    choice: str
+    sparse_us: float
+    dense_us: float
+
+
+_DECISIONS: dict[tuple[Any, ...], DispatchDecision] = {}
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(m, 1))))
+
+
+def dispatch_decisions() -> list[dict[str, Any]]:
+    """The sparse-vs-dense choices made so far (one per shape bucket), as dicts."""
+    return [asdict(d) for d in _DECISIONS.values()]
+
+
+def clear_dispatch_decisions() -> None:
+    """Forget every choice: the next call of each shape bucket measures again."""
+    _DECISIONS.clear()
+
+
+def _cslt_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
+    """Why cuSPARSELt cannot run an ``[n, k]`` layer of ``dtype`` (None if it can)."""
+    if not cusparselt_available():
+        return "this cast_ext was built without cuSPARSELt (CAST_EXT_CUSPARSELT)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"cuSPARSELt's 2:4 GEMM takes float16/bfloat16, not {dtype}"
+    if n % 16 or k % 16:
+        return f"cuSPARSELt needs in/out features that are multiples of 16, got [{n}, {k}]"
+    return None
+
+
+def _time_pair_us(a: Callable[[], Tensor], b: Callable[[], Tensor]) -> tuple[float, float]:
+    """Median per-call CUDA time of ``a`` and ``b``, interleaved batches, after a warm-up."""
+    a()  # first call builds the plan and runs cuSPARSELt's search: not timed
+    b()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    a()
+    end.record()
+    end.synchronize()
+    iters = int(min(50, max(3, 1.0 / max(start.elapsed_time(end), 1e-3))))  # ~1 ms per batch
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(5):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) * 1e3 / iters)
+    return sorted(times[0])[2], sorted(times[1])[2]
+
+
+class _CsltLinearFn(torch.autograd.Function):
+    """cuSPARSELt forward; dense backward for x and bias (values/meta are frozen buffers)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w_compressed: Tensor,
+        weight: Callable[[], Tensor],
+        bias: Tensor | None,
+        n: int,
+        k: int,
+    ) -> Tensor:
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return ops.cslt_linear(x, w_compressed, n, k, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
+        return grad_x, None, None, grad_b, None, None
+
+
+# ---- the layer -------------------------------------------------------------------------------
+
+
+def _default_meta(out_features: int, in_features: int, device: Any) -> Tensor:
+    keep = torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
+    keep.view(out_features, -1, 4)[..., :2] = True  # a valid 2:4 pattern for an empty layer
+    return ops.pack_mask(keep)
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + bias`` with ``W`` 2:4 sparse along ``in_features`` (a frozen weight).
+
+    Args:
+        in_features: ``K``, a multiple of 4.
+        out_features: ``N``.
+        bias: whether the layer has a (trainable) bias.
+        mode: ``"auto"`` (measure sparse vs dense per shape bucket on CUDA; packed kernel on
+            CPU), ``"sparse"`` or ``"dense"`` (forced).
+        device: where the buffers live.
+        dtype: dtype of ``values`` and ``bias``.
+
+    Shape:
+        ``[..., K] -> [..., N]``.
+
+    Buffers ``values`` ``[N, K/2]`` and ``meta`` ``[N, ceil(K/8)]`` uint8 hold the weight; use
+    :meth:`from_dense` to build one from an ``nn.Linear``.
+    """
+
+    values: Tensor
+    meta: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        mode: Mode = "auto",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % 4 != 0 or in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"cast_ext.nn.SparseLinear: in_features={in_features} must be a positive multiple "
+                f"of 4 (2:4 groups run along the input dim), out_features={out_features} positive"
+            )
+        if mode not in _MODES:
+            raise ValueError(f"cast_ext.nn.SparseLinear: mode must be in {_MODES}, got {mode!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.mode: Mode = mode
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer(
+            "values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device)
+        )
+        self.register_buffer("meta", _default_meta(out_features, in_features, device))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        )
+        # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
+        # `values` they were built from, so in-place loads and moves invalidate them.
+        self._derived: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+
+    # -- construction and conversion --
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, *, mode: Mode = "auto", warn: bool = True
+    ) -> SparseLinear:
+        """Build from an ``nn.Linear``, pruning its weight to 2:4 by magnitude if it is not already.
+
+        Args:
+            linear: the dense layer (``in_features % 4 == 0``); left unchanged.
+            mode: see :class:`SparseLinear`.
+            warn: warn when the weight had to be pruned (it then changes the layer's output).
+
+        Returns:
+            A :class:`SparseLinear` on ``linear``'s device and dtype.
+        """
+        w = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            mode=mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        dense_groups = int((w != 0).reshape(-1, 4).sum(-1).gt(2).sum())
+        if dense_groups:
+            if warn:
+                warnings.warn(
+                    f"cast_ext.nn.SparseLinear.from_dense: weight of shape {list(w.shape)} is not "
+                    f"2:4 sparse ({dense_groups} of {w.numel() // 4} groups of 4 have more than 2 "
+                    "nonzeros); pruned to 2:4 by magnitude with cast_ext.sparse24_prune",
+                    stacklevel=2,
+                )
+            w = ops.sparse24_prune(w)
+        values, meta = ops.sparse24_compress(w)
+        with torch.no_grad():
+            layer.values.copy_(values)
+            layer.meta.copy_(meta)
+            if linear.bias is not None and layer.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The 2:4 weight ``[N, K]`` as a dense tensor (zeros at the pruned positions)."""
+        return ops.sparse24_decompress(self.values, self.meta)
+
+    def to_dense(self) -> nn.Linear:
+        """An equivalent ``nn.Linear`` (same device and dtype) holding the 2:4 weight."""
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach())
+        return lin
+
+    # -- derived weights --
+
+    def _tag(self) -> tuple[Any, ...]:
+        v = self.values
+        return (
+            v.device,
+            v.dtype,
+            v.data_ptr(),
+            v._version,
+            self.meta.data_ptr(),
+            self.meta._version,
+        )
+
+    def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        tag = self._tag()
+        hit = self._derived.get(name)
+        if hit is not None and hit[0] == tag:
+            return hit[1]
+        with torch.no_grad():
+            t = build()
+        self._derived[name] = (tag, t)
+        return t
+
+    def _dense_cached(self) -> Tensor:
+        return self._get("dense", self.dense_weight)
+
+    def _cslt_buffer(self) -> Tensor:
+        return self._get("cslt", lambda: ops.cslt_compress(self.dense_weight()))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
+        self._derived.clear()  # rebuilt lazily on the new device/dtype
+        return super()._apply(fn, recurse)
+
+    # -- forward --
+
+    def _choose(self, x: Tensor) -> str:
+        """'sparse' or 'dense' for a CUDA input (measures once per shape bucket in auto mode)."""
+        n, k = self.out_features, self.in_features
+        reason = _cslt_reason(n, k, x.dtype)
+        if self.mode == "dense":
+            return "dense"
+        if self.mode == "sparse":
+            if reason is not None:
+                raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
+            return "sparse"
+        if reason is not None:
+            return "dense"
+        m = x.numel() // k
+        key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
+        hit = _DECISIONS.get(key)
+        if hit is not None:
+            return hit.choice
+        if m == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return "dense"  # cannot measure here; nothing recorded, so a later eager call will
+        x2 = x.detach().reshape(m, k)
+        w_c, w_d = self._cslt_buffer(), self._dense_cached()
+        b = None if self.bias is None else self.bias.detach()
+        with torch.no_grad():
+            sparse_us, dense_us = _time_pair_us(
+                lambda: ops.cslt_linear(x2, w_c, n, k, b), lambda: F.linear(x2, w_d, b)
+            )
+        choice = "sparse" if sparse_us < SPARSE_MARGIN * dense_us else "dense"
+        _DECISIONS[key] = DispatchDecision(
+            str(x.device), str(x.dtype).removeprefix("torch."), key[2], n, k, key[5], choice,
+            round(sparse_us, 2), round(dense_us, 2),
+        )  # fmt: skip
+        return choice
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.values.dtype:
+            raise TypeError(
+                f"cast_ext.nn.SparseLinear: input has dtype {x.dtype} but the layer is "
+                f"{self.values.dtype}; cast one of them"
+            )
+        if x.device != self.values.device:
+            raise RuntimeError(
+                f"cast_ext.nn.SparseLinear: input is on {x.device} but the layer is on "
+                f"{self.values.device}"
+            )
+        if x.device.type != "cuda":
+            if self.mode == "dense":
+                return F.linear(x, self.dense_weight(), self.bias)
+            return ops.sparse24_gemm(x, self.values, self.meta, self.bias)
+        if self._choose(x) == "dense":
+            return F.linear(x, self._dense_cached(), self.bias)
+        return _CsltLinearFn.apply(
+            x, self._cslt_buffer(), self._backward_weight, self.bias, self.out_features,
+            self.in_features,
+        )  # fmt: skip
+
+    def _backward_weight(self) -> Tensor:
+        hit = self._derived.get("dense")
+        return hit[1] if hit is not None and hit[0] == self._tag() else self.dense_weight()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode!r}"
+        )
+
+
+# ---- model swaps -----------------------------------------------------------------------------
+
+
+def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> int:
+    count = 0
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            new = pick(full, child)
+            if new is not None:
+                setattr(parent, child_name, new)
+                count += 1
+    return count
+
+
+def to_sparse(
+    model: nn.Module,
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    *,
+    mode: Mode = "auto",
+) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a :class:`SparseLinear`.
+
+    Eligible: exactly ``nn.Linear`` (subclasses such as adapters are left alone), with
+    ``in_features % 4 == 0``, and ``filter_fn(qualified_name, module)`` true if given (e.g. to
+    keep ``lm_head`` dense). Weights that are not already 2:4 are pruned by magnitude, with one
+    warning listing how many layers were.
+
+    Args:
+        model: the model to convert.
+        filter_fn: optional predicate on (qualified name, linear).
+        mode: the :class:`SparseLinear` mode of every new layer.
+
+    Returns:
+        ``model`` itself.
+    """
+    pruned: list[str] = []
+
+    def pick(name: str, m: nn.Module) -> nn.Module | None:
+        if type(m) is not nn.Linear or m.in_features % 4 != 0:
+            return None
+        if filter_fn is not None and not filter_fn(name, m):
+            return None
+        w = m.weight.detach()
+        if bool((w != 0).reshape(-1, 4).sum(-1).gt(2).any()):
+            pruned.append(name)
+        return SparseLinear.from_dense(m, mode=mode, warn=False)
+
+    _swap(model, pick)
+    if pruned:
+        warnings.warn(
+            f"cast_ext.nn.to_sparse: {len(pruned)} layer(s) were not 2:4 sparse and were pruned to "
+            f"2:4 by magnitude (first: {pruned[:3]})",
+            stacklevel=2,
+        )
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``."""
+    _swap(model, lambda _, m: m.to_dense() if isinstance(m, SparseLinear) else None)
+    return model
+
+
+# ---- cuSPARSELt plan cache and algorithm table -----------------------------------------------
+
+
+def cslt_cache_info() -> dict[str, Any]:
+    """cuSPARSELt plan-cache statistics (plans, hits, misses, searches, entries).
+
+    Returns ``{"available": False}`` in builds without cuSPARSELt.
+    """
+    if not hasattr(_C, "cslt_cache_info"):
+        return {"available": False}
+    return {"available": True, **dict(_C.cslt_cache_info())}
+
+
+def _algs_file(path: str | os.PathLike[str] | None) -> Path:
+    if path is not None:
+        return Path(path)
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "cast_ext" / "cusparselt_algs.json"
+
+
+def _algs_section() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu"
+    return f"{gpu} | cuSPARSELt {_C.cslt_runtime_version()}"
+
+
+def save_cslt_algs(path: str | os.PathLike[str] | None = None) -> Path:
+    """Persist the searched cuSPARSELt algorithms, keyed by GPU name and cuSPARSELt version.
+
+    Args:
+        path: JSON file; default ``~/.cache/cast_ext/cusparselt_algs.json``.
+
+    Returns:
+        The file written (other GPUs'/versions' sections in it are kept).
+    """
+    if not hasattr(_C, "cslt_get_algs"):
+        raise RuntimeError("cast_ext.nn.save_cslt_algs: built without cuSPARSELt")
+    file = _algs_file(path)
+    data = json.loads(file.read_text()) if file.exists() else {}
+    section = data.setdefault(_algs_section(), {})
+    section.update({k: list(v) for k, v in dict(_C.cslt_get_algs()).items()})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(data, indent=1, sort_keys=True))
+    return file
+
+
+def load_cslt_algs(path: str | os.PathLike[str] | None = None) -> int:
+    """Load algorithms saved by :func:`save_cslt_algs` for this GPU and cuSPARSELt version.
+
+    Later plans of those shapes skip the search. Returns how many entries were loaded (0 if the
+    file or this GPU's section is missing).
+    """
+    if not hasattr(_C, "cslt_set_algs"):
+        raise RuntimeError("cast_ext.nn.load_cslt_algs: built without cuSPARSELt")
+    file = _algs_file(path)
+    if not file.exists():
+        return 0
+    section = json.loads(file.read_text()).get(_algs_section(), {})
+    _C.cslt_set_algs({k: tuple(int(x) for x in v) for k, v in section.items()})
+    return len(section)

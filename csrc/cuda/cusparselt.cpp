@@ -1,0 +1,665 @@
+// cuSPARSELt-backed 2:4 sparse linear layer: y = act(x @ W^T + bias), W [n, k] 2:4 along k.
+//
+// Algorithm: cuSPARSELt computes D = act(A @ op(B) + bias) with A structured. We make the weight
+// the structured operand, as torch's _cslt_sparse_mm does for F.linear:
+//   A = W       rows n, cols k, ld k, row-major, opA = N     (2:4 along each row: along k)
+//   B = x       rows Mp, cols k, ld k, row-major, opB = T    (so op(B) = x^T, k x Mp)
+//   C = D       rows n, cols Mp, ld n, column-major          (= row-major [Mp, n]: y itself)
+// so y comes out row-major without a transpose, and the bias runs along D's rows (out features).
+// Mp is M (the rows of x) rounded up to kRowAlign with zero rows, which the dense operand's
+// shape rules need; the padding rows are sliced off the output (a view, no copy).
+//
+// Everything expensive happens once per problem: one handle per device (lazily created, never
+// destroyed, like torch's), and a plan cache keyed by (device, Mp, n, k, dtype, bias, activation)
+// whose entries own the descriptors, the algorithm selection and the plan at a fixed address
+// (cuSPARSELt keeps pointers between them), plus the workspace size. The algorithm is chosen by
+// cusparseLtMatmulSearch on the first call for a (bucket of M = next power of two of Mp, n, k,
+// dtype, bias, activation); later plans in the same bucket reuse the winner without searching.
+// The winners can be exported and re-imported (cast_ext.nn persists them as JSON). The
+// workspace comes from torch's caching allocator, the stream is torch's current stream, and every
+// cuSPARSELt status is checked and reported with the op, the call and the shapes.
+//
+// Dtypes: bf16 and fp16 (fp32 compute). fp32 is refused: cuSPARSELt's "50 percent" means 1:2 for
+// fp32, not 2:4. Archs: sm80+ (2:4 sparse tensor cores; sm90 needs cuSPARSELt >= 0.6).
+// Reference: cast_ext/reference.py sparse24_gemm (with W = the decompressed 2:4 weight).
+#ifdef CAST_EXT_WITH_CUSPARSELT
+
+#include "cuda/cusparselt.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
+#include <cusparseLt.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+#include "cast_ext.h"
+
+namespace cast_ext {
+namespace cslt {
+namespace {
+
+constexpr int64_t kRowAlign = 8;    // the dense operand's rows, 16-bit types (torch uses 8 too)
+constexpr int64_t kDimAlign = 16;   // n and k of the structured operand, 16-bit types
+constexpr uint32_t kPtrAlign = 16;  // every descriptor is declared 16-byte aligned
+constexpr size_t kMaxPlans = 1024;  // then the plan cache is emptied (algorithms are kept)
+
+// ---- errors --------------------------------------------------------------------------------
+
+const char* status_name(cusparseStatus_t s) {
+  switch (s) {
+    case CUSPARSE_STATUS_SUCCESS: return "CUSPARSE_STATUS_SUCCESS";
+    case CUSPARSE_STATUS_NOT_INITIALIZED: return "CUSPARSE_STATUS_NOT_INITIALIZED";
+    case CUSPARSE_STATUS_ALLOC_FAILED: return "CUSPARSE_STATUS_ALLOC_FAILED";
+    case CUSPARSE_STATUS_INVALID_VALUE: return "CUSPARSE_STATUS_INVALID_VALUE";
+    case CUSPARSE_STATUS_ARCH_MISMATCH: return "CUSPARSE_STATUS_ARCH_MISMATCH";
+    case CUSPARSE_STATUS_MAPPING_ERROR: return "CUSPARSE_STATUS_MAPPING_ERROR";
+    case CUSPARSE_STATUS_EXECUTION_FAILED: return "CUSPARSE_STATUS_EXECUTION_FAILED";
+    case CUSPARSE_STATUS_INTERNAL_ERROR: return "CUSPARSE_STATUS_INTERNAL_ERROR";
+    case CUSPARSE_STATUS_MATRIX_TYPE_NOT_SUPPORTED:
+      return "CUSPARSE_STATUS_MATRIX_TYPE_NOT_SUPPORTED";
+    case CUSPARSE_STATUS_ZERO_PIVOT: return "CUSPARSE_STATUS_ZERO_PIVOT";
+    case CUSPARSE_STATUS_NOT_SUPPORTED: return "CUSPARSE_STATUS_NOT_SUPPORTED";
+    case CUSPARSE_STATUS_INSUFFICIENT_RESOURCES: return "CUSPARSE_STATUS_INSUFFICIENT_RESOURCES";
+    default: return "an unknown cuSPARSE status";
+  }
+}
+
+void check(const char* op, const char* call, cusparseStatus_t st, const std::string& what) {
+  if (st == CUSPARSE_STATUS_SUCCESS) return;
+#if CUSPARSELT_VERSION >= 800
+  const char* detail = cusparseLtGetErrorString(st);
+#else
+  const char* detail = "";
+#endif
+  CAST_CHECK(false, op, call, " failed with ", status_name(st), " (", static_cast<int>(st), ") ",
+             detail, " for ", what,
+             ". Needs an sm80+ GPU (sm90: cuSPARSELt >= 0.6); set CUSPARSELT_LOG_LEVEL=5 for "
+             "the library's own log.");
+}
+
+void check_cuda(const char* op, cudaError_t err) {
+  CAST_CHECK(err == cudaSuccess, op, "CUDA error: ", cudaGetErrorString(err));
+}
+
+std::string dtype_name(cudaDataType t) { return t == CUDA_R_16BF ? "bf16" : "fp16"; }
+
+cudaDataType to_cuda_type(const char* op, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return CUDA_R_16BF;
+    case at::kHalf: return CUDA_R_16F;
+    default:
+      CAST_CHECK(false, op, name, " of shape ", shape_str(t), " has dtype ", t.scalar_type(),
+                 "; the cuSPARSELt GEMM supports bfloat16 and float16 (use the packed "
+                 "cast_ext.sparse24_gemm for float32)");
+  }
+  return CUDA_R_16BF;  // unreachable
+}
+
+cudaDataType parse_dtype(const std::string& s) {
+  if (s == "bfloat16" || s == "bf16") return CUDA_R_16BF;
+  if (s == "float16" || s == "fp16" || s == "half") return CUDA_R_16F;
+  CAST_CHECK(false, "cslt_compressed_size", "dtype ", s, " is not supported (bfloat16, float16)");
+  return CUDA_R_16BF;
+}
+
+// ---- handles: one per device -----------------------------------------------------------------
+
+std::mutex g_mu;  // guards every map below
+
+// cusparseLtInit binds the handle to the current device and it must not move afterwards (it is
+// a 512-byte struct the library points into), hence unique_ptr. Caller holds a CUDAGuard.
+cusparseLtHandle_t* handle_for(const char* op, int device) {
+  static std::unordered_map<int, std::unique_ptr<cusparseLtHandle_t>> handles;
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second.get();
+  auto h = std::make_unique<cusparseLtHandle_t>();
+  check(op, "cusparseLtInit", cusparseLtInit(h.get()), "device cuda:" + std::to_string(device));
+  return handles.emplace(device, std::move(h)).first->second.get();
+}
+
+// ---- compressed sizes ------------------------------------------------------------------------
+
+struct Structured {
+  cusparseLtMatDescriptor_t desc;
+  bool ok = false;
+  Structured(const char* op, cusparseLtHandle_t* h, int64_t n, int64_t k, cudaDataType t,
+             const std::string& what) {
+    check(op, "cusparseLtStructuredDescriptorInit",
+          cusparseLtStructuredDescriptorInit(h, &desc, n, k, k, kPtrAlign, t, CUSPARSE_ORDER_ROW,
+                                             CUSPARSELT_SPARSITY_50_PERCENT),
+          what);
+    ok = true;
+  }
+  ~Structured() {
+    if (ok) cusparseLtMatDescriptorDestroy(&desc);
+  }
+  Structured(const Structured&) = delete;
+  Structured& operator=(const Structured&) = delete;
+};
+
+std::string weight_what(int64_t n, int64_t k, cudaDataType t) {
+  return "a " + dtype_name(t) + " weight [" + std::to_string(n) + ", " + std::to_string(k) + "]";
+}
+
+// (compressed bytes, compression scratch bytes); caller holds g_mu and a CUDAGuard.
+std::pair<size_t, size_t> sizes_locked(const char* op, int device, int64_t n, int64_t k,
+                                       cudaDataType t) {
+  static std::map<std::tuple<int, int64_t, int64_t, int>, std::pair<size_t, size_t>> cache;
+  const auto key = std::make_tuple(device, n, k, static_cast<int>(t));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  cusparseLtHandle_t* h = handle_for(op, device);
+  const std::string what = weight_what(n, k, t);
+  Structured a(op, h, n, k, t, what);
+  size_t bytes = 0, scratch = 0;
+  check(op, "cusparseLtSpMMACompressedSize2",
+        cusparseLtSpMMACompressedSize2(h, &a.desc, &bytes, &scratch), what);
+  return cache.emplace(key, std::make_pair(bytes, scratch)).first->second;
+}
+
+int64_t compressed_numel(size_t bytes, int64_t itemsize) {
+  return static_cast<int64_t>((bytes + itemsize - 1) / itemsize);
+}
+
+void check_dims(const char* op, int64_t n, int64_t k) {
+  CAST_CHECK(n > 0 && k > 0 && n % kDimAlign == 0 && k % kDimAlign == 0, op,
+             "the cuSPARSELt GEMM needs out_features (n) and in_features (k) to be positive "
+             "multiples of ",
+             kDimAlign, ", got n=", n, ", k=", k,
+             " (use the packed cast_ext.sparse24_gemm, or a dense layer, for other shapes)");
+}
+
+// ---- plans -----------------------------------------------------------------------------------
+
+struct AlgConfig {
+  int alg_id = 0;
+  int split_k = 1;
+  int split_k_mode = 0;  // 0: the library's default
+};
+
+// One cached problem. Non-movable: cuSPARSELt keeps pointers from the matmul descriptor to the
+// matrix descriptors and from the plan to both.
+struct Plan {
+  cusparseLtMatDescriptor_t a{}, b{}, c{};
+  cusparseLtMatmulDescriptor_t mm{};
+  cusparseLtMatmulAlgSelection_t sel{};
+  cusparseLtMatmulPlan_t plan{};
+  int inited = 0;  // how many of a, b, c, mm, sel, plan are live (in that order)
+  AlgConfig cfg;
+  size_t workspace = 0;
+  int max_alg_id = -1;
+  bool searched = false;
+  int64_t hits = 0;
+  std::mutex launch_mu;  // the bias pointer lives in `mm`: set it and launch as one step
+
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    if (inited >= 6) cusparseLtMatmulPlanDestroy(&plan);
+#if CUSPARSELT_VERSION >= 800
+    if (inited >= 5) cusparseLtMatmulAlgSelectionDestroy(&sel);
+#endif
+    // The matmul descriptor has no destroy call.
+    if (inited >= 3) cusparseLtMatDescriptorDestroy(&c);
+    if (inited >= 2) cusparseLtMatDescriptorDestroy(&b);
+    if (inited >= 1) cusparseLtMatDescriptorDestroy(&a);
+  }
+};
+
+struct Problem {
+  int device;
+  int64_t mp, n, k;
+  cudaDataType type;
+  bool bias;
+  std::string act;
+
+  // Algorithm-table key: bucketed M, no device (the table is per GPU model, see cast_ext.nn).
+  std::string alg_key() const {
+    int64_t bucket = 1;
+    while (bucket < mp) bucket <<= 1;
+    std::ostringstream os;
+    os << dtype_name(type) << ":m" << bucket << ":n" << n << ":k" << k << ":bias" << bias << ":"
+       << act;
+    return os.str();
+  }
+  std::string plan_key() const {
+    std::ostringstream os;
+    os << "cuda:" << device << ":" << dtype_name(type) << ":m" << mp << ":n" << n << ":k" << k
+       << ":bias" << bias << ":" << act;
+    return os.str();
+  }
+  std::string what() const {
+    std::ostringstream os;
+    os << "x [" << mp << ", " << k << "] @ W^T, W " << dtype_name(type) << " [" << n << ", " << k
+       << "], bias=" << (bias ? "yes" : "no") << ", activation=" << act;
+    return os.str();
+  }
+};
+
+// shared_ptr: a caller may still be launching with a plan when the cache is emptied.
+std::unordered_map<std::string, std::shared_ptr<Plan>> g_plans;
+std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched or imported)
+int64_t g_hits = 0, g_misses = 0, g_searches = 0;
+
+// Descriptors, algorithm selection (explicit config when `cfg` is given) and plan.
+std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
+                                 const void* bias_ptr, const AlgConfig* cfg) {
+  auto pl = std::make_unique<Plan>();
+  const std::string what = p.what();
+  check(op, "cusparseLtStructuredDescriptorInit",
+        cusparseLtStructuredDescriptorInit(h, &pl->a, p.n, p.k, p.k, kPtrAlign, p.type,
+                                           CUSPARSE_ORDER_ROW, CUSPARSELT_SPARSITY_50_PERCENT),
+        what);
+  pl->inited = 1;
+  check(op, "cusparseLtDenseDescriptorInit(x)",
+        cusparseLtDenseDescriptorInit(h, &pl->b, p.mp, p.k, p.k, kPtrAlign, p.type,
+                                      CUSPARSE_ORDER_ROW),
+        what);
+  pl->inited = 2;
+  check(op, "cusparseLtDenseDescriptorInit(y)",
+        cusparseLtDenseDescriptorInit(h, &pl->c, p.n, p.mp, p.n, kPtrAlign, p.type,
+                                      CUSPARSE_ORDER_COL),
+        what);
+  pl->inited = 3;
+  check(op, "cusparseLtMatmulDescriptorInit",
+        cusparseLtMatmulDescriptorInit(h, &pl->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                       CUSPARSE_OPERATION_TRANSPOSE, &pl->a, &pl->b, &pl->c, &pl->c,
+                                       CUSPARSE_COMPUTE_32F),
+        what);
+  pl->inited = 4;
+  if (p.act != "none") {
+    const int on = 1;
+    const auto attr =
+        p.act == "relu" ? CUSPARSELT_MATMUL_ACTIVATION_RELU : CUSPARSELT_MATMUL_ACTIVATION_GELU;
+    check(op, "cusparseLtMatmulDescSetAttribute(activation)",
+          cusparseLtMatmulDescSetAttribute(h, &pl->mm, attr, &on, sizeof(on)), what);
+  }
+  if (p.bias) {
+    // Set before the plan so the plan picks a bias epilogue; re-set before every launch.
+    check(op, "cusparseLtMatmulDescSetAttribute(bias)",
+          cusparseLtMatmulDescSetAttribute(h, &pl->mm, CUSPARSELT_MATMUL_BIAS_POINTER, &bias_ptr,
+                                           sizeof(bias_ptr)),
+          what);
+  }
+  check(op, "cusparseLtMatmulAlgSelectionInit",
+        cusparseLtMatmulAlgSelectionInit(h, &pl->sel, &pl->mm, CUSPARSELT_MATMUL_ALG_DEFAULT),
+        what);
+  pl->inited = 5;
+  check(op, "cusparseLtMatmulAlgGetAttribute(CONFIG_MAX_ID)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_ALG_CONFIG_MAX_ID,
+                                        &pl->max_alg_id, sizeof(pl->max_alg_id)),
+        what);
+  if (cfg != nullptr) {
+    CAST_CHECK(cfg->alg_id >= 0 && cfg->alg_id < pl->max_alg_id, op, "algorithm id ", cfg->alg_id,
+               " is out of range [0, ", pl->max_alg_id, ") for ", what);
+    check(op, "cusparseLtMatmulAlgSetAttribute(CONFIG_ID)",
+          cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
+                                          &cfg->alg_id, sizeof(cfg->alg_id)),
+          what);
+    if (cfg->split_k != 1) {
+      check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K)",
+            cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg->split_k,
+                                            sizeof(cfg->split_k)),
+            what);
+      if (cfg->split_k_mode > 0) {
+        const auto mode = static_cast<cusparseLtSplitKMode_t>(cfg->split_k_mode);
+        check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K_MODE)",
+              cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
+                                              sizeof(mode)),
+              what);
+      }
+    }
+    pl->cfg = *cfg;
+  }
+  check(op, "cusparseLtMatmulPlanInit", cusparseLtMatmulPlanInit(h, &pl->plan, &pl->mm, &pl->sel),
+        what);
+  pl->inited = 6;
+  check(op, "cusparseLtMatmulGetWorkspace",
+        cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
+  return pl;
+}
+
+// Reads the configuration the search left in the selection.
+AlgConfig read_config(const char* op, cusparseLtHandle_t* h, Plan& pl, const std::string& what) {
+  AlgConfig cfg;
+  cusparseLtSplitKMode_t mode = CUSPARSELT_INVALID_MODE;
+  check(op, "cusparseLtMatmulAlgGetAttribute(CONFIG_ID)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &cfg.alg_id,
+                                        sizeof(cfg.alg_id)),
+        what);
+  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg.split_k,
+                                        sizeof(cfg.split_k)),
+        what);
+  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K_MODE)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
+                                        sizeof(mode)),
+        what);
+  cfg.split_k_mode = static_cast<int>(mode);
+  return cfg;
+}
+
+bool search_enabled() {
+  const char* s = std::getenv("CAST_EXT_CSLT_SEARCH");
+  return s == nullptr || std::string(s) != "0";
+}
+
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+struct Launch {
+  const void* a;  // compressed weight
+  const void* b;  // x, padded
+  void* d;        // y, padded
+  const void* bias;
+  cudaStream_t stream;
+};
+
+// The cached plan for `p`, built (and its algorithm searched) on first use. Holds g_mu.
+std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
+                               const Launch& L) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  const std::string key = p.plan_key();
+  auto it = g_plans.find(key);
+  if (it != g_plans.end()) {
+    ++g_hits;
+    ++it->second->hits;
+    return it->second;
+  }
+  ++g_misses;
+  if (g_plans.size() >= kMaxPlans) g_plans.clear();  // shapes churn (e.g. serving): start over
+  const std::string akey = p.alg_key();
+  std::unique_ptr<Plan> pl;
+  auto known = g_algs.find(akey);
+  if (known != g_algs.end()) {
+    try {
+      pl = build_plan(op, h, p, L.bias, &known->second);
+    } catch (const c10::Error&) {
+      g_algs.erase(known);  // a winner from another M (or an old table) that does not fit here
+      pl.reset();
+    }
+  }
+  if (!pl) {
+    pl = build_plan(op, h, p, L.bias, nullptr);
+    // A search launches many kernels and syncs: never while a CUDA graph is being captured
+    // (that plan keeps the default algorithm).
+    if (search_enabled() && !capturing()) {
+      const float alpha = 1.f, beta = 0.f;
+      auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
+      cudaStream_t stream = L.stream;
+      check(op, "cusparseLtMatmulSearch",
+            cusparseLtMatmulSearch(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(),
+                                   &stream, 1),
+            p.what());
+      ++g_searches;
+      pl->cfg = read_config(op, h, *pl, p.what());
+      pl->searched = true;
+      // The winner may need a different workspace than the default algorithm.
+      check(op, "cusparseLtMatmulGetWorkspace",
+            cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), p.what());
+      g_algs[akey] = pl->cfg;
+    }
+  }
+  return g_plans.emplace(key, std::shared_ptr<Plan>(std::move(pl))).first->second;
+}
+
+// ---- ops -------------------------------------------------------------------------------------
+
+at::Tensor aligned(at::Tensor t) {
+  t = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % kPtrAlign != 0) t = t.clone();
+  return t;
+}
+
+at::Tensor cslt_compress_cuda(const at::Tensor& w_in) {
+  const char* op = "cslt_compress";
+  CAST_CHECK(w_in.is_cuda(), op, "w must be a CUDA tensor, got one on ", w_in.device());
+  CAST_CHECK(w_in.dim() == 2, op, "w of shape ", shape_str(w_in),
+             " must be 2-D [out_features, in_features]");
+  const cudaDataType t = to_cuda_type(op, "w", w_in);
+  const int64_t n = w_in.size(0), k = w_in.size(1);
+  check_dims(op, n, k);
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  const at::Tensor w = aligned(w_in);
+  // cuSPARSELt compresses whatever it is given; a group with 3 or 4 nonzeros would silently
+  // lose some. One reduction and a sync: compression is a one-time step per weight.
+  if (!capturing()) {
+    const bool ok = w.view({n, k / 4, 4}).ne(0).sum(-1).le(2).all().item<bool>();
+    CAST_CHECK(ok, op, "w of shape ", shape_str(w_in),
+               " is not 2:4 sparse along its last dim (a group of 4 has more than 2 nonzeros); "
+               "prune it first (cast_ext.sparse24_prune)");
+  }
+  const int device = w.get_device();
+  std::pair<size_t, size_t> sz;
+  cusparseLtHandle_t* h;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    sz = sizes_locked(op, device, n, k, t);
+    h = handle_for(op, device);
+  }
+  at::Tensor out = at::empty({compressed_numel(sz.first, w.element_size())}, w.options());
+  auto scratch = c10::cuda::CUDACachingAllocator::get()->allocate(sz.second);
+  const std::string what = weight_what(n, k, t);
+  Structured a(op, h, n, k, t, what);
+  check(
+      op, "cusparseLtSpMMACompress2",
+      cusparseLtSpMMACompress2(h, &a.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, w.const_data_ptr(),
+                               out.data_ptr(), scratch.get(), at::cuda::getCurrentCUDAStream()),
+      what);
+  return out;
+}
+
+at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int64_t n, int64_t k,
+                            const std::optional<at::Tensor>& bias_in, c10::string_view activation) {
+  const char* op = "cslt_linear";
+  CAST_CHECK(x_in.is_cuda(), op, "x must be a CUDA tensor, got one on ", x_in.device());
+  CAST_CHECK(x_in.dim() >= 1, op, "x must have at least one dim, got a 0-d tensor");
+  const cudaDataType t = to_cuda_type(op, "x", x_in);
+  check_dims(op, n, k);
+  CAST_CHECK(x_in.size(-1) == k, op, "x of shape ", shape_str(x_in), ": last dim must be k = ", k);
+  check_same_device(op, "w_compressed", wc_in, "x", x_in);
+  CAST_CHECK(wc_in.dim() == 1 && wc_in.scalar_type() == x_in.scalar_type(), op,
+             "w_compressed of shape ", shape_str(wc_in), " and dtype ", wc_in.scalar_type(),
+             " must be a 1-D buffer from cslt_compress with x's dtype ", x_in.scalar_type());
+  const std::string act(activation);
+  CAST_CHECK(act == "none" || act == "relu" || act == "gelu", op,
+             "activation must be none, "
+             "relu or gelu, got ",
+             act);
+  if (bias_in.has_value()) {
+    const at::Tensor& b = *bias_in;
+    CAST_CHECK(b.dim() == 1 && b.size(0) == n, op, "bias of shape ", shape_str(b),
+               " must be 1-D of size n = ", n);
+    CAST_CHECK(b.scalar_type() == x_in.scalar_type(), op, "bias has dtype ", b.scalar_type(),
+               " but x has dtype ", x_in.scalar_type(), "; they must match");
+    check_same_device(op, "bias", b, "x", x_in);
+  }
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int device = x_in.get_device();
+  cusparseLtHandle_t* h;
+  {
+    std::lock_guard<std::mutex> lk(g_mu);
+    const auto sz = sizes_locked(op, device, n, k, t);
+    CAST_CHECK(wc_in.numel() == compressed_numel(sz.first, wc_in.element_size()), op,
+               "w_compressed has ", wc_in.numel(), " elements but a compressed ",
+               weight_what(n, k, t), " has ", compressed_numel(sz.first, wc_in.element_size()),
+               "; were n and k those given to cslt_compress?");
+    h = handle_for(op, device);
+  }
+  auto oshape = x_in.sizes().vec();
+  oshape.back() = n;
+  const int64_t m = c10::multiply_integers(x_in.sizes().slice(0, x_in.dim() - 1));
+  if (m == 0) return at::empty(oshape, x_in.options());
+
+  const int64_t mp = (m + kRowAlign - 1) / kRowAlign * kRowAlign;
+  at::Tensor x = x_in.reshape({m, k});
+  if (mp != m) {
+    at::Tensor padded = at::zeros({mp, k}, x.options());
+    padded.narrow(0, 0, m).copy_(x);
+    x = padded;
+  } else {
+    x = aligned(x);
+  }
+  const at::Tensor wc = aligned(wc_in);
+  std::optional<at::Tensor> bias;
+  if (bias_in.has_value()) bias = aligned(*bias_in);
+  at::Tensor y = at::empty({mp, n}, x.options());
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const void* bias_ptr = bias ? bias->const_data_ptr() : nullptr;
+  const Problem p{device, mp, n, k, t, bias.has_value(), act};
+  const Launch L{wc.const_data_ptr(), x.const_data_ptr(), y.data_ptr(), bias_ptr, stream};
+  const std::shared_ptr<Plan> pl = get_plan(op, h, p, L);
+  auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
+  const float alpha = 1.f, beta = 0.f;
+  {
+    std::lock_guard<std::mutex> lk(pl->launch_mu);
+    if (bias_ptr != nullptr) {
+      // The caller's bias may live elsewhere than the one the plan was built with.
+      check(op, "cusparseLtMatmulDescSetAttribute(bias)",
+            cusparseLtMatmulDescSetAttribute(h, &pl->mm, CUSPARSELT_MATMUL_BIAS_POINTER, &bias_ptr,
+                                             sizeof(bias_ptr)),
+            p.what());
+    }
+    check(op, "cusparseLtMatmul",
+          cusparseLtMatmul(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(), &stream, 1),
+          p.what());
+  }
+  check_cuda(op, cudaGetLastError());
+  return y.narrow(0, 0, m).view(oshape);
+}
+
+}  // namespace
+
+// ---- Python-side introspection (bound in bindings.cpp) --------------------------------------
+
+void bind(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def(
+      "_cslt_compressed_size",
+      [](int64_t n, int64_t k, const std::string& dtype, int device) -> int64_t {
+        check_dims("cslt_compress", n, k);
+        const cudaDataType t = parse_dtype(dtype);
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        std::lock_guard<std::mutex> lk(g_mu);
+        return compressed_numel(sizes_locked("cslt_compress", device, n, k, t).first, 2);
+      },
+      py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("device"),
+      "Elements (16-bit) of cslt_compress's buffer for a [n, k] weight (asks the library).");
+  m.def(
+      "cslt_cache_info",
+      []() {
+        std::lock_guard<std::mutex> lk(g_mu);
+        py::dict d;
+        d["plans"] = g_plans.size();
+        d["hits"] = g_hits;
+        d["misses"] = g_misses;
+        d["searches"] = g_searches;
+        py::list entries;
+        for (const auto& [key, pl] : g_plans) {
+          py::dict e;
+          e["key"] = key;
+          e["alg_id"] = pl->cfg.alg_id;
+          e["split_k"] = pl->cfg.split_k;
+          e["split_k_mode"] = pl->cfg.split_k_mode;
+          e["max_alg_id"] = pl->max_alg_id;
+          e["workspace_bytes"] = pl->workspace;
+          e["searched"] = pl->searched;
+          e["hits"] = pl->hits;
+          entries.append(e);
+        }
+        d["entries"] = entries;
+        return d;
+      },
+      "cuSPARSELt plan cache: plans, hits, misses, searches and one entry per plan.");
+  m.def(
+      "cslt_cache_clear",
+      [](bool algorithms) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        g_plans.clear();
+        g_hits = g_misses = g_searches = 0;
+        if (algorithms) g_algs.clear();
+      },
+      py::arg("algorithms") = false,
+      "Drop every cached plan (and the searched algorithms too if algorithms=True).");
+  m.def(
+      "cslt_get_algs",
+      []() {
+        std::lock_guard<std::mutex> lk(g_mu);
+        py::dict d;
+        for (const auto& [key, cfg] : g_algs) {
+          d[py::str(key)] = py::make_tuple(cfg.alg_id, cfg.split_k, cfg.split_k_mode);
+        }
+        return d;
+      },
+      "The algorithm table: {problem key: (alg_id, split_k, split_k_mode)}.");
+  m.def(
+      "cslt_set_algs",
+      [](const std::map<std::string, std::tuple<int, int, int>>& table) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        for (const auto& [key, v] : table) {
+          g_algs[key] = AlgConfig{std::get<0>(v), std::get<1>(v), std::get<2>(v)};
+        }
+      },
+      py::arg("table"), "Merge {problem key: (alg_id, split_k, split_k_mode)} into the table.");
+  m.def(
+      "cslt_runtime_version",
+      []() {
+        int major = 0, minor = 0, patch = 0;
+        check("cslt_runtime_version", "cusparseLtGetProperty",
+              cusparseLtGetProperty(MAJOR_VERSION, &major), "MAJOR_VERSION");
+        check("cslt_runtime_version", "cusparseLtGetProperty",
+              cusparseLtGetProperty(MINOR_VERSION, &minor), "MINOR_VERSION");
+        check("cslt_runtime_version", "cusparseLtGetProperty",
+              cusparseLtGetProperty(PATCH_LEVEL, &patch), "PATCH_LEVEL");
+        return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+      },
+      "Version of the cuSPARSELt library loaded at run time.");
+}
+
+TORCH_LIBRARY_IMPL(cast_ext, CUDA, m) {
+  m.impl("cslt_compress", &cslt_compress_cuda);
+  m.impl("cslt_linear", &cslt_linear_cuda);
+}
+
+}  // namespace cslt
+}  // namespace cast_ext
+
+#else  // CUDA build without cuSPARSELt: the ops exist and say why they cannot run.
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace {
+
+void cusparselt_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, "cast_ext.", op.schema().name().substr(sizeof("cast_ext::") - 1),
+              ": this cast_ext was built without cuSPARSELt (CAST_EXT_CUSPARSELT=0, or no "
+              "nvidia-cusparselt wheel at build time). Rebuild with CAST_EXT_CUSPARSELT=1, or "
+              "use the packed cast_ext.sparse24_gemm.");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cast_ext, CUDA, m) {
+  for (const char* name : {"cslt_compress", "cslt_linear"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cusparselt_not_built>());
+  }
+}
+
+#endif  // CAST_EXT_WITH_CUSPARSELT

@@ -1,0 +1,198 @@
+"""cast_ext.nn: SparseLinear, to_sparse / to_dense, state_dict, gradients and the dispatch."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, dtype_id, gemm_tol, requires_cusparselt
+from torch import nn
+
+import cast_ext
+from cast_ext import ops
+from cast_ext.nn import SparseLinear, dispatch_decisions, to_dense, to_sparse
+
+
+def close_to_linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    err = ((y.double() - ref).abs() / (scale + 1e-30)).max().item()
+    assert y.shape == ref.shape and err <= gemm_tol(x.dtype, w.shape[1]), err
+
+
+def linear(k: int, n: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    return nn.Linear(k, n, bias=bias).to(dtype)
+
+
+def test_from_dense_prunes_and_warns() -> None:
+    lin = linear(32, 16)
+    before = lin.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"not 2:4 sparse .* pruned to 2:4 by magnitude"):
+        sl = SparseLinear.from_dense(lin)
+    assert torch.equal(lin.weight, before)  # the dense layer is left alone
+    pruned = ops.sparse24_prune(before)
+    assert torch.equal(sl.dense_weight(), pruned)
+    x = torch.randn(3, 5, 32)
+    close_to_linear(sl(x), x, pruned, lin.bias.detach())
+
+
+def test_from_dense_of_exact_24_is_silent_and_lossless() -> None:
+    lin = linear(16, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(ops.sparse24_prune(lin.weight))
+        lin.weight[0, :4] = 0.0  # a group with no nonzero is 2:4 too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sl = SparseLinear.from_dense(lin)
+    assert torch.equal(sl.to_dense().weight, lin.weight)
+    assert sl.bias is None and sl.to_dense().bias is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+def test_forward_cpu_matches_linear(dtype: torch.dtype, mode: str) -> None:
+    lin = linear(24, 40, dtype=dtype)
+    sl = SparseLinear.from_dense(lin, mode=mode, warn=False)  # type: ignore[arg-type]
+    w = sl.dense_weight()
+    for shape in [(1, 24), (7, 24), (2, 3, 24)]:
+        x = torch.randn(shape).to(dtype)
+        close_to_linear(sl(x), x, w, sl.bias.detach())
+
+
+def test_gradients_match_dense() -> None:
+    lin = linear(32, 24)
+    sl = SparseLinear.from_dense(lin, warn=False)
+    dense = sl.to_dense()
+    x = torch.randn(4, 6, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(4, 6, 24)
+    sl(x).backward(g)
+    dense(x2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl.bias.grad, dense.bias.grad, rtol=1e-5, atol=1e-5)
+    assert [n for n, p in sl.named_parameters()] == ["bias"]  # the 2:4 base is frozen
+
+
+def test_lora_on_frozen_base_trains() -> None:
+    sl = SparseLinear.from_dense(linear(16, 16, bias=False), warn=False)
+    a = nn.Parameter(torch.randn(4, 16) * 0.1)
+    b = nn.Parameter(torch.zeros(16, 4))
+    opt = torch.optim.Adam([a, b], lr=0.05)
+    x = torch.randn(64, 16)
+    with torch.no_grad():  # reachable: the base plus a rank-4 update
+        target = sl(x) + x @ (torch.randn(16, 4) @ torch.randn(4, 16)) * 0.3
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(sl(x) + x @ a.t() @ b.t(), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert sl.values.grad is None
+
+
+def test_state_dict_round_trip() -> None:
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    sd = sl.state_dict()
+    assert set(sd) == {"values", "meta", "bias"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = SparseLinear(32, 16)
+    x = torch.randn(5, 32)
+    fresh_y0 = fresh(x)
+    fresh._dense_cached()  # a derived weight built before the load must not survive it
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), sl(x))
+    assert not torch.equal(fresh(x), fresh_y0)
+    assert torch.equal(fresh._dense_cached(), sl.dense_weight())
+
+
+def test_dtype_conversion_keeps_meta() -> None:
+    sl = SparseLinear.from_dense(linear(16, 8), warn=False)
+    w = sl.dense_weight()
+    sl = sl.to(torch.bfloat16)
+    assert sl.values.dtype == torch.bfloat16 and sl.bias.dtype == torch.bfloat16
+    assert sl.meta.dtype == torch.uint8
+    assert torch.equal(sl.dense_weight(), w.bfloat16())
+    x = torch.randn(3, 16).bfloat16()
+    close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+
+
+def test_to_sparse_and_back() -> None:
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 30), nn.ReLU(), nn.Linear(30, 8)
+    )
+    model.add_module("head", nn.Linear(8, 8))
+    ref = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) were not 2:4"):
+        to_sparse(model, filter_fn=lambda name, m: name != "head")
+    kinds = [type(m).__name__ for m in model]
+    # Linear(30, 8) stays dense (30 % 4 != 0); "head" is filtered out.
+    assert kinds == ["SparseLinear", "ReLU", "SparseLinear", "ReLU", "Linear", "Linear"]
+    x = torch.randn(5, 32)
+    y_sparse = model(x)
+    to_dense(model)
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+    assert torch.equal(model[0].weight, ops.sparse24_prune(ref[0]))
+    assert torch.equal(model[4].weight, ref[2])  # untouched layer
+    torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_construction_and_inputs() -> None:
+    with pytest.raises(ValueError, match=r"in_features=6 must be a positive multiple of 4"):
+        SparseLinear(6, 4)
+    with pytest.raises(ValueError, match=r"mode must be in"):
+        SparseLinear(8, 4, mode="fast")  # type: ignore[arg-type]
+    sl = SparseLinear(8, 4)
+    with pytest.raises(TypeError, match=r"input has dtype torch.float64"):
+        sl(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"last dim must be in_features = .*8"):
+        sl(torch.randn(2, 12))
+
+
+def test_introspection_without_gpu() -> None:
+    assert isinstance(dispatch_decisions(), list)
+    info = cast_ext.nn.cslt_cache_info()
+    assert info["available"] == cast_ext.cusparselt_available()
+    assert "SparseLinear(in_features=8, out_features=4, bias=True, mode='auto')" in repr(
+        SparseLinear(8, 4)
+    )
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+
+@requires_cusparselt
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+def test_cuda_forward_backward(mode: str) -> None:
+    cast_ext.nn.clear_dispatch_decisions()
+    lin = linear(256, 128, dtype=torch.bfloat16)
+    sl = SparseLinear.from_dense(lin, mode=mode, warn=False).cuda()  # type: ignore[arg-type]
+    w = sl.dense_weight()
+    x = torch.randn(3, 37, 256, device="cuda").bfloat16().requires_grad_()
+    y = sl(x)
+    close_to_linear(y.detach(), x.detach(), w, sl.bias.detach())
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad.float(), (g.float() @ w.float()), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(sl.bias.grad.float(), g.float().sum((0, 1)), rtol=2e-2, atol=5e-2)
+    if mode == "auto":
+        (d,) = dispatch_decisions()
+        assert d["m_bucket"] == 128 and d["choice"] in ("sparse", "dense")
+        assert d["sparse_us"] > 0 and d["dense_us"] > 0
+
+
+@requires_cusparselt
+def test_cuda_state_dict_from_cpu_and_cache_rebuild() -> None:
+    sl = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
+    other = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
+    gpu = other.cuda()
+    x = torch.randn(16, 64, device="cuda").half()
+    gpu(x)  # builds the cuSPARSELt buffer of `other`'s weight
+    gpu.load_state_dict(sl.state_dict())  # must rebuild it from the loaded values
+    close_to_linear(gpu(x), x, sl.dense_weight().cuda(), sl.bias.detach().cuda())

@@ -1,0 +1,241 @@
+"""sparse24_gemm (packed format, CPU kernel / CUDA decompress+cuBLAS) and the cuSPARSELt ops.
+
+Results are checked against ``F.linear`` in fp64 with the decompressed weight. The error is
+measured relative to ``|x| @ |W|^T + |bias|`` (the GEMM's own scale), with the bound of
+``conftest.gemm_tol``: the dtype's output rounding plus fp32 accumulation over K terms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, DTYPES, dtype_id, gemm_tol, requires_cusparselt
+
+import cast_ext
+from cast_ext import ops, reference
+
+SHAPES = [  # (leading dims of x, N, K)
+    ((1,), 8, 16),
+    ((7,), 24, 12),  # odd M; K % 8 == 4 (the last meta byte holds one group)
+    ((2, 5), 16, 40),  # 3-D input
+    ((33,), 40, 64),
+    ((0,), 8, 16),  # no rows
+]
+
+
+def make_weight(n: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A random [n, k] weight, pruned to 2:4."""
+    return ops.sparse24_prune(torch.randn(n, k, device=device).to(dtype))
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = (y.double() - ref).abs() / (scale + 1e-30)
+    bound = gemm_tol(x.dtype, w.shape[1])
+    assert err.numel() == 0 or err.max().item() <= bound, (err.max().item(), bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_linear(device: str, dtype: torch.dtype, shape: tuple, with_bias: bool) -> None:
+    lead, n, k = shape
+    w = make_weight(n, k, dtype, device)
+    x = torch.randn(*lead, k, device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if with_bias else None
+    values, meta = ops.sparse24_compress(w)
+    y = cast_ext.sparse24_gemm(x, values, meta, b)
+    check_close(y, x, w, b)
+    # And against the spec, which also accumulates in fp32 and rounds once.
+    ref = reference.sparse24_gemm(x, values, meta, b)
+    assert ref.shape == y.shape
+    check_close(ref, x, w, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device: str) -> None:
+    w = make_weight(16, 32, torch.float32, device)
+    values, meta = ops.sparse24_compress(w)
+    x = torch.randn(32, 9, device=device).t()  # [9, 32], strided
+    check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_with_fewer_than_two_nonzeros(device: str) -> None:
+    w = torch.zeros(8, 16, device=device)
+    w[0, 3] = 2.0  # one nonzero in a group; compress keeps a zero beside it
+    w[5, 8:12] = torch.tensor([0.0, -1.0, 3.0, 0.0])
+    values, meta = ops.sparse24_compress(w)
+    x = torch.randn(3, 16, device=device)
+    check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_opcheck(dtype: torch.dtype) -> None:
+    w = make_weight(16, 24, dtype, "cpu")
+    values, meta = ops.sparse24_compress(w)
+    x = torch.randn(5, 24).to(dtype).requires_grad_()
+    b = torch.randn(16).to(dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.cast_ext.sparse24_gemm.default, (x, values, meta, b))
+    torch.library.opcheck(torch.ops.cast_ext.sparse24_gemm.default, (x.detach(), values, meta))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_vs_dense(device: str) -> None:
+    n, k = 24, 32
+    w = make_weight(n, k, torch.float32, device)
+    values, meta = ops.sparse24_compress(w)
+    values = values.clone().requires_grad_()
+    x = torch.randn(2, 7, k, device=device, requires_grad=True)
+    b = torch.randn(n, device=device, requires_grad=True)
+    g = torch.randn(2, 7, n, device=device)
+    cast_ext.sparse24_gemm(x, values, meta, b).backward(g)
+
+    x64 = x.detach().double().requires_grad_()
+    v64 = values.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    w64 = reference.sparse24_decompress(v64, meta)  # differentiable in v64
+    F.linear(x64, w64, b64).backward(g.double())
+    for got, want in ((x.grad, x64.grad), (values.grad, v64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing() -> None:
+    w = make_weight(8, 16, torch.float32, "cpu")
+    values, meta = ops.sparse24_compress(w)
+    meta = meta.clone()
+    meta[3, 1] = 0x37  # a group keeping 3 elements
+    x = torch.randn(4, 16)
+    before = (x.clone(), values.clone(), meta.clone())
+    with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid 2:4"):
+        cast_ext.sparse24_gemm(x, values, meta)
+    for t, t0 in zip((x, values, meta), before, strict=True):
+        assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("x_dtype", r"x has dtype .*Double"),
+        ("k", r"last dim must be in_features = .*16"),
+        ("values_3d", r"must be 2-D"),
+        ("meta_shape", r"meta of shape \[8, 3\]"),
+        ("meta_dtype", r"expected uint8"),
+        ("bias_shape", r"bias of shape \[7\]"),
+        ("bias_dtype", r"bias has dtype"),
+        ("x_0d", r"at least one dim"),
+    ],
+)
+def test_bad_arguments(case: str, pattern: str) -> None:
+    values, meta = ops.sparse24_compress(make_weight(8, 16, torch.float32, "cpu"))
+    x, b = torch.randn(3, 16), torch.randn(8)
+    if case == "x_dtype":
+        x = x.double()
+    elif case == "k":
+        x = torch.randn(3, 20)
+    elif case == "values_3d":
+        values, meta = values[None], meta[None]
+    elif case == "meta_shape":
+        meta = torch.zeros(8, 3, dtype=torch.uint8)
+    elif case == "meta_dtype":
+        meta = meta.to(torch.int32)
+    elif case == "bias_shape":
+        b = torch.randn(7)
+    elif case == "bias_dtype":
+        b = b.half()
+    elif case == "x_0d":
+        x = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: .*" + pattern):
+        cast_ext.sparse24_gemm(x, values, meta, b)
+
+
+def test_cslt_ops_on_cpu_say_what_to_use() -> None:
+    w = make_weight(16, 16, torch.bfloat16, "cpu")
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_compress: .*needs CUDA tensors"):
+        ops.cslt_compress(w)
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: .*sparse24_gemm"):
+        ops.cslt_linear(torch.randn(2, 16).bfloat16(), w.reshape(-1), 16, 16)
+
+
+# ---- cuSPARSELt (CUDA only) ------------------------------------------------------------------
+
+CSLT_SHAPES = [((1,), 64, 128), ((7,), 128, 64), ((3, 100), 256, 512), ((64,), 32, 64)]
+
+
+@requires_cusparselt
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", CSLT_SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cslt_matches_linear(dtype: torch.dtype, shape: tuple, with_bias: bool) -> None:
+    lead, n, k = shape
+    w = make_weight(n, k, dtype, "cuda")
+    x = torch.randn(*lead, k, device="cuda").to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+    wc = ops.cslt_compress(w)
+    check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
+
+
+@requires_cusparselt
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cslt_activation_epilogue(activation: str) -> None:
+    n, k = 128, 256
+    w = make_weight(n, k, torch.bfloat16, "cuda")
+    x = torch.randn(48, k, device="cuda").bfloat16()
+    b = torch.randn(n, device="cuda").bfloat16()
+    y = ops.cslt_linear(x, ops.cslt_compress(w), n, k, b, activation)
+    pre = F.linear(x.float(), w.float(), b.float())
+    ref = F.relu(pre) if activation == "relu" else F.gelu(pre, approximate="tanh")
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+@requires_cusparselt
+def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
+    cast_ext._C.cslt_cache_clear(True)
+    n, k = 128, 256
+    w = make_weight(n, k, torch.float16, "cuda")
+    wc = ops.cslt_compress(w)
+    x = torch.randn(40, k, device="cuda").half()
+    for _ in range(3):  # a fresh bias tensor each time: the cached plan must use the new one
+        b = torch.randn(n, device="cuda").half()
+        check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
+    info = cast_ext.nn.cslt_cache_info()
+    assert (info["plans"], info["misses"], info["hits"], info["searches"]) == (1, 1, 2, 1)
+    # Another M in the same bucket (40 -> 64): a new plan, the bucket's algorithm, no search.
+    x2 = torch.randn(60, k, device="cuda").half()
+    check_close(ops.cslt_linear(x2, wc, n, k, b), x2, w, b)
+    info = cast_ext.nn.cslt_cache_info()
+    assert (info["plans"], info["misses"], info["searches"]) == (2, 2, 1)
+    assert all(e["alg_id"] >= 0 for e in info["entries"])
+
+
+@requires_cusparselt
+def test_cslt_opcheck() -> None:
+    w = make_weight(64, 128, torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.cast_ext.cslt_compress.default, (w,))
+    wc = ops.cslt_compress(w)
+    x = torch.randn(9, 128, device="cuda").bfloat16()
+    b = torch.randn(64, device="cuda").bfloat16()
+    torch.library.opcheck(torch.ops.cast_ext.cslt_linear.default, (x, wc, 64, 128, b, "none"))
+
+
+@requires_cusparselt
+def test_cslt_errors() -> None:
+    w = make_weight(64, 128, torch.bfloat16, "cuda")
+    wc = ops.cslt_compress(w)
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_compress: .*not 2:4 sparse"):
+        ops.cslt_compress(torch.randn(64, 128, device="cuda").bfloat16())
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_compress: .*multiples of 16"):
+        ops.cslt_compress(make_weight(24, 128, torch.bfloat16, "cuda"))
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_compress: .*bfloat16 and float16"):
+        ops.cslt_compress(w.float())
+    x = torch.randn(4, 128, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: .*were n and k"):
+        ops.cslt_linear(x[:, :64].contiguous(), wc, 64, 64)
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: .*x's dtype"):
+        ops.cslt_linear(x.half(), wc, 64, 128)
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: activation"):
+        ops.cslt_linear(x, wc, 64, 128, None, "tanh")
