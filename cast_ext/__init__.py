@@ -5,6 +5,8 @@ Import order matters: ``_C`` registers the C++ ops, ``ops`` adds their fake (met
 typed wrappers, then the public API.
 """
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from ._version import __version__
 
 try:
