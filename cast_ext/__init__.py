@@ -45,3 +45,8 @@ __all__ = [
     "sparse24_prune",
     "unpack_mask",
 ]
+
+# ---- AdamS ----
+from .optim import AdamS
+
+__all__ += ["AdamS"]

@@ -276,7 +276,8 @@ def adams_step_(
     """
     if found_inf is not None and bool(found_inf.item() != 0):
         return
-    inv_scale = None if grad_scale is None else 1.0 / grad_scale.float()
+    # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].
+    inv_scale = None if grad_scale is None else (1.0 / grad_scale.float()).reshape(())
     for i, p in enumerate(params):
         _adams_one(
             p,
