@@ -24,10 +24,13 @@ struct AdamsHyper {
 // What one tensor's step needs, in float, rounded from double exactly as torch rounds a Python
 // scalar that meets an fp32 tensor (the reference multiplies fp32 tensors by Python floats).
 struct AdamsCoeffs {
-  float b1, c1;    // beta1, 1 - beta1
-  float b2, c2;    // beta2, 1 - beta2
-  float oma, ad;   // 1 - alpha, alpha * decay
-  float bc1, bc2;  // 1 - beta1^(t+1), 1 - beta2^(t+1)
+  float b1, c1;   // beta1, 1 - beta1
+  float b2, c2;   // beta2, 1 - beta2
+  float oma, ad;  // 1 - alpha, alpha * decay
+  // 1 / (1 - beta^(t+1)): the bias corrections' fp32 reciprocals, 1.0f / float(bc). Dividing by
+  // them is a multiply, as torch's CUDA division by a Python scalar does (one division and one
+  // sqrt per element are left, which keeps the CPU kernel memory-bound).
+  float rbc1, rbc2;
   float eps, lr;
   float wdf;  // 1 - lr * weight_decay
   bool refresh;
@@ -43,8 +46,8 @@ inline AdamsCoeffs adams_coeffs(const AdamsHyper& h, int64_t t, bool sparse) {
   c.c2 = float(1.0 - h.beta2);
   c.oma = float(1.0 - alpha);
   c.ad = float(alpha * h.decay);
-  c.bc1 = float(1.0 - std::pow(h.beta1, double(t + 1)));
-  c.bc2 = float(1.0 - std::pow(h.beta2, double(t + 1)));
+  c.rbc1 = 1.0f / float(1.0 - std::pow(h.beta1, double(t + 1)));
+  c.rbc2 = 1.0f / float(1.0 - std::pow(h.beta2, double(t + 1)));
   c.eps = float(h.eps);
   c.lr = float(h.lr);
   c.wdf = float(1.0 - h.lr * h.weight_decay);

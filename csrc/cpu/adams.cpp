@@ -10,8 +10,10 @@
 //      element through a 256-entry table.
 //   2. update: a branch-free loop over contiguous floats (GCC vectorises it; versions for AVX-512
 //      and AVX2 are picked at run time) doing the reference's operations in the reference's order,
-//      each rounded to fp32 as torch rounds them, so results match the reference to the bit on
-//      ordinary inputs.
+//      each rounded to fp32 as torch rounds them. Two deliberate differences, each within an ulp
+//      per step: the bias corrections divide as multiplications by their fp32 reciprocals (as
+//      the reference does on CUDA; two fewer divisions per element), and sqrt is correctly
+//      rounded (torch's AVX-512 CPU sqrt is not always). Masks match the reference exactly.
 // Dense lists (no masks) are plain Adam and skip step 1. grad_scale divides the gradient,
 // found_inf != 0 skips everything. Steps are read on the host (fp32 0-d tensors) and incremented
 // after the update. Non-finite weights of a refreshing tensor are an error raised before anything
@@ -137,8 +139,8 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
     const float vv = v[i] * c.b2 + q;
     mu[i] = m;
     v[i] = vv;
-    num_t[i] = num / c.bc1;
-    root_t[i] = vv / c.bc2;
+    num_t[i] = num * c.rbc1;
+    root_t[i] = vv * c.rbc2;
     w_t[i] = wi;
   }
   sqrt_tile(root_t, cnt);

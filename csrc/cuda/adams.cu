@@ -11,10 +11,11 @@
 // Per tensor the kernel reads the step (device fp32) and computes alpha, bias corrections and the
 // refresh flag in double, rounded to float as the CPU kernel does. The fp32 math uses
 // __fmul_rn/__fadd_rn/__fdiv_rn/__fsqrt_rn: no FMA contraction, IEEE division and sqrt, so
-// results equal the CPU kernel's. A second tiny kernel increments the steps after every update
-// launch; both skip when *found_inf != 0. Non-finite weights at a refresh are NOT reported here
-// (that would need a host sync per step); they rank as nm_select.h ranks them.
-// Layout: contiguous tensors; masks rows x ceil(k/8) uint8, LSB first.
+// results equal the CPU kernel's (bias corrections applied as fp32 reciprocals, like torch's CUDA
+// division by a scalar, so on CUDA the reference does the same operations). A second tiny kernel
+// increments the steps after every update launch; both skip when *found_inf != 0. Non-finite
+// weights at a refresh are NOT reported here (that would need a host sync per step); they rank as
+// nm_select.h ranks them. Layout: contiguous tensors; masks rows x ceil(k/8) uint8, LSB first.
 // Dtypes: fp32 params, or fp32/fp16/bf16 params with fp32 masters; fp32 state. Archs: sm80+.
 // Reference: cast_ext/reference.py adams_step_ (CPU twin: csrc/cpu/adams.cpp).
 #include <cuda_bf16.h>
@@ -113,7 +114,7 @@ __device__ __forceinline__ void store8(T* p, int cnt, bool vec, const Pack8<T>& 
 
 // Float coefficients of one tensor's step: the formulas of csrc/adams.h adams_coeffs.
 struct Coeffs {
-  float b1, c1, b2, c2, oma, ad, bc1, bc2, eps, lr, wdf;
+  float b1, c1, b2, c2, oma, ad, rbc1, rbc2, eps, lr, wdf;
   bool refresh;
 };
 
@@ -126,8 +127,8 @@ __device__ __forceinline__ Coeffs make_coeffs(const AdamsScalars& h, int64_t t, 
   c.c2 = float(1.0 - h.beta2);
   c.oma = float(1.0 - alpha);
   c.ad = float(alpha * h.decay);
-  c.bc1 = float(1.0 - pow(h.beta1, double(t + 1)));
-  c.bc2 = float(1.0 - pow(h.beta2, double(t + 1)));
+  c.rbc1 = __fdiv_rn(1.f, float(1.0 - pow(h.beta1, double(t + 1))));
+  c.rbc2 = __fdiv_rn(1.f, float(1.0 - pow(h.beta2, double(t + 1))));
   c.eps = float(h.eps);
   c.lr = float(h.lr);
   c.wdf = float(1.0 - h.lr * h.weight_decay);
@@ -224,8 +225,8 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
           num = m;
         }
         const float vv = __fadd_rn(__fmul_rn(v.v[i], c.b2), __fmul_rn(__fmul_rn(c.c2, me), me));
-        const float a = __fdiv_rn(num, c.bc1);
-        const float den = __fadd_rn(__fsqrt_rn(__fdiv_rn(vv, c.bc2)), c.eps);
+        const float a = __fmul_rn(num, c.rbc1);
+        const float den = __fadd_rn(__fsqrt_rn(__fmul_rn(vv, c.rbc2)), c.eps);
         wi = __fsub_rn(wi, __fmul_rn(c.lr, __fdiv_rn(a, den)));
         mu.v[i] = m;
         v.v[i] = vv;
