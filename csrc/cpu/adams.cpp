@@ -1,23 +1,26 @@
 // AdamS fused optimizer step on the CPU (cast_ext::adams_step_).
 //
-// Algorithm: one pass over every tensor of the list. The tensors are cut into chunks of whole
-// packed-mask bytes (8 elements of a row; a row's last byte may hold 4), the chunks of all tensors
-// are spread over OpenMP threads, and each chunk is walked in tiles of up to 256 elements:
-//   1. mask: at a refresh step (t % mask_interval == 0) each group of m is ranked from the current
-//      fp32 weights with csrc/nm_select.h (the code the CUDA kernel runs, so masks agree bit for
-//      bit) and its packed byte written (the old byte first saved to prev_masks when given);
-//      otherwise the packed bytes are read. Either way the bits are expanded to one int32 lane per
-//      element through a 256-entry table.
+// Algorithm: one update pass over every tensor of the list, preceded at refresh steps by one
+// read-only pass over the refreshing tensors' weights. The tensors are cut into chunks of whole
+// packed-mask bytes (8 elements of a row; a row's last byte may hold 4), the chunks of all
+// tensors are spread over OpenMP threads, and each chunk is walked in tiles of up to 256 elements.
+//   0. refresh (t % mask_interval == 0), before anything is written: the weights are checked
+//      finite (a NaN/Inf raises with nothing changed, as the contract requires, so this read is
+//      needed anyway) and in the same read every group of m is ranked with csrc/nm_select.h
+//      (the code the CUDA kernel runs, so masks agree bit for bit; 2:4 vectorised across groups)
+//      into a temporary packed mask. The CUDA kernel, which cannot raise without a host sync,
+//      ranks inside its update pass instead.
+//   1. mask: the new bytes replace the stored mask (the old byte saved to prev_masks when given),
+//      or the stored bytes are read; the bits become one int32 lane per element (256-entry table).
 //   2. update: a branch-free loop over contiguous floats (GCC vectorises it; versions for AVX-512
 //      and AVX2 are picked at run time) doing the reference's operations in the reference's order,
 //      each rounded to fp32 as torch rounds them. Two deliberate differences, each within an ulp
 //      per step: the bias corrections divide as multiplications by their fp32 reciprocals (as
 //      the reference does on CUDA; two fewer divisions per element), and sqrt is correctly
 //      rounded (torch's AVX-512 CPU sqrt is not always). Masks match the reference exactly.
-// Dense lists (no masks) are plain Adam and skip step 1. grad_scale divides the gradient,
-// found_inf != 0 skips everything. Steps are read on the host (fp32 0-d tensors) and incremented
-// after the update. Non-finite weights of a refreshing tensor are an error raised before anything
-// is written (one read-only scan, at refresh steps only).
+// Dense lists (no masks) are plain Adam and skip steps 0-1. grad_scale divides the gradient,
+// found_inf != 0 skips everything. Steps are read on the host (fp32 0-d tensors, checked to be
+// whole numbers) and incremented after the update.
 // Layout: contiguous tensors; masks [*p.shape[:-1], ceil(k/8)] uint8, LSB first.
 // Dtypes: fp32 params; or fp32/fp16/bf16 params with fp32 master weights (math on the master,
 // the param receives its rounded value). State, steps, grad_scale, found_inf: fp32.
@@ -31,6 +34,8 @@
 #include <atomic>
 #include <cfloat>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -64,14 +69,15 @@ const KeepTable kKeep;
 
 template <typename T>
 struct Ptrs {
-  T* p;                 // params (the weights when there is no master)
-  const T* g;           // grads
-  float* mu;            // exp_avg
-  float* v;             // exp_avg_sq
-  float* w;             // fp32 weights: master, or p itself
-  uint8_t* mask;        // packed mask or nullptr
-  uint8_t* prev;        // where the old mask goes at a refresh, or nullptr
-  int64_t rows, k, kb;  // k: row length (numel for dense lists, one row)
+  T* p;                  // params (the weights when there is no master)
+  const T* g;            // grads
+  float* mu;             // exp_avg
+  float* v;              // exp_avg_sq
+  float* w;              // fp32 weights: master, or p itself
+  uint8_t* mask;         // packed mask or nullptr
+  uint8_t* prev;         // where the old mask goes at a refresh, or nullptr
+  const uint8_t* fresh;  // at a refresh: the new mask bits (ranked by rank_all), else nullptr
+  int64_t rows, k, kb;   // k: row length (numel for dense lists, one row)
   AdamsCoeffs c;
 };
 
@@ -216,79 +222,118 @@ inline uint32_t rank_byte(const float* src, int64_t cnt, int n) {
   }
 }
 
-// 2:4 refresh of `ng` groups: nibble per group and one keep lane per element. Same comparisons
-// as top2_of_4 (nm_select.h), written as a loop over groups so GCC vectorises it across groups
-// (|w| is fabs here: weights were checked finite, and -0 ranks like +0 either way).
+// 2:4 ranking of `ng` groups: one nibble per group. Same comparisons as top2_of_4 (nm_select.h),
+// written as a loop over groups so GCC vectorises it across groups (|w| is fabs here: weights
+// were checked finite, and -0 ranks like +0 either way).
 __attribute__((always_inline)) inline void rank24_body(const float* __restrict w, int64_t ng,
-                                                       int32_t* __restrict keep,
                                                        uint8_t* __restrict nib) {
   for (int64_t g = 0; g < ng; ++g) {
-    const uint32_t bits = top2_of_4(__builtin_fabsf(w[4 * g]), __builtin_fabsf(w[4 * g + 1]),
-                                    __builtin_fabsf(w[4 * g + 2]), __builtin_fabsf(w[4 * g + 3]));
-    for (int i = 0; i < 4; ++i) keep[4 * g + i] = -int32_t((bits >> i) & 1u);
-    nib[g] = uint8_t(bits);
+    nib[g] = uint8_t(top2_of_4(__builtin_fabsf(w[4 * g]), __builtin_fabsf(w[4 * g + 1]),
+                               __builtin_fabsf(w[4 * g + 2]), __builtin_fabsf(w[4 * g + 3])));
   }
 }
-void rank24_default(const float* w, int64_t ng, int32_t* keep, uint8_t* nib) {
-  rank24_body(w, ng, keep, nib);
-}
+void rank24_default(const float* w, int64_t ng, uint8_t* nib) { rank24_body(w, ng, nib); }
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) void rank24_avx2(const float* w, int64_t ng, int32_t* keep,
-                                                 uint8_t* nib) {
-  rank24_body(w, ng, keep, nib);
+__attribute__((target("avx2"))) void rank24_avx2(const float* w, int64_t ng, uint8_t* nib) {
+  rank24_body(w, ng, nib);
 }
 __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) void rank24_avx512(
-    const float* w, int64_t ng, int32_t* keep, uint8_t* nib) {
-  rank24_body(w, ng, keep, nib);
+    const float* w, int64_t ng, uint8_t* nib) {
+  rank24_body(w, ng, nib);
 }
 #endif
-inline void rank24(const float* w, int64_t ng, int32_t* keep, uint8_t* nib) {
+inline void rank24(const float* w, int64_t ng, uint8_t* nib) {
 #if defined(__x86_64__)
   switch (kIsa) {
-    case Isa::Avx512: return rank24_avx512(w, ng, keep, nib);
-    case Isa::Avx2: return rank24_avx2(w, ng, keep, nib);
+    case Isa::Avx512: return rank24_avx512(w, ng, nib);
+    case Isa::Avx2: return rank24_avx2(w, ng, nib);
     default: break;
   }
 #endif
-  rank24_default(w, ng, keep, nib);
+  rank24_default(w, ng, nib);
 }
 
-// Elements [8 * cb0, min(8 * cb1, k)) of row r, in tiles.
+// Elements [8 * cb0, min(8 * cb1, k)) of row r, in tiles: at a refresh the new bits (ranked by
+// rank_all) replace the mask (the old byte saved to prev); the bits become keep lanes; update.
 template <typename T, bool kMaster>
-void sparse_segment(const Ptrs<T>& x, int64_t r, int64_t cb0, int64_t cb1, int n, int m,
-                    float inv_scale) {
+void sparse_segment(const Ptrs<T>& x, int64_t r, int64_t cb0, int64_t cb1, float inv_scale) {
   alignas(64) int32_t keep[kTile];
-  alignas(64) uint8_t nib[kTile / 4];
   for (int64_t cb = cb0; cb < cb1; cb += kTile / 8) {
     const int64_t ce = std::min(cb1, cb + kTile / 8);
     const int64_t e0 = cb * 8;
     const int64_t cnt = std::min(ce * 8, x.k) - e0;
-    const int64_t off = r * x.k + e0;
-    uint8_t* mk = x.mask + r * x.kb + cb;
-    uint8_t* prev = x.prev ? x.prev + r * x.kb + cb : nullptr;
-    const int64_t nb = ce - cb;
-    if (x.c.refresh && m == 4 && n == 2) {
-      const int64_t ng = cnt / 4;
-      rank24(x.w + off, ng, keep, nib);
-      for (int64_t j = 0; j < nb; ++j) {
-        if (prev) prev[j] = mk[j];
-        mk[j] = uint8_t(nib[2 * j] | (2 * j + 1 < ng ? nib[2 * j + 1] << 4 : 0));
+    const int64_t byte0 = r * x.kb + cb;
+    uint8_t* mk = x.mask + byte0;
+    for (int64_t j = 0; j < ce - cb; ++j) {
+      uint32_t bits = mk[j];
+      if (x.fresh) {
+        if (x.prev) x.prev[byte0 + j] = mk[j];
+        bits = x.fresh[byte0 + j];
+        mk[j] = uint8_t(bits);
       }
-    } else {
-      for (int64_t j = 0; j < nb; ++j) {
-        uint32_t bits = mk[j];
-        if (x.c.refresh) {
-          const int64_t bc = std::min<int64_t>(8, cnt - j * 8);
-          const float* src = x.w + off + j * 8;
-          bits = m == 8 ? rank_byte<8>(src, bc, n) : rank_byte<4>(src, bc, n);
-          if (prev) prev[j] = mk[j];
-          mk[j] = uint8_t(bits);
-        }
-        std::memcpy(keep + j * 8, kKeep.lanes[bits], sizeof(kKeep.lanes[0]));
-      }
+      std::memcpy(keep + j * 8, kKeep.lanes[bits], sizeof(kKeep.lanes[0]));
     }
-    update<T, kMaster, true>(x, off, cnt, keep, inv_scale);
+    update<T, kMaster, true>(x, r * x.k + e0, cnt, keep, inv_scale);
   }
+}
+
+// The validation pass of a refresh: for every tensor with `fresh` set, checks that the fp32
+// weights are finite and ranks every group into `fresh`, reading each weight once, before anything
+// of the caller's is written (a NaN must raise with nothing changed, so this read cannot be
+// skipped; ranking here keeps that compute off the update pass). Returns per tensor whether it
+// held a non-finite weight. Finiteness is an integer test of the exponent field: (u & exp) +
+// 0x00800000 carries into bit 31 exactly when the exponent is all ones (vectorises at any SSE).
+template <typename T>
+std::vector<uint8_t> rank_all(const std::vector<Ptrs<T>>& xs, int n, int m) {
+  std::vector<int64_t> idx;
+  std::vector<std::pair<int64_t, int64_t>> ranges;  // byte ranges, row-major over rows x kb
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (!xs[i].fresh) continue;
+    const int64_t units = xs[i].rows * xs[i].kb;
+    for (int64_t b = 0; b < units; b += kChunkElems / 8) {
+      idx.push_back(int64_t(i));
+      ranges.push_back({b, std::min(units, b + kChunkElems / 8)});
+    }
+  }
+  std::unique_ptr<std::atomic<uint8_t>[]> bad(new std::atomic<uint8_t>[xs.size()]);
+  for (size_t i = 0; i < xs.size(); ++i) bad[i].store(0, std::memory_order_relaxed);
+  at::parallel_for(0, int64_t(idx.size()), 1, [&](int64_t w0, int64_t w1) {
+    alignas(64) uint8_t nib[kTile / 4];
+    for (int64_t wi = w0; wi < w1; ++wi) {
+      const Ptrs<T>& x = xs[idx[wi]];
+      uint8_t* fresh = const_cast<uint8_t*>(x.fresh);
+      uint32_t acc = 0;
+      for (int64_t b = ranges[wi].first; b < ranges[wi].second;) {
+        const int64_t r = b / x.kb;
+        const int64_t cb1 = std::min(x.kb, ranges[wi].second - r * x.kb);
+        for (int64_t cb = b - r * x.kb; cb < cb1; cb += kTile / 8) {
+          const int64_t ce = std::min(cb1, cb + kTile / 8);
+          const int64_t cnt = std::min(ce * 8, x.k) - cb * 8;
+          const float* w = x.w + r * x.k + cb * 8;
+          const uint32_t* u = reinterpret_cast<const uint32_t*>(w);
+          for (int64_t i = 0; i < cnt; ++i) acc |= (u[i] & 0x7f800000u) + 0x00800000u;
+          uint8_t* out = fresh + r * x.kb + cb;
+          if (m == 4 && n == 2) {
+            const int64_t ng = cnt / 4;
+            rank24(w, ng, nib);
+            for (int64_t j = 0; j < ce - cb; ++j)
+              out[j] = uint8_t(nib[2 * j] | (2 * j + 1 < ng ? nib[2 * j + 1] << 4 : 0));
+          } else {
+            for (int64_t j = 0; j < ce - cb; ++j) {
+              const int64_t bc = std::min<int64_t>(8, cnt - j * 8);
+              out[j] =
+                  uint8_t(m == 8 ? rank_byte<8>(w + j * 8, bc, n) : rank_byte<4>(w + j * 8, bc, n));
+            }
+          }
+        }
+        b = r * x.kb + cb1;
+      }
+      if (acc & 0x80000000u) bad[idx[wi]].store(1, std::memory_order_relaxed);
+    }
+  });
+  std::vector<uint8_t> out(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) out[i] = bad[i].load();
+  return out;
 }
 
 struct Work {
@@ -297,7 +342,7 @@ struct Work {
 };
 
 template <typename T, bool kMaster, bool kSparse>
-void run_all(const std::vector<Ptrs<T>>& xs, int n, int m, float inv_scale) {
+void run_all(const std::vector<Ptrs<T>>& xs, float inv_scale) {
   std::vector<Work> work;
   for (size_t i = 0; i < xs.size(); ++i) {
     const int64_t units = kSparse ? xs[i].rows * xs[i].kb : xs[i].k;
@@ -314,7 +359,7 @@ void run_all(const std::vector<Ptrs<T>>& xs, int n, int m, float inv_scale) {
           const int64_t r = b / x.kb;
           const int64_t cb0 = b - r * x.kb;
           const int64_t cb1 = std::min(x.kb, wk.end - r * x.kb);
-          sparse_segment<T, kMaster>(x, r, cb0, cb1, n, m, inv_scale);
+          sparse_segment<T, kMaster>(x, r, cb0, cb1, inv_scale);
           b = r * x.kb + cb1;
         }
       } else {
@@ -326,25 +371,24 @@ void run_all(const std::vector<Ptrs<T>>& xs, int n, int m, float inv_scale) {
   });
 }
 
-// Integer test of the exponent field (all ones: Inf or NaN), which vectorises with any SSE level:
-// (u & exp) + 0x00800000 carries into bit 31 exactly when the exponent is all ones.
-bool all_finite(const float* w, int64_t numel) {
-  std::atomic<bool> bad{false};
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(w);
-  at::parallel_for(0, numel, kChunkElems, [&](int64_t b, int64_t e) {
-    uint32_t acc = 0;
-    for (int64_t i = b; i < e; ++i) acc |= (u[i] & 0x7f800000u) + 0x00800000u;
-    if (acc & 0x80000000u) bad.store(true, std::memory_order_relaxed);
-  });
-  return !bad.load();
-}
-
+// Refresh validation + ranking (sparse lists), then the update pass. `wname` names the fp32
+// weights (params or master_params) in the error.
 template <typename T, bool kMaster>
-void dispatch_sparse(bool sparse, const std::vector<Ptrs<T>>& xs, int n, int m, float s) {
-  if (sparse)
-    run_all<T, kMaster, true>(xs, n, m, s);
-  else
-    run_all<T, kMaster, false>(xs, n, m, s);
+void run(const char* op, bool sparse, std::vector<Ptrs<T>>& xs, at::TensorList weights,
+         const char* wname, int n, int m, float s) {
+  if (!sparse) return run_all<T, kMaster, false>(xs, s);
+  std::vector<std::unique_ptr<uint8_t[]>> fresh(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (!xs[i].c.refresh) continue;
+    fresh[i].reset(new uint8_t[size_t(xs[i].rows * xs[i].kb)]);
+    xs[i].fresh = fresh[i].get();
+  }
+  const std::vector<uint8_t> bad = rank_all(xs, n, m);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string name = std::string(wname) + "[" + std::to_string(i) + "]";
+    check_finite_flag(op, name.c_str(), weights[i], bad[i] != 0);
+  }
+  run_all<T, kMaster, true>(xs, s);
 }
 
 void adams_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -371,11 +415,6 @@ void adams_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     CAST_CHECK(sv >= 0.f && sv < 16777216.f && sv == std::floor(sv), op, "steps[", i,
                "] must hold a whole number of completed steps in [0, 2^24), got ", sv);
     ts[i] = int64_t(sv);
-    if (sparse && ts[i] % mask_interval == 0) {
-      const at::Tensor& w = master ? master_params[i] : params[i];
-      check_finite_flag(op, master ? "master_params" : "params", w,
-                        !all_finite(w.const_data_ptr<float>(), w.numel()));
-    }
   }
 
   auto fill = [&](auto* tag, auto& xs) {
@@ -389,6 +428,7 @@ void adams_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       x.w = master ? master_params[i].data_ptr<float>() : reinterpret_cast<float*>(x.p);
       x.mask = sparse ? masks[i].data_ptr<uint8_t>() : nullptr;
       x.prev = prev_masks.empty() ? nullptr : prev_masks[i].data_ptr<uint8_t>();
+      x.fresh = nullptr;
       const int64_t numel = params[i].numel();
       x.k = sparse ? params[i].size(-1) : numel;
       x.rows = x.k == 0 ? 0 : numel / x.k;
@@ -398,26 +438,28 @@ void adams_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   };
   const int ni = int(n), mi = int(m);
+  const at::TensorList weights = master ? master_params : params;
+  const char* wname = master ? "master_params" : "params";
   switch (params[0].scalar_type()) {
     case at::kFloat: {
       std::vector<Ptrs<float>> xs;
       fill(static_cast<float*>(nullptr), xs);
       if (master)
-        dispatch_sparse<float, true>(sparse, xs, ni, mi, inv_scale);
+        run<float, true>(op, sparse, xs, weights, wname, ni, mi, inv_scale);
       else
-        dispatch_sparse<float, false>(sparse, xs, ni, mi, inv_scale);
+        run<float, false>(op, sparse, xs, weights, wname, ni, mi, inv_scale);
       break;
     }
     case at::kHalf: {
       std::vector<Ptrs<c10::Half>> xs;
       fill(static_cast<c10::Half*>(nullptr), xs);
-      dispatch_sparse<c10::Half, true>(sparse, xs, ni, mi, inv_scale);
+      run<c10::Half, true>(op, sparse, xs, weights, wname, ni, mi, inv_scale);
       break;
     }
     case at::kBFloat16: {
       std::vector<Ptrs<c10::BFloat16>> xs;
       fill(static_cast<c10::BFloat16*>(nullptr), xs);
-      dispatch_sparse<c10::BFloat16, true>(sparse, xs, ni, mi, inv_scale);
+      run<c10::BFloat16, true>(op, sparse, xs, weights, wname, ni, mi, inv_scale);
       break;
     }
     default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype");
