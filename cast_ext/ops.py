@@ -251,8 +251,10 @@ def adams_step_(
 
     Semantics, argument rules and operation order: :func:`cast_ext.reference.adams_step_`. One
     pass per tensor reads and writes every state once; at refresh steps
-    (``steps[i] % mask_interval == 0``) the packed mask is re-ranked in the same pass. On CUDA
-    all tensors go in one (or, past a few hundred tensors, a few) launches, and the steps,
+    (``steps[i] % mask_interval == 0``) the packed mask is re-ranked from the weights before the
+    update: on CUDA inside that pass, on the CPU in a read that first checks the weights are
+    finite (NaN/Inf raise there with nothing changed; CUDA does not check, to avoid a sync). On CUDA
+    all tensors go in one launch per 36 tensors (plus one tiny step-count launch), and the steps,
     ``grad_scale`` and ``found_inf`` are read on the device (no host sync).
 
     Args:
