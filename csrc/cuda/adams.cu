@@ -153,6 +153,7 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   const float inv_scale = args.grad_scale != nullptr ? __fdiv_rn(1.f, *args.grad_scale) : 1.f;
   const int64_t total_chunks = args.chunk_end[args.ntensors - 1];
+  __shared__ Coeffs shared_c;
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     // First tensor whose inclusive chunk_end exceeds `chunk`.
     int lo = 0, hi = args.ntensors - 1;
@@ -172,7 +173,12 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
     const int64_t k = args.k[ti];
     const int64_t kb = (k + 7) / 8;
     const bool vec_ok = args.vec[ti] != 0;
-    const Coeffs c = make_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
+    // One thread derives the tensor's coefficients (two double pows) for the whole block. The
+    // chunk loop is uniform across the block, so the barriers are reached by every thread.
+    if (threadIdx.x == 0) shared_c = make_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
+    __syncthreads();
+    const Coeffs c = shared_c;
+    __syncthreads();  // everyone has its copy before thread 0 overwrites it for the next chunk
     T* __restrict__ pp = static_cast<T*>(args.p[ti]);
     const T* __restrict__ gp = static_cast<const T*>(args.g[ti]);
     float* __restrict__ mup = args.mu[ti];
