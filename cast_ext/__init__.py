@@ -37,8 +37,10 @@ from .ops import (
     sparse24_prune,
     unpack_mask,
 )
+from .optim import AdamS
 
 __all__ = [
+    "AdamS",
     "__version__",
     "build_info",
     "cuda_kernels_available",

@@ -11,11 +11,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "adams_step_",
+    "cslt_compress",
+    "cslt_linear",
     "mask_flips",
     "nm_mask",
     "pack_mask",
     "sparse24_compress",
     "sparse24_decompress",
+    "sparse24_gemm",
     "sparse24_mask",
     "sparse24_prune",
     "unpack_mask",
@@ -173,8 +177,6 @@ def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
 # sparse24_gemm: the portable packed format, any device (CPU kernel; CUDA: decompress + cuBLAS),
 # with autograd for x, bias and values. cslt_*: cuSPARSELt on CUDA; no autograd of their own (the
 # buffer is opaque): cast_ext.nn.SparseLinear supplies the backward from values + meta.
-
-__all__ += ["cslt_compress", "cslt_linear", "sparse24_gemm"]
 
 _CSLT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -354,3 +356,135 @@ def cslt_linear(
         ``y`` of shape ``[..., n]``.
     """
     return torch.ops.cast_ext.cslt_linear(x, w_compressed, n, k, bias, activation)
+
+
+# ---- AdamS (reference: cast_ext.reference.adams_step_) ----------------------------------------
+
+
+@torch.library.register_fake("cast_ext::adams_step_")
+def _(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    masks: list[Tensor],
+    steps: list[Tensor],
+    master_params: list[Tensor],
+    prev_masks: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: float,
+    total_steps: int,
+    mask_interval: int,
+    n: int,
+    m: int,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    k = len(params)
+    torch._check(
+        len(grads) == k and len(exp_avgs) == k and len(exp_avg_sqs) == k and len(steps) == k,
+        lambda: (
+            "cast_ext.adams_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have "
+            "the same length"
+        ),
+    )
+    torch._check(
+        len(masks) in (0, k)
+        and len(master_params) in (0, k)
+        and len(prev_masks) in (0, len(masks)),
+        lambda: (
+            "cast_ext.adams_step_: masks, master_params and prev_masks must be empty or have "
+            "one per param"
+        ),
+    )
+    for i, mk in enumerate(masks):
+        shape, mshape = list(params[i].shape), list(mk.shape)
+        msg = (
+            f"cast_ext.adams_step_: masks[{i}] of shape {mshape} does not match "
+            f"params[{i}] of shape {shape}"
+        )
+        torch._check(mshape == _packed_shape(shape, shape[-1]), lambda msg=msg: msg)
+
+
+def adams_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    masks: list[Tensor],
+    steps: list[Tensor],
+    master_params: list[Tensor],
+    prev_masks: list[Tensor] | tuple[Tensor, ...] = (),
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decay: float = 0.0,
+    total_steps: int = 1,
+    mask_interval: int = 10,
+    n: int = 2,
+    m: int = 4,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One fused AdamS step (SPEC §2) over a list of same-device, same-dtype tensors, in place.
+
+    Semantics, argument rules and operation order: :func:`cast_ext.reference.adams_step_`. One
+    pass per tensor reads and writes every state once; at refresh steps
+    (``steps[i] % mask_interval == 0``) the packed mask is re-ranked from the weights before the
+    update: on CUDA inside that pass, on the CPU in a read that first checks the weights are
+    finite (NaN/Inf raise there with nothing changed; CUDA does not check, to avoid a sync). On CUDA
+    all tensors go in one launch per 36 tensors (plus one tiny step-count launch), and the steps,
+    ``grad_scale`` and ``found_inf`` are read on the device (no host sync).
+
+    Args:
+        params: weights (float32; or float32/float16/bfloat16 with ``master_params``).
+        grads: gradients, dtype and shape of ``params``.
+        exp_avgs: float32 first moments.
+        exp_avg_sqs: float32 second moments.
+        masks: packed N:M masks (``uint8``, ``[*p.shape[:-1], ceil(k / 8)]``), or empty for
+            plain Adam/AdamW.
+        steps: float32 one-element tensors, completed steps per param; incremented.
+        master_params: float32 master weights, or empty.
+        prev_masks: packed masks receiving the old mask at each refresh, or empty.
+        lr, beta1, beta2, eps, weight_decay: Adam(W) hyperparameters.
+        decay: the L1 decay ``lam`` of the pruned weights.
+        total_steps: ``T`` of the ramp ``alpha = min(t / T, 1)``.
+        mask_interval: refresh period of the masks.
+        n, m: N:M pattern (``m`` in {4, 8}).
+        grad_scale: optional one-element float32 tensor; gradients are divided by it.
+        found_inf: optional one-element float32 tensor; nonzero skips the whole step.
+
+    Shape:
+        every list item its param's shape, except masks ``[*shape[:-1], ceil(shape[-1] / 8)]``
+        and steps ``[]`` (or ``[1]``).
+    """
+    torch.ops.cast_ext.adams_step_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        masks,
+        steps,
+        master_params,
+        list(prev_masks),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decay=decay,
+        total_steps=total_steps,
+        mask_interval=mask_interval,
+        n=n,
+        m=m,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

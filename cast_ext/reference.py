@@ -176,6 +176,7 @@ def _adams_one(
     packed: Tensor | None,
     step: Tensor,
     master: Tensor | None,
+    prev: Tensor | None,
     *,
     lr: float,
     beta1: float,
@@ -195,7 +196,10 @@ def _adams_one(
     if inv_scale is not None:
         g = g * inv_scale
     if packed is not None and t % mask_interval == 0:
-        packed.copy_(pack_mask(nm_mask(w, n, m)))
+        fresh = pack_mask(nm_mask(w, n, m))
+        if prev is not None:
+            prev.copy_(packed)
+        packed.copy_(fresh)
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     mu.mul_(beta1).add_((1.0 - beta1) * g)
@@ -224,6 +228,7 @@ def adams_step_(
     masks: list[Tensor],
     steps: list[Tensor],
     master_params: list[Tensor],
+    prev_masks: list[Tensor] | tuple[Tensor, ...] = (),
     *,
     lr: float,
     beta1: float,
@@ -256,6 +261,8 @@ def adams_step_(
 
     With ``master_params`` (fp32 copies of bf16/fp16 ``params``) the update happens on the
     master and ``params`` receive its rounded value; the mask is ranked on the master.
+    With ``prev_masks`` (one per mask) a refresh first copies the old packed mask there, so the
+    groups that changed at the last refresh can be counted later (``mask_flips(prev, mask)``).
     If ``found_inf`` is nonzero nothing changes: no param, state or step.
 
     Args:
@@ -265,10 +272,12 @@ def adams_step_(
         masks: packed masks (``pack_mask`` layout) of sparse params, or empty for plain Adam.
         steps: fp32 0-d tensors, completed steps per param, incremented in place.
         master_params: fp32 master weights, or empty.
+        prev_masks: packed masks receiving the old mask at each refresh, or empty.
     """
     if found_inf is not None and bool(found_inf.item() != 0):
         return
-    inv_scale = None if grad_scale is None else 1.0 / grad_scale.float()
+    # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].
+    inv_scale = None if grad_scale is None else (1.0 / grad_scale.float()).reshape(())
     for i, p in enumerate(params):
         _adams_one(
             p,
@@ -278,6 +287,7 @@ def adams_step_(
             masks[i] if masks else None,
             steps[i],
             master_params[i] if master_params else None,
+            prev_masks[i] if prev_masks else None,
             lr=lr,
             beta1=beta1,
             beta2=beta2,

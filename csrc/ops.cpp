@@ -24,4 +24,14 @@ TORCH_LIBRARY(cast_ext, m) {
   m.def(
       "cslt_linear(Tensor x, Tensor w_compressed, int n, int k, Tensor? bias=None, "
       "str activation=\"none\") -> Tensor");
+
+  // AdamS (reference: adams_step_; csrc/cpu/adams.cpp, csrc/cuda/adams.cu).
+  // Multi-tensor, in place, like aten::_fused_adam_. prev_masks (empty, or one per mask) receives
+  // the old packed mask at a refresh, so mask flips are countable without a host sync.
+  m.def(
+      "adams_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masks, Tensor(e!)[] steps, "
+      "Tensor(f!)[] master_params, Tensor(g!)[] prev_masks, *, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, float decay, int total_steps, "
+      "int mask_interval, int n, int m, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }

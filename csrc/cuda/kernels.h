@@ -37,3 +37,36 @@ cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m
 
 }  // namespace cuda
 }  // namespace cast_ext
+
+// ---- adams.cu (reference: adams_step_) -------------------------------------------------------
+namespace cast_ext {
+namespace cuda {
+
+// One tensor of an AdamS step. Dense lists (plain Adam) have no mask: rows = 1, k = numel.
+struct AdamsTensorArgs {
+  void* param;         // fp32, or fp16/bf16 when `master` is set
+  const void* grad;    // dtype of param
+  float* exp_avg;      // fp32
+  float* exp_avg_sq;   // fp32
+  uint8_t* mask;       // packed mask rows x ceil(k/8), or nullptr (dense)
+  uint8_t* prev_mask;  // receives the old mask at a refresh, or nullptr
+  float* master;       // fp32 master weights, or nullptr
+  float* step;         // fp32 completed steps (device), read in the kernel
+  int64_t rows, k;
+};
+
+struct AdamsScalars {
+  double lr, beta1, beta2, eps, weight_decay, decay;
+  int64_t total_steps, mask_interval;
+  int n, m;
+};
+
+// All tensors share dtype `dt` and one device. Runs the update (one launch per few dozen tensors)
+// then increments the steps (skipped on the device when *found_inf != 0). grad_scale and
+// found_inf: device fp32 scalars or nullptr. num_sms sizes the grid.
+cudaError_t adams_step(DType dt, bool master, bool sparse, const AdamsTensorArgs* tensors,
+                       int64_t count, const AdamsScalars& h, const float* grad_scale,
+                       const float* found_inf, int num_sms, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace cast_ext

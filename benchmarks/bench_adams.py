@@ -1,0 +1,120 @@
+"""GPU benchmark of the fused AdamS step: ``python -m benchmarks.bench_adams``.
+
+About 1B fp32 params shaped like 5 LLaMA-2-7B decoder layers (q, k, v, o 4096 x 4096; gate, up
+11008 x 4096; down 4096 x 11008), all sparse 2:4, one op call for all 35 tensors. Measured in the
+same run: ``torch.optim.AdamW(fused=True)`` on the same params and grads, and the device's copy
+bandwidth (``measure_copy_gbps``). Rows: time per step, achieved GB/s at 28 B/param + 1/8 B of
+packed mask (read; a refresh also writes mask and prev_mask), fraction of copy bandwidth, and
+time ratio to AdamW. Targets (issue 4): >= 90% of copy bandwidth, <= 1.0x AdamW's time.
+``CAST_EXT_BENCH_QUICK=1``: one layer at 1/4 width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import cast_ext
+from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
+
+__all__ = ["main"]
+
+HP = {
+    "lr": 1e-5,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "decay": 4e-7,
+    "total_steps": 1000,
+    "n": 2,
+    "m": 4,
+}
+
+
+def layer_shapes() -> list[tuple[int, int]]:
+    h, f = (1024, 2752) if quick() else (4096, 11008)
+    per_layer = [(h, h)] * 4 + [(f, h), (f, h), (h, f)]
+    return per_layer * (1 if quick() else 5)
+
+
+def main() -> list[Row]:
+    """Run the benchmark, print a table, write ``adams.json`` and return the rows."""
+    dev = torch.device("cuda")
+    shapes = layer_shapes()
+    numel = sum(r * c for r, c in shapes)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ps = [torch.randn(s, device=dev, generator=gen) * 0.02 for s in shapes]
+    gs = [torch.randn(s, device=dev, generator=gen) * 1e-4 for s in shapes]
+    mus = [torch.zeros(s, device=dev) for s in shapes]
+    vs = [torch.zeros(s, device=dev) for s in shapes]
+    masks = [torch.zeros(r, (c + 7) // 8, dtype=torch.uint8, device=dev) for r, c in shapes]
+    prevs = [torch.zeros_like(mk) for mk in masks]
+    steps = [torch.zeros((), device=dev) for _ in shapes]
+
+    def adams(interval: int) -> Callable[[int], None]:
+        def run(_: int) -> None:
+            cast_ext.ops.adams_step_(
+                ps, gs, mus, vs, masks, steps, [], prevs, mask_interval=interval, **HP
+            )
+
+        return run
+
+    copy_gbps = measure_copy_gbps()
+    rows: list[Row] = []
+    bytes_step = numel * (28 + 0.125)
+    bytes_refresh = numel * (28 + 0.375)
+    timings = {
+        "cast_ext.adams_step_ (refresh every 10)": (
+            cuda_time_us(adams(10), warmup=3, reps=20),
+            bytes_step,
+        ),
+        "cast_ext.adams_step_ (refresh every step)": (
+            cuda_time_us(adams(1), warmup=2, reps=10),
+            bytes_refresh,
+        ),
+    }
+    params = [torch.nn.Parameter(p) for p in ps]
+    for p, g in zip(params, gs, strict=True):
+        p.grad = g
+    adamw = torch.optim.AdamW(params, lr=HP["lr"], betas=(0.9, 0.95), fused=True)
+    timings["torch.optim.AdamW(fused=True)"] = (
+        cuda_time_us(lambda _: adamw.step(), warmup=3, reps=20),
+        numel * 28.0,
+    )
+    base_us = timings["torch.optim.AdamW(fused=True)"][0][0]
+    shape = f"{len(shapes)} tensors, {numel / 1e9:.3f}B params (LLaMA-2-7B layers)"
+    for impl, ((med, p20, p80), nbytes) in timings.items():
+        gbps = nbytes / (med * 1e-6) / 1e9
+        rows.append(
+            {
+                "op": "adams_step_",
+                "impl": impl,
+                "device": torch.cuda.get_device_name(),
+                "dtype": "float32",
+                "shape": shape,
+                "median_us": med,
+                "p20_us": p20,
+                "p80_us": p80,
+                "baseline": "torch.optim.AdamW(fused=True)",
+                "ratio": med / base_us,
+                "gbps": gbps,
+                "copy_gbps": copy_gbps,
+                "frac_of_copy": gbps / copy_gbps,
+                "tflops": None,
+            }
+        )
+    print(f"device copy bandwidth: {copy_gbps:.0f} GB/s; {shape}")
+    for r in rows:
+        print(
+            f"{r['impl']:45s} {r['median_us'] / 1e3:8.3f} ms  {r['gbps']:7.0f} GB/s "
+            f"({100 * r['frac_of_copy']:5.1f}% of copy)  {r['ratio']:5.2f}x AdamW"
+        )
+    path = write_rows("adams", rows)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

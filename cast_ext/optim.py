@@ -1,0 +1,366 @@
+"""AdamS, CAST's sparsity-aware optimizer, as a drop-in ``torch.optim.Optimizer``.
+
+The update rule is SPEC §2 (paper Algorithm 1): Adam whose first moment, outside the N:M mask,
+is blended toward ``decay * sign(w)`` with a weight ``alpha = min(t / total_steps, 1)``, inside
+Adam's normalisation, so pruned weights slide to zero. Masks are refreshed from ``|w|`` every
+``mask_interval`` steps (at ``t = 0, mask_interval, ...``, before the update). Groups with
+``sparse=False`` get plain Adam/AdamW from the same fused op. The math is
+:func:`cast_ext.reference.adams_step_`; the default ``impl="auto"`` runs the fused kernel
+(:func:`cast_ext.ops.adams_step_`), one call per (device, dtype) bucket of each group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+
+__all__ = ["AdamS"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_IMPLS = ("auto", "reference")
+# State entries kept in fp32 / uint8 whatever the param's dtype (torch's load_state_dict would
+# cast them to the param's dtype).
+_STATE_DTYPES = {
+    "step": torch.float32,
+    "exp_avg": torch.float32,
+    "exp_avg_sq": torch.float32,
+    "master": torch.float32,
+    "mask": torch.uint8,
+    "prev_mask": torch.uint8,
+}
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"cast_ext.AdamS: {msg}")
+
+
+def _eligible(p: Tensor, m: int) -> bool:
+    return p.dim() == 2 and p.shape[-1] % m == 0
+
+
+class AdamS(torch.optim.Optimizer):
+    """AdamS (CAST): Adam with an adaptive L1 decay pushing the weights outside an N:M mask to 0.
+
+    Per param group ``sparse`` (bool) selects AdamS or plain Adam/AdamW. A group given without
+    ``sparse`` is split in two: its 2-D params whose last dim is a multiple of ``m`` form a
+    ``sparse=True`` group, the others (embeddings' odd shapes, norms, biases, scales) a
+    ``sparse=False`` group, each keeping the group's other options. Pass ``sparse`` explicitly to
+    override.
+
+    State per param (names as in ``torch.optim.Adam``): ``step`` (fp32 0-d tensor, completed
+    steps), ``exp_avg``, ``exp_avg_sq`` (fp32); for sparse params ``mask`` (packed N:M mask,
+    ``uint8 [rows, ceil(k / 8)]``, 1 bit per element, LSB first) and ``prev_mask`` (the mask
+    before the last refresh, written by the kernel at each refresh, so mask flips are counted
+    without a host sync); for fp16/bf16 params ``master`` (fp32 master weights: the decay,
+    ``4e-7`` in the paper, is below bf16 resolution). A fresh state's mask is computed from the
+    weights at its first step (``t = 0`` is a refresh).
+
+    Works with ``torch.amp.GradScaler`` like ``torch.optim.Adam(fused=True)``: the scaler sets
+    ``grad_scale`` / ``found_inf`` on the optimizer and the kernel unscales the gradients and
+    skips the whole step (params, state, step counts) on an inf.
+
+    Args:
+        params: iterable of tensors or of param-group dicts.
+        lr: learning rate.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+        eps: added to the denominator.
+        weight_decay: decoupled (AdamW) weight decay.
+        decay: the L1 decay ``lam`` of the pruned weights (paper: 4e-7 for LLaMA-2).
+        total_steps: ``T`` of the ramp ``alpha = t / T`` (planned length of the run; stepping
+            past it keeps ``alpha`` at 1). Required.
+        mask_interval: refresh period of the masks (paper: 10).
+        n: elements kept per group of ``m``.
+        m: group size, 4 or 8.
+        impl: ``"auto"`` (the fused cast_ext kernel of the params' device) or ``"reference"``
+            (:func:`cast_ext.reference.adams_step_`, plain torch ops, for debugging).
+
+    Raises:
+        ValueError: at construction, for hyperparameters out of range, a missing
+            ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
+            multiple of ``m`` (the message names the param by shape and the rule).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        decay: float = 4e-7,
+        total_steps: int | None = None,
+        mask_interval: int = 10,
+        n: int = 2,
+        m: int = 4,
+        impl: str = "auto",
+    ) -> None:
+        if impl not in _IMPLS:
+            raise _err(f"impl must be one of {_IMPLS}, got {impl!r}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decay": decay,
+            "total_steps": total_steps,
+            "mask_interval": mask_interval,
+            "n": n,
+            "m": m,
+        }
+        self._check_hparams(defaults)
+        self.impl = impl
+        super().__init__(params, defaults)
+        # GradScaler hands grad_scale / found_inf to optimizers that declare this (like fused Adam).
+        self._step_supports_amp_scaling = True
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_hparams(g: dict[str, Any]) -> None:
+        lr = float(g["lr"])
+        if not (lr >= 0.0 and math.isfinite(lr)):
+            raise _err(f"lr must be finite and >= 0, got {lr}")
+        betas = g["betas"]
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise _err(f"betas must be two values in [0, 1), got {betas}")
+        for key in ("eps", "weight_decay", "decay"):
+            val = float(g[key])
+            if not (val >= 0.0 and math.isfinite(val)):
+                raise _err(f"{key} must be finite and >= 0, got {g[key]}")
+        ts = g["total_steps"]
+        if ts is None:
+            raise _err("total_steps is required (the planned length T of the alpha ramp)")
+        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 1:
+            raise _err(f"total_steps must be an int >= 1, got {ts!r}")
+        mi = g["mask_interval"]
+        if isinstance(mi, bool) or not isinstance(mi, int) or mi < 1:
+            raise _err(f"mask_interval must be an int >= 1, got {mi!r}")
+        n, m = g["n"], g["m"]
+        if m not in (4, 8) or not (isinstance(n, int) and 0 < n <= m):
+            raise _err(f"need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; without ``sparse`` it is split into a sparse and a dense group."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        merged = {**self.defaults, **param_group, "params": params}
+        self._check_hparams(merged)
+        for p in params:
+            if isinstance(p, Tensor) and p.dtype not in _FLOATS:
+                raise _err(
+                    f"param of shape {list(p.shape)} has dtype {p.dtype}; "
+                    "expected float32, float16 or bfloat16"
+                )
+        if "sparse" in param_group:
+            sparse = param_group["sparse"]
+            if not isinstance(sparse, bool):
+                raise _err(f"a group's sparse must be a bool, got {sparse!r}")
+            if sparse:
+                m = merged["m"]
+                for p in params:
+                    if p.dim() != 2:
+                        raise _err(
+                            f"param of shape {list(p.shape)} is in a sparse group but is not "
+                            "2-D: N:M sparsity applies to [out, in] weight matrices"
+                        )
+                    if p.shape[-1] % m != 0:
+                        raise _err(
+                            f"param of shape {list(p.shape)} is in a sparse group: its last "
+                            f"dim must be a multiple of m={m}"
+                        )
+            super().add_param_group({**param_group, "params": params})
+            return
+        m = merged["m"]
+        sparse_ps = [p for p in params if _eligible(p, m)]
+        dense_ps = [p for p in params if not _eligible(p, m)]
+        if not sparse_ps and not dense_ps:
+            super().add_param_group({**param_group, "params": params, "sparse": False})
+            return
+        for flag, ps in ((True, sparse_ps), (False, dense_ps)):
+            if ps:
+                super().add_param_group({**param_group, "params": ps, "sparse": flag})
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if p.dtype != torch.float32:
+            state["master"] = p.detach().float().contiguous()
+        if group["sparse"]:
+            shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
+            # Filled at the first step: t = 0 is a refresh.
+            state["mask"] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
+            state["prev_mask"] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping fp32 state/masters and uint8 masks in their own dtypes.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
+        param's dtype (which would round bf16 params' fp32 moments and masters) and the masks to
+        a float dtype; this override restores them from ``state_dict`` exactly.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_map = {
+            old_id: p
+            for old_group, group in zip(saved_groups, self.param_groups, strict=True)
+            for old_id, p in zip(old_group["params"], group["params"], strict=True)
+        }
+        for old_id, st in saved_state.items():
+            if old_id not in id_map:
+                continue
+            p = id_map[old_id]
+            self.state[p] = {
+                key: (
+                    val.detach().to(
+                        device=p.device, dtype=_STATE_DTYPES.get(key, val.dtype), copy=True
+                    )
+                    if isinstance(val, Tensor)
+                    else val
+                )
+                for key, val in st.items()
+            }
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimizer step over every param that has a gradient.
+
+        Args:
+            closure: optional, re-evaluates the model and returns the loss.
+
+        Returns:
+            the closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        per_device: dict[tuple[str, torch.device], Tensor] = {}
+
+        def on(name: str, t: Tensor | None, device: torch.device) -> Tensor | None:
+            if t is None:
+                return None
+            key = (name, device)
+            if key not in per_device:
+                per_device[key] = t.to(device=device, dtype=torch.float32, non_blocking=True)
+            return per_device[key]
+
+        fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
+        for group in self.param_groups:
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
+                if not self.state[p]:
+                    self._init_state(p, group)
+                buckets[(p.device, p.dtype)].append(p)
+            beta1, beta2 = group["betas"]
+            for (device, _), ps in buckets.items():
+                states = [self.state[p] for p in ps]
+                sparse = group["sparse"]
+                fn(
+                    ps,
+                    [p.grad.contiguous() for p in ps],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["mask"] for s in states] if sparse else [],
+                    [s["step"] for s in states],
+                    [s["master"] for s in states] if "master" in states[0] else [],
+                    [s["prev_mask"] for s in states] if sparse else [],
+                    lr=float(group["lr"]),
+                    beta1=float(beta1),
+                    beta2=float(beta2),
+                    eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    decay=float(group["decay"]),
+                    total_steps=int(group["total_steps"]),
+                    mask_interval=int(group["mask_interval"]),
+                    n=int(group["n"]),
+                    m=int(group["m"]),
+                    grad_scale=on("grad_scale", grad_scale, device),
+                    found_inf=on("found_inf", found_inf, device),
+                )
+        return loss
+
+    # ---- introspection -------------------------------------------------------------------------
+
+    def _sparse_group(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                if not group["sparse"]:
+                    raise _err(f"param of shape {list(p.shape)} is in a dense (sparse=False) group")
+                return group
+        raise _err(f"param of shape {list(p.shape)} is not managed by this optimizer")
+
+    def mask(self, p: Tensor) -> Tensor:
+        """The current N:M mask of sparse param ``p`` (bool, ``p``'s shape; True = kept).
+
+        Raises:
+            ValueError: ``p`` is not a sparse param of this optimizer.
+            RuntimeError: ``p`` has not been stepped yet (its mask is computed at its first step).
+        """
+        self._sparse_group(p)
+        state = self.state.get(p)
+        if not state or "mask" not in state:
+            raise RuntimeError(
+                f"cast_ext.AdamS: param of shape {list(p.shape)} has no mask yet; it is "
+                "computed from the weights at the param's first step"
+            )
+        return ops.unpack_mask(state["mask"], p.shape[-1])
+
+    def sparsity_stats(self) -> dict[Tensor, dict[str, float | int | None]]:
+        """Health signals of every stepped sparse param (SPEC §5), keyed by the param.
+
+        Returns:
+            per param a dict: ``pruned_over_kept`` (mean |pruned w| / mean |kept w|, on the fp32
+            weights), ``mask_flips`` (groups whose kept set changed at the last refresh; None
+            before the second refresh), ``flip_rate`` (``mask_flips`` / groups), ``alpha`` (the
+            ramp weight the next step applies, ``min(step / total_steps, 1)``) and ``step``.
+        """
+        out: dict[Tensor, dict[str, float | int | None]] = {}
+        for group in self.param_groups:
+            if not group["sparse"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or "mask" not in state:
+                    continue
+                t = int(state["step"].item())
+                w = state.get("master", p).detach().float().abs()
+                kept = ops.unpack_mask(state["mask"], p.shape[-1])
+                kept_mean = w[kept].mean().item() if bool(kept.any()) else float("nan")
+                pruned_mean = w[~kept].mean().item() if bool((~kept).any()) else float("nan")
+                groups = p.numel() // group["m"]
+                refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1
+                flips = (
+                    int(ops.mask_flips(state["prev_mask"], state["mask"], group["m"]).item())
+                    if refreshes >= 2
+                    else None
+                )
+                out[p] = {
+                    "pruned_over_kept": pruned_mean / kept_mean if kept_mean else float("nan"),
+                    "mask_flips": flips,
+                    "flip_rate": None if flips is None else flips / max(groups, 1),
+                    "alpha": min(t / group["total_steps"], 1.0),
+                    "step": t,
+                }
+        return out

@@ -1,0 +1,166 @@
+// AdamS (cast_ext::adams_step_): the argument checks and the per-tensor scalar coefficients shared
+// by the CPU kernel (csrc/cpu/adams.cpp) and the CUDA glue (csrc/cuda/adams_cuda.cpp), so both
+// devices reject the same inputs with the same messages, before anything is written.
+// Semantics: cast_ext/reference.py adams_step_ (SPEC.md section 2).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "cast_ext.h"
+
+namespace cast_ext {
+
+// The op's scalar arguments, as the schema hands them over (Python floats are doubles).
+struct AdamsHyper {
+  double lr, beta1, beta2, eps, weight_decay, decay;
+  int64_t total_steps, mask_interval, n, m;
+};
+
+// What one tensor's step needs, in float, rounded from double exactly as torch rounds a Python
+// scalar that meets an fp32 tensor (the reference multiplies fp32 tensors by Python floats).
+struct AdamsCoeffs {
+  float b1, c1;   // beta1, 1 - beta1
+  float b2, c2;   // beta2, 1 - beta2
+  float oma, ad;  // 1 - alpha, alpha * decay
+  // 1 / (1 - beta^(t+1)): the bias corrections' fp32 reciprocals, 1.0f / float(bc). Dividing by
+  // them is a multiply, as torch's CUDA division by a Python scalar does (one division and one
+  // sqrt per element are left, which keeps the CPU kernel memory-bound).
+  float rbc1, rbc2;
+  float eps, lr;
+  float wdf;  // 1 - lr * weight_decay
+  bool refresh;
+};
+
+// t = completed steps. Computed in double like the reference (Python floats), then rounded.
+inline AdamsCoeffs adams_coeffs(const AdamsHyper& h, int64_t t, bool sparse) {
+  AdamsCoeffs c;
+  const double alpha = std::min(double(t) / double(h.total_steps), 1.0);
+  c.b1 = float(h.beta1);
+  c.c1 = float(1.0 - h.beta1);
+  c.b2 = float(h.beta2);
+  c.c2 = float(1.0 - h.beta2);
+  c.oma = float(1.0 - alpha);
+  c.ad = float(alpha * h.decay);
+  c.rbc1 = 1.0f / float(1.0 - std::pow(h.beta1, double(t + 1)));
+  c.rbc2 = 1.0f / float(1.0 - std::pow(h.beta2, double(t + 1)));
+  c.eps = float(h.eps);
+  c.lr = float(h.lr);
+  c.wdf = float(1.0 - h.lr * h.weight_decay);
+  c.refresh = sparse && (t % h.mask_interval) == 0;
+  return c;
+}
+
+namespace adams_detail {
+
+inline std::string item(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+inline void check_tensor(const char* op, const std::string& name, const at::Tensor& t,
+                         const at::Tensor& ref, at::ScalarType dtype, at::IntArrayRef shape) {
+  CAST_CHECK(t.defined(), op, name, " is undefined");
+  CAST_CHECK(t.device() == ref.device(), op, name, " is on ", t.device(), " but params[0] is on ",
+             ref.device());
+  CAST_CHECK(t.scalar_type() == dtype, op, name, " of shape ", shape_str(t), " has dtype ",
+             t.scalar_type(), "; expected ", dtype);
+  CAST_CHECK(t.sizes() == shape, op, name, " of shape ", shape_str(t), " must have shape ", shape);
+  CAST_CHECK(t.is_contiguous(), op, name, " of shape ", shape_str(t),
+             " must be contiguous (it is updated in place)");
+}
+
+inline void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t,
+                                const at::Tensor& ref) {
+  CAST_CHECK(t.device() == ref.device(), op, name, " is on ", t.device(), " but params[0] is on ",
+             ref.device());
+  CAST_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, op, name, " of shape ", shape_str(t),
+             " and dtype ", t.scalar_type(), " must be a one-element float32 tensor");
+}
+
+}  // namespace adams_detail
+
+// Every rule of the op, checked before anything is written. `device_type` is the dispatch key's
+// device (all tensors must live on params[0]'s device of that type).
+inline void check_adams_args(const char* op, at::TensorList params, at::TensorList grads,
+                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                             at::TensorList masks, at::TensorList steps,
+                             at::TensorList master_params, at::TensorList prev_masks,
+                             const AdamsHyper& h, const c10::optional<at::Tensor>& grad_scale,
+                             const c10::optional<at::Tensor>& found_inf,
+                             c10::DeviceType device_type) {
+  using adams_detail::item;
+  const size_t n = params.size();
+  CAST_CHECK(
+      grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n, op,
+      "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ", n, ", ",
+      grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
+  CAST_CHECK(masks.empty() || masks.size() == n, op,
+             "masks must be empty (plain Adam) or have one packed mask per param, got ",
+             masks.size(), " for ", n, " params");
+  CAST_CHECK(master_params.empty() || master_params.size() == n, op,
+             "master_params must be empty or have one per param, got ", master_params.size(),
+             " for ", n, " params");
+  CAST_CHECK(prev_masks.empty() || (!masks.empty() && prev_masks.size() == n), op,
+             "prev_masks must be empty or have one per packed mask, got ", prev_masks.size(),
+             " for ", masks.size(), " masks");
+  CAST_CHECK(h.lr >= 0.0 && std::isfinite(h.lr), op, "lr must be finite and >= 0, got ", h.lr);
+  CAST_CHECK(h.beta1 >= 0.0 && h.beta1 < 1.0, op, "beta1 must be in [0, 1), got ", h.beta1);
+  CAST_CHECK(h.beta2 >= 0.0 && h.beta2 < 1.0, op, "beta2 must be in [0, 1), got ", h.beta2);
+  CAST_CHECK(h.eps >= 0.0 && std::isfinite(h.eps), op, "eps must be finite and >= 0, got ", h.eps);
+  CAST_CHECK(h.weight_decay >= 0.0 && std::isfinite(h.weight_decay), op,
+             "weight_decay must be finite and >= 0, got ", h.weight_decay);
+  CAST_CHECK(h.decay >= 0.0 && std::isfinite(h.decay), op, "decay must be finite and >= 0, got ",
+             h.decay);
+  CAST_CHECK(h.total_steps >= 1, op, "total_steps must be >= 1, got ", h.total_steps);
+  CAST_CHECK(h.mask_interval >= 1, op, "mask_interval must be >= 1, got ", h.mask_interval);
+  check_nm(op, h.n, h.m);
+  if (n == 0) return;
+
+  const at::Tensor& ref = params[0];
+  CAST_CHECK(ref.defined(), op, "params[0] is undefined");
+  CAST_CHECK(ref.device().type() == device_type, op, "params[0] is on ", ref.device(),
+             "; this kernel is for ", device_type, " tensors");
+  const auto pdt = ref.scalar_type();
+  if (master_params.empty()) {
+    CAST_CHECK(pdt == at::kFloat, op, "params[0] of shape ", shape_str(ref), " has dtype ", pdt,
+               "; without master_params the params must be float32 (bf16/fp16 params need fp32 "
+               "master weights: the decay vanishes in low precision)");
+  } else {
+    CAST_CHECK(pdt == at::kFloat || pdt == at::kHalf || pdt == at::kBFloat16, op,
+               "params[0] of shape ", shape_str(ref), " has dtype ", pdt,
+               "; expected float32, float16 or bfloat16");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const auto shape = p.sizes();
+    adams_detail::check_tensor(op, item("params", i), p, ref, pdt, shape);
+    adams_detail::check_tensor(op, item("grads", i), grads[i], ref, pdt, shape);
+    adams_detail::check_tensor(op, item("exp_avgs", i), exp_avgs[i], ref, at::kFloat, shape);
+    adams_detail::check_tensor(op, item("exp_avg_sqs", i), exp_avg_sqs[i], ref, at::kFloat, shape);
+    adams_detail::check_scalar_tensor(op, item("steps", i), steps[i], ref);
+    if (!master_params.empty()) {
+      adams_detail::check_tensor(op, item("master_params", i), master_params[i], ref, at::kFloat,
+                                 shape);
+    }
+    if (!masks.empty()) {
+      CAST_CHECK(p.dim() >= 1, op, item("params", i), " is 0-d; a sparse param needs a last dim");
+      CAST_CHECK(p.size(-1) % h.m == 0, op, item("params", i), " of shape ", shape_str(p),
+                 ": last dim must be a multiple of m=", h.m);
+      std::vector<int64_t> mshape = shape.vec();
+      mshape.back() = packed_last_dim(mshape.back());
+      adams_detail::check_tensor(op, item("masks", i), masks[i], ref, at::kByte, mshape);
+      if (!prev_masks.empty()) {
+        adams_detail::check_tensor(op, item("prev_masks", i), prev_masks[i], ref, at::kByte,
+                                   mshape);
+      }
+    }
+  }
+  if (grad_scale.has_value()) adams_detail::check_scalar_tensor(op, "grad_scale", *grad_scale, ref);
+  if (found_inf.has_value()) adams_detail::check_scalar_tensor(op, "found_inf", *found_inf, ref);
+}
+
+}  // namespace cast_ext

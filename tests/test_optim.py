@@ -1,0 +1,334 @@
+"""cast_ext.AdamS, the optimizer: against its reference implementation, torch's Adam, and the
+behaviour users expect of a torch optimizer (state_dict, schedulers, GradScaler, groups)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from conftest import TOL, requires_cuda
+from torch import Tensor, nn
+
+import cast_ext
+from cast_ext import AdamS
+
+RTOL = TOL[torch.float32][0] * 4
+
+
+def make_model(device: str = "cpu", bf16: bool = False) -> nn.ParameterList:
+    """Sparse-eligible matrices, a 2-D param with last dim 6 (dense), a bias, a scale vector."""
+    shapes = [(32, 64), (48, 32), (10, 6), (32,), (16, 2)]
+    ps = [nn.Parameter(torch.randn(s, device=device) * 0.05) for s in shapes]
+    if bf16:
+        ps.append(nn.Parameter((torch.randn(24, 16, device=device) * 0.05).bfloat16()))
+    return nn.ParameterList(ps)
+
+
+def set_grads(model: nn.ParameterList, gen: torch.Generator, skip: int | None = None) -> None:
+    for i, p in enumerate(model):
+        if i == skip:
+            p.grad = None
+            continue
+        g = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = g.to(device=p.device, dtype=p.dtype)
+
+
+def assert_close_scaled(x: Tensor, y: Tensor, msg: str = "") -> None:
+    if x.dtype in (torch.uint8, torch.bool):
+        assert torch.equal(x, y), msg
+        return
+    if x.dtype != torch.float32:
+        rt, at = TOL[x.dtype]
+        torch.testing.assert_close(x, y, rtol=rt, atol=at, msg=msg)
+        return
+    scale = float(y.abs().max()) if y.numel() else 0.0
+    torch.testing.assert_close(x, y, rtol=RTOL, atol=RTOL * scale, msg=msg)
+
+
+def assert_opt_close(m1: nn.ParameterList, o1: AdamS, m2: nn.ParameterList, o2: AdamS) -> None:
+    for i, (p, q) in enumerate(zip(m1, m2, strict=True)):
+        assert_close_scaled(p.detach(), q.detach(), f"param {i}")
+        s1, s2 = o1.state.get(p, {}), o2.state.get(q, {})
+        assert s1.keys() == s2.keys(), i
+        for key in s1:
+            if key == "step":
+                assert torch.equal(s1[key], s2[key]), f"param {i} step"
+            else:
+                assert_close_scaled(s1[key], s2[key], f"param {i} state {key}")
+
+
+HP = {"lr": 2e-3, "weight_decay": 0.01, "decay": 1e-3, "total_steps": 25, "mask_interval": 10}
+
+
+def test_matches_reference_optimizer() -> None:
+    """35 steps: refreshes at 0, 10, 20, 30; alpha reaches 1 at step 25 and stays."""
+    m1 = make_model(bf16=True)
+    m2 = copy.deepcopy(m1)
+    o1 = AdamS(m1.parameters(), **HP)
+    o2 = AdamS(m2.parameters(), **HP, impl="reference")
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for step in range(35):
+        set_grads(m1, g1, skip=3 if step % 7 == 3 else None)
+        set_grads(m2, g2, skip=3 if step % 7 == 3 else None)
+        o1.step()
+        o2.step()
+        assert_opt_close(m1, o1, m2, o2)
+    assert float(o1.state[m1[0]]["step"]) == 35.0
+    assert float(o1.state[m1[3]]["step"]) == 30.0  # skipped when it had no grad
+    stats = o1.sparsity_stats()
+    assert stats[m1[0]]["alpha"] == 1.0
+    assert stats[m1[0]]["mask_flips"] == int(
+        cast_ext.mask_flips(o1.state[m1[0]]["prev_mask"], o1.state[m1[0]]["mask"])
+    )
+
+
+def test_groups_split_and_dense_is_adam() -> None:
+    """A group without `sparse` splits by eligibility; the dense group is torch's AdamW."""
+    model = make_model()
+    opt = AdamS(model.parameters(), lr=1e-3, weight_decay=0.1, total_steps=10)
+    flags = [(g["sparse"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]
+    assert flags == [(True, [(32, 64), (48, 32)]), (False, [(10, 6), (32,), (16, 2)])]
+    dense = [copy.deepcopy(p) for p in model[2:]]
+    ref = torch.optim.AdamW(dense, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        set_grads(model, gen)
+        for p, q in zip(model[2:], dense, strict=True):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(model[2:], dense, strict=True):
+        assert_close_scaled(p.detach(), q.detach())
+        assert_close_scaled(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+    # An explicit flag overrides the split.
+    opt2 = AdamS([{"params": list(model), "sparse": False}], total_steps=5)
+    assert [g["sparse"] for g in opt2.param_groups] == [False]
+
+
+def test_alpha_ramp_closed_form() -> None:
+    """Zero gradients: kept weights never move; a pruned weight's update follows alpha = t / T."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 16) * 0.05)
+    lr, lam, T, b2 = 1e-2, 1e-3, 4, 0.95
+    opt = AdamS([w], lr=lr, decay=lam, total_steps=T, mask_interval=1000, eps=1e-8)
+    w0 = w.detach().clone()
+    kept = cast_ext.sparse24_mask(w0)
+    v = 0.0
+    prev = w0.clone()
+    for t in range(7):
+        w.grad = torch.zeros_like(w)
+        assert opt.sparsity_stats().get(w, {"alpha": 0.0})["alpha"] == min(t / T, 1.0)
+        opt.step()
+        alpha = min(t / T, 1.0)
+        mu_eff = alpha * lam  # times sign(w); mu stays 0
+        v = b2 * v + (1 - b2) * mu_eff**2
+        step = 0.0 if mu_eff == 0 else lr * (mu_eff / (1 - 0.9 ** (t + 1)))
+        step = step / ((v / (1 - b2 ** (t + 1))) ** 0.5 + 1e-8) if step else 0.0
+        now = w.detach()
+        assert torch.equal(now[kept], w0[kept])
+        moved = (prev - now)[~kept] * prev[~kept].sign()
+        torch.testing.assert_close(moved, torch.full_like(moved, step), rtol=1e-4, atol=1e-9)
+        prev = now.clone()
+    assert opt.sparsity_stats()[w]["alpha"] == 1.0  # past T it stays 1
+
+
+@pytest.mark.parametrize("via_bytes", [False, True])
+def test_state_dict_resume_is_exact(via_bytes: bool) -> None:
+    """Save at step 13 (between refreshes), load into a fresh optimizer: bitwise the same run."""
+    base = make_model(bf16=True)
+    gen = torch.Generator().manual_seed(3)
+    grads = []
+    for _ in range(30):
+        set_grads(base, gen)
+        grads.append([p.grad.clone() for p in base])
+
+    def run(model: nn.ParameterList, opt: AdamS, steps: range) -> None:
+        for s in steps:
+            for p, g in zip(model, grads[s], strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    m_full = copy.deepcopy(base)
+    o_full = AdamS(m_full.parameters(), **HP)
+    run(m_full, o_full, range(30))
+
+    m_a = copy.deepcopy(base)
+    o_a = AdamS(m_a.parameters(), **HP)
+    run(m_a, o_a, range(13))
+    sd = copy.deepcopy(o_a.state_dict())
+    if via_bytes:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf)
+    m_b = copy.deepcopy(m_a)
+    o_b = AdamS(m_b.parameters(), **HP)
+    o_b.load_state_dict(sd)
+    assert o_b.state[m_b[5]]["master"].dtype == torch.float32
+    assert o_b.state[m_b[0]]["mask"].dtype == torch.uint8
+    run(m_b, o_b, range(13, 30))
+    for p, q in zip(m_full, m_b, strict=True):
+        assert torch.equal(p, q)
+        for key, val in o_full.state[p].items():
+            assert torch.equal(val, o_b.state[q][key]), key
+
+
+def test_grad_scaler_inf_skip() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    ref = copy.deepcopy(model)
+    opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
+    ref_opt = AdamS(ref.parameters(), lr=1e-3, total_steps=10, impl="reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(4, 16)
+    for it in range(4):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        if it == 1:
+            model.weight.grad[0, 0] = float("inf")
+            before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+            w_before = model.weight.detach().clone()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if it == 1:
+            assert torch.equal(model.weight, w_before)
+            for key, val in opt.state[model.weight].items():
+                assert torch.equal(val, before[key]), key
+            assert scaler.get_scale() == scale / 2
+            continue
+        # A finite step equals the reference on the unscaled gradients.
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            q.grad = p.grad / scale
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            assert_close_scaled(p.detach(), q.detach())
+    assert float(opt.state[model.weight]["step"]) == 3.0
+    assert not hasattr(opt, "found_inf")
+
+
+def test_lr_scheduler_and_no_grad_params() -> None:
+    model = make_model()
+    opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 3 else 0.0)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(6):
+        set_grads(model, gen, skip=1)
+        before = [p.detach().clone() for p in model]
+        opt.step()
+        sched.step()
+        moved = [not torch.equal(p, b) for p, b in zip(model, before, strict=True)]
+        assert not moved[1]  # no grad: untouched, no state
+        assert moved[0] == (s < 3)  # lr 0 from step 3 on
+    assert model[1] not in opt.state
+
+
+def test_bf16_master_keeps_small_decay() -> None:
+    """lam far below bf16 resolution still moves the fp32 masters; params are their rounding."""
+    torch.manual_seed(0)
+    w = nn.Parameter((torch.randn(16, 32) * 0.05).bfloat16())
+    opt = AdamS([w], lr=1e-7, decay=4e-7, total_steps=2, mask_interval=100)
+    start = w.detach().float().clone()
+    for _ in range(4):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    master = opt.state[w]["master"]
+    assert master.dtype == torch.float32
+    assert torch.equal(w.detach(), master.bfloat16())
+    kept = opt.mask(w)
+    # Steps of ~1e-7 round away in bf16 for all but the tiniest weights...
+    assert (w.detach().float() == start).float().mean() > 0.9
+    # ...yet every pruned master weight moved toward 0.
+    assert (master[~kept].abs() < start[~kept].abs()).all()
+    assert torch.equal(master[kept], start[kept])
+
+
+def test_mask_and_stats() -> None:
+    model = make_model()
+    opt = AdamS(model.parameters(), lr=5e-3, decay=1e-2, total_steps=5, mask_interval=2)
+    with pytest.raises(RuntimeError, match="no mask yet"):
+        opt.mask(model[0])
+    with pytest.raises(ValueError, match="dense"):
+        opt.mask(model[2])
+    gen = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(12):
+        set_grads(model, gen)
+        opt.step()
+        st = opt.sparsity_stats()[model[0]]
+        ratios.append(st["pruned_over_kept"])
+    mask = opt.mask(model[0])
+    assert mask.dtype == torch.bool and mask.shape == model[0].shape
+    assert (mask.reshape(-1, 4).sum(-1) == 2).all()
+    assert st["mask_flips"] == int(
+        cast_ext.mask_flips(opt.state[model[0]]["prev_mask"], opt.state[model[0]]["mask"])
+    )
+    assert st["flip_rate"] == st["mask_flips"] / (model[0].numel() // 4)
+    assert ratios[-1] < 0.5 * ratios[0]  # pruned weights slide toward 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({}, "total_steps is required"),
+        ({"total_steps": 0}, "total_steps must be"),
+        ({"total_steps": 5, "betas": (1.0, 0.9)}, "betas"),
+        ({"total_steps": 5, "betas": (0.9, -0.1)}, "betas"),
+        ({"total_steps": 5, "lr": -1.0}, "lr"),
+        ({"total_steps": 5, "eps": -1.0}, "eps"),
+        ({"total_steps": 5, "decay": -1.0}, "decay"),
+        ({"total_steps": 5, "weight_decay": -1.0}, "weight_decay"),
+        ({"total_steps": 5, "mask_interval": 0}, "mask_interval"),
+        ({"total_steps": 5, "m": 6}, "m in"),
+        ({"total_steps": 5, "impl": "fast"}, "impl"),
+    ],
+)
+def test_construction_errors(kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        AdamS([nn.Parameter(torch.zeros(4, 8))], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "needle"),
+    [((4, 6), r"\[4, 6\].*multiple of m=4"), ((8,), r"\[8\].*not 2-D"), ((2, 4, 8), "not 2-D")],
+)
+def test_sparse_group_shape_errors(shape: tuple[int, ...], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        AdamS([{"params": [nn.Parameter(torch.zeros(shape))], "sparse": True}], total_steps=5)
+
+
+@requires_cuda
+def test_cpu_and_cuda_agree() -> None:
+    m_cpu = make_model(bf16=True)
+    m_gpu = copy.deepcopy(m_cpu).cuda()
+    o_cpu = AdamS(m_cpu.parameters(), **HP)
+    o_gpu = AdamS(m_gpu.parameters(), **HP)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(25):
+        set_grads(m_cpu, gen)
+        for p, q in zip(m_cpu, m_gpu, strict=True):
+            q.grad = p.grad.cuda()
+        o_cpu.step()
+        o_gpu.step()
+    for p, q in zip(m_cpu, m_gpu, strict=True):
+        assert_close_scaled(q.detach().cpu(), p.detach())
+        for key, val in o_cpu.state[p].items():
+            assert_close_scaled(o_gpu.state[q][key].cpu(), val, key)
+
+
+@requires_cuda
+def test_cuda_grad_scaler() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32).cuda()
+    opt = AdamS(model.parameters(), total_steps=10)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(8, 64, device="cuda")
+    scaler.scale(model(x).pow(2).sum()).backward()
+    model.weight.grad[0, 0] = float("nan")
+    w = model.weight.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(model.weight, w)
+    assert float(opt.state[model.weight]["step"]) == 0.0
