@@ -16,7 +16,7 @@ except ImportError as e:  # a missing _C is a broken install, never a silent fal
         "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
     ) from e
 
-from . import ops, reference
+from . import cast, ops, reference
 from ._build import build_info, cuda_kernels_available, cusparselt_available
 from .ops import (
     mask_flips,
@@ -32,6 +32,7 @@ from .ops import (
 __all__ = [
     "__version__",
     "build_info",
+    "cast",
     "cuda_kernels_available",
     "cusparselt_available",
     "mask_flips",
