@@ -1095,7 +1095,7 @@ def train(
     teacher: nn.Module | None = None,
     eta: float = 1.0 / 3.0,
     temperature: float = 1.0,
-    grad_clip: float | None = 1.0,
+    grad_clip: float | None = None,
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     eval_every: int = 0,
     health_every: int = 10,
@@ -1122,7 +1122,9 @@ def train(
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning.
         eta, temperature: see :func:`distill_loss`.
-        grad_clip: max total grad norm, or None.
+        grad_clip: max total grad norm, or None (default). Clipping rescales the gradients
+            that AdamS's ``lam`` competes with, so a clipped run decays sooner than
+            :func:`decay_budget` (which reads unclipped gradients) predicts.
         eval_fn: ``model -> {metric: value}``; called in eval mode under ``no_grad`` by the
             caller's code (e.g. :func:`perplexity`).
         eval_every: steps between evaluations (0: only at the end).
@@ -1188,11 +1190,8 @@ def train(
                 loss, kl, ce = distill_loss(logits, None, labels, eta=0.0, return_parts=True)
             del logits
             loss.backward()
-            gnorm = (
-                float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-                if grad_clip is not None
-                else math.nan
-            )
+            max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
