@@ -324,7 +324,7 @@ def test_distill_loss_ce_equals_hf_shifted_loss_and_bf16():
     x = ids()
     out = model(x, labels=x)
     ours = cast.distill_loss(out.logits, None, cast.shift_labels(x), eta=0.0)
-    assert abs(float(ours) - float(out.loss)) < 1e-5
+    assert abs(ours.item() - out.loss.item()) < 1e-5
     # bf16 logits: computed in fp32 internally, grad comes back in bf16
     s = out.logits.detach().bfloat16().requires_grad_(True)
     loss = cast.distill_loss(s, s.detach(), cast.shift_labels(x))
