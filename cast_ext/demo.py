@@ -670,12 +670,21 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         pts = [(e["tokens"], e["ppl"]) for e in r.get("curve", [])]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.axhline(runs["dense"]["after"]["ppl"], color="k", ls="--", label="dense (pretrained)")
-    ax.axhline(runs["oneshot"]["after"]["ppl"], color="r", ls=":", label="one-shot 2:4")
-    ax.axhline(runs["cast"]["after"]["ppl"], color="C1", ls="-.", label="CAST after finalize")
+    ax.axhline(
+        runs["dense"]["after"]["ppl"], color="k", ls="--", label="dense (pretrained), full eval set"
+    )
+    ax.axhline(
+        runs["oneshot"]["after"]["ppl"], color="r", ls=":", label="one-shot 2:4, full eval set"
+    )
+    ax.axhline(
+        runs["cast"]["after"]["ppl"],
+        color="C1",
+        ls="-.",
+        label="CAST after finalize, full eval set",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out perplexity (curve subset, geo. mean)")
+    ax.set_ylabel("perplexity, geo. mean (curves: first windows only)")
     ax.set_title("Held-out perplexity (Tempest, Hamlet)")
     ax.legend(fontsize=8)
     health = runs["cast"].get("health", [])
