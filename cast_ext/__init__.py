@@ -18,7 +18,7 @@ except ImportError as e:  # a missing _C is a broken install, never a silent fal
         "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
     ) from e
 
-from . import nn, ops, reference
+from . import cast, nn, ops, reference
 from ._build import (
     build_info,
     cuda_kernels_available,
@@ -43,6 +43,7 @@ __all__ = [
     "AdamS",
     "__version__",
     "build_info",
+    "cast",
     "cuda_kernels_available",
     "cuda_value_checks",
     "cusparselt_available",

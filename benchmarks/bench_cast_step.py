@@ -1,0 +1,123 @@
+"""One CAST training step vs one dense AdamW step, and the optimizer's share of each.
+
+CAST step: teacher forward (no grad) + student forward with the weight scales + chunked
+distillation loss + backward + ``cast_ext.AdamS.step``. Baseline: forward + CE + backward +
+``torch.optim.AdamW(fused=True)`` (foreach on CPU) on the same dense model. The model has
+SmolLM2-135M's shapes (the demo's model) with random weights: timing does not depend on the
+values, and nothing needs to be downloaded or converted.
+
+    python -m benchmarks.bench_cast_step [--batch 8] [--seq 256] [--device cuda]
+
+Rows go to ``benchmarks/results/cast_step.json`` (or ``$OUT``). ``CAST_EXT_BENCH_QUICK=1``: a
+2-layer model, few repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+import cast_ext
+from cast_ext import cast
+
+from ._harness import Row, cpu_time_us, cuda_time_us, quick, write_rows
+
+
+def smollm2_like(layers: int = 30) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    if not hasattr(cast_ext, "AdamS"):
+        raise SystemExit("bench_cast_step: cast_ext.AdamS is not available in this build")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    layers, batch, seq = (2, 2, 64) if quick() else (30, args.batch, args.seq)
+    torch.manual_seed(0)
+    dense = smollm2_like(layers).to(dev)
+    teacher = copy.deepcopy(dense).eval().requires_grad_(False)
+    student = copy.deepcopy(dense)
+    cast.prepare(student)
+    groups = cast.param_groups(student, freeze_embeddings=True, freeze_norms=True)
+    adams = cast_ext.AdamS(groups, lr=1e-5, decay=1e-3, total_steps=10**6)
+    for m in dense.modules():  # same frozen set for the baseline
+        if isinstance(m, torch.nn.Embedding) or "Norm" in type(m).__name__:
+            m.requires_grad_(False)
+    adamw = torch.optim.AdamW(
+        [q for q in dense.parameters() if q.requires_grad], lr=1e-5, fused=dev.type == "cuda"
+    )
+    ids = [torch.randint(0, 49152, (batch, seq), device=dev) for _ in range(3)]
+    labels = [cast.shift_labels(x) for x in ids]
+
+    def dense_step(i: int) -> None:
+        loss = cast.distill_loss(dense(ids[i % 3]).logits, None, labels[i % 3], eta=0.0)
+        loss.backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=False)
+
+    def cast_step(i: int) -> None:
+        with torch.no_grad():
+            t_logits = teacher(ids[i % 3]).logits
+        loss = cast.distill_loss(student(ids[i % 3]).logits, t_logits, labels[i % 3])
+        loss.backward()
+        adams.step()
+        adams.zero_grad(set_to_none=False)
+
+    def timed(fn) -> tuple[float, float, float]:
+        if dev.type == "cuda":
+            return cuda_time_us(fn, n_inputs=3, warmup=5, reps=10 if quick() else 30)
+        return cpu_time_us(lambda: fn(0), warmup=1, reps=2 if quick() else 5)
+
+    t_dense = timed(dense_step)
+    t_cast = timed(cast_step)
+    # optimizer alone, on the gradients the last step left (zero_grad keeps the tensors)
+    t_adamw = timed(lambda i: adamw.step())
+    t_adams = timed(lambda i: adams.step())
+    tokens = batch * seq
+    shape = f"smollm2-135m-shapes L={layers} tokens={tokens}"
+    base = {"device": dev.type, "dtype": "float32", "shape": shape}
+    rows: list[Row] = [
+        {**base, "op": "train_step", "impl": "dense_adamw", "median_us": t_dense[0],
+         "p20_us": t_dense[1], "p80_us": t_dense[2], "baseline": "dense_adamw", "ratio": 1.0},
+        {**base, "op": "train_step", "impl": "cast", "median_us": t_cast[0], "p20_us": t_cast[1],
+         "p80_us": t_cast[2], "baseline": "dense_adamw", "ratio": t_cast[0] / t_dense[0]},
+        {**base, "op": "optimizer_step", "impl": "adamw", "median_us": t_adamw[0],
+         "p20_us": t_adamw[1], "p80_us": t_adamw[2], "baseline": "train_step dense_adamw",
+         "ratio": t_adamw[0] / t_dense[0]},
+        {**base, "op": "optimizer_step", "impl": "adams", "median_us": t_adams[0],
+         "p20_us": t_adams[1], "p80_us": t_adams[2], "baseline": "train_step cast",
+         "ratio": t_adams[0] / t_cast[0]},
+    ]  # fmt: skip
+    path = write_rows("cast_step", rows)
+    ms = {k: v[0] / 1e3 for k, v in [("d", t_dense), ("c", t_cast), ("w", t_adamw), ("s", t_adams)]}
+    print(f"{shape} on {dev}:")
+    print(f"  dense AdamW step {ms['d']:9.2f} ms (optimizer {ms['w']:.2f} ms, "
+          f"{100 * ms['w'] / ms['d']:.1f}%)")  # fmt: skip
+    print(f"  CAST step        {ms['c']:9.2f} ms (AdamS {ms['s']:.2f} ms, "
+          f"{100 * ms['s'] / ms['c']:.1f}%), {ms['c'] / ms['d']:.2f}x the dense step")  # fmt: skip
+    print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1228 @@
+"""The CAST recipe on any model built from ``nn.Linear`` layers (SPEC §3-§6).
+
+CAST turns a dense model into a 2:4 sparse one by training it further: AdamS (the
+sparsity-aware optimizer, :class:`cast_ext.AdamS`), a learnable per-row, per-block weight scale,
+and distillation from the frozen dense model. This module holds the pieces a user composes in
+their own training loop, and a reference loop (:func:`train`) that the demo uses::
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    layers = cast_ext.cast.prepare(model)                  # attach the scales A = 1
+    groups = cast_ext.cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    opt = cast_ext.AdamS(groups, lr=3e-4, decay=1e-3, total_steps=T)
+    sched = cast_ext.cast.warmup_cosine(3e-4, T, warmup_steps=10)
+    print(cast_ext.cast.decay_budget(model, sched, T, decay=1e-3))   # preflight
+    ...  # loss = distill_loss(student_logits, teacher_logits, shift_labels(input_ids))
+    report = cast_ext.cast.finalize(model, opt)            # hard 2:4, scales folded, plain modules
+
+Layouts. A sparsified weight is always seen by the optimizer as ``[out, in]`` with the 2:4 groups
+along ``in`` (SPEC §1). ``nn.Linear`` stores exactly that. Hugging Face's GPT-2 ``Conv1D`` stores
+``[in, out]``; :func:`prepare` re-stores it transposed behind the parametrization, so its
+``parametrizations.weight.original`` is ``[out, in]`` like a Linear's, and the module still sees
+its ``[in, out]`` weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import ops
+
+__all__ = [
+    "DecayBudget",
+    "LayerReport",
+    "SparseLayer",
+    "WarmupCosine",
+    "WeightScale",
+    "decay_budget",
+    "distill_loss",
+    "finalize",
+    "param_groups",
+    "perplexity",
+    "prepare",
+    "shift_labels",
+    "sparse_layers",
+    "sparsity_health",
+    "train",
+    "warmup_cosine",
+]
+
+_N, _M = 2, 4  # the 2:4 pattern
+
+
+# --------------------------------------------------------------------------------------------
+# Weight scaling (SPEC §3) and prepare()
+# --------------------------------------------------------------------------------------------
+
+
+class WeightScale(nn.Module):
+    """Parametrization ``W_used[r, c] = A[r, c // (in / blocks)] * W[r, c]`` (paper Eq. 11-12).
+
+    Registered with :func:`torch.nn.utils.parametrize.register_parametrization` on a layer's
+    ``weight``. The stored tensor (``parametrizations.weight.original``) is always ``[out, in]``;
+    for a ``transposed`` layer (GPT-2 ``Conv1D``) the module gets ``W_used.t()``.
+
+    Args:
+        out_features: rows of the stored weight.
+        in_features: columns of the stored weight (the 2:4 group axis).
+        blocks: column blocks per row, each sharing one scale; ``in_features / blocks`` must be a
+            multiple of 4 so that a scale never changes which 2 of a group are largest.
+        transposed: the module stores its weight as ``[in, out]``.
+
+    Shape:
+        ``scale``: ``[out_features, blocks]``, fp32, initialised to ones.
+    """
+
+    def __init__(self, out_features: int, in_features: int, blocks: int, transposed: bool) -> None:
+        super().__init__()
+        if blocks < 1 or in_features % (blocks * _M) != 0:
+            raise ValueError(
+                f"cast_ext.cast.WeightScale: in_features={in_features} is not divisible into "
+                f"{blocks} blocks of a multiple of {_M} columns"
+            )
+        self.out_features = out_features
+        self.in_features = in_features
+        self.blocks = blocks
+        self.transposed = transposed
+        self.scale = nn.Parameter(torch.ones(out_features, blocks, dtype=torch.float32))
+
+    def _scaled(self, w: Tensor, inverse: bool = False) -> Tensor:
+        s = self.scale.to(w.dtype).unsqueeze(-1)
+        grouped = w.reshape(self.out_features, self.blocks, self.in_features // self.blocks)
+        out = grouped / s if inverse else grouped * s
+        return out.reshape(self.out_features, self.in_features)
+
+    def forward(self, w: Tensor) -> Tensor:
+        used = self._scaled(w)
+        return used.t() if self.transposed else used
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        # Called on registration (A = 1) and when a user assigns `module.weight = X`: store the
+        # W with A * W = X, in the [out, in] layout.
+        w = weight.t() if self.transposed else weight
+        with torch.no_grad():
+            return self._scaled(w.contiguous(), inverse=True).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"out={self.out_features}, in={self.in_features}, blocks={self.blocks}, " + (
+            f"transposed={self.transposed}"
+        )
+
+
+@dataclass
+class SparseLayer:
+    """A layer :func:`prepare` sparsified.
+
+    Attributes:
+        name: qualified module name in the model.
+        module: the module (still an ``nn.Linear`` / ``Conv1D``, parametrized).
+        kind: ``"linear"`` or ``"conv1d"``.
+        out_features, in_features: the stored ``[out, in]`` weight shape.
+        blocks: scale blocks per row.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    out_features: int
+    in_features: int
+    blocks: int
+
+    @property
+    def weight(self) -> Tensor:
+        """The stored ``[out, in]`` weight the optimizer trains (a leaf ``nn.Parameter``)."""
+        return self.module.parametrizations.weight.original
+
+    @property
+    def scale(self) -> Tensor:
+        """The learnable scale ``A``, ``[out, blocks]``."""
+        return self._param().scale
+
+    def _param(self) -> WeightScale:
+        return self.module.parametrizations.weight[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseLayer({self.name!r}, {self.kind}, [{self.out_features}, {self.in_features}], "
+            f"blocks={self.blocks})"
+        )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's transformers.pytorch_utils.Conv1D, detected without importing transformers
+    # (through the MRO: a parametrized module's class is a generated subclass).
+    is_conv = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+    return is_conv and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _layout(module: nn.Module) -> tuple[str, int, int] | None:
+    """``(kind, out, in)`` for a Linear-like module, else None."""
+    if parametrize.is_parametrized(module, "weight"):
+        w = module.parametrizations.weight.original
+        return (
+            "conv1d" if _is_conv1d(module) else "linear",
+            int(w.shape[0]),
+            int(w.shape[1]),
+        )
+    if isinstance(module, nn.Linear):
+        return "linear", module.out_features, module.in_features
+    if _is_conv1d(module) and module.weight.dim() == 2:
+        return "conv1d", int(module.weight.shape[1]), int(module.weight.shape[0])
+    return None
+
+
+def _excluded_weights(model: nn.Module) -> set[int]:
+    """ids of weights that must stay dense: embeddings and the output head (tied or not)."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None and getattr(head, "weight", None) is not None:
+            ids.add(id(head.weight))
+    return ids
+
+
+def sparse_layers(model: nn.Module) -> list[SparseLayer]:
+    """The layers of ``model`` that :func:`prepare` has parametrized, in module order."""
+    out = []
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = module.parametrizations.weight
+        if len(plist) != 1 or not isinstance(plist[0], WeightScale):
+            continue
+        p = plist[0]
+        out.append(
+            SparseLayer(
+                name,
+                module,
+                "conv1d" if p.transposed else "linear",
+                p.out_features,
+                p.in_features,
+                p.blocks,
+            )
+        )
+    return out
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    scale_blocks: int = 2,
+) -> list[SparseLayer]:
+    """Pick the layers to sparsify and attach CAST's learnable weight scaling to each.
+
+    Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
+    a multiple of 4, except the output head and any weight shared with an embedding. Each chosen
+    layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the model's outputs are
+    unchanged); the layer stays an ordinary module of its class. Build the optimizer afterwards:
+    the trainable weight is now ``<layer>.parametrizations.weight.original``.
+
+    Args:
+        model: the model, modified in place.
+        filter_fn: ``(name, module) -> bool`` choosing among Linear-like modules instead of the
+            default rule. A chosen layer whose input dim is not a multiple of 4 is an error.
+        scale_blocks: ``n`` of SPEC §3 (paper: 2). A layer whose input dim is not a multiple of
+            ``4 * scale_blocks`` gets one block per row instead (recorded in its ``blocks``).
+
+    Returns:
+        The :class:`SparseLayer` s changed, in module order.
+
+    Raises:
+        ValueError: a chosen layer has an input dim that is not a multiple of 4, or ``model``
+            has already been prepared.
+    """
+    if sparse_layers(model):
+        raise ValueError("cast_ext.cast.prepare: model already has CAST weight scaling attached")
+    excluded = _excluded_weights(model)
+    chosen: list[tuple[str, nn.Module, str, int, int]] = []
+    for name, module in model.named_modules():
+        lay = _layout(module)
+        if lay is None:
+            continue
+        kind, out_f, in_f = lay
+        if filter_fn is not None:
+            if not filter_fn(name, module):
+                continue
+            if in_f % _M != 0:
+                raise ValueError(
+                    f"cast_ext.cast.prepare: {name}.weight has input dim {in_f} (stored "
+                    f"[{out_f}, {in_f}]); 2:4 sparsity needs a multiple of {_M}"
+                )
+        elif in_f % _M != 0 or id(module.weight) in excluded:
+            continue
+        chosen.append((name, module, kind, out_f, in_f))
+
+    changed = []
+    for name, module, kind, out_f, in_f in chosen:
+        blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
+        p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
+        p.to(device=module.weight.device)
+        requires_grad = module.weight.requires_grad
+        parametrize.register_parametrization(module, "weight", p)
+        module.parametrizations.weight.original.requires_grad_(requires_grad)
+        changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
+    return changed
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float | None = None,
+    scale_lr: float | None = None,
+    weight_decay: float | None = None,
+    freeze_embeddings: bool = False,
+    freeze_norms: bool = False,
+) -> list[dict[str, Any]]:
+    """AdamS parameter groups for a prepared model.
+
+    Three groups (empty ones are left out), each with a ``name`` and an explicit ``sparse`` flag:
+    ``"sparse"`` (the stored ``[out, in]`` weights of the prepared layers, ``sparse=True``),
+    ``"scales"`` (the ``A`` tensors, ``sparse=False``) and ``"dense"`` (every other trainable
+    parameter: biases, norms, embeddings, the head; ``sparse=False``).
+
+    Args:
+        model: a model :func:`prepare` has been applied to.
+        lr: per-group lr for all groups (else the optimizer's default).
+        scale_lr: lr of the scales group (default: ``lr``).
+        weight_decay: per-group decoupled weight decay for the sparse and dense groups (the
+            scales never get any).
+        freeze_embeddings: set ``requires_grad=False`` on every ``nn.Embedding`` weight (a head
+            tied to the input embedding is the same tensor, hence frozen too) and leave them out.
+        freeze_norms: same for the parameters of every module whose class name contains "Norm".
+
+    Returns:
+        A list of dicts for ``cast_ext.AdamS(groups, ...)``.
+    """
+    if freeze_embeddings:
+        for m in model.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.requires_grad_(False)
+    if freeze_norms:
+        for m in model.modules():
+            if "Norm" in type(m).__name__:
+                for p in m.parameters(recurse=False):
+                    p.requires_grad_(False)
+    layers = sparse_layers(model)
+    sparse = [layer.weight for layer in layers if layer.weight.requires_grad]
+    scales = [layer.scale for layer in layers if layer.scale.requires_grad]
+    taken = {id(p) for p in sparse} | {id(p) for p in scales}
+    dense = []
+    for p in model.parameters():  # parameters() deduplicates tied tensors
+        if p.requires_grad and id(p) not in taken:
+            dense.append(p)
+            taken.add(id(p))
+
+    def group(name: str, params: list[Tensor], is_sparse: bool, g_lr: float | None, wd: bool):
+        g: dict[str, Any] = {"params": params, "sparse": is_sparse, "name": name}
+        if g_lr is not None:
+            g["lr"] = g_lr
+        if wd and weight_decay is not None:
+            g["weight_decay"] = weight_decay
+        return g
+
+    groups = [
+        group("sparse", sparse, True, lr, True),
+        group("scales", scales, False, scale_lr if scale_lr is not None else lr, False),
+        group("dense", dense, False, lr, True),
+    ]
+    if not sparse:
+        warnings.warn(
+            "cast_ext.cast.param_groups: no sparse weights found; call prepare(model) first",
+            stacklevel=2,
+        )
+    return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation loss (SPEC §4)
+# --------------------------------------------------------------------------------------------
+
+
+def shift_labels(input_ids: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token labels aligned with the logits, as Hugging Face causal LMs shift them.
+
+    ``labels[..., t] = input_ids[..., t + 1]`` and the last position gets ``ignore_index``.
+    ``distill_loss(model(ids).logits, None, shift_labels(ids), eta=0)`` equals
+    ``model(ids, labels=ids).loss``.
+    """
+    return F.pad(input_ids[..., 1:], (0, 1), value=ignore_index)
+
+
+class _DistillLoss(torch.autograd.Function):
+    """Chunked KL + CE whose backward recomputes each chunk instead of saving probabilities."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        eta: float,
+        temperature: float,
+        ignore_index: int,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n_tok = student.shape[0]
+        valid_all = labels != ignore_index
+        count = int(valid_all.sum())
+        kl_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        t_ = temperature
+        for i in range(0, n_tok, chunk):
+            s = student[i : i + chunk].float()
+            y = labels[i : i + chunk]
+            valid = valid_all[i : i + chunk]
+            if eta != 0.0:
+                t = teacher[i : i + chunk].float()
+                ls = torch.log_softmax(s / t_, dim=-1)
+                lt = torch.log_softmax(t / t_, dim=-1)
+                kl = (lt.exp() * (lt - ls)).sum(-1)
+                del ls, lt, t
+                kl_sum += (kl * valid).sum(dtype=torch.float64) * (t_ * t_)
+            if eta != 1.0:
+                lse = torch.logsumexp(s, dim=-1)
+                tgt = s.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+                ce_sum += ((lse - tgt) * valid).sum(dtype=torch.float64)
+        denom = max(count, 1)
+        kl_mean = (kl_sum / denom).float()
+        ce_mean = (ce_sum / denom).float()
+        loss = eta * kl_mean + (1.0 - eta) * ce_mean
+        ctx.save_for_backward(student, teacher if teacher is not None else student, labels)
+        ctx.params = (eta, temperature, ignore_index, chunk, denom, teacher is not None)
+        ctx.mark_non_differentiable(kl_mean, ce_mean)
+        return loss, kl_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: Tensor, _g_kl: Tensor, _g_ce: Tensor):  # type: ignore[override]
+        student, teacher, labels = ctx.saved_tensors
+        eta, t_, ignore_index, chunk, denom, _ = ctx.params
+        grad = torch.empty_like(student)
+        scale = g_loss.float() / denom
+        for i in range(0, student.shape[0], chunk):
+            s = student[i : i + chunk].float()
+            y = labels[i : i + chunk]
+            valid = (y != ignore_index).unsqueeze(-1)
+            g = torch.zeros_like(s)
+            if eta != 0.0:
+                # d/ds of T^2 * KL(p_t || softmax(s / T)) = T * (softmax(s / T) - p_t)
+                q = torch.softmax(s / t_, dim=-1)
+                q -= torch.softmax(teacher[i : i + chunk].float() / t_, dim=-1)
+                g += (eta * t_) * q
+                del q
+            if eta != 1.0:
+                p = torch.softmax(s, dim=-1)
+                p.scatter_add_(
+                    -1,
+                    y.clamp_min(0).unsqueeze(-1),
+                    torch.full((s.shape[0], 1), -1.0, dtype=p.dtype, device=p.device),
+                )
+                g += (1.0 - eta) * p
+                del p
+            g *= valid
+            g *= scale
+            grad[i : i + chunk] = g
+        return grad, None, None, None, None, None, None
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    *,
+    eta: float = 1.0 / 3.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 512,
+    return_parts: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """CAST's loss ``eta * T^2 * KL(P_teacher || P_student) + (1 - eta) * CE(student, labels)``.
+
+    Shift convention: ``labels`` are **aligned** with the logits: ``labels[..., t]`` is the token
+    that ``logits[..., t, :]`` predicts. For a causal LM fed ``input_ids`` pass
+    :func:`shift_labels` ``(input_ids)``, which is the shift Hugging Face applies inside
+    ``model(ids, labels=ids)``. Both terms are means over the same tokens: the positions whose
+    label is not ``ignore_index`` (so the KL also skips the last position and padding). The KL
+    uses ``softmax(logits / temperature)`` on both sides and is multiplied by ``temperature**2``
+    (Hinton's convention; equal to 1 at the default temperature). CE always uses temperature 1.
+
+    Memory: computed in chunks of ``chunk_size`` tokens, in fp32 whatever the logits' dtype; no
+    ``[tokens, vocab]`` temporary outlives its chunk, and backward recomputes the chunk's
+    softmaxes instead of saving them. The only full-size tensor created is the gradient of
+    ``student_logits`` itself (in its dtype). The teacher is treated as a constant.
+
+    Args:
+        student_logits: ``[..., vocab]``, requires grad.
+        teacher_logits: ``[..., vocab]``, same shape; may be None when ``eta == 0``.
+        labels: ``[...]`` int64, aligned (see above).
+        eta: weight of the KL term (paper: 1/3 for LLaMA).
+        temperature: distillation temperature (paper: 1).
+        ignore_index: label value that marks positions to skip.
+        chunk_size: tokens per chunk.
+        return_parts: also return the (detached) KL and CE means.
+
+    Returns:
+        The scalar loss (fp32), or ``(loss, kl, ce)`` with ``return_parts``. With no valid
+        token, 0.
+
+    Shape:
+        ``student_logits``, ``teacher_logits``: ``[B, L, V]`` or ``[N, V]``; ``labels``:
+        ``[B, L]`` or ``[N]``.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"cast_ext.cast.distill_loss: eta must be in [0, 1], got {eta}")
+    if temperature <= 0:
+        raise ValueError(f"cast_ext.cast.distill_loss: temperature must be > 0, got {temperature}")
+    vocab = student_logits.shape[-1]
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"cast_ext.cast.distill_loss: labels of shape {list(labels.shape)} do not match "
+            f"student_logits of shape {list(student_logits.shape)}"
+        )
+    if teacher_logits is None:
+        if eta != 0.0:
+            raise ValueError("cast_ext.cast.distill_loss: teacher_logits is None but eta != 0")
+        teacher = None
+    else:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"cast_ext.cast.distill_loss: teacher_logits of shape "
+                f"{list(teacher_logits.shape)} differ from student_logits of shape "
+                f"{list(student_logits.shape)}"
+            )
+        teacher = teacher_logits.detach().reshape(-1, vocab)
+    loss, kl, ce = _DistillLoss.apply(
+        student_logits.reshape(-1, vocab),
+        teacher,
+        labels.reshape(-1),
+        float(eta),
+        float(temperature),
+        int(ignore_index),
+        int(chunk_size),
+    )
+    return (loss, kl, ce) if return_parts else loss
+
+
+# --------------------------------------------------------------------------------------------
+# LR schedule and the decay-budget preflight (SPEC §6)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warmup from ``start_factor * peak_lr`` to ``peak_lr``, then cosine to
+    ``final_factor * peak_lr`` at ``total_steps``; constant after.
+
+    ``sched(step)`` is the lr of step ``step`` (0-based); ``sched.factor(step)`` the multiplier
+    of ``peak_lr`` (for ``torch.optim.lr_scheduler.LambdaLR``).
+    """
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int = 10
+    start_factor: float = 0.1
+    final_factor: float = 0.1
+
+    def factor(self, step: int) -> float:
+        w = min(self.warmup_steps, max(self.total_steps - 1, 0))
+        if step < w:
+            return self.start_factor + (1.0 - self.start_factor) * step / w
+        span = max(self.total_steps - 1 - w, 1)
+        progress = min(max(step - w, 0) / span, 1.0)
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.final_factor + (1.0 - self.final_factor) * cos
+
+    def __call__(self, step: int) -> float:
+        return self.peak_lr * self.factor(step)
+
+    def values(self, steps: int) -> Tensor:
+        """``[self(t) for t in range(steps)]`` as a float64 tensor, vectorized."""
+        t = torch.arange(steps, dtype=torch.float64)
+        w = min(self.warmup_steps, max(self.total_steps - 1, 0))
+        warm = self.start_factor + (1.0 - self.start_factor) * t / max(w, 1)
+        span = max(self.total_steps - 1 - w, 1)
+        progress = ((t - w).clamp(min=0) / span).clamp(max=1.0)
+        cos = self.final_factor + (1.0 - self.final_factor) * 0.5 * (
+            1.0 + torch.cos(math.pi * progress)
+        )
+        return self.peak_lr * torch.where(t < w, warm, cos)
+
+    def with_total(self, total_steps: int) -> WarmupCosine:
+        """The same shape stretched to another length (same warmup steps)."""
+        return WarmupCosine(
+            self.peak_lr, total_steps, self.warmup_steps, self.start_factor, self.final_factor
+        )
+
+
+def warmup_cosine(
+    peak_lr: float,
+    total_steps: int,
+    warmup_steps: int = 10,
+    *,
+    start_factor: float = 0.1,
+    final_factor: float = 0.1,
+) -> WarmupCosine:
+    """The schedule SPEC §6 found healthy: 10-step warmup from lr/10, cosine to 10%."""
+    return WarmupCosine(peak_lr, total_steps, warmup_steps, start_factor, final_factor)
+
+
+@dataclass
+class DecayBudget:
+    """What :func:`decay_budget` predicts. ``str()`` gives the plain-words verdict.
+
+    Attributes:
+        total_steps: planned steps ``T``.
+        decay: AdamS's ``lam``.
+        mean_pruned: mean ``|w|`` of the weights the current 2:4 masks prune.
+        mean_kept: mean ``|w|`` of the kept weights.
+        momentum: assumed size (rms) of a pruned weight's gradient momentum.
+        momentum_source: where that came from ("gradients", "grad_rms argument", "default").
+        takeover_step: first step at which ``alpha * lam`` exceeds that momentum (the decay
+            dominates from then on), or None if it never does.
+        travel: predicted total distance a pruned weight moves toward 0 over the run.
+        predicted_ratio: predicted mean ``|pruned w|`` at the end / now.
+        reach_zero: predicted share of pruned weights that reach 0.
+        target_ratio: what counts as "near lossless".
+        steps_needed: steps the same schedule shape would need to reach ``target_ratio`` (None
+            when unknown: schedule not stretchable, or beyond max(64x the plan, 1M steps)).
+        ok: ``predicted_ratio <= target_ratio``.
+    """
+
+    total_steps: int
+    decay: float
+    mean_pruned: float
+    mean_kept: float
+    momentum: float
+    momentum_source: str
+    takeover_step: int | None
+    travel: float
+    predicted_ratio: float
+    reach_zero: float
+    target_ratio: float
+    steps_needed: int | None
+    ok: bool
+
+    def __str__(self) -> str:
+        lines = [
+            f"decay budget ({self.total_steps} steps, lam={self.decay:g}): pruned weights "
+            f"average |w|={self.mean_pruned:.4g} (kept {self.mean_kept:.4g}).",
+        ]
+        if self.takeover_step is None:
+            lines.append(
+                f"  The decay never overtakes the gradient momentum (~{self.momentum:.2g}, from "
+                f"{self.momentum_source}): lam * alpha stays below it, so pruned weights are "
+                "pushed to 0 only weakly."
+            )
+        else:
+            lines.append(
+                f"  The decay overtakes the gradient momentum (~{self.momentum:.2g}, from "
+                f"{self.momentum_source}) at step {self.takeover_step}; after that a pruned "
+                "weight moves about lr per step toward 0."
+            )
+        lines.append(
+            f"  Predicted travel {self.travel:.3g}: pruned weights end at about "
+            f"{100 * self.predicted_ratio:.0f}% of their size ({100 * self.reach_zero:.0f}% "
+            "of them reach 0)."
+        )
+        if self.ok:
+            lines.append(
+                "  OK: the final hard 2:4 prune should be close to lossless "
+                f"(target <= {100 * self.target_ratio:.0f}%)."
+            )
+        else:
+            need = (
+                f" About {self.steps_needed} steps with this schedule shape would get them to "
+                f"{100 * self.target_ratio:.0f}%."
+                if self.steps_needed
+                else " Raise lam, the lr or the step count."
+            )
+            lines.append(
+                "  TOO SHORT: the final prune will cut weights that still carry "
+                f"{100 * self.predicted_ratio:.0f}% of their magnitude, and the model will lose "
+                f"quality at finalize.{need}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _lr_values(lr_schedule: float | Callable[[int], float] | Sequence[float], total: int) -> Tensor:
+    if isinstance(lr_schedule, (int, float)):
+        return torch.full((total,), float(lr_schedule), dtype=torch.float64)
+    if isinstance(lr_schedule, WarmupCosine):
+        return lr_schedule.values(total)
+    if callable(lr_schedule):
+        return torch.tensor([float(lr_schedule(t)) for t in range(total)], dtype=torch.float64)
+    vals = [float(v) for v in lr_schedule]
+    if len(vals) < total:
+        raise ValueError(
+            f"cast_ext.cast.decay_budget: lr_schedule has {len(vals)} values for {total} steps"
+        )
+    return torch.tensor(vals[:total], dtype=torch.float64)
+
+
+def _ema(x: Tensor, beta: float) -> Tensor:
+    """``v_t = beta * v_{t-1} + (1 - beta) * x_t`` from ``v_{-1} = 0``, vectorized in chunks
+    (within a chunk, a cumulative sum of ``x_i * beta^-i``; chunks short enough for float64)."""
+    out = torch.empty_like(x)
+    chunk = max(1, min(256, int(250 / max(-math.log10(beta), 1e-9)))) if beta > 0 else 1
+    state = 0.0
+    for s0 in range(0, x.numel(), chunk):
+        xs = x[s0 : s0 + chunk]
+        k = torch.arange(xs.numel(), dtype=x.dtype)
+        pw = beta**k if beta > 0 else (k == 0).to(x.dtype)
+        if beta > 0:
+            seg = beta * pw * state + (1.0 - beta) * pw * torch.cumsum(xs / pw, 0)
+        else:
+            seg = xs.clone()
+        out[s0 : s0 + chunk] = seg
+        state = float(seg[-1])
+    return out
+
+
+def _travel(
+    lrs: Tensor,
+    total: int,
+    decay: float,
+    grad_rms: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> tuple[float, int | None]:
+    """Expected distance a pruned weight moves toward 0, and the step the decay takes over.
+
+    AdamS on a pruned weight, in expected values: the gradient is zero-mean noise of rms
+    ``grad_rms``, so ``E[mu_t^2] = grad_rms^2 (1 - b1) / (1 + b1) (1 - b1^(2(t+1)))``;
+    ``mu_eff = (1 - a) mu + a lam sign(w)`` has mean ``a lam`` toward 0 and second moment
+    ``(a lam)^2 + (1 - a)^2 E[mu^2]``, which ``v`` averages (EMA, ``b2``). The expected move is
+    ``lr_t * (a lam / bc1) / (sqrt(v / bc2) + eps)``: about ``lr_t`` (more early on, where
+    ``bc1`` is small and ``v`` lags the growing ``a``) once the decay dominates, ``lr_t * a lam /
+    rms(mu)`` before.
+    """
+    b1, b2 = betas
+    n = lrs.numel()
+    t = torch.arange(n, dtype=torch.float64)
+    alpha = (t / total).clamp(max=1.0)
+    push = alpha * decay
+    mu_sq = grad_rms**2 * (1.0 - b1) / (1.0 + b1) * (1.0 - b1 ** (2.0 * (t + 1.0)))
+    noise_sq = (1.0 - alpha) ** 2 * mu_sq
+    v = _ema(push * push + noise_sq, b2)
+    bc1 = 1.0 - b1 ** (t + 1.0)
+    bc2 = 1.0 - b2 ** (t + 1.0)
+    step = lrs * (push / bc1) / ((v / bc2).sqrt() + eps)
+    over = torch.nonzero(push * push > noise_sq)
+    return float(step.sum()), (int(over[0]) if over.numel() else None)
+
+
+def decay_budget(
+    model_or_params: nn.Module | Iterable[Tensor],
+    lr_schedule: float | Callable[[int], float] | Sequence[float],
+    total_steps: int,
+    *,
+    decay: float,
+    grad_rms: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    target_ratio: float = 0.1,
+    warn: bool = True,
+    sample: int = 65536,
+) -> DecayBudget:
+    """Preflight: will the planned run shrink the pruned weights enough for a clean finalize?
+
+    SPEC §6: a pruned weight's push toward 0 is ``alpha * lam`` inside Adam's normalisation.
+    Once it exceeds the gradient momentum it moves about ``lr_t`` per step, whatever ``lam`` is;
+    before that it moves ``lr_t * alpha * lam / rms(momentum)``. The expected move per step is
+    computed by running AdamS's recursion in expected values (gradients modelled as zero-mean
+    noise of the measured rms; bias corrections and the lag of ``v`` included) and summed over
+    the schedule: the *travel*. A pruned weight of size ``|w|`` ends near ``max(|w| - travel,
+    0)``. Mask changes during training and the random walk the gradient noise adds are
+    ignored, so read the result as an estimate.
+
+    Args:
+        model_or_params: a prepared model (its sparse layers' stored weights are used) or the
+            sparse ``[out, in]`` weights themselves.
+        lr_schedule: a constant lr, a callable ``step -> lr`` (e.g. :func:`warmup_cosine`), or
+            a sequence of per-step lrs.
+        total_steps: AdamS's ``total_steps`` (``alpha = t / T``).
+        decay: AdamS's ``lam``.
+        grad_rms: rms of the gradients of the sparse weights. Default: measured from the
+            ``.grad`` the weights hold (run one backward first), else 1e-4 (SmolLM2's, SPEC §6).
+        betas, eps: AdamS's.
+        target_ratio: predicted end / start ratio of mean ``|pruned w|`` counted as near
+            lossless.
+        warn: emit a ``UserWarning`` with the verdict when the run is too short.
+        sample: magnitudes sampled per tensor (the prediction is a mean; sampling keeps it fast).
+
+    Returns:
+        A :class:`DecayBudget`; print it for the verdict in plain words.
+    """
+    if isinstance(model_or_params, nn.Module):
+        params = [layer.weight for layer in sparse_layers(model_or_params)]
+        if not params:
+            raise ValueError(
+                "cast_ext.cast.decay_budget: the model has no sparse layers; prepare() it first"
+            )
+    else:
+        params = list(model_or_params)
+    gen = torch.Generator().manual_seed(0)
+    pruned_parts: list[Tensor] = []
+    kept_sum, kept_n, pruned_sum, pruned_n = 0.0, 0, 0.0, 0
+    g_sq, g_n = 0.0, 0
+    for p in params:
+        w = p.detach()
+        mask = ops.sparse24_mask(w)
+        aw = w.abs().float()
+        total = float(aw.sum())
+        kept = float(aw.masked_fill_(~mask, 0.0).sum())  # aw now holds the kept magnitudes only
+        kept_sum += kept
+        pruned_sum += total - kept
+        kept_n += int(mask.sum())
+        pruned_n += w.numel() - int(mask.sum())
+        # sample positions first, keep the pruned ones: no copy of all pruned magnitudes
+        flat_w, flat_m = w.reshape(-1), mask.reshape(-1)
+        idx = torch.randint(w.numel(), (min(2 * sample, w.numel()),), generator=gen)
+        if w.numel() <= 2 * sample:
+            idx = torch.arange(w.numel())
+        idx = idx.to(w.device)
+        sel = ~flat_m[idx]
+        pruned_parts.append(flat_w[idx][sel].abs().double().cpu())
+        if p.grad is not None:
+            gp = p.grad.detach().float().masked_fill(mask, 0.0)
+            g_sq += float((gp * gp).sum())
+            g_n += w.numel() - int(mask.sum())
+    mags = torch.cat(pruned_parts) if pruned_parts else torch.zeros(0, dtype=torch.float64)
+    mags = mags.sort().values
+    if grad_rms is not None:
+        rms, source = float(grad_rms), "grad_rms argument"
+    elif g_n:
+        rms, source = math.sqrt(g_sq / g_n), "the current gradients"
+    else:
+        rms, source = 1e-4, "the default gradient rms 1e-4"
+    momentum = rms * math.sqrt((1.0 - betas[0]) / (1.0 + betas[0]))
+    mean0 = float(mags.mean()) if mags.numel() else 0.0
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), mags.cumsum(0)])
+
+    def ratio_for(travel: float, lr_end: float) -> tuple[float, float]:
+        # weights that reach 0 keep jittering around it by about the last lr (~lr/2 on average)
+        if not mags.numel() or mean0 == 0.0:
+            return 0.0, 1.0
+        k = int(torch.searchsorted(mags, torch.tensor([travel], dtype=torch.float64)))
+        remaining = float(csum[-1] - csum[k]) - travel * (mags.numel() - k) + 0.5 * lr_end * k
+        return remaining / float(csum[-1]), k / mags.numel()
+
+    def predict(sched: Any, steps: int) -> tuple[float, float, float, int | None]:
+        lrs = _lr_values(sched, steps)
+        travel, takeover = _travel(lrs, steps, decay, rms, betas, eps)
+        r, reach = ratio_for(travel, float(lrs[-1]) if lrs.numel() else 0.0)
+        return r, reach, travel, takeover
+
+    ratio, reach, travel, takeover = predict(lr_schedule, total_steps)
+    ok = ratio <= target_ratio
+
+    steps_needed = None
+    stretch = getattr(lr_schedule, "with_total", None)
+    if not ok and callable(stretch):
+        lo, hi = total_steps, None
+        t = total_steps
+        while t < max(64 * total_steps, 1_000_000):
+            t *= 2
+            if predict(stretch(t), t)[0] <= target_ratio:
+                hi = t
+                break
+            lo = t
+        if hi is not None:
+            while hi - lo > max(1, hi // 50):
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if predict(stretch(mid), mid)[0] <= target_ratio else (mid, hi)
+            steps_needed = hi
+    result = DecayBudget(
+        total_steps=total_steps,
+        decay=decay,
+        mean_pruned=pruned_sum / max(pruned_n, 1),
+        mean_kept=kept_sum / max(kept_n, 1),
+        momentum=momentum,
+        momentum_source=source,
+        takeover_step=takeover,
+        travel=travel,
+        predicted_ratio=ratio,
+        reach_zero=reach,
+        target_ratio=target_ratio,
+        steps_needed=steps_needed,
+        ok=ok,
+    )
+    if warn and not ok:
+        warnings.warn(str(result), UserWarning, stacklevel=2)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Masks, health metrics and finalize (SPEC §5)
+# --------------------------------------------------------------------------------------------
+
+
+def _optimizer_mask(optimizer: Any, w: Tensor) -> Tensor | None:
+    """The optimizer's current bool mask for ``w``, or None if it has none (yet)."""
+    if optimizer is None or not callable(getattr(optimizer, "mask", None)):
+        return None
+    try:
+        mask = optimizer.mask(w)
+    except (KeyError, RuntimeError, ValueError):
+        return None
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.shape != w.shape:
+        raise ValueError(
+            f"cast_ext.cast: optimizer.mask returned {mask.dtype} of shape {list(mask.shape)} "
+            f"for a weight of shape {list(w.shape)}; expected a bool mask of the same shape"
+        )
+    return mask
+
+
+def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
+    w = layer.weight.detach()
+    mask = _optimizer_mask(optimizer, layer.weight)
+    if mask is not None:
+        return mask.to(w.device), "optimizer"
+    return ops.sparse24_mask(w), "magnitude"
+
+
+def sparsity_health(
+    model: nn.Module,
+    optimizer: Any = None,
+    previous: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """The health signals of SPEC §5 for a prepared model.
+
+    Uses the optimizer's masks (``optimizer.mask(p)``) where it has them, else fresh 2:4
+    magnitude masks.
+
+    Args:
+        model: a prepared model.
+        optimizer: the AdamS optimizer, or None.
+        previous: the packed masks this function returned last time, to count mask flips.
+
+    Returns:
+        ``(metrics, packed_masks)``. ``metrics``: ``pruned_kept_ratio`` (mean |pruned w| / mean
+        |kept w|, all layers together), ``mean_pruned``, ``mean_kept``, ``mask_flips`` and
+        ``flip_rate`` (groups whose kept pair changed since ``previous``, count and share; NaN
+        without ``previous``), ``scale_min`` / ``scale_max`` (range of the learnable scales).
+    """
+    pruned_sum = kept_sum = 0.0
+    pruned_n = kept_n = 0
+    flips, groups = 0, 0
+    packed_all: dict[str, Tensor] = {}
+    s_min, s_max = math.inf, -math.inf
+    for layer in sparse_layers(model):
+        mask, _ = _layer_mask(layer, optimizer)
+        aw = layer.weight.detach().abs().float()
+        total = float(aw.sum())
+        kept = float(aw.masked_fill_(~mask, 0.0).sum())
+        n_kept = int(mask.sum())
+        kept_sum += kept
+        kept_n += n_kept
+        pruned_sum += total - kept
+        pruned_n += aw.numel() - n_kept
+        packed = ops.pack_mask(mask)
+        packed_all[layer.name] = packed
+        if previous is not None and layer.name in previous:
+            flips += int(ops.mask_flips(previous[layer.name], packed))
+            groups += mask.numel() // _M
+        sc = layer.scale.detach()
+        s_min, s_max = min(s_min, float(sc.min())), max(s_max, float(sc.max()))
+    mean_pruned = pruned_sum / max(pruned_n, 1)
+    mean_kept = kept_sum / max(kept_n, 1)
+    metrics = {
+        "pruned_kept_ratio": mean_pruned / mean_kept if mean_kept else math.nan,
+        "mean_pruned": mean_pruned,
+        "mean_kept": mean_kept,
+        "mask_flips": float(flips) if groups else math.nan,
+        "flip_rate": flips / groups if groups else math.nan,
+        "scale_min": s_min,
+        "scale_max": s_max,
+    }
+    return metrics, packed_all
+
+
+@dataclass
+class LayerReport:
+    """Per-layer result of :func:`finalize`.
+
+    Attributes:
+        name: module name.
+        shape: the module's weight shape after finalize (``[in, out]`` for ``Conv1D``).
+        exactly_24: every group of 4 along the input dim has at most 2 nonzeros.
+        nonzero_share: nonzeros / elements (0.5 unless weights were already 0).
+        pruned_magnitude_share: share of ``sum |A * W|`` that the prune removed.
+        mask_source: ``"optimizer"`` (AdamS's current mask) or ``"magnitude"`` (fresh 2:4).
+    """
+
+    name: str
+    shape: list[int]
+    exactly_24: bool
+    nonzero_share: float
+    pruned_magnitude_share: float
+    mask_source: str
+
+
+def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
+    """Hard 2:4 prune, fold the scales into the weights, and remove the parametrizations.
+
+    ``W <- (A * W) * mask`` per prepared layer, with ``mask`` the optimizer's current mask
+    (``optimizer.mask(p)``, the one AdamS decayed toward) or, without one, a fresh 2:4 magnitude
+    mask of ``W``. Afterwards each layer is a plain ``nn.Linear`` / ``Conv1D`` whose weight is
+    exactly 2:4 along the input dim; the model's outputs equal those of the scaled model with
+    the mask applied. The optimizer's references to the old weights are stale afterwards.
+
+    Args:
+        model: a prepared model, modified in place.
+        optimizer: the AdamS optimizer used for training, or None.
+
+    Returns:
+        One :class:`LayerReport` per layer, in module order.
+    """
+    reports = []
+    for layer in sparse_layers(model):
+        mask, source = _layer_mask(layer, optimizer)
+        module = layer.module
+        with torch.no_grad():
+            w = layer.weight.detach()
+            final = layer._param()._scaled(w)  # A * W, [out, in] (a new tensor)
+            a = final.abs()
+            total = float(a.sum())
+            removed = float(a.masked_fill_(mask, 0.0).sum())
+            final.masked_fill_(~mask, 0.0)
+            nnz_per_group = (final != 0).reshape(-1, _M).sum(-1)
+            exactly = bool((nnz_per_group <= _N).all())
+            nonzero = float(nnz_per_group.sum()) / max(final.numel(), 1)
+            del a
+        requires_grad = layer.weight.requires_grad
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        stored = final.t().contiguous() if layer.kind == "conv1d" else final.contiguous()
+        module.weight = nn.Parameter(stored, requires_grad=requires_grad)
+        reports.append(
+            LayerReport(
+                name=layer.name,
+                shape=list(stored.shape),
+                exactly_24=exactly,
+                nonzero_share=nonzero,
+                pruned_magnitude_share=removed / total if total else 0.0,
+                mask_source=source,
+            )
+        )
+    return reports
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and the reference training loop
+# --------------------------------------------------------------------------------------------
+
+
+def _logits(out: Any) -> Tensor:
+    return out if isinstance(out, Tensor) else out.logits
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
+    """Perplexity of a causal LM over token windows (each window predicts its own next tokens).
+
+    Args:
+        model: returns logits (or an output with ``.logits``) for ``input_ids``.
+        windows: ``[N, L]`` int64 token ids.
+        batch_size: windows per forward pass.
+
+    Returns:
+        ``exp(mean next-token cross-entropy)`` over the ``N * (L - 1)`` predictions.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(device)
+        logits = _logits(model(ids))
+        labels = shift_labels(ids)
+        loss = distill_loss(logits, None, labels, eta=0.0)
+        n = int((labels != -100).sum())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the JSON-able history of a run."""
+
+    steps: int = 0
+    tokens: int = 0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    health: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+        except ImportError:
+            pass
+    return None
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Tensor],
+    *,
+    total_steps: int,
+    lr_lambda: Callable[[int], float] | None = None,
+    teacher: nn.Module | None = None,
+    eta: float = 1.0 / 3.0,
+    temperature: float = 1.0,
+    grad_clip: float | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    health_every: int = 10,
+    after_step: Callable[[int], None] | None = None,
+    log_path: str | Path | None = None,
+    run_name: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """A reference CAST training loop; copy it and adapt.
+
+    Per step: forward the student (dense, with its scales), the teacher under ``no_grad`` if
+    given, :func:`distill_loss` (plain CE when ``teacher`` is None), backward, optional grad-norm
+    clipping, ``optimizer.step()``, the lr schedule, ``after_step(step)``. Every
+    ``health_every`` steps (and before the first and after the last) the SPEC §5 health signals
+    (:func:`sparsity_health`, plus ``alpha = step / total_steps``) of a prepared model are
+    recorded; every ``eval_every`` steps and at the end, ``eval_fn(model)``. Each record is also
+    appended as one JSON line to ``log_path``.
+
+    Args:
+        model: the student (a causal LM taking ``input_ids``), already on its device.
+        optimizer: e.g. ``cast_ext.AdamS(param_groups(model), ...)``.
+        batches: yields ``[B, L]`` int64 ``input_ids``; at least ``total_steps`` of them.
+        total_steps: steps to run.
+        lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
+        teacher: the frozen dense model, or None for plain fine-tuning.
+        eta, temperature: see :func:`distill_loss`.
+        grad_clip: max total grad norm, or None (default). Clipping rescales the gradients
+            that AdamS's ``lam`` competes with, so a clipped run decays sooner than
+            :func:`decay_budget` (which reads unclipped gradients) predicts.
+        eval_fn: ``model -> {metric: value}``; called in eval mode under ``no_grad`` by the
+            caller's code (e.g. :func:`perplexity`).
+        eval_every: steps between evaluations (0: only at the end).
+        health_every: steps between health records (0: never).
+        after_step: called with the completed step count after each optimizer step (e.g. to
+            re-apply a fixed mask).
+        log_path: JSON-lines file to append to.
+        run_name: written into every record.
+        progress: show a tqdm bar (if tqdm is installed).
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    device = next(model.parameters()).device
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+    )
+    log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
+    result = TrainResult()
+    prepared = bool(sparse_layers(model))
+    packed: dict[str, Tensor] | None = None
+
+    def record(kind: str, rec: dict[str, Any]) -> None:
+        rec = {"run": run_name, "kind": kind, **rec}
+        {"train": result.train, "eval": result.evals, "health": result.health}[kind].append(rec)
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    def health(step: int) -> None:
+        nonlocal packed
+        if not prepared or health_every <= 0:
+            return
+        metrics, packed = sparsity_health(model, optimizer, packed)
+        record("health", {"step": step, "alpha": min(step / total_steps, 1.0), **metrics})
+
+    def evaluate(step: int) -> None:
+        if eval_fn is None:
+            return
+        t0 = time.perf_counter()
+        metrics = eval_fn(model)
+        result.eval_time_s += time.perf_counter() - t0
+        record("eval", {"step": step, "tokens": result.tokens, **metrics})
+
+    bar = _progress(total_steps, run_name, progress)
+    it: Iterator[Tensor] = iter(batches)
+    health(0)
+    try:
+        for step in range(total_steps):
+            ids = next(it).to(device)
+            t0 = time.perf_counter()
+            model.train()
+            logits = _logits(model(ids))
+            labels = shift_labels(ids)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = _logits(teacher(ids))
+                loss, kl, ce = distill_loss(
+                    logits, t_logits, labels, eta=eta, temperature=temperature, return_parts=True
+                )
+                del t_logits
+            else:
+                loss, kl, ce = distill_loss(logits, None, labels, eta=0.0, return_parts=True)
+            del logits
+            loss.backward()
+            max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            if after_step is not None:
+                after_step(step + 1)
+            result.train_time_s += time.perf_counter() - t0
+            result.steps = step + 1
+            result.tokens += ids.numel()
+            loss_f = float(loss.detach())
+            if not math.isfinite(loss_f):
+                raise FloatingPointError(f"{run_name}: loss is {loss_f} at step {step}")
+            rec = {"step": step + 1, "tokens": result.tokens, "loss": loss_f, "lr": lr}
+            rec.update({"ce": float(ce), "grad_norm": gnorm})
+            if teacher is not None:
+                rec["kl"] = float(kl)
+            rec["time_s"] = result.train_time_s
+            record("train", rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_f:.3f}")
+            if health_every > 0 and (step + 1) % health_every == 0 and step + 1 < total_steps:
+                health(step + 1)
+            if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < total_steps:
+                evaluate(step + 1)
+        health(total_steps)
+        evaluate(total_steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    return result

