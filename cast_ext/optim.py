@@ -361,7 +361,13 @@ class AdamS(torch.optim.Optimizer):
                     f"load_state_dict: group {gi} has {len(old['params'])} params in the state "
                     f"dict but {len(group['params'])} here"
                 )
-            sparse = bool(old.get("sparse", group["sparse"]))
+            sparse = group["sparse"]
+            if "sparse" in old and bool(old["sparse"]) != sparse:
+                # Loading would overwrite the flag: a sparse param silently stepped as plain Adam.
+                raise _err(
+                    f"load_state_dict: group {gi} is {'sparse' if sparse else 'dense'} here but "
+                    f"{'sparse' if old['sparse'] else 'dense'} in the state dict"
+                )
             for pi, (old_id, p) in enumerate(zip(old["params"], group["params"], strict=True)):
                 st = saved_state.get(old_id)
                 if not st:
