@@ -171,7 +171,13 @@ class AdamS(torch.optim.Optimizer):
     Raises:
         ValueError: at construction, for hyperparameters out of range, a missing
             ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
-            multiple of ``m`` (the message names the param by shape and the rule).
+            multiple of ``m`` (the message names the param by shape and the rule); a DTensor
+            param with a ``Partial`` placement, or a sparse one sharded on its last dim.
+
+    DTensor params (FSDP2) are stepped on their local shards; their state entries are DTensors
+    laid out like the param (``step`` stays a plain 0-d tensor), so
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+    ``set_optimizer_state_dict`` and ``torch.distributed.checkpoint`` save and load them.
     """
 
     def __init__(
@@ -275,15 +281,16 @@ class AdamS(torch.optim.Optimizer):
             super().add_param_group({**param_group, "params": params, "sparse": False})
             return
         self._check_layouts(sparse_ps, True, m)
-        self._check_layouts(dense_ps, False, m)
+        self._check_layouts(dense_ps, False, m, offset=1 if sparse_ps else 0)
         for flag, ps in ((True, sparse_ps), (False, dense_ps)):
             if ps:
                 super().add_param_group({**param_group, "params": ps, "sparse": flag})
 
-    def _check_layouts(self, params: list[Tensor], sparse: bool, m: int) -> None:
-        where = f"{len(self.param_groups)}" if hasattr(self, "param_groups") else "0"
+    def _check_layouts(self, params: list[Tensor], sparse: bool, m: int, offset: int = 0) -> None:
+        """``_check_placements`` for a group about to be added (named by its future index)."""
+        gi = len(self.param_groups) + offset
         for i, p in enumerate(params):
-            _check_placements(p, sparse, m, f"{i} of group {where} ")
+            _check_placements(p, sparse, m, f"{i} of group {gi} ")
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -428,14 +435,14 @@ class AdamS(torch.optim.Optimizer):
             return per_device[key]
 
         fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
-                _check_placements(p, group["sparse"], group["m"])
+                _check_placements(p, group["sparse"], group["m"], f"{pi} of group {gi} ")
                 if not self.state[p]:
                     self._init_state(p, group)
                 buckets[(p.device, p.dtype)].append(p)
