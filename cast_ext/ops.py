@@ -466,6 +466,9 @@ def adams_step_(
         every list item its param's shape, except masks ``[*shape[:-1], ceil(shape[-1] / 8)]``
         and steps ``[]`` (or ``[1]``).
     """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks)
+    if not any(lists) and grad_scale is None and found_inf is None:
+        return  # nothing to step (and no tensor for the dispatcher to pick a device from)
     torch.ops.cast_ext.adams_step_(
         params,
         grads,

@@ -7,6 +7,15 @@ Adam's normalisation, so pruned weights slide to zero. Masks are refreshed from 
 ``sparse=False`` get plain Adam/AdamW from the same fused op. The math is
 :func:`cast_ext.reference.adams_step_`; the default ``impl="auto"`` runs the fused kernel
 (:func:`cast_ext.ops.adams_step_`), one call per (device, dtype) bucket of each group.
+
+Distributed (SPEC §5): under DDP the params are plain tensors and nothing changes. DTensor params
+(FSDP2 ``fully_shard``, which shards dim 0) are stepped on their local shards; their state
+tensors are DTensors with the param's mesh and placements (masks ``[*shape[:-1], ceil(k/8)]``
+carry the same row sharding), so ``torch.distributed.checkpoint`` saves and reshards them like
+``torch.optim.Adam``'s. A sparse param whose placement would cut a row (a ``Shard`` of the last
+dim, so a group of ``m`` could straddle ranks) or hold partial sums (``Partial``) is refused: the
+masks would be wrong or silently missing, and a silent fallback to plain Adam is the failure to
+guard against.
 """
 
 from __future__ import annotations
@@ -20,6 +29,14 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+
+try:  # torch.distributed is optional (some builds lack it)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+
+    class DTensor:  # type: ignore[no-redef]
+        """Placeholder: nothing is a DTensor without torch.distributed."""
+
 
 __all__ = ["AdamS"]
 
@@ -43,6 +60,76 @@ def _err(msg: str) -> ValueError:
 
 def _eligible(p: Tensor, m: int) -> bool:
     return p.dim() == 2 and p.shape[-1] % m == 0
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor the kernel updates in place: a DTensor's local shard (a view), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _describe(p: Tensor, where: str) -> str:
+    desc = f"param {where}of shape {list(p.shape)}"
+    if isinstance(p, DTensor):
+        desc += f" (DTensor, placements {tuple(p.placements)})"
+    return desc
+
+
+def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
+    """Refuse a DTensor layout the step cannot run shard-locally (no-op for plain tensors).
+
+    Every param: no ``Partial`` placement (local values are not the param's values) and no
+    placement type other than ``Replicate`` / ``Shard`` (incl. strided shards of a dim). Sparse
+    params additionally: no sharding of the last dim, and the local last dim is the whole row (a
+    multiple of ``m``), so every group of ``m`` lies on one rank.
+    """
+    if not isinstance(p, DTensor):
+        return
+    for pl in p.placements:
+        if pl.is_replicate():
+            continue
+        if pl.is_partial():
+            raise _err(
+                f"{_describe(p, where)} has a Partial placement: its local values are partial "
+                "sums, not the weights; redistribute to Shard/Replicate before stepping"
+            )
+        dim = getattr(pl, "dim", None)
+        if not isinstance(dim, int):
+            raise _err(f"{_describe(p, where)} has an unsupported placement {pl!r}")
+        if sparse and dim % p.dim() == p.dim() - 1:
+            raise _err(
+                f"{_describe(p, where)} is sparse but sharded on its last dim: N:M groups of "
+                f"m={m} run along the last dim and must stay whole on one rank (shard dim 0, "
+                "as FSDP2 does, or make the param dense with sparse=False)"
+            )
+    if sparse:
+        k_local = p.to_local().shape[-1]
+        if k_local != p.shape[-1] or k_local % m != 0:
+            raise _err(
+                f"{_describe(p, where)} is sparse but its local last dim is {k_local}: it must be "
+                f"the full row ({p.shape[-1]}), a multiple of m={m}"
+            )
+
+
+def _state_like(p: Tensor, local: Tensor, shape: list[int]) -> Tensor:
+    """``local`` (built on ``p``'s local shard) as a DTensor laid out like ``p``, else itself.
+
+    ``shape`` is the global shape; ``p``'s placements only shard dims the state shares with it
+    (masks differ from ``p`` in the last dim only, which a sparse DTensor never shards).
+    """
+    if not isinstance(p, DTensor):
+        return local
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
+    )
+
+
+def _expected_shape(key: str, p: Tensor) -> list[int] | None:
+    if key in ("exp_avg", "exp_avg_sq", "master"):
+        return list(p.shape)
+    if key in ("mask", "prev_mask"):
+        return [*p.shape[:-1], (p.shape[-1] + 7) // 8] if p.dim() >= 1 else None
+    return None
 
 
 class AdamS(torch.optim.Optimizer):
@@ -84,7 +171,13 @@ class AdamS(torch.optim.Optimizer):
     Raises:
         ValueError: at construction, for hyperparameters out of range, a missing
             ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
-            multiple of ``m`` (the message names the param by shape and the rule).
+            multiple of ``m`` (the message names the param by shape and the rule); a DTensor
+            param with a ``Partial`` placement, or a sparse one sharded on its last dim.
+
+    DTensor params (FSDP2) are stepped on their local shards; their state entries are DTensors
+    laid out like the param (``step`` stays a plain 0-d tensor), so
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+    ``set_optimizer_state_dict`` and ``torch.distributed.checkpoint`` save and load them.
     """
 
     def __init__(
@@ -176,32 +269,54 @@ class AdamS(torch.optim.Optimizer):
                             f"param of shape {list(p.shape)} is in a sparse group: its last "
                             f"dim must be a multiple of m={m}"
                         )
+            self._check_layouts(params, sparse, merged["m"])
             super().add_param_group({**param_group, "params": params})
             return
         m = merged["m"]
+        # Eligibility is decided on the global shape: a DTensor's layout never demotes it to
+        # the dense group (a bad layout is refused below instead).
         sparse_ps = [p for p in params if _eligible(p, m)]
         dense_ps = [p for p in params if not _eligible(p, m)]
         if not sparse_ps and not dense_ps:
             super().add_param_group({**param_group, "params": params, "sparse": False})
             return
+        self._check_layouts(sparse_ps, True, m)
+        self._check_layouts(dense_ps, False, m, offset=1 if sparse_ps else 0)
         for flag, ps in ((True, sparse_ps), (False, dense_ps)):
             if ps:
                 super().add_param_group({**param_group, "params": ps, "sparse": flag})
 
+    def _check_layouts(self, params: list[Tensor], sparse: bool, m: int, offset: int = 0) -> None:
+        """``_check_placements`` for a group about to be added (named by its future index)."""
+        gi = len(self.param_groups) + offset
+        for i, p in enumerate(params):
+            _check_placements(p, sparse, m, f"{i} of group {gi} ")
+
     # ---- state ---------------------------------------------------------------------------------
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """Fresh state; for a DTensor ``p``, DTensors laid out like ``p`` (``step`` stays plain,
+        as in ``torch.optim.Adam``), each wrapping a contiguous local tensor the kernel updates."""
         state = self.state[p]
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        lp = _local(p)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
+
+        def like(local: Tensor, shape: list[int]) -> Tensor:
+            return _state_like(p, local, shape)
+
+        zeros = torch.zeros(lp.shape, dtype=torch.float32, device=lp.device)
+        state["exp_avg"] = like(zeros, list(p.shape))
+        state["exp_avg_sq"] = like(torch.zeros_like(zeros), list(p.shape))
         if p.dtype != torch.float32:
-            state["master"] = p.detach().float().contiguous()
+            state["master"] = like(lp.detach().float().contiguous(), list(p.shape))
         if group["sparse"]:
             shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
+            lshape = [*lp.shape[:-1], (lp.shape[-1] + 7) // 8]
             # Filled at the first step: t = 0 is a refresh.
-            state["mask"] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
-            state["prev_mask"] = torch.zeros(shape, dtype=torch.uint8, device=p.device)
+            state["mask"] = like(torch.zeros(lshape, dtype=torch.uint8, device=lp.device), shape)
+            state["prev_mask"] = like(
+                torch.zeros(lshape, dtype=torch.uint8, device=lp.device), shape
+            )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,6 +328,7 @@ class AdamS(torch.optim.Optimizer):
         """
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        self._check_loadable(saved_groups, saved_state)
         super().load_state_dict(state_dict)
         id_map = {
             old_id: p
@@ -233,6 +349,62 @@ class AdamS(torch.optim.Optimizer):
                 )
                 for key, val in st.items()
             }
+
+    def _check_loadable(self, saved_groups: list[dict[str, Any]], saved_state: dict) -> None:
+        """Refuse, before anything changes, a state dict made for other params (another model).
+
+        Checks the group structure, that every state tensor has the shape the param needs, that
+        masks exist exactly for sparse groups, and that DTensor params get DTensor state.
+        """
+        if len(saved_groups) != len(self.param_groups):
+            raise _err(
+                f"load_state_dict: the state dict has {len(saved_groups)} param groups, this "
+                f"optimizer {len(self.param_groups)} (AdamS splits a group without `sparse` "
+                "into a sparse and a dense group; build both optimizers from the same model)"
+            )
+        for gi, (old, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(old["params"]) != len(group["params"]):
+                raise _err(
+                    f"load_state_dict: group {gi} has {len(old['params'])} params in the state "
+                    f"dict but {len(group['params'])} here"
+                )
+            sparse = group["sparse"]
+            if "sparse" in old and bool(old["sparse"]) != sparse:
+                # Loading would overwrite the flag: a sparse param silently stepped as plain Adam.
+                raise _err(
+                    f"load_state_dict: group {gi} is {'sparse' if sparse else 'dense'} here but "
+                    f"{'sparse' if old['sparse'] else 'dense'} in the state dict"
+                )
+            for pi, (old_id, p) in enumerate(zip(old["params"], group["params"], strict=True)):
+                st = saved_state.get(old_id)
+                if not st:
+                    continue
+                where = f"{pi} of group {gi} "
+                if sparse != ("mask" in st):
+                    raise _err(
+                        f"load_state_dict: {_describe(p, where)}: the saved state "
+                        f"{'lacks' if sparse else 'has'} a mask but the group is "
+                        f"{'sparse' if sparse else 'dense'}"
+                    )
+                for key, val in st.items():
+                    if not isinstance(val, Tensor):
+                        continue
+                    want = _expected_shape(key, p)
+                    if key == "step" and val.numel() != 1:
+                        want = []
+                    if want is not None and list(val.shape) != want:
+                        raise _err(
+                            f"load_state_dict: {_describe(p, where)}: saved state {key!r} has "
+                            f"shape {list(val.shape)}, expected {want} (a state dict of "
+                            "another model?)"
+                        )
+                    if key != "step" and isinstance(p, DTensor) != isinstance(val, DTensor):
+                        raise _err(
+                            f"load_state_dict: {_describe(p, where)}: saved state {key!r} is "
+                            f"{'a DTensor' if isinstance(val, DTensor) else 'a plain tensor'}; "
+                            "state must be laid out like its param (for FSDP2 load through "
+                            "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict)"
+                        )
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -263,13 +435,14 @@ class AdamS(torch.optim.Optimizer):
             return per_device[key]
 
         fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
+                _check_placements(p, group["sparse"], group["m"], f"{pi} of group {gi} ")
                 if not self.state[p]:
                     self._init_state(p, group)
                 buckets[(p.device, p.dtype)].append(p)
@@ -277,15 +450,21 @@ class AdamS(torch.optim.Optimizer):
             for (device, _), ps in buckets.items():
                 states = [self.state[p] for p in ps]
                 sparse = group["sparse"]
+
+                def each(key: str, states: list = states) -> list[Tensor]:
+                    return [_local(s[key]) for s in states]
+
+                # DTensors (FSDP2) step on their local shards: the placements were checked to
+                # keep every row whole, and the state is laid out like the param.
                 fn(
-                    ps,
-                    [p.grad.contiguous() for p in ps],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["mask"] for s in states] if sparse else [],
-                    [s["step"] for s in states],
-                    [s["master"] for s in states] if "master" in states[0] else [],
-                    [s["prev_mask"] for s in states] if sparse else [],
+                    [_local(p) for p in ps],
+                    [_local(p.grad).contiguous() for p in ps],
+                    each("exp_avg"),
+                    each("exp_avg_sq"),
+                    each("mask") if sparse else [],
+                    each("step"),
+                    each("master") if "master" in states[0] else [],
+                    each("prev_mask") if sparse else [],
                     lr=float(group["lr"]),
                     beta1=float(beta1),
                     beta2=float(beta2),
@@ -314,6 +493,8 @@ class AdamS(torch.optim.Optimizer):
     def mask(self, p: Tensor) -> Tensor:
         """The current N:M mask of sparse param ``p`` (bool, ``p``'s shape; True = kept).
 
+        For a DTensor ``p``: the mask of this rank's local shard (a plain tensor of its shape).
+
         Raises:
             ValueError: ``p`` is not a sparse param of this optimizer.
             RuntimeError: ``p`` has not been stepped yet (its mask is computed at its first step).
@@ -325,7 +506,7 @@ class AdamS(torch.optim.Optimizer):
                 f"cast_ext.AdamS: param of shape {list(p.shape)} has no mask yet; it is "
                 "computed from the weights at the param's first step"
             )
-        return ops.unpack_mask(state["mask"], p.shape[-1])
+        return ops.unpack_mask(_local(state["mask"]), p.shape[-1])
 
     def sparsity_stats(self) -> dict[Tensor, dict[str, float | int | None]]:
         """Health signals of every stepped sparse param (SPEC §5), keyed by the param.
@@ -335,6 +516,7 @@ class AdamS(torch.optim.Optimizer):
             weights), ``mask_flips`` (groups whose kept set changed at the last refresh; None
             before the second refresh), ``flip_rate`` (``mask_flips`` / groups), ``alpha`` (the
             ramp weight the next step applies, ``min(step / total_steps, 1)``) and ``step``.
+            For DTensor params the statistics are of this rank's local shard.
         """
         out: dict[Tensor, dict[str, float | int | None]] = {}
         for group in self.param_groups:
@@ -345,14 +527,18 @@ class AdamS(torch.optim.Optimizer):
                 if not state or "mask" not in state:
                     continue
                 t = int(state["step"].item())
-                w = state.get("master", p).detach().float().abs()
-                kept = ops.unpack_mask(state["mask"], p.shape[-1])
+                w = _local(state.get("master", p)).detach().float().abs()
+                kept = ops.unpack_mask(_local(state["mask"]), p.shape[-1])
                 kept_mean = w[kept].mean().item() if bool(kept.any()) else float("nan")
                 pruned_mean = w[~kept].mean().item() if bool((~kept).any()) else float("nan")
-                groups = p.numel() // group["m"]
+                groups = w.numel() // group["m"]
                 refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1
                 flips = (
-                    int(ops.mask_flips(state["prev_mask"], state["mask"], group["m"]).item())
+                    int(
+                        ops.mask_flips(
+                            _local(state["prev_mask"]), _local(state["mask"]), group["m"]
+                        ).item()
+                    )
                     if refreshes >= 2
                     else None
                 )

@@ -7,7 +7,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -79,6 +81,49 @@ inline void check_scalar_tensor(const char* op, const std::string& name, const a
              ref.device());
   CAST_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, op, name, " of shape ", shape_str(t),
              " and dtype ", t.scalar_type(), " must be a one-element float32 tensor");
+}
+
+// One tensor's bytes, [begin, end), for the overlap check.
+struct Span {
+  uintptr_t begin, end;
+  bool written;
+  const char* list;
+  size_t index;
+};
+
+inline void add_spans(std::vector<Span>& out, at::TensorList ts, const char* list, bool written) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    if (t.numel() == 0) continue;
+    const auto b = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    out.push_back({b, b + uintptr_t(t.numel()) * uintptr_t(t.element_size()), written, list, i});
+  }
+}
+
+// No tensor the op writes may share memory with any other tensor of the call (the same tensor
+// passed as a param and an exp_avg, twice in a list, or overlapping views of one buffer): the
+// kernels read and write each element once in an unspecified order, so aliasing would make the
+// result depend on that order. Grads are only read and may alias each other; disjoint views of
+// one buffer (flat-parameter layouts) are fine. Called after the contiguity checks, so each
+// tensor is one byte range; sorting the ranges finds an overlap in O(N log N).
+inline void check_no_overlap(const char* op, std::vector<Span>& spans) {
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  const Span* wmax = nullptr;  // the written span reaching furthest so far
+  const Span* rmax = nullptr;  // the read-only span reaching furthest so far
+  for (const Span& s : spans) {
+    const Span* hit = nullptr;
+    if (wmax && s.begin < wmax->end)
+      hit = wmax;
+    else if (s.written && rmax && s.begin < rmax->end)
+      hit = rmax;
+    CAST_CHECK(hit == nullptr, op, item(s.list, s.index), " shares memory with ",
+               hit ? item(hit->list, hit->index) : std::string(),
+               "; every tensor the op writes must have memory of its own (no aliasing or "
+               "overlapping tensors)");
+    const Span*& top = s.written ? wmax : rmax;
+    if (!top || s.end > top->end) top = &s;
+  }
 }
 
 }  // namespace adams_detail
@@ -161,6 +206,18 @@ inline void check_adams_args(const char* op, at::TensorList params, at::TensorLi
   }
   if (grad_scale.has_value()) adams_detail::check_scalar_tensor(op, "grad_scale", *grad_scale, ref);
   if (found_inf.has_value()) adams_detail::check_scalar_tensor(op, "found_inf", *found_inf, ref);
+
+  std::vector<adams_detail::Span> spans;
+  spans.reserve(8 * n);
+  adams_detail::add_spans(spans, params, "params", true);
+  adams_detail::add_spans(spans, grads, "grads", false);
+  adams_detail::add_spans(spans, exp_avgs, "exp_avgs", true);
+  adams_detail::add_spans(spans, exp_avg_sqs, "exp_avg_sqs", true);
+  adams_detail::add_spans(spans, masks, "masks", true);
+  adams_detail::add_spans(spans, steps, "steps", true);
+  adams_detail::add_spans(spans, master_params, "master_params", true);
+  adams_detail::add_spans(spans, prev_masks, "prev_masks", true);
+  adams_detail::check_no_overlap(op, spans);
 }
 
 }  // namespace cast_ext
