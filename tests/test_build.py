@@ -74,7 +74,7 @@ def test_cpu_only_build_explains_cuda_calls():
 
 def _sample_args(op: str, w: torch.Tensor) -> tuple[list, dict]:
     # Only the dispatch matters: the CPU-only CUDA kernel raises before reading any argument.
-    samples = {"Tensor": w, "Tensor[]": [w], "int": 4, "float": 0.5, "bool": False, "str": "none"}
+    samples = {"Tensor": w, "List[Tensor]": [w], "int": 4, "float": 0.5, "str": "none"}
     args, kwargs = [], {}
     for a in getattr(torch.ops.cast_ext, op).default._schema.arguments:
         if not a.kwarg_only:

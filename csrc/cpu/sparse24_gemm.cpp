@@ -106,28 +106,6 @@ bool gemm_rows(const T* x, const T* vals, const uint8_t* meta, const T* bias, in
   return all_ok;
 }
 
-void check_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& values,
-                     const at::Tensor& meta, const std::optional<at::Tensor>& bias) {
-  check_compressed(op, values, meta);
-  CAST_CHECK(values.dim() == 2, op, "values of shape ", shape_str(values),
-             " must be 2-D [out_features, in_features / 2] (one weight matrix)");
-  CAST_CHECK(x.dim() >= 1, op, "x must have at least one dim, got a 0-d tensor");
-  CAST_CHECK(x.scalar_type() == values.scalar_type(), op, "x has dtype ", x.scalar_type(),
-             " but values has dtype ", values.scalar_type(), "; they must match");
-  check_same_device(op, "x", x, "values", values);
-  const int64_t k = values.size(1) * 2;
-  CAST_CHECK(x.size(-1) == k, op, "x of shape ", shape_str(x), " and values of shape ",
-             shape_str(values), ": x's last dim must be in_features = 2 * values.size(1) = ", k);
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    CAST_CHECK(b.dim() == 1 && b.size(0) == values.size(0), op, "bias of shape ", shape_str(b),
-               " must be 1-D of size out_features = ", values.size(0));
-    CAST_CHECK(b.scalar_type() == x.scalar_type(), op, "bias has dtype ", b.scalar_type(),
-               " but x has dtype ", x.scalar_type(), "; they must match");
-    check_same_device(op, "bias", b, "x", x);
-  }
-}
-
 at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
                              const at::Tensor& meta_in, const std::optional<at::Tensor>& bias_in) {
   const char* op = "sparse24_gemm";

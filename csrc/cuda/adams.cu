@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/kernels.h"
+#include "cuda/vec8.cuh"
 #include "nm_select.h"
 
 namespace cast_ext {
@@ -60,57 +61,6 @@ struct StepArgs {
   const float* found_inf;
 };
 static_assert(sizeof(StepArgs) <= 4096, "kernel arguments over 4 KB");
-
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float from(float x) { return x; }
-};
-template <>
-struct Conv<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
-};
-
-template <typename T>
-struct alignas(16) Pack8 {
-  T v[8];
-};
-
-// 8 (or `cnt` < 8) elements; vector path: 16-byte loads, pointer aligned by the launcher.
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, int cnt, bool vec, Pack8<T>& out) {
-  if (vec) {
-    const uint4* src = reinterpret_cast<const uint4*>(p);
-    uint4* dst = reinterpret_cast<uint4*>(&out);
-#pragma unroll
-    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = src[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out.v[i] = i < cnt ? p[i] : Conv<T>::from(0.f);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, int cnt, bool vec, const Pack8<T>& in) {
-  if (vec) {
-    uint4* dst = reinterpret_cast<uint4*>(p);
-    const uint4* src = reinterpret_cast<const uint4*>(&in);
-#pragma unroll
-    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = src[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < cnt) p[i] = in.v[i];
-  }
-}
 
 // Float coefficients of one tensor's step: the formulas of csrc/adams.h adams_coeffs.
 struct Coeffs {

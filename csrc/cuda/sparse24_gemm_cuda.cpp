@@ -19,23 +19,7 @@ namespace {
 at::Tensor sparse24_gemm_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const std::optional<at::Tensor>& bias) {
   const char* op = "sparse24_gemm";
-  check_compressed(op, values, meta);
-  CAST_CHECK(values.dim() == 2, op, "values of shape ", shape_str(values),
-             " must be 2-D [out_features, in_features / 2] (one weight matrix)");
-  CAST_CHECK(x.dim() >= 1, op, "x must have at least one dim, got a 0-d tensor");
-  CAST_CHECK(x.scalar_type() == values.scalar_type(), op, "x has dtype ", x.scalar_type(),
-             " but values has dtype ", values.scalar_type(), "; they must match");
-  check_same_device(op, "x", x, "values", values);
-  CAST_CHECK(x.size(-1) == values.size(1) * 2, op, "x of shape ", shape_str(x),
-             " and values of shape ", shape_str(values),
-             ": x's last dim must be in_features = 2 * values.size(1) = ", values.size(1) * 2);
-  if (bias.has_value()) {
-    CAST_CHECK(bias->dim() == 1 && bias->size(0) == values.size(0), op, "bias of shape ",
-               shape_str(*bias), " must be 1-D of size out_features = ", values.size(0));
-    CAST_CHECK(bias->scalar_type() == x.scalar_type(), op, "bias has dtype ", bias->scalar_type(),
-               " but x has dtype ", x.scalar_type(), "; they must match");
-    check_same_device(op, "bias", *bias, "x", x);
-  }
+  check_gemm_args(op, x, values, meta, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   static const auto decompress = c10::Dispatcher::singleton()
                                      .findSchemaOrThrow("cast_ext::sparse24_decompress", "")

@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/kernels.h"
+#include "cuda/vec8.cuh"
 #include "nm_select.h"
 
 namespace cast_ext {
@@ -26,57 +27,6 @@ constexpr int kThreads = 256;
 // Elements a thread owns: 8, or 4 at the end of a row whose length is 4 mod 8.
 __device__ __forceinline__ int count8(int64_t k, int64_t col) {
   return k - col < 8 ? int(k - col) : 8;
-}
-
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  static __device__ __forceinline__ float to(float x) { return x; }
-  static __device__ __forceinline__ float zero() { return 0.f; }
-};
-template <>
-struct Conv<__half> {
-  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half zero() { return __float2half(0.f); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 zero() { return __float2bfloat16(0.f); }
-};
-
-// 8 elements of T in registers, loaded with 16-byte vectors when `vec`.
-template <typename T>
-struct alignas(16) Pack8 {
-  T v[8];
-};
-
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, int count, bool vec, Pack8<T>& out) {
-  if (vec) {
-    const uint4* src = reinterpret_cast<const uint4*>(p);
-    uint4* dst = reinterpret_cast<uint4*>(&out);
-#pragma unroll
-    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = __ldg(src + i);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out.v[i] = i < count ? p[i] : Conv<T>::zero();
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* p, int count, bool vec, const Pack8<T>& in) {
-  if (vec) {
-    uint4* dst = reinterpret_cast<uint4*>(p);
-    const uint4* src = reinterpret_cast<const uint4*>(&in);
-#pragma unroll
-    for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = src[i];
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < count) p[i] = in.v[i];
-  }
 }
 
 // Bits of the kept elements among the `count` (4 or 8) loaded ones.
@@ -124,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
     } else if (MODE == MaskOut::Prune) {
       Pack8<T> y;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::zero();
+      for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::from(0.f);
       store8(values_out + off, count, aligned_rows, y);
     } else {  // Compress (2:4): the 2 kept values of each group in ascending position.
       T kept[4];
@@ -169,7 +119,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const bool keep = ok && ((bits >> i) & 1u);
-      y.v[i] = keep ? src[c & 3] : Conv<T>::zero();
+      y.v[i] = keep ? src[c & 3] : Conv<T>::from(0.f);
       c += keep;
     }
     store8(out + r * k + col, count, aligned_rows, y);
