@@ -49,7 +49,7 @@ struct UpdateArgs {
   int64_t chunk_end[kMaxTensors];  // inclusive prefix sum of chunks
   uint8_t vec[kMaxTensors];        // 16-byte vector access allowed
   int ntensors;
-  AdamsScalars h;
+  AdamsHyper h;
   const float* grad_scale;
   const float* found_inf;
 };
@@ -61,30 +61,6 @@ struct StepArgs {
   const float* found_inf;
 };
 static_assert(sizeof(StepArgs) <= 4096, "kernel arguments over 4 KB");
-
-// Float coefficients of one tensor's step: the formulas of csrc/adams.h adams_coeffs.
-struct Coeffs {
-  float b1, c1, b2, c2, oma, ad, rbc1, rbc2, eps, lr, wdf;
-  bool refresh;
-};
-
-__device__ __forceinline__ Coeffs make_coeffs(const AdamsScalars& h, int64_t t, bool sparse) {
-  Coeffs c;
-  const double alpha = fmin(double(t) / double(h.total_steps), 1.0);
-  c.b1 = float(h.beta1);
-  c.c1 = float(1.0 - h.beta1);
-  c.b2 = float(h.beta2);
-  c.c2 = float(1.0 - h.beta2);
-  c.oma = float(1.0 - alpha);
-  c.ad = float(alpha * h.decay);
-  c.rbc1 = __fdiv_rn(1.f, float(1.0 - pow(h.beta1, double(t + 1))));
-  c.rbc2 = __fdiv_rn(1.f, float(1.0 - pow(h.beta2, double(t + 1))));
-  c.eps = float(h.eps);
-  c.lr = float(h.lr);
-  c.wdf = float(1.0 - h.lr * h.weight_decay);
-  c.refresh = sparse && (t % h.mask_interval) == 0;
-  return c;
-}
 
 // Mask bits of one unit from its fp32 weights (cnt 8, or 4 at a row end for m = 4).
 __device__ __forceinline__ uint32_t rank_unit(const float* w, int cnt, int n, int m) {
@@ -103,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
   if (args.found_inf != nullptr && *args.found_inf != 0.f) return;
   const float inv_scale = args.grad_scale != nullptr ? __fdiv_rn(1.f, *args.grad_scale) : 1.f;
   const int64_t total_chunks = args.chunk_end[args.ntensors - 1];
-  __shared__ Coeffs shared_c;
+  __shared__ AdamsCoeffs shared_c;
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     // First tensor whose inclusive chunk_end exceeds `chunk`.
     int lo = 0, hi = args.ntensors - 1;
@@ -125,9 +101,9 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
     const bool vec_ok = args.vec[ti] != 0;
     // One thread derives the tensor's coefficients (two double pows) for the whole block. The
     // chunk loop is uniform across the block, so the barriers are reached by every thread.
-    if (threadIdx.x == 0) shared_c = make_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
+    if (threadIdx.x == 0) shared_c = adams_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
     __syncthreads();
-    const Coeffs c = shared_c;
+    const AdamsCoeffs c = shared_c;
     __syncthreads();  // everyone has its copy before thread 0 overwrites it for the next chunk
     T* __restrict__ pp = static_cast<T*>(args.p[ti]);
     const T* __restrict__ gp = static_cast<const T*>(args.g[ti]);
@@ -157,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
       if (kSparse) {
         uint8_t* mk = args.mask[ti] + u;
         if (c.refresh) {
-          bits = rank_unit(w.v, cnt, args.h.n, args.h.m);
+          bits = rank_unit(w.v, cnt, int(args.h.n), int(args.h.m));
           if (args.prev[ti] != nullptr) args.prev[ti][u] = *mk;
           *mk = uint8_t(bits);
         } else {
@@ -205,7 +181,7 @@ __global__ void adams_steps_kernel(const StepArgs args) {
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, bool kMaster, bool kSparse>
-cudaError_t launch_all(const AdamsTensorArgs* ts, int64_t count, const AdamsScalars& h,
+cudaError_t launch_all(const AdamsTensorArgs* ts, int64_t count, const AdamsHyper& h,
                        const float* grad_scale, const float* found_inf, int num_sms,
                        cudaStream_t stream) {
   for (int64_t b = 0; b < count;) {
@@ -260,7 +236,7 @@ cudaError_t launch_all(const AdamsTensorArgs* ts, int64_t count, const AdamsScal
 
 template <typename T, bool kMaster>
 cudaError_t launch_sparse(bool sparse, const AdamsTensorArgs* ts, int64_t count,
-                          const AdamsScalars& h, const float* gs, const float* fi, int sms,
+                          const AdamsHyper& h, const float* gs, const float* fi, int sms,
                           cudaStream_t st) {
   return sparse ? launch_all<T, kMaster, true>(ts, count, h, gs, fi, sms, st)
                 : launch_all<T, kMaster, false>(ts, count, h, gs, fi, sms, st);
@@ -269,7 +245,7 @@ cudaError_t launch_sparse(bool sparse, const AdamsTensorArgs* ts, int64_t count,
 }  // namespace
 
 cudaError_t adams_step(DType dt, bool master, bool sparse, const AdamsTensorArgs* tensors,
-                       int64_t count, const AdamsScalars& h, const float* grad_scale,
+                       int64_t count, const AdamsHyper& h, const float* grad_scale,
                        const float* found_inf, int num_sms, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   if (num_sms < 1) num_sms = 1;

@@ -54,11 +54,9 @@ void adams_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     t.k = sparse ? params[i].size(-1) : numel;
     t.rows = t.k == 0 ? 0 : numel / t.k;
   }
-  const cuda::AdamsScalars s{lr,    beta1,       beta2,         eps,    weight_decay,
-                             decay, total_steps, mask_interval, int(n), int(m)};
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err = cuda::adams_step(
-      adams_dtype(params[0].scalar_type()), master, sparse, ts.data(), int64_t(ts.size()), s,
+      adams_dtype(params[0].scalar_type()), master, sparse, ts.data(), int64_t(ts.size()), h,
       grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr,
       found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr, sms,
       at::cuda::getCurrentCUDAStream());

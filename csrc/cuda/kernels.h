@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "adams_coeffs.h"
+
 namespace cast_ext {
 namespace cuda {
 
@@ -55,17 +57,11 @@ struct AdamsTensorArgs {
   int64_t rows, k;
 };
 
-struct AdamsScalars {
-  double lr, beta1, beta2, eps, weight_decay, decay;
-  int64_t total_steps, mask_interval;
-  int n, m;
-};
-
 // All tensors share dtype `dt` and one device. Runs the update (one launch per few dozen tensors)
 // then increments the steps (skipped on the device when *found_inf != 0). grad_scale and
 // found_inf: device fp32 scalars or nullptr. num_sms sizes the grid.
 cudaError_t adams_step(DType dt, bool master, bool sparse, const AdamsTensorArgs* tensors,
-                       int64_t count, const AdamsScalars& h, const float* grad_scale,
+                       int64_t count, const AdamsHyper& h, const float* grad_scale,
                        const float* found_inf, int num_sms, cudaStream_t stream);
 
 }  // namespace cuda
