@@ -44,6 +44,8 @@ def quick() -> bool:
 
 
 def _git_sha() -> str:
+    if os.environ.get("CAST_EXT_GIT_SHA"):  # copies without .git (the GPU machine)
+        return os.environ["CAST_EXT_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

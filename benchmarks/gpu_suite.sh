@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The one GPU check: on a machine with a CUDA GPU (the project's H200: torch 2.11 + CUDA 13.0,
 # nvcc, cuSPARSELt, no network), build the extension with all cores, run the whole test suite
-# (the CUDA tests included), run every GPU benchmark, and write logs + JSON to the output folder:
-# $1, else $OUT, else benchmarks/results/gpu-<date>. Aimed at well under 8 minutes.
+# (the CUDA tests included), run every GPU benchmark, then a compute-sanitizer memcheck of every
+# CUDA op, and write logs + JSON to the output folder: $1, else $OUT, else
+# benchmarks/results/gpu-<date>.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 #
+# On the device machine (no .git there), pass the commit: CAST_EXT_GIT_SHA=<sha> bash ...
+#
+# The whole run keeps to SUITE_BUDGET seconds (default 500, so a 600 s device call has room for
+# start-up and copies): each stage gets at most its own cap and what is left of the budget, a
+# stage that runs out is killed and reported, and the next one still runs. Tests run without -x
+# (every failure is reported) and with a per-test timeout where pytest-timeout is installed.
+#
 # Output (at most 8 files, the device tool's limit): suite.log (build, info, tests, benchmark
-# output), tests.xml, and one JSON (plus a PNG) per benchmark.
+# output, a timing line per stage), tests.xml, one JSON per benchmark and the GEMM plot.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}}"
@@ -15,33 +23,64 @@ mkdir -p "$OUT_DIR"
 export OUT="$OUT_DIR"
 LOG="$OUT_DIR/suite.log"
 PY="${PYTHON:-python3}"
+BUDGET="${SUITE_BUDGET:-500}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1 CAST_EXT_EXPECT_CUDA=1
 status=0
-step() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
+START=$SECONDS
+step() { echo "== $(date -u +%T) +$((SECONDS - START))s $*" | tee -a "$LOG"; }
+# Seconds a stage may take: its cap, or what is left of the budget, whichever is smaller.
+allow() {
+  local left=$((BUDGET - (SECONDS - START)))
+  echo $(($1 < left ? $1 : left))
+}
+# run_stage NAME CAP CMD...: runs CMD under the stage's time limit, logging its output.
+run_stage() {
+  local name="$1" limit
+  limit="$(allow "$2")"
+  shift 2
+  if ((limit < 20)); then
+    step "$name SKIPPED (budget spent)"
+    status=1
+    return
+  fi
+  step "$name (limit ${limit}s)"
+  local t0=$SECONDS rc=0
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
+  if ((rc != 0)); then
+    status=1
+    step "$name FAILED (rc $rc$( ((rc == 124 || rc == 137)) && echo ', time limit'), $((SECONDS - t0))s)"
+  else
+    step "$name ok ($((SECONDS - t0))s)"
+  fi
+}
 
-step "build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST)"
-SECONDS=0
-if ! CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace >>"$LOG" 2>&1; then
-  step "BUILD FAILED"
-  tail -50 "$LOG"
+step "build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST, budget ${BUDGET}s)"
+run_stage build 300 env CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace
+if ! "$PY" -c "import cast_ext" >>"$LOG" 2>&1; then
+  step "BUILD FAILED: cast_ext does not import"
+  tail -60 "$LOG"
   exit 1
 fi
-step "built in ${SECONDS}s"
 "$PY" -m cast_ext info 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
 
-step "tests"
-timeout 240 "$PY" -m pytest tests -q -rs -x -p no:cacheprovider \
-  --junitxml="$OUT_DIR/tests.xml" >>"$LOG" 2>&1 || status=1
-tail -5 "$LOG"
+timeout_flag=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 90)
+run_stage tests 200 "$PY" -m pytest tests -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" \
+  --durations=10 --junitxml="$OUT_DIR/tests.xml"
+grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
 
-for bench in benchmarks/bench_*.py; do
-  name="$(basename "$bench" .py)"
-  step "benchmark $name"
-  timeout 180 "$PY" -m "benchmarks.$name" >>"$LOG" 2>&1 || { status=1; step "$name FAILED"; }
+# Most important first: the budget may end before the last one.
+for name in bench_sparse24_mask bench_adams bench_sparse24_gemm bench_cast_step; do
+  run_stage "$name" 150 "$PY" -m "benchmarks.$name"
 done
+
+if command -v compute-sanitizer >/dev/null; then
+  run_stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    "$PY" -m benchmarks.cuda_smoke
+fi
 step "done (status $status)"
 exit "$status"

@@ -108,3 +108,10 @@ def test_shared_object_holds_sm80_and_sm90_code():
     ).stdout
     archs = set(re.findall(r"sm_(\d+)", out))
     assert {"80", "90"} <= archs, out
+
+
+def test_cuda_smoke_script_runs_on_cpu() -> None:
+    """benchmarks/cuda_smoke.py (run under compute-sanitizer by the GPU suite) is itself checked."""
+    from benchmarks import cuda_smoke
+
+    cuda_smoke.main(["--device", "cpu"])

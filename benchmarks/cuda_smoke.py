@@ -1,0 +1,155 @@
+"""Every CUDA op once, on small awkward shapes, checked against ``cast_ext.reference``.
+
+Meant to run under ``compute-sanitizer --tool memcheck`` (``benchmarks/gpu_suite.sh`` does), so
+out-of-bounds or misaligned accesses at row ends (k = 4 mod 8), in 1-row tensors, in views with a
+storage offset and in the multi-tensor AdamS launch are caught as well as wrong values. Small
+shapes keep it fast under the sanitizer. Exits 1 on the first mismatch.
+
+Run: ``python -m benchmarks.cuda_smoke``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import cast_ext
+from cast_ext import ops, reference
+
+__all__ = ["main"]
+
+DEV = "cuda"  # --device cpu runs the same checks on the CPU kernels (to test this script)
+SHAPES = [(1, 4), (3, 12), (5, 36), (2, 8), (7, 64)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _same(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.shape != want.shape or not torch.equal(got.cpu(), want.cpu()):
+        print(f"MISMATCH {name}: got {got.cpu()} want {want.cpu()}")
+        sys.exit(1)
+
+
+def _masks() -> None:
+    for rows, k in SHAPES:
+        for dt in DTYPES:
+            w = torch.randn(rows, k, dtype=dt)
+            wd = w.to(DEV)
+            tag = f"[{rows}x{k} {dt}]"
+            _same("sparse24_mask" + tag, ops.sparse24_mask(wd), reference.sparse24_mask(w))
+            _same("sparse24_prune" + tag, ops.sparse24_prune(wd), reference.sparse24_prune(w))
+            for n, m in [(1, 4), (4, 8)]:
+                if k % m == 0:
+                    _same(
+                        f"nm_mask{n}:{m}" + tag, ops.nm_mask(wd, n, m), reference.nm_mask(w, n, m)
+                    )
+            values, meta = ops.sparse24_compress(wd)
+            rv, rm = reference.sparse24_compress(w)
+            _same("sparse24_compress.values" + tag, values, rv)
+            _same("sparse24_compress.meta" + tag, meta, rm)
+            back = ops.sparse24_decompress(values, meta)
+            _same("sparse24_decompress" + tag, back, reference.sparse24_decompress(rv, rm))
+            mask = reference.sparse24_mask(w)
+            packed = ops.pack_mask(mask.to(DEV))
+            _same("pack_mask" + tag, packed, reference.pack_mask(mask))
+            _same("unpack_mask" + tag, ops.unpack_mask(packed, k), mask)
+            other = reference.pack_mask(reference.sparse24_mask(torch.randn(rows, k)))
+            flips = ops.mask_flips(packed, other.to(DEV)).reshape(())
+            want = reference.mask_flips(reference.pack_mask(mask), other).reshape(())
+            _same("mask_flips" + tag, flips, want)
+    # A view with a storage offset (not 16-byte aligned): must be refused or handled, never read
+    # out of bounds.
+    base = torch.randn(1, 4 + 8 * 16, device=DEV)
+    view = base[:, 4:]
+    try:
+        got = ops.sparse24_mask(view)
+        _same("sparse24_mask(offset view)", got, reference.sparse24_mask(view.cpu()))
+    except (RuntimeError, ValueError) as e:
+        print(f"offset view refused: {e}")
+    print("masks ok")
+
+
+def _adams() -> None:
+    shapes = [(3, 12), (1, 4), (4, 16), (2, 20)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, decay=1e-3)
+    for dt in DTYPES:
+        for sparse in (True, False):
+            ps = [torch.randn(s, dtype=dt) for s in shapes]
+            state = {
+                "masters": [p.float() for p in ps] if dt != torch.float32 else [],
+                "mu": [torch.zeros(s) for s in shapes],
+                "v": [torch.zeros(s) for s in shapes],
+                "steps": [torch.zeros(()) for _ in shapes],
+            }
+            src = state["masters"] or ps
+            packed = [reference.pack_mask(reference.sparse24_mask(w)) for w in src]
+            state["masks"] = packed if sparse else []
+            state["prev"] = [torch.zeros_like(mk) for mk in state["masks"]]
+            dev = {key: [t.to(DEV) for t in ts] for key, ts in state.items()}
+            dps = [p.to(DEV) for p in ps]
+            for _ in range(12):  # crosses a refresh (mask_interval 10) and total_steps
+                gs = [torch.randn(s, dtype=dt) for s in shapes]
+                kw = dict(hyper, total_steps=8, mask_interval=10)
+                keys = ("mu", "v", "masks", "steps", "masters", "prev")
+                reference.adams_step_(ps, gs, *(state[key] for key in keys), **kw)
+                ops.adams_step_(dps, [g.to(DEV) for g in gs], *(dev[key] for key in keys), **kw)
+            tag = f"[{dt} sparse={sparse}]"
+            for key in ("masks", "prev", "steps"):
+                for i, (a, b) in enumerate(zip(dev[key], state[key], strict=True)):
+                    _same(f"adams {key}[{i}]" + tag, a, b)
+            for i, (a, b) in enumerate(zip(dps, ps, strict=True)):
+                if not torch.allclose(a.cpu().float(), b.float(), rtol=1e-5, atol=1e-6):
+                    err = (a.cpu().float() - b.float()).abs().max()
+                    print(f"MISMATCH adams param[{i}]{tag}: max error {err}")
+                    sys.exit(1)
+    print("adams ok")
+
+
+def _gemm() -> None:
+    if not cast_ext.cusparselt_available():
+        print("cuSPARSELt not built: gemm skipped")
+        return
+    for dt in (torch.float16, torch.bfloat16):
+        w = reference.sparse24_prune(torch.randn(32, 64, dtype=dt))
+        bias = torch.randn(32, dtype=dt)
+        wc = ops.cslt_compress(w.to(DEV))
+        for m in (1, 3, 17):
+            x = torch.randn(m, 64, dtype=dt)
+            want = (x.double() @ w.double().t() + bias.double()).to(dt)
+            got = ops.cslt_linear(x.to(DEV), wc, 32, 64, bias.to(DEV)).cpu()
+            if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2):
+                print(
+                    f"MISMATCH cslt_linear m={m} {dt}: {(got.float() - want.float()).abs().max()}"
+                )
+                sys.exit(1)
+        values, meta = ops.sparse24_compress(w.to(DEV))
+        x = torch.randn(5, 64, dtype=dt)
+        got = ops.sparse24_gemm(x.to(DEV), values, meta, bias.to(DEV)).cpu()
+        want = reference.sparse24_gemm(x, *reference.sparse24_compress(w), bias)
+        if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2):
+            print(f"MISMATCH sparse24_gemm {dt}: {(got.float() - want.float()).abs().max()}")
+            sys.exit(1)
+    print("gemm ok")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every check; exit 1 on the first mismatch."""
+    global DEV
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    DEV = p.parse_args(argv).device
+    if DEV == "cuda" and not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()):
+        print("cuda_smoke: needs a CUDA GPU and the CUDA kernels; skipped")
+        return
+    torch.manual_seed(0)
+    _masks()
+    _adams()
+    if DEV == "cuda":
+        _gemm()
+        torch.cuda.synchronize()
+    print("cuda_smoke: all ok")
+
+
+if __name__ == "__main__":
+    main()
