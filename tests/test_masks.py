@@ -101,6 +101,30 @@ def test_quantised_ties_match_reference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_every_16bit_value_ranks_like_the_reference(device, dtype):
+    """All finite fp16/bf16 bit patterns (both zeros, subnormals, the largest values), shuffled
+    into groups and, for ties, drawn from a small pool: the kernels rank by magnitude bits."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = patterns[torch.isfinite(patterns.float())]
+    gen = torch.Generator().manual_seed(0)
+    shuffled = finite[torch.randperm(finite.numel(), generator=gen)]
+    pool = finite[torch.randint(0, finite.numel(), (16,), generator=gen)]
+    for w in (
+        shuffled[: finite.numel() // 64 * 64].reshape(-1, 64),
+        pool[torch.randint(0, 16, (4096, 8), generator=gen)],
+    ):
+        wd = w.to(device)
+        assert torch.equal(cast_ext.sparse24_mask(wd).cpu(), ref.sparse24_mask(w))
+        got = cast_ext.sparse24_prune(wd).cpu().view(torch.int16)
+        assert torch.equal(got, ref.sparse24_prune(w).view(torch.int16))
+        values, meta = cast_ext.sparse24_compress(wd)
+        want_v, want_m = ref.sparse24_compress(w)
+        assert torch.equal(values.cpu().view(torch.int16), want_v.view(torch.int16))
+        assert torch.equal(meta.cpu(), want_m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_prune_compress_decompress(device, dtype, shape):
