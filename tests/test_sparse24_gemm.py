@@ -199,16 +199,21 @@ def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
     w = make_weight(n, k, torch.float16, "cuda")
     wc = ops.cslt_compress(w)
     x = torch.randn(40, k, device="cuda").half()
-    for _ in range(3):  # a fresh bias tensor each time: the cached plan must use the new one
-        b = torch.randn(n, device="cuda").half()
+    biases = [torch.randn(n, device="cuda").half() for _ in range(3)]
+    for b in biases:  # each bias tensor: its own plan (the bias is fixed in a plan), one search
         check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
     info = cast_ext.nn.cslt_cache_info()
-    assert (info["plans"], info["misses"], info["hits"], info["searches"]) == (1, 1, 2, 1)
+    assert (info["plans"], info["misses"], info["hits"], info["searches"]) == (3, 3, 0, 1)
+    b = biases[0]
+    b.mul_(-1)  # same tensor, new values: its plan is reused and reads the current values
+    check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
+    info = cast_ext.nn.cslt_cache_info()
+    assert (info["plans"], info["hits"], info["searches"]) == (3, 1, 1)
     # Another M in the same bucket (40 -> 64): a new plan, the bucket's algorithm, no search.
     x2 = torch.randn(60, k, device="cuda").half()
     check_close(ops.cslt_linear(x2, wc, n, k, b), x2, w, b)
     info = cast_ext.nn.cslt_cache_info()
-    assert (info["plans"], info["misses"], info["searches"]) == (2, 2, 1)
+    assert (info["plans"], info["misses"], info["searches"]) == (4, 4, 1)
     assert all(e["alg_id"] >= 0 for e in info["entries"])
 
 

@@ -10,8 +10,8 @@
 // shape rules need; the padding rows are sliced off the output (a view, no copy).
 //
 // Everything expensive happens once per problem: one handle per device (lazily created, never
-// destroyed, like torch's), and a plan cache keyed by (device, Mp, n, k, dtype, bias, activation)
-// whose entries own the descriptors, the algorithm selection and the plan at a fixed address
+// destroyed, like torch's), and a plan cache keyed by (device, Mp, n, k, dtype, bias, activation,
+// the bias tensor's address: a plan keeps its bias pointer) whose entries own the descriptors, the algorithm selection and the plan at a fixed address
 // (cuSPARSELt keeps pointers between them), plus the workspace size. The algorithm is chosen by
 // cusparseLtMatmulSearch on the first call for a (bucket of M = next power of two of Mp, n, k,
 // dtype, bias, activation); later plans in the same bucket reuse the winner without searching.
@@ -122,7 +122,8 @@ std::mutex g_mu;  // guards every map below
 // cusparseLtInit binds the handle to the current device and it must not move afterwards (it is
 // a 512-byte struct the library points into), hence unique_ptr. Caller holds a CUDAGuard.
 cusparseLtHandle_t* handle_for(const char* op, int device) {
-  static std::unordered_map<int, std::unique_ptr<cusparseLtHandle_t>> handles;
+  // Never destroyed: plans (below) built on a handle may outlive any static destructor order.
+  static auto& handles = *new std::unordered_map<int, std::unique_ptr<cusparseLtHandle_t>>();
   auto it = handles.find(device);
   if (it != handles.end()) return it->second.get();
   auto h = std::make_unique<cusparseLtHandle_t>();
@@ -203,7 +204,6 @@ struct Plan {
   int max_alg_id = -1;
   bool searched = false;
   int64_t hits = 0;
-  std::mutex launch_mu;  // the bias pointer lives in `mm`: set it and launch as one step
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -226,6 +226,10 @@ struct Problem {
   cudaDataType type;
   bool bias;
   std::string act;
+  // The bias is fixed when the plan is built (cuSPARSELt may copy the matmul descriptor into the
+  // plan), so each bias tensor gets its own plan; plans of one bucket share the searched
+  // algorithm (alg_key has no pointer), so a new bias costs a plan init, never a search.
+  const void* bias_ptr;
 
   // Algorithm-table key: bucketed M, no device (the table is per GPU model, see cast_ext.nn).
   std::string alg_key() const {
@@ -239,7 +243,7 @@ struct Problem {
   std::string plan_key() const {
     std::ostringstream os;
     os << "cuda:" << device << ":" << dtype_name(type) << ":m" << mp << ":n" << n << ":k" << k
-       << ":bias" << bias << ":" << act;
+       << ":bias" << bias << ":" << act << ":" << bias_ptr;
     return os.str();
   }
   std::string what() const {
@@ -250,8 +254,9 @@ struct Problem {
   }
 };
 
-// shared_ptr: a caller may still be launching with a plan when the cache is emptied.
-std::unordered_map<std::string, std::shared_ptr<Plan>> g_plans;
+// shared_ptr: a caller may still be launching with a plan when the cache is emptied. Never
+// destroyed at exit (no cuSPARSELt calls after the CUDA context may be gone).
+auto& g_plans = *new std::unordered_map<std::string, std::shared_ptr<Plan>>();
 std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched or imported)
 int64_t g_hits = 0, g_misses = 0, g_searches = 0;
 
@@ -289,7 +294,7 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
           cusparseLtMatmulDescSetAttribute(h, &pl->mm, attr, &on, sizeof(on)), what);
   }
   if (p.bias) {
-    // Set before the plan so the plan picks a bias epilogue; re-set before every launch.
+    // Set before the plan, which keeps it: the plan key holds the pointer.
     check(op, "cusparseLtMatmulDescSetAttribute(bias)",
           cusparseLtMatmulDescSetAttribute(h, &pl->mm, CUSPARSELT_MATMUL_BIAS_POINTER, &bias_ptr,
                                            sizeof(bias_ptr)),
@@ -522,24 +527,14 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const void* bias_ptr = bias ? bias->const_data_ptr() : nullptr;
-  const Problem p{device, mp, n, k, t, bias.has_value(), act};
+  const Problem p{device, mp, n, k, t, bias.has_value(), act, bias_ptr};
   const Launch L{wc.const_data_ptr(), x.const_data_ptr(), y.data_ptr(), bias_ptr, stream};
   const std::shared_ptr<Plan> pl = get_plan(op, h, p, L);
   auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
   const float alpha = 1.f, beta = 0.f;
-  {
-    std::lock_guard<std::mutex> lk(pl->launch_mu);
-    if (bias_ptr != nullptr) {
-      // The caller's bias may live elsewhere than the one the plan was built with.
-      check(op, "cusparseLtMatmulDescSetAttribute(bias)",
-            cusparseLtMatmulDescSetAttribute(h, &pl->mm, CUSPARSELT_MATMUL_BIAS_POINTER, &bias_ptr,
-                                             sizeof(bias_ptr)),
-            p.what());
-    }
-    check(op, "cusparseLtMatmul",
-          cusparseLtMatmul(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(), &stream, 1),
-          p.what());
-  }
+  check(op, "cusparseLtMatmul",
+        cusparseLtMatmul(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(), &stream, 1),
+        p.what());
   check_cuda(op, cudaGetLastError());
   return y.narrow(0, 0, m).view(oshape);
 }
