@@ -7,8 +7,8 @@ token counts M in {1, 16, 128, 1024, 4096, 16384}, one run times
 * ``cast_ext_cslt``: ``cast_ext.ops.cslt_linear`` (cached plan, searched algorithm);
 * ``torch_cslt``: ``torch._cslt_sparse_mm(torch._cslt_compress(W), x.t(), transpose_result=True)``
   with its default algorithm, x padded to 8 rows as torch's semi-structured tensor does;
-* ``torch_cslt_searched``: the same with the algorithm from ``torch._C._cusparselt.mm_search``
-  (when this torch has it);
+* ``torch_cslt_searched``: the same with the algorithm, split-K and split-K mode from
+  ``torch._C._cusparselt.mm_search`` (when this torch has it);
 * ``sparse_linear``: ``cast_ext.nn.SparseLinear`` with ``mode="auto"`` (the dispatched layer).
 
 Search, compression and the dispatch's own measurement run before timing and are not counted.
@@ -49,27 +49,41 @@ TOKENS = [1, 16, 128, 1024, 4096, 16384]
 DTYPE = torch.bfloat16
 
 
-def _torch_cslt_fn(wc: torch.Tensor, x: torch.Tensor, alg_id: int) -> Callable[[], torch.Tensor]:
+# torch's algorithm choice: (alg_id, split_k, split_k_mode); (0, 1, -1) is its default.
+TorchAlg = tuple[int, int, int]
+
+
+def _torch_cslt_fn(wc: torch.Tensor, x: torch.Tensor, alg: TorchAlg) -> Callable[[], torch.Tensor]:
     m = x.shape[0]
     pad = (-m) % 8
+    alg_id, split_k, split_k_mode = alg
 
     def fn() -> torch.Tensor:
         xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = torch._cslt_sparse_mm(wc, xp.t(), transpose_result=True, alg_id=alg_id)
+        y = torch._cslt_sparse_mm(
+            wc,
+            xp.t(),
+            transpose_result=True,
+            alg_id=alg_id,
+            split_k=split_k,
+            split_k_mode=split_k_mode,
+        )
         return y[:m] if pad else y
 
     return fn
 
 
-def _torch_search(wc: torch.Tensor, x: torch.Tensor) -> int | None:
+def _torch_search(wc: torch.Tensor, x: torch.Tensor) -> TorchAlg | None:
+    """torch's searched (alg_id, split_k, split_k_mode), or None where this torch has no search."""
     search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
     if search is None:
         return None
     xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % 8))
     try:
-        return int(search(wc, xp.t(), None, None, None, True)[0])
+        found = search(wc, xp.t(), None, None, None, True)
     except (RuntimeError, TypeError):
         return None
+    return int(found[0]), int(found[1]), int(found[2])
 
 
 def _ok(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -87,7 +101,7 @@ def _impls(
 ) -> dict[str, Callable[[int], Any]]:
     """The timed callables, each taking the index of the input copy."""
     n, k = w.shape
-    torch_fns = [_torch_cslt_fn(wc_torch, x, 0) for x in xs]
+    torch_fns = [_torch_cslt_fn(wc_torch, x, (0, 1, -1)) for x in xs]
     impls: dict[str, Callable[[int], Any]] = {
         "dense": lambda i: F.linear(xs[i], w),
         "cast_ext_cslt": lambda i: ops.cslt_linear(xs[i], wc, n, k),
