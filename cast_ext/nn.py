@@ -214,6 +214,9 @@ class SparseLinear(nn.Module):
         # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
         # `values` they were built from, so in-place loads and moves invalidate them.
         self._derived: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+        # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down; a
+        # measurement builds both weights, then the one no decision uses is released.
+        self._uses: set[str] = set()
 
     # -- construction and conversion --
 
@@ -306,6 +309,17 @@ class SparseLinear(nn.Module):
     def _cslt_buffer(self) -> Tensor:
         return self._get("cslt", lambda: ops.cslt_compress(self.dense_weight()))
 
+    def _release_unused(self) -> None:
+        """Drop the derived weight of a path no decision uses (the 2:4 weight stays in ``values``
+        and ``meta``): a layer dispatched one way holds one extra copy, not two."""
+        for path, name in (("dense", "dense"), ("sparse", "cslt")):
+            if path not in self._uses:
+                self._derived.pop(name, None)
+
+    def derived_bytes(self) -> int:
+        """Bytes held by the derived weights (dense copy, cuSPARSELt buffer) besides the buffers."""
+        return sum(t.numel() * t.element_size() for _, t in self._derived.values())
+
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
         return super()._apply(fn, recurse)
@@ -328,6 +342,7 @@ class SparseLinear(nn.Module):
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
         hit = _DECISIONS.get(key)
         if hit is not None:
+            self._uses.add(hit.choice)
             return hit.choice
         if m == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return "dense"  # cannot measure here; nothing recorded, so a later eager call will
@@ -339,6 +354,8 @@ class SparseLinear(nn.Module):
                 lambda: ops.cslt_linear(x2, w_c, n, k, b), lambda: F.linear(x2, w_d, b)
             )
         choice = "sparse" if sparse_us < SPARSE_MARGIN * dense_us else "dense"
+        self._uses.add(choice)
+        self._release_unused()
         _DECISIONS[key] = DispatchDecision(
             str(x.device), str(x.dtype).removeprefix("torch."), key[2], n, k, key[5], choice,
             round(sparse_us, 2), round(dense_us, 2),
@@ -346,6 +363,11 @@ class SparseLinear(nn.Module):
         return choice
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise RuntimeError(
+                f"cast_ext.nn.SparseLinear: input of shape {list(x.shape)}: last dim must be "
+                f"in_features = {self.in_features}"
+            )
         if x.dtype != self.values.dtype:
             raise TypeError(
                 f"cast_ext.nn.SparseLinear: input has dtype {x.dtype} but the layer is "

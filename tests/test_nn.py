@@ -153,6 +153,9 @@ def test_bad_construction_and_inputs() -> None:
         sl(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"last dim must be in_features = .*8"):
         sl(torch.randn(2, 12))
+    # numel divisible by in_features: refused by the layer before any reshape or dispatch
+    with pytest.raises(RuntimeError, match=r"SparseLinear: input of shape \[3, 16\]"):
+        sl(torch.randn(3, 16))
 
 
 def test_introspection_without_gpu() -> None:
@@ -162,6 +165,20 @@ def test_introspection_without_gpu() -> None:
     assert "SparseLinear(in_features=8, out_features=4, bias=True, mode='auto')" in repr(
         SparseLinear(8, 4)
     )
+
+
+def test_release_unused_keeps_only_the_used_path() -> None:
+    sl = SparseLinear.from_dense(linear(64, 32), warn=False)
+    dense = sl._dense_cached()
+    buf = sl._get("cslt", lambda: torch.empty(100, dtype=torch.float16))  # stand-in buffer
+    assert sl.derived_bytes() == dense.numel() * 4 + 200
+    sl._uses = {"sparse"}
+    sl._release_unused()
+    assert sl.derived_bytes() == 200 and sl._get("cslt", lambda: torch.empty(0)) is buf
+    sl._uses = {"sparse", "dense"}
+    sl._dense_cached()
+    sl._release_unused()  # both paths used: both kept
+    assert sl.derived_bytes() == dense.numel() * 4 + 200
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
@@ -185,6 +202,9 @@ def test_cuda_forward_backward(mode: str) -> None:
         (d,) = dispatch_decisions()
         assert d["m_bucket"] == 128 and d["choice"] in ("sparse", "dense")
         assert d["sparse_us"] > 0 and d["dense_us"] > 0
+        # The measurement built both weights; only the chosen path's copy is kept.
+        kept = {"sparse": sl._cslt_buffer, "dense": sl._dense_cached}[d["choice"]]()
+        assert sl.derived_bytes() == kept.numel() * kept.element_size()
 
 
 @requires_cusparselt
