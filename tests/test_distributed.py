@@ -9,6 +9,7 @@ and writes it to a file the test reads back.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -126,6 +127,12 @@ def _ddp_worker(rank: int, tmp: str) -> None:
         ws = [torch.empty_like(w) for _ in range(WORLD)]
         dist.all_gather(ws, w)
         assert torch.equal(ws[0], ws[1])
+        # Release DDP (its reducer holds the process group and autograd hooks) on every rank
+        # before the group goes: tearing both down together at exit aborted a worker now and
+        # then ("terminate called without an active exception").
+        del model, opt
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
