@@ -451,7 +451,9 @@ def adams_step_(
         exp_avg_sqs: float32 second moments.
         masks: packed N:M masks (``uint8``, ``[*p.shape[:-1], ceil(k / 8)]``), or empty for
             plain Adam/AdamW.
-        steps: float32 one-element tensors, completed steps per param; incremented.
+        steps: float32 one-element tensors, completed steps per param; incremented. The CPU
+            kernel refuses a step that is negative, fractional or >= 2^24; on CUDA steps are
+            read on the device and not checked (that would cost a sync per step).
         master_params: float32 master weights, or empty.
         prev_masks: packed masks receiving the old mask at each refresh, or empty.
         lr, beta1, beta2, eps, weight_decay: Adam(W) hyperparameters.

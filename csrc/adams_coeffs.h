@@ -1,6 +1,8 @@
 // AdamS's scalar arguments and the per-tensor float coefficients of one step, in plain C++ with
 // no torch headers, so the CPU kernel (csrc/cpu/adams.cpp) and the CUDA kernel
-// (csrc/cuda/adams.cu) compute them with the same code and agree bit for bit.
+// (csrc/cuda/adams.cu) compute them with the same code. They agree bit for bit except where
+// CUDA's double pow (libdevice, within 2 ulp) and glibc's differ in the last bit of a bias
+// correction, which survives the rounding to float about once in 1e9 steps.
 // Semantics: cast_ext/reference.py adams_step_ (SPEC.md section 2).
 #pragma once
 
@@ -33,6 +35,16 @@ struct AdamsCoeffs {
   bool refresh;
 };
 
+// a * b rounded once, never contracted with a following add into an FMA (nvcc contracts double
+// mul + sub on the device by default; the host does not).
+CAST_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // t = completed steps. Computed in double like the reference (Python floats), then rounded.
 CAST_HD AdamsCoeffs adams_coeffs(const AdamsHyper& h, int64_t t, bool sparse) {
   AdamsCoeffs c;
@@ -47,7 +59,7 @@ CAST_HD AdamsCoeffs adams_coeffs(const AdamsHyper& h, int64_t t, bool sparse) {
   c.rbc2 = 1.0f / float(1.0 - ::pow(h.beta2, double(t + 1)));
   c.eps = float(h.eps);
   c.lr = float(h.lr);
-  c.wdf = float(1.0 - h.lr * h.weight_decay);
+  c.wdf = float(1.0 - mul_rn(h.lr, h.weight_decay));
   c.refresh = sparse && (t % h.mask_interval) == 0;
   return c;
 }

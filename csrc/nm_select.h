@@ -11,9 +11,16 @@
 
 #if defined(__CUDACC__)
 #define CAST_HD __host__ __device__ __forceinline__
-#define CAST_UNROLL _Pragma("unroll")
 #else
 #define CAST_HD inline
+#endif
+// The unroll pragma of the compiler that sees the code: nvcc's device pass, or GCC for the CPU
+// kernels (nvcc's host pass needs none: the .cu files run these loops on the device only).
+#if defined(__CUDA_ARCH__)
+#define CAST_UNROLL _Pragma("unroll")
+#elif defined(__CUDACC__)
+#define CAST_UNROLL
+#else
 #define CAST_UNROLL _Pragma("GCC unroll 8")
 #endif
 
