@@ -11,10 +11,11 @@
 //
 // Everything expensive happens once per problem: one handle per device (lazily created, never
 // destroyed, like torch's), and a plan cache keyed by (device, Mp, n, k, dtype, bias, activation,
-// the bias tensor's address: a plan keeps its bias pointer) whose entries own the descriptors, the algorithm selection and the plan at a fixed address
-// (cuSPARSELt keeps pointers between them), plus the workspace size. The algorithm is chosen by
-// cusparseLtMatmulSearch on the first call for a (bucket of M = next power of two of Mp, n, k,
-// dtype, bias, activation); later plans in the same bucket reuse the winner without searching.
+// the bias tensor's address: a plan keeps its bias pointer) whose entries own the descriptors,
+// the algorithm selection and the plan at a fixed address (cuSPARSELt keeps pointers between
+// them), plus the workspace size. The algorithm is chosen by cusparseLtMatmulSearch on the first
+// call for a (bucket of M = next power of two of Mp, n, k, dtype, bias, activation); later plans
+// in the same bucket reuse the winner without searching.
 // The winners can be exported and re-imported (cast_ext.nn persists them as JSON). The
 // workspace comes from torch's caching allocator, the stream is torch's current stream, and every
 // cuSPARSELt status is checked and reported with the op, the call and the shapes.

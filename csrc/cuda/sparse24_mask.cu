@@ -42,6 +42,21 @@ __device__ __forceinline__ uint32_t select_bits(const Pack8<T>& x, int count, in
   return bits;
 }
 
+// The 2 kept values of a 2:4 group (nibble `nib` of kept positions) in ascending position: the
+// first kept of {0, 1, 2} and the last kept of {1, 2, 3}, which covers all 6 patterns in
+// registers (the CPU kernel's kept_pair).
+template <typename T>
+__device__ __forceinline__ void kept_pair(const T* x, uint32_t nib, T* v) {
+  v[0] = (nib & 1u) ? x[0] : ((nib & 2u) ? x[1] : x[2]);
+  v[1] = (nib & 8u) ? x[3] : ((nib & 4u) ? x[2] : x[1]);
+}
+
+// 4 kept values: 8 bytes (fp16/bf16) or 16 bytes (fp32), one vector store.
+template <typename T>
+struct alignas(4 * sizeof(T)) Kept4 {
+  T v[4];
+};
+
 template <typename T, int M, MaskOut MODE>
 __global__ void __launch_bounds__(kThreads)
     nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, int n,
@@ -69,7 +84,9 @@ __global__ void __launch_bounds__(kThreads)
       if (aligned_rows) {
         *reinterpret_cast<uint2*>(mask_out + off) = *reinterpret_cast<const uint2*>(&mk);
       } else {
-        for (int i = 0; i < count; ++i) mask_out[off + i] = mk.v[i];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < count) mask_out[off + i] = mk.v[i];
       }
     } else if (MODE == MaskOut::Prune) {
       Pack8<T> y;
@@ -77,18 +94,20 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::from(0.f);
       store8(values_out + off, count, aligned_rows, y);
     } else {  // Compress (2:4): the 2 kept values of each group in ascending position.
-      T kept[4];
-      int c = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if ((bits >> i) & 1u) kept[c & 3] = x.v[i];
-        c += (bits >> i) & 1u;
-      }
+      Kept4<T> kp;
+      kept_pair(x.v, bits & 0xFu, kp.v);
+      if (count == 8) kept_pair(x.v + 4, bits >> 4, kp.v + 2);
       T* dst = values_out + r * (k / 2) + col / 2;
-      if (aligned_rows && sizeof(T) == 2) {
-        *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(kept);
+      if (aligned_rows) {  // k % 8 == 0: dst is 4-element aligned within an aligned buffer
+        if constexpr (sizeof(T) == 4) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&kp);
+        } else {
+          *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(&kp);
+        }
       } else {
-        for (int i = 0; i < count / 2; ++i) dst[i] = kept[i];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (i < count / 2) dst[i] = kp.v[i];
       }
       meta_out[j] = uint8_t(bits);
     }
@@ -110,17 +129,23 @@ __global__ void __launch_bounds__(kThreads)
     const int count = count8(k, col);
     const uint32_t bits = meta[j];
     const T* src = values + r * (k / 2) + col / 2;
-    // A valid 2:4 byte has exactly 2 bits in each used nibble and none past the row's end.
-    const bool ok =
-        __popc(bits & 0xFu) == 2 && (count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u);
-    if (!ok) atomicOr(bad_meta, 1);
+    // A valid 2:4 byte has exactly 2 bits in each used nibble and none past the row's end. Like
+    // the CPU kernel, an invalid group decompresses to zeros and its neighbour is unaffected.
+    const bool ok_lo = __popc(bits & 0xFu) == 2;
+    const bool ok_hi = count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u;
+    if (!(ok_lo && ok_hi)) atomicOr(bad_meta, 1);
     Pack8<T> y;
-    int c = 0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const bool keep = ok && ((bits >> i) & 1u);
-      y.v[i] = keep ? src[c & 3] : Conv<T>::from(0.f);
-      c += keep;
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t nib = (bits >> (4 * h)) & 0xFu;
+      const bool ok = h == 0 ? ok_lo : (ok_hi && count == 8);
+      int c = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool keep = ok && ((nib >> i) & 1u);
+        y.v[4 * h + i] = keep ? src[2 * h + (c & 1)] : Conv<T>::from(0.f);
+        c += keep;
+      }
     }
     store8(out + r * k + col, count, aligned_rows, y);
   }
@@ -209,7 +234,12 @@ cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64
                       bool* mask_out, void* values_out, uint8_t* meta_out, int* bad,
                       cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
-  if ((k % 8 == 0) && (reinterpret_cast<uintptr_t>(w) % 16 != 0)) return cudaErrorMisalignedAddress;
+  // The vector path (k % 8 == 0) loads and stores 16 bytes (8 for bool masks, fp16 values).
+  const auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
+  if (k % 8 == 0 && (misaligned(w) || (mask_out != nullptr && misaligned(mask_out)) ||
+                     (values_out != nullptr && misaligned(values_out)))) {
+    return cudaErrorMisalignedAddress;
+  }
   switch (dt) {
     case DType::F32:
       return nm_select_t(mode, static_cast<const float*>(w), rows, k, n, m, mask_out,
