@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="small shapes (CI smoke mode)")
     bench.add_argument("--json", help="CPU results file (default benchmarks/results/cpu.json)")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own options (and its own --help)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "info":
         print("\n".join(info_lines()))
         return 0
-    if args.cmd == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
