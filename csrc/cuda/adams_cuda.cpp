@@ -10,19 +10,11 @@
 
 #include "adams.h"
 #include "cast_ext.h"
+#include "cuda/glue.h"
 #include "cuda/kernels.h"
 
 namespace cast_ext {
 namespace {
-
-cuda::DType adams_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cuda::DType::F32;
-    case at::kHalf: return cuda::DType::F16;
-    case at::kBFloat16: return cuda::DType::BF16;
-    default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", st);
-  }
-}
 
 void adams_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList masks, at::TensorList steps,
@@ -55,12 +47,12 @@ void adams_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
     t.rows = t.k == 0 ? 0 : numel / t.k;
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const cudaError_t err = cuda::adams_step(
-      adams_dtype(params[0].scalar_type()), master, sparse, ts.data(), int64_t(ts.size()), h,
-      grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr,
-      found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr, sms,
-      at::cuda::getCurrentCUDAStream());
-  CAST_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+  check_launch(
+      op, cuda::adams_step(to_cuda_dtype(params[0].scalar_type()), master, sparse, ts.data(),
+                           int64_t(ts.size()), h,
+                           grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr,
+                           found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr,
+                           sms, at::cuda::getCurrentCUDAStream()));
 }
 
 }  // namespace

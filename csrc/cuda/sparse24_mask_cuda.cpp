@@ -7,37 +7,15 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cast_ext.h"
+#include "cuda/glue.h"
 #include "cuda/kernels.h"
 
 namespace cast_ext {
 namespace {
-
-cuda::DType to_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cuda::DType::F32;
-    case at::kHalf: return cuda::DType::F16;
-    case at::kBFloat16: return cuda::DType::BF16;
-    default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", st);
-  }
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  CAST_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-bool capturing() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
-bool read_flag(const at::Tensor& flag) {
-  return cuda_value_checks().load(std::memory_order_relaxed) && !capturing() &&
-         flag.item<int>() != 0;
-}
 
 std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const at::Tensor& w_in,
                                        int64_t n, int64_t m) {
@@ -69,8 +47,8 @@ std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const
     values = outs[0].data_ptr();
     meta = outs[1].data_ptr<uint8_t>();
   }
-  check_launch(op, cuda::nm_select(to_dtype(w.scalar_type()), mode, w.const_data_ptr(), rows, k,
-                                   int(n), int(m), mask, values, meta, flag.data_ptr<int>(),
+  check_launch(op, cuda::nm_select(to_cuda_dtype(w.scalar_type()), mode, w.const_data_ptr(), rows,
+                                   k, int(n), int(m), mask, values, meta, flag.data_ptr<int>(),
                                    at::cuda::getCurrentCUDAStream()));
   check_finite_flag(op, "w", w_in, read_flag(flag));
   return outs;
@@ -105,10 +83,10 @@ at::Tensor sparse24_decompress_cuda(const at::Tensor& values_in, const at::Tenso
   oshape.back() = k;
   auto out = at::empty(oshape, values.options());
   auto flag = at::zeros({1}, values.options().dtype(at::kInt));
-  check_launch(op,
-               cuda::sparse24_decompress(to_dtype(values.scalar_type()), values.const_data_ptr(),
-                                         meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
-                                         flag.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
+  check_launch(
+      op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
+                                    meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
+                                    flag.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
   check_meta_flag(op, meta_in, read_flag(flag));
   return out;
 }

@@ -1,0 +1,39 @@
+// Helpers shared by the torch glue of the CUDA kernels (csrc/cuda/*_cuda.cpp): dtype mapping,
+// launch-error checks and the read-back of a kernel's device flag. Includes torch headers: never
+// include it from a .cu file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
+#include "cast_ext.h"
+#include "cuda/kernels.h"
+
+namespace cast_ext {
+
+inline cuda::DType to_cuda_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kHalf: return cuda::DType::F16;
+    case at::kBFloat16: return cuda::DType::BF16;
+    default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", st);
+  }
+}
+
+inline void check_launch(const char* op, cudaError_t err) {
+  CAST_CHECK(err == cudaSuccess, op, "CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+inline bool capturing_cuda_graph() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// A kernel's error flag (device int), read with one small copy and a sync; false without reading
+// while a CUDA graph is captured (no sync allowed) or when the user turned the value checks off
+// (cast_ext.set_cuda_value_checks).
+inline bool read_flag(const at::Tensor& flag) {
+  return cuda_value_checks().load(std::memory_order_relaxed) && !capturing_cuda_graph() &&
+         flag.item<int>() != 0;
+}
+
+}  // namespace cast_ext
