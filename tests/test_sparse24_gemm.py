@@ -21,6 +21,11 @@ SHAPES = [  # (leading dims of x, N, K)
     ((2, 5), 16, 40),  # 3-D input
     ((33,), 40, 64),
     ((0,), 8, 16),  # no rows
+    # CUDA's packed small-M kernel (M <= 16, K % 16 == 0): one warp per row, 16-column chunks
+    ((3,), 24, 64),
+    ((2, 8), 40, 48),  # M = 16, 3-D
+    ((5,), 12, 1040),  # 65 chunks: uneven across the 32 lanes; N not a multiple of 8 rows
+    ((9,), 16, 2048),
 ]
 
 
@@ -61,6 +66,8 @@ def test_non_contiguous_input(device: str) -> None:
     w = make_weight(16, 32, torch.float32, device)
     values, meta = ops.sparse24_compress(w)
     x = torch.randn(32, 9, device=device).t()  # [9, 32], strided
+    check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
+    x = torch.randn(34, device=device)[2:]  # contiguous 1-D view at an 8-byte offset
     check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
 
 
@@ -104,12 +111,13 @@ def test_gradients_vs_dense(device: str) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing() -> None:
-    w = make_weight(8, 16, torch.float32, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(device: str) -> None:
+    w = make_weight(8, 16, torch.float32, device)
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
     meta[3, 1] = 0x37  # a group keeping 3 elements
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, device=device)
     before = (x.clone(), values.clone(), meta.clone())
     with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid 2:4"):
         cast_ext.sparse24_gemm(x, values, meta)

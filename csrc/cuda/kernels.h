@@ -40,6 +40,26 @@ cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m
 }  // namespace cuda
 }  // namespace cast_ext
 
+// ---- sparse24_gemv.cu (reference: sparse24_gemm, for M <= kGemv24MaxM) ---------------------
+// y [m, n] = x [m, k] @ W^T (+ bias) from values [n, k/2] + meta [n, k/8]; bias may be nullptr.
+// `bad_meta` (device int, zeroed by the caller) is set if a nibble does not have exactly 2 bits.
+namespace cast_ext {
+namespace cuda {
+
+constexpr int64_t kGemv24MaxM = 16;
+
+// Whether sparse24_gemv takes these arguments: 1 <= m <= kGemv24MaxM, k % 16 == 0, aligned
+// pointers (16 bytes for x and values, 2 for meta, bias and y).
+bool sparse24_gemv_supported(int64_t m, int64_t k, const void* x, const void* values,
+                             const uint8_t* meta, const void* bias, const void* y);
+
+cudaError_t sparse24_gemv(DType dt, const void* x, const void* values, const uint8_t* meta,
+                          const void* bias, int64_t m, int64_t n, int64_t k, void* y, int* bad_meta,
+                          cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace cast_ext
+
 // ---- adams.cu (reference: adams_step_) -------------------------------------------------------
 namespace cast_ext {
 namespace cuda {
