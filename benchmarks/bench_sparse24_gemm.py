@@ -9,7 +9,13 @@ token counts M in {1, 16, 128, 1024, 4096, 16384}, one run times
   with its default algorithm, x padded to 8 rows as torch's semi-structured tensor does;
 * ``torch_cslt_searched``: the same with the algorithm, split-K and split-K mode from
   ``torch._C._cusparselt.mm_search`` (when this torch has it);
+* ``packed`` (M <= 16): ``cast_ext.sparse24_gemm`` on the portable packed format, i.e. the
+  packed small-M kernel, which reads 56% of the dense weight's bytes;
 * ``sparse_linear``: ``cast_ext.nn.SparseLinear`` with ``mode="auto"`` (the dispatched layer).
+
+The run turns the CUDA value checks off (``cast_ext.set_cuda_value_checks(False)``), as a
+deployment that validated its weights once would: otherwise the packed kernel's meta check adds
+a host sync per call. cuBLAS and cuSPARSELt have no such check.
 
 Search, compression and the dispatch's own measurement run before timing and are not counted.
 Each output is checked against the dense one first. Rows: ``ratio`` = dense time / impl time
@@ -108,6 +114,8 @@ def _impls(
         "torch_cslt": lambda i: torch_fns[i](),
         "sparse_linear": lambda i: layer(xs[i]),
     }
+    if xs[0].shape[0] <= 16:
+        impls["packed"] = lambda i: cast_ext.sparse24_gemm(xs[i], layer.values, layer.meta)
     alg = _torch_search(wc_torch, xs[0])
     if alg is not None:
         searched = [_torch_cslt_fn(wc_torch, x, alg) for x in xs]
@@ -190,7 +198,8 @@ def _plot(rows: list[Row], path: Path) -> None:
         (len(shapes) + cols - 1) // cols, cols, figsize=(15, 4 * ((len(shapes) + 2) // 3))
     )
     for ax, (n, k) in zip(getattr(axes, "flat", [axes]), shapes, strict=False):
-        for impl in ("cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse_linear"):
+        impls = ("cast_ext_cslt", "packed", "torch_cslt", "torch_cslt_searched", "sparse_linear")
+        for impl in impls:
             pts = sorted(
                 (r["m"], r["ratio"]) for r in rows if (r["n"], r["k"], r["impl"]) == (n, k, impl)
             )
@@ -213,6 +222,7 @@ def main() -> None:
     if not torch.cuda.is_available() or not cast_ext.cusparselt_available():
         print("bench_sparse24_gemm: needs a CUDA GPU and cast_ext built with cuSPARSELt; skipped")
         return
+    cast_ext.set_cuda_value_checks(False)
     rows = run(reps=10 if quick() else 30)
     path = write_rows("sparse24_gemm", rows)
     print(f"rows: {path}")

@@ -6,16 +6,22 @@ device. Its forward runs
 
 * on the CPU: the packed-format kernel :func:`cast_ext.sparse24_gemm`;
 * on CUDA: cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's compressed buffer,
-  kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``; or cuBLAS on the
-  decompressed weight, whichever the dispatch picked for this shape.
+  kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``; or, for at most 16
+  tokens, the packed small-M kernel (:func:`cast_ext.sparse24_gemm` on ``values``/``meta``,
+  which reads 56% of a dense weight's bytes); or cuBLAS on the decompressed weight, whichever
+  the dispatch picked for this shape.
 
 Dispatch (``mode="auto"``, CUDA): for each (device, dtype, bucket of M = next power of two of the
-token count, N, K, bias) both paths are timed once, on the first call with that shape, and the
-faster one is used from then on; sparse must win by ``SPARSE_MARGIN`` to be picked, so a layer is
-never measurably slower than the dense one it replaced. ``mode="sparse"``/``"dense"`` force a
-path. :func:`dispatch_decisions` lists what was chosen and the times behind it. The backward
-(input and bias grads, for adapters such as LoRA on a frozen 2:4 base) is a dense GEMM with the
-decompressed weight; ``values``/``meta`` are buffers and get no gradient.
+token count, N, K, bias) the candidate paths are timed once, on the first call with that shape,
+and the fastest is used from then on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be
+picked, so a layer is never measurably slower than the dense one it replaced. After a
+measurement the layer drops the derived weight (dense copy or cuSPARSELt buffer) that none of
+its decisions uses. The packed kernel's check of the meta costs a sync per call unless
+``cast_ext.set_cuda_value_checks(False)``; the measurement sees that cost too.
+``mode="sparse"``/``"dense"`` force a path. :func:`dispatch_decisions` lists what was chosen
+and the times behind it. The backward (input and bias grads, for adapters such as LoRA on a
+frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``meta`` are buffers
+and get no gradient.
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ SPARSE_MARGIN = 0.98
 
 @dataclass(frozen=True)
 class DispatchDecision:
-    """One measured choice between cuSPARSELt and dense cuBLAS for a shape bucket."""
+    """One measured choice for a shape bucket: ``choice`` is ``"sparse"`` (cuSPARSELt),
+    ``"packed"`` (the packed small-M kernel) or ``"dense"`` (cuBLAS); a path's time is None
+    where it was not a candidate."""
 
     device: str
     dtype: str
@@ -70,11 +78,16 @@ class DispatchDecision:
     k: int
     bias: bool
     choice: str
-    sparse_us: float
+    sparse_us: float | None
     dense_us: float
+    packed_us: float | None = None
 
 
 _DECISIONS: dict[tuple[Any, ...], DispatchDecision] = {}
+
+
+def _round(us: float | None) -> float | None:
+    return None if us is None else round(us, 2)
 
 
 def _bucket(m: int) -> int:
@@ -102,27 +115,31 @@ def _cslt_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _time_pair_us(a: Callable[[], Tensor], b: Callable[[], Tensor]) -> tuple[float, float]:
-    """Median per-call CUDA time of ``a`` and ``b``, interleaved batches, after a warm-up."""
-    a()  # first call builds the plan and runs cuSPARSELt's search: not timed
-    b()
+# The packed small-M CUDA kernel's limits (csrc/cuda/kernels.h: kGemv24MaxM, K % 16 == 0).
+_PACKED_MAX_M = 16
+
+
+def _time_us(fns: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
+    """Median per-call CUDA time of each function, interleaved batches, after a warm-up."""
+    for fn in fns.values():
+        fn()  # the first cuSPARSELt call builds the plan and runs the search: not timed
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    a()
+    next(iter(fns.values()))()
     end.record()
     end.synchronize()
     iters = int(min(50, max(3, 1.0 / max(start.elapsed_time(end), 1e-3))))  # ~1 ms per batch
-    times: tuple[list[float], list[float]] = ([], [])
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(5):
-        for fn, out in ((a, times[0]), (b, times[1])):
+        for name, fn in fns.items():
             start.record()
             for _ in range(iters):
                 fn()
             end.record()
             end.synchronize()
-            out.append(start.elapsed_time(end) * 1e3 / iters)
-    return sorted(times[0])[2], sorted(times[1])[2]
+            times[name].append(start.elapsed_time(end) * 1e3 / iters)
+    return {name: sorted(t)[2] for name, t in times.items()}
 
 
 class _CsltLinearFn(torch.autograd.Function):
@@ -312,7 +329,7 @@ class SparseLinear(nn.Module):
     def _release_unused(self) -> None:
         """Drop the derived weight of a path no decision uses (the 2:4 weight stays in ``values``
         and ``meta``): a layer dispatched one way holds one extra copy, not two."""
-        for path, name in (("dense", "dense"), ("sparse", "cslt")):
+        for path, name in (("dense", "dense"), ("sparse", "cslt")):  # "packed" needs neither
             if path not in self._uses:
                 self._derived.pop(name, None)
 
@@ -327,7 +344,8 @@ class SparseLinear(nn.Module):
     # -- forward --
 
     def _choose(self, x: Tensor) -> str:
-        """'sparse' or 'dense' for a CUDA input (measures once per shape bucket in auto mode)."""
+        """'sparse', 'packed' or 'dense' for a CUDA input (measured once per shape bucket in
+        auto mode)."""
         n, k = self.out_features, self.in_features
         reason = _cslt_reason(n, k, x.dtype)
         if self.mode == "dense":
@@ -336,9 +354,10 @@ class SparseLinear(nn.Module):
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse"
-        if reason is not None:
-            return "dense"
         m = x.numel() // k
+        packed_ok = 1 <= m <= _PACKED_MAX_M and k % 16 == 0
+        if reason is not None and not packed_ok:
+            return "dense"
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
         hit = _DECISIONS.get(key)
         if hit is not None:
@@ -347,18 +366,23 @@ class SparseLinear(nn.Module):
         if m == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return "dense"  # cannot measure here; nothing recorded, so a later eager call will
         x2 = x.detach().reshape(m, k)
-        w_c, w_d = self._cslt_buffer(), self._dense_cached()
+        w_d = self._dense_cached()
         b = None if self.bias is None else self.bias.detach()
+        fns: dict[str, Callable[[], Tensor]] = {"dense": lambda: F.linear(x2, w_d, b)}
+        if reason is None:
+            w_c = self._cslt_buffer()
+            fns["sparse"] = lambda: ops.cslt_linear(x2, w_c, n, k, b)
+        if packed_ok:
+            fns["packed"] = lambda: ops.sparse24_gemm(x2, self.values, self.meta, b)
         with torch.no_grad():
-            sparse_us, dense_us = _time_pair_us(
-                lambda: ops.cslt_linear(x2, w_c, n, k, b), lambda: F.linear(x2, w_d, b)
-            )
-        choice = "sparse" if sparse_us < SPARSE_MARGIN * dense_us else "dense"
+            us = _time_us(fns)
+        best = min(us, key=us.__getitem__)
+        choice = best if us[best] < SPARSE_MARGIN * us["dense"] else "dense"
         self._uses.add(choice)
         self._release_unused()
         _DECISIONS[key] = DispatchDecision(
             str(x.device), str(x.dtype).removeprefix("torch."), key[2], n, k, key[5], choice,
-            round(sparse_us, 2), round(dense_us, 2),
+            _round(us.get("sparse")), round(us["dense"], 2), _round(us.get("packed")),
         )  # fmt: skip
         return choice
 
@@ -382,8 +406,11 @@ class SparseLinear(nn.Module):
             if self.mode == "dense":
                 return F.linear(x, self.dense_weight(), self.bias)
             return ops.sparse24_gemm(x, self.values, self.meta, self.bias)
-        if self._choose(x) == "dense":
+        choice = self._choose(x)
+        if choice == "dense":
             return F.linear(x, self._dense_cached(), self.bias)
+        if choice == "packed":
+            return ops.sparse24_gemm(x, self.values, self.meta, self.bias)
         return _CsltLinearFn.apply(
             x, self._cslt_buffer(), self._backward_weight, self.bias, self.out_features,
             self.in_features,

@@ -208,6 +208,29 @@ def test_cuda_forward_backward(mode: str) -> None:
 
 
 @requires_cusparselt
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_decode_sizes_consider_the_packed_kernel(tokens: int) -> None:
+    cast_ext.nn.clear_dispatch_decisions()
+    lin = linear(512, 256, dtype=torch.bfloat16)
+    sl = SparseLinear.from_dense(lin, warn=False).cuda()
+    w = sl.dense_weight()
+    x = torch.randn(tokens, 512, device="cuda").bfloat16().requires_grad_()
+    y = sl(x)
+    close_to_linear(y.detach(), x.detach(), w, sl.bias.detach())
+    (d,) = dispatch_decisions()
+    assert d["m_bucket"] == tokens and d["choice"] in ("sparse", "dense", "packed")
+    assert d["packed_us"] > 0 and d["sparse_us"] > 0 and d["dense_us"] > 0
+    if d["choice"] == "packed":
+        assert sl.derived_bytes() == 0  # neither a dense copy nor a cuSPARSELt buffer is kept
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad.float(), (g.float() @ w.float()), rtol=2e-2, atol=2e-2)
+    y2 = sl(x.detach())  # the recorded choice is reused
+    close_to_linear(y2, x.detach(), w, sl.bias.detach())
+    assert len(dispatch_decisions()) == 1
+
+
+@requires_cusparselt
 def test_cuda_state_dict_from_cpu_and_cache_rebuild() -> None:
     sl = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
     other = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
