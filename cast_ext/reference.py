@@ -110,7 +110,8 @@ def unpack_mask(packed: Tensor, last_dim: int) -> Tensor:
         )
     bits = torch.arange(8, device=packed.device)
     unpacked = (packed.unsqueeze(-1).long() >> bits) & 1
-    return unpacked.reshape(*packed.shape[:-1], -1)[..., :last_dim].bool()
+    # An explicit last dim: -1 cannot be inferred when a leading dim is 0.
+    return unpacked.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :last_dim].bool()
 
 
 def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:

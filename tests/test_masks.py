@@ -157,6 +157,9 @@ def test_pack_unpack_and_flips(device, k):
     assert int(cast_ext.mask_flips(pa, pa, 4)) == 0
     if k % 8 == 0:
         assert int(cast_ext.mask_flips(pa, pb, 8)) == int(ref.mask_flips(pa, pb, 8)) == 2
+    empty = torch.zeros(0, k, dtype=torch.bool, device=device)  # no rows: nothing to infer from
+    assert ref.unpack_mask(cast_ext.pack_mask(empty), k).shape == (0, k)
+    assert cast_ext.unpack_mask(cast_ext.pack_mask(empty), k).shape == (0, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
