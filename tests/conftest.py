@@ -28,6 +28,38 @@ TOL = {
 }
 
 
+# AdamS hyperparameters of the kernel-vs-reference tests: a short ramp (total_steps 7) and a
+# refresh every 3 steps, so a 10-step run crosses both.
+ADAMS_HP = {
+    "lr": 1e-3,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1e-8,
+    "weight_decay": 0.01,
+    "decay": 1e-3,
+    "total_steps": 7,
+    "mask_interval": 3,
+}
+
+
+def assert_adams_state_close(got: dict[str, list], want: dict[str, list]) -> None:
+    """AdamS lists (params, states, masks, steps by key) against another run of the same step:
+    masks, prev masks and steps exactly; fp32 floats to 4x fp32 rounding relative to each
+    tensor's scale (values near 0 carry no weight); low-precision params to their dtype."""
+    rtol = TOL[torch.float32][0] * 4
+    for key in want:
+        for i, (x, y) in enumerate(zip(got[key], want[key], strict=True)):
+            msg = f"{key}[{i}]"
+            if not x.is_floating_point() or key == "steps":
+                assert torch.equal(x, y), msg
+            elif key == "params" and x.dtype != torch.float32:
+                rt, at = TOL[x.dtype]
+                torch.testing.assert_close(x, y, rtol=rt, atol=at, msg=msg)
+            else:
+                scale = float(y.abs().max()) if y.numel() else 0.0
+                torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * scale, msg=msg)
+
+
 def tol(dtype: torch.dtype) -> dict[str, float]:
     rtol, atol = TOL[dtype]
     return {"rtol": rtol, "atol": atol}

@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, TOL, requires_cuda
+from conftest import ADAMS_HP, DEVICES, assert_adams_state_close, requires_cuda
 from torch import Tensor
 
 import cast_ext
 from cast_ext import reference
 
 HP = {
-    "lr": 1e-3,
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "eps": 1e-8,
-    "weight_decay": 0.01,
-    "decay": 1e-3,
-    "total_steps": 7,
-    "mask_interval": 3,
+    **ADAMS_HP,
     "n": 2,
     "m": 4,
 }
@@ -78,22 +71,6 @@ def call(fn, d: dict[str, list[Tensor]], **kw) -> None:
     )
 
 
-def assert_state_close(a: dict[str, list[Tensor]], b: dict[str, list[Tensor]]) -> None:
-    rtol = TOL[torch.float32][0] * 4
-    for key in a:
-        for i, (x, y) in enumerate(zip(a[key], b[key], strict=True)):
-            msg = f"{key}[{i}]"
-            if not x.is_floating_point() or key == "steps":
-                assert torch.equal(x, y), msg
-            elif key == "params" and x.dtype != torch.float32:
-                rt, at = TOL[x.dtype]
-                torch.testing.assert_close(x, y, rtol=rt, atol=at, msg=msg)
-            else:
-                # fp32 rounding relative to the tensor's scale (values near 0 carry no weight).
-                scale = float(y.abs().max()) if y.numel() else 0.0
-                torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * scale, msg=msg)
-
-
 CASES = {
     "fp32-2:4": ({"sparse": True}, torch.float32, {}),
     "fp32-dense": ({"sparse": False}, torch.float32, {}),
@@ -127,7 +104,7 @@ def test_matches_reference(device: str, case: str) -> None:
         extra = {"grad_scale": scale} if it % 4 == 1 else {}
         call(cast_ext.ops.adams_step_, a, **kw, **extra)
         call(reference.adams_step_, b, **kw, **extra)
-        assert_state_close(a, b)
+        assert_adams_state_close(a, b)
     assert all(float(s) == 12.0 for s in a["steps"])
 
 
@@ -184,7 +161,7 @@ def test_many_tensors(device: str) -> None:
     for _ in range(2):
         call(cast_ext.ops.adams_step_, a)
         call(reference.adams_step_, b)
-    assert_state_close(a, b)
+    assert_adams_state_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -308,7 +285,7 @@ def test_cpu_and_cuda_agree(case: str) -> None:
             gb.copy_(ga)
         call(cast_ext.ops.adams_step_, a, **kw)
         call(cast_ext.ops.adams_step_, b, **kw)
-        assert_state_close({k: [t.cpu() for t in v] for k, v in b.items()}, a)
+        assert_adams_state_close({k: [t.cpu() for t in v] for k, v in b.items()}, a)
 
 
 @requires_cuda

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOL
+from conftest import ADAMS_HP, assert_adams_state_close
 from torch import Tensor
 
 import cast_ext
@@ -696,16 +696,7 @@ def test_stub_conversions(emu_lib: Emu) -> None:
 
 # ---- adams_step --------------------------------------------------------------------------------
 
-HP = {
-    "lr": 1e-3,
-    "beta1": 0.9,
-    "beta2": 0.95,
-    "eps": 1e-8,
-    "weight_decay": 0.01,
-    "decay": 1e-3,
-    "total_steps": 7,
-    "mask_interval": 3,
-}
+HP = dict(ADAMS_HP)
 LIST_KEYS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "masks", "steps", "masters", "prev")
 
 
@@ -836,23 +827,6 @@ def call_adams(
     fn(*(d[key] for key in LIST_KEYS), **hp, **kw)
 
 
-def assert_close_to_reference(got: dict[str, list[Tensor]], ref: dict[str, list[Tensor]]) -> None:
-    """tests/test_adams.py's tolerance: masks, prev masks, steps exactly; floats to fp32 rounding
-    relative to each tensor's scale; low-precision params to their dtype."""
-    rtol = TOL[torch.float32][0] * 4
-    for key in LIST_KEYS:
-        for i, (x, y) in enumerate(zip(got[key], ref[key], strict=True)):
-            msg = f"{key}[{i}] vs reference"
-            if not x.is_floating_point() or key == "steps":
-                assert torch.equal(x, y), msg
-            elif key == "params" and x.dtype != torch.float32:
-                rt, at = TOL[x.dtype]
-                torch.testing.assert_close(x, y, rtol=rt, atol=at, msg=msg)
-            else:
-                scale = float(y.abs().max()) if y.numel() else 0.0
-                torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * scale, msg=msg)
-
-
 # (dtype, sparse, master, n, m, num_sms, schedule): num_sms 1 gives 8 blocks, so each block
 # strides over chunks of different tensors (the shared coefficients change between chunks);
 # schedules 0 and 1 run the threads between barriers in opposite orders (thread 0 first catches a
@@ -921,7 +895,7 @@ def test_adams_step(emu: Emu, case: str) -> None:
         for key in LIST_KEYS:
             for i, (x, y) in enumerate(zip(emu_d[key], cpu_d[key], strict=True)):
                 assert_bits_equal(x, y, f"step {it}: {key}[{i}] {list(x.shape)} vs CPU kernel")
-        assert_close_to_reference(subset(emu_d, in_ref), ref_d)
+        assert_adams_state_close(subset(emu_d, in_ref), ref_d)
     assert [float(s) for s in emu_d["steps"]] == [float(i % 5 + 9) for i in range(len(shapes))]
 
 
