@@ -180,6 +180,7 @@ def run(reps: int = 30) -> list[Row]:
             )
             print(f"N={n:5d} K={k:5d} M={m:5d}  " + "  ".join(summary), flush=True)
         torch.cuda.empty_cache()
+        write_rows("sparse24_gemm", rows)  # so far: a run stopped by a time limit keeps these
     return rows
 
 
