@@ -125,7 +125,8 @@ PRESETS: dict[str, Preset] = {
     # About 15 minutes on 2 CPU cores: 20,480 training tokens per run. Too short for CAST's
     # decay to finish (SPEC §6); the demo says so.
     "cpu": Preset(name="cpu"),
-    # About 5 minutes on one H200: 4.1M training tokens per run, 2,000 CAST steps.
+    # Sized for about 5 minutes on one H200 (not yet run there): 4.1M training tokens per run,
+    # 2,000 CAST steps.
     "gpu": Preset(
         name="gpu",
         eval_every=250,

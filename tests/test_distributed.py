@@ -208,6 +208,9 @@ def _fsdp_worker(rank: int, tmp: str) -> None:
                 {"straight": snap, "mid": mid, "loaded": loaded, "resumed": resumed},
                 f"{tmp}/fsdp.pt",
             )
+        del model, opt, state  # as in _ddp_worker: nothing holds the group when it goes
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
