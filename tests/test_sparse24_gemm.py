@@ -117,12 +117,13 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(device: str) -> N
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
     meta[3, 1] = 0x37  # a group keeping 3 elements
-    x = torch.randn(4, 16, device=device)
-    before = (x.clone(), values.clone(), meta.clone())
-    with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid 2:4"):
-        cast_ext.sparse24_gemm(x, values, meta)
-    for t, t0 in zip((x, values, meta), before, strict=True):
-        assert torch.equal(t, t0)
+    for m in (4, 12):  # CPU: the dot path and the expand-then-GEMM path
+        x = torch.randn(m, 16, device=device)
+        before = (x.clone(), values.clone(), meta.clone())
+        with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid"):
+            cast_ext.sparse24_gemm(x, values, meta)
+        for t, t0 in zip((x, values, meta), before, strict=True):
+            assert torch.equal(t, t0)
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,30 @@
 // 2:4 sparse GEMM on the CPU, on the portable packed format: y = x @ W^T (+ bias).
 //
 // Algorithm: W [N, K] is held as values [N, K/2] (the 2 kept elements of each group of 4, in
-// ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). The
-// N rows of W are cut into tiles of kTileN rows; OpenMP threads take whole tiles. A thread
-// expands its tile once into an fp32 scratch (zeros at the pruned positions) and then runs every
-// row of x (converted to fp32 once, up front) against it with 8 independent accumulators, so
-// the inner loop vectorises without -ffast-math and each expanded row is reused M times while it
-// is hot in cache. A nibble without exactly 2 bits set is invalid meta: it is reported after the
-// parallel region and the output is dropped (nothing of the caller's is written).
+// ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). Rows
+// of W are expanded into fp32 (zeros at the pruned positions) by a branch-free loop over groups
+// that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline clones picked at
+// load time), then multiplied:
+// * M < kBlasMinM rows of x (decode-sized): OpenMP threads take tiles of kTileN rows of W, expand
+//   each tile once and run every row of x against it with 8 independent accumulators (each
+//   expanded row is reused M times while hot in cache);
+// * M >= kBlasMinM: tiles of kBlasTileN rows are expanded (threads split the rows) and multiplied
+//   with torch's CPU GEMM (at::mm, MKL/oneDNN: blocked and multi-threaded), so a large M runs
+//   near dense speed; the expansion is then a small share of the work.
+// x is converted to fp32 once; accumulation is fp32 and y is rounded once to x's dtype at the
+// end (bias added in fp32), like the tensor-core GEMMs. A nibble without exactly 2 bits set is
+// invalid meta: it is reported after the parallel regions and the output is dropped (nothing of
+// the caller's is written).
 // Layout: x [..., K] (made contiguous), values/meta row-major, y [..., N] contiguous.
-// Dtypes: fp32, fp16, bf16; x, values and bias share one dtype; fp32 accumulation and a single
-// rounding to x's dtype at the end, like the tensor-core GEMMs.
+// Dtypes: fp32, fp16, bf16; x, values and bias share one dtype.
 // Reference: cast_ext/reference.py sparse24_gemm.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/accumulate.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,7 +36,9 @@
 namespace cast_ext {
 namespace {
 
-constexpr int64_t kTileN = 16;  // rows of W expanded at a time (16 x 4096 fp32 = 256 KiB)
+constexpr int64_t kTileN = 16;       // dot path: rows of W expanded at a time
+constexpr int64_t kBlasMinM = 8;     // from this many rows of x on, expanded tiles go to at::mm
+constexpr int64_t kBlasTileN = 256;  // BLAS path: rows of W per GEMM call
 
 // Dot product of two fp32 rows; 8 lanes so the compiler can keep a vector register per lane.
 inline float dot(const float* a, const float* b, int64_t k) {
@@ -42,67 +52,121 @@ inline float dot(const float* a, const float* b, int64_t k) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
-// Positions of the 2 kept elements of a group for each 4-bit mask; -1 for an invalid mask
-// (not exactly 2 bits set). A table lookup instead of a bit loop: the expansion is what a
-// small-M call spends its time on.
-struct Pair {
-  int8_t p0, p1;
-};
-constexpr Pair kPairs[16] = {{-1, -1}, {-1, -1}, {-1, -1}, {0, 1},  {-1, -1}, {0, 2},
-                             {1, 2},   {-1, -1}, {-1, -1}, {0, 3},  {1, 3},   {-1, -1},
-                             {2, 3},   {-1, -1}, {-1, -1}, {-1, -1}};
-
-// Expands one packed row of W into dst[k] (fp32). Returns false on an invalid nibble.
-template <typename T>
-inline bool expand_row(const T* vals, const uint8_t* meta, int64_t k, float* dst) {
-  bool ok = true;
-  for (int64_t g = 0; g < k / 4; ++g) {
-    const Pair p = kPairs[(meta[g >> 1] >> ((g & 1) * 4)) & 0xFu];
-    float* out = dst + 4 * g;
-    out[0] = out[1] = out[2] = out[3] = 0.f;
-    if (p.p0 < 0) {
-      ok = false;
-      continue;
-    }
-    // Values are stored in ascending position: the first goes to p0, the second to p1.
-    out[p.p0] = static_cast<float>(vals[2 * g]);
-    out[p.p1] = static_cast<float>(vals[2 * g + 1]);
-  }
-  return ok;
+// The 4 weights of one group from its nibble and 2 values: each weight is the first value if it
+// is the first kept position, the second value if a kept position lies below it, else +0.
+// Selects on bit patterns: exact for every value (Inf and NaN included), and vectorisable.
+// Returns 1 if the nibble does not have exactly 2 bits.
+C10_ALWAYS_INLINE uint32_t expand_group(uint32_t nib, float f0, float f1, float* __restrict dst) {
+  const uint32_t b0 = nib & 1u, b1 = (nib >> 1) & 1u, b2 = (nib >> 2) & 1u, b3 = (nib >> 3) & 1u;
+  const uint32_t v0 = c10::bit_cast<uint32_t>(f0), v1 = c10::bit_cast<uint32_t>(f1);
+  // All-ones where set: keep_i, and "a kept position below i" for i = 1..3.
+  const uint32_t k0 = 0u - b0, k1 = 0u - b1, k2 = 0u - b2, k3 = 0u - b3;
+  const uint32_t s1 = k0, s2 = k0 | k1, s3 = k0 | k1 | k2;
+  dst[0] = c10::bit_cast<float>(v0 & k0);
+  dst[1] = c10::bit_cast<float>(((v1 & s1) | (v0 & ~s1)) & k1);
+  dst[2] = c10::bit_cast<float>(((v1 & s2) | (v0 & ~s2)) & k2);
+  dst[3] = c10::bit_cast<float>(((v1 & s3) | (v0 & ~s3)) & k3);
+  return uint32_t(b0 + b1 + b2 + b3 != 2u);
 }
 
+// One row: fp32 values (2 per group) and meta bytes (2 groups each) -> 4 fp32 weights per
+// group. One meta byte per iteration, so every load is contiguous and the loop vectorises.
+// Returns nonzero on an invalid nibble.
+C10_ALWAYS_INLINE uint32_t expand_groups(const float* __restrict v, const uint8_t* __restrict meta,
+                                         int64_t groups, float* __restrict dst) {
+  uint32_t bad = 0;
+  const int64_t pairs = groups / 2;
+  for (int64_t j = 0; j < pairs; ++j) {
+    const uint32_t byte = meta[j];
+    bad |= expand_group(byte & 0xFu, v[4 * j], v[4 * j + 1], dst + 8 * j);
+    bad |= expand_group(byte >> 4, v[4 * j + 2], v[4 * j + 3], dst + 8 * j + 4);
+  }
+  if (groups % 2)
+    bad |= expand_group(meta[pairs] & 0xFu, v[4 * pairs], v[4 * pairs + 1], dst + 8 * pairs);
+  return bad;
+}
+
+#define CAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+CAST_CLONES uint32_t expand_groups_dispatch(const float* v, const uint8_t* meta, int64_t groups,
+                                            float* dst) {
+  return expand_groups(v, meta, groups, dst);
+}
+// Values to fp32, exactly. fp16 through the compiler's _Float16 (F16C vector conversions in the
+// v3/v4 clones; c10::Half's conversion does not vectorise), bf16 by a shift.
+CAST_CLONES void half_to_float(const c10::Half* src, int64_t n, float* dst) {
+  const _Float16* h = reinterpret_cast<const _Float16*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(h[i]);
+}
+CAST_CLONES void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16);
+}
+#undef CAST_CLONES
+
+template <typename T>  // dtypes the op's checks refuse still instantiate the dispatch
+void to_float(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+inline void to_float(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void to_float(const c10::Half* src, int64_t n, float* dst) { half_to_float(src, n, dst); }
+inline void to_float(const c10::BFloat16* src, int64_t n, float* dst) {
+  bf16_to_float(src, n, dst);
+}
+
+// Expands one packed row of W into dst[k] (fp32), using v32[k/2] as scratch for its values.
+// Returns false on an invalid nibble.
 template <typename T>
-bool gemm_rows(const T* x, const T* vals, const uint8_t* meta, const T* bias, int64_t m, int64_t n,
-               int64_t k, T* y) {
-  // x once in fp32: every tile of W reads all of it.
-  std::vector<float> x32(static_cast<size_t>(m * k));
-  at::parallel_for(0, m * k, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) x32[i] = static_cast<float>(x[i]);
-  });
+bool expand_row(const T* vals, const uint8_t* meta, int64_t k, float* v32, float* dst) {
+  to_float(vals, k / 2, v32);
+  return expand_groups_dispatch(v32, meta, k / 4, dst) == 0u;
+}
+
+// y32 [m, n] = x32 [m, k] @ W^T, fp32.
+template <typename T>
+bool gemm_dot(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n, int64_t k,
+              float* y32) {
   const int64_t kb = packed_last_dim(k);
   const int64_t tiles = (n + kTileN - 1) / kTileN;
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> w32(static_cast<size_t>(kTileN * k));
+    std::vector<float> w32(static_cast<size_t>(kTileN * k)), v32(static_cast<size_t>(k / 2));
     bool ok = true;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * kTileN;
       const int64_t rn = std::min(kTileN, n - r0);
       for (int64_t r = 0; r < rn; ++r) {
-        ok &= expand_row(vals + (r0 + r) * (k / 2), meta + (r0 + r) * kb, k, &w32[r * k]);
+        ok &=
+            expand_row(vals + (r0 + r) * (k / 2), meta + (r0 + r) * kb, k, v32.data(), &w32[r * k]);
       }
       for (int64_t i = 0; i < m; ++i) {
-        const float* xi = &x32[i * k];
-        T* yi = y + i * n + r0;
-        for (int64_t r = 0; r < rn; ++r) {
-          float acc = dot(xi, &w32[r * k], k);
-          if (bias != nullptr) acc += static_cast<float>(bias[r0 + r]);
-          yi[r] = static_cast<T>(acc);
-        }
+        for (int64_t r = 0; r < rn; ++r) y32[i * n + r0 + r] = dot(&x32[i * k], &w32[r * k], k);
       }
     }
     if (!ok) all_ok = false;
   });
+  return all_ok;
+}
+
+// y32 [m, n] = x32 [m, k] @ W^T through at::mm on expanded tiles of W.
+template <typename T>
+bool gemm_blas(const at::Tensor& x32, const T* vals, const uint8_t* meta, int64_t n, int64_t k,
+               const at::Tensor& y32) {
+  const int64_t kb = packed_last_dim(k);
+  at::Tensor w32 = at::empty({std::min(kBlasTileN, n), k}, x32.options());
+  float* w = w32.data_ptr<float>();
+  std::atomic<bool> all_ok{true};
+  for (int64_t r0 = 0; r0 < n; r0 += kBlasTileN) {
+    const int64_t rn = std::min(kBlasTileN, n - r0);
+    at::parallel_for(0, rn, 8, [&](int64_t a, int64_t b) {
+      std::vector<float> v32(static_cast<size_t>(k / 2));
+      bool ok = true;
+      for (int64_t r = a; r < b; ++r) {
+        ok &= expand_row(vals + (r0 + r) * (k / 2), meta + (r0 + r) * kb, k, v32.data(), w + r * k);
+      }
+      if (!ok) all_ok = false;
+    });
+    y32.narrow(1, r0, rn).copy_(at::mm(x32, w32.narrow(0, 0, rn).t()));
+  }
   return all_ok;
 }
 
@@ -121,13 +185,21 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   auto oshape = x.sizes().vec();
   oshape.back() = n;
   at::Tensor y = at::empty(oshape, x.options());
+  const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
+  const at::Tensor y32 = at::empty({m, n}, x32.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse24_gemm", [&] {
-    ok = gemm_rows<scalar_t>(x.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(),
-                             meta.const_data_ptr<uint8_t>(),
-                             bias ? bias->const_data_ptr<scalar_t>() : nullptr, m, n, k,
-                             y.data_ptr<scalar_t>());
+    const scalar_t* vals = values.const_data_ptr<scalar_t>();
+    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
+    if (m == 0 || n == 0) return;
+    ok = m >= kBlasMinM ? gemm_blas<scalar_t>(x32, vals, mt, n, k, y32)
+                        : gemm_dot<scalar_t>(x32.const_data_ptr<float>(), vals, mt, m, n, k,
+                                             y32.data_ptr<float>());
   });
+  if (ok && m > 0 && n > 0) {
+    // One rounding to x's dtype, after the fp32 bias.
+    y.view({m, n}).copy_(bias ? y32.add_(bias->to(at::kFloat)) : y32);
+  }
   check_meta_flag(op, meta_in, !ok);
   return y;
 }

@@ -1,0 +1,40 @@
+"""sparse24_gemm on the CPU (the packed format) against dense ``F.linear`` on the same 2:4 weight
+and the pure-torch reference, same run: a LLaMA-2-7B attention weight (4096 x 4096, bf16) at a
+decode-sized, a small and a prefill-sized token count.
+
+No target in the issue (the CPU kernel is for correctness); measured so that CPU users know what
+a SparseLinear costs them against the dense layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import QUICK, run
+
+import cast_ext
+from cast_ext import reference as ref
+
+N, K = (512, 1024) if QUICK else (4096, 4096)
+
+
+@pytest.fixture(scope="module")
+def weight() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = cast_ext.sparse24_prune(torch.randn(N, K).bfloat16())
+    values, meta = cast_ext.sparse24_compress(w)
+    return w, values, meta
+
+
+@pytest.mark.parametrize("m", [1, 16, 128])
+@pytest.mark.parametrize("impl", ["cast_ext", "dense", "reference"])
+def test_sparse24_gemm(benchmark, weight, impl, m):
+    benchmark.group = f"sparse24_gemm bf16 M={m}"
+    w, values, meta = weight
+    x = torch.randn(m, K).bfloat16()
+    fn = {
+        "cast_ext": lambda: cast_ext.sparse24_gemm(x, values, meta),
+        "dense": lambda: F.linear(x, w),
+        "reference": lambda: ref.sparse24_gemm(x, values, meta),
+    }[impl]
+    run(benchmark, fn, rounds=3 if impl == "reference" else 10)
