@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from . import _C
@@ -16,7 +15,11 @@ __all__ = [
 ]
 
 
-@functools.cache
+# Read once at import: a plain dict, so code that asks (SparseLinear's forward) also traces
+# under torch.compile, which cannot call into the extension's pybind11 functions.
+_BUILD_INFO: dict[str, Any] = dict(_C.build_info())
+
+
 def build_info() -> dict[str, Any]:
     """What the extension was built with: torch and CUDA versions, archs, optional parts.
 
@@ -24,17 +27,17 @@ def build_info() -> dict[str, Any]:
         dict with keys ``torch_version``, ``with_cuda``, ``cuda_version``, ``cuda_archs``,
         ``with_cusparselt``, ``cusparselt_version``, ``compiler``, ``debug``.
     """
-    return dict(_C.build_info())
+    return dict(_BUILD_INFO)
 
 
 def cuda_kernels_available() -> bool:
     """True if the CUDA kernels were compiled in (a GPU may still be absent)."""
-    return bool(build_info()["with_cuda"])
+    return bool(_BUILD_INFO["with_cuda"])
 
 
 def cusparselt_available() -> bool:
     """True if the cuSPARSELt-backed sparse GEMM was compiled in."""
-    return bool(build_info()["with_cusparselt"])
+    return bool(_BUILD_INFO["with_cusparselt"])
 
 
 def set_cuda_value_checks(enabled: bool) -> None:

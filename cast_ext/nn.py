@@ -311,6 +311,12 @@ class SparseLinear(nn.Module):
         )
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        if torch.compiler.is_compiling():
+            # Data pointers cannot be traced, so no staleness check here: the weight the last
+            # eager call built (call the layer once eagerly after changing `values`), else one
+            # built inside the graph.
+            hit = self._derived.get(name)
+            return hit[1] if hit is not None else build()
         tag = self._tag()
         hit = self._derived.get(name)
         if hit is not None and hit[0] == tag:
@@ -361,7 +367,8 @@ class SparseLinear(nn.Module):
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
         hit = _DECISIONS.get(key)
         if hit is not None:
-            self._uses.add(hit.choice)
+            if not torch.compiler.is_compiling():  # bookkeeping for eager measurements only
+                self._uses.add(hit.choice)
             return hit.choice
         if m == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return "dense"  # cannot measure here; nothing recorded, so a later eager call will
@@ -418,7 +425,9 @@ class SparseLinear(nn.Module):
 
     def _backward_weight(self) -> Tensor:
         hit = self._derived.get("dense")
-        return hit[1] if hit is not None and hit[0] == self._tag() else self.dense_weight()
+        if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
+            return hit[1]  # (no staleness check under compile: see _get)
+        return self.dense_weight()
 
     def extra_repr(self) -> str:
         return (

@@ -90,3 +90,39 @@ def test_adams_step_compiles_fullgraph_and_matches_eager(device):
                 assert torch.equal(val, opt.state[q][key]), (s, key)
     assert "mask" in opt.state[models[1][1].weight]  # the bf16 weight is sparse, with a master
     assert counter.frame_count == 2
+
+
+def test_cuda_dispatch_branch_traces_without_graph_breaks():
+    """SparseLinear's CUDA branch (the dispatch, then a derived weight) has no GPU-only code, so
+    it is compiled here on the CPU: with fullgraph=True, before and after the eager call that
+    caches the dense weight, and with a recorded decision. Data pointers (the cache's staleness
+    tag) and the extension's pybind11 calls cannot be traced; this guards against both."""
+    from cast_ext.nn import _DECISIONS, DispatchDecision, SparseLinear, _bucket
+
+    sl = SparseLinear.from_dense(torch.nn.Linear(64, 32), mode="auto", warn=False)
+    x = torch.randn(5, 64)
+    want = torch.nn.functional.linear(x, sl.dense_weight(), sl.bias)
+
+    def branch(x):
+        choice = sl._choose(x)
+        if choice == "packed":
+            return cast_ext.sparse24_gemm(x, sl.values, sl.meta, sl.bias)
+        return torch.nn.functional.linear(x, sl._dense_cached(), sl.bias)
+
+    key = (str(x.device), x.dtype, _bucket(5), 32, 64, True)
+    try:
+        for decision in (None, "packed", "dense"):
+            _DECISIONS.pop(key, None)
+            if decision is not None:
+                _DECISIONS[key] = DispatchDecision(
+                    "cpu", "float32", 8, 32, 64, True, decision, None, 1.0, 1.0
+                )
+            for cached in (False, True):
+                sl._derived.clear()
+                if cached:
+                    sl._dense_cached()
+                torch._dynamo.reset()
+                y = torch.compile(branch, fullgraph=True, backend=BACKEND)(x)
+                torch.testing.assert_close(y, want)
+    finally:
+        _DECISIONS.pop(key, None)
