@@ -458,7 +458,8 @@ at::Tensor cslt_compress_cuda(const at::Tensor& w_in) {
     sz = sizes_locked(op, device, n, k, t);
     h = handle_for(op, device);
   }
-  at::Tensor out = at::empty({compressed_numel(sz.first, w.element_size())}, w.options());
+  // Zeroed: bytes the library leaves as padding are then deterministic (compress is one-time).
+  at::Tensor out = at::zeros({compressed_numel(sz.first, w.element_size())}, w.options());
   auto scratch = c10::cuda::CUDACachingAllocator::get()->allocate(sz.second);
   const std::string what = weight_what(n, k, t);
   Structured a(op, h, n, k, t, what);
