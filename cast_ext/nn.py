@@ -310,20 +310,26 @@ class SparseLinear(nn.Module):
             self.meta._version,
         )
 
-    def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
-        if torch.compiler.is_compiling():
-            # Data pointers cannot be traced, so no staleness check here: the weight the last
-            # eager call built (call the layer once eagerly after changing `values`), else one
-            # built inside the graph.
-            hit = self._derived.get(name)
-            return hit[1] if hit is not None else build()
-        tag = self._tag()
+    def _current(self, name: str) -> Tensor | None:
+        """The cached derived weight ``name`` if it was built from the current ``values``/``meta``.
+
+        Under torch.compile data pointers cannot be traced, so there is no staleness check: the
+        weight the last eager call built is used (call the layer once eagerly after changing
+        ``values``)."""
         hit = self._derived.get(name)
-        if hit is not None and hit[0] == tag:
+        if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
             return hit[1]
+        return None
+
+    def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        t = self._current(name)
+        if t is not None:
+            return t
+        if torch.compiler.is_compiling():
+            return build()  # inside the graph; nothing is cached from a trace
         with torch.no_grad():
             t = build()
-        self._derived[name] = (tag, t)
+        self._derived[name] = (self._tag(), t)
         return t
 
     def _dense_cached(self) -> Tensor:
@@ -424,10 +430,8 @@ class SparseLinear(nn.Module):
         )  # fmt: skip
 
     def _backward_weight(self) -> Tensor:
-        hit = self._derived.get("dense")
-        if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
-            return hit[1]  # (no staleness check under compile: see _get)
-        return self.dense_weight()
+        t = self._current("dense")  # reused if cached, never cached for the backward alone
+        return t if t is not None else self.dense_weight()
 
     def extra_repr(self) -> str:
         return (
