@@ -38,6 +38,13 @@ def _same(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
         sys.exit(1)
 
 
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
+    got, want = got.cpu().float(), want.float()
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        print(f"MISMATCH {name}: max error {(got - want).abs().max()}")
+        sys.exit(1)
+
+
 def _masks() -> None:
     for rows, k in SHAPES:
         for dt in DTYPES:
@@ -95,27 +102,20 @@ def _adams() -> None:
             state["prev"] = [torch.zeros_like(mk) for mk in state["masks"]]
             dev = {key: [t.to(DEV) for t in ts] for key, ts in state.items()}
             dps = [p.to(DEV) for p in ps]
+            kw = dict(hyper, total_steps=8, mask_interval=10)
+            keys = ("mu", "v", "masks", "steps", "masters", "prev")
             for _ in range(12):  # crosses a refresh (mask_interval 10) and total_steps
                 gs = [torch.randn(s, dtype=dt) for s in shapes]
-                kw = dict(hyper, total_steps=8, mask_interval=10)
-                keys = ("mu", "v", "masks", "steps", "masters", "prev")
                 reference.adams_step_(ps, gs, *(state[key] for key in keys), **kw)
                 ops.adams_step_(dps, [g.to(DEV) for g in gs], *(dev[key] for key in keys), **kw)
             tag = f"[{dt} sparse={sparse}]"
             for key in ("masks", "prev", "steps"):
                 for i, (a, b) in enumerate(zip(dev[key], state[key], strict=True)):
                     _same(f"adams {key}[{i}]" + tag, a, b)
-            rt, at = PARAM_TOL[dt]
             for i, (a, b) in enumerate(zip(dev["masters"], state["masters"], strict=True)):
-                if not torch.allclose(a.cpu(), b, rtol=1e-5, atol=1e-6):
-                    err = (a.cpu() - b).abs().max()
-                    print(f"MISMATCH adams master[{i}]{tag}: max error {err}")
-                    sys.exit(1)
+                _close(f"adams master[{i}]{tag}", a, b, *PARAM_TOL[torch.float32])
             for i, (a, b) in enumerate(zip(dps, ps, strict=True)):
-                if not torch.allclose(a.cpu().float(), b.float(), rtol=rt, atol=at):
-                    err = (a.cpu().float() - b.float()).abs().max()
-                    print(f"MISMATCH adams param[{i}]{tag}: max error {err}")
-                    sys.exit(1)
+                _close(f"adams param[{i}]{tag}", a, b, *PARAM_TOL[dt])
     print("adams ok")
 
 
@@ -129,12 +129,9 @@ def _packed_gemm() -> None:
             dv, dm = values.to(DEV), meta.to(DEV)
             for m in (1, 5, 16, 17):
                 x = torch.randn(m, k, dtype=dt)
-                got = ops.sparse24_gemm(x.to(DEV), dv, dm, bias.to(DEV)).cpu()
+                got = ops.sparse24_gemm(x.to(DEV), dv, dm, bias.to(DEV))
                 want = reference.sparse24_gemm(x, values, meta, bias)
-                if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2):
-                    err = (got.float() - want.float()).abs().max()
-                    print(f"MISMATCH sparse24_gemm m={m} [{n}x{k}] {dt}: max error {err}")
-                    sys.exit(1)
+                _close(f"sparse24_gemm m={m} [{n}x{k}] {dt}", got, want, 2e-2, 5e-2)
     print("packed gemm ok")
 
 
@@ -149,12 +146,8 @@ def _gemm() -> None:
         for m in (1, 3, 17):
             x = torch.randn(m, 64, dtype=dt)
             want = (x.double() @ w.double().t() + bias.double()).to(dt)
-            got = ops.cslt_linear(x.to(DEV), wc, 32, 64, bias.to(DEV)).cpu()
-            if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2):
-                print(
-                    f"MISMATCH cslt_linear m={m} {dt}: {(got.float() - want.float()).abs().max()}"
-                )
-                sys.exit(1)
+            got = ops.cslt_linear(x.to(DEV), wc, 32, 64, bias.to(DEV))
+            _close(f"cslt_linear m={m} {dt}", got, want, 2e-2, 5e-2)
     print("gemm ok")
 
 
