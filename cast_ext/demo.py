@@ -365,6 +365,24 @@ def _result(name: str, before: dict[str, float] | None, after: dict[str, float],
     return {"run": name, "before_finalize": before, "after": after, **kw}
 
 
+def _adamw_finetune(
+    model: nn.Module, data: DemoData, preset: Preset, run_name: str, **kw: Any
+) -> cast.TrainResult:
+    """The preset's AdamW fine-tune (dense or fixed-mask): same budget, schedule and evals."""
+    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
+    return cast.train(
+        model,
+        _adamw(model, preset.ft_lr),
+        _batches(data.train, preset.ft_batch),
+        total_steps=preset.ft_steps,
+        lr_lambda=sched.factor,
+        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
+        eval_every=preset.eval_every,
+        run_name=run_name,
+        **kw,
+    )
+
+
 def run_dense(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
     """The dense baseline: the pretrained model, plus an AdamW fine-tune if the preset asks."""
     t0 = time.perf_counter()
@@ -374,18 +392,7 @@ def run_dense(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dic
         return out
     model = copy.deepcopy(base)
     _freeze_embeddings_and_norms(model)
-    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
-    hist = cast.train(
-        model,
-        _adamw(model, preset.ft_lr),
-        _batches(data.train, preset.ft_batch),
-        total_steps=preset.ft_steps,
-        lr_lambda=sched.factor,
-        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
-        eval_every=preset.eval_every,
-        run_name="dense_finetune",
-        **kw,
-    )
+    hist = _adamw_finetune(model, data, preset, "dense_finetune", **kw)
     ev2 = _eval(model, data, preset.eval_windows, preset.eval_batch)
     ft = _result("dense_finetune", None, ev2, **_hist(hist))
     return {**out, "finetuned": ft}
@@ -435,19 +442,7 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
             for w, mask in pairs:
                 w.mul_(mask)
 
-    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
-    hist = cast.train(
-        model,
-        _adamw(model, preset.ft_lr),
-        _batches(data.train, preset.ft_batch),
-        total_steps=preset.ft_steps,
-        lr_lambda=sched.factor,
-        eval_fn=lambda m: _eval(m, data, preset.curve_windows, preset.eval_batch),
-        eval_every=preset.eval_every,
-        after_step=remask,
-        run_name="finetune",
-        **kw,
-    )
+    hist = _adamw_finetune(model, data, preset, "finetune", after_step=remask, **kw)
     ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
     # the mask is still exactly the one-shot 2:4 mask (nothing outside it became nonzero)
     exact = all(bool((w.detach()[~mask] == 0).all()) for w, mask in pairs)

@@ -535,3 +535,20 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     assert "decay budget" in out and "CAST (AdamS+scaling+KD)" in out and "perplexity" in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_dense_finetune_run(tmp_path):
+    """The GPU preset's dense AdamW baseline (dense_finetune=True), on the tiny model: same
+    budget as the fixed-mask fine-tune, a finite perplexity afterwards."""
+    import dataclasses
+
+    from cast_ext import demo
+
+    preset = dataclasses.replace(demo.PRESETS["smoke"], dense_finetune=True)
+    texts = _fake_texts(tmp_path / "texts")
+    data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
+    out = demo.run_dense(tiny_llama(), data, preset, progress=False)
+    ft = out["finetuned"]
+    assert ft["tokens"] == preset.ft_steps * preset.ft_batch * preset.seq_len
+    assert ft["steps"] == preset.ft_steps
+    assert all(math.isfinite(v) and v > 1 for v in ft["after"].values())
