@@ -42,6 +42,28 @@ ADAMS_HP = {
 }
 
 
+# The op's list arguments, in its argument order (dicts of AdamS lists are keyed by these).
+ADAMS_LIST_KEYS = (
+    "params",
+    "grads",
+    "exp_avgs",
+    "exp_avg_sqs",
+    "masks",
+    "steps",
+    "masters",
+    "prev",
+)
+
+
+def adams_args(d: dict[str, list]) -> tuple[list, ...]:
+    """The op's positional list arguments from a dict keyed by ADAMS_LIST_KEYS."""
+    return tuple(d[key] for key in ADAMS_LIST_KEYS)
+
+
+def clone_lists(d: dict[str, list]) -> dict[str, list]:
+    return {key: [t.clone() for t in ts] for key, ts in d.items()}
+
+
 def assert_adams_state_close(got: dict[str, list], want: dict[str, list]) -> None:
     """AdamS lists (params, states, masks, steps by key) against another run of the same step:
     masks, prev masks and steps exactly; fp32 floats to 4x fp32 rounding relative to each

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ADAMS_HP, DEVICES, assert_adams_state_close, requires_cuda
+from conftest import (
+    ADAMS_HP,
+    ADAMS_LIST_KEYS,
+    DEVICES,
+    adams_args,
+    assert_adams_state_close,
+    clone_lists,
+    requires_cuda,
+)
 from torch import Tensor
 
 import cast_ext
@@ -32,10 +40,7 @@ def make_lists(
     prev: bool = True,
 ) -> dict[str, list[Tensor]]:
     """Random params and state (as after a few steps), zero masks (t = 0 refreshes them)."""
-    out: dict[str, list[Tensor]] = {
-        k: []
-        for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "masks", "steps", "masters", "prev")
-    }
+    out: dict[str, list[Tensor]] = {k: [] for k in ADAMS_LIST_KEYS}
     for shape in shapes:
         w = torch.randn(shape, device=device) * 0.02
         out["params"].append(w.to(dtype))
@@ -53,22 +58,8 @@ def make_lists(
     return out
 
 
-def clone_lists(d: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
-    return {k: [t.clone() for t in v] for k, v in d.items()}
-
-
 def call(fn, d: dict[str, list[Tensor]], **kw) -> None:
-    fn(
-        d["params"],
-        d["grads"],
-        d["exp_avgs"],
-        d["exp_avg_sqs"],
-        d["masks"],
-        d["steps"],
-        d["masters"],
-        d["prev"],
-        **{**HP, **kw},
-    )
+    fn(*adams_args(d), **{**HP, **kw})
 
 
 CASES = {
@@ -173,17 +164,7 @@ def test_opcheck(device: str, case: str) -> None:
         "master": ({"sparse": True, "master": True}, torch.bfloat16),
     }[case]
     d = make_lists([(4, 16), (2, 8)], opts[1], device, **opts[0])
-    args = (
-        d["params"],
-        d["grads"],
-        d["exp_avgs"],
-        d["exp_avg_sqs"],
-        d["masks"],
-        d["steps"],
-        d["masters"],
-        d["prev"],
-    )
-    torch.library.opcheck(torch.ops.cast_ext.adams_step_.default, args, dict(HP))
+    torch.library.opcheck(torch.ops.cast_ext.adams_step_.default, adams_args(d), dict(HP))
 
 
 def _bad_cases() -> dict[str, tuple]:

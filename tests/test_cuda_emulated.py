@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ADAMS_HP, assert_adams_state_close
+from conftest import ADAMS_HP, ADAMS_LIST_KEYS, adams_args, assert_adams_state_close, clone_lists
 from torch import Tensor
 
 import cast_ext
@@ -697,7 +697,6 @@ def test_stub_conversions(emu_lib: Emu) -> None:
 # ---- adams_step --------------------------------------------------------------------------------
 
 HP = dict(ADAMS_HP)
-LIST_KEYS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "masks", "steps", "masters", "prev")
 
 
 # Tensor i of every list has its `key` buffer (only that one) one element past a 64-byte
@@ -746,7 +745,7 @@ def make_adams_lists(
     that refresh and tensors that do not, at different alpha); random stale masks; the buffers
     of MISALIGNED misaligned."""
     gen = torch.Generator().manual_seed(seed)
-    d: dict[str, list[Tensor]] = {key: [] for key in LIST_KEYS}
+    d: dict[str, list[Tensor]] = {key: [] for key in ADAMS_LIST_KEYS}
     for i, shape in enumerate(shapes):
         w = torch.randn(shape, generator=gen) * 0.02
         d["params"].append(w.to(dtype))
@@ -764,10 +763,6 @@ def make_adams_lists(
         if d[key] and i < len(shapes):
             d[key][i] = misaligned(d[key][i])
     return d
-
-
-def clone_lists(d: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
-    return {key: [t.clone() for t in ts] for key, ts in d.items()}
 
 
 def subset(d: dict[str, list[Tensor]], idx: list[int]) -> dict[str, list[Tensor]]:
@@ -824,7 +819,7 @@ def run_emu_adams(
 def call_adams(
     fn: Callable[..., None], d: dict[str, list[Tensor]], hp: dict[str, float], **kw: Tensor
 ) -> None:
-    fn(*(d[key] for key in LIST_KEYS), **hp, **kw)
+    fn(*adams_args(d), **hp, **kw)
 
 
 # (dtype, sparse, master, n, m, num_sms, schedule): num_sms 1 gives 8 blocks, so each block
@@ -889,10 +884,10 @@ def test_adams_step(emu: Emu, case: str) -> None:
         call_adams(cast_ext.ops.adams_step_, cpu_d, hp, **kw)
         call_adams(reference.adams_step_, ref_d, hp, **kw)
         if before is not None:
-            for key in LIST_KEYS:
+            for key in ADAMS_LIST_KEYS:
                 for x, y in zip(emu_d[key], before[key], strict=True):
                     assert_bits_equal(x, y, f"found_inf: {key} changed")
-        for key in LIST_KEYS:
+        for key in ADAMS_LIST_KEYS:
             for i, (x, y) in enumerate(zip(emu_d[key], cpu_d[key], strict=True)):
                 assert_bits_equal(x, y, f"step {it}: {key}[{i}] {list(x.shape)} vs CPU kernel")
         assert_adams_state_close(subset(emu_d, in_ref), ref_d)
@@ -910,7 +905,7 @@ def test_adams_step_many_tensors(emu: Emu) -> None:
         assert run_emu_adams(emu, emu_d, hp, None, None, num_sms=4) == CUDA_SUCCESS
         assert len(emu.grids()) == 12 + 2
         call_adams(cast_ext.ops.adams_step_, cpu_d, hp)
-        for key in LIST_KEYS:
+        for key in ADAMS_LIST_KEYS:
             for i, (x, y) in enumerate(zip(emu_d[key], cpu_d[key], strict=True)):
                 assert_bits_equal(x, y, f"{key}[{i}] vs CPU kernel")
     assert all(float(s) == i % 5 + 2 for i, s in enumerate(emu_d["steps"]))

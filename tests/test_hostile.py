@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import requires_cuda
-from test_adams import call, clone_lists, make_lists
+from conftest import clone_lists, requires_cuda
+from test_adams import call, make_lists
 from torch import Tensor, nn
 
 import cast_ext
