@@ -185,22 +185,22 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   auto oshape = x.sizes().vec();
   oshape.back() = n;
   at::Tensor y = at::empty(oshape, x.options());
+  if (m == 0 || n == 0) return y;
   const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
-  const at::Tensor y32 = at::empty({m, n}, x32.options());
+  // fp32 results are computed in y itself; other dtypes are rounded once at the end.
+  const bool direct = x.scalar_type() == at::kFloat;
+  const at::Tensor y32 = direct ? y.view({m, n}) : at::empty({m, n}, x32.options());
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse24_gemm", [&] {
     const scalar_t* vals = values.const_data_ptr<scalar_t>();
     const uint8_t* mt = meta.const_data_ptr<uint8_t>();
-    if (m == 0 || n == 0) return;
     ok = m >= kBlasMinM ? gemm_blas<scalar_t>(x32, vals, mt, n, k, y32)
                         : gemm_dot<scalar_t>(x32.const_data_ptr<float>(), vals, mt, m, n, k,
                                              y32.data_ptr<float>());
   });
-  if (ok && m > 0 && n > 0) {
-    // One rounding to x's dtype, after the fp32 bias.
-    y.view({m, n}).copy_(bias ? y32.add_(bias->to(at::kFloat)) : y32);
-  }
   check_meta_flag(op, meta_in, !ok);
+  if (bias) y32.add_(bias->to(at::kFloat));  // in fp32, before the one rounding
+  if (!direct) y.view({m, n}).copy_(y32);
   return y;
 }
 
