@@ -23,6 +23,7 @@ pybind11::dict build_info() {
   d["torch_version"] = std::string(TORCH_VERSION);
   d["compiler"] = std::string(__VERSION__);
   d["openmp"] = true;
+  d["cpu_isa"] = std::string(cast_ext::adams_cpu_isa());
 #ifdef CAST_EXT_WITH_CUDA
   d["with_cuda"] = true;
   d["cuda_version"] =

@@ -7,6 +7,11 @@ floats to fp32 rounding (the kernels use correctly rounded sqrt; torch's CPU sqr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import (
@@ -97,6 +102,54 @@ def test_matches_reference(device: str, case: str) -> None:
         call(reference.adams_step_, b, **kw, **extra)
         assert_adams_state_close(a, b)
     assert all(float(s) == 12.0 for s in a["steps"])
+
+
+def isa_run() -> dict[str, Tensor]:
+    """Every case of CASES, 12 steps from a fixed seed on the CPU, on shapes whose rows end
+    inside a 16-lane vector and span several 256-element tiles; all resulting tensors."""
+    torch.manual_seed(0)
+    out: dict[str, Tensor] = {}
+    for case, (opts, dtype, kw) in CASES.items():
+        m = kw.get("m", 4)
+        shapes = [(3, 8 * m), (2, 5 * 8 * m), (33, 264 if m == 4 else 272)]
+        if m == 4:
+            shapes.append((5, 12))
+        if not opts["sparse"]:
+            shapes += [(7,), (3, 5), (1001,)]
+        d = make_lists(shapes, dtype, "cpu", **opts)
+        for it in range(12):
+            for g in d["grads"]:
+                g.copy_((torch.randn(g.shape) * 1e-3).to(dtype))
+            extra = {"grad_scale": torch.tensor([512.0])} if it % 4 == 1 else {}
+            call(cast_ext.ops.adams_step_, d, **kw, **extra)
+        for key, ts in d.items():
+            out.update({f"{case}/{key}/{i}": t for i, t in enumerate(ts)})
+    return out
+
+
+def test_cpu_isa_versions_agree_bit_for_bit(tmp_path: Path) -> None:
+    """The CPU kernel's AVX-512 (fp32: hand-written), AVX2 and baseline versions give the same
+    bits. Each runs in a subprocess with CAST_EXT_CPU_ISA capping the version picked at load;
+    the version that ran is read back, so a cap that is ignored fails the test."""
+    native = cast_ext.build_info()["cpu_isa"]
+    order = ["default", "avx2", "avx512"]
+    assert native in order
+    want = isa_run()
+    script = (
+        "import sys, torch, cast_ext; sys.path.insert(0, sys.argv[2]); import test_adams; "
+        "torch.save({'isa': cast_ext.build_info()['cpu_isa'], 'out': test_adams.isa_run()}, "
+        "sys.argv[1])"
+    )
+    here = str(Path(__file__).parent)
+    for isa in order:
+        path = tmp_path / f"{isa}.pt"
+        env = {**os.environ, "CAST_EXT_CPU_ISA": isa}
+        subprocess.run([sys.executable, "-c", script, str(path), here], env=env, check=True)
+        got = torch.load(path, weights_only=True)
+        assert got["isa"] == order[min(order.index(isa), order.index(native))]
+        assert got["out"].keys() == want.keys()
+        for key, t in want.items():
+            assert torch.equal(got["out"][key], t), (isa, key)
 
 
 @pytest.mark.parametrize("device", DEVICES)

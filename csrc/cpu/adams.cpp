@@ -13,11 +13,14 @@
 //   1. mask: the new bytes replace the stored mask (the old byte saved to prev_masks when given),
 //      or the stored bytes are read; the bits become one int32 lane per element (256-entry table).
 //   2. update: a branch-free loop over contiguous floats (GCC vectorises it; versions for AVX-512
-//      and AVX2 are picked at run time) doing the reference's operations in the reference's order,
-//      each rounded to fp32 as torch rounds them. Two deliberate differences, each within an ulp
-//      per step: the bias corrections divide as multiplications by their fp32 reciprocals (as
-//      the reference does on CUDA; two fewer divisions per element), and sqrt is correctly
-//      rounded (torch's AVX-512 CPU sqrt is not always). Masks match the reference exactly.
+//      and AVX2 are picked at run time; fp32 on AVX-512 is written with intrinsics, one pass in
+//      registers with the mask bits as k-masks) doing the reference's operations in the
+//      reference's order, each rounded to fp32 as torch rounds them. All versions give the same
+//      bits (CAST_EXT_CPU_ISA picks a lower one; tests/test_adams.py compares them). Two deliberate
+//      differences, each within an ulp per step: the bias corrections divide as multiplications by
+//      their fp32 reciprocals (as the reference does on CUDA; two fewer divisions per element), and
+//      sqrt is correctly rounded (torch's AVX-512 CPU sqrt is not always). Masks match the
+//      reference exactly.
 // Dense lists (no masks) are plain Adam and skip steps 0-1. grad_scale divides the gradient,
 // found_inf != 0 skips everything. Steps are read on the host (fp32 0-d tensors, checked to be
 // whole numbers) and incremented after the update.
@@ -33,9 +36,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -106,15 +111,41 @@ __attribute__((target("avx512f"), always_inline)) inline void sqrt_tile_avx512(f
 }
 #endif
 
+#if defined(__x86_64__)
+// fp16 <-> fp32 tiles with F16C (vcvtph2ps / vcvtps2ph, round to nearest even like c10::Half):
+// GCC 12 vectorises neither c10::Half's bit routine below AVX-512 nor _Float16 conversions, and
+// a scalar conversion made the fp16 step about 5x slower. Called once per tile.
+__attribute__((target("avx,f16c"))) void f16_to_f32_tile(const c10::Half* src, float* dst,
+                                                         int64_t cnt) {
+  int64_t i = 0;
+  for (; i + 8 <= cnt; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < cnt; ++i) dst[i] = _cvtsh_ss(src[i].x);
+}
+__attribute__((target("avx,f16c"))) void f32_to_f16_tile(const float* src, c10::Half* dst,
+                                                         int64_t cnt) {
+  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int64_t i = 0;
+  for (; i + 8 <= cnt; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kRne);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < cnt; ++i) dst[i] = c10::Half(_cvtss_sh(src[i], kRne), c10::Half::from_bits());
+}
+#endif
+
 // The update over `cnt` <= kTile contiguous elements starting at `off`. keep[i] != 0: kept.
 // Three loops over the tile (the middle one is the sqrt), all vectorisable; the temporaries stay
 // in L1.
-template <typename T, bool kMaster, bool kSparse, typename SqrtFn>
+// kF16c: fp16 grads and params are converted a tile at a time with F16C (x86 only).
+template <typename T, bool kMaster, bool kSparse, bool kF16c, typename SqrtFn>
 __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const Ptrs<T>& x,
                                                        int64_t off, int64_t cnt,
                                                        const int32_t* __restrict keep,
                                                        float inv_scale) {
-  const AdamsCoeffs& c = x.c;
+  const AdamsCoeffs c = x.c;  // a copy: loads of x.c would be reloaded after every store
   float* __restrict w = x.w + off;
   const T* __restrict g = x.g + off;
   float* __restrict mu = x.mu + off;
@@ -123,9 +154,18 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
   alignas(64) float num_t[kTile];
   alignas(64) float root_t[kTile];
   alignas(64) float w_t[kTile];
+  constexpr bool kTileF16 = kF16c && std::is_same_v<T, c10::Half>;
+  alignas(64) float g_t[kTileF16 ? kTile : 1];
+#if defined(__x86_64__)
+  if constexpr (kTileF16) f16_to_f32_tile(g, g_t, cnt);
+#endif
   for (int64_t i = 0; i < cnt; ++i) {
-    const float gi = static_cast<float>(g[i]) * inv_scale;  // reference: g.float() * inv_scale
-    const float wi = w[i] * c.wdf;                          // decoupled weight decay
+    float gi;
+    if constexpr (kTileF16)
+      gi = g_t[i] * inv_scale;
+    else
+      gi = static_cast<float>(g[i]) * inv_scale;  // reference: g.float() * inv_scale
+    const float wi = w[i] * c.wdf;                // decoupled weight decay
     const float t1 = mu[i] * c.b1;
     const float t2 = c.c1 * gi;
     const float m = t1 + t2;
@@ -135,7 +175,11 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
       const float d1 = c.oma * m;
       const float d2 = c.ad * sgn;
       const float dec = d1 + d2;
-      me = keep[i] ? m : dec;
+      // keep[i] is all ones or zero: a bitwise select (a ?: here is left as a branch below
+      // AVX-512, which stops GCC vectorising the loop)
+      const uint32_t km = uint32_t(keep[i]);
+      me = __builtin_bit_cast(float, (km & __builtin_bit_cast(uint32_t, m)) |
+                                         (~km & __builtin_bit_cast(uint32_t, dec)));
       num = me;
     } else {
       me = gi;  // plain Adam: v averages g^2, the update uses mu
@@ -155,48 +199,131 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
     const float upd = num_t[i] / den;
     const float wi = w_t[i] - c.lr * upd;
     w[i] = wi;
-    if constexpr (kMaster) p[i] = static_cast<T>(wi);
+    if constexpr (kMaster && !kTileF16) p[i] = static_cast<T>(wi);
   }
+#if defined(__x86_64__)
+  if constexpr (kTileF16 && kMaster) f32_to_f16_tile(w, p, cnt);
+#endif
 }
 
 template <typename T, bool kMaster, bool kSparse>
 void update_default(const Ptrs<T>& x, int64_t off, int64_t cnt, const int32_t* keep, float s) {
-  update_body<T, kMaster, kSparse>([](float* r, int64_t c) { sqrt_tile_default(r, c); }, x, off,
-                                   cnt, keep, s);
+  update_body<T, kMaster, kSparse, false>([](float* r, int64_t c) { sqrt_tile_default(r, c); }, x,
+                                          off, cnt, keep, s);
 }
 #if defined(__x86_64__)
 template <typename T, bool kMaster, bool kSparse>
-__attribute__((target("avx2"))) void update_avx2(const Ptrs<T>& x, int64_t off, int64_t cnt,
-                                                 const int32_t* keep, float s) {
-  update_body<T, kMaster, kSparse>([](float* r, int64_t c)
-                                       __attribute__((target("avx2"))) { sqrt_tile_avx2(r, c); },
-                                   x, off, cnt, keep, s);
+__attribute__((target("avx2,f16c"))) void update_avx2(const Ptrs<T>& x, int64_t off, int64_t cnt,
+                                                      const int32_t* keep, float s) {
+  update_body<T, kMaster, kSparse, true>(
+      [](float* r, int64_t c) __attribute__((target("avx2"))) { sqrt_tile_avx2(r, c); }, x, off,
+      cnt, keep, s);
 }
 template <typename T, bool kMaster, bool kSparse>
 __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) void update_avx512(
     const Ptrs<T>& x, int64_t off, int64_t cnt, const int32_t* keep, float s) {
-  update_body<T, kMaster, kSparse>(
+  update_body<T, kMaster, kSparse, true>(
       [](float* r, int64_t c) __attribute__((target("avx512f"))) { sqrt_tile_avx512(r, c); }, x,
       off, cnt, keep, s);
 }
 #endif
 
+#if defined(__x86_64__)
+// fp32 weights on AVX-512: the whole update in one pass in registers, 16 elements at a time, the
+// mask bits used directly as the blend's k-mask (bits[j] holds elements 8j..8j+7, LSB first).
+// The same operations in the same order as update_body, each one IEEE-rounded intrinsic, so the
+// results are bit for bit those of the generic path (tests/test_adams.py runs both), without its
+// lane table and its three L1 round trips per element. Row ends (cnt % 16 != 0) use masked loads
+// and stores; the lanes past cnt compute on zeros and are never stored.
+template <bool kMaster, bool kSparse>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void update_f32_avx512(
+    const Ptrs<float>& x, int64_t off, int64_t cnt, const uint8_t* bits, float inv_scale) {
+  const AdamsCoeffs& c = x.c;
+  const float* g = x.g + off;
+  float* w = x.w + off;
+  float* mu = x.mu + off;
+  float* v = x.v + off;
+  float* p = x.p + off;
+  const __m512 s = _mm512_set1_ps(inv_scale), wdf = _mm512_set1_ps(c.wdf);
+  const __m512 b1 = _mm512_set1_ps(c.b1), c1 = _mm512_set1_ps(c.c1);
+  const __m512 b2 = _mm512_set1_ps(c.b2), c2 = _mm512_set1_ps(c.c2);
+  const __m512 oma = _mm512_set1_ps(c.oma), ad = _mm512_set1_ps(c.ad);
+  const __m512 rbc1 = _mm512_set1_ps(c.rbc1), rbc2 = _mm512_set1_ps(c.rbc2);
+  const __m512 eps = _mm512_set1_ps(c.eps), lr = _mm512_set1_ps(c.lr);
+  const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+  const int64_t nbytes = (cnt + 7) / 8;
+  for (int64_t i = 0; i < cnt; i += 16) {
+    const int64_t left = cnt - i;
+    const __mmask16 lm = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+    const __m512 gi = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, g + i), s);
+    const __m512 wi = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, w + i), wdf);
+    const __m512 t1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, mu + i), b1);
+    const __m512 m = _mm512_add_ps(t1, _mm512_mul_ps(c1, gi));
+    __m512 me, num;
+    if constexpr (kSparse) {
+      const __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wi, zero, _CMP_GT_OQ), one);
+      const __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(wi, zero, _CMP_LT_OQ), one);
+      const __m512 sgn = _mm512_sub_ps(pos, neg);
+      const __m512 dec = _mm512_add_ps(_mm512_mul_ps(oma, m), _mm512_mul_ps(ad, sgn));
+      const int64_t b = i / 8;
+      const uint32_t kb = uint32_t(bits[b]) | (b + 1 < nbytes ? uint32_t(bits[b + 1]) << 8 : 0u);
+      me = _mm512_mask_blend_ps(__mmask16(kb), dec, m);  // bit set (kept): m
+      num = me;
+    } else {
+      me = gi;
+      num = m;
+    }
+    const __m512 q = _mm512_mul_ps(_mm512_mul_ps(c2, me), me);
+    const __m512 vv = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(lm, v + i), b2), q);
+    _mm512_mask_storeu_ps(mu + i, lm, m);
+    _mm512_mask_storeu_ps(v + i, lm, vv);
+    const __m512 den = _mm512_add_ps(_mm512_sqrt_ps(_mm512_mul_ps(vv, rbc2)), eps);
+    const __m512 upd = _mm512_div_ps(_mm512_mul_ps(num, rbc1), den);
+    const __m512 wn = _mm512_sub_ps(wi, _mm512_mul_ps(lr, upd));
+    _mm512_mask_storeu_ps(w + i, lm, wn);
+    if constexpr (kMaster) _mm512_mask_storeu_ps(p + i, lm, wn);
+  }
+}
+#endif
+
+// The instruction set the kernels use: the best the CPU has, or lower if CAST_EXT_CPU_ISA
+// ("avx512", "avx2" or "default") asks for it (the tests run every path on one machine).
 enum class Isa { Default, Avx2, Avx512 };
 Isa detect_isa() {
+  Isa best = Isa::Default;
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::Avx2;
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c"))
+    best = Isa::Avx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+    best = Isa::Avx2;
 #endif
-  return Isa::Default;
+  const char* env = std::getenv("CAST_EXT_CPU_ISA");
+  const std::string want = env ? env : "";
+  const Isa cap = want == "default" ? Isa::Default : want == "avx2" ? Isa::Avx2 : Isa::Avx512;
+  return std::min(best, cap);
 }
 const Isa kIsa = detect_isa();
+
+}  // namespace
+
+const char* adams_cpu_isa() {
+  switch (kIsa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "default";
+  }
+}
+
+namespace {
 
 template <typename T, bool kMaster, bool kSparse>
 inline void update(const Ptrs<T>& x, int64_t off, int64_t cnt, const int32_t* keep, float s) {
 #if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float> && !kSparse) {
+    if (kIsa == Isa::Avx512) return update_f32_avx512<kMaster, false>(x, off, cnt, nullptr, s);
+  }
   switch (kIsa) {
     case Isa::Avx512: return update_avx512<T, kMaster, kSparse>(x, off, cnt, keep, s);
     case Isa::Avx2: return update_avx2<T, kMaster, kSparse>(x, off, cnt, keep, s);
@@ -264,15 +391,20 @@ void sparse_segment(const Ptrs<T>& x, int64_t r, int64_t cb0, int64_t cb1, float
     const int64_t cnt = std::min(ce * 8, x.k) - e0;
     const int64_t byte0 = r * x.kb + cb;
     uint8_t* mk = x.mask + byte0;
-    for (int64_t j = 0; j < ce - cb; ++j) {
-      uint32_t bits = mk[j];
-      if (x.fresh) {
-        if (x.prev) x.prev[byte0 + j] = mk[j];
-        bits = x.fresh[byte0 + j];
-        mk[j] = uint8_t(bits);
-      }
-      std::memcpy(keep + j * 8, kKeep.lanes[bits], sizeof(kKeep.lanes[0]));
+    if (x.fresh) {
+      if (x.prev) std::memcpy(x.prev + byte0, mk, size_t(ce - cb));
+      std::memcpy(mk, x.fresh + byte0, size_t(ce - cb));
     }
+#if defined(__x86_64__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (kIsa == Isa::Avx512) {
+        update_f32_avx512<kMaster, true>(x, r * x.k + e0, cnt, mk, inv_scale);
+        continue;
+      }
+    }
+#endif
+    for (int64_t j = 0; j < ce - cb; ++j)
+      std::memcpy(keep + j * 8, kKeep.lanes[mk[j]], sizeof(kKeep.lanes[0]));
     update<T, kMaster, true>(x, r * x.k + e0, cnt, keep, inv_scale);
   }
 }
