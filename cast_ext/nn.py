@@ -2,23 +2,28 @@
 
 A :class:`SparseLinear` stores its weight in the portable packed 2:4 format (``values`` +
 ``meta`` buffers, see :func:`cast_ext.sparse24_compress`), so its ``state_dict`` loads on any
-device. Its forward runs
+device. Its forward runs one of
 
-* on the CPU: the packed-format kernel :func:`cast_ext.sparse24_gemm`;
-* on CUDA: cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's compressed buffer,
-  kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``; or, for at most 16
-  tokens, the packed small-M kernel (:func:`cast_ext.sparse24_gemm` on ``values``/``meta``,
-  which reads 56% of a dense weight's bytes); or cuBLAS on the decompressed weight, whichever
-  the dispatch picked for this shape.
+* ``"sparse"`` (CUDA): cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's
+  compressed buffer, kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``;
+* ``"packed"``: :func:`cast_ext.sparse24_gemm` on ``values``/``meta`` (on CUDA the small-M
+  kernel, for at most 16 tokens, which reads 56% of a dense weight's bytes; on the CPU the
+  packed-format kernel, any token count);
+* ``"dense"``: ``F.linear`` (cuBLAS, or the CPU BLAS) on the decompressed weight, cached,
 
-Dispatch (``mode="auto"``, CUDA): for each (device, dtype, bucket of M = next power of two of the
-token count, N, K, bias) the candidate paths are timed once, on the first call with that shape,
-and the fastest is used from then on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be
-picked, so a layer is never measurably slower than the dense one it replaced. After a
+whichever the dispatch picked for this shape.
+
+Dispatch (``mode="auto"``, CPU and CUDA): for each (device, dtype, bucket of M = next power of two
+of the token count, N, K, bias) the candidate paths are timed once, on the first call with that
+shape, and the fastest is used from then on; a sparse path must beat dense by ``SPARSE_MARGIN``
+to be picked, so a layer is never measurably slower than the dense one it replaced. After a
 measurement the layer drops the derived weight (dense copy or cuSPARSELt buffer) that none of
-its decisions uses. The packed kernel's check of the meta costs a sync per call unless
-``cast_ext.set_cuda_value_checks(False)``; the measurement sees that cost too.
-``mode="sparse"``/``"dense"`` force a path. :func:`dispatch_decisions` lists what was chosen
+its decisions uses. The packed CUDA kernel's check of the meta costs a sync per call unless
+``cast_ext.set_cuda_value_checks(False)``; the measurement sees that cost too. The choice comes
+from timings, so two processes may choose differently for one shape, and the paths round
+differently: for bitwise reproducible outputs force a path. ``mode="sparse"`` forces the 2:4
+kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy),
+``mode="dense"`` the dense one. :func:`dispatch_decisions` lists what was chosen
 and the times behind it. The backward (input and bias grads, for adapters such as LoRA on a
 frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``meta`` are buffers
 and get no gradient.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -68,8 +74,8 @@ SPARSE_MARGIN = 0.98
 @dataclass(frozen=True)
 class DispatchDecision:
     """One measured choice for a shape bucket: ``choice`` is ``"sparse"`` (cuSPARSELt),
-    ``"packed"`` (the packed small-M kernel) or ``"dense"`` (cuBLAS); a path's time is None
-    where it was not a candidate."""
+    ``"packed"`` (:func:`cast_ext.sparse24_gemm`) or ``"dense"`` (``F.linear`` on the
+    decompressed weight); a path's time is None where it was not a candidate."""
 
     device: str
     dtype: str
@@ -104,8 +110,10 @@ def clear_dispatch_decisions() -> None:
     _DECISIONS.clear()
 
 
-def _cslt_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
-    """Why cuSPARSELt cannot run an ``[n, k]`` layer of ``dtype`` (None if it can)."""
+def _cslt_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why cuSPARSELt cannot run an ``[n, k]`` layer of ``dtype`` on ``device`` (None if it can)."""
+    if device.type != "cuda":
+        return f"cuSPARSELt runs on CUDA devices, not {device.type}"
     if not cusparselt_available():
         return "this cast_ext was built without cuSPARSELt (CAST_EXT_CUSPARSELT)"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -117,6 +125,32 @@ def _cslt_reason(n: int, k: int, dtype: torch.dtype) -> str | None:
 
 # The packed small-M CUDA kernel's limits (csrc/cuda/kernels.h: kGemv24MaxM, K % 16 == 0).
 _PACKED_MAX_M = 16
+
+
+# A CPU candidate slower than this on its first call is judged by that call alone: timing
+# batches of a prefill-sized CPU GEMM would cost seconds.
+_CPU_SINGLE_SHOT_US = 50_000.0
+
+
+def _time_us_cpu(fns: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
+    """Median per-call wall time of each function on the CPU, interleaved batches of about
+    2 ms, after a timed warm-up call (which alone decides for slow calls)."""
+    first: dict[str, float] = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = (time.perf_counter() - t0) * 1e6
+    if max(first.values()) > _CPU_SINGLE_SHOT_US:
+        return first
+    iters = int(min(50, max(1, 2000.0 / max(min(first.values()), 1.0))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(5):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[name].append((time.perf_counter() - t0) * 1e6 / iters)
+    return {name: sorted(t)[2] for name, t in times.items()}
 
 
 def _time_us(fns: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
@@ -184,8 +218,9 @@ class SparseLinear(nn.Module):
         in_features: ``K``, a multiple of 4.
         out_features: ``N``.
         bias: whether the layer has a (trainable) bias.
-        mode: ``"auto"`` (measure sparse vs dense per shape bucket on CUDA; packed kernel on
-            CPU), ``"sparse"`` or ``"dense"`` (forced).
+        mode: ``"auto"`` (measure the 2:4 paths against dense per shape bucket),
+            ``"sparse"`` (forced: cuSPARSELt on CUDA, the packed kernel on the CPU) or
+            ``"dense"`` (forced).
         device: where the buffers live.
         dtype: dtype of ``values`` and ``bias``.
 
@@ -356,18 +391,22 @@ class SparseLinear(nn.Module):
     # -- forward --
 
     def _choose(self, x: Tensor) -> str:
-        """'sparse', 'packed' or 'dense' for a CUDA input (measured once per shape bucket in
-        auto mode)."""
+        """'sparse', 'packed' or 'dense' for input ``x`` (measured once per shape bucket in auto
+        mode)."""
         n, k = self.out_features, self.in_features
-        reason = _cslt_reason(n, k, x.dtype)
+        cuda = x.device.type == "cuda"
+        reason = _cslt_reason(n, k, x.dtype, x.device)
         if self.mode == "dense":
             return "dense"
         if self.mode == "sparse":
+            if not cuda:
+                return "packed"
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse"
         m = x.numel() // k
-        packed_ok = 1 <= m <= _PACKED_MAX_M and k % 16 == 0
+        # The CPU kernel takes any M; the CUDA one is the small-M kernel (csrc/cuda/kernels.h).
+        packed_ok = m >= 1 if not cuda else 1 <= m <= _PACKED_MAX_M and k % 16 == 0
         if reason is not None and not packed_ok:
             return "dense"
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
@@ -376,7 +415,8 @@ class SparseLinear(nn.Module):
             if not torch.compiler.is_compiling():  # bookkeeping for eager measurements only
                 self._uses.add(hit.choice)
             return hit.choice
-        if m == 0 or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        if m == 0 or torch.compiler.is_compiling() or capturing:
             return "dense"  # cannot measure here; nothing recorded, so a later eager call will
         x2 = x.detach().reshape(m, k)
         w_d = self._dense_cached()
@@ -388,7 +428,7 @@ class SparseLinear(nn.Module):
         if packed_ok:
             fns["packed"] = lambda: ops.sparse24_gemm(x2, self.values, self.meta, b)
         with torch.no_grad():
-            us = _time_us(fns)
+            us = _time_us(fns) if cuda else _time_us_cpu(fns)
         best = min(us, key=us.__getitem__)
         choice = best if us[best] < SPARSE_MARGIN * us["dense"] else "dense"
         self._uses.add(choice)
@@ -415,10 +455,6 @@ class SparseLinear(nn.Module):
                 f"cast_ext.nn.SparseLinear: input is on {x.device} but the layer is on "
                 f"{self.values.device}"
             )
-        if x.device.type != "cuda":
-            if self.mode == "dense":
-                return F.linear(x, self.dense_weight(), self.bias)
-            return ops.sparse24_gemm(x, self.values, self.meta, self.bias)
         choice = self._choose(x)
         if choice == "dense":
             return F.linear(x, self._dense_cached(), self.bias)

@@ -1,9 +1,11 @@
 """sparse24_gemm on the CPU (the packed format) against dense ``F.linear`` on the same 2:4 weight
 and the pure-torch reference, same run: a LLaMA-2-7B attention weight (4096 x 4096, bf16) at a
-decode-sized, a small and a prefill-sized token count.
+decode-sized, a small and a prefill-sized token count. Beside them, a ``SparseLinear`` in
+``mode="auto"``, whose dispatch (timed in the warm-up round) picks the packed kernel or dense
+per token count: it should track the faster of the two.
 
-No target in the issue (the CPU kernel is for correctness); measured so that CPU users know what
-a SparseLinear costs them against the dense layer.
+No speed target for the CPU kernel in the issue (it is for correctness); measured so that CPU
+users know what a SparseLinear costs them against the dense layer.
 """
 
 from __future__ import annotations
@@ -26,9 +28,19 @@ def weight() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return w, values, meta
 
 
+@pytest.fixture(scope="module")
+def layer(weight) -> cast_ext.nn.SparseLinear:
+    _, values, meta = weight
+    out = cast_ext.nn.SparseLinear(K, N, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out.values.copy_(values)
+        out.meta.copy_(meta)
+    return out
+
+
 @pytest.mark.parametrize("m", [1, 16, 128])
-@pytest.mark.parametrize("impl", ["cast_ext", "dense", "reference"])
-def test_sparse24_gemm(benchmark, weight, impl, m):
+@pytest.mark.parametrize("impl", ["cast_ext", "dense", "reference", "sparselinear_auto"])
+def test_sparse24_gemm(benchmark, weight, layer, impl, m):
     benchmark.group = f"sparse24_gemm bf16 M={m}"
     w, values, meta = weight
     x = torch.randn(m, K).bfloat16()
@@ -36,5 +48,10 @@ def test_sparse24_gemm(benchmark, weight, impl, m):
         "cast_ext": lambda: cast_ext.sparse24_gemm(x, values, meta),
         "dense": lambda: F.linear(x, w),
         "reference": lambda: ref.sparse24_gemm(x, values, meta),
+        "sparselinear_auto": torch.no_grad()(lambda: layer(x)),
     }[impl]
     run(benchmark, fn, rounds=3 if impl == "reference" else 10)
+    if impl == "sparselinear_auto":
+        (d,) = [d for d in cast_ext.nn.dispatch_decisions() if (d["n"], d["k"]) == (N, K)
+                and d["m_bucket"] == m and d["dtype"] == "bfloat16"]  # fmt: skip
+        benchmark.extra_info["dispatch"] = d
