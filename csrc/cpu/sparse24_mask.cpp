@@ -73,13 +73,13 @@ C10_ALWAYS_INLINE Keep4 keep_group(const typename K::raw* x, uint32_t& bad) {
   return keep2_of_4(a0, a1, a2, a3);
 }
 
-inline uint32_t nibble(Keep4 k) {
+C10_ALWAYS_INLINE uint32_t nibble(Keep4 k) {
   return uint32_t(k.k0) | (uint32_t(k.k1) << 1) | (uint32_t(k.k2) << 2) | (uint32_t(k.k3) << 3);
 }
 
 template <typename K>
-inline uint32_t mask24_span(const typename K::raw* __restrict w, int64_t groups,
-                            bool* __restrict out) {
+C10_ALWAYS_INLINE uint32_t mask24_span(const typename K::raw* __restrict w, int64_t groups,
+                                       bool* __restrict out) {
   uint32_t bad = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const Keep4 k = keep_group<K>(w + 4 * g, bad);
@@ -92,8 +92,8 @@ inline uint32_t mask24_span(const typename K::raw* __restrict w, int64_t groups,
 }
 
 template <typename K>
-inline uint32_t prune24_span(const typename K::raw* __restrict w, int64_t groups,
-                             typename K::raw* __restrict out) {
+C10_ALWAYS_INLINE uint32_t prune24_span(const typename K::raw* __restrict w, int64_t groups,
+                                        typename K::raw* __restrict out) {
   using R = typename K::raw;
   uint32_t bad = 0;
   const R zero = R(0);  // +0 in every supported format
@@ -111,15 +111,16 @@ inline uint32_t prune24_span(const typename K::raw* __restrict w, int64_t groups
 // The 2 kept values of a group in ascending position: the first kept of {0, 1, 2} and the last
 // kept of {1, 2, 3}, which covers all 6 patterns without a branch.
 template <typename R>
-inline void kept_pair(const R* x, Keep4 k, R* v) {
+C10_ALWAYS_INLINE void kept_pair(const R* x, Keep4 k, R* v) {
   v[0] = k.k0 ? x[0] : (k.k1 ? x[1] : x[2]);
   v[1] = k.k3 ? x[3] : (k.k2 ? x[2] : x[1]);
 }
 
 // One row: k/2 kept values and ceil(k/8) meta bytes, two groups (one byte) per iteration.
 template <typename K>
-inline uint32_t compress24_row(const typename K::raw* __restrict w, int64_t k,
-                               typename K::raw* __restrict vals, uint8_t* __restrict meta) {
+C10_ALWAYS_INLINE uint32_t compress24_row(const typename K::raw* __restrict w, int64_t k,
+                                          typename K::raw* __restrict vals,
+                                          uint8_t* __restrict meta) {
   uint32_t bad = 0;
   const int64_t pairs = k / 8;
   for (int64_t j = 0; j < pairs; ++j) {
@@ -137,6 +138,8 @@ inline uint32_t compress24_row(const typename K::raw* __restrict w, int64_t k,
   return bad;
 }
 
+// The spans above are always inlined: a plain `inline` left them out-of-line, compiled once for
+// baseline x86-64, and every clone below called that one copy.
 #define CAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define CAST_FAST_24(K)                                                                   \
   CAST_CLONES uint32_t mask24(const K::raw* w, int64_t groups, bool* out, K) {            \
