@@ -65,10 +65,6 @@ inline void check_finite_flag(const char* op, const char* name, const at::Tensor
 // Packed masks: [*w.shape[:-1], ceil(k / 8)] uint8 (see reference.pack_mask).
 inline int64_t packed_last_dim(int64_t k) { return (k + 7) / 8; }
 
-// The instruction set the CPU AdamS kernel runs ("avx512", "avx2" or "default"): the best the
-// CPU has, capped by the environment variable CAST_EXT_CPU_ISA (csrc/cpu/adams.cpp).
-const char* adams_cpu_isa();
-
 inline void check_meta_flag(const char* op, const at::Tensor& meta, bool bad) {
   CAST_CHECK(!bad, op, "meta of shape ", shape_str(meta),
              " is not a valid 2:4 mask: every group of 4 must keep exactly 2 elements");

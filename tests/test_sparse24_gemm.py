@@ -26,6 +26,7 @@ SHAPES = [  # (leading dims of x, N, K)
     ((2, 8), 40, 48),  # M = 16, 3-D
     ((5,), 12, 1040),  # 65 chunks: uneven across the 32 lanes; N not a multiple of 8 rows
     ((9,), 16, 2048),
+    ((4,), 8, 100),  # CPU AVX-512 path: 3 blocks of 8 groups, then 1 group
 ]
 
 
@@ -81,6 +82,23 @@ def test_groups_with_fewer_than_two_nonzeros(device: str) -> None:
     check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 4, 16, 20])
+def test_nonfinite_x_at_pruned_positions_propagates_like_linear(device: str, m: int) -> None:
+    """0 * NaN and 0 * Inf are NaN in F.linear on the decompressed weight; every path forms them
+    too (the CPU's AVX-512 path, which skips pruned weights, hands such inputs to another)."""
+    w = make_weight(8, 64, torch.float32, device)
+    w[:, 5] = 0.0  # column 5 pruned in every row
+    x = torch.randn(m, 64, device=device)
+    values, meta = ops.sparse24_compress(w)
+    for bad in (float("nan"), float("inf")):
+        x[m - 1, 5] = bad
+        y = cast_ext.sparse24_gemm(x, values, meta)
+        want = F.linear(x, w)
+        assert torch.isnan(y[m - 1]).all() and torch.isnan(want[m - 1]).all()
+        torch.testing.assert_close(y[: m - 1], want[: m - 1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_opcheck(dtype: torch.dtype) -> None:
     w = make_weight(16, 24, dtype, "cpu")
@@ -112,13 +130,18 @@ def test_gradients_vs_dense(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(device: str) -> None:
-    w = make_weight(8, 16, torch.float32, device)
+@pytest.mark.parametrize(("k", "byte", "bad"), [(16, 1, 0x37), (72, 2, 0x13), (72, 8, 0x60)])
+def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
+    device: str, k: int, byte: int, bad: int
+) -> None:
+    """A group keeping 3, 1 or 0 elements: in a row with no full block of 8 groups, inside a
+    block (the CPU's AVX-512 path takes 8 groups at a time) and in the groups after the last."""
+    w = make_weight(8, k, torch.float32, device)
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
-    meta[3, 1] = 0x37  # a group keeping 3 elements
-    for m in (4, 12):  # CPU: the dot path and the expand-then-GEMM path
-        x = torch.randn(m, 16, device=device)
+    meta[3, byte] = bad
+    for m in (1, 4, 12, 20):  # CPU: the AVX-512, dot and expand-then-GEMM paths
+        x = torch.randn(m, k, device=device)
         before = (x.clone(), values.clone(), meta.clone())
         with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid"):
             cast_ext.sparse24_gemm(x, values, meta)

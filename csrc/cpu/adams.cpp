@@ -36,7 +36,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -51,6 +50,7 @@
 
 #include "adams.h"
 #include "cast_ext.h"
+#include "isa.h"
 #include "nm_select.h"
 
 // a*b+c must stay two roundings, as in the reference's separate torch ops.
@@ -286,37 +286,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void update_f32_avx512(
 }
 #endif
 
-// The instruction set the kernels use: the best the CPU has, or lower if CAST_EXT_CPU_ISA
-// ("avx512", "avx2" or "default") asks for it (the tests run every path on one machine).
-enum class Isa { Default, Avx2, Avx512 };
-Isa detect_isa() {
-  Isa best = Isa::Default;
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c"))
-    best = Isa::Avx512;
-  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-    best = Isa::Avx2;
-#endif
-  const char* env = std::getenv("CAST_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
-  const Isa cap = want == "default" ? Isa::Default : want == "avx2" ? Isa::Avx2 : Isa::Avx512;
-  return std::min(best, cap);
-}
-const Isa kIsa = detect_isa();
-
-}  // namespace
-
-const char* adams_cpu_isa() {
-  switch (kIsa) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "default";
-  }
-}
-
-namespace {
+using Isa = CpuIsa;
+const Isa kIsa = cpu_isa();
 
 template <typename T, bool kMaster, bool kSparse>
 inline void update(const Ptrs<T>& x, int64_t off, int64_t cnt, const int32_t* keep, float s) {

@@ -1,0 +1,46 @@
+"""The CPU kernels' lower instruction-set versions, on this machine.
+
+AdamS's update and the decode-sized 2:4 GEMM pick an AVX-512, AVX2 or baseline version at load
+(``build_info()["cpu_isa"]``); the environment variable ``CAST_EXT_CPU_ISA`` caps the choice.
+The machine that runs the tests usually has the best one, so the others are run here in
+subprocesses with the cap set. (AdamS's versions are also compared bit for bit in
+test_adams.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cast_ext
+
+ORDER = ["default", "avx2", "avx512"]
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif("CAST_EXT_EXPECT_ISA" not in os.environ, reason="run by the test below")
+def test_the_cap_took_effect() -> None:
+    assert cast_ext.build_info()["cpu_isa"] == os.environ["CAST_EXT_EXPECT_ISA"]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_cpu_kernels_under_a_lower_isa(isa: str) -> None:
+    native = cast_ext.build_info()["cpu_isa"]
+    assert native in ORDER
+    expect = ORDER[min(ORDER.index(isa), ORDER.index(native))]
+    env = {**os.environ, "CAST_EXT_CPU_ISA": isa, "CAST_EXT_EXPECT_ISA": expect}
+    args = [
+        f"{HERE / 'test_cpu_isa.py'}::test_the_cap_took_effect",
+        str(HERE / "test_sparse24_gemm.py"),
+        str(HERE / "test_adams.py"),
+        "-k",
+        "(cpu and not isa_versions) or cap_took_effect",
+    ]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "1 skipped" not in done.stdout.splitlines()[-1]
