@@ -40,6 +40,17 @@ def test_build_info_keys():
     if info["with_cusparselt"]:
         assert re.fullmatch(r"\d+\.\d+\.\d+", info["cusparselt_version"])
         assert info["with_cuda"]
+    assert info["cpu_isa"] in ("avx512", "avx2", "default")
+
+
+def test_info_command_lines():
+    from cast_ext.__main__ import info_lines
+
+    lines = info_lines()
+    isa = cast_ext.build_info()["cpu_isa"]
+    assert any(line.startswith(f"CPU kernels: {isa}") for line in lines)
+    ops = next(line for line in lines if line.startswith("ops ("))
+    assert "adams_step_" in ops and "sparse24_gemm" in ops
 
 
 @pytest.mark.skipif(EXPECT is None, reason="CAST_EXT_EXPECT_CUDA not set")
