@@ -5,7 +5,7 @@
 // of W are expanded into fp32 (zeros at the pruned positions) by a branch-free loop over groups
 // that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline clones picked at
 // load time), then multiplied:
-// * M <= kGemvMaxM rows of x on a CPU with AVX-512 (CD, VPOPCNTDQ; see gemv_rows_avx512) and a
+// * M <= kGemvMaxM rows of x on a CPU with AVX-512 (see gemv_rows_avx512) and a
 //   finite x: no expansion; each group's kept values meet their x elements through a permute
 //   indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's bytes and beats dense;
 // * otherwise M < kBlasMinM (decode-sized): OpenMP threads take tiles of kTileN rows of W, expand
@@ -180,18 +180,18 @@ bool gemm_dot(const float* x32, const T* vals, const uint8_t* meta, int64_t m, i
 }
 
 #if defined(__x86_64__)
-// The decode-sized product straight from the packed format, AVX-512 (F, BW, CD, VL, VPOPCNTDQ):
-// nothing is expanded. 8 groups of a row (16 kept values, 4 meta bytes) at a time: lane j holds
-// value j, of group q = j/2, whose position in the group is the lowest set bit of the group's
-// nibble for even j and the highest for odd j (31 - lzcnt); a two-source permute then gathers
-// the matching x elements of the 32 that the 8 groups span, and one FMA per row of x
-// accumulates. The meta is read 4 bytes at a time and the values once (56% of a dense bf16
-// row's bytes), so M = 1 runs at about memory speed. A nibble whose popcount is not 2 is
-// reported (the permute index of such a lane is garbage; the output is then dropped). Groups
+// The decode-sized product straight from the packed format, AVX-512F: nothing is expanded.
+// 8 groups of a row (16 kept values, 4 meta bytes) at a time: lane j holds value j, of group
+// q = j/2, whose position in the group is the lowest set bit of the group's nibble for even j
+// and the highest for odd j, looked up in a 32-entry table (one two-source permute, indexed by
+// the nibble plus 16 on odd lanes); a second two-source permute then gathers the matching x
+// elements of the 32 that the 8 groups span, and one FMA per row of x accumulates. The meta is
+// read 4 bytes at a time and the values once (56% of a dense bf16 row's bytes). A nibble whose
+// popcount is not 2 looks up a flag bit (256) that is ORed up and reported (the lane's permute
+// uses only the low 5 bits; the output is then dropped). Groups
 // past the last multiple of 8 are done one at a time. Accumulation: fp32, 16 lanes per row of
 // x, summed at the end: the order differs from the expansion path, within the same fp32 bound.
-#define CAST_GEMV_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512cd,avx512vl,avx512vpopcntdq")))
+#define CAST_GEMV_TARGET __attribute__((target("avx512f")))
 
 template <typename T>
 CAST_GEMV_TARGET C10_ALWAYS_INLINE __m512 load16(const T* v) {
@@ -211,11 +211,15 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
   const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 8;
   const __m512i shifts =
       _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i base = _mm512_setr_epi32(31, 31, 35, 35, 39, 39, 43, 43, 47, 47, 51, 51, 55, 55, 59,
-                                         59);  // 31 + 4 * (j / 2)
-  const __m512i low4 = _mm512_set1_epi32(15), two = _mm512_set1_epi32(2);
-  const __m512i zero = _mm512_setzero_si512();
-  __mmask16 bad = 0;
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  // Position of the first (lo) and second (hi) kept element of a group by its nibble; 256 flags
+  // a nibble without exactly 2 bits (3, 5, 6, 9, 10 and 12 are the valid ones).
+  constexpr int X = 256;
+  const __m512i lut_lo = _mm512_setr_epi32(X, X, X, 0, X, 0, 1, X, X, 0, 1, X, 2, X, X, X);
+  const __m512i lut_hi = _mm512_setr_epi32(X, X, X, 1, X, 2, 2, X, X, 3, 3, X, 3, X, X, X);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+  __m512i flags = _mm512_setzero_si512();
   uint32_t bad_tail = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* v = vals + r * (k / 2);
@@ -225,12 +229,12 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
     for (int64_t b = 0; b < blocks; ++b) {
       uint32_t word;
       std::memcpy(&word, mt + 4 * b, 4);
-      const __m512i nib =
-          _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), low4);
-      bad |= _mm512_cmpneq_epi32_mask(_mm512_popcnt_epi32(nib), two);
-      const __m512i lowest = _mm512_and_si512(nib, _mm512_sub_epi32(zero, nib));
-      const __m512i sel = _mm512_mask_blend_epi32(__mmask16(0xAAAA), lowest, nib);
-      const __m512i idx = _mm512_sub_epi32(base, _mm512_lzcnt_epi32(sel));
+      // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
+      const __m512i sel = _mm512_ternarylogic_epi32(
+          _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), low4, odd16, 0xEA);
+      const __m512i pos = _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
+      flags = _mm512_or_si512(flags, pos);
+      const __m512i idx = _mm512_add_epi32(base, pos);
       const __m512 w = load16(v + 16 * b);
       for (int i = 0; i < M; ++i) {
         const float* xb = x32 + i * k + 32 * b;
@@ -252,7 +256,8 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
     }
     for (int i = 0; i < M; ++i) y32[i * n + r] = _mm512_reduce_add_ps(acc[i]) + tail[i];
   }
-  return bad == 0 && bad_tail == 0;
+  const bool bad = _mm512_test_epi32_mask(flags, _mm512_set1_epi32(X)) != 0;
+  return !bad && bad_tail == 0;
 }
 
 // gemv_rows_avx512<T, M> for a run-time m in [1, kGemvMaxM].
@@ -265,11 +270,7 @@ bool dispatch_m(std::integer_sequence<int, Is...>, int m, const float* x32, cons
   return ok;
 }
 
-const bool kGemvAvx512 = [] {
-  __builtin_cpu_init();
-  return cpu_isa() == CpuIsa::Avx512 && __builtin_cpu_supports("avx512cd") &&
-         __builtin_cpu_supports("avx512vpopcntdq");
-}();
+const bool kGemvAvx512 = cpu_isa() == CpuIsa::Avx512;
 
 // Whether x holds no NaN/Inf. gemv_rows_avx512 never multiplies a pruned weight, so a NaN or
 // Inf of x at a pruned position would not reach y, where F.linear on the decompressed weight
