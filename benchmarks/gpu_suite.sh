@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check: on a machine with a CUDA GPU (the project's H200: torch 2.11 + CUDA 13.0,
-# nvcc, cuSPARSELt, no network), build the extension with all cores, run the whole test suite
-# (the CUDA tests included), run every GPU benchmark, then a compute-sanitizer memcheck of every
-# CUDA op, and write logs + JSON to the output folder: $1, else $OUT, else
+# nvcc, cuSPARSELt, no network), build the extension with all cores, run the tests that run CUDA
+# code (`-m cuda`, marked in tests/conftest.py), every GPU benchmark, a compute-sanitizer
+# memcheck of every CUDA op, then the CPU-only tests (CI runs those too; here they check torch
+# 2.11), and write logs + JSON to the output folder: $1, else $OUT, else
 # benchmarks/results/gpu-<date>.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
@@ -68,8 +69,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format
 
 timeout_flag=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 90)
-run_stage tests 200 "$PY" -m pytest tests -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" \
-  --durations=10 --junitxml="$OUT_DIR/tests.xml"
+run_stage tests_cuda 170 "$PY" -m pytest tests -m cuda -q -rfEs -p no:cacheprovider \
+  "${timeout_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
 grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
 
 # Most important first: the budget may end before the last one. The GEMM benchmark writes its
@@ -83,5 +84,8 @@ if command -v compute-sanitizer >/dev/null; then
   run_stage memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 3 \
     "$PY" -m benchmarks.cuda_smoke
 fi
+run_stage tests_cpu 150 "$PY" -m pytest tests -m "not cuda" -q -rfEs -p no:cacheprovider \
+  "${timeout_flag[@]}" --durations=5
+grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
 step "done (status $status)"
 exit "$status"

@@ -298,8 +298,12 @@ def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None =
     """``y = x @ W^T + bias`` with ``W = sparse24_decompress(values, meta)``, on the packed format.
 
     fp32 accumulation, one rounding to ``x``'s dtype. Differentiable in ``x``, ``bias`` and
-    ``values`` (the mask in ``meta`` is fixed). CPU: a packed-format kernel; CUDA: decompress +
-    cuBLAS (the fast CUDA path is :func:`cslt_linear`).
+    ``values`` (the mask in ``meta`` is fixed). CPU: with AVX-512 and at most 16 rows of ``x``,
+    products straight from the packed format; else the weight expanded tile by tile, then dot
+    products or torch's GEMM. CUDA: a packed small-M kernel for at most 16 rows and
+    ``K % 16 == 0``, else decompress + cuBLAS (the fast CUDA path for large M is
+    :func:`cslt_linear`). NaN/Inf in ``x`` propagate as in ``F.linear`` on the decompressed
+    weight (``0 * NaN`` included).
 
     Args:
         x: ``[..., K]``, float32/float16/bfloat16.

@@ -90,6 +90,21 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 requires_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the CUDA kernels")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that runs CUDA code `cuda`: a `cuda` device parameter, a skip that needs a
+    GPU, or "cuda" in its name. The GPU suite runs `-m cuda` first (device time is short) and
+    the CPU-only rest last."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = [] if callspec is None else [str(v) for v in callspec.params.values()]
+        gated = any(
+            m.name == "skipif" and "CUDA GPU" in str(m.kwargs.get("reason", ""))
+            for m in item.iter_markers()
+        )
+        if "cuda" in params or gated or "cuda" in item.name.lower():
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

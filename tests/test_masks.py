@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, dtype_id
+from conftest import DEVICES, DTYPES, dtype_id, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,9 +230,8 @@ def test_bad_arguments(device):
         cast_ext.unpack_mask(meta, 9)
 
 
+@requires_cuda
 def test_mismatched_devices_refused():
-    if "cuda" not in DEVICES:
-        pytest.skip("needs a CUDA GPU and the CUDA kernels")
     values, meta = cast_ext.sparse24_compress(torch.randn(4, 8))
     with pytest.raises(RuntimeError, match=r"sparse24_decompress: meta is on cpu but values is on"):
         cast_ext.sparse24_decompress(values.cuda(), meta)
