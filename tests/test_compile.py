@@ -93,10 +93,11 @@ def test_adams_step_compiles_fullgraph_and_matches_eager(device):
 
 
 def test_cuda_dispatch_branch_traces_without_graph_breaks():
-    """SparseLinear's CUDA branch (the dispatch, then a derived weight) has no GPU-only code, so
-    it is compiled here on the CPU: with fullgraph=True, before and after the eager call that
-    caches the dense weight, and with a recorded decision. Data pointers (the cache's staleness
-    tag) and the extension's pybind11 calls cannot be traced; this guards against both."""
+    """SparseLinear's dispatch (a decision or none, then a derived weight) is the same code on
+    CUDA and the CPU, so it is compiled here on the CPU: with fullgraph=True, before and after
+    the eager call that caches the dense weight, and with a recorded decision. Data pointers
+    (the cache's staleness tag) and the extension's pybind11 calls cannot be traced; this guards
+    against both."""
     from cast_ext.nn import _DECISIONS, DispatchDecision, SparseLinear, _bucket
 
     sl = SparseLinear.from_dense(torch.nn.Linear(64, 32), mode="auto", warn=False)
@@ -104,10 +105,7 @@ def test_cuda_dispatch_branch_traces_without_graph_breaks():
     want = torch.nn.functional.linear(x, sl.dense_weight(), sl.bias)
 
     def branch(x):
-        choice = sl._choose(x)
-        if choice == "packed":
-            return cast_ext.sparse24_gemm(x, sl.values, sl.meta, sl.bias)
-        return torch.nn.functional.linear(x, sl._dense_cached(), sl.bias)
+        return sl(x)
 
     key = (str(x.device), x.dtype, _bucket(5), 32, 64, True)
     try:

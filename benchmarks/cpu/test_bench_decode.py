@@ -5,7 +5,7 @@ absent: ``python -m cast_ext demo`` fills it), or in quick mode a small random L
 layers are pruned to 2:4 by magnitude (``cast_ext.demo.magnitude_prune``), so both runs hold
 the same weights; then the model is either left with its ``nn.Linear`` layers ("dense") or
 has them swapped by ``cast_ext.nn.to_sparse`` in auto mode ("sparselinear_auto": per shape the
-packed kernel or dense, whichever measured faster, the measurement done in the warm-up round).
+packed kernel or dense, whichever ran faster in the model's first calls, in the warm-up round).
 One round: 32 new tokens after a 16-token prompt, greedy, with the KV cache, through
 ``generate`` as a user would call it. The embeddings and the (tied) head stay dense in both.
 """

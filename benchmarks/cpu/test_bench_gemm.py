@@ -1,8 +1,8 @@
 """sparse24_gemm on the CPU (the packed format) against dense ``F.linear`` on the same 2:4 weight
 and the pure-torch reference, same run: a LLaMA-2-7B attention weight (4096 x 4096, bf16) at a
 decode-sized, a small and a prefill-sized token count. Beside them, a ``SparseLinear`` in
-``mode="auto"``, whose dispatch (timed in the warm-up round) picks the packed kernel or dense
-per token count: it should track the faster of the two.
+``mode="auto"``, whose dispatch (its first calls, made before the timed rounds) picks the
+packed kernel or dense per token count: it should track the faster of the two.
 
 No speed target for the CPU kernel in the issue (it is for correctness); measured so that CPU
 users know what a SparseLinear costs them against the dense layer.
@@ -50,8 +50,19 @@ def test_sparse24_gemm(benchmark, weight, layer, impl, m):
         "reference": lambda: ref.sparse24_gemm(x, values, meta),
         "sparselinear_auto": torch.no_grad()(lambda: layer(x)),
     }[impl]
+    if impl == "sparselinear_auto":
+        while not _decision(m):  # the dispatch's timed first calls, before the timed rounds
+            fn()
     run(benchmark, fn, rounds=3 if impl == "reference" else 10)
     if impl == "sparselinear_auto":
-        (d,) = [d for d in cast_ext.nn.dispatch_decisions() if (d["n"], d["k"]) == (N, K)
-                and d["m_bucket"] == m and d["dtype"] == "bfloat16"]  # fmt: skip
-        benchmark.extra_info["dispatch"] = d
+        benchmark.extra_info["dispatch"] = _decision(m)
+
+
+def _decision(m: int) -> dict | None:
+    """The dispatch decision for this weight at m tokens, if made."""
+    found = [
+        d
+        for d in cast_ext.nn.dispatch_decisions()
+        if (d["n"], d["k"], d["m_bucket"], d["dtype"]) == (N, K, m, "bfloat16")
+    ]
+    return found[0] if found else None
