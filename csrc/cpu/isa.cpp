@@ -12,11 +12,9 @@ CpuIsa detect() {
   CpuIsa best = CpuIsa::Default;
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  const bool f16c = __builtin_cpu_supports("f16c");
-  if (f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
+  if (__builtin_cpu_supports("x86-64-v4"))
     best = CpuIsa::Avx512;
-  else if (f16c && __builtin_cpu_supports("avx2"))
+  else if (__builtin_cpu_supports("x86-64-v3"))
     best = CpuIsa::Avx2;
 #endif
   const char* env = std::getenv("CAST_EXT_CPU_ISA");

@@ -1,16 +1,32 @@
-// The vector instruction set of the CPU kernels that pick their version at run time (AdamS's
-// update, the decode-sized 2:4 GEMM): the best the CPU has, capped by the environment variable
-// CAST_EXT_CPU_ISA ("avx512", "avx2" or "default"), read once. The tests run every version on
-// one machine through the cap. The target_clones kernels (masks, compression) follow the CPU
-// alone.
+// The vector instruction set of the CPU kernels, which pick their version at run time (masks
+// and compression, AdamS's update, the 2:4 GEMM): the best the CPU has, capped by the
+// environment variable CAST_EXT_CPU_ISA ("avx512", "avx2" or "default"), read once. The tests
+// run every version on one machine through the cap. No -march flag is needed at build time.
 #pragma once
 
 namespace cast_ext {
 
 enum class CpuIsa { Default, Avx2, Avx512 };  // in increasing order
 
-// Avx512: AVX-512 F, BW, VL and F16C; Avx2: AVX2 and F16C.
+// Avx512: the x86-64-v4 level (AVX-512 F, BW, CD, DQ, VL, and all of v3); Avx2: x86-64-v3
+// (AVX2, FMA, F16C, BMI1/2, ...).
 CpuIsa cpu_isa();
 const char* cpu_isa_name(CpuIsa isa);
+
+// Function attributes compiling a body for one level (nothing off x86, where every version is
+// the baseline one).
+#if defined(__x86_64__)
+#define CAST_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define CAST_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+#define CAST_TARGET_V4
+#define CAST_TARGET_V3
+#endif
+
+// Calls NAME_v4, NAME_v3 or NAME_base (defined by the caller, same parameters) by cpu_isa().
+#define CAST_ISA_CALL(NAME, ...)                                                \
+  (::cast_ext::cpu_isa() == ::cast_ext::CpuIsa::Avx512 ? NAME##_v4(__VA_ARGS__) \
+   : ::cast_ext::cpu_isa() == ::cast_ext::CpuIsa::Avx2 ? NAME##_v3(__VA_ARGS__) \
+                                                       : NAME##_base(__VA_ARGS__))
 
 }  // namespace cast_ext

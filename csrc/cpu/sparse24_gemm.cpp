@@ -3,8 +3,8 @@
 // Algorithm: W [N, K] is held as values [N, K/2] (the 2 kept elements of each group of 4, in
 // ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). Rows
 // of W are expanded into fp32 (zeros at the pruned positions) by a branch-free loop over groups
-// that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline clones picked at
-// load time), then multiplied:
+// that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline versions picked at
+// run time, csrc/cpu/isa.h), then multiplied:
 // * M <= kGemvMaxM rows of x on a CPU with AVX-512 (see gemv_rows_avx512) and a
 //   finite x: no expansion; each group's kept values meet their x elements through a permute
 //   indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's bytes and beats dense;
@@ -100,21 +100,31 @@ C10_ALWAYS_INLINE uint32_t expand_groups(const float* __restrict v, const uint8_
   return bad;
 }
 
-#define CAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-CAST_CLONES uint32_t expand_groups_dispatch(const float* v, const uint8_t* meta, int64_t groups,
-                                            float* dst) {
-  return expand_groups(v, meta, groups, dst);
+// One version per instruction-set level (isa.h) of the row expansion and the bf16 conversion.
+#define CAST_EXPAND_LEVEL(LEVEL, ATTR)                                                     \
+  ATTR uint32_t expand_groups_##LEVEL(const float* v, const uint8_t* meta, int64_t groups, \
+                                      float* dst) {                                        \
+    return expand_groups(v, meta, groups, dst);                                            \
+  }                                                                                        \
+  ATTR void bf16_to_float_##LEVEL(const c10::BFloat16* src, int64_t n, float* dst) {       \
+    const uint16_t* b = reinterpret_cast<const uint16_t*>(src);                            \
+    for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16);   \
+  }
+CAST_EXPAND_LEVEL(v4, CAST_TARGET_V4)
+CAST_EXPAND_LEVEL(v3, CAST_TARGET_V3)
+CAST_EXPAND_LEVEL(base, )
+#undef CAST_EXPAND_LEVEL
+uint32_t expand_groups_dispatch(const float* v, const uint8_t* meta, int64_t groups, float* dst) {
+  return CAST_ISA_CALL(expand_groups, v, meta, groups, dst);
 }
-// Values to fp32, exactly. bf16 by a shift; fp16 with F16C (vcvtph2ps) where the CPU has it:
-// GCC 12 vectorises neither c10::Half's conversion nor _Float16's, and a scalar conversion of
-// the weights dominated the fp16 GEMM.
-CAST_CLONES void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
-  const uint16_t* b = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16);
+void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
+  CAST_ISA_CALL(bf16_to_float, src, n, dst);
 }
+// fp16 to fp32 with F16C (vcvtph2ps) from the v3 level on: GCC 12 vectorises neither
+// c10::Half's conversion nor _Float16's, and a scalar conversion of the weights dominated the
+// fp16 GEMM.
 #if defined(__x86_64__)
-__attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src, int64_t n,
-                                                            float* dst) {
+CAST_TARGET_V3 void half_to_float_f16c(const c10::Half* src, int64_t n, float* dst) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
@@ -122,18 +132,13 @@ __attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src
   }
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
 }
-const bool kHasF16c = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-}();
 #endif
 void half_to_float(const c10::Half* src, int64_t n, float* dst) {
 #if defined(__x86_64__)
-  if (kHasF16c) return half_to_float_f16c(src, n, dst);
+  if (cpu_isa() >= CpuIsa::Avx2) return half_to_float_f16c(src, n, dst);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-#undef CAST_CLONES
 
 template <typename T>  // dtypes the op's checks refuse still instantiate the dispatch
 void to_float(const T* src, int64_t n, float* dst) {

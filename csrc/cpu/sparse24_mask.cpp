@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cast_ext.h"
+#include "isa.h"
 #include "nm_select.h"
 
 namespace cast_ext {
@@ -38,8 +39,8 @@ std::vector<int64_t> packed_shape(const at::Tensor& t, int64_t k) {
 
 // ---- 2:4 fast path: plain loops over groups that GCC auto-vectorises (flags, no bit fields,
 // an integer accumulator for the non-finite check, 16-bit types handled as raw bits), compiled
-// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, F16C) and baseline x86-64, picked at load time
-// (target_clones): the package needs no -march flag.
+// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, F16C) and baseline x86-64, picked at run time
+// (csrc/cpu/isa.h): the package needs no -march flag.
 
 // How a dtype's raw storage is ranked: `key` maps an element to a float whose order (and
 // equality) is the order of |x| for finite x, and `bad` tells from a key whether the element
@@ -138,23 +139,38 @@ C10_ALWAYS_INLINE uint32_t compress24_row(const typename K::raw* __restrict w, i
   return bad;
 }
 
-// The spans above are always inlined: a plain `inline` left them out-of-line, compiled once for
-// baseline x86-64, and every clone below called that one copy.
-#define CAST_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define CAST_FAST_24(K)                                                                   \
-  CAST_CLONES uint32_t mask24(const K::raw* w, int64_t groups, bool* out, K) {            \
-    return mask24_span<K>(w, groups, out);                                                \
-  }                                                                                       \
-  CAST_CLONES uint32_t prune24(const K::raw* w, int64_t groups, K::raw* out, K) {         \
-    return prune24_span<K>(w, groups, out);                                               \
-  }                                                                                       \
-  CAST_CLONES uint32_t compress24(const K::raw* w, int64_t k, K::raw* v, uint8_t* m, K) { \
-    return compress24_row<K>(w, k, v, m);                                                 \
+// One version per instruction-set level (isa.h), each with the spans above inlined into it.
+#define CAST_FAST_24(K, LEVEL, ATTR)                                                       \
+  ATTR uint32_t mask24_##LEVEL(const K::raw* w, int64_t groups, bool* out, K) {            \
+    return mask24_span<K>(w, groups, out);                                                 \
+  }                                                                                        \
+  ATTR uint32_t prune24_##LEVEL(const K::raw* w, int64_t groups, K::raw* out, K) {         \
+    return prune24_span<K>(w, groups, out);                                                \
+  }                                                                                        \
+  ATTR uint32_t compress24_##LEVEL(const K::raw* w, int64_t k, K::raw* v, uint8_t* m, K) { \
+    return compress24_row<K>(w, k, v, m);                                                  \
   }
-CAST_FAST_24(F32)
-CAST_FAST_24(BF16)
-CAST_FAST_24(F16)
+#define CAST_FAST_24_LEVELS(K)        \
+  CAST_FAST_24(K, v4, CAST_TARGET_V4) \
+  CAST_FAST_24(K, v3, CAST_TARGET_V3) \
+  CAST_FAST_24(K, base, )
+CAST_FAST_24_LEVELS(F32)
+CAST_FAST_24_LEVELS(BF16)
+CAST_FAST_24_LEVELS(F16)
+#undef CAST_FAST_24_LEVELS
 #undef CAST_FAST_24
+template <typename R, typename K>
+uint32_t mask24(const R* w, int64_t groups, bool* out, K kind) {
+  return CAST_ISA_CALL(mask24, w, groups, out, kind);
+}
+template <typename R, typename K>
+uint32_t prune24(const R* w, int64_t groups, R* out, K kind) {
+  return CAST_ISA_CALL(prune24, w, groups, out, kind);
+}
+template <typename R, typename K>
+uint32_t compress24(const R* w, int64_t k, R* v, uint8_t* m, K kind) {
+  return CAST_ISA_CALL(compress24, w, k, v, m, kind);
+}
 
 template <typename T>
 struct KindOf;
