@@ -400,10 +400,15 @@ class SparseLinear(nn.Module):
     # -- forward --
 
     def _use(self, path: str) -> None:
-        """Record that a decision sends this layer's inputs down ``path``; drop what no decision
-        uses (eager calls only)."""
-        if path not in self._uses and not torch.compiler.is_compiling():
-            self._uses.add(path)
+        """Record that a decision sends this layer's inputs down ``path``; drop a derived weight
+        no decision uses, such as the dense copy a CPU trial call built (eager calls only)."""
+        if torch.compiler.is_compiling():
+            return
+        self._uses.add(path)
+        d = self._derived
+        if ("dense" in d and "dense" not in self._uses) or (
+            "cslt" in d and "sparse" not in self._uses
+        ):
             self._release_unused()
 
     def _choose(self, x: Tensor) -> tuple[str, tuple[Any, ...] | None]:

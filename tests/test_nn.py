@@ -205,6 +205,23 @@ def test_cpu_dispatch_times_the_first_calls_in_place() -> None:
     cast_ext.nn.clear_dispatch_decisions()
 
 
+def test_cpu_trial_dense_copy_is_dropped_by_a_packed_layer() -> None:
+    """A layer whose decisions are all "packed" drops the dense copy a later trial built."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    for m, bucket in ((1, 1), (3, 4)):
+        key = ("cpu", torch.float32, bucket, 16, 32, True)
+        decision = cast_ext.nn.DispatchDecision("cpu", "float32", bucket, 16, 32, True, "packed",
+                                                None, 10.0, 9.0)  # fmt: skip
+        sl(torch.randn(m, 32))  # a trial call of this bucket (it may build the dense copy)
+        sl._dense_cached()  # as a dense trial call does
+        cast_ext.nn._TRIALS.clear()
+        cast_ext.nn._DECISIONS[key] = decision
+        sl(torch.randn(m, 32))
+        assert sl.derived_bytes() == 0, m
+    cast_ext.nn.clear_dispatch_decisions()
+
+
 def test_dispatch_rule() -> None:
     """A 2:4 path is chosen only if it beats dense by SPARSE_MARGIN (0.98)."""
     pick = cast_ext.nn._pick
