@@ -12,9 +12,20 @@ CpuIsa detect() {
   CpuIsa best = CpuIsa::Default;
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4"))
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+#else  // level names need GCC 12; older compilers test the features that matter here (every
+       // CPU with AVX2 and FMA also has F16C, BMI and LZCNT)
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+#endif
+  if (v4)
     best = CpuIsa::Avx512;
-  else if (__builtin_cpu_supports("x86-64-v3"))
+  else if (v3)
     best = CpuIsa::Avx2;
 #endif
   const char* env = std::getenv("CAST_EXT_CPU_ISA");
