@@ -52,6 +52,7 @@
 #include "cast_ext.h"
 #include "isa.h"
 #include "nm_select.h"
+#include "vec.h"
 
 // a*b+c must stay two roundings, as in the reference's separate torch ops.
 #pragma GCC optimize("fp-contract=off")
@@ -111,31 +112,6 @@ __attribute__((target("avx512f"), always_inline)) inline void sqrt_tile_avx512(f
 }
 #endif
 
-#if defined(__x86_64__)
-// fp16 <-> fp32 tiles with F16C (vcvtph2ps / vcvtps2ph, round to nearest even like c10::Half):
-// GCC 12 vectorises neither c10::Half's bit routine below AVX-512 nor _Float16 conversions, and
-// a scalar conversion made the fp16 step about 5x slower. Called once per tile.
-__attribute__((target("avx,f16c"))) void f16_to_f32_tile(const c10::Half* src, float* dst,
-                                                         int64_t cnt) {
-  int64_t i = 0;
-  for (; i + 8 <= cnt; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < cnt; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-__attribute__((target("avx,f16c"))) void f32_to_f16_tile(const float* src, c10::Half* dst,
-                                                         int64_t cnt) {
-  constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  int64_t i = 0;
-  for (; i + 8 <= cnt; i += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), kRne);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  for (; i < cnt; ++i) dst[i] = c10::Half(_cvtss_sh(src[i], kRne), c10::Half::from_bits());
-}
-#endif
-
 // The update over `cnt` <= kTile contiguous elements starting at `off`. keep[i] != 0: kept.
 // Three loops over the tile (the middle one is the sqrt), all vectorisable; the temporaries stay
 // in L1.
@@ -157,7 +133,7 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
   constexpr bool kTileF16 = kF16c && std::is_same_v<T, c10::Half>;
   alignas(64) float g_t[kTileF16 ? kTile : 1];
 #if defined(__x86_64__)
-  if constexpr (kTileF16) f16_to_f32_tile(g, g_t, cnt);
+  if constexpr (kTileF16) f16_to_f32_f16c(g, cnt, g_t);
 #endif
   for (int64_t i = 0; i < cnt; ++i) {
     float gi;
@@ -202,7 +178,7 @@ __attribute__((always_inline)) inline void update_body(SqrtFn sqrt_tile, const P
     if constexpr (kMaster && !kTileF16) p[i] = static_cast<T>(wi);
   }
 #if defined(__x86_64__)
-  if constexpr (kTileF16 && kMaster) f32_to_f16_tile(w, p, cnt);
+  if constexpr (kTileF16 && kMaster) f32_to_f16_f16c(w, cnt, p);
 #endif
 }
 
@@ -286,18 +262,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void update_f32_avx512(
 }
 #endif
 
-using Isa = CpuIsa;
-const Isa kIsa = cpu_isa();
+const CpuIsa kIsa = cpu_isa();
 
 template <typename T, bool kMaster, bool kSparse>
 inline void update(const Ptrs<T>& x, int64_t off, int64_t cnt, const int32_t* keep, float s) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float> && !kSparse) {
-    if (kIsa == Isa::Avx512) return update_f32_avx512<kMaster, false>(x, off, cnt, nullptr, s);
+    if (kIsa == CpuIsa::Avx512) return update_f32_avx512<kMaster, false>(x, off, cnt, nullptr, s);
   }
   switch (kIsa) {
-    case Isa::Avx512: return update_avx512<T, kMaster, kSparse>(x, off, cnt, keep, s);
-    case Isa::Avx2: return update_avx2<T, kMaster, kSparse>(x, off, cnt, keep, s);
+    case CpuIsa::Avx512: return update_avx512<T, kMaster, kSparse>(x, off, cnt, keep, s);
+    case CpuIsa::Avx2: return update_avx2<T, kMaster, kSparse>(x, off, cnt, keep, s);
     default: break;
   }
 #endif
@@ -343,8 +318,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512"))) voi
 inline void rank24(const float* w, int64_t ng, uint8_t* nib) {
 #if defined(__x86_64__)
   switch (kIsa) {
-    case Isa::Avx512: return rank24_avx512(w, ng, nib);
-    case Isa::Avx2: return rank24_avx2(w, ng, nib);
+    case CpuIsa::Avx512: return rank24_avx512(w, ng, nib);
+    case CpuIsa::Avx2: return rank24_avx2(w, ng, nib);
     default: break;
   }
 #endif
@@ -368,7 +343,7 @@ void sparse_segment(const Ptrs<T>& x, int64_t r, int64_t cb0, int64_t cb1, float
     }
 #if defined(__x86_64__)
     if constexpr (std::is_same_v<T, float>) {
-      if (kIsa == Isa::Avx512) {
+      if (kIsa == CpuIsa::Avx512) {
         update_f32_avx512<kMaster, true>(x, r * x.k + e0, cnt, mk, inv_scale);
         continue;
       }
@@ -384,8 +359,7 @@ void sparse_segment(const Ptrs<T>& x, int64_t r, int64_t cb0, int64_t cb1, float
 // weights are finite and ranks every group into `fresh`, reading each weight once, before anything
 // of the caller's is written (a NaN must raise with nothing changed, so this read cannot be
 // skipped; ranking here keeps that compute off the update pass). Returns per tensor whether it
-// held a non-finite weight. Finiteness is an integer test of the exponent field: (u & exp) +
-// 0x00800000 carries into bit 31 exactly when the exponent is all ones (vectorises at any SSE).
+// held a non-finite weight (vec.h's nonfinite_bits, an integer test that vectorises).
 template <typename T>
 std::vector<uint8_t> rank_all(const std::vector<Ptrs<T>>& xs, int n, int m) {
   std::vector<int64_t> idx;
@@ -413,8 +387,7 @@ std::vector<uint8_t> rank_all(const std::vector<Ptrs<T>>& xs, int n, int m) {
           const int64_t ce = std::min(cb1, cb + kTile / 8);
           const int64_t cnt = std::min(ce * 8, x.k) - cb * 8;
           const float* w = x.w + r * x.k + cb * 8;
-          const uint32_t* u = reinterpret_cast<const uint32_t*>(w);
-          for (int64_t i = 0; i < cnt; ++i) acc |= (u[i] & 0x7f800000u) + 0x00800000u;
+          acc |= nonfinite_bits(w, cnt);
           uint8_t* out = fresh + r * x.kb + cb;
           if (m == 4 && n == 2) {
             const int64_t ng = cnt / 4;
@@ -431,7 +404,7 @@ std::vector<uint8_t> rank_all(const std::vector<Ptrs<T>>& xs, int n, int m) {
         }
         b = r * x.kb + cb1;
       }
-      if (acc & 0x80000000u) bad[idx[wi]].store(1, std::memory_order_relaxed);
+      if (acc) bad[idx[wi]].store(1, std::memory_order_relaxed);
     }
   });
   std::vector<uint8_t> out(xs.size());

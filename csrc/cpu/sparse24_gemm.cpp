@@ -45,6 +45,7 @@
 
 #include "cast_ext.h"
 #include "isa.h"
+#include "vec.h"
 
 namespace cast_ext {
 namespace {
@@ -120,22 +121,10 @@ uint32_t expand_groups_dispatch(const float* v, const uint8_t* meta, int64_t gro
 void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
   CAST_ISA_CALL(bf16_to_float, src, n, dst);
 }
-// fp16 to fp32 with F16C (vcvtph2ps) from the v3 level on: GCC 12 vectorises neither
-// c10::Half's conversion nor _Float16's, and a scalar conversion of the weights dominated the
-// fp16 GEMM.
-#if defined(__x86_64__)
-CAST_TARGET_V3 void half_to_float_f16c(const c10::Half* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].x);
-}
-#endif
+// fp16 to fp32 with F16C from the v3 level on (vec.h).
 void half_to_float(const c10::Half* src, int64_t n, float* dst) {
 #if defined(__x86_64__)
-  if (cpu_isa() >= CpuIsa::Avx2) return half_to_float_f16c(src, n, dst);
+  if (cpu_isa() >= CpuIsa::Avx2) return f16_to_f32_f16c(src, n, dst);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -214,9 +203,9 @@ template <typename T, int M>
 CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const uint8_t* meta,
                                        int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
   const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 8;
-  const __m512i shifts =
-      _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  // 4 * (j / 2) for lane j: the shift that brings its group's nibble down, and the offset of
+  // its group's first element in the 32 x elements of a block.
+  const __m512i quad = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   // Position of the first (lo) and second (hi) kept element of a group by its nibble; 256 flags
   // a nibble without exactly 2 bits (3, 5, 6, 9, 10 and 12 are the valid ones).
   constexpr int X = 256;
@@ -236,10 +225,10 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
       std::memcpy(&word, mt + 4 * b, 4);
       // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
       const __m512i sel = _mm512_ternarylogic_epi32(
-          _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), low4, odd16, 0xEA);
+          _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), quad), low4, odd16, 0xEA);
       const __m512i pos = _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
       flags = _mm512_or_si512(flags, pos);
-      const __m512i idx = _mm512_add_epi32(base, pos);
+      const __m512i idx = _mm512_add_epi32(quad, pos);
       const __m512 w = load16(v + 16 * b);
       for (int i = 0; i < M; ++i) {
         const float* xb = x32 + i * k + 32 * b;
@@ -277,27 +266,15 @@ bool dispatch_m(std::integer_sequence<int, Is...>, int m, const float* x32, cons
 
 const bool kGemvAvx512 = cpu_isa() == CpuIsa::Avx512;
 
-// Whether x holds no NaN/Inf. gemv_rows_avx512 never multiplies a pruned weight, so a NaN or
-// Inf of x at a pruned position would not reach y, where F.linear on the decompressed weight
-// (and every other path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path.
-// An integer test of the exponent field, vectorised; x is small next to W.
-bool all_finite(const float* x, int64_t cnt) {
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
-  uint32_t acc = 0;
-  for (int64_t i = 0; i < cnt; ++i) acc |= (u[i] & 0x7f800000u) + 0x00800000u;
-  return (acc & 0x80000000u) == 0;
-}
-
 // y32 [m, n] = x32 [m, k] @ W^T for 1 <= m <= kGemvMaxM with gemv_rows_avx512.
 template <typename T>
 bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
                       int64_t k, float* y32) {
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    bool ok = true;
-    ok = dispatch_m<T>(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x32, vals, meta, n, k,
-                       r0, r1, y32);
-    if (!ok) all_ok = false;
+    if (!dispatch_m<T>(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x32, vals, meta, n, k,
+                       r0, r1, y32))
+      all_ok = false;
   });
   return all_ok;
 }
@@ -354,7 +331,10 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     const float* xp = x32.const_data_ptr<float>();
     float* yp = y32.data_ptr<float>();
 #if defined(__x86_64__)
-    if (kGemvAvx512 && m <= kGemvMaxM && all_finite(xp, m * k)) {
+    // gemv_rows_avx512 never multiplies a pruned weight, so a NaN or Inf of x at a pruned
+    // position would not reach y, where F.linear on the decompressed weight (and every other
+    // path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path.
+    if (kGemvAvx512 && m <= kGemvMaxM && nonfinite_bits(xp, m * k) == 0u) {
       ok = gemm_gemv_avx512<scalar_t>(xp, vals, mt, m, n, k, yp);
     } else
 #endif
