@@ -420,21 +420,22 @@ class SparseLinear(nn.Module):
             return "dense", None
         if self.mode == "sparse" and not cuda:
             return "packed", None
-        reason = _cslt_reason(n, k, x.dtype, x.device)
         if self.mode == "sparse":
+            reason = _cslt_reason(n, k, x.dtype, x.device)
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse", None
         m = x.numel() // k
+        key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
+        hit = _DECISIONS.get(key)
+        if hit is not None:  # the per-call path: nothing below runs once a bucket is decided
+            self._use(hit.choice)
+            return hit.choice, None
+        reason = _cslt_reason(n, k, x.dtype, x.device)
         # The CPU kernel takes any M; the CUDA one is the small-M kernel (csrc/cuda/kernels.h).
         packed_ok = m >= 1 if not cuda else 1 <= m <= _PACKED_MAX_M and k % 16 == 0
         if reason is not None and not packed_ok:
-            return "dense", None
-        key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
-        hit = _DECISIONS.get(key)
-        if hit is not None:
-            self._use(hit.choice)
-            return hit.choice, None
+            return "dense", None  # dense is the only path: nothing to decide or record
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if m == 0 or torch.compiler.is_compiling() or capturing:
             return "dense", None  # cannot measure here; nothing recorded: a later eager call will
