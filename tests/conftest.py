@@ -90,6 +90,16 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 requires_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the CUDA kernels")
 
 
+# The CPU kernels' instruction-set versions, lowest first (csrc/cpu/isa.h).
+CPU_ISAS = ["default", "avx2", "avx512"]
+
+
+def capped_isa(cap: str) -> str:
+    """The version a process started with CAST_EXT_CPU_ISA=cap runs on this machine."""
+    native = cast_ext.build_info()["cpu_isa"]
+    return CPU_ISAS[min(CPU_ISAS.index(cap), CPU_ISAS.index(native))]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that runs CUDA code `cuda`: a `cuda` device parameter, a skip that needs a
     GPU, or "cuda" in its name. The GPU suite runs `-m cuda` first (device time is short) and
