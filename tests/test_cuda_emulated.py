@@ -47,6 +47,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -351,11 +352,19 @@ class Guarded:
         assert bool((guards == self.fill).all()), f"{what}: written out of bounds"
 
 
-def zeroed_flag() -> Guarded:
-    """A device int flag as the glue passes it: zeroed by the caller."""
-    g = Guarded((1,), torch.int32)
-    g.t.zero_()
-    return g
+def call_flagged(
+    emu: Emu, fn: str, args: tuple[Any, ...], outs: dict[str, Guarded], flag: str
+) -> tuple[int, int]:
+    """Calls ``fn(*args, flag_ptr)`` with a device int flag as the glue passes it (zeroed by the
+    caller, the launcher's last argument), checks the guard zones of every output and of the
+    flag, and returns (rc, flag value)."""
+    bad = Guarded((1,), torch.int32)
+    bad.t.zero_()
+    rc = emu.call(fn, *args, bad.ptr)
+    for name, g in outs.items():
+        g.check(name)
+    bad.check(flag)
+    return rc, int(bad.t.item())
 
 
 def make_weights(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> Tensor:
@@ -410,26 +419,11 @@ def run_nm_select(
     else:
         outs["values"] = Guarded((rows, k // 2), w.dtype, offset=out_offset)
         outs["meta"] = Guarded((rows, (k + 7) // 8), torch.uint8)
-    bad = zeroed_flag()
     ptr = {name: g.ptr for name, g in outs.items()}
-    rc = emu.call(
-        "emu_nm_select",
-        DTYPE_CODE[w.dtype],
-        mode,
-        w.data_ptr(),
-        rows,
-        k,
-        n,
-        m,
-        ptr.get("mask"),
-        ptr.get("values"),
-        ptr.get("meta"),
-        bad.ptr,
-    )
-    for name, g in outs.items():
-        g.check(name)
-    bad.check("bad")
-    return rc, {name: g.t for name, g in outs.items()}, int(bad.t.item())
+    args = (DTYPE_CODE[w.dtype], mode, w.data_ptr(), rows, k, n, m)
+    args += (ptr.get("mask"), ptr.get("values"), ptr.get("meta"))
+    rc, bad = call_flagged(emu, "emu_nm_select", args, outs, "bad")
+    return rc, {name: g.t for name, g in outs.items()}, bad
 
 
 def check_nm_select(emu: Emu, w: Tensor, n: int, m: int, what: str, grid: int) -> None:
@@ -526,20 +520,9 @@ POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])
 def run_decompress(emu: Emu, values: Tensor, meta: Tensor) -> tuple[int, Tensor, int]:
     rows, k = values.shape[0], values.shape[1] * 2
     out = Guarded((rows, k), values.dtype)
-    bad = zeroed_flag()
-    rc = emu.call(
-        "emu_sparse24_decompress",
-        DTYPE_CODE[values.dtype],
-        values.data_ptr(),
-        meta.data_ptr(),
-        rows,
-        k,
-        out.ptr,
-        bad.ptr,
-    )
-    out.check("out")
-    bad.check("bad_meta")
-    return rc, out.t, int(bad.t.item())
+    args = (DTYPE_CODE[values.dtype], values.data_ptr(), meta.data_ptr(), rows, k, out.ptr)
+    rc, bad = call_flagged(emu, "emu_sparse24_decompress", args, {"out": out}, "bad_meta")
+    return rc, out.t, bad
 
 
 def expected_decompress(values: Tensor, meta: Tensor) -> tuple[Tensor, int]:
@@ -924,23 +907,11 @@ def run_gemv(
     m, k = x.shape
     n = values.shape[0]
     y = Guarded((m, n), x.dtype)
-    bad = zeroed_flag()
-    rc = emu.call(
-        "emu_sparse24_gemv",
-        DTYPE_CODE[x.dtype],
-        x.data_ptr(),
-        values.data_ptr(),
-        meta.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        m,
-        n,
-        k,
-        y.ptr,
-        bad.ptr,
-    )
-    y.check("y")
-    bad.check("bad_meta")
-    return rc, y.t, int(bad.t.item())
+    b = None if bias is None else bias.data_ptr()
+    args = (DTYPE_CODE[x.dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(), b, m, n, k)
+    args += (y.ptr,)
+    rc, bad = call_flagged(emu, "emu_sparse24_gemv", args, {"y": y}, "bad_meta")
+    return rc, y.t, bad
 
 
 def assert_gemm_close(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None, what: str) -> None:
