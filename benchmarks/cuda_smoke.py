@@ -120,7 +120,8 @@ def _adams() -> None:
 
 
 def _packed_gemm() -> None:
-    """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback."""
+    """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback; each
+    with the meta check and without (no flag: the kernels get nullptr)."""
     for dt in DTYPES:
         for n, k in ((24, 64), (12, 1040)):
             w = reference.sparse24_prune(torch.randn(n, k, dtype=dt))
@@ -129,9 +130,10 @@ def _packed_gemm() -> None:
             dv, dm = values.to(DEV), meta.to(DEV)
             for m in (1, 5, 16, 17):
                 x = torch.randn(m, k, dtype=dt)
-                got = ops.sparse24_gemm(x.to(DEV), dv, dm, bias.to(DEV))
                 want = reference.sparse24_gemm(x, values, meta, bias)
-                _close(f"sparse24_gemm m={m} [{n}x{k}] {dt}", got, want, 2e-2, 5e-2)
+                for check in (True, False):
+                    got = ops.sparse24_gemm(x.to(DEV), dv, dm, bias.to(DEV), check_meta=check)
+                    _close(f"sparse24_gemm m={m} [{n}x{k}] {dt} {check}", got, want, 2e-2, 5e-2)
     print("packed gemm ok")
 
 

@@ -7,6 +7,8 @@ semantics of each op are those of the function of the same name in :mod:`cast_ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -210,13 +212,18 @@ def _check_gemm(op: str, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor |
 
 
 @torch.library.register_fake("cast_ext::sparse24_gemm")
-def _(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+def _(
+    x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None, *, check_meta: bool = True
+) -> Tensor:
     n = _check_gemm("sparse24_gemm", x, values, meta, bias)
     return x.new_empty([*x.shape[:-1], n])
 
 
 def _gemm_setup_context(
-    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor | None, ...], output: Tensor
+    ctx: torch.autograd.function.FunctionCtx,
+    inputs: tuple[Tensor | None, ...],
+    keyword_only_inputs: dict[str, Any],
+    output: Tensor,
 ) -> None:
     x, values, meta, bias = inputs
     needs = getattr(ctx, "needs_input_grad", (True, True, False, True))
@@ -294,7 +301,9 @@ def _(
     return x.new_empty([*x.shape[:-1], n])
 
 
-def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None) -> Tensor:
+def sparse24_gemm(
+    x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None = None, *, check_meta: bool = True
+) -> Tensor:
     """``y = x @ W^T + bias`` with ``W = sparse24_decompress(values, meta)``, on the packed format.
 
     fp32 accumulation, one rounding to ``x``'s dtype. Differentiable in ``x``, ``bias`` and
@@ -310,6 +319,9 @@ def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None =
         values: ``[N, K/2]``, ``x``'s dtype (from :func:`sparse24_compress`).
         meta: ``[N, ceil(K/8)]`` uint8.
         bias: optional ``[N]``, ``x``'s dtype.
+        check_meta: raise if ``meta`` is not a valid 2:4 mask. On CUDA the check reads a device
+            flag back (a sync per call); pass False when ``meta`` was checked before (an invalid
+            group then gives zeros instead of an error). The CPU kernel always checks, for free.
 
     Returns:
         ``y`` of shape ``[..., N]`` in ``x``'s dtype.
@@ -317,7 +329,7 @@ def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None =
     Shape:
         ``[..., K] x [N, K/2] -> [..., N]``.
     """
-    return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias)
+    return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check_meta)
 
 
 def cslt_compress(w: Tensor) -> Tensor:

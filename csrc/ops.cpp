@@ -19,7 +19,10 @@ TORCH_LIBRARY(cast_ext, m) {
   // format (CPU kernel; CUDA runs decompress + cuBLAS). cslt_*: cuSPARSELt (CUDA only):
   // cslt_compress packs a 2:4 weight [n, k] into the library's opaque buffer; cslt_linear
   // computes y = act(x @ W^T + bias) with it.
-  m.def("sparse24_gemm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // check_meta=False: the caller vouches for meta (CUDA then skips the flag read-back, a sync).
+  m.def(
+      "sparse24_gemm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, *, "
+      "bool check_meta=True) -> Tensor");
   m.def("cslt_compress(Tensor w) -> Tensor");
   m.def(
       "cslt_linear(Tensor x, Tensor w_compressed, int n, int k, Tensor? bias=None, "

@@ -353,11 +353,22 @@ class Guarded:
 
 
 def call_flagged(
-    emu: Emu, fn: str, args: tuple[Any, ...], outs: dict[str, Guarded], flag: str
+    emu: Emu,
+    fn: str,
+    args: tuple[Any, ...],
+    outs: dict[str, Guarded],
+    flag: str,
+    null_flag: bool = False,
 ) -> tuple[int, int]:
     """Calls ``fn(*args, flag_ptr)`` with a device int flag as the glue passes it (zeroed by the
     caller, the launcher's last argument), checks the guard zones of every output and of the
-    flag, and returns (rc, flag value)."""
+    flag, and returns (rc, flag value). ``null_flag`` passes nullptr instead, as the glue does
+    when it will not read the flag (the value returned is then 0)."""
+    if null_flag:
+        rc = emu.call(fn, *args, None)
+        for name, g in outs.items():
+            g.check(name)
+        return rc, 0
     bad = Guarded((1,), torch.int32)
     bad.t.zero_()
     rc = emu.call(fn, *args, bad.ptr)
@@ -406,7 +417,7 @@ def grid_for(work: int) -> int:
 
 
 def run_nm_select(
-    emu: Emu, w: Tensor, mode: int, n: int, m: int, out_offset: int = 0
+    emu: Emu, w: Tensor, mode: int, n: int, m: int, out_offset: int = 0, null_flag: bool = False
 ) -> tuple[int, dict[str, Tensor], int]:
     """The launcher as csrc/cuda/sparse24_mask_cuda.cpp calls it: (rc, outputs, bad flag).
     out_offset misaligns the mask or values output by that many bytes."""
@@ -422,7 +433,7 @@ def run_nm_select(
     ptr = {name: g.ptr for name, g in outs.items()}
     args = (DTYPE_CODE[w.dtype], mode, w.data_ptr(), rows, k, n, m)
     args += (ptr.get("mask"), ptr.get("values"), ptr.get("meta"))
-    rc, bad = call_flagged(emu, "emu_nm_select", args, outs, "bad")
+    rc, bad = call_flagged(emu, "emu_nm_select", args, outs, "bad", null_flag)
     return rc, {name: g.t for name, g in outs.items()}, bad
 
 
@@ -517,11 +528,15 @@ def test_nm_select_alignment_and_empty(emu: Emu) -> None:
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])
 
 
-def run_decompress(emu: Emu, values: Tensor, meta: Tensor) -> tuple[int, Tensor, int]:
+def run_decompress(
+    emu: Emu, values: Tensor, meta: Tensor, null_flag: bool = False
+) -> tuple[int, Tensor, int]:
     rows, k = values.shape[0], values.shape[1] * 2
     out = Guarded((rows, k), values.dtype)
     args = (DTYPE_CODE[values.dtype], values.data_ptr(), meta.data_ptr(), rows, k, out.ptr)
-    rc, bad = call_flagged(emu, "emu_sparse24_decompress", args, {"out": out}, "bad_meta")
+    rc, bad = call_flagged(
+        emu, "emu_sparse24_decompress", args, {"out": out}, "bad_meta", null_flag
+    )
     return rc, out.t, bad
 
 
@@ -902,7 +917,7 @@ M; N not a multiple of the 8 rows a block takes; a single row; 33 chunks."""
 
 
 def run_gemv(
-    emu: Emu, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None
+    emu: Emu, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, null_flag: bool = False
 ) -> tuple[int, Tensor, int]:
     m, k = x.shape
     n = values.shape[0]
@@ -910,7 +925,7 @@ def run_gemv(
     b = None if bias is None else bias.data_ptr()
     args = (DTYPE_CODE[x.dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(), b, m, n, k)
     args += (y.ptr,)
-    rc, bad = call_flagged(emu, "emu_sparse24_gemv", args, {"y": y}, "bad_meta")
+    rc, bad = call_flagged(emu, "emu_sparse24_gemv", args, {"y": y}, "bad_meta", null_flag)
     return rc, y.t, bad
 
 
@@ -979,3 +994,38 @@ def test_sparse24_gemv_refuses_what_it_cannot_run(emu: Emu) -> None:
     assert run_gemv(emu, shifted, values, meta, None)[0] == CUDA_INVALID_VALUE
     rc, _, bad = run_gemv(emu, torch.randn(0, 32), values, meta, None)
     assert (rc, bad, emu.stats()["launches"]) == (CUDA_SUCCESS, 0, 0)
+
+
+# ---- null flags ------------------------------------------------------------------------------
+
+
+def test_null_flag_pointers_skip_only_the_check(emu: Emu) -> None:
+    """The glue passes nullptr for the error flag when it will not read it (check_meta=False,
+    value checks off, graph capture): each kernel then writes the same outputs as with a flag,
+    on the bad data that would raise it (a NaN weight, an invalid 2:4 group)."""
+    gen = torch.Generator().manual_seed(31)
+    w = make_weights((6, 40), torch.float32, gen)
+    w[2, 7] = float("nan")
+    for mode in (MASK, PRUNE, COMPRESS):
+        rc, flagged, bad = run_nm_select(emu, w, mode, 2, 4)
+        assert (rc, bad) == (CUDA_SUCCESS, 1)
+        rc, unflagged, _ = run_nm_select(emu, w, mode, 2, 4, null_flag=True)
+        assert rc == CUDA_SUCCESS
+        for name, t in flagged.items():
+            assert_bits_equal(unflagged[name], t, f"nm_select mode {mode} {name}")
+    k = 96
+    wp = reference.sparse24_prune(torch.randn(16, k, generator=gen))
+    values, meta = reference.sparse24_compress(wp)
+    corrupt = meta.clone()
+    corrupt[5, 3] = (corrupt[5, 3] & 0xF0) | 0x7
+    rc, out, bad = run_decompress(emu, values, corrupt)
+    assert (rc, bad) == (CUDA_SUCCESS, 1)
+    rc, out_null, _ = run_decompress(emu, values, corrupt, null_flag=True)
+    assert rc == CUDA_SUCCESS
+    assert_bits_equal(out_null, out, "decompress")
+    x = torch.randn(3, k, generator=gen)
+    rc, y, bad = run_gemv(emu, x, values, corrupt, None)
+    assert (rc, bad) == (CUDA_SUCCESS, 1)
+    rc, y_null, _ = run_gemv(emu, x, values, corrupt, None, null_flag=True)
+    assert rc == CUDA_SUCCESS
+    assert_bits_equal(y_null, y, "gemv")

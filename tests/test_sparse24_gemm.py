@@ -107,6 +107,9 @@ def test_opcheck(dtype: torch.dtype) -> None:
     b = torch.randn(16).to(dtype).requires_grad_()
     torch.library.opcheck(torch.ops.cast_ext.sparse24_gemm.default, (x, values, meta, b))
     torch.library.opcheck(torch.ops.cast_ext.sparse24_gemm.default, (x.detach(), values, meta))
+    torch.library.opcheck(
+        torch.ops.cast_ext.sparse24_gemm.default, (x, values, meta, b), {"check_meta": False}
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,6 +150,28 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
             cast_ext.sparse24_gemm(x, values, meta)
         for t, t0 in zip((x, values, meta), before, strict=True):
             assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_meta_false_skips_only_the_check(device: str) -> None:
+    """check_meta=False gives the same bits on valid meta. With an invalid group, the CPU still
+    raises (its check is free); CUDA skips the read-back, so the other rows stay right."""
+    k = 64
+    w = make_weight(8, k, torch.float32, device)
+    values, meta = ops.sparse24_compress(w)
+    bad_meta = meta.clone()
+    bad_meta[3, 2] = 0x37
+    for m in (1, 4, 20):  # CUDA: the packed small-M kernel and decompress + cuBLAS
+        x = torch.randn(m, k, device=device)
+        y = cast_ext.sparse24_gemm(x, values, meta)
+        assert torch.equal(cast_ext.sparse24_gemm(x, values, meta, check_meta=False), y)
+        if device == "cpu":
+            with pytest.raises(RuntimeError, match=r"sparse24_gemm: meta .* not a valid"):
+                cast_ext.sparse24_gemm(x, values, bad_meta, check_meta=False)
+        else:
+            y_bad = cast_ext.sparse24_gemm(x, values, bad_meta, check_meta=False)
+            rows = [r for r in range(8) if r != 3]
+            assert torch.equal(y_bad[:, rows], y[:, rows])
 
 
 @pytest.mark.parametrize(

@@ -305,7 +305,8 @@ bool gemm_blas(const at::Tensor& x32, const T* vals, const uint8_t* meta, int64_
 }
 
 at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in,
-                             const at::Tensor& meta_in, const std::optional<at::Tensor>& bias_in) {
+                             const at::Tensor& meta_in, const std::optional<at::Tensor>& bias_in,
+                             bool /*check_meta: the CPU kernels check the meta in the same pass*/) {
   const char* op = "sparse24_gemm";
   check_gemm_args(op, x_in, values_in, meta_in, bias_in);
   const int64_t n = values_in.size(0);

@@ -1,9 +1,10 @@
 // Helpers shared by the torch glue of the CUDA kernels (csrc/cuda/*_cuda.cpp): dtype mapping,
-// launch-error checks and the read-back of a kernel's device flag. Includes torch headers: never
+// launch-error checks and a kernel's device error flag. Includes torch headers: never
 // include it from a .cu file.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include "cast_ext.h"
@@ -28,12 +29,23 @@ inline bool capturing_cuda_graph() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-// A kernel's error flag (device int), read with one small copy and a sync; false without reading
-// while a CUDA graph is captured (no sync allowed) or when the user turned the value checks off
-// (cast_ext.set_cuda_value_checks).
-inline bool read_flag(const at::Tensor& flag) {
-  return cuda_value_checks().load(std::memory_order_relaxed) && !capturing_cuda_graph() &&
-         flag.item<int>() != 0;
-}
+// A kernel's error flag: a zeroed device int the kernel sets on bad data, read back with one
+// small copy and a sync. Off (no allocation, no memset, no read; the kernel gets nullptr) when the
+// caller does not ask for it, while a CUDA graph is captured (no sync allowed) and when the user
+// turned the value checks off (cast_ext.set_cuda_value_checks).
+class DeviceFlag {
+ public:
+  DeviceFlag(const at::Tensor& like, bool wanted)
+      : on_(wanted && cuda_value_checks().load(std::memory_order_relaxed) &&
+            !capturing_cuda_graph()) {
+    if (on_) flag_ = at::zeros({1}, like.options().dtype(at::kInt));
+  }
+  int* ptr() { return on_ ? flag_.data_ptr<int>() : nullptr; }
+  bool raised() const { return on_ && flag_.item<int>() != 0; }
+
+ private:
+  bool on_;
+  at::Tensor flag_;
+};
 
 }  // namespace cast_ext

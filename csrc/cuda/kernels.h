@@ -18,6 +18,8 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 // ---- sparse24_mask.cu (reference: nm_mask, sparse24_prune, sparse24_compress, ...) ----------
 // All views are rows x k, row-major, contiguous; groups of m along k; packed masks rows x
 // ceil(k/8) bytes. `bad` (device int, zeroed by the caller) is set if any weight is non-finite.
+// Every error flag of these kernels may be nullptr: the check is then skipped, the outputs are
+// the same.
 enum class MaskOut : int { Mask = 0, Prune = 1, Compress = 2 };
 
 cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64_t k, int n, int m,
@@ -42,7 +44,8 @@ cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m
 
 // ---- sparse24_gemv.cu (reference: sparse24_gemm, for M <= kGemv24MaxM) ---------------------
 // y [m, n] = x [m, k] @ W^T (+ bias) from values [n, k/2] + meta [n, k/8]; bias may be nullptr.
-// `bad_meta` (device int, zeroed by the caller) is set if a nibble does not have exactly 2 bits.
+// `bad_meta` (device int, zeroed by the caller, or nullptr) is set if a nibble does not have
+// exactly 2 bits.
 namespace cast_ext {
 namespace cuda {
 

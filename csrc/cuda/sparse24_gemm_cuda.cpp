@@ -4,16 +4,15 @@
 //   dense fp16/bf16 weight's bytes);
 // * otherwise: the mask file's decompress kernel, then a dense cuBLAS GEMM with fused bias.
 // Both accumulate in fp32 and round once. Invalid meta is reported through a device flag read
-// back like the mask ops' (skipped under graph capture or with the value checks off).
+// back like the mask ops' (a sync); check_meta=False skips it, for callers that checked the meta
+// once (cast_ext.nn.SparseLinear does, per weight), as do graph capture and the value checks off.
 // The cuSPARSELt path (cslt_linear, csrc/cuda/cusparselt.cpp) is the fast one at large M; it
 // needs the library's own compressed buffer, which cast_ext.nn.SparseLinear keeps.
 // Layout: x [..., K], values [N, K/2], meta [N, ceil(K/8)] uint8, y [..., N].
 // Dtypes: fp32, fp16, bf16. Reference: cast_ext/reference.py sparse24_gemm.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -26,7 +25,8 @@ namespace cast_ext {
 namespace {
 
 at::Tensor sparse24_gemm_cuda(const at::Tensor& x_in, const at::Tensor& values_in,
-                              const at::Tensor& meta_in, const std::optional<at::Tensor>& bias) {
+                              const at::Tensor& meta_in, const std::optional<at::Tensor>& bias,
+                              bool check_meta) {
   const char* op = "sparse24_gemm";
   check_gemm_args(op, x_in, values_in, meta_in, bias);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -43,19 +43,24 @@ at::Tensor sparse24_gemm_cuda(const at::Tensor& x_in, const at::Tensor& values_i
     const void* bp = b ? b->const_data_ptr() : nullptr;
     if (cuda::sparse24_gemv_supported(m, k, x.const_data_ptr(), values.const_data_ptr(),
                                       meta.const_data_ptr<uint8_t>(), bp, y.const_data_ptr())) {
-      auto flag = at::zeros({1}, x.options().dtype(at::kInt));
-      check_launch(op, cuda::sparse24_gemv(to_cuda_dtype(x.scalar_type()), x.const_data_ptr(),
-                                           values.const_data_ptr(), meta.const_data_ptr<uint8_t>(),
-                                           bp, m, n, k, y.data_ptr(), flag.data_ptr<int>(),
-                                           at::cuda::getCurrentCUDAStream()));
-      check_meta_flag(op, meta_in, read_flag(flag));
+      DeviceFlag flag(x, check_meta);
+      check_launch(
+          op, cuda::sparse24_gemv(to_cuda_dtype(x.scalar_type()), x.const_data_ptr(),
+                                  values.const_data_ptr(), meta.const_data_ptr<uint8_t>(), bp, m, n,
+                                  k, y.data_ptr(), flag.ptr(), at::cuda::getCurrentCUDAStream()));
+      check_meta_flag(op, meta_in, flag.raised());
       return y;
     }
   }
-  static const auto decompress = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("cast_ext::sparse24_decompress", "")
-                                     .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return at::linear(x_in, decompress.call(values_in, meta_in), bias);
+  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
+  at::Tensor w = at::empty({n, k}, values.options());
+  DeviceFlag flag(values, check_meta);
+  check_launch(
+      op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
+                                    meta.const_data_ptr<uint8_t>(), n, k, w.data_ptr(), flag.ptr(),
+                                    at::cuda::getCurrentCUDAStream()));
+  check_meta_flag(op, meta_in, flag.raised());
+  return at::linear(x_in, w, bias);
 }
 
 }  // namespace

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
       meta_out[j] = uint8_t(bits);
     }
   }
-  if (bad) atomicOr(bad_flag, 1);
+  if (bad && bad_flag != nullptr) atomicOr(bad_flag, 1);
 }
 
 template <typename T>
@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
     // the CPU kernel, an invalid group decompresses to zeros and its neighbour is unaffected.
     const bool ok_lo = __popc(bits & 0xFu) == 2;
     const bool ok_hi = count == 8 ? __popc(bits >> 4) == 2 : (bits >> 4) == 0u;
-    if (!(ok_lo && ok_hi)) atomicOr(bad_meta, 1);
+    if (!(ok_lo && ok_hi) && bad_meta != nullptr) atomicOr(bad_meta, 1);
     Pack8<T> y;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -26,7 +26,7 @@ std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const
   if (reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 != 0) w = w.clone();
   const int64_t k = w.size(-1);
   const int64_t rows = k == 0 ? 0 : w.numel() / k;
-  auto flag = at::zeros({1}, w.options().dtype(at::kInt));
+  DeviceFlag flag(w, true);
   std::vector<at::Tensor> outs;
   bool* mask = nullptr;
   void* values = nullptr;
@@ -48,9 +48,9 @@ std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const
     meta = outs[1].data_ptr<uint8_t>();
   }
   check_launch(op, cuda::nm_select(to_cuda_dtype(w.scalar_type()), mode, w.const_data_ptr(), rows,
-                                   k, int(n), int(m), mask, values, meta, flag.data_ptr<int>(),
+                                   k, int(n), int(m), mask, values, meta, flag.ptr(),
                                    at::cuda::getCurrentCUDAStream()));
-  check_finite_flag(op, "w", w_in, read_flag(flag));
+  check_finite_flag(op, "w", w_in, flag.raised());
   return outs;
 }
 
@@ -82,12 +82,12 @@ at::Tensor sparse24_decompress_cuda(const at::Tensor& values_in, const at::Tenso
   auto oshape = values.sizes().vec();
   oshape.back() = k;
   auto out = at::empty(oshape, values.options());
-  auto flag = at::zeros({1}, values.options().dtype(at::kInt));
+  DeviceFlag flag(values, true);
   check_launch(
       op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
                                     meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
-                                    flag.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
-  check_meta_flag(op, meta_in, read_flag(flag));
+                                    flag.ptr(), at::cuda::getCurrentCUDAStream()));
+  check_meta_flag(op, meta_in, flag.raised());
   return out;
 }
 
