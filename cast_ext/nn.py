@@ -14,20 +14,21 @@ device. Its forward runs one of
 whichever the dispatch picked for this shape.
 
 Dispatch (``mode="auto"``, CPU and CUDA): for each (device, dtype, bucket of M = next power of two
-of the token count, N, K, bias) the candidate paths are timed once and the fastest is used from
-then on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be picked, so a layer is never
-measurably slower than the dense one it replaced. On CUDA the first call with a shape times
-every path in isolation. On the CPU the first calls of a bucket (6 per path, from any layers of
-that shape) alternate the paths and are timed where they run, inside the model: an isolated
-measurement keeps the weight in cache, which flatters dense when the model's weights do not
-fit. A layer drops the derived weight (dense copy or cuSPARSELt buffer) that none of its
-decisions uses. The packed CUDA kernel's check of the meta costs a sync per call unless
-``cast_ext.set_cuda_value_checks(False)``; the measurement sees that cost too. The choice comes
-from timings, so two processes may choose differently for one shape, and the paths round
-differently: for bitwise reproducible outputs force a path. ``mode="sparse"`` forces the 2:4
-kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy),
-``mode="dense"`` the dense one. :func:`dispatch_decisions` lists what was chosen
-and the times behind it. The backward (input and bias grads, for adapters such as LoRA on a
+of the token count, N, K, bias) the candidate paths are timed and the fastest is used from then
+on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be picked, so a layer is never
+measurably slower than the dense one it replaced. The first calls of a bucket (6 per path, from
+any layers of that shape) alternate the paths and are timed where they run, inside the model:
+with ``time.perf_counter`` on the CPU, with CUDA events on the GPU (no sync but one, when the
+last sample is in). An isolated measurement keeps the weight in cache (the CPU's, or an H200's
+60 MB L2), which flatters dense when the model's weights do not fit. A layer drops the derived
+weight (dense copy or cuSPARSELt buffer) that none of its decisions uses. The packed CUDA
+kernel's check of the meta costs a sync, so a layer checks its meta once per weight (at its
+first packed call after ``values`` or ``meta`` change) and then runs the kernel unchecked. The
+choice comes from timings, so two processes may choose differently for one shape, and the paths
+round differently: for bitwise reproducible outputs force a path. ``mode="sparse"`` forces the
+2:4 kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy),
+``mode="dense"`` the dense one. :func:`dispatch_decisions` lists what was chosen and the times
+behind it. The backward (input and bias grads, for adapters such as LoRA on a
 frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``meta`` are buffers
 and get no gradient.
 """
@@ -137,57 +138,49 @@ def _pick(us: dict[str, float]) -> str:
     return best if us[best] < SPARSE_MARGIN * us["dense"] else "dense"
 
 
-# CPU trials: the first calls of a shape bucket alternate the paths and are timed where they
-# run, in the model, with its cache state. An isolated measurement keeps the weight in cache,
-# which flatters the dense path: in SmolLM2-135M fp32 decoding on the test machine it chose
-# dense for layers where the packed kernel ran 11% faster in the model.
-_TRIAL_WARMUP = 1  # untimed calls per path (first-call costs)
+# Trials: the first calls of a shape bucket alternate the paths and are timed where they run, in
+# the model, with its cache state. An isolated measurement keeps the weight in cache, which
+# flatters the dense path: in SmolLM2-135M fp32 decoding on the test machine it chose dense for
+# layers where the packed kernel ran 11% faster in the model.
+_TRIAL_WARMUP = 1  # untimed calls per path (first-call costs: cuSPARSELt's plan and search)
 _TRIAL_SAMPLES = 5  # timed calls per path; their median decides
+
+# A sample: microseconds (CPU), or the pair of CUDA events recorded around the call, read once
+# all samples are in (reading one needs its work done: a sync).
+_Sample = float | tuple[Any, Any]
+
+
+def _sample_us(sample: _Sample) -> float:
+    if isinstance(sample, float):
+        return sample
+    start, end = sample
+    end.synchronize()
+    return float(start.elapsed_time(end)) * 1e3
 
 
 @dataclass
 class _Trial:
     paths: tuple[str, ...]
     calls: dict[str, int] = field(default_factory=dict)
-    us: dict[str, list[float]] = field(default_factory=dict)
+    samples: dict[str, list[_Sample]] = field(default_factory=dict)
 
     def next_path(self) -> str:
         return min(self.paths, key=lambda p: self.calls.get(p, 0))
 
-    def record(self, path: str, us: float) -> dict[str, float] | None:
-        """Count a call of ``path`` taking ``us``; the medians once every path has its samples."""
+    def add(self, path: str, sample: _Sample) -> bool:
+        """Count a call of ``path``; True once every path has its samples."""
         self.calls[path] = self.calls.get(path, 0) + 1
         if self.calls[path] > _TRIAL_WARMUP:
-            self.us.setdefault(path, []).append(us)
-        if any(len(self.us.get(p, ())) < _TRIAL_SAMPLES for p in self.paths):
-            return None
-        return {p: sorted(t)[len(t) // 2] for p, t in self.us.items()}
+            self.samples.setdefault(path, []).append(sample)
+        return all(len(self.samples.get(p, ())) >= _TRIAL_SAMPLES for p in self.paths)
+
+    def medians(self) -> dict[str, float]:
+        """The median time of each path, in microseconds."""
+        us = {p: sorted(_sample_us(t) for t in ts) for p, ts in self.samples.items()}
+        return {p: t[len(t) // 2] for p, t in us.items()}
 
 
 _TRIALS: dict[tuple[Any, ...], _Trial] = {}
-
-
-def _time_us(fns: dict[str, Callable[[], Tensor]]) -> dict[str, float]:
-    """Median per-call CUDA time of each function, interleaved batches, after a warm-up."""
-    for fn in fns.values():
-        fn()  # the first cuSPARSELt call builds the plan and runs the search: not timed
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    next(iter(fns.values()))()
-    end.record()
-    end.synchronize()
-    iters = int(min(50, max(3, 1.0 / max(start.elapsed_time(end), 1e-3))))  # ~1 ms per batch
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(5):
-        for name, fn in fns.items():
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) * 1e3 / iters)
-    return {name: sorted(t)[2] for name, t in times.items()}
 
 
 class _CsltLinearFn(torch.autograd.Function):
@@ -283,6 +276,8 @@ class SparseLinear(nn.Module):
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down; a
         # measurement builds both weights, then the one no decision uses is released.
         self._uses: set[str] = set()
+        # The _tag() of the values/meta whose meta a checked packed CUDA call has validated.
+        self._meta_checked: tuple[Any, ...] | None = None
 
     # -- construction and conversion --
 
@@ -412,8 +407,8 @@ class SparseLinear(nn.Module):
             self._release_unused()
 
     def _choose(self, x: Tensor) -> tuple[str, tuple[Any, ...] | None]:
-        """The path for input ``x``: 'sparse', 'packed' or 'dense', and the key of the CPU trial
-        this call belongs to (None once decided, and on CUDA, which measures at once)."""
+        """The path for input ``x``: 'sparse', 'packed' or 'dense', and the key of the trial this
+        call belongs to (None once the bucket is decided, or where nothing is measured)."""
         n, k = self.out_features, self.in_features
         cuda = x.device.type == "cuda"
         if self.mode == "dense":
@@ -431,30 +426,22 @@ class SparseLinear(nn.Module):
         if hit is not None:  # the per-call path: nothing below runs once a bucket is decided
             self._use(hit.choice)
             return hit.choice, None
-        reason = _cslt_reason(n, k, x.dtype, x.device)
-        # The CPU kernel takes any M; the CUDA one is the small-M kernel (csrc/cuda/kernels.h).
-        packed_ok = m >= 1 if not cuda else 1 <= m <= _PACKED_MAX_M and k % 16 == 0
-        if reason is not None and not packed_ok:
-            return "dense", None  # dense is the only path: nothing to decide or record
+        trial = _TRIALS.get(key)
+        if trial is None:
+            paths = ["dense"]
+            if _cslt_reason(n, k, x.dtype, x.device) is None:
+                paths.append("sparse")
+            # The CPU kernel takes any M; the CUDA one is the small-M kernel (kernels.h).
+            if (m >= 1) if not cuda else (1 <= m <= _PACKED_MAX_M and k % 16 == 0):
+                paths.append("packed")
+            if len(paths) == 1:
+                return "dense", None  # dense is the only path: nothing to decide or record
+            trial = _Trial(tuple(paths))
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if m == 0 or torch.compiler.is_compiling() or capturing:
             return "dense", None  # cannot measure here; nothing recorded: a later eager call will
-        if not cuda:
-            trial = _TRIALS.setdefault(key, _Trial(("dense", "packed")))
-            return trial.next_path(), key
-        x2 = x.detach().reshape(m, k)
-        w_d = self._dense_cached()
-        b = None if self.bias is None else self.bias.detach()
-        fns: dict[str, Callable[[], Tensor]] = {"dense": lambda: F.linear(x2, w_d, b)}
-        if reason is None:
-            w_c = self._cslt_buffer()
-            fns["sparse"] = lambda: ops.cslt_linear(x2, w_c, n, k, b)
-        if packed_ok:
-            fns["packed"] = lambda: ops.sparse24_gemm(x2, self.values, self.meta, b)
-        with torch.no_grad():
-            us = _time_us(fns)
-        self._decide(key, us)
-        return _DECISIONS[key].choice, None
+        _TRIALS[key] = trial
+        return trial.next_path(), key
 
     def _decide(self, key: tuple[Any, ...], us: dict[str, float]) -> None:
         choice = _pick(us)
@@ -468,11 +455,26 @@ class SparseLinear(nn.Module):
         if path == "dense":
             return F.linear(x, self._dense_cached(), self.bias)
         if path == "packed":
-            return torch.ops.cast_ext.sparse24_gemm(x, self.values, self.meta, self.bias)
+            return torch.ops.cast_ext.sparse24_gemm(
+                x, self.values, self.meta, self.bias, check_meta=self._check_meta(x)
+            )
         return _CsltLinearFn.apply(
             x, self._cslt_buffer(), self._backward_weight, self.bias, self.out_features,
             self.in_features,
         )  # fmt: skip
+
+    def _check_meta(self, x: Tensor) -> bool:
+        """Whether this packed call must check ``meta``: on CUDA once per weight (the check is a
+        sync; the first eager call after a change makes it), on the CPU always (it is free)."""
+        if x.device.type != "cuda":
+            return True
+        if torch.compiler.is_compiling():
+            return self._meta_checked is None
+        tag = self._tag()
+        if self._meta_checked == tag:
+            return False
+        self._meta_checked = tag  # the call below raises if the meta is invalid
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
         values = self._buffers["values"]
@@ -495,14 +497,27 @@ class SparseLinear(nn.Module):
         path, trial_key = self._choose(x)
         if trial_key is None:
             return self._run(path, x)
+        # A trial call: the derived weight is built outside the timed call.
         if path == "dense":
-            self._dense_cached()  # built outside the timed call
-        t0 = time.perf_counter()
-        y = self._run(path, x)
-        us = _TRIALS[trial_key].record(path, (time.perf_counter() - t0) * 1e6)
-        if us is not None:
+            self._dense_cached()
+        elif path == "sparse":
+            self._cslt_buffer()
+        sample: _Sample
+        if x.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            y = self._run(path, x)
+            end.record()
+            sample = (start, end)
+        else:
+            t0 = time.perf_counter()
+            y = self._run(path, x)
+            sample = (time.perf_counter() - t0) * 1e6
+        trial = _TRIALS[trial_key]
+        if trial.add(path, sample):
             del _TRIALS[trial_key]
-            self._decide(trial_key, us)
+            self._decide(trial_key, trial.medians())
         return y
 
     def _backward_weight(self) -> Tensor:

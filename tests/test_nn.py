@@ -222,6 +222,43 @@ def test_cpu_trial_dense_copy_is_dropped_by_a_packed_layer() -> None:
     cast_ext.nn.clear_dispatch_decisions()
 
 
+class FakeEvent:
+    """Stands in for a timed ``torch.cuda.Event`` recorded at ``ms`` (milliseconds)."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms, self.synced = ms, False
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert end.synced, "an event pair is read before its end event was synchronized"
+        return end.ms - self.ms
+
+
+def test_trial_reads_cuda_event_samples_when_all_are_in() -> None:
+    """CUDA trial calls store their event pairs unread (no sync per call); the medians read them
+    once every path has its samples: milliseconds to microseconds, warm-up calls left out."""
+    warmup, samples = cast_ext.nn._TRIAL_WARMUP, cast_ext.nn._TRIAL_SAMPLES
+    trial = cast_ext.nn._Trial(("dense", "sparse", "packed"))
+    cost_ms = {"dense": 0.010, "sparse": 0.006, "packed": 0.008}
+    events = []
+    calls = 3 * (warmup + samples)
+    for i in range(calls):
+        path = trial.next_path()
+        assert path == ("dense", "sparse", "packed")[i % 3]  # the paths alternate
+        ms = 1000.0 if trial.calls.get(path, 0) < warmup else cost_ms[path] * (1 + i / 100)
+        pair = (FakeEvent(float(i)), FakeEvent(i + ms))
+        events.append(pair)
+        assert trial.add(path, pair) == (i == calls - 1)
+        assert not any(e.synced for _, e in events[:-1] if i < calls - 1)
+    us = trial.medians()
+    assert set(us) == {"dense", "sparse", "packed"}
+    for path, ms in cost_ms.items():
+        assert ms * 1e3 < us[path] < ms * 1.2e3, (path, us)  # the warm-up's 1000 ms is left out
+    assert cast_ext.nn._pick(us) == "sparse"
+
+
 def test_dispatch_rule() -> None:
     """A 2:4 path is chosen only if it beats dense by SPARSE_MARGIN (0.98)."""
     pick = cast_ext.nn._pick
@@ -267,6 +304,18 @@ def test_cpu_forced_modes_measure_nothing() -> None:
 # ---- CUDA ------------------------------------------------------------------------------------
 
 
+def run_until_decided(sl: SparseLinear, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Calls ``sl(x)`` (each output checked) until its bucket is decided: (last output, calls)."""
+    w = sl.dense_weight()
+    b = None if sl.bias is None else sl.bias.detach()
+    for calls in range(1, 3 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES) + 1):
+        y = sl(x)
+        close_to_linear(y.detach(), x.detach(), w, b)
+        if dispatch_decisions():
+            return y, calls
+    raise AssertionError(f"no decision after {calls} calls")
+
+
 @requires_cusparselt
 @pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
 def test_cuda_forward_backward(mode: str) -> None:
@@ -282,12 +331,17 @@ def test_cuda_forward_backward(mode: str) -> None:
     torch.testing.assert_close(x.grad.float(), (g.float() @ w.float()), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(sl.bias.grad.float(), g.float().sum((0, 1)), rtol=2e-2, atol=5e-2)
     if mode == "auto":
+        # Trial calls alternate dense and cuSPARSELt (M = 111: no packed kernel), 6 calls each.
+        _, calls = run_until_decided(sl, x.detach())
+        assert calls == 2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES) - 1
         (d,) = dispatch_decisions()
         assert d["m_bucket"] == 128 and d["choice"] in ("sparse", "dense")
-        assert d["sparse_us"] > 0 and d["dense_us"] > 0
-        # The measurement built both weights; only the chosen path's copy is kept.
+        assert d["sparse_us"] > 0 and d["dense_us"] > 0 and d["packed_us"] is None
+        sl(x.detach())  # a decided call releases what the choice does not use
         kept = {"sparse": sl._cslt_buffer, "dense": sl._dense_cached}[d["choice"]]()
         assert sl.derived_bytes() == kept.numel() * kept.element_size()
+    else:
+        assert dispatch_decisions() == [] and cast_ext.nn._TRIALS == {}
 
 
 @requires_cusparselt
@@ -300,17 +354,42 @@ def test_cuda_decode_sizes_consider_the_packed_kernel(tokens: int) -> None:
     x = torch.randn(tokens, 512, device="cuda").bfloat16().requires_grad_()
     y = sl(x)
     close_to_linear(y.detach(), x.detach(), w, sl.bias.detach())
-    (d,) = dispatch_decisions()
-    assert d["m_bucket"] == tokens and d["choice"] in ("sparse", "dense", "packed")
-    assert d["packed_us"] > 0 and d["sparse_us"] > 0 and d["dense_us"] > 0
-    if d["choice"] == "packed":
-        assert sl.derived_bytes() == 0  # neither a dense copy nor a cuSPARSELt buffer is kept
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad.float(), (g.float() @ w.float()), rtol=2e-2, atol=2e-2)
+    _, calls = run_until_decided(sl, x.detach())
+    assert calls == 3 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES) - 1
+    (d,) = dispatch_decisions()
+    assert d["m_bucket"] == tokens and d["choice"] in ("sparse", "dense", "packed")
+    assert d["packed_us"] > 0 and d["sparse_us"] > 0 and d["dense_us"] > 0
     y2 = sl(x.detach())  # the recorded choice is reused
     close_to_linear(y2, x.detach(), w, sl.bias.detach())
+    if d["choice"] == "packed":
+        assert sl.derived_bytes() == 0  # neither a dense copy nor a cuSPARSELt buffer is kept
     assert len(dispatch_decisions()) == 1
+
+
+@requires_cusparselt
+def test_cuda_packed_layer_checks_its_meta_once_per_weight() -> None:
+    """A packed layer checks its meta at the first call (a sync), then runs unchecked; loading
+    another weight checks again, and an invalid meta is refused there."""
+    sl = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
+    sl = sl.cuda()
+    cast_ext.nn.clear_dispatch_decisions()
+    key = ("cuda:0", torch.float16, 4, 32, 64, True)
+    cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
+        "cuda:0", "float16", 4, 32, 64, True, "packed", 9.0, 10.0, 5.0
+    )
+    sl.mode = "auto"
+    x = torch.randn(3, 64, device="cuda").half()
+    assert sl._check_meta(x) and not sl._check_meta(x)  # checked once, then trusted
+    close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+    state = {name: t.clone() for name, t in sl.state_dict().items()}
+    state["meta"][5, 2] = 0x37  # a group keeping 3
+    sl.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"sparse24_gemm: meta .* not a valid"):
+        sl(x)
+    cast_ext.nn.clear_dispatch_decisions()
 
 
 @requires_cusparselt
