@@ -5,8 +5,8 @@ Every figure is measured beside its baseline in the same process and reported as
 versions, git sha, date``. Rows go to a JSON file under ``benchmarks/results/`` (or ``$OUT``).
 
 CUDA timing: CUDA events around each call, median of many calls after warm-up, with inputs
-rotated over several copies so that the L2 cache (50 MB on an H100/H200) does not flatter
-memory-bound kernels.
+rotated over several copies, or the L2 cache flushed before each call (outside the timed window),
+so that the L2 cache (50 MB on an H100, 60 MB on an H200) does not flatter memory-bound kernels.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "cpu_time_us",
     "cuda_time_us",
     "env_info",
+    "l2_flusher",
     "measure_copy_gbps",
     "quick",
     "write_rows",
@@ -82,8 +83,19 @@ def env_info() -> dict[str, Any]:
     return info
 
 
+def l2_flusher() -> Callable[[], Any]:
+    """A function that evicts the GPU's L2 cache: it zeroes a buffer of twice the L2's size."""
+    l2 = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)) or 64 << 20
+    buf = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+    return buf.zero_
+
+
 def cuda_time_us(
-    fn: Callable[[int], Any], n_inputs: int = 1, warmup: int = 10, reps: int = 100
+    fn: Callable[[int], Any],
+    n_inputs: int = 1,
+    warmup: int = 10,
+    reps: int = 100,
+    flush: Callable[[], Any] | None = None,
 ) -> tuple[float, float, float]:
     """Median, 20th and 80th percentile time of ``fn(i)`` in microseconds on the current stream.
 
@@ -93,6 +105,9 @@ def cuda_time_us(
         n_inputs: number of input copies to rotate over.
         warmup: untimed calls first.
         reps: timed calls.
+        flush: called before each timed call, outside its events (e.g. :func:`l2_flusher`'s
+            function: every call then reads its operands from HBM, as a layer of a model
+            larger than the L2 does).
     """
     for i in range(warmup):
         fn(i % n_inputs)
@@ -100,6 +115,8 @@ def cuda_time_us(
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
+        if flush is not None:
+            flush()
         starts[i].record()
         fn(i % n_inputs)
         ends[i].record()

@@ -16,12 +16,17 @@ token counts M in {1, 16, 128, 1024, 4096, 16384}, one run times
 ``packed`` runs with ``check_meta=False``: the meta check reads a device flag back, a host sync
 per call, which a ``SparseLinear`` makes once per weight (cuBLAS and cuSPARSELt check nothing).
 
-Search, compression and the dispatch's trial calls (which time the layer's paths where it runs,
-here in this loop) happen before timing and are not counted.
+Every timed call, and every trial call of the dispatch, starts with the L2 cache flushed (outside
+the timed window): in a model larger than the L2 each layer reads its weight from HBM, and a
+weight that stays in the H200's 60 MB L2 from call to call would flatter the small-M rows.
+Search, compression and the dispatch's trial calls happen before timing and are not counted.
 Each output is checked against the dense one first. Rows: ``ratio`` = dense time / impl time
-(a speedup, > 1 is faster than dense), ``vs_torch_cslt`` = torch_cslt time / impl time, and
-TFLOP/s counting the dense 2*M*N*K. A PNG plot of the speedup over M is written beside the
-JSON (if matplotlib is importable).
+(a speedup, > 1 is faster than dense), ``vs_torch_cslt`` = torch_cslt time / impl time;
+TFLOP/s counting the dense 2*M*N*K and, where the GPU's spec-sheet bf16 tensor-core peak is known
+(``PEAK_BF16_TFLOPS``: dense, doubled for the 2:4 paths), its fraction of that peak; GB/s of the
+bytes the impl must move (its weight as stored, x, y) and its fraction of a device copy's GB/s
+measured in the same run (the bound of the memory-bound small-M rows). A PNG plot of the
+speedup over M is written beside the JSON (if matplotlib is importable).
 
 Run: ``python -m benchmarks.bench_sparse24_gemm`` (CAST_EXT_BENCH_QUICK=1: 2 shapes, 3 M).
 """
@@ -41,7 +46,7 @@ import cast_ext
 from cast_ext import ops
 from cast_ext.nn import SparseLinear, dispatch_decisions
 
-from ._harness import Row, cuda_time_us, quick, write_rows
+from ._harness import Row, cuda_time_us, l2_flusher, measure_copy_gbps, quick, write_rows
 
 __all__ = ["MODELS", "TOKENS", "main", "run"]
 
@@ -53,6 +58,27 @@ MODELS: dict[str, list[tuple[int, int]]] = {
 }
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 DTYPE = torch.bfloat16
+
+# Spec-sheet dense bf16 tensor-core peaks (TFLOP/s, without sparsity), by device-name substring;
+# 2:4 sparse runs at twice these. SXM parts; unknown GPUs get no fraction.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "A100": 312.0}
+
+# Which paths run on the 2:4 sparse tensor cores (their peak is twice dense).
+_SPARSE_TC = {"cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse"}
+
+
+def peak_tflops(device: str, impl: str) -> float | None:
+    """The tensor-core peak that bounds ``impl`` on ``device`` (None: unknown GPU, or the packed
+    kernel, which runs on the CUDA cores and is bounded by memory bandwidth)."""
+    dense = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in device), None)
+    if dense is None or impl == "packed":
+        return None
+    return 2 * dense if impl in _SPARSE_TC else dense
+
+
+def moved_bytes(impl: str, m: int, n: int, k: int, weight_bytes: dict[str, int]) -> int:
+    """Bytes ``impl`` must move at least: its weight as stored, x read and y written (bf16)."""
+    return weight_bytes[impl] + 2 * m * k + 2 * m * n
 
 
 # torch's algorithm choice: (alg_id, split_k, split_k_mode); (0, 1, -1) is its default.
@@ -92,12 +118,14 @@ def _torch_search(wc: torch.Tensor, x: torch.Tensor) -> TorchAlg | None:
     return int(found[0]), int(found[1]), int(found[2])
 
 
-def _settle(layer: SparseLinear, xs: list[torch.Tensor]) -> None:
-    """Call ``layer`` until the dispatch has decided its bucket (the trial calls, untimed)."""
+def _settle(layer: SparseLinear, xs: list[torch.Tensor], flush: Callable[[], Any]) -> str:
+    """Call ``layer`` (L2 flushed before each call, as in the timing) until the dispatch has
+    decided its bucket; return the choice."""
     decided = len(dispatch_decisions())
     for i in range(100):
         if len(dispatch_decisions()) > decided:
-            return
+            return str(dispatch_decisions()[-1]["choice"])
+        flush()
         layer(xs[i % len(xs)])
     raise RuntimeError(f"bench_sparse24_gemm: no dispatch decision after 100 calls of {layer}")
 
@@ -146,6 +174,10 @@ def run(reps: int = 30) -> list[Row]:
         shapes = dict(list(shapes.items())[:2])
         tokens = [1, 128, 4096]
     rows: list[Row] = []
+    device = torch.cuda.get_device_name()
+    flush = l2_flusher()
+    copy_gbps = measure_copy_gbps()
+    print(f"{device}: device copy {copy_gbps:.0f} GB/s", flush=True)
     for (n, k), models in shapes.items():
         lin = nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE)
         w = ops.sparse24_prune(lin.weight.detach())
@@ -154,6 +186,14 @@ def run(reps: int = 30) -> list[Row]:
         wc = ops.cslt_compress(w)
         wc_torch = torch._cslt_compress(w)
         layer = SparseLinear.from_dense(lin, mode="auto", warn=False)
+        weight_bytes = {
+            "dense": w.numel() * 2,
+            "cast_ext_cslt": wc.numel() * 2,
+            "torch_cslt": wc_torch.numel() * 2,
+            "torch_cslt_searched": wc_torch.numel() * 2,
+            "packed": layer.values.numel() * 2 + layer.meta.numel(),
+        }
+        weight_bytes["sparse"] = weight_bytes["cast_ext_cslt"]
         for m in tokens:
             xs = [torch.randn(m, k, device="cuda", dtype=DTYPE) for _ in range(2)]
             ref = F.linear(xs[0], w)
@@ -162,15 +202,18 @@ def run(reps: int = 30) -> list[Row]:
             with torch.no_grad():
                 for name, fn in impls.items():
                     correct = _ok(fn(0), ref)  # also: plan, search
-                    if name == "sparse_linear":
-                        _settle(layer, xs)
-                    med, p20, p80 = cuda_time_us(fn, n_inputs=2, warmup=5, reps=reps)
+                    path = _settle(layer, xs, flush) if name == "sparse_linear" else name
+                    med, p20, p80 = cuda_time_us(fn, n_inputs=2, warmup=5, reps=reps, flush=flush)
                     times[name] = (med, p20, p80)
+                    tflops = 2 * m * n * k / (med * 1e-6) / 1e12
+                    peak = peak_tflops(device, path)
+                    gbps = moved_bytes(path, m, n, k, weight_bytes) / (med * 1e-6) / 1e9
                     rows.append(
                         {
                             "op": "sparse24_gemm",
                             "impl": name,
-                            "device": torch.cuda.get_device_name(),
+                            "path": path,
+                            "device": device,
                             "dtype": "bfloat16",
                             "shape": f"x[{m},{k}] @ W[{n},{k}]^T",
                             "m": m,
@@ -181,7 +224,12 @@ def run(reps: int = 30) -> list[Row]:
                             "p20_us": round(p20, 2),
                             "p80_us": round(p80, 2),
                             "correct": correct,
-                            "tflops": round(2 * m * n * k / (med * 1e-6) / 1e12, 2),
+                            "l2": "flushed before each call",
+                            "tflops": round(tflops, 2),
+                            "peak_tflops": peak,
+                            "fraction_of_peak": None if peak is None else round(tflops / peak, 3),
+                            "gbps": round(gbps, 1),
+                            "fraction_of_copy_gbps": round(gbps / copy_gbps, 3),
                         }
                     )
             dense_us, torch_us = times["dense"][0], times["torch_cslt"][0]
