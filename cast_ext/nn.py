@@ -498,23 +498,39 @@ class SparseLinear(nn.Module):
         if trial_key is None:
             return self._run(path, x)
         # A trial call: the derived weight is built outside the timed call.
-        if path == "dense":
-            self._dense_cached()
-        elif path == "sparse":
-            self._cslt_buffer()
-        sample: _Sample
-        if x.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            y = self._run(path, x)
-            end.record()
-            sample = (start, end)
-        else:
-            t0 = time.perf_counter()
-            y = self._run(path, x)
-            sample = (time.perf_counter() - t0) * 1e6
         trial = _TRIALS[trial_key]
+        sample: _Sample
+        try:
+            if path == "dense":
+                self._dense_cached()
+            elif path == "sparse":
+                self._cslt_buffer()
+            if x.device.type == "cuda":
+                stream = torch.cuda.current_stream(x.device)  # where x's kernels run
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                y = self._run(path, x)
+                end.record(stream)
+                sample = (start, end)
+            else:
+                t0 = time.perf_counter()
+                y = self._run(path, x)
+                sample = (time.perf_counter() - t0) * 1e6
+        except RuntimeError as e:
+            if path != "sparse":
+                raise
+            # cuSPARSELt refused this problem: the bucket goes on with the other paths.
+            warnings.warn(
+                f"cast_ext.nn.SparseLinear: cuSPARSELt failed for [{self.out_features}, "
+                f"{self.in_features}] with {x.numel() // self.in_features} tokens of {x.dtype}; "
+                f"this shape is measured without it: {e}",
+                stacklevel=2,
+            )
+            trial.paths = tuple(q for q in trial.paths if q != "sparse")
+            trial.samples.pop("sparse", None)
+            self._derived.pop("cslt", None)
+            return self(x)
         if trial.add(path, sample):
             del _TRIALS[trial_key]
             self._decide(trial_key, trial.medians())
@@ -599,7 +615,9 @@ def to_dense(model: nn.Module) -> nn.Module:
 
 
 def cslt_cache_info() -> dict[str, Any]:
-    """cuSPARSELt plan-cache statistics (plans, hits, misses, searches, entries).
+    """cuSPARSELt plan-cache statistics: plans, hits, misses, searches, ``rejected`` (searched
+    algorithms that disagreed with the default one on a probe input and were not kept),
+    ``search_failures``, and one entry per plan.
 
     Returns ``{"available": False}`` in builds without cuSPARSELt.
     """

@@ -298,6 +298,10 @@ def _(
         w_compressed.dtype == x.dtype,
         lambda: "cast_ext.cslt_linear: w_compressed must have x's dtype",
     )
+    torch._check(
+        activation in ("none", "relu"),
+        lambda: f"cast_ext.cslt_linear: activation must be none or relu, got {activation}",
+    )
     return x.new_empty([*x.shape[:-1], n])
 
 
@@ -357,7 +361,8 @@ def cslt_linear(
     """``y = act(x @ W^T + bias)`` on the 2:4 sparse tensor cores (cuSPARSELt).
 
     Plans are cached per shape; the algorithm is searched on the first call of each bucket of
-    ``M`` (see ``cast_ext.nn.cslt_cache_info``). No autograd of its own (the buffer is opaque):
+    ``M`` and kept only if it agrees with the default algorithm on a probe input (see
+    ``cast_ext.nn.cslt_cache_info``). No autograd of its own (the buffer is opaque):
     use :class:`cast_ext.nn.SparseLinear` for training through it.
 
     Args:
@@ -366,7 +371,8 @@ def cslt_linear(
         n: out_features.
         k: in_features.
         bias: optional ``[n]``, ``x``'s dtype (fused in the epilogue).
-        activation: ``"none"``, ``"relu"`` or ``"gelu"`` (cuSPARSELt's fused GELU epilogue).
+        activation: ``"none"`` or ``"relu"`` (fused in the epilogue; cuSPARSELt's GELU
+            epilogue takes int8/fp8 inputs only).
 
     Returns:
         ``y`` of shape ``[..., n]``.

@@ -259,6 +259,35 @@ def test_trial_reads_cuda_event_samples_when_all_are_in() -> None:
     assert cast_ext.nn._pick(us) == "sparse"
 
 
+def test_a_failing_cusparselt_trial_drops_that_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If cuSPARSELt raises during a trial call, the call is served by another path, a warning
+    says why, and the bucket is decided among the others (here on the CPU, with cuSPARSELt
+    pretended available and failing)."""
+    cast_ext.nn.clear_dispatch_decisions()
+    monkeypatch.setattr(cast_ext.nn, "_cslt_reason", lambda *_: None)
+    real_run = SparseLinear._run
+
+    def run(self: SparseLinear, path: str, x: torch.Tensor) -> torch.Tensor:
+        if path == "sparse":
+            raise RuntimeError("cast_ext.cslt_linear: cusparseLtMatmul failed (simulated)")
+        return real_run(self, path, x)
+
+    monkeypatch.setattr(SparseLinear, "_run", run)
+    monkeypatch.setattr(SparseLinear, "_cslt_buffer", lambda self: torch.empty(0))
+    sl = SparseLinear.from_dense(linear(64, 48), warn=False)
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match=r"cuSPARSELt failed for \[48, 64\].*simulated"):
+        for _ in range(3):  # dense, then sparse (fails, served by the next path), ...
+            close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+    for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
+        if dispatch_decisions():
+            break
+        close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+    (d,) = dispatch_decisions()
+    assert d["choice"] in ("dense", "packed") and d["sparse_us"] is None and d["packed_us"] > 0
+    cast_ext.nn.clear_dispatch_decisions()
+
+
 def test_dispatch_rule() -> None:
     """A 2:4 path is chosen only if it beats dense by SPARSE_MARGIN (0.98)."""
     pick = cast_ext.nn._pick

@@ -14,8 +14,13 @@
 // the bias tensor's address: a plan keeps its bias pointer) whose entries own the descriptors,
 // the algorithm selection and the plan at a fixed address (cuSPARSELt keeps pointers between
 // them), plus the workspace size. The algorithm is chosen by cusparseLtMatmulSearch on the first
-// call for a (bucket of M = next power of two of Mp, n, k, dtype, bias, activation); later plans
-// in the same bucket reuse the winner without searching.
+// call for a (GPU arch, bucket of M = next power of two of Mp, n, k, dtype, bias, activation);
+// later plans in the same bucket reuse the winner without searching.
+// The weight is compressed once, without a plan (cusparseLtSpMMACompress2), and since cuSPARSELt
+// 0.6.2 a compressed layout need not suit every algorithm. So a search's winner is checked
+// before it is kept: on a probe input (fixed-seed random, the caller's data untouched) it must
+// give the default algorithm's result; a winner that does not, or a search that fails, leaves
+// the default algorithm in place, with a warning.
 // The winners can be exported and re-imported (cast_ext.nn persists them as JSON). The
 // workspace comes from torch's caching allocator, the stream is torch's current stream, and every
 // cuSPARSELt status is checked and reported with the op, the call and the shapes.
@@ -28,7 +33,9 @@
 #include "cuda/cusparselt.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -205,6 +212,7 @@ struct Plan {
   int max_alg_id = -1;
   bool searched = false;
   int64_t hits = 0;
+  std::string key;  // the problem, for cslt_cache_info
 
   Plan() = default;
   Plan(const Plan&) = delete;
@@ -221,45 +229,66 @@ struct Plan {
   }
 };
 
+// The plan cache's key: every property a plan depends on.
+struct PlanKey {
+  int device;
+  int64_t mp, n, k;
+  int type;
+  bool bias;
+  bool relu;
+  const void* bias_ptr;
+  bool operator==(const PlanKey&) const = default;
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& x) const {
+    size_t h = std::hash<const void*>()(x.bias_ptr);
+    for (const int64_t v : {int64_t(x.device), x.mp, x.n, x.k, int64_t(x.type),
+                            int64_t(x.bias) * 2 + int64_t(x.relu)}) {
+      h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    }
+    return h;
+  }
+};
+
 struct Problem {
   int device;
+  int sm;  // compute capability, major * 10 + minor: algorithm configs differ by arch
   int64_t mp, n, k;
   cudaDataType type;
   bool bias;
-  std::string act;
+  bool relu;
   // The bias is fixed when the plan is built (cuSPARSELt may copy the matmul descriptor into the
   // plan), so each bias tensor gets its own plan; plans of one bucket share the searched
   // algorithm (alg_key has no pointer), so a new bias costs a plan init, never a search.
   const void* bias_ptr;
 
-  // Algorithm-table key: bucketed M, no device (the table is per GPU model, see cast_ext.nn).
+  PlanKey plan_key() const {
+    return PlanKey{device, mp, n, k, static_cast<int>(type), bias, relu, bias_ptr};
+  }
+  const char* act() const { return relu ? "relu" : "none"; }
+  // Algorithm-table key: arch, bucketed M, no device (cast_ext.nn files tables per GPU model).
   std::string alg_key() const {
     int64_t bucket = 1;
     while (bucket < mp) bucket <<= 1;
     std::ostringstream os;
-    os << dtype_name(type) << ":m" << bucket << ":n" << n << ":k" << k << ":bias" << bias << ":"
-       << act;
-    return os.str();
-  }
-  std::string plan_key() const {
-    std::ostringstream os;
-    os << "cuda:" << device << ":" << dtype_name(type) << ":m" << mp << ":n" << n << ":k" << k
-       << ":bias" << bias << ":" << act << ":" << bias_ptr;
+    os << "sm" << sm << ":" << dtype_name(type) << ":m" << bucket << ":n" << n << ":k" << k
+       << ":bias" << bias << ":" << act();
     return os.str();
   }
   std::string what() const {
     std::ostringstream os;
     os << "x [" << mp << ", " << k << "] @ W^T, W " << dtype_name(type) << " [" << n << ", " << k
-       << "], bias=" << (bias ? "yes" : "no") << ", activation=" << act;
+       << "], bias=" << (bias ? "yes" : "no") << ", activation=" << act();
     return os.str();
   }
 };
 
 // shared_ptr: a caller may still be launching with a plan when the cache is emptied. Never
 // destroyed at exit (no cuSPARSELt calls after the CUDA context may be gone).
-auto& g_plans = *new std::unordered_map<std::string, std::shared_ptr<Plan>>();
-std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched or imported)
-int64_t g_hits = 0, g_misses = 0, g_searches = 0;
+auto& g_plans = *new std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>();
+std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched, checked, or imported)
+int64_t g_hits = 0, g_misses = 0, g_searches = 0, g_rejected = 0, g_search_failures = 0;
 
 // Descriptors, algorithm selection (explicit config when `cfg` is given) and plan.
 std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
@@ -287,12 +316,12 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
                                        CUSPARSE_COMPUTE_32F),
         what);
   pl->inited = 4;
-  if (p.act != "none") {
+  if (p.relu) {
     const int on = 1;
-    const auto attr =
-        p.act == "relu" ? CUSPARSELT_MATMUL_ACTIVATION_RELU : CUSPARSELT_MATMUL_ACTIVATION_GELU;
     check(op, "cusparseLtMatmulDescSetAttribute(activation)",
-          cusparseLtMatmulDescSetAttribute(h, &pl->mm, attr, &on, sizeof(on)), what);
+          cusparseLtMatmulDescSetAttribute(h, &pl->mm, CUSPARSELT_MATMUL_ACTIVATION_RELU, &on,
+                                           sizeof(on)),
+          what);
   }
   if (p.bias) {
     // Set before the plan, which keeps it: the plan key holds the pointer.
@@ -321,13 +350,13 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
             cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg->split_k,
                                             sizeof(cfg->split_k)),
             what);
-      if (cfg->split_k_mode > 0) {
-        const auto mode = static_cast<cusparseLtSplitKMode_t>(cfg->split_k_mode);
-        check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K_MODE)",
-              cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
-                                              sizeof(mode)),
-              what);
-      }
+    }
+    if (cfg->split_k_mode > 0) {  // a search may pick a mode (e.g. stream-K) with split_k 1
+      const auto mode = static_cast<cusparseLtSplitKMode_t>(cfg->split_k_mode);
+      check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K_MODE)",
+            cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
+                                            sizeof(mode)),
+            what);
     }
     pl->cfg = *cfg;
   }
@@ -368,19 +397,83 @@ bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-struct Launch {
-  const void* a;  // compressed weight
-  const void* b;  // x, padded
-  void* d;        // y, padded
-  const void* bias;
-  cudaStream_t stream;
-};
+// y [mp, n] = plan(x [mp, k]) with the compressed weight `wc`, on `stream`.
+at::Tensor run_plan(const char* op, cusparseLtHandle_t* h, Plan& pl, const Problem& p,
+                    const void* wc, const at::Tensor& x, cudaStream_t stream) {
+  at::Tensor y = at::empty({p.mp, p.n}, x.options());
+  auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl.workspace);
+  const float alpha = 1.f, beta = 0.f;
+  check(op, "cusparseLtMatmul",
+        cusparseLtMatmul(h, &pl.plan, &alpha, wc, x.const_data_ptr(), &beta, y.data_ptr(),
+                         y.data_ptr(), ws.get(), &stream, 1),
+        p.what());
+  return y;
+}
 
-// The cached plan for `p`, built (and its algorithm searched) on first use. Holds g_mu.
+// Whether `got` is `want` up to accumulation order (a few bf16 ulps); a layout that does not suit
+// the algorithm scrambles the weight and misses by O(1). An all-zero `want` proves nothing.
+bool agrees(const at::Tensor& got, const at::Tensor& want) {
+  const at::Tensor w = want.to(at::kFloat);
+  const float scale = w.abs().max().item<float>();
+  if (!(scale > 0.f)) return false;
+  return (got.to(at::kFloat) - w).abs().max().item<float>() <= 0.02f * scale;
+}
+
+// Runs cusparseLtMatmulSearch on the default plan `pl` with a probe input, then checks the winner
+// against the default algorithm. Returns the plan to cache: the searched one, or a fresh default
+// one (the searched selection's state is then unknown). Holds g_mu.
+std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
+                                  std::unique_ptr<Plan> pl, const void* wc,
+                                  const at::TensorOptions& opts, cudaStream_t stream) {
+  const std::string what = p.what();
+  const std::string akey = p.alg_key();
+  at::Generator gen =
+      at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
+  gen.set_current_seed(0x2a4);
+  const at::Tensor x = at::randn({p.mp, p.k}, gen, opts);
+  const at::Tensor want = run_plan(op, h, *pl, p, wc, x, stream);
+  try {
+    at::Tensor scratch = at::empty_like(want);
+    auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
+    const float alpha = 1.f, beta = 0.f;
+    check(op, "cusparseLtMatmulSearch",
+          cusparseLtMatmulSearch(h, &pl->plan, &alpha, wc, x.const_data_ptr(), &beta,
+                                 scratch.data_ptr(), scratch.data_ptr(), ws.get(), &stream, 1),
+          what);
+    ++g_searches;
+    pl->cfg = read_config(op, h, *pl, what);
+    // The winner may need a different workspace than the default algorithm.
+    check(op, "cusparseLtMatmulGetWorkspace",
+          cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
+  } catch (const c10::Error& e) {
+    ++g_search_failures;
+    TORCH_WARN("cast_ext.", op, ": cuSPARSELt's algorithm search failed for ", what,
+               "; using the default algorithm. ", e.what_without_backtrace());
+    g_algs[akey] = AlgConfig{};
+    return build_plan(op, h, p, p.bias_ptr, nullptr);
+  }
+  if (!agrees(run_plan(op, h, *pl, p, wc, x, stream), want)) {
+    const bool conclusive = want.abs().max().item<float>() > 0.f;
+    if (conclusive) {
+      ++g_rejected;
+      TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
+                 ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode,
+                 ") disagrees with the default algorithm for ", what,
+                 " (the weight was compressed for another layout); using the default.");
+      g_algs[akey] = AlgConfig{};
+    }  // else an all-zero weight: keep the default for this plan, search again for the next
+    return build_plan(op, h, p, p.bias_ptr, nullptr);
+  }
+  pl->searched = true;
+  g_algs[akey] = pl->cfg;
+  return pl;
+}
+
+// The cached plan for `p`, built (and its algorithm searched and checked) on first use.
 std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
-                               const Launch& L) {
+                               const void* wc, const at::TensorOptions& opts, cudaStream_t stream) {
   std::lock_guard<std::mutex> lk(g_mu);
-  const std::string key = p.plan_key();
+  const PlanKey key = p.plan_key();
   auto it = g_plans.find(key);
   if (it != g_plans.end()) {
     ++g_hits;
@@ -389,38 +482,25 @@ std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Prob
   }
   ++g_misses;
   if (g_plans.size() >= kMaxPlans) g_plans.clear();  // shapes churn (e.g. serving): start over
-  const std::string akey = p.alg_key();
   std::unique_ptr<Plan> pl;
-  auto known = g_algs.find(akey);
+  auto known = g_algs.find(p.alg_key());
   if (known != g_algs.end()) {
     try {
-      pl = build_plan(op, h, p, L.bias, &known->second);
+      pl = build_plan(op, h, p, p.bias_ptr, &known->second);
     } catch (const c10::Error&) {
       g_algs.erase(known);  // a winner from another M (or an old table) that does not fit here
       pl.reset();
     }
   }
   if (!pl) {
-    pl = build_plan(op, h, p, L.bias, nullptr);
+    pl = build_plan(op, h, p, p.bias_ptr, nullptr);
     // A search launches many kernels and syncs: never while a CUDA graph is being captured
     // (that plan keeps the default algorithm).
     if (search_enabled() && !capturing()) {
-      const float alpha = 1.f, beta = 0.f;
-      auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
-      cudaStream_t stream = L.stream;
-      check(op, "cusparseLtMatmulSearch",
-            cusparseLtMatmulSearch(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(),
-                                   &stream, 1),
-            p.what());
-      ++g_searches;
-      pl->cfg = read_config(op, h, *pl, p.what());
-      pl->searched = true;
-      // The winner may need a different workspace than the default algorithm.
-      check(op, "cusparseLtMatmulGetWorkspace",
-            cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), p.what());
-      g_algs[akey] = pl->cfg;
+      pl = search_plan(op, h, p, std::move(pl), wc, opts, stream);
     }
   }
+  pl->key = p.what() + " on cuda:" + std::to_string(p.device) + (p.bias ? " (bias tensor)" : "");
   return g_plans.emplace(key, std::shared_ptr<Plan>(std::move(pl))).first->second;
 }
 
@@ -484,10 +564,10 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
              "w_compressed of shape ", shape_str(wc_in), " and dtype ", wc_in.scalar_type(),
              " must be a 1-D buffer from cslt_compress with x's dtype ", x_in.scalar_type());
   const std::string act(activation);
-  CAST_CHECK(act == "none" || act == "relu" || act == "gelu", op,
-             "activation must be none, "
-             "relu or gelu, got ",
-             act);
+  CAST_CHECK(act == "none" || act == "relu", op, "activation must be none or relu, got ", act,
+             act == "gelu" ? " (cuSPARSELt's GELU epilogue takes int8/fp8 inputs only; apply "
+                             "torch.nn.functional.gelu to the output)"
+                           : "");
   if (bias_in.has_value()) {
     const at::Tensor& b = *bias_in;
     CAST_CHECK(b.dim() == 1 && b.size(0) == n, op, "bias of shape ", shape_str(b),
@@ -529,13 +609,16 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const void* bias_ptr = bias ? bias->const_data_ptr() : nullptr;
-  const Problem p{device, mp, n, k, t, bias.has_value(), act, bias_ptr};
-  const Launch L{wc.const_data_ptr(), x.const_data_ptr(), y.data_ptr(), bias_ptr, stream};
-  const std::shared_ptr<Plan> pl = get_plan(op, h, p, L);
+  const auto* props = at::cuda::getDeviceProperties(device);
+  const Problem p{
+      device,  props->major * 10 + props->minor, mp, n, k, t, bias.has_value(), act == "relu",
+      bias_ptr};
+  const std::shared_ptr<Plan> pl = get_plan(op, h, p, wc.const_data_ptr(), x.options(), stream);
   auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
   const float alpha = 1.f, beta = 0.f;
   check(op, "cusparseLtMatmul",
-        cusparseLtMatmul(h, &pl->plan, &alpha, L.a, L.b, &beta, L.d, L.d, ws.get(), &stream, 1),
+        cusparseLtMatmul(h, &pl->plan, &alpha, wc.const_data_ptr(), x.const_data_ptr(), &beta,
+                         y.data_ptr(), y.data_ptr(), ws.get(), &stream, 1),
         p.what());
   check_cuda(op, cudaGetLastError());
   return y.narrow(0, 0, m).view(oshape);
@@ -567,10 +650,12 @@ void bind(pybind11::module& m) {
         d["hits"] = g_hits;
         d["misses"] = g_misses;
         d["searches"] = g_searches;
+        d["rejected"] = g_rejected;
+        d["search_failures"] = g_search_failures;
         py::list entries;
         for (const auto& [key, pl] : g_plans) {
           py::dict e;
-          e["key"] = key;
+          e["key"] = pl->key;
           e["alg_id"] = pl->cfg.alg_id;
           e["split_k"] = pl->cfg.split_k;
           e["split_k_mode"] = pl->cfg.split_k_mode;
@@ -583,13 +668,14 @@ void bind(pybind11::module& m) {
         d["entries"] = entries;
         return d;
       },
-      "cuSPARSELt plan cache: plans, hits, misses, searches and one entry per plan.");
+      "cuSPARSELt plan cache: plans, hits, misses, searches, searched algorithms rejected (they "
+      "disagreed with the default), failed searches, and one entry per plan.");
   m.def(
       "cslt_cache_clear",
       [](bool algorithms) {
         std::lock_guard<std::mutex> lk(g_mu);
         g_plans.clear();
-        g_hits = g_misses = g_searches = 0;
+        g_hits = g_misses = g_searches = g_rejected = g_search_failures = 0;
         if (algorithms) g_algs.clear();
       },
       py::arg("algorithms") = false,
