@@ -113,9 +113,9 @@ def _torch_search(wc: torch.Tensor, x: torch.Tensor) -> TorchAlg | None:
     xp = F.pad(x, (0, 0, 0, (-x.shape[0]) % 8))
     try:
         found = search(wc, xp.t(), None, None, None, True)
-    except (RuntimeError, TypeError):
+        return int(found[0]), int(found[1]), int(found[2])
+    except (RuntimeError, TypeError, IndexError, ValueError):
         return None
-    return int(found[0]), int(found[1]), int(found[2])
 
 
 def _settle(layer: SparseLinear, xs: list[torch.Tensor], flush: Callable[[], Any]) -> str:

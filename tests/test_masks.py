@@ -257,6 +257,7 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.cuda  # every device in DEVICES, CUDA included where present
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 6),
@@ -279,6 +280,7 @@ def test_property_masks_match_reference(rows, groups, nm, levels, data):
             assert torch.equal(cast_ext.sparse24_decompress(v, meta).cpu(), ref.sparse24_prune(w))
 
 
+@pytest.mark.cuda  # every device in DEVICES
 def test_deterministic_run_to_run():
     w = torch.randn(64, 256)
     for device in DEVICES:

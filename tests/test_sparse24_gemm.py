@@ -259,42 +259,6 @@ def test_cslt_relu_epilogue_and_no_gelu() -> None:
 
 
 @requires_cusparselt
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_cslt_each_algorithm_on_the_compressed_weight(dtype: torch.dtype) -> None:
-    """cslt_compress compresses without a plan, and since cuSPARSELt 0.6.2 a compressed layout
-    need not suit every algorithm. Each algorithm id is forced in turn (through the table) and
-    compared with F.linear: the default (id 0), which the search's check takes as the truth,
-    must be right; the ids that are wrong are printed (a searched winner among them is refused
-    by that check, and the searched result must be right: test_cslt_matches_linear)."""
-    n, k, m = 256, 512, 64
-    w = make_weight(n, k, dtype, "cuda")
-    wc = ops.cslt_compress(w)
-    x = torch.randn(m, k, device="cuda").to(dtype)
-    cast_ext._C.cslt_cache_clear(True)
-    check_close(ops.cslt_linear(x, wc, n, k), x, w, None)  # the searched (checked) winner
-    info = cast_ext.nn.cslt_cache_info()
-    (key,) = cast_ext._C.cslt_get_algs()
-    max_id = info["entries"][0]["max_alg_id"]
-    assert max_id >= 1
-    wrong, unbuildable = [], []
-    for alg in range(max_id):
-        cast_ext._C.cslt_cache_clear(True)
-        cast_ext._C.cslt_set_algs({key: (alg, 1, 0)})
-        y = ops.cslt_linear(x, wc, n, k)
-        if cast_ext.nn.cslt_cache_info()["entries"][0]["alg_id"] != alg:
-            unbuildable.append(alg)
-        elif gemm_error(y, x, w, None) > gemm_tol(dtype, k):
-            wrong.append(alg)
-    print(
-        f"cuSPARSELt {cast_ext._C.cslt_runtime_version()}, {dtype}: {max_id} algorithm ids; "
-        f"wrong on cslt_compress's layout: {wrong}; not buildable here: {unbuildable}; "
-        f"first search: rejected={info['rejected']} failures={info['search_failures']}"
-    )
-    assert 0 not in wrong and 0 not in unbuildable
-    cast_ext._C.cslt_cache_clear(True)
-
-
-@requires_cusparselt
 def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
     cast_ext._C.cslt_cache_clear(True)
     n, k = 128, 256
@@ -346,3 +310,41 @@ def test_cslt_errors() -> None:
         ops.cslt_linear(x.half(), wc, 64, 128)
     with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: activation must be none or"):
         ops.cslt_linear(x, wc, 64, 128, None, "tanh")
+
+
+@requires_cusparselt
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cslt_each_algorithm_on_the_compressed_weight(dtype: torch.dtype) -> None:
+    """cslt_compress compresses without a plan, and since cuSPARSELt 0.6.2 a compressed layout
+    need not suit every algorithm. Each algorithm id is forced in turn (through the table) and
+    compared with F.linear: the default (id 0), which the search's check takes as the truth,
+    must be right; the ids that are wrong are printed (a searched winner among them is refused
+    by that check, and the searched result must be right: test_cslt_matches_linear). Last in
+    this file, the last test file: a wrong algorithm that faults would break the CUDA context
+    of every test after it."""
+    n, k, m = 256, 512, 64
+    w = make_weight(n, k, dtype, "cuda")
+    wc = ops.cslt_compress(w)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    cast_ext._C.cslt_cache_clear(True)
+    check_close(ops.cslt_linear(x, wc, n, k), x, w, None)  # the searched (checked) winner
+    info = cast_ext.nn.cslt_cache_info()
+    (key,) = cast_ext._C.cslt_get_algs()
+    max_id = info["entries"][0]["max_alg_id"]
+    assert max_id >= 1
+    wrong, unbuildable = [], []
+    for alg in range(max_id):
+        cast_ext._C.cslt_cache_clear(True)
+        cast_ext._C.cslt_set_algs({key: (alg, 1, 0)})
+        y = ops.cslt_linear(x, wc, n, k)
+        if cast_ext.nn.cslt_cache_info()["entries"][0]["alg_id"] != alg:
+            unbuildable.append(alg)
+        elif gemm_error(y, x, w, None) > gemm_tol(dtype, k):
+            wrong.append(alg)
+    print(
+        f"cuSPARSELt {cast_ext._C.cslt_runtime_version()}, {dtype}: {max_id} algorithm ids; "
+        f"wrong on cslt_compress's layout: {wrong}; not buildable here: {unbuildable}; "
+        f"first search: rejected={info['rejected']} failures={info['search_failures']}"
+    )
+    assert 0 not in wrong and 0 not in unbuildable
+    cast_ext._C.cslt_cache_clear(True)

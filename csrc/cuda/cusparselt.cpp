@@ -237,7 +237,10 @@ struct PlanKey {
   bool bias;
   bool relu;
   const void* bias_ptr;
-  bool operator==(const PlanKey&) const = default;
+  bool operator==(const PlanKey& o) const {  // by hand: torch 2.11 builds extensions as C++17
+    return device == o.device && mp == o.mp && n == o.n && k == o.k && type == o.type &&
+           bias == o.bias && relu == o.relu && bias_ptr == o.bias_ptr;
+  }
 };
 
 struct PlanKeyHash {
