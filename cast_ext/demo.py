@@ -356,9 +356,10 @@ def magnitude_prune(model: nn.Module) -> tuple[list[cast.LayerReport], dict[str,
 
 
 def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The baselines' optimizer: torch's fused AdamW (CPU and CUDA), as fast as torch offers; the
+    default on CPU tensors is the per-tensor loop, 0.4-0.5 s per step of this model here."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
 def _result(name: str, before: dict[str, float] | None, after: dict[str, float], **kw: Any):
@@ -433,7 +434,10 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
     reports, masks = magnitude_prune(model)
     _freeze_embeddings_and_norms(model)
     modules = dict(model.named_modules())
-    pairs = [(modules[name].weight, mask) for name, mask in masks.items()]
+    # Masks in the weights' dtype: multiplying by a bool mask converts it at every use.
+    pairs = [
+        (modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()
+    ]
     for w, mask in pairs:
         w.register_hook(lambda g, mask=mask: g * mask)
 
@@ -445,7 +449,7 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
     hist = _adamw_finetune(model, data, preset, "finetune", after_step=remask, **kw)
     ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
     # the mask is still exactly the one-shot 2:4 mask (nothing outside it became nonzero)
-    exact = all(bool((w.detach()[~mask] == 0).all()) for w, mask in pairs)
+    exact = all(bool((w.detach()[mask == 0] == 0).all()) for w, mask in pairs)
     return _result(
         "finetune",
         None,
