@@ -125,7 +125,7 @@ cudaDataType parse_dtype(const std::string& s) {
 
 // ---- handles: one per device -----------------------------------------------------------------
 
-std::mutex g_mu;  // guards every map below
+std::mutex g_mu;  // guards every map below and every use of a handle
 
 // cusparseLtInit binds the handle to the current device and it must not move afterwards (it is
 // a 512-byte struct the library points into), hence unique_ptr. Caller holds a CUDAGuard.
@@ -545,6 +545,7 @@ at::Tensor cslt_compress_cuda(const at::Tensor& w_in) {
   at::Tensor out = at::zeros({compressed_numel(sz.first, w.element_size())}, w.options());
   auto scratch = c10::cuda::CUDACachingAllocator::get()->allocate(sz.second);
   const std::string what = weight_what(n, k, t);
+  std::lock_guard<std::mutex> lk(g_mu);  // the handle: see cslt_linear_cuda
   Structured a(op, h, n, k, t, what);
   check(
       op, "cusparseLtSpMMACompress2",
@@ -619,10 +620,16 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
   const std::shared_ptr<Plan> pl = get_plan(op, h, p, wc.const_data_ptr(), x.options(), stream);
   auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
   const float alpha = 1.f, beta = 0.f;
-  check(op, "cusparseLtMatmul",
-        cusparseLtMatmul(h, &pl->plan, &alpha, wc.const_data_ptr(), x.const_data_ptr(), &beta,
-                         y.data_ptr(), y.data_ptr(), ws.get(), &stream, 1),
-        p.what());
+  {
+    // One launch at a time per process: threads share the device's handle and the plans, and
+    // cuSPARSELt does not promise that a handle may be used by two threads at once (torch keeps
+    // one per thread). The launch is asynchronous, so the lock is held for microseconds.
+    std::lock_guard<std::mutex> lk(g_mu);
+    check(op, "cusparseLtMatmul",
+          cusparseLtMatmul(h, &pl->plan, &alpha, wc.const_data_ptr(), x.const_data_ptr(), &beta,
+                           y.data_ptr(), y.data_ptr(), ws.get(), &stream, 1),
+          p.what());
+  }
   check_cuda(op, cudaGetLastError());
   return y.narrow(0, 0, m).view(oshape);
 }
