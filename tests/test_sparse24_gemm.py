@@ -284,6 +284,36 @@ def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
 
 
 @requires_cusparselt
+def test_cslt_plan_built_under_graph_capture_is_searched_at_the_next_eager_call() -> None:
+    """No search while a CUDA graph is captured (it syncs): the graph runs the default
+    algorithm; the first eager call of the shape searches; the graph still replays right (its
+    plan is retired, not destroyed)."""
+    cast_ext._C.cslt_cache_clear(True)
+    n, k = 128, 256
+    w = make_weight(n, k, torch.float16, "cuda")
+    wc = ops.cslt_compress(w)
+    x = torch.randn(32, k, device="cuda").half()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.cslt_linear(x, wc, n, k)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(y, x, w, None)
+    (entry,) = cast_ext.nn.cslt_cache_info()["entries"]
+    assert entry["captured"] and entry["needs_search"] and not entry["searched"]
+    check_close(ops.cslt_linear(x, wc, n, k), x, w, None)  # eager: searched now
+    info = cast_ext.nn.cslt_cache_info()
+    assert info["searches"] + info["search_failures"] == 1
+    (entry,) = info["entries"]
+    assert not entry["needs_search"]
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(y, x, w, None)
+    cast_ext._C.cslt_cache_clear(True)
+
+
+@requires_cusparselt
 def test_cslt_opcheck() -> None:
     w = make_weight(64, 128, torch.bfloat16, "cuda")
     torch.library.opcheck(torch.ops.cast_ext.cslt_compress.default, (w,))

@@ -21,6 +21,9 @@
 // before it is kept: on a probe input (fixed-seed random, the caller's data untouched) it must
 // give the default algorithm's result; a winner that does not, or a search that fails, leaves
 // the default algorithm in place, with a warning.
+// Under CUDA graph capture nothing is searched (a search syncs): a plan built there runs the
+// default algorithm in the graph and is searched at the first eager call of its shape; a plan a
+// graph was captured with is never destroyed (the cache only retires it).
 // The winners can be exported and re-imported (cast_ext.nn persists them as JSON). The
 // workspace comes from torch's caching allocator, the stream is torch's current stream, and every
 // cuSPARSELt status is checked and reported with the op, the call and the shapes.
@@ -52,6 +55,7 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "cast_ext.h"
 
@@ -211,6 +215,8 @@ struct Plan {
   size_t workspace = 0;
   int max_alg_id = -1;
   bool searched = false;
+  bool captured = false;      // returned while a CUDA graph was being captured
+  bool needs_search = false;  // built under capture with the default algorithm: search later
   int64_t hits = 0;
   std::string key;  // the problem, for cslt_cache_info
 
@@ -473,18 +479,39 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
 }
 
 // The cached plan for `p`, built (and its algorithm searched and checked) on first use.
+// Plans a captured CUDA graph was recorded with, dropped from the cache: kept alive, never
+// destroyed (the graph's launches were made with them and may be replayed at any time).
+auto& g_retired = *new std::vector<std::shared_ptr<Plan>>();
+
+// Drops every cached plan (keeping those a graph was captured with alive). Holds g_mu.
+void clear_plans_locked() {
+  for (auto& [key, pl] : g_plans) {
+    if (pl->captured) g_retired.push_back(std::move(pl));
+  }
+  g_plans.clear();
+}
+
+// The cached plan for `p`, built (and its algorithm searched and checked) on first use. A plan
+// built while a graph is captured (no search is possible then) is searched at the first eager
+// call after it. Holds g_mu.
 std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
                                const void* wc, const at::TensorOptions& opts, cudaStream_t stream) {
   std::lock_guard<std::mutex> lk(g_mu);
+  const bool in_capture = capturing();
   const PlanKey key = p.plan_key();
   auto it = g_plans.find(key);
   if (it != g_plans.end()) {
-    ++g_hits;
-    ++it->second->hits;
-    return it->second;
+    if (!it->second->needs_search || in_capture) {
+      ++g_hits;
+      ++it->second->hits;
+      it->second->captured |= in_capture;
+      return it->second;
+    }
+    if (it->second->captured) g_retired.push_back(std::move(it->second));
+    g_plans.erase(it);
   }
   ++g_misses;
-  if (g_plans.size() >= kMaxPlans) g_plans.clear();  // shapes churn (e.g. serving): start over
+  if (g_plans.size() >= kMaxPlans) clear_plans_locked();  // shapes churn (e.g. serving)
   std::unique_ptr<Plan> pl;
   auto known = g_algs.find(p.alg_key());
   if (known != g_algs.end()) {
@@ -497,12 +524,16 @@ std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Prob
   }
   if (!pl) {
     pl = build_plan(op, h, p, p.bias_ptr, nullptr);
-    // A search launches many kernels and syncs: never while a CUDA graph is being captured
-    // (that plan keeps the default algorithm).
-    if (search_enabled() && !capturing()) {
-      pl = search_plan(op, h, p, std::move(pl), wc, opts, stream);
+    if (search_enabled()) {
+      // A search launches many kernels and syncs: never while a CUDA graph is captured.
+      if (in_capture) {
+        pl->needs_search = true;
+      } else {
+        pl = search_plan(op, h, p, std::move(pl), wc, opts, stream);
+      }
     }
   }
+  pl->captured = in_capture;
   pl->key = p.what() + " on cuda:" + std::to_string(p.device) + (p.bias ? " (bias tensor)" : "");
   return g_plans.emplace(key, std::shared_ptr<Plan>(std::move(pl))).first->second;
 }
@@ -672,6 +703,8 @@ void bind(pybind11::module& m) {
           e["max_alg_id"] = pl->max_alg_id;
           e["workspace_bytes"] = pl->workspace;
           e["searched"] = pl->searched;
+          e["captured"] = pl->captured;
+          e["needs_search"] = pl->needs_search;
           e["hits"] = pl->hits;
           entries.append(e);
         }
@@ -684,7 +717,7 @@ void bind(pybind11::module& m) {
       "cslt_cache_clear",
       [](bool algorithms) {
         std::lock_guard<std::mutex> lk(g_mu);
-        g_plans.clear();
+        clear_plans_locked();
         g_hits = g_misses = g_searches = g_rejected = g_search_failures = 0;
         if (algorithms) g_algs.clear();
       },
