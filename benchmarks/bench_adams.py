@@ -41,6 +41,9 @@ def layer_shapes() -> list[tuple[int, int]]:
 
 def main() -> list[Row]:
     """Run the benchmark, print a table, write ``adams.json`` and return the rows."""
+    if not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()):
+        print("bench_adams: needs a CUDA GPU and the CUDA kernels; skipped")
+        return []
     dev = torch.device("cuda")
     shapes = layer_shapes()
     numel = sum(r * c for r, c in shapes)

@@ -93,6 +93,9 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
 
 
 def main() -> None:
+    if not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()):
+        print("bench_sparse24_mask: needs a CUDA GPU and the CUDA kernels; skipped")
+        return
     copy_gbps = measure_copy_gbps()
     print(f"device copy ceiling: {copy_gbps:.0f} GB/s")
     shapes = dict(list(SHAPES.items())[:1]) if quick() else SHAPES
