@@ -478,7 +478,6 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
   return pl;
 }
 
-// The cached plan for `p`, built (and its algorithm searched and checked) on first use.
 // Plans a captured CUDA graph was recorded with, dropped from the cache: kept alive, never
 // destroyed (the graph's launches were made with them and may be replayed at any time).
 auto& g_retired = *new std::vector<std::shared_ptr<Plan>>();
