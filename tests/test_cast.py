@@ -515,9 +515,23 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
     log = tmp_path / "out" / "train_log.jsonl"
     log.parent.mkdir()
+    snapshots = []
     results = demo.run_all(
-        model, data, preset, adams_cls=cast_ext.AdamS, log_path=log, progress=False
+        model,
+        data,
+        preset,
+        adams_cls=cast_ext.AdamS,
+        log_path=log,
+        progress=False,
+        on_run=lambda r: snapshots.append((list(r["runs"]), r["complete"])),
     )
+    # The evidence first, and a snapshot after each run but the last (a time limit keeps them).
+    assert snapshots == [
+        (["dense"], False),
+        (["dense", "oneshot"], False),
+        (["dense", "oneshot", "cast"], False),
+    ]
+    assert results["complete"] and list(results["runs"]) == ["dense", "oneshot", "cast", "finetune"]
     demo.write_outputs(results, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     runs = saved["runs"]
@@ -547,8 +561,7 @@ def test_demo_dense_finetune_run(tmp_path):
     preset = dataclasses.replace(demo.PRESETS["smoke"], dense_finetune=True)
     texts = _fake_texts(tmp_path / "texts")
     data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
-    out = demo.run_dense(tiny_llama(), data, preset, progress=False)
-    ft = out["finetuned"]
+    ft = demo.run_dense_finetune(tiny_llama(), data, preset, progress=False)
     assert ft["tokens"] == preset.ft_steps * preset.ft_batch * preset.seq_len
     assert ft["steps"] == preset.ft_steps
     assert all(math.isfinite(v) and v > 1 for v in ft["after"].values())
