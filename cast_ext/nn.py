@@ -276,7 +276,7 @@ class SparseLinear(nn.Module):
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down; a
         # measurement builds both weights, then the one no decision uses is released.
         self._uses: set[str] = set()
-        # The _tag() of the values/meta whose meta a checked packed CUDA call has validated.
+        # The _tag() of the values/meta whose meta a checked packed CUDA call has passed.
         self._meta_checked: tuple[Any, ...] | None = None
 
     # -- construction and conversion --
@@ -455,26 +455,28 @@ class SparseLinear(nn.Module):
         if path == "dense":
             return F.linear(x, self._dense_cached(), self.bias)
         if path == "packed":
-            return torch.ops.cast_ext.sparse24_gemm(
-                x, self.values, self.meta, self.bias, check_meta=self._check_meta(x)
-            )
+            return self._packed(x)
         return _CsltLinearFn.apply(
             x, self._cslt_buffer(), self._backward_weight, self.bias, self.out_features,
             self.in_features,
         )  # fmt: skip
 
-    def _check_meta(self, x: Tensor) -> bool:
-        """Whether this packed call must check ``meta``: on CUDA once per weight (the check is a
-        sync; the first eager call after a change makes it), on the CPU always (it is free)."""
+    def _meta_unchecked(self, x: Tensor) -> bool:
+        """Whether a packed call on ``x`` must check ``meta``: on CUDA once per weight (the check
+        is a sync), until a checked call of the current ``values``/``meta`` succeeded; on the CPU
+        always (it is free)."""
         if x.device.type != "cuda":
             return True
         if torch.compiler.is_compiling():
             return self._meta_checked is None
-        tag = self._tag()
-        if self._meta_checked == tag:
-            return False
-        self._meta_checked = tag  # the call below raises if the meta is invalid
-        return True
+        return self._meta_checked != self._tag()
+
+    def _packed(self, x: Tensor) -> Tensor:
+        check = self._meta_unchecked(x)
+        y = torch.ops.cast_ext.sparse24_gemm(x, self.values, self.meta, self.bias, check_meta=check)
+        if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
+            self._meta_checked = self._tag()  # only once the check has passed
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         values = self._buffers["values"]
@@ -505,11 +507,9 @@ class SparseLinear(nn.Module):
                 self._dense_cached()
             elif path == "sparse":
                 self._cslt_buffer()
-            elif x.device.type == "cuda" and self._check_meta(x):
+            elif x.device.type == "cuda" and self._meta_unchecked(x):
                 # This weight's meta check (a sync) on one row of x, outside the timed call.
-                torch.ops.cast_ext.sparse24_gemm(
-                    x.reshape(-1, self.in_features)[:1], self.values, self.meta, None
-                )
+                self._packed(x.reshape(-1, self.in_features)[:1])
             if x.device.type == "cuda":
                 stream = torch.cuda.current_stream(x.device)  # where x's kernels run
                 start = torch.cuda.Event(enable_timing=True)
