@@ -48,4 +48,10 @@ class DeviceFlag {
   at::Tensor flag_;
 };
 
+// The dense weight [..., k] of a packed 2:4 one (values [..., k/2], meta [..., ceil(k/8)],
+// arguments already checked, on the current device), for `op`'s errors; with check_meta, an
+// invalid meta raises (csrc/cuda/sparse24_mask_cuda.cpp; sparse24_gemm's large-M path uses it).
+at::Tensor decompress_weight(const char* op, const at::Tensor& values, const at::Tensor& meta,
+                             bool check_meta);
+
 }  // namespace cast_ext

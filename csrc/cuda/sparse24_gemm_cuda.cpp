@@ -52,15 +52,7 @@ at::Tensor sparse24_gemm_cuda(const at::Tensor& x_in, const at::Tensor& values_i
       return y;
     }
   }
-  const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  at::Tensor w = at::empty({n, k}, values.options());
-  DeviceFlag flag(values, check_meta);
-  check_launch(
-      op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
-                                    meta.const_data_ptr<uint8_t>(), n, k, w.data_ptr(), flag.ptr(),
-                                    at::cuda::getCurrentCUDAStream()));
-  check_meta_flag(op, meta_in, flag.raised());
-  return at::linear(x_in, w, bias);
+  return at::linear(x_in, decompress_weight(op, values_in, meta_in, check_meta), bias);
 }
 
 }  // namespace

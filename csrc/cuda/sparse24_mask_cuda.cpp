@@ -15,6 +15,25 @@
 #include "cuda/kernels.h"
 
 namespace cast_ext {
+
+at::Tensor decompress_weight(const char* op, const at::Tensor& values_in, const at::Tensor& meta_in,
+                             bool check_meta) {
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t k = values.size(-1) * 2;
+  const int64_t rows = k == 0 ? 0 : values.numel() * 2 / k;
+  auto oshape = values.sizes().vec();
+  oshape.back() = k;
+  auto out = at::empty(oshape, values.options());
+  DeviceFlag flag(values, check_meta);
+  check_launch(
+      op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
+                                    meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
+                                    flag.ptr(), at::cuda::getCurrentCUDAStream()));
+  check_meta_flag(op, meta_in, flag.raised());
+  return out;
+}
+
 namespace {
 
 std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const at::Tensor& w_in,
@@ -75,20 +94,7 @@ at::Tensor sparse24_decompress_cuda(const at::Tensor& values_in, const at::Tenso
   const char* op = "sparse24_decompress";
   check_compressed(op, values_in, meta_in);
   const c10::cuda::CUDAGuard guard(values_in.device());
-  const at::Tensor values = values_in.contiguous();
-  const at::Tensor meta = meta_in.contiguous();
-  const int64_t k = values.size(-1) * 2;
-  const int64_t rows = k == 0 ? 0 : values.numel() * 2 / k;
-  auto oshape = values.sizes().vec();
-  oshape.back() = k;
-  auto out = at::empty(oshape, values.options());
-  DeviceFlag flag(values, true);
-  check_launch(
-      op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
-                                    meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
-                                    flag.ptr(), at::cuda::getCurrentCUDAStream()));
-  check_meta_flag(op, meta_in, flag.raised());
-  return out;
+  return decompress_weight(op, values_in, meta_in, true);
 }
 
 at::Tensor pack_mask_cuda(const at::Tensor& mask_in) {
