@@ -293,9 +293,9 @@ struct Problem {
   }
 };
 
-// shared_ptr: a caller may still be launching with a plan when the cache is emptied. Never
-// destroyed at exit (no cuSPARSELt calls after the CUDA context may be gone).
-auto& g_plans = *new std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash>();
+// Plans are used under g_mu only, so the cache owns them alone. Never destroyed at exit (no
+// cuSPARSELt calls after the CUDA context may be gone).
+auto& g_plans = *new std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash>();
 std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched, checked, or imported)
 int64_t g_hits = 0, g_misses = 0, g_searches = 0, g_rejected = 0, g_search_failures = 0;
 
@@ -406,31 +406,24 @@ bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-// y [mp, n] = plan(x [mp, k]) with the compressed weight `wc`, on `stream`.
-at::Tensor run_plan(const char* op, cusparseLtHandle_t* h, Plan& pl, const Problem& p,
-                    const void* wc, const at::Tensor& x, cudaStream_t stream) {
-  at::Tensor y = at::empty({p.mp, p.n}, x.options());
+// y [mp, n] = plan(x [mp, k]) with the compressed weight `wc`, on `stream`: one
+// cusparseLtMatmul, its workspace from torch's caching allocator. Holds g_mu (the handle).
+void matmul_locked(const char* op, cusparseLtHandle_t* h, Plan& pl, const Problem& p,
+                   const void* wc, const at::Tensor& x, const at::Tensor& y, cudaStream_t stream) {
   auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl.workspace);
   const float alpha = 1.f, beta = 0.f;
   check(op, "cusparseLtMatmul",
         cusparseLtMatmul(h, &pl.plan, &alpha, wc, x.const_data_ptr(), &beta, y.data_ptr(),
                          y.data_ptr(), ws.get(), &stream, 1),
         p.what());
-  return y;
-}
-
-// Whether `got` is `want` up to accumulation order (a few bf16 ulps); a layout that does not suit
-// the algorithm scrambles the weight and misses by O(1). An all-zero `want` proves nothing.
-bool agrees(const at::Tensor& got, const at::Tensor& want) {
-  const at::Tensor w = want.to(at::kFloat);
-  const float scale = w.abs().max().item<float>();
-  if (!(scale > 0.f)) return false;
-  return (got.to(at::kFloat) - w).abs().max().item<float>() <= 0.02f * scale;
 }
 
 // Runs cusparseLtMatmulSearch on the default plan `pl` with a probe input, then checks the winner
-// against the default algorithm. Returns the plan to cache: the searched one, or a fresh default
-// one (the searched selection's state is then unknown). Holds g_mu.
+// against the default algorithm: equal up to accumulation order (a few bf16 ulps), where a layout
+// that does not suit the algorithm scrambles the weight and misses by O(1). Returns the plan to
+// cache: the searched one, or a fresh default one (the searched selection's state is then
+// unknown). An all-zero weight proves nothing: its plan keeps the default, unsearched, and the
+// bucket's next plan searches. Holds g_mu.
 std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
                                   std::unique_ptr<Plan> pl, const void* wc,
                                   const at::TensorOptions& opts, cudaStream_t stream) {
@@ -440,14 +433,17 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
       at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
   gen.set_current_seed(0x2a4);
   const at::Tensor x = at::randn({p.mp, p.k}, gen, opts);
-  const at::Tensor want = run_plan(op, h, *pl, p, wc, x, stream);
+  at::Tensor y = at::empty({p.mp, p.n}, opts);
+  matmul_locked(op, h, *pl, p, wc, x, y, stream);
+  const at::Tensor want = y.to(at::kFloat);
+  const float scale = want.abs().max().item<float>();
+  if (!(scale > 0.f)) return pl;
   try {
-    at::Tensor scratch = at::empty_like(want);
     auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
     const float alpha = 1.f, beta = 0.f;
     check(op, "cusparseLtMatmulSearch",
-          cusparseLtMatmulSearch(h, &pl->plan, &alpha, wc, x.const_data_ptr(), &beta,
-                                 scratch.data_ptr(), scratch.data_ptr(), ws.get(), &stream, 1),
+          cusparseLtMatmulSearch(h, &pl->plan, &alpha, wc, x.const_data_ptr(), &beta, y.data_ptr(),
+                                 y.data_ptr(), ws.get(), &stream, 1),
           what);
     ++g_searches;
     pl->cfg = read_config(op, h, *pl, what);
@@ -461,16 +457,14 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
     g_algs[akey] = AlgConfig{};
     return build_plan(op, h, p, p.bias_ptr, nullptr);
   }
-  if (!agrees(run_plan(op, h, *pl, p, wc, x, stream), want)) {
-    const bool conclusive = want.abs().max().item<float>() > 0.f;
-    if (conclusive) {
-      ++g_rejected;
-      TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
-                 ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode,
-                 ") disagrees with the default algorithm for ", what,
-                 " (the weight was compressed for another layout); using the default.");
-      g_algs[akey] = AlgConfig{};
-    }  // else an all-zero weight: keep the default for this plan, search again for the next
+  matmul_locked(op, h, *pl, p, wc, x, y, stream);
+  if ((y.to(at::kFloat) - want).abs().max().item<float>() > 0.02f * scale) {
+    ++g_rejected;
+    TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
+               ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode,
+               ") disagrees with the default algorithm for ", what,
+               " (the weight was compressed for another layout); using the default.");
+    g_algs[akey] = AlgConfig{};
     return build_plan(op, h, p, p.bias_ptr, nullptr);
   }
   pl->searched = true;
@@ -480,7 +474,7 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
 
 // Plans a captured CUDA graph was recorded with, dropped from the cache: kept alive, never
 // destroyed (the graph's launches were made with them and may be replayed at any time).
-auto& g_retired = *new std::vector<std::shared_ptr<Plan>>();
+auto& g_retired = *new std::vector<std::unique_ptr<Plan>>();
 
 // Drops every cached plan (keeping those a graph was captured with alive). Holds g_mu.
 void clear_plans_locked() {
@@ -493,9 +487,8 @@ void clear_plans_locked() {
 // The cached plan for `p`, built (and its algorithm searched and checked) on first use. A plan
 // built while a graph is captured (no search is possible then) is searched at the first eager
 // call after it. Holds g_mu.
-std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
-                               const void* wc, const at::TensorOptions& opts, cudaStream_t stream) {
-  std::lock_guard<std::mutex> lk(g_mu);
+Plan& plan_locked(const char* op, cusparseLtHandle_t* h, const Problem& p, const void* wc,
+                  const at::TensorOptions& opts, cudaStream_t stream) {
   const bool in_capture = capturing();
   const PlanKey key = p.plan_key();
   auto it = g_plans.find(key);
@@ -504,7 +497,7 @@ std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Prob
       ++g_hits;
       ++it->second->hits;
       it->second->captured |= in_capture;
-      return it->second;
+      return *it->second;
     }
     if (it->second->captured) g_retired.push_back(std::move(it->second));
     g_plans.erase(it);
@@ -534,7 +527,7 @@ std::shared_ptr<Plan> get_plan(const char* op, cusparseLtHandle_t* h, const Prob
   }
   pl->captured = in_capture;
   pl->key = p.what() + " on cuda:" + std::to_string(p.device) + (p.bias ? " (bias tensor)" : "");
-  return g_plans.emplace(key, std::shared_ptr<Plan>(std::move(pl))).first->second;
+  return *g_plans.emplace(key, std::move(pl)).first->second;
 }
 
 // ---- ops -------------------------------------------------------------------------------------
@@ -564,18 +557,13 @@ at::Tensor cslt_compress_cuda(const at::Tensor& w_in) {
                "prune it first (cast_ext.sparse24_prune)");
   }
   const int device = w.get_device();
-  std::pair<size_t, size_t> sz;
-  cusparseLtHandle_t* h;
-  {
-    std::lock_guard<std::mutex> lk(g_mu);
-    sz = sizes_locked(op, device, n, k, t);
-    h = handle_for(op, device);
-  }
+  std::lock_guard<std::mutex> lk(g_mu);  // the sizes cache and the handle (see cslt_linear_cuda)
+  const auto sz = sizes_locked(op, device, n, k, t);
+  cusparseLtHandle_t* h = handle_for(op, device);
   // Zeroed: bytes the library leaves as padding are then deterministic (compress is one-time).
   at::Tensor out = at::zeros({compressed_numel(sz.first, w.element_size())}, w.options());
   auto scratch = c10::cuda::CUDACachingAllocator::get()->allocate(sz.second);
   const std::string what = weight_what(n, k, t);
-  std::lock_guard<std::mutex> lk(g_mu);  // the handle: see cslt_linear_cuda
   Structured a(op, h, n, k, t, what);
   check(
       op, "cusparseLtSpMMACompress2",
@@ -647,18 +635,14 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
   const Problem p{
       device,  props->major * 10 + props->minor, mp, n, k, t, bias.has_value(), act == "relu",
       bias_ptr};
-  const std::shared_ptr<Plan> pl = get_plan(op, h, p, wc.const_data_ptr(), x.options(), stream);
-  auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
-  const float alpha = 1.f, beta = 0.f;
   {
     // One launch at a time per process: threads share the device's handle and the plans, and
     // cuSPARSELt does not promise that a handle may be used by two threads at once (torch keeps
-    // one per thread). The launch is asynchronous, so the lock is held for microseconds.
+    // one per thread). The launch is asynchronous, so the lock is held for microseconds (but a
+    // first call of a shape builds and searches its plan under it).
     std::lock_guard<std::mutex> lk(g_mu);
-    check(op, "cusparseLtMatmul",
-          cusparseLtMatmul(h, &pl->plan, &alpha, wc.const_data_ptr(), x.const_data_ptr(), &beta,
-                           y.data_ptr(), y.data_ptr(), ws.get(), &stream, 1),
-          p.what());
+    Plan& pl = plan_locked(op, h, p, wc.const_data_ptr(), x.options(), stream);
+    matmul_locked(op, h, pl, p, wc.const_data_ptr(), x, y, stream);
   }
   check_cuda(op, cudaGetLastError());
   return y.narrow(0, 0, m).view(oshape);
