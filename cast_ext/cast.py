@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import ops
+from . import _build, ops, reference
 
 __all__ = [
     "DecayBudget",
@@ -361,8 +361,36 @@ def shift_labels(input_ids: Tensor, ignore_index: int = -100) -> Tensor:
     return F.pad(input_ids[..., 1:], (0, 1), value=ignore_index)
 
 
+def _fused_distill(student: Tensor, impl: str) -> bool:
+    """Whether the fused ops (cast_ext::distill_fwd/bwd) take these logits."""
+    if impl == "reference" or student.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return student.device.type == "cpu" or (
+        student.device.type == "cuda" and _build.cuda_kernels_available()
+    )
+
+
+def _rows(t: Tensor | None, i: int, chunk: int) -> Tensor | None:
+    return None if t is None else t[i : i + chunk]
+
+
+def _reference_fwd(
+    student: Tensor, teacher: Tensor | None, labels: Tensor, t_: float, ignore: int, chunk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reference.distill_fwd in chunks of ``chunk`` rows (bounded fp32 temporaries)."""
+    parts = [
+        reference.distill_fwd(student[i : i + chunk], _rows(teacher, i, chunk),
+                              labels[i : i + chunk], t_, ignore)
+        for i in range(0, max(student.shape[0], 1), chunk)  # one (empty) chunk for 0 rows
+    ]  # fmt: skip
+    kl, ce, lse = (torch.cat(p) for p in zip(*parts, strict=True))
+    return kl, ce, lse
+
+
 class _DistillLoss(torch.autograd.Function):
-    """Chunked KL + CE whose backward recomputes each chunk instead of saving probabilities."""
+    """KL + CE from per-row terms; the backward rebuilds the softmaxes from the saved
+    log-sum-exps instead of saving probabilities. Fused ops on CPU/CUDA, else the reference in
+    chunks of rows."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -374,67 +402,43 @@ class _DistillLoss(torch.autograd.Function):
         temperature: float,
         ignore_index: int,
         chunk: int,
+        impl: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        n_tok = student.shape[0]
-        valid_all = labels != ignore_index
-        count = int(valid_all.sum())
-        kl_sum = torch.zeros((), dtype=torch.float64, device=student.device)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
-        t_ = temperature
-        for i in range(0, n_tok, chunk):
-            s = student[i : i + chunk].float()
-            y = labels[i : i + chunk]
-            valid = valid_all[i : i + chunk]
-            if eta != 0.0:
-                t = teacher[i : i + chunk].float()
-                ls = torch.log_softmax(s / t_, dim=-1)
-                lt = torch.log_softmax(t / t_, dim=-1)
-                kl = (lt.exp() * (lt - ls)).sum(-1)
-                del ls, lt, t
-                kl_sum += (kl * valid).sum(dtype=torch.float64) * (t_ * t_)
-            if eta != 1.0:
-                lse = torch.logsumexp(s, dim=-1)
-                tgt = s.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                ce_sum += ((lse - tgt) * valid).sum(dtype=torch.float64)
-        denom = max(count, 1)
-        kl_mean = (kl_sum / denom).float()
-        ce_mean = (ce_sum / denom).float()
+        fused = _fused_distill(student, impl)
+        if fused:
+            kl, ce, lse = ops.distill_fwd(
+                student, teacher, labels, temperature=temperature, ignore_index=ignore_index
+            )
+        else:
+            kl, ce, lse = _reference_fwd(student, teacher, labels, temperature, ignore_index, chunk)
+        # a tensor, so nothing syncs with the device
+        denom = (labels != ignore_index).sum().clamp_min(1).to(torch.float64)
+        kl_mean = (kl.sum(dtype=torch.float64) / denom).float()
+        ce_mean = (ce.sum(dtype=torch.float64) / denom).float()
         loss = eta * kl_mean + (1.0 - eta) * ce_mean
-        ctx.save_for_backward(student, teacher if teacher is not None else student, labels)
-        ctx.params = (eta, temperature, ignore_index, chunk, denom, teacher is not None)
+        ctx.save_for_backward(student, teacher, labels, lse, denom)
+        ctx.params = (eta, temperature, ignore_index, chunk, fused)
         ctx.mark_non_differentiable(kl_mean, ce_mean)
         return loss, kl_mean, ce_mean
 
     @staticmethod
     def backward(ctx: Any, g_loss: Tensor, _g_kl: Tensor, _g_ce: Tensor):  # type: ignore[override]
-        student, teacher, labels = ctx.saved_tensors
-        eta, t_, ignore_index, chunk, denom, _ = ctx.params
-        grad = torch.empty_like(student)
-        scale = g_loss.float() / denom
-        for i in range(0, student.shape[0], chunk):
-            s = student[i : i + chunk].float()
-            y = labels[i : i + chunk]
-            valid = (y != ignore_index).unsqueeze(-1)
-            g = torch.zeros_like(s)
-            if eta != 0.0:
-                # d/ds of T^2 * KL(p_t || softmax(s / T)) = T * (softmax(s / T) - p_t)
-                q = torch.softmax(s / t_, dim=-1)
-                q -= torch.softmax(teacher[i : i + chunk].float() / t_, dim=-1)
-                g += (eta * t_) * q
-                del q
-            if eta != 1.0:
-                p = torch.softmax(s, dim=-1)
-                p.scatter_add_(
-                    -1,
-                    y.clamp_min(0).unsqueeze(-1),
-                    torch.full((s.shape[0], 1), -1.0, dtype=p.dtype, device=p.device),
-                )
-                g += (1.0 - eta) * p
-                del p
-            g *= valid
-            g *= scale
-            grad[i : i + chunk] = g
-        return grad, None, None, None, None, None, None
+        student, teacher, labels, lse, denom = ctx.saved_tensors
+        eta, t_, ignore_index, chunk, fused = ctx.params
+        scale = (g_loss / denom).float().reshape(())
+        if fused:
+            grad = ops.distill_bwd(
+                student, teacher, labels, lse, scale, eta=eta, temperature=t_,
+                ignore_index=ignore_index,
+            )  # fmt: skip
+        else:
+            grad = torch.cat([
+                reference.distill_bwd(student[i : i + chunk], _rows(teacher, i, chunk),
+                                      labels[i : i + chunk], lse[i : i + chunk], scale, eta, t_,
+                                      ignore_index)
+                for i in range(0, max(student.shape[0], 1), chunk)
+            ])  # fmt: skip
+        return grad, None, None, None, None, None, None, None
 
 
 def distill_loss(
@@ -447,6 +451,7 @@ def distill_loss(
     ignore_index: int = -100,
     chunk_size: int = 512,
     return_parts: bool = False,
+    impl: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """CAST's loss ``eta * T^2 * KL(P_teacher || P_student) + (1 - eta) * CE(student, labels)``.
 
@@ -458,10 +463,16 @@ def distill_loss(
     uses ``softmax(logits / temperature)`` on both sides and is multiplied by ``temperature**2``
     (Hinton's convention; equal to 1 at the default temperature). CE always uses temperature 1.
 
-    Memory: computed in chunks of ``chunk_size`` tokens, in fp32 whatever the logits' dtype; no
-    ``[tokens, vocab]`` temporary outlives its chunk, and backward recomputes the chunk's
-    softmaxes instead of saving them. The only full-size tensor created is the gradient of
-    ``student_logits`` itself (in its dtype). The teacher is treated as a constant.
+    Kernels: on CPU and CUDA, float32/float16/bfloat16 logits go through the fused ops
+    :func:`cast_ext.ops.distill_fwd` / :func:`~cast_ext.ops.distill_bwd`: the forward reads each
+    row of both logits once and keeps three log-sum-exps per row, the backward rebuilds the
+    softmaxes from them in one read and one write. Math in fp32 whatever the logits' dtype. The
+    only ``[tokens, vocab]`` tensor created is the gradient of ``student_logits`` (in its dtype).
+    Elsewhere (other devices, float64, ``impl="reference"``) the same terms come from
+    :func:`cast_ext.reference.distill_fwd` in chunks of ``chunk_size`` tokens, so no fp32
+    ``[tokens, vocab]`` temporary outlives its chunk. The teacher is treated as a constant (cast
+    to the student's dtype if it differs). Nothing syncs with the device, except that on CUDA a
+    label outside ``[0, vocab)`` is looked for (see :func:`cast_ext.set_cuda_value_checks`).
 
     Args:
         student_logits: ``[..., vocab]``, requires grad.
@@ -470,8 +481,9 @@ def distill_loss(
         eta: weight of the KL term (paper: 1/3 for LLaMA).
         temperature: distillation temperature (paper: 1).
         ignore_index: label value that marks positions to skip.
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk of the reference path.
         return_parts: also return the (detached) KL and CE means.
+        impl: ``"auto"`` (the fused ops where they run) or ``"reference"``.
 
     Returns:
         The scalar loss (fp32), or ``(loss, kl, ce)`` with ``return_parts``. With no valid
@@ -503,14 +515,23 @@ def distill_loss(
                 f"{list(student_logits.shape)}"
             )
         teacher = teacher_logits.detach().reshape(-1, vocab)
+    if impl not in ("auto", "reference"):
+        raise ValueError(
+            f"cast_ext.cast.distill_loss: impl must be 'auto' or 'reference', got {impl!r}"
+        )
+    student = student_logits.reshape(-1, vocab)
+    if teacher is not None and teacher.dtype != student.dtype:
+        teacher = teacher.to(student.dtype)
+    fused = _fused_distill(student, impl)
     loss, kl, ce = _DistillLoss.apply(
-        student_logits.reshape(-1, vocab),
-        teacher,
-        labels.reshape(-1),
+        student.contiguous() if fused else student,
+        teacher.contiguous() if fused and teacher is not None else teacher,
+        labels.reshape(-1).contiguous(),
         float(eta),
         float(temperature),
         int(ignore_index),
         int(chunk_size),
+        impl,
     )
     return (loss, kl, ce) if return_parts else loss
 

@@ -16,6 +16,8 @@ __all__ = [
     "adams_step_",
     "cslt_compress",
     "cslt_linear",
+    "distill_bwd",
+    "distill_fwd",
     "mask_flips",
     "nm_mask",
     "pack_mask",
@@ -514,4 +516,118 @@ def adams_step_(
         m=m,
         grad_scale=grad_scale,
         found_inf=found_inf,
+    )
+
+
+# ---- distillation loss (reference: cast_ext.reference.distill_fwd / distill_bwd) -------------
+
+
+def _check_distill(op: str, student: Tensor, teacher: Tensor | None, labels: Tensor) -> None:
+    torch._check(
+        student.dim() == 2 and student.dtype in _FLOATS,
+        lambda: (
+            f"cast_ext.{op}: student of shape {list(student.shape)} and dtype {student.dtype} "
+            "must be a 2-D [tokens, vocab] float32, float16 or bfloat16 tensor"
+        ),
+    )
+    torch._check(
+        labels.shape == student.shape[:1] and labels.dtype == torch.int64,
+        lambda: (
+            f"cast_ext.{op}: labels of shape {list(labels.shape)} and dtype {labels.dtype} must "
+            f"be int64 of shape [{student.shape[0]}] (one per row of student)"
+        ),
+    )
+    if teacher is not None:
+        torch._check(
+            teacher.shape == student.shape and teacher.dtype == student.dtype,
+            lambda: (
+                f"cast_ext.{op}: teacher of shape {list(teacher.shape)} and dtype "
+                f"{teacher.dtype} must match student (shape {list(student.shape)}, dtype "
+                f"{student.dtype})"
+            ),
+        )
+
+
+@torch.library.register_fake("cast_ext::distill_fwd")
+def _(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_distill("distill_fwd", student, teacher, labels)
+    rows = student.shape[0]
+    f32 = {"dtype": torch.float32}
+    return (
+        student.new_empty([rows], **f32),
+        student.new_empty([rows], **f32),
+        student.new_empty([rows, 3], **f32),
+    )
+
+
+@torch.library.register_fake("cast_ext::distill_bwd")
+def _(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    grad_scale: Tensor,
+    eta: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    _check_distill("distill_bwd", student, teacher, labels)
+    return torch.empty_like(student)
+
+
+def distill_fwd(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row KL and CE terms of CAST's distillation loss, fused (one read of each row).
+
+    See :func:`cast_ext.reference.distill_fwd` for the exact semantics; the loss built on it is
+    :func:`cast_ext.cast.distill_loss`. A label outside ``[0, vocab)`` that is not
+    ``ignore_index`` raises (on CUDA through a device flag read back after the kernel, skipped
+    while a CUDA graph is captured and after ``set_cuda_value_checks(False)``; the row's CE is
+    then NaN).
+
+    Args:
+        student: ``[N, V]`` logits, float32/float16/bfloat16, contiguous.
+        teacher: ``[N, V]``, the student's dtype, or None (no KL term).
+        labels: ``[N]`` int64, aligned with the rows.
+
+    Returns:
+        ``(kl [N], ce [N], lse [N, 3])`` in fp32.
+    """
+    return torch.ops.cast_ext.distill_fwd(student, teacher, labels, temperature, ignore_index)
+
+
+def distill_bwd(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    grad_scale: Tensor,
+    *,
+    eta: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """The gradient of ``grad_scale * sum(eta * kl + (1 - eta) * ce)`` over the valid rows with
+    respect to ``student`` (one read of each row, one write), from :func:`distill_fwd`'s ``lse``.
+
+    See :func:`cast_ext.reference.distill_bwd`. ``grad_scale`` is a one-element fp32 tensor on
+    the logits' device (read on the device on CUDA: no sync).
+
+    Returns:
+        The gradient, ``student``'s shape and dtype.
+    """
+    return torch.ops.cast_ext.distill_bwd(
+        student, teacher, labels, lse, grad_scale, eta, temperature, ignore_index
     )

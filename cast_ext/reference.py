@@ -24,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "adams_step_",
+    "distill_bwd",
+    "distill_fwd",
     "mask_flips",
     "nm_mask",
     "pack_mask",
@@ -301,3 +303,98 @@ def adams_step_(
             m=m,
             inv_scale=inv_scale,
         )
+
+
+def _check_labels(op: str, labels: Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"cast_ext.{op}: labels[{i}] = {int(labels[i])} is outside [0, {vocab}) and is not "
+            f"ignore_index ({ignore_index})"
+        )
+
+
+def distill_fwd(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row terms of CAST's distillation loss (SPEC §4), in fp32.
+
+    For a row ``r`` of the ``[N, V]`` logits whose label ``y = labels[r]`` is not
+    ``ignore_index``, with ``T = temperature``:
+
+    * ``kl[r] = T^2 * KL(softmax(t / T) || softmax(s / T))`` (0 when ``teacher`` is None);
+    * ``ce[r] = logsumexp(s) - s[y]``;
+    * ``lse[r] = (logsumexp(s / T), logsumexp(t / T), logsumexp(s))`` (the middle one 0 when
+      ``teacher`` is None), what :func:`distill_bwd` needs to rebuild the softmaxes.
+
+    Rows whose label is ``ignore_index`` give 0 in all five. A label outside ``[0, V)`` that is
+    not ``ignore_index`` is an error. Math in fp32 whatever the logits' dtype.
+
+    Returns:
+        ``(kl [N], ce [N], lse [N, 3])``, fp32.
+    """
+    _check_labels("distill_fwd", labels, student.shape[-1], ignore_index)
+    valid = labels != ignore_index
+    s = student.float()
+    lse_s1 = torch.logsumexp(s, dim=-1)
+    lse_st = torch.logsumexp(s / temperature, dim=-1)
+    ce = lse_s1 - s.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    if teacher is None:
+        kl = torch.zeros_like(ce)
+        lse_tt = torch.zeros_like(ce)
+    else:
+        t = teacher.float()
+        lt = torch.log_softmax(t / temperature, dim=-1)
+        ls = torch.log_softmax(s / temperature, dim=-1)
+        kl = (lt.exp() * (lt - ls)).sum(-1) * (temperature * temperature)
+        lse_tt = torch.logsumexp(t / temperature, dim=-1)
+    zero = torch.zeros((), dtype=torch.float32, device=s.device)
+    kl, ce = torch.where(valid, kl, zero), torch.where(valid, ce, zero)
+    lse = torch.where(valid.unsqueeze(-1), torch.stack([lse_st, lse_tt, lse_s1], -1), zero)
+    return kl, ce, lse
+
+
+def distill_bwd(
+    student: Tensor,
+    teacher: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,
+    grad_scale: Tensor,
+    eta: float,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Gradient of ``grad_scale * sum over valid rows of (eta * kl[r] + (1 - eta) * ce[r])``
+    (:func:`distill_fwd`'s terms) with respect to ``student``, teacher held constant.
+
+    Per valid row: ``grad_scale * (eta * T * (softmax(s / T) - softmax(t / T))
+    + (1 - eta) * (softmax(s) - onehot(y)))``, the softmaxes rebuilt from ``lse`` as
+    ``exp(s / T - lse[r, 0])``, ``exp(t / T - lse[r, 1])`` and ``exp(s - lse[r, 2])``; rows whose
+    label is ``ignore_index`` get 0. ``teacher`` may be None only when ``eta == 0``.
+    ``grad_scale`` is a 0-d fp32 tensor (``d loss / d sum``, e.g. ``1 / number of valid rows``).
+
+    Returns:
+        The gradient, ``student``'s shape and dtype (math in fp32, one rounding).
+    """
+    if teacher is None and eta != 0.0:
+        raise ValueError("cast_ext.distill_bwd: teacher is None but eta != 0")
+    valid = (labels != ignore_index).unsqueeze(-1)
+    s = student.float()
+    g = (1.0 - eta) * torch.exp(s - lse[:, 2:3])
+    g.scatter_add_(
+        -1,
+        torch.where(valid.squeeze(-1), labels, 0).unsqueeze(-1),
+        torch.full_like(lse[:, :1], -(1.0 - eta)),
+    )
+    if teacher is not None:
+        q = torch.exp(s / temperature - lse[:, 0:1]) - torch.exp(
+            teacher.float() / temperature - lse[:, 1:2]
+        )
+        g = g + (eta * temperature) * q
+    g = torch.where(valid, g * grad_scale.float(), torch.zeros((), device=g.device))
+    return g.to(student.dtype)

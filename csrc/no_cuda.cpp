@@ -17,9 +17,10 @@ void cuda_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cast_ext, CUDA, m) {
-  for (const char* name : {"sparse24_mask", "nm_mask", "sparse24_prune", "sparse24_compress",
-                           "sparse24_decompress", "pack_mask", "unpack_mask", "mask_flips",
-                           "sparse24_gemm", "cslt_compress", "cslt_linear", "adams_step_"}) {
+  for (const char* name :
+       {"sparse24_mask", "nm_mask", "sparse24_prune", "sparse24_compress", "sparse24_decompress",
+        "pack_mask", "unpack_mask", "mask_flips", "sparse24_gemm", "cslt_compress", "cslt_linear",
+        "adams_step_", "distill_fwd", "distill_bwd"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_not_built>());
   }
 }

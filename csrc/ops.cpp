@@ -37,4 +37,14 @@ TORCH_LIBRARY(cast_ext, m) {
       "Tensor(f!)[] master_params, Tensor(g!)[] prev_masks, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, float decay, int total_steps, "
       "int mask_interval, int n, int m, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // CAST's distillation loss, fused (reference: distill_fwd, distill_bwd; csrc/cpu/distill.cpp,
+  // csrc/cuda/distill.cu): per-row KL and CE terms plus the log-sum-exps the backward rebuilds
+  // the softmaxes from, so no [tokens, vocab] fp32 temporary exists.
+  m.def(
+      "distill_fwd(Tensor student, Tensor? teacher, Tensor labels, float temperature=1.0, "
+      "int ignore_index=-100) -> (Tensor kl, Tensor ce, Tensor lse)");
+  m.def(
+      "distill_bwd(Tensor student, Tensor? teacher, Tensor labels, Tensor lse, Tensor grad_scale, "
+      "float eta, float temperature=1.0, int ignore_index=-100) -> Tensor");
 }

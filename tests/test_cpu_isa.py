@@ -1,7 +1,7 @@
 """The CPU kernels' lower instruction-set versions, on this machine.
 
-The mask, compression, AdamS and GEMM kernels pick an x86-64-v4 (AVX-512), v3 (AVX2) or
-baseline version at load (``build_info()["cpu_isa"]``); the environment variable
+The mask, compression, AdamS, GEMM and distillation-loss kernels pick an x86-64-v4 (AVX-512),
+v3 (AVX2) or baseline version at load (``build_info()["cpu_isa"]``); the environment variable
 ``CAST_EXT_CPU_ISA`` caps the choice.
 The machine that runs the tests usually has the best one, so the others are run here in
 subprocesses with the cap set. (AdamS's versions are also compared bit for bit in
@@ -21,6 +21,7 @@ from conftest import capped_isa
 import cast_ext
 
 HERE = Path(__file__).parent
+KERNEL_TESTS = ("test_masks.py", "test_sparse24_gemm.py", "test_adams.py", "test_distill.py")
 
 
 @pytest.mark.skipif("CAST_EXT_EXPECT_ISA" not in os.environ, reason="run by the test below")
@@ -33,7 +34,7 @@ def test_cpu_kernels_under_a_lower_isa(isa: str) -> None:
     env = {**os.environ, "CAST_EXT_CPU_ISA": isa, "CAST_EXT_EXPECT_ISA": capped_isa(isa)}
     args = [
         f"{HERE / 'test_cpu_isa.py'}::test_the_cap_took_effect",
-        *(str(HERE / f) for f in ("test_masks.py", "test_sparse24_gemm.py", "test_adams.py")),
+        *(str(HERE / f) for f in KERNEL_TESTS),
         "-m",
         "not cuda",
         "-k",

@@ -63,6 +63,7 @@ KERNEL_SOURCES = (
     ROOT / "csrc" / "cuda" / "sparse24_mask.cu",
     ROOT / "csrc" / "cuda" / "adams.cu",
     ROOT / "csrc" / "cuda" / "sparse24_gemv.cu",
+    ROOT / "csrc" / "cuda" / "distill.cu",
     EMU_DIR / "selftest.cu",  # deliberate defects the emulator must report
 )
 CXXFLAGS = [
@@ -174,7 +175,7 @@ class Emu:
     def __init__(self, lib: ctypes.CDLL, build_log: str) -> None:
         self.lib = lib
         self.build_log = build_log
-        vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        vp, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
         sigs = {
             "emu_nm_select": [i32, i32, vp, i64, i64, i32, i32, vp, vp, vp, vp],
             "emu_sparse24_decompress": [i32, vp, vp, i64, i64, vp, vp],
@@ -183,6 +184,8 @@ class Emu:
             "emu_mask_flips": [vp, vp, i64, i32, vp],
             "emu_adams_step": [i32, i32, i32, vp, i64, vp, vp, vp, vp, i32],
             "emu_sparse24_gemv": [i32, vp, vp, vp, vp, i64, i64, i64, vp, vp],
+            "emu_distill_fwd": [i32, vp, vp, vp, i64, i64, f64, i64, vp, vp, vp, i32, vp],
+            "emu_distill_bwd": [i32, vp, vp, vp, vp, vp, i64, i64, f64, f64, i64, vp, i32],
         }
         for name, args in sigs.items():
             getattr(lib, name).argtypes = args
@@ -994,6 +997,99 @@ def test_sparse24_gemv_refuses_what_it_cannot_run(emu: Emu) -> None:
     assert run_gemv(emu, shifted, values, meta, None)[0] == CUDA_INVALID_VALUE
     rc, _, bad = run_gemv(emu, torch.randn(0, 32), values, meta, None)
     assert (rc, bad, emu.stats()["launches"]) == (CUDA_SUCCESS, 0, 0)
+
+
+# ---- distill_fwd / distill_bwd -----------------------------------------------------------------
+
+# (rows, vocab): one element; a row shorter than a warp; rows longer than one pass of the block
+# (512 threads x 4 loads = 2048 elements); more rows than the grid (num_sms = 1: 4 blocks).
+DISTILL_SHAPES = [(1, 1), (3, 7), (2, 2049), (9, 300)]
+
+
+def distill_inputs(
+    rows: int, vocab: int, dtype: torch.dtype, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    s = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    t = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+    if rows > 2:
+        y[1] = -100  # an ignored row
+    return s, t, y
+
+
+def run_distill_fwd(
+    emu: Emu, s: Tensor, t: Tensor | None, y: Tensor, temp: float, null_flag: bool = False
+) -> tuple[int, tuple[Tensor, Tensor, Tensor], int]:
+    rows, vocab = s.shape
+    outs = {
+        "kl": Guarded((rows,), torch.float32),
+        "ce": Guarded((rows,), torch.float32),
+        "lse": Guarded((rows, 3), torch.float32),
+    }
+    args = (DTYPE_CODE[s.dtype], s.data_ptr(), None if t is None else t.data_ptr(), y.data_ptr())
+    args += (rows, vocab, temp, -100, outs["kl"].ptr, outs["ce"].ptr, outs["lse"].ptr, 1)
+    rc, bad = call_flagged(emu, "emu_distill_fwd", args, outs, "bad_label", null_flag)
+    return rc, (outs["kl"].t, outs["ce"].t, outs["lse"].t), bad
+
+
+def run_distill_bwd(
+    emu: Emu, s: Tensor, t: Tensor | None, y: Tensor, lse: Tensor, scale: float, eta: float,
+    temp: float,
+) -> tuple[int, Tensor]:  # fmt: skip
+    grad = Guarded(tuple(s.shape), s.dtype)
+    gs = torch.tensor([scale], dtype=torch.float32)
+    args = (DTYPE_CODE[s.dtype], s.data_ptr(), None if t is None else t.data_ptr(), y.data_ptr())
+    args += (lse.data_ptr(), gs.data_ptr(), *s.shape, eta, temp, -100, grad.ptr, 1)
+    rc = emu.call("emu_distill_bwd", *args)
+    grad.check("grad")
+    return rc, grad.t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+@pytest.mark.parametrize("teacher", [True, False], ids=["kl+ce", "ce"])
+def test_distill(emu: Emu, dtype: torch.dtype, temp: float, teacher: bool) -> None:
+    """Forward terms and gradient against the reference (fp32 math, other summation order: to
+    fp32 rounding), every thread schedule; the grid-stride loop over rows; no flag."""
+    gen = torch.Generator().manual_seed(41)
+    eta = 0.3 if teacher else 0.0
+    for rows, vocab in DISTILL_SHAPES:
+        s, t, y = distill_inputs(rows, vocab, dtype, gen)
+        t = t if teacher else None
+        want = reference.distill_fwd(s, t, y, temp)
+        want_g = reference.distill_bwd(s, t, y, want[2], torch.tensor(0.7), eta, temp)
+        for schedule in (0, 1, 2):
+            emu.configure(schedule=schedule, seed=rows)
+            rc, got, bad = run_distill_fwd(emu, s, t, y, temp)
+            what = f"[{rows}x{vocab}] schedule {schedule}"
+            assert (rc, bad) == (CUDA_SUCCESS, 0), what
+            assert emu.grids() == [min(rows, 4)], what
+            for name, g, w in zip(("kl", "ce", "lse"), got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"{what} {name}")
+            rc, grad = run_distill_bwd(emu, s, t, y, got[2], 0.7, eta, temp)
+            assert rc == CUDA_SUCCESS, what
+            tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            torch.testing.assert_close(grad, want_g, atol=tol, rtol=tol, msg=what)
+            if rows > 2:
+                assert not bool(grad[1].any()), f"{what}: ignored row"
+
+
+def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
+    """A label outside [0, V) raises the flag and gives a NaN CE on its row only (the same
+    outputs with a null flag); a teacher equal to the student gives a KL of exactly 0."""
+    gen = torch.Generator().manual_seed(42)
+    s, t, y = distill_inputs(5, 100, torch.float32, gen)
+    y[3] = 100
+    rc, got, bad = run_distill_fwd(emu, s, t, y, 1.0)
+    assert (rc, bad) == (CUDA_SUCCESS, 1)
+    assert math.isnan(float(got[1][3])) and not bool(got[1][[0, 1, 2, 4]].isnan().any())
+    rc, got_null, _ = run_distill_fwd(emu, s, t, y, 1.0, null_flag=True)
+    assert rc == CUDA_SUCCESS
+    for g, n in zip(got, got_null, strict=True):
+        assert_bits_equal(n, g, "null flag")
+    y[3] = 7
+    rc, got, _ = run_distill_fwd(emu, s, s.clone(), y, 1.7)
+    assert rc == CUDA_SUCCESS and bool((got[0] == 0).all()), got[0]
 
 
 # ---- null flags ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Memory: an AdamS step allocates no full-size temporaries.
+"""Memory: an AdamS step allocates no full-size temporaries; the distillation loss allocates
+nothing [tokens, vocab]-sized but the gradient.
 
 On the CPU the kernel's buffers come from ``new`` (not torch's allocator), so the peak is
 measured as the process's peak resident set: ``/proc/self/clear_refs`` (5) resets ``VmHWM`` to
@@ -18,7 +19,7 @@ import torch
 from conftest import requires_cuda
 from torch import nn
 
-from cast_ext import AdamS
+from cast_ext import AdamS, cast
 
 ROWS, COLS = 4096, 4096  # 64 MiB of fp32
 PARAM_BYTES = ROWS * COLS * 4
@@ -83,3 +84,47 @@ def test_cuda_step_allocates_no_full_size_temporary() -> None:
     torch.cuda.synchronize()
     grown = torch.cuda.max_memory_allocated() - base
     assert grown < LIMIT, f"the step's peak grew by {grown / 2**20:.1f} MiB"
+
+
+# ---- the distillation loss: the gradient is its only [tokens, vocab] allocation ------------------
+
+TOKENS, VOCAB = 1024, 16384  # 64 MiB of fp32 logits per model
+
+
+def _distill_step(device: str, impl: str):
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(TOKENS, VOCAB, generator=gen).to(device).requires_grad_()
+    t = torch.randn(TOKENS, VOCAB, generator=gen).to(device)
+    y = torch.randint(0, VOCAB, (TOKENS,), generator=gen).to(device)
+
+    def step() -> None:
+        cast.distill_loss(s, t, y, impl=impl).backward()
+        s.grad = None
+
+    return step
+
+
+@pytest.mark.skipif(not _can_measure(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_distill_loss_allocates_only_the_gradient() -> None:
+    step = _distill_step("cpu", "auto")
+    step()  # warm
+    grown = _peak_growth(step)
+    assert grown < PARAM_BYTES + LIMIT, f"fwd + bwd peak grew by {grown / 2**20:.1f} MiB"
+    # calibration: the reference path's chunked fp32 temporaries are seen
+    ref = _distill_step("cpu", "reference")
+    ref()
+    seen = _peak_growth(ref)
+    assert seen > PARAM_BYTES + 4 * LIMIT, f"calibration: saw only {seen / 2**20:.1f} MiB"
+
+
+@requires_cuda
+def test_cuda_distill_loss_allocates_only_the_gradient() -> None:
+    step = _distill_step("cuda", "auto")
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    grown = torch.cuda.max_memory_allocated() - base
+    assert grown < PARAM_BYTES + LIMIT, f"fwd + bwd peak grew by {grown / 2**20:.1f} MiB"

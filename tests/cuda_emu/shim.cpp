@@ -71,6 +71,21 @@ int emu_adams_step(int dt, int master, int sparse, const uint64_t* table, int64_
                           grad_scale, found_inf, num_sms, nullptr);
 }
 
+int emu_distill_fwd(int dt, const void* student, const void* teacher, const int64_t* labels,
+                    int64_t rows, int64_t vocab, double temperature, int64_t ignore_index,
+                    float* kl, float* ce, float* lse, int num_sms, int* bad_label) {
+  return cuda::distill_fwd(cuda::DType(dt), student, teacher, labels, rows, vocab, temperature,
+                           ignore_index, kl, ce, lse, bad_label, num_sms, nullptr);
+}
+
+int emu_distill_bwd(int dt, const void* student, const void* teacher, const int64_t* labels,
+                    const float* lse, const float* grad_scale, int64_t rows, int64_t vocab,
+                    double eta, double temperature, int64_t ignore_index, void* grad,
+                    int num_sms) {
+  return cuda::distill_bwd(cuda::DType(dt), student, teacher, labels, lse, grad_scale, rows, vocab,
+                           eta, temperature, ignore_index, grad, num_sms, nullptr);
+}
+
 // The stubs' conversions (Conv<T> of csrc/cuda/vec8.cuh uses them), elementwise on raw bits, so
 // the tests can compare them with torch's round-to-nearest-even over every fp16/bf16 value.
 void emu_float2half_rn(const float* in, int64_t n, uint16_t* out) {

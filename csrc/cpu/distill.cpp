@@ -1,0 +1,359 @@
+// CAST's distillation loss on the CPU, fused (cast_ext::distill_fwd / distill_bwd).
+//
+// Algorithm: rows of the [N, V] logits are spread over OpenMP threads; a row is a handful of
+// passes over V contiguous floats that stay in the core's L2 (V = 49152 is 192 KB per tensor):
+//   forward:  1. the maxima of s and t; 2. in one pass, sum exp((s - max) / T),
+//             sum exp((t - max) / T), sum exp((t - max) / T) * (t - s) / T and, when T != 1,
+//             sum exp(s - max); the row's KL, CE and the three log-sum-exps follow;
+//   backward: one pass writing scale * (eta T (exp(s/T - lse_sT) - exp(t/T - lse_tT))
+//             + (1 - eta) exp(s - lse_s1)), then the label's element gets -scale (1 - eta).
+// Nothing [N, V]-sized is allocated besides the gradient itself (fp16/bf16 rows are converted
+// into per-thread fp32 row buffers). The sums run in 16 fp32 lanes (GCC vectorises the fixed-width
+// lane loops; x86-64-v4/v3/baseline versions picked at run time, csrc/cpu/isa.h) with exp_lanes'
+// polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
+// reduced over the lanes at the end of the row. Rows whose label is ignore_index are skipped
+// (zeros out). Non-finite logits propagate to NaN as in torch's log_softmax.
+// Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
+// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
+// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
+// gradient in the logits' dtype.
+// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
+#include "distill.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/bit_cast.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cast_ext.h"
+#include "isa.h"
+#include "vec.h"
+
+namespace cast_ext {
+namespace {
+
+constexpr int kLanes = 16;
+
+// exp(x) by Cephes' expf: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite in two parts), a degree-7
+// polynomial in r, times 2^n built in the exponent bits. Branch-free, so it vectorises. x is
+// clamped to [-87, 88] (exp(-87) = 1.6e-38 stands in for anything smaller, nothing a softmax sum
+// of at least one 1 can see); NaN stays NaN (n is taken from the rounding's bits, never from a
+// float-to-int conversion of NaN).
+__attribute__((always_inline)) inline float exp_lane(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float fx = x * 1.44269504088896341f + kMagic;
+  const int32_t n = c10::bit_cast<int32_t>(fx) - c10::bit_cast<int32_t>(kMagic);
+  const float fn = fx - kMagic;
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * c10::bit_cast<float>(uint32_t(n + 127) << 23);
+}
+
+__attribute__((always_inline)) inline float lane_sum(const float* a) {
+  float h[kLanes / 2];
+  for (int j = 0; j < kLanes / 2; ++j) h[j] = a[j] + a[j + kLanes / 2];
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) h[j] += h[j + w];
+  return h[0];
+}
+
+// max over x[0, n) (NaN ignored here; the sums see it).
+__attribute__((always_inline)) inline float row_max(const float* x, int64_t n) {
+  float m[kLanes];
+  for (int j = 0; j < kLanes; ++j) m[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  for (int j = 0; i + j < n; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+  float r = m[0];
+  for (int j = 1; j < kLanes; ++j) r = m[j] > r ? m[j] : r;
+  return r;
+}
+
+// The sums of the forward's second pass: out = {zs, zt, a, z1} with zs = sum exp((s - ms) it),
+// zt = sum exp((t - mt) it), a = sum exp((t - mt) it) (t - s) it, z1 = sum exp(s - ms) (= zs
+// when T == 1). it = 1 / T.
+template <bool kTeacher, bool kT1>
+__attribute__((always_inline)) inline void row_sums(const float* s, const float* t, int64_t n,
+                                                    float ms, float mt, float it, float* out) {
+  float zs[kLanes] = {}, zt[kLanes] = {}, a[kLanes] = {}, z1[kLanes] = {};
+  auto body = [&](int j, float sv, float tv) {
+    zs[j] += exp_lane((sv - ms) * it);
+    if (!kT1) z1[j] += exp_lane(sv - ms);
+    if (kTeacher) {
+      const float e = exp_lane((tv - mt) * it);
+      zt[j] += e;
+      a[j] += e * ((tv - sv) * it);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) body(j, s[i + j], kTeacher ? t[i + j] : 0.f);
+  for (int j = 0; i + j < n; ++j) body(j, s[i + j], kTeacher ? t[i + j] : 0.f);
+  out[0] = lane_sum(zs);
+  out[1] = kTeacher ? lane_sum(zt) : 0.f;
+  out[2] = kTeacher ? lane_sum(a) : 0.f;
+  out[3] = kT1 ? out[0] : lane_sum(z1);
+}
+
+// g[j] = ca (exp(s it - lst) - exp(t it - ltt)) + cb exp(s - ls1) (the one-hot term is added by
+// the caller).
+template <bool kTeacher, bool kT1>
+__attribute__((always_inline)) inline void row_grad(const float* s, const float* t, int64_t n,
+                                                    float it, float lst, float ltt, float ls1,
+                                                    float ca, float cb, float* g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float es = exp_lane(s[i] * it - lst);
+    float v = cb * (kT1 ? es : exp_lane(s[i] - ls1));
+    if (kTeacher) v += ca * (es - exp_lane(t[i] * it - ltt));
+    g[i] = v;
+  }
+}
+
+#define CAST_DISTILL_VARIANTS(LEVEL, ATTR, TEACHER, T1)                                           \
+  ATTR void row_sums_##LEVEL##_##TEACHER##T1(const float* s, const float* t, int64_t n, float ms, \
+                                             float mt, float it, float* out) {                    \
+    row_sums<TEACHER, T1>(s, t, n, ms, mt, it, out);                                              \
+  }                                                                                               \
+  ATTR void row_grad_##LEVEL##_##TEACHER##T1(const float* s, const float* t, int64_t n, float it, \
+                                             float lst, float ltt, float ls1, float ca, float cb, \
+                                             float* g) {                                          \
+    row_grad<TEACHER, T1>(s, t, n, it, lst, ltt, ls1, ca, cb, g);                                 \
+  }
+#define CAST_DISTILL_LEVEL(LEVEL, ATTR)                                                  \
+  ATTR float row_max_##LEVEL(const float* x, int64_t n) { return row_max(x, n); }        \
+  ATTR void bf16_row_##LEVEL(const c10::BFloat16* src, int64_t n, float* dst) {          \
+    const uint16_t* b = reinterpret_cast<const uint16_t*>(src);                          \
+    for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16); \
+  }                                                                                      \
+  ATTR void row_bf16_##LEVEL(const float* src, int64_t n, c10::BFloat16* dst) {          \
+    for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);                      \
+  }                                                                                      \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, false)                                       \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, true)                                        \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, true, false)                                        \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, true, true)
+CAST_DISTILL_LEVEL(v4, CAST_TARGET_V4)
+CAST_DISTILL_LEVEL(v3, CAST_TARGET_V3)
+CAST_DISTILL_LEVEL(base, )
+#undef CAST_DISTILL_LEVEL
+#undef CAST_DISTILL_VARIANTS
+
+// The row-sum and gradient versions of one instruction-set level and one (teacher, T == 1) case.
+struct RowFns {
+  void (*sums)(const float*, const float*, int64_t, float, float, float, float*);
+  void (*grad)(const float*, const float*, int64_t, float, float, float, float, float, float,
+               float*);
+};
+
+RowFns row_fns(bool teacher, bool t1) {
+#define CAST_PICK(LEVEL)                                                                     \
+  return teacher ? (t1 ? RowFns{row_sums_##LEVEL##_truetrue, row_grad_##LEVEL##_truetrue}    \
+                       : RowFns{row_sums_##LEVEL##_truefalse, row_grad_##LEVEL##_truefalse}) \
+                 : (t1 ? RowFns{row_sums_##LEVEL##_falsetrue, row_grad_##LEVEL##_falsetrue}  \
+                       : RowFns{row_sums_##LEVEL##_falsefalse, row_grad_##LEVEL##_falsefalse})
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: CAST_PICK(v4);
+    case CpuIsa::Avx2: CAST_PICK(v3);
+    default: CAST_PICK(base);
+  }
+#undef CAST_PICK
+}
+
+float max_dispatch(const float* x, int64_t n) { return CAST_ISA_CALL(row_max, x, n); }
+
+// A row of logits as fp32: the data itself for fp32, else converted into `buf`.
+const float* row_f32(const float* src, int64_t, std::vector<float>&) { return src; }
+const float* row_f32(const c10::BFloat16* src, int64_t n, std::vector<float>& buf) {
+  buf.resize(size_t(n));
+  CAST_ISA_CALL(bf16_row, src, n, buf.data());
+  return buf.data();
+}
+const float* row_f32(const c10::Half* src, int64_t n, std::vector<float>& buf) {
+  buf.resize(size_t(n));
+#if defined(__x86_64__)
+  if (cpu_isa() >= CpuIsa::Avx2) {
+    f16_to_f32_f16c(src, n, buf.data());
+    return buf.data();
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = static_cast<float>(src[i]);
+  return buf.data();
+}
+
+// Where the gradient row is computed (fp32: in place), and its conversion after.
+float* grad_f32(float* dst, int64_t, std::vector<float>&) { return dst; }
+template <typename T>
+float* grad_f32(T*, int64_t n, std::vector<float>& buf) {
+  buf.resize(size_t(n));
+  return buf.data();
+}
+void grad_store(const float*, int64_t, float*) {}
+void grad_store(const float* src, int64_t n, c10::BFloat16* dst) {
+  CAST_ISA_CALL(row_bf16, src, n, dst);
+}
+void grad_store(const float* src, int64_t n, c10::Half* dst) {
+#if defined(__x86_64__)
+  if (cpu_isa() >= CpuIsa::Avx2) return f32_to_f16_f16c(src, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
+
+void check_labels_cpu(const char* op, const at::Tensor& labels, int64_t vocab,
+                      int64_t ignore_index) {
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  bool bad = false;
+  for (int64_t r = 0; r < labels.numel(); ++r)
+    bad |= y[r] != ignore_index && (y[r] < 0 || y[r] >= vocab);
+  check_label_flag(op, labels, vocab, ignore_index, bad);
+}
+
+template <typename T>
+void fwd_rows(const T* s, const T* t, const int64_t* y, int64_t rows, int64_t v, double temperature,
+              int64_t ignore_index, float* kl, float* ce, float* lse) {
+  const float it = float(1.0 / temperature);
+  const float t2 = float(temperature * temperature);
+  const bool t1 = temperature == 1.0;
+  const RowFns fns = row_fns(t != nullptr, t1);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sbuf, tbuf;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (y[r] == ignore_index) {
+        kl[r] = ce[r] = 0.f;
+        lse[3 * r] = lse[3 * r + 1] = lse[3 * r + 2] = 0.f;
+        continue;
+      }
+      const float* sr = row_f32(s + r * v, v, sbuf);
+      const float* tr = t ? row_f32(t + r * v, v, tbuf) : nullptr;
+      const float ms = max_dispatch(sr, v);
+      const float mt = tr ? max_dispatch(tr, v) : 0.f;
+      float z[4];
+      fns.sums(sr, tr, v, ms, mt, it, z);
+      const float lst = ms * it + std::log(z[0]);
+      const float ls1 = t1 ? lst : ms + std::log(z[3]);
+      const float ltt = tr ? mt * it + std::log(z[1]) : 0.f;
+      kl[r] = tr ? t2 * (z[2] / z[1] - ltt + lst) : 0.f;
+      ce[r] = ls1 - sr[y[r]];
+      lse[3 * r] = lst;
+      lse[3 * r + 1] = ltt;
+      lse[3 * r + 2] = ls1;
+    }
+  });
+}
+
+template <typename T>
+void bwd_rows(const T* s, const T* t, const int64_t* y, const float* lse, float scale, int64_t rows,
+              int64_t v, double eta, double temperature, int64_t ignore_index, T* grad) {
+  const float it = float(1.0 / temperature);
+  const float ca = float(double(scale) * eta * temperature);
+  const float cb = float(double(scale) * (1.0 - eta));
+  const RowFns fns = row_fns(t != nullptr, temperature == 1.0);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sbuf, tbuf, gbuf;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* gr = grad + r * v;
+      if (y[r] == ignore_index) {
+        std::memset(static_cast<void*>(gr), 0, sizeof(T) * size_t(v));
+        continue;
+      }
+      const float* sr = row_f32(s + r * v, v, sbuf);
+      const float* tr = t ? row_f32(t + r * v, v, tbuf) : nullptr;
+      float* g = grad_f32(gr, v, gbuf);
+      fns.grad(sr, tr, v, it, lse[3 * r], lse[3 * r + 1], lse[3 * r + 2], ca, cb, g);
+      g[y[r]] -= cb;
+      grad_store(g, v, gr);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cpu(
+    const at::Tensor& student, const c10::optional<at::Tensor>& teacher_opt,
+    const at::Tensor& labels, double temperature, int64_t ignore_index) {
+  const char* op = "distill_fwd";
+  const at::Tensor teacher = teacher_opt.value_or(at::Tensor());
+  check_distill_args(op, student, teacher, labels, temperature);
+  const int64_t rows = student.size(0), v = student.size(1);
+  check_labels_cpu(op, labels, v, ignore_index);
+  const auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({rows}, f32), ce = at::empty({rows}, f32);
+  at::Tensor lse = at::empty({rows, 3}, f32);
+  AT_DISPATCH_SWITCH(
+      student.scalar_type(), "distill_fwd", AT_DISPATCH_CASE(at::kFloat, [&] {
+        fwd_rows<float>(student.const_data_ptr<float>(),
+                        teacher.defined() ? teacher.const_data_ptr<float>() : nullptr,
+                        labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
+                        kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
+      }) AT_DISPATCH_CASE(at::kHalf, [&] {
+        fwd_rows<c10::Half>(student.const_data_ptr<c10::Half>(),
+                            teacher.defined() ? teacher.const_data_ptr<c10::Half>() : nullptr,
+                            labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
+                            kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
+      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        fwd_rows<c10::BFloat16>(
+            student.const_data_ptr<c10::BFloat16>(),
+            teacher.defined() ? teacher.const_data_ptr<c10::BFloat16>() : nullptr,
+            labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
+            kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
+      }));
+  return {kl, ce, lse};
+}
+
+at::Tensor distill_bwd_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher_opt,
+                           const at::Tensor& labels, const at::Tensor& lse,
+                           const at::Tensor& grad_scale, double eta, double temperature,
+                           int64_t ignore_index) {
+  const char* op = "distill_bwd";
+  const at::Tensor teacher = teacher_opt.value_or(at::Tensor());
+  check_distill_args(op, student, teacher, labels, temperature);
+  check_distill_bwd_args(op, student, teacher, lse, grad_scale, eta);
+  const int64_t rows = student.size(0), v = student.size(1);
+  check_labels_cpu(op, labels, v, ignore_index);
+  const float scale = grad_scale.item<float>();
+  at::Tensor grad = at::empty_like(student);
+  AT_DISPATCH_SWITCH(
+      student.scalar_type(), "distill_bwd", AT_DISPATCH_CASE(at::kFloat, [&] {
+        bwd_rows<float>(student.const_data_ptr<float>(),
+                        teacher.defined() ? teacher.const_data_ptr<float>() : nullptr,
+                        labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale, rows,
+                        v, eta, temperature, ignore_index, grad.data_ptr<float>());
+      }) AT_DISPATCH_CASE(at::kHalf, [&] {
+        bwd_rows<c10::Half>(student.const_data_ptr<c10::Half>(),
+                            teacher.defined() ? teacher.const_data_ptr<c10::Half>() : nullptr,
+                            labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale,
+                            rows, v, eta, temperature, ignore_index, grad.data_ptr<c10::Half>());
+      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        bwd_rows<c10::BFloat16>(
+            student.const_data_ptr<c10::BFloat16>(),
+            teacher.defined() ? teacher.const_data_ptr<c10::BFloat16>() : nullptr,
+            labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale, rows, v, eta,
+            temperature, ignore_index, grad.data_ptr<c10::BFloat16>());
+      }));
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cast_ext, CPU, m) {
+  m.impl("distill_fwd", &distill_fwd_cpu);
+  m.impl("distill_bwd", &distill_bwd_cpu);
+}
+
+}  // namespace cast_ext

@@ -1,0 +1,216 @@
+"""The fused distillation loss ops (``cast_ext.ops.distill_fwd`` / ``distill_bwd``) against
+``cast_ext.reference`` on every device built, and ``cast.distill_loss`` through them.
+
+The kernels sum in another order than torch's ``logsumexp`` (and the CPU one uses a polynomial
+exp), so floats are compared to fp32 rounding; ignored rows, flags and errors exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, dtype_id, requires_cuda
+from torch import Tensor
+
+import cast_ext
+from cast_ext import cast, ops, reference
+
+# one element; shorter than a vector; odd lengths; longer than the CUDA block's pass (2048)
+SHAPES = [(1, 1), (3, 7), (5, 33), (17, 1000), (4, 4099)]
+GRAD_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def make(
+    rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0, scale: float = 4.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+    t = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+    if rows > 2:
+        y[1] = -100
+    return s.to(device), t.to(device), y.to(device)
+
+
+def assert_fwd_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], what: str) -> None:
+    for name, g, w in zip(("kl", "ce", "lse"), got, want, strict=True):
+        assert g.dtype == torch.float32 and g.shape == w.shape, f"{what} {name}"
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+@pytest.mark.parametrize("teacher", [True, False], ids=["kl+ce", "ce"])
+def test_matches_reference(device: str, dtype: torch.dtype, temp: float, teacher: bool) -> None:
+    eta = 0.3 if teacher else 0.0
+    for rows, vocab in SHAPES:
+        s, t, y = make(rows, vocab, dtype, device, seed=rows)
+        t = t if teacher else None
+        what = f"[{rows}x{vocab}] {device}"
+        got = ops.distill_fwd(s, t, y, temperature=temp)
+        want = reference.distill_fwd(s, t, y, temp)
+        assert_fwd_close(got, want, what)
+        scale = torch.tensor(0.7, device=device)
+        g = ops.distill_bwd(s, t, y, got[2], scale, eta=eta, temperature=temp)
+        w = reference.distill_bwd(s, t, y, want[2], scale, eta, temp)
+        assert g.dtype == dtype and g.shape == s.shape
+        tol = GRAD_TOL[dtype]
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=what)
+        if rows > 2:  # the ignored row: zeros everywhere
+            assert not bool(got[0][1] or got[1][1] or got[2][1].any() or g[1].any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extremes(device: str) -> None:
+    """Logits in the hundreds (a softmax of one-hots) stay finite and match; a teacher equal to
+    the student gives a KL of exactly 0; a NaN makes its own row NaN and no other."""
+    s, t, y = make(6, 500, torch.float32, device, seed=3, scale=300.0)
+    assert_fwd_close(ops.distill_fwd(s, t, y), reference.distill_fwd(s, t, y), "large")
+    kl, _, _ = ops.distill_fwd(s, s.clone(), y, temperature=1.7)
+    assert bool((kl == 0).all()), kl
+    s[4, 17] = float("nan")
+    kl, ce, _ = ops.distill_fwd(s, t, y)
+    assert math.isnan(float(kl[4])) and math.isnan(float(ce[4]))
+    others = [0, 2, 3, 5]
+    assert bool(kl[others].isfinite().all() and ce[others].isfinite().all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignore_index_and_empty(device: str) -> None:
+    s, t, y = make(5, 40, torch.float32, device, seed=4)
+    y[1], y[3] = 2, -1  # with ignore_index=-1, -100 would be a bad label
+    got = ops.distill_fwd(s, t, y, ignore_index=-1)
+    want = reference.distill_fwd(s, t, y, 1.0, -1)
+    assert_fwd_close(got, want, "ignore_index=-1")
+    assert float(got[1][3]) == 0.0 and float(got[1][1]) != 0.0
+    empty = torch.empty(0, 40, device=device)
+    kl, _, lse = ops.distill_fwd(empty, empty, torch.empty(0, dtype=torch.long, device=device))
+    assert kl.shape == (0,) and lse.shape == (0, 3)
+    no_labels = torch.empty(0, dtype=torch.long, device=device)
+    loss = cast.distill_loss(empty.requires_grad_(), empty, no_labels)
+    assert float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_labels_raise(device: str) -> None:
+    s, t, y = make(4, 30, torch.float32, device, seed=5)
+    y[2] = 30
+    with pytest.raises(RuntimeError, match=r"cast_ext\.distill_fwd: labels of shape \[4\] hold a "
+                       r"value outside \[0, 30\) that is not ignore_index \(-100\)"):  # fmt: skip
+        ops.distill_fwd(s, t, y)
+    y[2] = -5
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.distill_fwd(s, t, y)
+    with pytest.raises(ValueError, match=r"labels\[2\] = -5 is outside \[0, 30\)"):
+        reference.distill_fwd(s, t, y)
+
+
+@requires_cuda
+def test_cuda_label_check_off() -> None:
+    """With the CUDA value checks off nothing syncs: a bad label gives a NaN CE on its row."""
+    s, t, y = make(4, 30, torch.float32, "cuda", seed=6)
+    y[2] = 31
+    cast_ext.set_cuda_value_checks(False)
+    try:
+        _, ce, _ = ops.distill_fwd(s, t, y)
+    finally:
+        cast_ext.set_cuda_value_checks(True)
+    assert math.isnan(float(ce[2])) and bool(ce[[0, 1, 3]].isfinite().all())
+
+
+def _bad_calls(device: str) -> list[tuple[str, object]]:
+    s, t, y = make(4, 8, torch.float32, device, seed=7)
+    lse = ops.distill_fwd(s, t, y)[2]
+    one = torch.tensor(1.0, device=device)
+    fwd, bwd = ops.distill_fwd, ops.distill_bwd
+    return [
+        ("must be 2-D", lambda: fwd(s[None], t[None], y)),
+        ("has dtype Long", lambda: fwd(s.long(), None, y)),
+        ("has an empty vocab dim", lambda: fwd(s[:, :0], None, y)),
+        ("student of shape \\[4, 4\\] must be contiguous", lambda: fwd(s[:, ::2], None, y)),
+        ("teacher of shape \\[4, 7\\]", lambda: fwd(s, t[:, :7].contiguous(), y)),
+        ("teacher of shape \\[4, 8\\] and dtype Half", lambda: fwd(s, t.half(), y)),
+        ("labels of shape \\[3\\]", lambda: fwd(s, t, y[:3])),
+        ("labels of shape \\[4\\] and dtype Int", lambda: fwd(s, t, y.int())),
+        ("temperature must be finite and > 0, got 0", lambda: fwd(s, t, y, temperature=0.0)),
+        ("lse of shape \\[4, 2\\]", lambda: bwd(s, t, y, lse[:, :2], one, eta=0.5)),
+        ("grad_scale of shape \\[2\\]", lambda: bwd(s, t, y, lse, one.repeat(2), eta=0.5)),
+        (
+            "grad_scale of shape \\[\\] and dtype Double",
+            lambda: bwd(s, t, y, lse, one.double(), eta=0.5),
+        ),
+        ("eta must be in \\[0, 1\\], got 1.5", lambda: bwd(s, t, y, lse, one, eta=1.5)),
+        ("teacher is None but eta = 0.5", lambda: bwd(s, None, y, lse, one, eta=0.5)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_clearly(device: str) -> None:
+    for pattern, call in _bad_calls(device):
+        with pytest.raises(RuntimeError, match=rf"cast_ext\.distill_(fwd|bwd): .*{pattern}"):
+            call()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device: str) -> None:
+    s, t, y = make(33, 3001, torch.float32, device, seed=8)
+    a = ops.distill_fwd(s, t, y)
+    b = ops.distill_fwd(s, t, y)
+    for x, z in zip(a, b, strict=True):
+        assert torch.equal(x, z)
+    scale = torch.tensor(0.01, device=device)
+    g1 = ops.distill_bwd(s, t, y, a[2], scale, eta=0.4)
+    g2 = ops.distill_bwd(s, t, y, a[2], scale, eta=0.4)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_opcheck(device: str, dtype: torch.dtype) -> None:
+    s, t, y = make(5, 24, dtype, device, seed=9)
+    torch.library.opcheck(torch.ops.cast_ext.distill_fwd.default, (s, t, y, 2.0, -100))
+    torch.library.opcheck(torch.ops.cast_ext.distill_fwd.default, (s, None, y))
+    lse = ops.distill_fwd(s, t, y)[2]
+    scale = torch.tensor(0.5, device=device)
+    torch.library.opcheck(torch.ops.cast_ext.distill_bwd.default, (s, t, y, lse, scale, 0.25))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_distill_loss_fused_equals_reference_path(device: str, dtype: torch.dtype) -> None:
+    """``distill_loss`` on the fused ops and on ``impl="reference"``: same loss, parts and
+    gradient (3-D logits, ignored positions, a teacher in another dtype)."""
+    s, t, _ = make(2 * 37, 301, dtype, device, seed=10)
+    s, t = s.view(2, 37, 301), t.view(2, 37, 301).float()
+    y = torch.randint(0, 301, (2, 37), device=device)
+    y[:, -1] = -100
+    out = {}
+    for impl in ("auto", "reference"):
+        x = s.detach().clone().requires_grad_()
+        loss, kl, ce = cast.distill_loss(
+            x, t, y, eta=0.4, temperature=1.5, impl=impl, chunk_size=16, return_parts=True
+        )
+        (3.0 * loss).backward()
+        out[impl] = (loss, kl, ce, x.grad)
+    for a, b in zip(out["auto"][:3], out["reference"][:3], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(out["auto"][3], out["reference"][3], atol=tol, rtol=tol)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_kernel_agrees_with_cpu_kernel(dtype: torch.dtype) -> None:
+    s, t, y = make(40, 5003, dtype, "cpu", seed=11)
+    cpu = ops.distill_fwd(s, t, y, temperature=1.3)
+    gpu = ops.distill_fwd(s.cuda(), t.cuda(), y.cuda(), temperature=1.3)
+    assert_fwd_close(tuple(x.cpu() for x in gpu), cpu, "cuda vs cpu")
+    scale = torch.tensor(0.2)
+    gc = ops.distill_bwd(s, t, y, cpu[2], scale, eta=0.6, temperature=1.3)
+    gg = ops.distill_bwd(s.cuda(), t.cuda(), y.cuda(), gpu[2], scale.cuda(), eta=0.6,
+                         temperature=1.3)  # fmt: skip
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(gg.cpu(), gc, atol=tol, rtol=tol)
