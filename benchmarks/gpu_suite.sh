@@ -9,7 +9,8 @@
 #        compute-sanitizer memcheck of every CUDA op (benchmarks/cuda_smoke.py, caching
 #        allocator off so an overrun cannot hide inside a pooled block), the mask and AdamS
 #        benchmarks;
-# bench: the GEMM benchmark (every LLaMA shape and M) and the CAST step benchmark;
+# bench: the GEMM benchmark (every LLaMA shape and M), the distillation loss benchmark and the
+#        CAST step benchmark;
 # all:   both (a machine without the device tool's 10-minute call limit).
 # The device tool runs `core`, then `bench` in a second call on the same warm machine (the build
 # is kept between calls, so the second one only checks it). The CPU-only tests are not run here:
@@ -105,6 +106,7 @@ if [[ "$PART" != core ]]; then
   # The GEMM benchmark writes its JSON after every weight shape, so a stage cut short still
   # leaves the shapes it finished.
   run_stage bench_sparse24_gemm 330 "$PY" -m benchmarks.bench_sparse24_gemm
+  run_stage bench_distill 60 "$PY" -m benchmarks.bench_distill
   run_stage bench_cast_step 120 "$PY" -m benchmarks.bench_cast_step
 fi
 step "done (part $PART, status $status${skipped[*]:+, skipped: ${skipped[*]}})"

@@ -426,6 +426,8 @@ class _DistillLoss(torch.autograd.Function):
         student, teacher, labels, lse, denom = ctx.saved_tensors
         eta, t_, ignore_index, chunk, fused = ctx.params
         scale = (g_loss / denom).float().reshape(())
+        if eta == 0.0:
+            teacher = None  # its term has weight 0: skip reading it
         if fused:
             grad = ops.distill_bwd(
                 student, teacher, labels, lse, scale, eta=eta, temperature=t_,
