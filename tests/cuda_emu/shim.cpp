@@ -80,8 +80,7 @@ int emu_distill_fwd(int dt, const void* student, const void* teacher, const int6
 
 int emu_distill_bwd(int dt, const void* student, const void* teacher, const int64_t* labels,
                     const float* lse, const float* grad_scale, int64_t rows, int64_t vocab,
-                    double eta, double temperature, int64_t ignore_index, void* grad,
-                    int num_sms) {
+                    double eta, double temperature, int64_t ignore_index, void* grad, int num_sms) {
   return cuda::distill_bwd(cuda::DType(dt), student, teacher, labels, lse, grad_scale, rows, vocab,
                            eta, temperature, ignore_index, grad, num_sms, nullptr);
 }
