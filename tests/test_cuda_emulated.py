@@ -84,6 +84,8 @@ DTYPE_CODE = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 MASK, PRUNE, COMPRESS = 0, 1, 2  # cast_ext::cuda::MaskOut
 CUDA_SUCCESS, CUDA_INVALID_VALUE, CUDA_INVALID_CONFIGURATION, CUDA_MISALIGNED = 0, 1, 9, 716
 THREADS = 256  # kThreads of both .cu files: one unit (packed-mask byte) per thread and pass
+# Thread orders between barriers: ascending, descending, random, warps running ahead (cuda_emu.h).
+SCHEDULES = (0, 1, 2, 3)
 
 # ---- rewriting the CUDA-only syntax ------------------------------------------------------------
 
@@ -198,7 +200,8 @@ class Emu:
         lib.cuda_emu_grids.restype = ctypes.c_longlong
 
     def configure(self, *, max_grid: int = 0, schedule: int = 0, seed: int = 1) -> None:
-        """Cap gridDim.x (0: none); thread order 0 ascending, 1 descending, 2 random(seed)."""
+        """Cap gridDim.x (0: none); thread order 0 ascending, 1 descending, 2 random(seed), 3 warp
+        by warp, the last first, each running ahead to its next barrier."""
         self.lib.cuda_emu_set_max_grid(max_grid)
         self.lib.cuda_emu_set_schedule(schedule, seed)
 
@@ -282,7 +285,7 @@ def test_emulator_reports_defects(emu: Emu) -> None:
     lanes = torch.arange(3 * 128).view(-1, 32)
     assert out[: lanes.shape[0]].tolist() == (lanes % 128).sum(1).tolist()
     assert emu.stats()["warp_syncs"] == 3 * 4 * 5 * 2
-    for schedule in (0, 1, 2):
+    for schedule in SCHEDULES:
         emu.configure(schedule=schedule, seed=7)
         assert run(1, 2, 64) == (CUDA_SUCCESS, "")  # shared_broadcast
         assert out[:128].tolist() == [100] * 64 + [101] * 64
@@ -293,6 +296,13 @@ def test_emulator_reports_defects(emu: Emu) -> None:
         raced = out[:128] != torch.tensor([100] * 64 + [101] * 64)
         assert bool(raced.any()) == (schedule != 0)
         assert bool((out[:128][raced] == -1).all())
+    # shared_reuse_race (no barrier after the read of a slot rewritten in the next pass): only
+    # warps running ahead (schedule 3) show it; thread 0 then reads pass 2's partial sums.
+    for schedule in SCHEDULES:
+        emu.configure(schedule=schedule, seed=7)
+        assert run(7, 1, 128) == (CUDA_SUCCESS, "")
+        want = [10, 20]  # warps 1..4 times (pass + 1)
+        assert (out[:2].tolist() != want) == (schedule == 3), (schedule, out[:2].tolist())
     emu.configure()
     faults = {3: "different lines", 4: "exited lane", 5: "deadlock", 6: "misaligned address"}
     for which, what in faults.items():
@@ -826,7 +836,8 @@ def call_adams(
 # (dtype, sparse, master, n, m, num_sms, schedule): num_sms 1 gives 8 blocks, so each block
 # strides over chunks of different tensors (the shared coefficients change between chunks);
 # schedules 0 and 1 run the threads between barriers in opposite orders (thread 0 first catches a
-# missing barrier after the shared read, thread 0 last one before it), 2 in a random order.
+# missing barrier after the shared read, thread 0 last one before it), 2 in a random order, 3 warp
+# by warp with the last warp running ahead.
 ADAMS_CASES = {
     "fp32-sparse-2:4": (torch.float32, True, False, 2, 4, 1, 0),
     "fp32-sparse-2:4-desc": (torch.float32, True, False, 2, 4, 1, 1),
@@ -836,6 +847,8 @@ ADAMS_CASES = {
     "fp32-dense": (torch.float32, False, False, 2, 4, 1, 1),
     "fp16-master-dense": (torch.float16, False, True, 2, 4, 3, 0),
     "bf16-master-dense": (torch.bfloat16, False, True, 2, 4, 1, 2),
+    "bf16-master-sparse-2:4-warps": (torch.bfloat16, True, True, 2, 4, 1, 3),
+    "fp32-dense-warps": (torch.float32, False, False, 2, 4, 2, 3),
 }
 
 
@@ -953,7 +966,7 @@ def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
         values, meta = reference.sparse24_compress(w)
         x = torch.randn(m, k, generator=gen).to(dtype)
         b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-        for schedule in (0, 1, 2):
+        for schedule in SCHEDULES:
             emu.configure(schedule=schedule, seed=m)
             rc, y, bad = run_gemv(emu, x, values, meta, b)
             assert (rc, bad) == (CUDA_SUCCESS, 0), (m, n, k)
@@ -1058,7 +1071,7 @@ def test_distill(emu: Emu, dtype: torch.dtype, temp: float, teacher: bool) -> No
         t = t if teacher else None
         want = reference.distill_fwd(s, t, y, temp)
         want_g = reference.distill_bwd(s, t, y, want[2], torch.tensor(0.7), eta, temp)
-        for schedule in (0, 1, 2):
+        for schedule in SCHEDULES:
             emu.configure(schedule=schedule, seed=rows)
             rc, got, bad = run_distill_fwd(emu, s, t, y, temp)
             what = f"[{rows}x{vocab}] schedule {schedule}"

@@ -122,43 +122,46 @@ std::vector<int> order(int n) {
   return o;
 }
 
+// Releases the warp sync of warp w if every lane named in its mask waits at it; true if released.
+bool release_warp(int w) {
+  const int l0 = w * 32, l1 = std::min(g.nthreads, l0 + 32);
+  int first = -1;
+  for (int l = l0; l < l1; ++l)
+    if (g.fibers[l].state == State::AtWarpSync) {
+      first = l;
+      break;
+    }
+  if (first < 0) return false;
+  const Fiber& f0 = g.fibers[first];
+  bool complete = true;
+  for (int l = l0; l < l1; ++l) {
+    const Fiber& f = g.fibers[l];
+    const bool named = (f0.mask >> (l - l0)) & 1u;
+    if (f.state == State::AtWarpSync && (f.mask != f0.mask || f.line != f0.line || !named)) {
+      set_fault("warp-synchronous calls disagree on the mask or call site (warp " +
+                std::to_string(w) + ", lines " + std::to_string(f0.line) + " and " +
+                std::to_string(f.line) + ")");
+    } else if (named && f.state == State::Done) {
+      set_fault("warp-synchronous call names an exited lane (warp " + std::to_string(w) +
+                ", lane " + std::to_string(l - l0) + ", line " + std::to_string(f0.line) + ")");
+    } else if (named && f.state != State::AtWarpSync) {
+      complete = false;
+    }
+  }
+  if (!complete) return false;
+  for (int l = l0; l < l1; ++l) {
+    if (g.fibers[l].state == State::AtWarpSync) g.fibers[l].state = State::Ready;
+  }
+  ++g.warp_syncs;
+  return true;
+}
+
 // Releases the complete waits of the block; false if none could be released (deadlock).
 bool release() {
   bool any = false;
   // Warp syncs: released once every lane named in the mask waits at the same call.
   const int nwarps = (g.nthreads + 31) / 32;
-  for (int w = 0; w < nwarps; ++w) {
-    const int l0 = w * 32, l1 = std::min(g.nthreads, l0 + 32);
-    int first = -1;
-    for (int l = l0; l < l1; ++l)
-      if (g.fibers[l].state == State::AtWarpSync) {
-        first = l;
-        break;
-      }
-    if (first < 0) continue;
-    const Fiber& f0 = g.fibers[first];
-    bool complete = true;
-    for (int l = l0; l < l1; ++l) {
-      const Fiber& f = g.fibers[l];
-      const bool named = (f0.mask >> (l - l0)) & 1u;
-      if (f.state == State::AtWarpSync && (f.mask != f0.mask || f.line != f0.line || !named)) {
-        set_fault("warp-synchronous calls disagree on the mask or call site (warp " +
-                  std::to_string(w) + ", lines " + std::to_string(f0.line) + " and " +
-                  std::to_string(f.line) + ")");
-      } else if (named && f.state == State::Done) {
-        set_fault("warp-synchronous call names an exited lane (warp " + std::to_string(w) +
-                  ", lane " + std::to_string(l - l0) + ", line " + std::to_string(f0.line) + ")");
-      } else if (named && f.state != State::AtWarpSync) {
-        complete = false;
-      }
-    }
-    if (!complete) continue;
-    for (int l = l0; l < l1; ++l) {
-      if (g.fibers[l].state == State::AtWarpSync) g.fibers[l].state = State::Ready;
-    }
-    ++g.warp_syncs;
-    any = true;
-  }
+  for (int w = 0; w < nwarps; ++w) any |= release_warp(w);
   if (any) return true;
   // Block barrier: released once every live thread waits at it (exited threads count as arrived).
   int first = -1;
@@ -193,12 +196,26 @@ void run_block(dim3 b) {
     makecontext(&f.ctx, fiber_entry, 0);
     f.state = State::Ready;
   }
+  const auto run = [](int t) {
+    g.current = t;
+    set_thread_index(t);
+    swapcontext(&g.scheduler, &g.fibers[t].ctx);
+  };
   for (;;) {
-    for (const int t : order(g.nthreads)) {
-      if (g.fibers[t].state != State::Ready) continue;
-      g.current = t;
-      set_thread_index(t);
-      swapcontext(&g.scheduler, &g.fibers[t].ctx);
+    if (g.schedule == 3) {
+      // Warps run ahead: the last warp first, each until its lanes wait at a block barrier or
+      // finish, its warp syncs released as soon as its own lanes arrive. On the device warps are
+      // independent between barriers, so a warp may write shared memory for its next pass before
+      // a lower warp has read what it wrote for this one: a missing barrier shows here.
+      for (int w = (g.nthreads + 31) / 32 - 1; w >= 0; --w) {
+        do {
+          for (int t = w * 32; t < std::min(g.nthreads, w * 32 + 32); ++t)
+            if (g.fibers[t].state == State::Ready) run(t);
+        } while (release_warp(w));
+      }
+    } else {
+      for (const int t : order(g.nthreads))
+        if (g.fibers[t].state == State::Ready) run(t);
     }
     bool done = true;
     for (int t = 0; t < g.nthreads && done; ++t) done = g.fibers[t].state == State::Done;
@@ -316,7 +333,8 @@ extern "C" {
 // gridDim.x = min(launch grid, max_grid) when max_grid > 0: forces grid-stride loops to iterate.
 void cuda_emu_set_max_grid(unsigned max_grid) { cuda_emu::g.max_grid = max_grid; }
 
-// 0: threads run in ascending order between barriers, 1: descending, 2: random from `seed`.
+// 0: threads run in ascending order between barriers, 1: descending, 2: random from `seed`,
+// 3: warp by warp, the last first, each running ahead to its next block barrier.
 void cuda_emu_set_schedule(int schedule, unsigned long long seed) {
   cuda_emu::g.schedule = schedule;
   cuda_emu::g.seed = seed != 0 ? seed : 1;

@@ -8,7 +8,10 @@
 // fiber waits, the waits that are complete are released (a block barrier once all live threads of
 // the block reached it, a warp sync once every lane named in its mask did). The order in which
 // fibers run between barriers is ascending, descending or seeded-random (cuda_emu_set_schedule),
-// which exposes missing barriers around shared memory. Blocks running one at a time makes
+// which exposes missing barriers around shared memory; a fourth schedule runs the block warp by
+// warp, the last warp first, each warp's syncs released as soon as its own lanes arrive, so a warp
+// runs ahead to its next block barrier (and past writes another warp has yet to read). Blocks
+// running one at a time makes
 // `__shared__` a static variable. The harness rewrites each `__shared__ T x;` into
 // `static T x; ::cuda_emu::shared_declared(&x, sizeof(x));`, which fills x with 0xFF bytes when the
 // first thread of a block passes the declaration, so a read before the block's first write shows.

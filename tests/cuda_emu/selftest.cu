@@ -63,6 +63,26 @@ __global__ void misaligned_vector(int* out) {
   out[threadIdx.x] = int(v.x & 0);
 }
 
+// Defect: per-warp partial sums pass through shared memory in a loop of 2 passes, with a barrier
+// before thread 0 reads them but none after, so a warp that runs ahead overwrites its slot with
+// the next pass's value before thread 0 has read this pass's (only a schedule in which warps run
+// ahead of each other shows it). out[pass] = sum over warps of (warp + 1) * (pass + 1).
+__global__ void shared_reuse_race(int* out) {
+  __shared__ int partial[32];
+  const int warp = int(threadIdx.x) / 32, nwarps = int(blockDim.x + 31) / 32;
+  for (int pass = 0; pass < 2; ++pass) {
+    int v = (warp + 1) * (pass + 1);
+    v = __shfl_down_sync(0xffffffffu, v, 0);  // warp-synchronous work before the write
+    if (threadIdx.x % 32 == 0) partial[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int sum = 0;
+      for (int w = 0; w < nwarps; ++w) sum += partial[w];
+      out[pass] = sum;
+    }
+  }
+}
+
 }  // namespace
 
 // Runs kernel `which` with `grid` x `block` threads on `out`; returns cudaGetLastError().
@@ -75,6 +95,7 @@ extern "C" int cuda_emu_selftest(int which, int grid, int block, int* out) {
     case 4: exited_lane_shuffle<<<grid, block>>>(out); break;
     case 5: deadlock<<<grid, block>>>(out); break;
     case 6: misaligned_vector<<<grid, block>>>(out); break;
+    case 7: shared_reuse_race<<<grid, block>>>(out); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
