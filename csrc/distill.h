@@ -43,11 +43,13 @@ inline void check_distill_args(const char* op, const at::Tensor& student, const 
              "temperature must be finite and > 0, got ", temperature);
 }
 
-// distill_bwd's extra inputs: lse [N, 3] fp32 (distill_fwd's), grad_scale a one-element fp32
-// tensor on the logits' device, eta in [0, 1] (0 when there is no teacher).
+// distill_bwd's inputs: distill_fwd's, plus lse [N, 3] fp32 (distill_fwd's output), grad_scale
+// a one-element fp32 tensor on the logits' device, eta in [0, 1] (0 when there is no teacher).
 inline void check_distill_bwd_args(const char* op, const at::Tensor& student,
-                                   const at::Tensor& teacher, const at::Tensor& lse,
-                                   const at::Tensor& grad_scale, double eta) {
+                                   const at::Tensor& teacher, const at::Tensor& labels,
+                                   const at::Tensor& lse, const at::Tensor& grad_scale, double eta,
+                                   double temperature) {
+  check_distill_args(op, student, teacher, labels, temperature);
   check_same_device(op, "lse", lse, "student", student);
   CAST_CHECK(lse.dim() == 2 && lse.size(0) == student.size(0) && lse.size(1) == 3 &&
                  lse.scalar_type() == at::kFloat && lse.is_contiguous(),

@@ -295,24 +295,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cpu(
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor kl = at::empty({rows}, f32), ce = at::empty({rows}, f32);
   at::Tensor lse = at::empty({rows, 3}, f32);
-  AT_DISPATCH_SWITCH(
-      student.scalar_type(), "distill_fwd", AT_DISPATCH_CASE(at::kFloat, [&] {
-        fwd_rows<float>(student.const_data_ptr<float>(),
-                        teacher.defined() ? teacher.const_data_ptr<float>() : nullptr,
-                        labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
-                        kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
-      }) AT_DISPATCH_CASE(at::kHalf, [&] {
-        fwd_rows<c10::Half>(student.const_data_ptr<c10::Half>(),
-                            teacher.defined() ? teacher.const_data_ptr<c10::Half>() : nullptr,
-                            labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
-                            kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
-      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        fwd_rows<c10::BFloat16>(
-            student.const_data_ptr<c10::BFloat16>(),
-            teacher.defined() ? teacher.const_data_ptr<c10::BFloat16>() : nullptr,
-            labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
-            kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
-      }));
+  CAST_DISPATCH_FLOATS(student.scalar_type(), "distill_fwd", [&] {
+    fwd_rows<scalar_t>(student.const_data_ptr<scalar_t>(),
+                       teacher.defined() ? teacher.const_data_ptr<scalar_t>() : nullptr,
+                       labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
+                       kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>());
+  });
   return {kl, ce, lse};
 }
 
@@ -322,30 +310,17 @@ at::Tensor distill_bwd_cpu(const at::Tensor& student, const c10::optional<at::Te
                            int64_t ignore_index) {
   const char* op = "distill_bwd";
   const at::Tensor teacher = teacher_opt.value_or(at::Tensor());
-  check_distill_args(op, student, teacher, labels, temperature);
-  check_distill_bwd_args(op, student, teacher, lse, grad_scale, eta);
+  check_distill_bwd_args(op, student, teacher, labels, lse, grad_scale, eta, temperature);
   const int64_t rows = student.size(0), v = student.size(1);
   check_labels_cpu(op, labels, v, ignore_index);
   const float scale = grad_scale.item<float>();
   at::Tensor grad = at::empty_like(student);
-  AT_DISPATCH_SWITCH(
-      student.scalar_type(), "distill_bwd", AT_DISPATCH_CASE(at::kFloat, [&] {
-        bwd_rows<float>(student.const_data_ptr<float>(),
-                        teacher.defined() ? teacher.const_data_ptr<float>() : nullptr,
-                        labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale, rows,
-                        v, eta, temperature, ignore_index, grad.data_ptr<float>());
-      }) AT_DISPATCH_CASE(at::kHalf, [&] {
-        bwd_rows<c10::Half>(student.const_data_ptr<c10::Half>(),
-                            teacher.defined() ? teacher.const_data_ptr<c10::Half>() : nullptr,
-                            labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale,
-                            rows, v, eta, temperature, ignore_index, grad.data_ptr<c10::Half>());
-      }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        bwd_rows<c10::BFloat16>(
-            student.const_data_ptr<c10::BFloat16>(),
-            teacher.defined() ? teacher.const_data_ptr<c10::BFloat16>() : nullptr,
-            labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale, rows, v, eta,
-            temperature, ignore_index, grad.data_ptr<c10::BFloat16>());
-      }));
+  CAST_DISPATCH_FLOATS(student.scalar_type(), "distill_bwd", [&] {
+    bwd_rows<scalar_t>(student.const_data_ptr<scalar_t>(),
+                       teacher.defined() ? teacher.const_data_ptr<scalar_t>() : nullptr,
+                       labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), scale, rows,
+                       v, eta, temperature, ignore_index, grad.data_ptr<scalar_t>());
+  });
   return grad;
 }
 

@@ -50,8 +50,7 @@ at::Tensor distill_bwd_cuda(const at::Tensor& student, const c10::optional<at::T
                             int64_t ignore_index) {
   const char* op = "distill_bwd";
   const at::Tensor teacher = teacher_opt.value_or(at::Tensor());
-  check_distill_args(op, student, teacher, labels, temperature);
-  check_distill_bwd_args(op, student, teacher, lse, grad_scale, eta);
+  check_distill_bwd_args(op, student, teacher, labels, lse, grad_scale, eta, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad = at::empty_like(student);
   check_launch(op, cuda::distill_bwd(to_cuda_dtype(student.scalar_type()), student.const_data_ptr(),
