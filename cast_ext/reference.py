@@ -327,7 +327,8 @@ def distill_fwd(
     For a row ``r`` of the ``[N, V]`` logits whose label ``y = labels[r]`` is not
     ``ignore_index``, with ``T = temperature``:
 
-    * ``kl[r] = T^2 * KL(softmax(t / T) || softmax(s / T))`` (0 when ``teacher`` is None);
+    * ``kl[r] = T^2 * KL(softmax(t / T) || softmax(s / T))`` (0 when ``teacher`` is None; a
+      teacher logit of -inf, probability 0, adds 0 to the sum);
     * ``ce[r] = logsumexp(s) - s[y]``;
     * ``lse[r] = (logsumexp(s / T), logsumexp(t / T), logsumexp(s))`` (the middle one 0 when
       ``teacher`` is None), what :func:`distill_bwd` needs to rebuild the softmaxes.
@@ -351,7 +352,9 @@ def distill_fwd(
         t = teacher.float()
         lt = torch.log_softmax(t / temperature, dim=-1)
         ls = torch.log_softmax(s / temperature, dim=-1)
-        kl = (lt.exp() * (lt - ls)).sum(-1) * (temperature * temperature)
+        # p_t * (log p_t - log q): 0 where p_t = 0 (a teacher logit of -inf), whatever q is
+        terms = torch.where(lt == float("-inf"), 0.0, lt.exp() * (lt - ls))
+        kl = terms.sum(-1) * (temperature * temperature)
         lse_tt = torch.logsumexp(t / temperature, dim=-1)
     zero = torch.zeros((), dtype=torch.float32, device=s.device)
     kl, ce = torch.where(valid, kl, zero), torch.where(valid, ce, zero)

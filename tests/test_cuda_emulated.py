@@ -1089,7 +1089,8 @@ def test_distill(emu: Emu, dtype: torch.dtype, temp: float, teacher: bool) -> No
 
 def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     """A label outside [0, V) raises the flag and gives a NaN CE on its row only (the same
-    outputs with a null flag); a teacher equal to the student gives a KL of exactly 0."""
+    outputs with a null flag); a teacher equal to the student gives a KL of exactly 0; logits of
+    -inf in both models (a masked vocabulary) add nothing."""
     gen = torch.Generator().manual_seed(42)
     s, t, y = distill_inputs(5, 100, torch.float32, gen)
     y[3] = 100
@@ -1103,6 +1104,15 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     y[3] = 7
     rc, got, _ = run_distill_fwd(emu, s, s.clone(), y, 1.7)
     assert rc == CUDA_SUCCESS and bool((got[0] == 0).all()), got[0]
+    # a masked vocabulary (-inf in both models) equals the unmasked columns alone
+    y = torch.where(y == -100, y, y % 90)
+    s[:, 90:] = float("-inf")
+    t[:, 90:] = float("-inf")
+    rc, got, _ = run_distill_fwd(emu, s, t, y, 1.0)
+    want = reference.distill_fwd(s[:, :90].contiguous(), t[:, :90].contiguous(), y)
+    assert rc == CUDA_SUCCESS
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
 
 
 # ---- null flags ------------------------------------------------------------------------------

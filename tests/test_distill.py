@@ -82,6 +82,26 @@ def test_extremes(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_masked_vocabulary(device: str, temp: float) -> None:
+    """Logits of -inf in both models (padded vocabulary entries, probability 0) change nothing:
+    the terms and the gradient equal those of the unmasked columns alone."""
+    s, t, y = make(5, 70, torch.float32, device, seed=12)
+    y = torch.where(y == -100, y, y % 60)
+    s[:, 60:] = float("-inf")
+    t[:, 60:] = float("-inf")
+    s_, t_ = s[:, :60].contiguous(), t[:, :60].contiguous()
+    got = ops.distill_fwd(s, t, y, temperature=temp)
+    assert_fwd_close(got, reference.distill_fwd(s_, t_, y, temp), "masked vs cut")
+    assert_fwd_close(reference.distill_fwd(s, t, y, temp), got, "reference, masked")
+    scale = torch.tensor(0.5, device=device)
+    g = ops.distill_bwd(s, t, y, got[2], scale, eta=0.5, temperature=temp)
+    want = reference.distill_bwd(s_, t_, y, got[2], scale, 0.5, temp)
+    torch.testing.assert_close(g[:, :60], want, atol=1e-6, rtol=1e-6)
+    assert bool((g[:, 60:].abs() < 1e-30).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ignore_index_and_empty(device: str) -> None:
     s, t, y = make(5, 40, torch.float32, device, seed=4)
     y[1], y[3] = 2, -1  # with ignore_index=-1, -100 would be a bad label

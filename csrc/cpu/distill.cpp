@@ -9,10 +9,11 @@
 //             + (1 - eta) exp(s - lse_s1)), then the label's element gets -scale (1 - eta).
 // Nothing [N, V]-sized is allocated besides the gradient itself (fp16/bf16 rows are converted
 // into per-thread fp32 row buffers). The sums run in 16 fp32 lanes (GCC vectorises the fixed-width
-// lane loops; x86-64-v4/v3/baseline versions picked at run time, csrc/cpu/isa.h) with exp_lanes'
+// lane loops; x86-64-v4/v3/baseline versions picked at run time, csrc/cpu/isa.h) with exp_lane's
 // polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
 // reduced over the lanes at the end of the row. Rows whose label is ignore_index are skipped
-// (zeros out). Non-finite logits propagate to NaN as in torch's log_softmax.
+// (zeros out). A teacher logit of -inf (a masked vocabulary entry: probability 0) adds nothing to
+// the KL; other non-finite logits propagate as in torch's log_softmax.
 // Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
 // Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
 // Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
@@ -101,7 +102,7 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
     if (kTeacher) {
       const float e = exp_lane((tv - mt) * it);
       zt[j] += e;
-      a[j] += e * ((tv - sv) * it);
+      a[j] += tv == -std::numeric_limits<float>::infinity() ? 0.f : e * ((tv - sv) * it);
     }
   };
   int64_t i = 0;

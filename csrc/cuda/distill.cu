@@ -12,7 +12,8 @@
 // from the saved log-sum-exps; the label's element gets -scale (1 - eta). Loads are coalesced
 // (consecutive threads, consecutive elements; four per thread in flight). Rows whose label is
 // ignore_index are skipped (zeros out). A label outside [0, V) sets *bad_label (when given) and
-// gives a NaN CE; NaN logits propagate to NaN.
+// gives a NaN CE; a teacher logit of -inf (probability 0) adds nothing to the KL; NaN logits
+// propagate to NaN.
 // Math: fp32, expf/logf (not the fast intrinsics). The CPU kernel (csrc/cpu/distill.cpp) sums in
 // another order: both are compared with the reference within fp32 rounding, not bit for bit.
 // Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32.
@@ -76,7 +77,7 @@ __device__ __forceinline__ void push(RowState& st, float s, float t, float it) {
     } else {
       const float e = exp_rel(t, st.mt, it);
       st.zt += e;
-      st.a += e * d;
+      st.a += t == -INFINITY ? 0.f : e * d;  // a teacher probability of 0 adds nothing
     }
   }
 }
