@@ -10,7 +10,9 @@
 // each logit once (2 N V elements) and the backward reads them once more and writes the gradient
 // once (3 N V): exp(s/T - lse_sT), exp(t/T - lse_tT) and exp(s - lse_s1) rebuild the softmaxes
 // from the saved log-sum-exps; the label's element gets -scale (1 - eta). Loads are coalesced
-// (consecutive threads, consecutive elements; four per thread in flight). Rows whose label is
+// (consecutive threads, consecutive elements; four per thread and tensor in flight). The max moves
+// once per four elements, so the sums are rescaled once per four; exponentials are exp2f with
+// log2(e) folded in, guards are selects: nothing branches on the data. Rows whose label is
 // ignore_index are skipped (zeros out). A label outside [0, V) sets *bad_label (when given) and
 // gives a NaN CE; a teacher logit of -inf (probability 0) adds nothing to the KL; NaN logits
 // propagate to NaN.
@@ -33,17 +35,14 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;
-constexpr int kBlocksPerSm = 4;
+constexpr int kMinBlocksPerSm = 4;  // 2048 resident threads on sm_80/sm_90: at most 32 registers
+constexpr float kLog2e = 1.4426950408889634f;
 
-// exp((x - m) * it) for an element joining a state whose max is m (0 for x = -inf, also when
-// m = -inf; NaN stays NaN).
-__device__ __forceinline__ float exp_rel(float x, float m, float it) {
-  return x == -INFINITY ? 0.f : expf((x - m) * it);
-}
-
-// The rescale factor of a state whose max m moves up to m_new (0 when m = -inf: nothing summed).
-__device__ __forceinline__ float rescale(float m, float m_new, float it) {
-  return m == -INFINITY ? 0.f : expf((m - m_new) * it);
+// exp((x - m) * it) as exp2((x - m) * k) with k = it * log2(e): 0 for x = -inf, also when
+// m = -inf (a select, not a branch); NaN stays NaN. exp2f is one MUFU.EX2 (plus its denormal
+// fix-up), where expf adds a range reduction.
+__device__ __forceinline__ float exp_rel(float x, float m, float k) {
+  return exp2f(x == -INFINITY ? -INFINITY : (x - m) * k);
 }
 
 // One thread's online softmax sums of a row (see the header). Trivial (a __shared__ array of it
@@ -57,41 +56,51 @@ __device__ __forceinline__ RowState empty_state() {
   return RowState{-INFINITY, 0.f, 0.f, -INFINITY, 0.f, 0.f};
 }
 
+// Adds kUnroll elements (padding beyond the row is -inf in both: it adds nothing). The max moves
+// once per chunk, so the sums are rescaled once per chunk, and nothing branches on the data.
+// k = log2(e) / T; k1 = log2(e); `it` = 1 / T for the KL's (t - s) / T.
 template <bool kTeacher, bool kT1>
-__device__ __forceinline__ void push(RowState& st, float s, float t, float it) {
-  if (s > st.ms) {
-    st.zs = st.zs * rescale(st.ms, s, it) + 1.f;
-    if (!kT1) st.z1 = st.z1 * rescale(st.ms, s, 1.f) + 1.f;
-    st.ms = s;
-  } else {
-    st.zs += exp_rel(s, st.ms, it);
-    if (!kT1) st.z1 += exp_rel(s, st.ms, 1.f);
+__device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
+                                     const float (&tv)[kUnroll], float it, float k, float k1) {
+  float ms = st.ms;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) ms = fmaxf(ms, sv[u]);  // fmaxf ignores NaN; the sums don't
+  float zs = 0.f, z1 = 0.f;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    zs += exp_rel(sv[u], ms, k);
+    if (!kT1) z1 += exp_rel(sv[u], ms, k1);
   }
+  st.zs = st.zs * exp_rel(st.ms, ms, k) + zs;
+  if (!kT1) st.z1 = st.z1 * exp_rel(st.ms, ms, k1) + z1;
+  st.ms = ms;
   if (kTeacher) {
-    const float d = (t - s) * it;
-    if (t > st.mt) {
-      const float c = rescale(st.mt, t, it);
-      st.zt = st.zt * c + 1.f;
-      st.a = st.a * c + d;
-      st.mt = t;
-    } else {
-      const float e = exp_rel(t, st.mt, it);
-      st.zt += e;
-      st.a += t == -INFINITY ? 0.f : e * d;  // a teacher probability of 0 adds nothing
+    float mt = st.mt;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) mt = fmaxf(mt, tv[u]);
+    float zt = 0.f, a = 0.f;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const float e = exp_rel(tv[u], mt, k);
+      zt += e;
+      a += tv[u] == -INFINITY ? 0.f : e * ((tv[u] - sv[u]) * it);  // p_t = 0 adds nothing
     }
+    const float c = exp_rel(st.mt, mt, k);
+    st.zt = st.zt * c + zt;
+    st.a = st.a * c + a;
+    st.mt = mt;
   }
 }
 
 template <bool kTeacher, bool kT1>
-__device__ __forceinline__ void merge(RowState& x, const RowState& y, float it) {
+__device__ __forceinline__ void merge(RowState& x, const RowState& y, float k, float k1) {
   const float ms = fmaxf(x.ms, y.ms);
-  const float cx = rescale(x.ms, ms, it), cy = rescale(y.ms, ms, it);
-  x.zs = x.zs * cx + y.zs * cy;
-  if (!kT1) x.z1 = x.z1 * rescale(x.ms, ms, 1.f) + y.z1 * rescale(y.ms, ms, 1.f);
+  x.zs = x.zs * exp_rel(x.ms, ms, k) + y.zs * exp_rel(y.ms, ms, k);
+  if (!kT1) x.z1 = x.z1 * exp_rel(x.ms, ms, k1) + y.z1 * exp_rel(y.ms, ms, k1);
   x.ms = ms;
   if (kTeacher) {
     const float mt = fmaxf(x.mt, y.mt);
-    const float dx = rescale(x.mt, mt, it), dy = rescale(y.mt, mt, it);
+    const float dx = exp_rel(x.mt, mt, k), dy = exp_rel(y.mt, mt, k);
     x.zt = x.zt * dx + y.zt * dy;
     x.a = x.a * dx + y.a * dy;
     x.mt = mt;
@@ -110,13 +119,14 @@ __device__ __forceinline__ RowState shfl_state(const RowState& s, int lane_mask)
 }
 
 template <typename T, bool kTeacher, bool kT1>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     distill_fwd_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                        const int64_t* __restrict__ labels, int64_t rows, int64_t v, float it,
                        float t2, int64_t ignore_index, float* __restrict__ kl,
                        float* __restrict__ ce, float* __restrict__ lse, int* bad_label) {
   __shared__ RowState warp_states[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float k = it * kLog2e;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     if (y == ignore_index) {  // the same for the whole block
@@ -134,16 +144,14 @@ __global__ void __launch_bounds__(kThreads)
         sv[u] = j < v ? Conv<T>::to(s[j]) : -INFINITY;
         tv[u] = kTeacher && j < v ? Conv<T>::to(t[j]) : -INFINITY;
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (j0 + int64_t(u) * kThreads < v) push<kTeacher, kT1>(st, sv[u], tv[u], it);
+      push<kTeacher, kT1>(st, sv, tv, it, k, kLog2e);
     }
 #pragma unroll
-    for (int off = 16; off >= 1; off /= 2) merge<kTeacher, kT1>(st, shfl_state(st, off), it);
+    for (int off = 16; off >= 1; off /= 2) merge<kTeacher, kT1>(st, shfl_state(st, off), k, kLog2e);
     if (lane == 0) warp_states[warp] = st;
     __syncthreads();
     if (tid == 0) {
-      for (int w = 1; w < kWarps; ++w) merge<kTeacher, kT1>(st, warp_states[w], it);
+      for (int w = 1; w < kWarps; ++w) merge<kTeacher, kT1>(st, warp_states[w], k, kLog2e);
       const float lst = st.ms * it + logf(st.zs);
       const float ls1 = kT1 ? lst : st.ms + logf(st.z1);
       const float ltt = kTeacher ? st.mt * it + logf(st.zt) : 0.f;
@@ -163,14 +171,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, bool kTeacher, bool kT1>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     distill_bwd_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                        const int64_t* __restrict__ labels, const float* __restrict__ lse,
                        const float* __restrict__ grad_scale, int64_t rows, int64_t v, float it,
                        float eta_t, float one_minus_eta, int64_t ignore_index,
                        T* __restrict__ grad) {
   const float scale = *grad_scale;
-  const float ca = scale * eta_t, cb = scale * one_minus_eta;
+  const float ca = scale * eta_t, cb = scale * one_minus_eta, k = it * kLog2e;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     const T* s = student + r * v;
@@ -180,7 +188,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t j = threadIdx.x; j < v; j += kThreads) g[j] = Conv<T>::from(0.f);
       continue;
     }
-    const float lst = lse[3 * r], ltt = lse[3 * r + 1], ls1 = lse[3 * r + 2];
+    // exp(s / T - lse) as exp2(s k - lse log2(e)), k = log2(e) / T
+    const float lst = lse[3 * r] * kLog2e, ltt = lse[3 * r + 1] * kLog2e;
+    const float ls1 = lse[3 * r + 2] * kLog2e;
     for (int64_t j0 = threadIdx.x; j0 < v; j0 += int64_t(kThreads) * kUnroll) {
       float sv[kUnroll], tv[kUnroll];
 #pragma unroll
@@ -193,9 +203,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t j = j0 + int64_t(u) * kThreads;
         if (j >= v) break;
-        const float es = expf(sv[u] * it - lst);
-        float out = cb * (kT1 ? es : expf(sv[u] - ls1));
-        if (kTeacher) out += ca * (es - expf(tv[u] * it - ltt));
+        const float es = exp2f(sv[u] * k - lst);
+        float out = cb * (kT1 ? es : exp2f(sv[u] * kLog2e - ls1));
+        if (kTeacher) out += ca * (es - exp2f(tv[u] * k - ltt));
         if (j == y) out -= cb;
         g[j] = Conv<T>::from(out);
       }
@@ -203,8 +213,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int grid_for(int64_t rows, int num_sms) {
-  const int64_t cap = int64_t(num_sms > 0 ? num_sms : 1) * kBlocksPerSm;
+// Blocks resident on the device at once (the grid-stride loops take the rest of the rows).
+int grid_for(int64_t rows, int num_sms, int threads_per_sm) {
+  const int per_sm =
+      threads_per_sm / kThreads < kMinBlocksPerSm ? threads_per_sm / kThreads : kMinBlocksPerSm;
+  const int64_t cap = int64_t(num_sms > 0 ? num_sms : 1) * (per_sm > 0 ? per_sm : 1);
   return int(rows < cap ? rows : cap);
 }
 
@@ -249,11 +262,11 @@ cudaError_t bwd_typed(const void* s, const void* t, const int64_t* labels, const
 cudaError_t distill_fwd(DType dt, const void* student, const void* teacher, const int64_t* labels,
                         int64_t rows, int64_t vocab, double temperature, int64_t ignore_index,
                         float* kl, float* ce, float* lse, int* bad_label, int num_sms,
-                        cudaStream_t stream) {
+                        int threads_per_sm, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const float it = float(1.0 / temperature), t2 = float(temperature * temperature);
   const bool t1 = temperature == 1.0;
-  const int grid = grid_for(rows, num_sms);
+  const int grid = grid_for(rows, num_sms, threads_per_sm);
   switch (dt) {
     case DType::F32:
       return fwd_typed<float>(student, teacher, labels, rows, vocab, it, t2, t1, ignore_index, kl,
@@ -271,12 +284,12 @@ cudaError_t distill_fwd(DType dt, const void* student, const void* teacher, cons
 cudaError_t distill_bwd(DType dt, const void* student, const void* teacher, const int64_t* labels,
                         const float* lse, const float* grad_scale, int64_t rows, int64_t vocab,
                         double eta, double temperature, int64_t ignore_index, void* grad,
-                        int num_sms, cudaStream_t stream) {
+                        int num_sms, int threads_per_sm, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const float it = float(1.0 / temperature);
   const float eta_t = float(eta * temperature), one_minus_eta = float(1.0 - eta);
   const bool t1 = temperature == 1.0;
-  const int grid = grid_for(rows, num_sms);
+  const int grid = grid_for(rows, num_sms, threads_per_sm);
   switch (dt) {
     case DType::F32:
       return bwd_typed<float>(student, teacher, labels, lse, grad_scale, rows, vocab, it, eta_t,

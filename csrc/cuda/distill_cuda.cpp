@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 
 #include "cast_ext.h"
 #include "cuda/glue.h"
@@ -20,7 +21,11 @@
 namespace cast_ext {
 namespace {
 
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+// The current device's SM count and resident threads per SM (they size the grid).
+std::pair<int, int> sm_shape() {
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return {p->multiProcessorCount, p->maxThreadsPerMultiProcessor};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cuda(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher_opt,
@@ -33,13 +38,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cuda(
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor kl = at::empty({rows}, f32), ce = at::empty({rows}, f32);
   at::Tensor lse = at::empty({rows, 3}, f32);
-  DeviceFlag flag(student, true);
+  DeviceFlag flag(student, rows > 0);
+  const auto [sms, threads_per_sm] = sm_shape();
   check_launch(
       op, cuda::distill_fwd(to_cuda_dtype(student.scalar_type()), student.const_data_ptr(),
                             teacher.defined() ? teacher.const_data_ptr() : nullptr,
                             labels.const_data_ptr<int64_t>(), rows, v, temperature, ignore_index,
                             kl.data_ptr<float>(), ce.data_ptr<float>(), lse.data_ptr<float>(),
-                            flag.ptr(), num_sms(), at::cuda::getCurrentCUDAStream()));
+                            flag.ptr(), sms, threads_per_sm, at::cuda::getCurrentCUDAStream()));
   check_label_flag(op, labels, v, ignore_index, flag.raised());
   return {kl, ce, lse};
 }
@@ -53,12 +59,14 @@ at::Tensor distill_bwd_cuda(const at::Tensor& student, const c10::optional<at::T
   check_distill_bwd_args(op, student, teacher, labels, lse, grad_scale, eta, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad = at::empty_like(student);
-  check_launch(op, cuda::distill_bwd(to_cuda_dtype(student.scalar_type()), student.const_data_ptr(),
-                                     teacher.defined() ? teacher.const_data_ptr() : nullptr,
-                                     labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
-                                     grad_scale.const_data_ptr<float>(), student.size(0),
-                                     student.size(1), eta, temperature, ignore_index,
-                                     grad.data_ptr(), num_sms(), at::cuda::getCurrentCUDAStream()));
+  const auto [sms, threads_per_sm] = sm_shape();
+  check_launch(
+      op, cuda::distill_bwd(to_cuda_dtype(student.scalar_type()), student.const_data_ptr(),
+                            teacher.defined() ? teacher.const_data_ptr() : nullptr,
+                            labels.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
+                            grad_scale.const_data_ptr<float>(), student.size(0), student.size(1),
+                            eta, temperature, ignore_index, grad.data_ptr(), sms, threads_per_sm,
+                            at::cuda::getCurrentCUDAStream()));
   return grad;
 }
 

@@ -94,19 +94,19 @@ cudaError_t adams_step(DType dt, bool master, bool sparse, const AdamsTensorArgs
 // Logits [rows, vocab] row-major (teacher nullptr: no KL term, eta must be 0 in the backward),
 // labels [rows] int64, lse [rows, 3] fp32. `bad_label` (device int zeroed by the caller, or
 // nullptr) is set if a label that is not ignore_index lies outside [0, vocab). grad_scale: a
-// device fp32 read by the kernel. num_sms sizes the grid.
+// device fp32 read by the kernel. num_sms and threads_per_sm (the device's) size the grid.
 namespace cast_ext {
 namespace cuda {
 
 cudaError_t distill_fwd(DType dt, const void* student, const void* teacher, const int64_t* labels,
                         int64_t rows, int64_t vocab, double temperature, int64_t ignore_index,
                         float* kl, float* ce, float* lse, int* bad_label, int num_sms,
-                        cudaStream_t stream);
+                        int threads_per_sm, cudaStream_t stream);
 
 cudaError_t distill_bwd(DType dt, const void* student, const void* teacher, const int64_t* labels,
                         const float* lse, const float* grad_scale, int64_t rows, int64_t vocab,
                         double eta, double temperature, int64_t ignore_index, void* grad,
-                        int num_sms, cudaStream_t stream);
+                        int num_sms, int threads_per_sm, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cast_ext

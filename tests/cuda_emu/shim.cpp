@@ -75,14 +75,14 @@ int emu_distill_fwd(int dt, const void* student, const void* teacher, const int6
                     int64_t rows, int64_t vocab, double temperature, int64_t ignore_index,
                     float* kl, float* ce, float* lse, int num_sms, int* bad_label) {
   return cuda::distill_fwd(cuda::DType(dt), student, teacher, labels, rows, vocab, temperature,
-                           ignore_index, kl, ce, lse, bad_label, num_sms, nullptr);
+                           ignore_index, kl, ce, lse, bad_label, num_sms, 2048, nullptr);
 }
 
 int emu_distill_bwd(int dt, const void* student, const void* teacher, const int64_t* labels,
                     const float* lse, const float* grad_scale, int64_t rows, int64_t vocab,
                     double eta, double temperature, int64_t ignore_index, void* grad, int num_sms) {
   return cuda::distill_bwd(cuda::DType(dt), student, teacher, labels, lse, grad_scale, rows, vocab,
-                           eta, temperature, ignore_index, grad, num_sms, nullptr);
+                           eta, temperature, ignore_index, grad, num_sms, 2048, nullptr);
 }
 
 // The stubs' conversions (Conv<T> of csrc/cuda/vec8.cuh uses them), elementwise on raw bits, so
