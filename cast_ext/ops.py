@@ -623,7 +623,9 @@ def distill_bwd(
     respect to ``student`` (one read of each row, one write), from :func:`distill_fwd`'s ``lse``.
 
     See :func:`cast_ext.reference.distill_bwd`. ``grad_scale`` is a one-element fp32 tensor on
-    the logits' device (read on the device on CUDA: no sync).
+    the logits' device (read on the device on CUDA: no sync). The labels are those
+    :func:`distill_fwd` checked: the CPU kernel checks them again, the CUDA kernel does not (an
+    out-of-range label there adds no one-hot term).
 
     Returns:
         The gradient, ``student``'s shape and dtype.

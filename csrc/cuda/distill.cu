@@ -5,22 +5,23 @@
 // thread walks its strided share of the row once, keeping an online softmax state for the
 // student (running max, sum exp((s - max) / T) and, when T != 1, sum exp(s - max)) and for the
 // teacher (running max, sum exp((t - max) / T), sum exp((t - max) / T) (t - s) / T), rescaled when
-// the max grows; the states are merged across the warp with shuffles and across warps in shared
-// memory, and thread 0 writes the row's KL, CE and the three log-sum-exps. So the forward reads
-// each logit once (2 N V elements) and the backward reads them once more and writes the gradient
-// once (3 N V): exp(s/T - lse_sT), exp(t/T - lse_tT) and exp(s - lse_s1) rebuild the softmaxes
-// from the saved log-sum-exps; the label's element gets -scale (1 - eta). Loads are coalesced
-// (consecutive threads, consecutive elements; four per thread and tensor in flight). The max moves
-// once per four elements, so the sums are rescaled once per four; exponentials are exp2f with
-// log2(e) folded in, guards are selects: nothing branches on the data. Rows whose label is
-// ignore_index are skipped (zeros out). A label outside [0, V) sets *bad_label (when given) and
-// gives a NaN CE; a teacher logit of -inf (probability 0) adds nothing to the KL; NaN logits
-// propagate to NaN.
-// Math: fp32, expf/logf (not the fast intrinsics). The CPU kernel (csrc/cpu/distill.cpp) sums in
-// another order: both are compared with the reference within fp32 rounding, not bit for bit.
-// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32.
-// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype). Archs: sm80+ (any, really).
-// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
+// the max grows (the whole block: 512 threads, 4 resident per SM); the states are merged across the
+// warp with shuffles and across warps in shared memory, and thread 0 writes the row's KL, CE and
+// the three log-sum-exps. So the forward reads each logit once (2 N V elements) and the backward
+// reads them once more and writes the gradient once (3 N V): exp(s/T - lse_sT), exp(t/T - lse_tT)
+// and exp(s - lse_s1) rebuild the softmaxes from the saved log-sum-exps; the label's element gets
+// -scale (1 - eta). Loads are coalesced (consecutive threads, consecutive elements; four per thread
+// and tensor in flight). The max moves once per four elements, so the sums are rescaled once per
+// four; exponentials are exp2f with log2(e) folded in, guards are selects: nothing branches on the
+// data. Rows whose label is ignore_index are skipped (zeros out). A label outside [0, V) sets
+// *bad_label (when given) and gives a NaN CE; a teacher logit of -inf (probability 0) adds nothing
+// to the KL; NaN logits propagate to NaN. Math: fp32, exp2f/logf (not the fast intrinsics
+// __expf/__logf). The backward trusts the labels the forward checked (an out-of-range one then adds
+// no one-hot term). The CPU kernel (csrc/cpu/distill.cpp) sums in another order: both are compared
+// with the reference within fp32 rounding, not bit for bit. Layout: contiguous [N, V] logits, [N]
+// int64 labels, [N, 3] fp32 lse; grad_scale a device fp32. Dtypes: fp32, fp16, bf16 logits (teacher
+// in the student's dtype). Archs: sm80+ (any, really). Reference: cast_ext/reference.py
+// distill_fwd, distill_bwd.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
