@@ -363,7 +363,7 @@ def shift_labels(input_ids: Tensor, ignore_index: int = -100) -> Tensor:
 
 def _fused_distill(student: Tensor, impl: str) -> bool:
     """Whether the fused ops (cast_ext::distill_fwd/bwd) take these logits."""
-    if impl == "reference" or student.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if impl == "reference" or student.dtype not in ops._FLOATS:
         return False
     return student.device.type == "cpu" or (
         student.device.type == "cuda" and _build.cuda_kernels_available()

@@ -5,8 +5,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "cast_ext.h"
 
@@ -62,6 +64,14 @@ inline void check_distill_bwd_args(const char* op, const at::Tensor& student,
   CAST_CHECK(eta >= 0.0 && eta <= 1.0, op, "eta must be in [0, 1], got ", eta);
   CAST_CHECK(teacher.defined() || eta == 0.0, op, "teacher is None but eta = ", eta,
              " (the KL term needs the teacher's logits)");
+}
+
+// distill_fwd's outputs for student [N, V]: kl [N], ce [N], lse [N, 3], fp32, on its device.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_outputs(
+    const at::Tensor& student) {
+  const auto f32 = student.options().dtype(at::kFloat);
+  const int64_t rows = student.size(0);
+  return {at::empty({rows}, f32), at::empty({rows}, f32), at::empty({rows, 3}, f32)};
 }
 
 inline void check_label_flag(const char* op, const at::Tensor& labels, int64_t vocab,

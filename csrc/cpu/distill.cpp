@@ -139,18 +139,11 @@ __attribute__((always_inline)) inline void row_grad(const float* s, const float*
                                              float* g) {                                          \
     row_grad<TEACHER, T1>(s, t, n, it, lst, ltt, ls1, ca, cb, g);                                 \
   }
-#define CAST_DISTILL_LEVEL(LEVEL, ATTR)                                                  \
-  ATTR float row_max_##LEVEL(const float* x, int64_t n) { return row_max(x, n); }        \
-  ATTR void bf16_row_##LEVEL(const c10::BFloat16* src, int64_t n, float* dst) {          \
-    const uint16_t* b = reinterpret_cast<const uint16_t*>(src);                          \
-    for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16); \
-  }                                                                                      \
-  ATTR void row_bf16_##LEVEL(const float* src, int64_t n, c10::BFloat16* dst) {          \
-    for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);                      \
-  }                                                                                      \
-  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, false)                                       \
-  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, true)                                        \
-  CAST_DISTILL_VARIANTS(LEVEL, ATTR, true, false)                                        \
+#define CAST_DISTILL_LEVEL(LEVEL, ATTR)                                           \
+  ATTR float row_max_##LEVEL(const float* x, int64_t n) { return row_max(x, n); } \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, false)                                \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, false, true)                                 \
+  CAST_DISTILL_VARIANTS(LEVEL, ATTR, true, false)                                 \
   CAST_DISTILL_VARIANTS(LEVEL, ATTR, true, true)
 CAST_DISTILL_LEVEL(v4, CAST_TARGET_V4)
 CAST_DISTILL_LEVEL(v3, CAST_TARGET_V3)
@@ -181,22 +174,16 @@ RowFns row_fns(bool teacher, bool t1) {
 
 float max_dispatch(const float* x, int64_t n) { return CAST_ISA_CALL(row_max, x, n); }
 
-// A row of logits as fp32: the data itself for fp32, else converted into `buf`.
+// A row of logits as fp32: the data itself for fp32, else converted into `buf` (vec.h).
 const float* row_f32(const float* src, int64_t, std::vector<float>&) { return src; }
 const float* row_f32(const c10::BFloat16* src, int64_t n, std::vector<float>& buf) {
   buf.resize(size_t(n));
-  CAST_ISA_CALL(bf16_row, src, n, buf.data());
+  bf16_to_float(src, n, buf.data());
   return buf.data();
 }
 const float* row_f32(const c10::Half* src, int64_t n, std::vector<float>& buf) {
   buf.resize(size_t(n));
-#if defined(__x86_64__)
-  if (cpu_isa() >= CpuIsa::Avx2) {
-    f16_to_f32_f16c(src, n, buf.data());
-    return buf.data();
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) buf[size_t(i)] = static_cast<float>(src[i]);
+  half_to_float(src, n, buf.data());
   return buf.data();
 }
 
@@ -208,15 +195,8 @@ float* grad_f32(T*, int64_t n, std::vector<float>& buf) {
   return buf.data();
 }
 void grad_store(const float*, int64_t, float*) {}
-void grad_store(const float* src, int64_t n, c10::BFloat16* dst) {
-  CAST_ISA_CALL(row_bf16, src, n, dst);
-}
-void grad_store(const float* src, int64_t n, c10::Half* dst) {
-#if defined(__x86_64__)
-  if (cpu_isa() >= CpuIsa::Avx2) return f32_to_f16_f16c(src, n, dst);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
-}
+void grad_store(const float* src, int64_t n, c10::BFloat16* dst) { float_to_bf16(src, n, dst); }
+void grad_store(const float* src, int64_t n, c10::Half* dst) { float_to_half(src, n, dst); }
 
 void check_labels_cpu(const char* op, const at::Tensor& labels, int64_t vocab,
                       int64_t ignore_index) {
@@ -293,9 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cpu(
   check_distill_args(op, student, teacher, labels, temperature);
   const int64_t rows = student.size(0), v = student.size(1);
   check_labels_cpu(op, labels, v, ignore_index);
-  const auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({rows}, f32), ce = at::empty({rows}, f32);
-  at::Tensor lse = at::empty({rows, 3}, f32);
+  at::Tensor kl, ce, lse;  // named, not structured bindings: C++17 lambdas cannot capture those
+  std::tie(kl, ce, lse) = distill_fwd_outputs(student);
   CAST_DISPATCH_FLOATS(student.scalar_type(), "distill_fwd", [&] {
     fwd_rows<scalar_t>(student.const_data_ptr<scalar_t>(),
                        teacher.defined() ? teacher.const_data_ptr<scalar_t>() : nullptr,

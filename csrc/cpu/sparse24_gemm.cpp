@@ -101,15 +101,11 @@ C10_ALWAYS_INLINE uint32_t expand_groups(const float* __restrict v, const uint8_
   return bad;
 }
 
-// One version per instruction-set level (isa.h) of the row expansion and the bf16 conversion.
+// One version per instruction-set level (isa.h) of the row expansion.
 #define CAST_EXPAND_LEVEL(LEVEL, ATTR)                                                     \
   ATTR uint32_t expand_groups_##LEVEL(const float* v, const uint8_t* meta, int64_t groups, \
                                       float* dst) {                                        \
     return expand_groups(v, meta, groups, dst);                                            \
-  }                                                                                        \
-  ATTR void bf16_to_float_##LEVEL(const c10::BFloat16* src, int64_t n, float* dst) {       \
-    const uint16_t* b = reinterpret_cast<const uint16_t*>(src);                            \
-    for (int64_t i = 0; i < n; ++i) dst[i] = c10::bit_cast<float>(uint32_t(b[i]) << 16);   \
   }
 CAST_EXPAND_LEVEL(v4, CAST_TARGET_V4)
 CAST_EXPAND_LEVEL(v3, CAST_TARGET_V3)
@@ -117,16 +113,6 @@ CAST_EXPAND_LEVEL(base, )
 #undef CAST_EXPAND_LEVEL
 uint32_t expand_groups_dispatch(const float* v, const uint8_t* meta, int64_t groups, float* dst) {
   return CAST_ISA_CALL(expand_groups, v, meta, groups, dst);
-}
-void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
-  CAST_ISA_CALL(bf16_to_float, src, n, dst);
-}
-// fp16 to fp32 with F16C from the v3 level on (vec.h).
-void half_to_float(const c10::Half* src, int64_t n, float* dst) {
-#if defined(__x86_64__)
-  if (cpu_isa() >= CpuIsa::Avx2) return f16_to_f32_f16c(src, n, dst);
-#endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 template <typename T>  // dtypes the op's checks refuse still instantiate the dispatch

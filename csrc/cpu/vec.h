@@ -1,6 +1,7 @@
-// Small vector helpers shared by the CPU kernels (adams.cpp, sparse24_gemm.cpp).
+// Small vector helpers shared by the CPU kernels (adams.cpp, sparse24_gemm.cpp, distill.cpp).
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -46,5 +47,12 @@ __attribute__((target("avx,f16c"))) inline void f32_to_f16_f16c(const float* src
   for (; i < n; ++i) dst[i] = c10::Half(_cvtss_sh(src[i], kRne), c10::Half::from_bits());
 }
 #endif
+
+// Rows of n elements between bf16/fp16 and fp32 (round to nearest even), each at the best
+// instruction-set level the CPU has (convert.cpp).
+void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst);
+void float_to_bf16(const float* src, int64_t n, c10::BFloat16* dst);
+void half_to_float(const c10::Half* src, int64_t n, float* dst);
+void float_to_half(const float* src, int64_t n, c10::Half* dst);
 
 }  // namespace cast_ext

@@ -35,9 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_fwd_cuda(
   check_distill_args(op, student, teacher, labels, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t rows = student.size(0), v = student.size(1);
-  const auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({rows}, f32), ce = at::empty({rows}, f32);
-  at::Tensor lse = at::empty({rows, 3}, f32);
+  at::Tensor kl, ce, lse;
+  std::tie(kl, ce, lse) = distill_fwd_outputs(student);
   DeviceFlag flag(student, rows > 0);
   const auto [sms, threads_per_sm] = sm_shape();
   check_launch(
