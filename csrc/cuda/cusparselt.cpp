@@ -429,6 +429,12 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
                                   const at::TensorOptions& opts, cudaStream_t stream) {
   const std::string what = p.what();
   const std::string akey = p.alg_key();
+  // The bucket keeps the default algorithm; a fresh plan (the searched selection's state is
+  // unknown).
+  const auto use_default = [&] {
+    g_algs[akey] = AlgConfig{};
+    return build_plan(op, h, p, p.bias_ptr, nullptr);
+  };
   at::Generator gen =
       at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
   gen.set_current_seed(0x2a4);
@@ -454,8 +460,7 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
     ++g_search_failures;
     TORCH_WARN("cast_ext.", op, ": cuSPARSELt's algorithm search failed for ", what,
                "; using the default algorithm. ", e.what_without_backtrace());
-    g_algs[akey] = AlgConfig{};
-    return build_plan(op, h, p, p.bias_ptr, nullptr);
+    return use_default();
   }
   matmul_locked(op, h, *pl, p, wc, x, y, stream);
   if ((y.to(at::kFloat) - want).abs().max().item<float>() > 0.02f * scale) {
@@ -464,8 +469,7 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
                ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode,
                ") disagrees with the default algorithm for ", what,
                " (the weight was compressed for another layout); using the default.");
-    g_algs[akey] = AlgConfig{};
-    return build_plan(op, h, p, p.bias_ptr, nullptr);
+    return use_default();
   }
   pl->searched = true;
   g_algs[akey] = pl->cfg;
