@@ -738,12 +738,16 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _write_results(results: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], None] = print):
     """Print the table and verdict; write ``results.json`` and ``demo.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results["table"] = table(results)
     results["verdict"] = verdict(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    _write_results(results, out_dir)
     png = out_dir / "demo.png"
     have_png = plot(results, png)
     say("")
@@ -841,8 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         env["gpu"] = torch.cuda.get_device_name(device)
 
     def partial(results: dict[str, Any]) -> None:  # what a run cut short leaves behind
-        text = json.dumps({**results, **env}, indent=1, default=str)
-        (out / "results.json").write_text(text)
+        _write_results({**results, **env}, out)
 
     results = run_all(
         model, data, preset, log_path=log_path, progress=not args.no_progress, on_run=partial
