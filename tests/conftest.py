@@ -137,3 +137,21 @@ def gemm_tol(dtype: torch.dtype, k: int) -> float:
     The output rounding of ``dtype`` (its TOL rtol) plus fp32 accumulation (k * 2^-24).
     """
     return TOL[dtype][0] + 2.0 * k * 2.0**-24
+
+
+# ---- distillation loss tests -----------------------------------------------------------
+
+
+def distill_inputs(
+    rows: int, vocab: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+    scale: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Student and teacher logits ``[rows, vocab]`` and labels; row 1 ignored (-100) when there
+    are more than 2 rows."""
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+    t = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+    if rows > 2:
+        y[1] = -100
+    return s.to(device), t.to(device), y.to(device)

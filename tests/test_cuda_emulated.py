@@ -51,7 +51,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ADAMS_HP, ADAMS_LIST_KEYS, adams_args, assert_adams_state_close, clone_lists
+from conftest import (
+    ADAMS_HP,
+    ADAMS_LIST_KEYS,
+    adams_args,
+    assert_adams_state_close,
+    clone_lists,
+    distill_inputs,
+)
 from torch import Tensor
 
 import cast_ext
@@ -1019,17 +1026,6 @@ def test_sparse24_gemv_refuses_what_it_cannot_run(emu: Emu) -> None:
 DISTILL_SHAPES = [(1, 1), (3, 7), (2, 2049), (9, 300)]
 
 
-def distill_inputs(
-    rows: int, vocab: int, dtype: torch.dtype, gen: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    s = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
-    t = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
-    y = torch.randint(0, vocab, (rows,), generator=gen)
-    if rows > 2:
-        y[1] = -100  # an ignored row
-    return s, t, y
-
-
 def run_distill_fwd(
     emu: Emu, s: Tensor, t: Tensor | None, y: Tensor, temp: float, null_flag: bool = False
 ) -> tuple[int, tuple[Tensor, Tensor, Tensor], int]:
@@ -1064,10 +1060,9 @@ def run_distill_bwd(
 def test_distill(emu: Emu, dtype: torch.dtype, temp: float, teacher: bool) -> None:
     """Forward terms and gradient against the reference (fp32 math, other summation order: to
     fp32 rounding), every thread schedule; the grid-stride loop over rows; no flag."""
-    gen = torch.Generator().manual_seed(41)
     eta = 0.3 if teacher else 0.0
     for rows, vocab in DISTILL_SHAPES:
-        s, t, y = distill_inputs(rows, vocab, dtype, gen)
+        s, t, y = distill_inputs(rows, vocab, dtype, seed=rows)
         t = t if teacher else None
         want = reference.distill_fwd(s, t, y, temp)
         want_g = reference.distill_bwd(s, t, y, want[2], torch.tensor(0.7), eta, temp)
@@ -1091,8 +1086,7 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     """A label outside [0, V) raises the flag and gives a NaN CE on its row only (the same
     outputs with a null flag); a teacher equal to the student gives a KL of exactly 0; logits of
     -inf in both models (a masked vocabulary) add nothing."""
-    gen = torch.Generator().manual_seed(42)
-    s, t, y = distill_inputs(5, 100, torch.float32, gen)
+    s, t, y = distill_inputs(5, 100, torch.float32, seed=42)
     y[3] = 100
     rc, got, bad = run_distill_fwd(emu, s, t, y, 1.0)
     assert (rc, bad) == (CUDA_SUCCESS, 1)

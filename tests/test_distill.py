@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, dtype_id, requires_cuda
+from conftest import DEVICES, DTYPES, distill_inputs, dtype_id, requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -23,18 +23,6 @@ from cast_ext import cast, ops, reference
 # one element; shorter than a vector; odd lengths; longer than the CUDA block's pass (2048)
 SHAPES = [(1, 1), (3, 7), (5, 33), (17, 1000), (4, 4099)]
 GRAD_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def make(
-    rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0, scale: float = 4.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    s = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
-    t = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
-    y = torch.randint(0, vocab, (rows,), generator=gen)
-    if rows > 2:
-        y[1] = -100
-    return s.to(device), t.to(device), y.to(device)
 
 
 def assert_fwd_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], what: str) -> None:
@@ -50,7 +38,7 @@ def assert_fwd_close(got: tuple[Tensor, ...], want: tuple[Tensor, ...], what: st
 def test_matches_reference(device: str, dtype: torch.dtype, temp: float, teacher: bool) -> None:
     eta = 0.3 if teacher else 0.0
     for rows, vocab in SHAPES:
-        s, t, y = make(rows, vocab, dtype, device, seed=rows)
+        s, t, y = distill_inputs(rows, vocab, dtype, device, seed=rows)
         t = t if teacher else None
         what = f"[{rows}x{vocab}] {device}"
         got = ops.distill_fwd(s, t, y, temperature=temp)
@@ -70,7 +58,7 @@ def test_matches_reference(device: str, dtype: torch.dtype, temp: float, teacher
 def test_extremes(device: str) -> None:
     """Logits in the hundreds (a softmax of one-hots) stay finite and match; a teacher equal to
     the student gives a KL of exactly 0; a NaN makes its own row NaN and no other."""
-    s, t, y = make(6, 500, torch.float32, device, seed=3, scale=300.0)
+    s, t, y = distill_inputs(6, 500, torch.float32, device, seed=3, scale=300.0)
     assert_fwd_close(ops.distill_fwd(s, t, y), reference.distill_fwd(s, t, y), "large")
     kl, _, _ = ops.distill_fwd(s, s.clone(), y, temperature=1.7)
     assert bool((kl == 0).all()), kl
@@ -86,7 +74,7 @@ def test_extremes(device: str) -> None:
 def test_masked_vocabulary(device: str, temp: float) -> None:
     """Logits of -inf in both models (padded vocabulary entries, probability 0) change nothing:
     the terms and the gradient equal those of the unmasked columns alone."""
-    s, t, y = make(5, 70, torch.float32, device, seed=12)
+    s, t, y = distill_inputs(5, 70, torch.float32, device, seed=12)
     y = torch.where(y == -100, y, y % 60)
     s[:, 60:] = float("-inf")
     t[:, 60:] = float("-inf")
@@ -103,7 +91,7 @@ def test_masked_vocabulary(device: str, temp: float) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ignore_index_and_empty(device: str) -> None:
-    s, t, y = make(5, 40, torch.float32, device, seed=4)
+    s, t, y = distill_inputs(5, 40, torch.float32, device, seed=4)
     y[1], y[3] = 2, -1  # with ignore_index=-1, -100 would be a bad label
     got = ops.distill_fwd(s, t, y, ignore_index=-1)
     want = reference.distill_fwd(s, t, y, 1.0, -1)
@@ -119,7 +107,7 @@ def test_ignore_index_and_empty(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_labels_raise(device: str) -> None:
-    s, t, y = make(4, 30, torch.float32, device, seed=5)
+    s, t, y = distill_inputs(4, 30, torch.float32, device, seed=5)
     y[2] = 30
     with pytest.raises(RuntimeError, match=r"cast_ext\.distill_fwd: labels of shape \[4\] hold a "
                        r"value outside \[0, 30\) that is not ignore_index \(-100\)"):  # fmt: skip
@@ -134,7 +122,7 @@ def test_bad_labels_raise(device: str) -> None:
 @requires_cuda
 def test_cuda_label_check_off() -> None:
     """With the CUDA value checks off nothing syncs: a bad label gives a NaN CE on its row."""
-    s, t, y = make(4, 30, torch.float32, "cuda", seed=6)
+    s, t, y = distill_inputs(4, 30, torch.float32, "cuda", seed=6)
     y[2] = 31
     cast_ext.set_cuda_value_checks(False)
     try:
@@ -145,7 +133,7 @@ def test_cuda_label_check_off() -> None:
 
 
 def _bad_calls(device: str) -> list[tuple[str, object]]:
-    s, t, y = make(4, 8, torch.float32, device, seed=7)
+    s, t, y = distill_inputs(4, 8, torch.float32, device, seed=7)
     lse = ops.distill_fwd(s, t, y)[2]
     one = torch.tensor(1.0, device=device)
     fwd, bwd = ops.distill_fwd, ops.distill_bwd
@@ -179,7 +167,7 @@ def test_bad_arguments_raise_clearly(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic(device: str) -> None:
-    s, t, y = make(33, 3001, torch.float32, device, seed=8)
+    s, t, y = distill_inputs(33, 3001, torch.float32, device, seed=8)
     a = ops.distill_fwd(s, t, y)
     b = ops.distill_fwd(s, t, y)
     for x, z in zip(a, b, strict=True):
@@ -193,7 +181,7 @@ def test_deterministic(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_opcheck(device: str, dtype: torch.dtype) -> None:
-    s, t, y = make(5, 24, dtype, device, seed=9)
+    s, t, y = distill_inputs(5, 24, dtype, device, seed=9)
     torch.library.opcheck(torch.ops.cast_ext.distill_fwd.default, (s, t, y, 2.0, -100))
     torch.library.opcheck(torch.ops.cast_ext.distill_fwd.default, (s, None, y))
     lse = ops.distill_fwd(s, t, y)[2]
@@ -206,7 +194,7 @@ def test_opcheck(device: str, dtype: torch.dtype) -> None:
 def test_distill_loss_fused_equals_reference_path(device: str, dtype: torch.dtype) -> None:
     """``distill_loss`` on the fused ops and on ``impl="reference"``: same loss, parts and
     gradient (3-D logits, ignored positions, a teacher in another dtype)."""
-    s, t, _ = make(2 * 37, 301, dtype, device, seed=10)
+    s, t, _ = distill_inputs(2 * 37, 301, dtype, device, seed=10)
     s, t = s.view(2, 37, 301), t.view(2, 37, 301).float()
     y = torch.randint(0, 301, (2, 37), device=device)
     y[:, -1] = -100
@@ -227,7 +215,7 @@ def test_distill_loss_fused_equals_reference_path(device: str, dtype: torch.dtyp
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_cuda_kernel_agrees_with_cpu_kernel(dtype: torch.dtype) -> None:
-    s, t, y = make(40, 5003, dtype, "cpu", seed=11)
+    s, t, y = distill_inputs(40, 5003, dtype, "cpu", seed=11)
     cpu = ops.distill_fwd(s, t, y, temperature=1.3)
     gpu = ops.distill_fwd(s.cuda(), t.cuda(), y.cuda(), temperature=1.3)
     assert_fwd_close(tuple(x.cpu() for x in gpu), cpu, "cuda vs cpu")

@@ -41,6 +41,16 @@ def _peak_growth(fn) -> int:
     return _hwm() - before
 
 
+def _cuda_peak_growth(fn) -> int:
+    """Bytes by which CUDA's allocated peak during ``fn()`` exceeds the allocation before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def _can_measure() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -77,12 +87,7 @@ def test_cpu_step_allocates_no_full_size_temporary() -> None:
 def test_cuda_step_allocates_no_full_size_temporary() -> None:
     _, opt = _model("cuda")
     opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    opt.step()
-    torch.cuda.synchronize()
-    grown = torch.cuda.max_memory_allocated() - base
+    grown = _cuda_peak_growth(opt.step)
     assert grown < LIMIT, f"the step's peak grew by {grown / 2**20:.1f} MiB"
 
 
@@ -121,10 +126,5 @@ def test_cpu_distill_loss_allocates_only_the_gradient() -> None:
 def test_cuda_distill_loss_allocates_only_the_gradient() -> None:
     step = _distill_step("cuda", "auto")
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    grown = torch.cuda.max_memory_allocated() - base
+    grown = _cuda_peak_growth(step)
     assert grown < PARAM_BYTES + LIMIT, f"fwd + bwd peak grew by {grown / 2**20:.1f} MiB"
