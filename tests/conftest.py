@@ -155,3 +155,13 @@ def distill_inputs(
     if rows > 2:
         y[1] = -100
     return s.to(device), t.to(device), y.to(device)
+
+
+def distill_inf_inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 logits ``[6, 40]`` with +inf entries: a student +inf off the label (row 0) and at it
+    (row 2), an ignored row (1), a teacher +inf (3), two student +infs (4); row 5 finite."""
+    s, t, y = distill_inputs(6, 40, torch.float32, seed=5)
+    inf = float("inf")
+    s[0, 3] = s[1, 0] = s[2, 7] = s[4, 1] = s[4, 2] = t[3, 11] = inf
+    y[0], y[2], y[4] = 0, 7, 9
+    return s.to(device), t.to(device), y.to(device)

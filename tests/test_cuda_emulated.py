@@ -57,6 +57,7 @@ from conftest import (
     adams_args,
     assert_adams_state_close,
     clone_lists,
+    distill_inf_inputs,
     distill_inputs,
 )
 from torch import Tensor
@@ -1107,6 +1108,24 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     assert rc == CUDA_SUCCESS
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+
+
+def test_distill_infinite_logits(emu: Emu) -> None:
+    """A +inf logit makes its row's log-sum-exps +inf (the thread sums are NaN there), so the
+    CE +inf, NaN where the label's own logit is +inf: forward and backward equal the
+    reference's NaN for NaN, with and without a teacher, at T = 1 and T != 1."""
+    s, t, y = distill_inf_inputs()
+    for teacher, eta in ((t, 0.3), (None, 0.0)):
+        for temp in (1.0, 2.5):
+            rc, got, bad = run_distill_fwd(emu, s, teacher, y, temp)
+            want = reference.distill_fwd(s, teacher, y, temp)
+            assert (rc, bad) == (CUDA_SUCCESS, 0)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, equal_nan=True)
+            rc, grad = run_distill_bwd(emu, s, teacher, y, got[2], 0.7, eta, temp)
+            want_g = reference.distill_bwd(s, teacher, y, want[2], torch.tensor(0.7), eta, temp)
+            assert rc == CUDA_SUCCESS
+            torch.testing.assert_close(grad, want_g, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
 # ---- null flags ------------------------------------------------------------------------------

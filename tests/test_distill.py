@@ -12,7 +12,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, distill_inputs, dtype_id, requires_cuda
+from conftest import (
+    DEVICES,
+    DTYPES,
+    distill_inf_inputs,
+    distill_inputs,
+    dtype_id,
+    requires_cuda,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -67,6 +74,29 @@ def test_extremes(device: str) -> None:
     assert math.isnan(float(kl[4])) and math.isnan(float(ce[4]))
     others = [0, 2, 3, 5]
     assert bool(kl[others].isfinite().all() and ce[others].isfinite().all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+def test_infinite_logits(device: str, temp: float) -> None:
+    """A +inf logit makes its row's log-sum-exps +inf, so its CE +inf (NaN where the label's own
+    logit is +inf), as torch.logsumexp and the reference give; the kernels' sums are NaN there
+    (exp(inf - inf)). Forward and backward match the reference NaN for NaN; other rows stay
+    finite."""
+    s, t, y = distill_inf_inputs(device)
+    scale = torch.tensor(0.7, device=device)
+    for teacher, eta in ((t, 0.3), (None, 0.0)):
+        got = ops.distill_fwd(s, teacher, y, temperature=temp)
+        want = reference.distill_fwd(s, teacher, y, temp)
+        for name, g, w in zip(("kl", "ce", "lse"), got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, equal_nan=True, msg=name)
+        assert float(got[1][0]) == math.inf and math.isnan(float(got[1][2]))
+        assert bool(got[2][[0, 2, 4]][:, [0, 2]].eq(math.inf).all())
+        assert bool(got[1][5].isfinite() and got[0][5].isfinite())
+        g = ops.distill_bwd(s, teacher, y, got[2], scale, eta=eta, temperature=temp)
+        w = reference.distill_bwd(s, teacher, y, want[2], scale, eta, temp)
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, equal_nan=True)
+        assert bool(g[5].isfinite().all())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,7 +13,8 @@
 // polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
 // reduced over the lanes at the end of the row. Rows whose label is ignore_index are skipped
 // (zeros out). A teacher logit of -inf (a masked vocabulary entry: probability 0) adds nothing to
-// the KL; other non-finite logits propagate as in torch's log_softmax.
+// the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's logit is
+// +inf), as in the reference; NaN logits propagate to NaN.
 // Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
 // Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
 // Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
@@ -206,6 +207,10 @@ void check_labels_cpu(const char* op, const at::Tensor& labels, int64_t vocab,
   check_label_flag(op, labels, vocab, ignore_index, bad);
 }
 
+// log-sum-exp from the max and the sum of exp(x - max): +inf when the max is +inf (as
+// torch.logsumexp gives; the sum is NaN there, from exp(inf - inf)).
+float lse_of(float max, float sum) { return max == INFINITY ? max : max + std::log(sum); }
+
 template <typename T>
 void fwd_rows(const T* s, const T* t, const int64_t* y, int64_t rows, int64_t v, double temperature,
               int64_t ignore_index, float* kl, float* ce, float* lse) {
@@ -227,9 +232,9 @@ void fwd_rows(const T* s, const T* t, const int64_t* y, int64_t rows, int64_t v,
       const float mt = tr ? max_dispatch(tr, v) : 0.f;
       float z[4];
       fns.sums(sr, tr, v, ms, mt, it, z);
-      const float lst = ms * it + std::log(z[0]);
-      const float ls1 = t1 ? lst : ms + std::log(z[3]);
-      const float ltt = tr ? mt * it + std::log(z[1]) : 0.f;
+      const float lst = lse_of(ms * it, z[0]);
+      const float ls1 = t1 ? lst : lse_of(ms, z[3]);
+      const float ltt = tr ? lse_of(mt * it, z[1]) : 0.f;
       kl[r] = tr ? t2 * (z[2] / z[1] - ltt + lst) : 0.f;
       ce[r] = ls1 - sr[y[r]];
       lse[3 * r] = lst;
