@@ -9,6 +9,14 @@ build against) passes ``-std=c++17``. This check takes torch 2.11's headers from
 
 Run: ``python scripts/check_cxx17.py`` (in the venv; needs nvcc and the nvidia-* wheels that a
 CUDA torch brings).
+
+``--full`` (not in CI; about 5 minutes on 2 cores) then goes as far as a machine without a GPU
+can towards the GPU machine's setup: it installs torch 2.11 itself (``pip install --target``,
+cached beside the headers, put first on ``PYTHONPATH``; the CUDA libraries come from the
+venv's nvidia-* wheels), copies the working tree (tracked and untracked, not ignored) to a
+temporary folder, builds the extension there against it (C++17, CUDA kernels included) and runs
+the test suite with torch 2.11, so a Python-side API that torch 2.11 lacks shows here too.
+Arguments after ``--full`` go to pytest.
 """
 
 from __future__ import annotations
@@ -44,6 +52,50 @@ def torch_headers() -> Path:
         shutil.rmtree(inc, ignore_errors=True)
         part.rename(inc)
     return inc / "torch" / "include"
+
+
+def full_check(pytest_args: list[str]) -> int:
+    """Build the working tree against torch ``TORCH`` and run the test suite with it."""
+    cache = Path(os.environ.get("CAST_EXT_CACHE", Path.home() / ".cache" / "cast_ext"))
+    site = cache / f"torch-{TORCH}-site"
+    if not (site / "torch" / "__init__.py").is_file():
+        part = site.with_name(site.name + f".tmp{os.getpid()}")
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(part)]
+        subprocess.run([*cmd, f"torch=={TORCH}"], check=True)
+        shutil.rmtree(site, ignore_errors=True)
+        part.rename(site)
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout.split("\0")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="cast_ext_torch211_") as tmp:
+        for rel in filter(None, files):
+            if (ROOT / rel).is_file():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, Path(tmp) / rel)
+        env = dict(os.environ, PYTHONPATH=str(site), CAST_EXT_CUDA="1")
+        env.setdefault("CUDA_HOME", "/usr/local/cuda")
+        env.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+        run = dict(cwd=tmp, env=env, check=False)
+        build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace"]
+        if subprocess.run(build, **run).returncode:
+            print(f"check_cxx17 --full: the build against torch {TORCH} FAILED", flush=True)
+            return 1
+        # The suite must run this build with torch TORCH, not the venv's editable install.
+        probe = (
+            "import cast_ext, torch, sys; print(torch.__version__, cast_ext._C.__file__); "
+            f"sys.exit(not (torch.__version__.startswith('{TORCH}') "
+            f"and cast_ext._C.__file__.startswith({tmp!r})))"
+        )
+        if subprocess.run([sys.executable, "-c", probe], **run).returncode:
+            print("check_cxx17 --full: the copy does not import its own build with torch "
+                  f"{TORCH}", flush=True)  # fmt: skip
+            return 1
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
+        rc = subprocess.run(cmd, **run).returncode
+    print(f"check_cxx17 --full: the test suite with torch {TORCH} "
+          f"{'passed' if rc == 0 else 'FAILED'}")  # fmt: skip
+    return 1 if rc else 0
 
 
 def nvidia_include(package: str) -> Path:
@@ -103,4 +155,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == 0 and sys.argv[1:2] == ["--full"]:
+        rc = full_check(sys.argv[2:])
+    sys.exit(rc)
