@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,9 @@ import cast_ext
 from cast_ext import _C
 
 EXPECT = os.environ.get("CAST_EXT_EXPECT_CUDA")
+ROOT = Path(__file__).resolve().parents[1]
+# Tracked files a source distribution leaves out: the repository's own tooling and results.
+SDIST_LEAVES_OUT = re.compile(r"\.ci/|\.clang-format$|\.gitignore$|benchmarks/results/")
 
 
 def all_ops() -> list[str]:
@@ -133,3 +138,24 @@ def test_cuda_smoke_script_runs_on_cpu() -> None:
     cuda_smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_smoke)
     cuda_smoke.main(["--device", "cpu"])
+
+
+def test_sdist_holds_every_source(tmp_path: Path) -> None:
+    """``pip install`` from a source distribution (what a package index serves) builds from the
+    sdist alone, and setuptools adds the sources it compiles but not the headers they include:
+    MANIFEST.in carries those. Every tracked file but the repository's tooling is in the sdist."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (CI also tests copies of the tree)")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
+    # A fresh egg-info: setuptools also lists the files of an existing SOURCES.txt.
+    cmd = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)]
+    cmd += ["sdist", "--dist-dir", str(tmp_path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    (archive,) = tmp_path.glob("cast_ext-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    missing = [f for f in filter(None, tracked) if not SDIST_LEAVES_OUT.match(f) and f not in names]
+    assert not missing, f"tracked files missing from the sdist (MANIFEST.in): {missing}"
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build outputs in the sdist"
