@@ -16,13 +16,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cast_ext._version import git_sha
 
 __all__ = [
     "Row",
@@ -44,28 +45,13 @@ def quick() -> bool:
     return os.environ.get("CAST_EXT_BENCH_QUICK", "0") == "1"
 
 
-def _git_sha() -> str:
-    if os.environ.get("CAST_EXT_GIT_SHA"):  # copies without .git (the GPU machine)
-        return os.environ["CAST_EXT_GIT_SHA"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def env_info() -> dict[str, Any]:
     """Versions and hardware, stored with every result file."""
     import cast_ext
 
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "cast_ext": cast_ext.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),

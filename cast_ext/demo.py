@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cast, ops
+from ._version import __version__, git_sha
 from .optim import AdamS
 
 __all__ = [
@@ -838,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cast_ext": __version__,
+        "git_sha": git_sha(),
         "load_time_s": t_load,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
