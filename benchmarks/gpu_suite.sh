@@ -85,6 +85,14 @@ if ! "$PY" -c "import cast_ext" >>"$LOG" 2>&1; then
 fi
 "$PY" -m cast_ext info 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
+# Without a visible GPU every CUDA test skips and every stage would read "ok": stop instead
+# (SUITE_ALLOW_NO_GPU=1 runs the script's own flow on a CPU machine).
+if [[ "${SUITE_ALLOW_NO_GPU:-0}" != 1 ]] &&
+  ! "$PY" -c "import sys, torch, cast_ext; sys.exit(not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()))" >>"$LOG" 2>&1; then
+  step "NO GPU: torch sees no CUDA device, or cast_ext has no CUDA kernels; nothing run"
+  tail -30 "$LOG"
+  exit 1
+fi
 
 if [[ "$PART" != bench ]]; then
   timeout_flag=()
