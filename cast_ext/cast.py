@@ -47,6 +47,7 @@ __all__ = [
     "WeightScale",
     "decay_budget",
     "distill_loss",
+    "export_state_dict",
     "finalize",
     "param_groups",
     "perplexity",
@@ -999,6 +1000,60 @@ class LayerReport:
     mask_source: str
 
 
+def _scaled_weight(layer: SparseLayer) -> Tensor:
+    """``A * W`` of a prepared layer, ``[out, in]``, a new tensor (call under no_grad)."""
+    return layer._param()._scaled(layer.weight.detach())
+
+
+def _as_stored(layer: SparseLayer, w: Tensor) -> Tensor:
+    """An ``[out, in]`` weight in the module's own layout (``[in, out]`` for ``Conv1D``)."""
+    return w.t().contiguous() if layer.kind == "conv1d" else w.contiguous()
+
+
+@torch.no_grad()
+def export_state_dict(
+    model: nn.Module, optimizer: Any = None, *, prune: bool = True
+) -> dict[str, Tensor]:
+    """The state dict of the plain model :func:`finalize` would leave now, without changing
+    ``model``: a checkpoint to save mid-training that loads without cast_ext.
+
+    Each prepared layer's ``parametrizations.weight.original`` and scale entries become one
+    ``weight`` entry in the module's own layout: ``A * W`` masked with the optimizer's current
+    mask (as :func:`finalize` does; a fresh 2:4 magnitude mask without one), or with
+    ``prune=False`` the dense ``A * W`` the model computes with now (the student before the final
+    prune). Every other entry is the model's own tensor, shared, not copied (tied weights stay
+    tied). For a Hugging Face model::
+
+        model.save_pretrained(path, state_dict=cast.export_state_dict(model, opt))
+        # later, anywhere: AutoModelForCausalLM.from_pretrained(path), exactly 2:4
+
+    Args:
+        model: a prepared model (on one process; with FSDP2, gather a full state first).
+        optimizer: the AdamS optimizer training it, or None.
+        prune: apply the 2:4 mask (default) or export the dense scaled weights.
+
+    Returns:
+        ``{name: tensor}`` with the keys of the model before :func:`prepare`.
+    """
+    renamed: dict[str, tuple[str, Tensor]] = {}
+    dropped: set[str] = set()
+    for layer in sparse_layers(model):
+        prefix = f"{layer.name}." if layer.name else ""
+        w = _scaled_weight(layer)
+        if prune:
+            w.masked_fill_(~_layer_mask(layer, optimizer)[0], 0.0)
+        stored = _as_stored(layer, w)
+        renamed[prefix + "parametrizations.weight.original"] = (prefix + "weight", stored)
+        dropped.add(prefix + "parametrizations.weight.0.scale")
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key in dropped:
+            continue
+        key, value = renamed.get(key, (key, value))
+        out[key] = value
+    return out
+
+
 def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
     """Hard 2:4 prune, fold the scales into the weights, and remove the parametrizations.
 
@@ -1020,8 +1075,7 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
         mask, source = _layer_mask(layer, optimizer)
         module = layer.module
         with torch.no_grad():
-            w = layer.weight.detach()
-            final = layer._param()._scaled(w)  # A * W, [out, in] (a new tensor)
+            final = _scaled_weight(layer)
             a = final.abs()
             total = float(a.sum())
             removed = float(a.masked_fill_(mask, 0.0).sum())
@@ -1032,7 +1086,7 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
             del a
         requires_grad = layer.weight.requires_grad
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        stored = final.t().contiguous() if layer.kind == "conv1d" else final.contiguous()
+        stored = _as_stored(layer, final)
         module.weight = nn.Parameter(stored, requires_grad=requires_grad)
         reports.append(
             LayerReport(

@@ -223,6 +223,44 @@ def test_train_then_finalize_is_exact_24_and_same_logits(arch, tmp_path):
         assert is_24(w.t() if arch == "gpt2" else w)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_export_state_dict_mid_training(arch, tmp_path):
+    """export_state_dict leaves the model alone; prune=False loads into the unprepared
+    architecture and computes what the prepared model computes now; prune=True is, bit for bit,
+    the state finalize then leaves, and loads with transformers to the finalized logits."""
+    model = MODELS[arch]()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    plain_keys = sorted(model.state_dict())
+    cast.prepare(model)
+    opt = _train_few(model, teacher=teacher)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ids(seed=7)
+    with torch.no_grad():
+        current = model(x).logits
+    dense = cast.export_state_dict(model, opt, prune=False)
+    pruned = cast.export_state_dict(model, opt)
+    assert sorted(dense) == sorted(pruned) == plain_keys
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "export changed the model"
+
+    fresh = MODELS[arch]()
+    fresh.load_state_dict(dense)  # strict: exactly the unprepared model's keys
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, current, rtol=1e-5, atol=1e-5)
+
+    model.save_pretrained(tmp_path, state_dict=dict(pruned))  # it drops tied keys in place
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    cast.finalize(model, opt)
+    final = model.state_dict()
+    assert sorted(final) == plain_keys
+    for k in plain_keys:
+        assert torch.equal(final[k], pruned[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=0)
+        assert not torch.allclose(model(x).logits, current, atol=1e-4)  # the prune did something
+
+
 def test_finalize_without_optimizer_uses_magnitude_masks():
     model = tiny_gpt2()
     layers = cast.prepare(model)
