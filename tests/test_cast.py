@@ -261,6 +261,63 @@ def test_export_state_dict_mid_training(arch, tmp_path):
         assert not torch.allclose(model(x).logits, current, atol=1e-4)  # the prune did something
 
 
+def _trainer_run(out: Path, data: list[dict], steps: int, resume: str | None = None):
+    """A prepared tiny LLaMA trained with AdamS by transformers.Trainer (distillation loss)."""
+    torch.manual_seed(0)
+    model = tiny_llama().train()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    cast.prepare(model)
+    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=steps, mask_interval=2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cast.warmup_cosine(1.0, steps, warmup_steps=2))
+
+    class CastTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            x = inputs["input_ids"]
+            out = model(input_ids=x)
+            with torch.no_grad():
+                t = teacher(input_ids=x).logits
+            loss = cast.distill_loss(out.logits, t, cast.shift_labels(x))
+            return (loss, out) if return_outputs else loss
+
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        save_steps=steps // 2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = CastTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+    trainer.train(resume_from_checkpoint=resume)
+    return model, opt
+
+
+def test_hf_trainer_with_adams_resumes_bitwise(tmp_path):
+    """AdamS in transformers.Trainer (a distillation compute_loss, a warmup-cosine LambdaLR): a
+    run resumed from the mid-run checkpoint (the prepared model, AdamS's state with masks and
+    steps, the scheduler) ends bit for bit where the uninterrupted run ends."""
+    pytest.importorskip("accelerate")
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, VOCAB, (16,), generator=gen)} for _ in range(64)]
+    for d in data:
+        d["labels"] = d["input_ids"].clone()
+    whole, opt_whole = _trainer_run(tmp_path / "a", data, 12)
+    checkpoint = str(tmp_path / "a" / "checkpoint-6")
+    resumed, opt_resumed = _trainer_run(tmp_path / "b", data, 12, checkpoint)
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = opt_whole.state_dict()["state"], opt_resumed.state_dict()["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for i in sa:  # moments, masks, steps (and fp32 masters where kept)
+        assert sa[i].keys() == sb[i].keys()
+        for name, value in sa[i].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[i][name])), (i, name)
+
+
 def test_finalize_without_optimizer_uses_magnitude_masks():
     model = tiny_gpt2()
     layers = cast.prepare(model)
