@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import cast_ext
-from cast_ext import AdamS
+from cast_ext import AdamS, cast
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -137,12 +137,13 @@ def _ddp_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_model() -> nn.Module:
+def _fsdp_model(model: nn.Module | None = None) -> nn.Module:
+    """``model`` (default: a fresh make_model()) with each Linear and the root fully_shard-ed."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = make_model()
+    model = make_model() if model is None else model
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -215,6 +216,65 @@ def _fsdp_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def make_cast_model() -> tuple[nn.Module, nn.Module]:
+    """make_model() prepared for CAST (learnable scales, 2 blocks per row, on its three Linears)
+    and a perturbed dense copy of it as the teacher."""
+    teacher = make_model().requires_grad_(False)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model = make_model()
+    cast.prepare(model, scale_blocks=2)
+    return model, teacher
+
+
+def train_cast(
+    model: nn.Module, teacher: nn.Module, opt: AdamS, rank: int = 0, world: int = 1
+) -> None:
+    """The distillation loss (KL to the teacher + CE) on this rank's slice of each full batch."""
+    for s in range(STEPS):
+        x, y = batch(s)
+        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        opt.zero_grad()
+        with torch.no_grad():
+            t = teacher(x[rows])
+        cast.distill_loss(model(x[rows]), t, y[rows].argmax(-1)).backward()
+        opt.step()
+
+
+def cast_reference() -> dict[str, dict[str, Tensor]]:
+    model, teacher = make_cast_model()
+    opt = AdamS(cast.param_groups(model), **HP)
+    train_cast(model, teacher, opt)
+    return snapshot(model, opt)
+
+
+def _cast_worker(rank: int, tmp: str) -> None:
+    """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2."""
+    _init(rank, tmp)
+    try:
+        model, teacher = make_cast_model()
+        opt = AdamS(cast.param_groups(model), **HP)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        train_cast(ddp, teacher, opt, rank, WORLD)
+        ddp_snap = snapshot(ddp, opt)
+        del ddp, model, opt
+        gc.collect()
+        model, teacher = make_cast_model()
+        model = _fsdp_model(model)
+        opt = AdamS(cast.param_groups(model), **HP)
+        train_cast(model, teacher, opt, rank, WORLD)
+        fsdp_snap = snapshot(model, opt)
+        if rank == 0:
+            torch.save({"ddp": ddp_snap, "fsdp": fsdp_snap}, f"{tmp}/cast.pt")
+        del model, opt  # as in _ddp_worker: nothing holds the group when it goes
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _spawn(fn: Any, tmp: Path) -> None:
     # Workers import this file by module name (spawn re-imports it): tests/ must be importable.
     here = str(Path(__file__).parent)
@@ -243,6 +303,16 @@ def test_fsdp2_matches_single_process_and_dcp_resumes(tmp_path: Path) -> None:
     for name, entries in got["straight"].items():
         for key, val in entries.items():
             assert torch.equal(got["resumed"][name][key], val), f"{name} {key}"
+
+
+def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) -> None:
+    """prepare's scales and original weights (both parametrization params, sharded on dim 0 by
+    FSDP2), the distillation loss and AdamS's param groups train as on one process."""
+    _spawn(_cast_worker, tmp_path)
+    got, want = torch.load(tmp_path / "cast.pt"), cast_reference()
+    assert any("scale" in name for name in want)
+    assert_match(got["ddp"], want)
+    assert_match(got["fsdp"], want)
 
 
 # ---- layouts that would cut a group: refused, in one process (a world of one rank) ----------
