@@ -150,3 +150,47 @@ def test_distill_loss_compiles_fullgraph_and_matches_eager(device):
     compiled = loss_and_grad(torch.compile(f, fullgraph=True, backend=BACKEND))
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(device):
+    """A CAST step with the model's forward and the loss compiled (prepare's scale
+    parametrizations, the teacher, the fused distillation loss: one graph) and AdamS eager
+    gives the losses and weights of the eager step."""
+    import copy
+
+    from cast_ext import cast
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 40)
+    ).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    cast.prepare(model, filter_fn=lambda name, module: True)
+    eager_model = copy.deepcopy(model)
+
+    def loss(m, x, y):
+        with torch.no_grad():
+            t = teacher(x)
+        return cast.distill_loss(m(x), t, y)
+
+    compiled = torch.compile(loss, fullgraph=True, backend=BACKEND)
+    hp = {"lr": 1e-2, "decay": 1e-2, "total_steps": 4, "mask_interval": 2}
+    runs = [(model, compiled), (eager_model, loss)]
+    opts = [cast_ext.AdamS(cast.param_groups(m), **hp) for m, _ in runs]
+    for s in range(4):
+        gen = torch.Generator().manual_seed(s)
+        x = torch.randn(8, 16, generator=gen).to(device)
+        y = torch.randint(0, 40, (8,), generator=gen).to(device)
+        losses = []
+        for (m, fn), opt in zip(runs, opts, strict=True):
+            value = fn(m, x, y)
+            value.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(value.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(
+        model.state_dict().items(), eager_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
