@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
+from .optim import DTensor
 
 __all__ = [
     "DecayBudget",
@@ -1028,7 +1029,8 @@ def export_state_dict(
         # later, anywhere: AutoModelForCausalLM.from_pretrained(path), exactly 2:4
 
     Args:
-        model: a prepared model (on one process; with FSDP2, gather a full state first).
+        model: a prepared model; with FSDP2 (DTensor params) the exported weights are
+            DTensors laid out like the params (``full_tensor()`` gathers each).
         optimizer: the AdamS optimizer training it, or None.
         prune: apply the 2:4 mask (default) or export the dense scaled weights.
 
@@ -1070,8 +1072,18 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
     Returns:
         One :class:`LayerReport` per layer, in module order.
     """
+    layers = sparse_layers(model)
+    for layer in layers:
+        if isinstance(layer.weight, DTensor):
+            raise ValueError(
+                f"cast_ext.cast.finalize: layer {layer.name!r} has a sharded (DTensor) weight of "
+                f"shape {list(layer.weight.shape)}: finalize swaps the weight for a new one, which "
+                "FSDP2 would not follow. Save cast.export_state_dict(model, optimizer) instead "
+                "(DTensors laid out like the params; full_tensor() gathers each) and load it "
+                "into the unsharded model"
+            )
     reports = []
-    for layer in sparse_layers(model):
+    for layer in layers:
         mask, source = _layer_mask(layer, optimizer)
         module = layer.module
         with torch.no_grad():

@@ -493,7 +493,8 @@ class AdamS(torch.optim.Optimizer):
     def mask(self, p: Tensor) -> Tensor:
         """The current N:M mask of sparse param ``p`` (bool, ``p``'s shape; True = kept).
 
-        For a DTensor ``p``: the mask of this rank's local shard (a plain tensor of its shape).
+        For a DTensor ``p`` (FSDP2): a bool DTensor laid out like ``p`` (this rank holds its
+        local shard's mask; ``full_tensor()`` gathers the whole mask).
 
         Raises:
             ValueError: ``p`` is not a sparse param of this optimizer.
@@ -506,7 +507,7 @@ class AdamS(torch.optim.Optimizer):
                 f"cast_ext.AdamS: param of shape {list(p.shape)} has no mask yet; it is "
                 "computed from the weights at the param's first step"
             )
-        return ops.unpack_mask(_local(state["mask"]), p.shape[-1])
+        return _state_like(p, ops.unpack_mask(_local(state["mask"]), p.shape[-1]), list(p.shape))
 
     def sparsity_stats(self) -> dict[Tensor, dict[str, float | int | None]]:
         """Health signals of every stepped sparse param (SPEC §5), keyed by the param.

@@ -247,11 +247,12 @@ def cast_reference() -> dict[str, dict[str, Tensor]]:
     model, teacher = make_cast_model()
     opt = AdamS(cast.param_groups(model), **HP)
     train_cast(model, teacher, opt)
-    return snapshot(model, opt)
+    return {**snapshot(model, opt), "exported": cast.export_state_dict(model, opt)}
 
 
 def _cast_worker(rank: int, tmp: str) -> None:
-    """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2."""
+    """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2, and
+    export_state_dict (finalize refused) on the FSDP2 model."""
     _init(rank, tmp)
     try:
         model, teacher = make_cast_model()
@@ -266,8 +267,15 @@ def _cast_worker(rank: int, tmp: str) -> None:
         opt = AdamS(cast.param_groups(model), **HP)
         train_cast(model, teacher, opt, rank, WORLD)
         fsdp_snap = snapshot(model, opt)
+        # The plain 2:4 model's state from the sharded one: DTensor weights, gathered here.
+        exported = {
+            k: v.full_tensor() if isinstance(v, dist.tensor.DTensor) else v.clone()
+            for k, v in cast.export_state_dict(model, opt).items()
+        }
+        with pytest.raises(ValueError, match="finalize: layer '0' has a sharded"):
+            cast.finalize(model, opt)
         if rank == 0:
-            torch.save({"ddp": ddp_snap, "fsdp": fsdp_snap}, f"{tmp}/cast.pt")
+            torch.save({"ddp": ddp_snap, "fsdp": fsdp_snap, "exported": exported}, f"{tmp}/cast.pt")
         del model, opt  # as in _ddp_worker: nothing holds the group when it goes
         gc.collect()
         dist.barrier()
@@ -310,9 +318,14 @@ def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) 
     FSDP2), the distillation loss and AdamS's param groups train as on one process."""
     _spawn(_cast_worker, tmp_path)
     got, want = torch.load(tmp_path / "cast.pt"), cast_reference()
+    exported = want.pop("exported")
     assert any("scale" in name for name in want)
     assert_match(got["ddp"], want)
     assert_match(got["fsdp"], want)
+    # export_state_dict on the FSDP2 model: the single process's export, gathered
+    assert sorted(got["exported"]) == sorted(exported)
+    for key, value in exported.items():
+        torch.testing.assert_close(got["exported"][key], value, rtol=RTOL, atol=ATOL, msg=key)
 
 
 # ---- layouts that would cut a group: refused, in one process (a world of one rank) ----------
@@ -367,7 +380,7 @@ def test_dtensor_layouts_that_split_groups_are_refused(one_rank: Any) -> None:
             opt_q.step()
         assert torch.equal(p.full_tensor(), q.detach())
         assert torch.equal(opt_p.state[p]["mask"].full_tensor(), opt_q.state[q]["mask"])
-        assert torch.equal(opt_p.mask(p), opt_q.mask(q))
+        assert torch.equal(opt_p.mask(p).full_tensor(), opt_q.mask(q))
 
     # A param swapped in after construction (e.g. re-sharded by a wrapper) is checked again at
     # the step, before anything is written.
