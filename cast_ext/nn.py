@@ -366,7 +366,10 @@ class SparseLinear(nn.Module):
             return t
         if torch.compiler.is_compiling():
             return build()  # inside the graph; nothing is cached from a trace
-        with torch.no_grad():
+        # A normal tensor even when this call runs under torch.inference_mode: an inference
+        # tensor in the cache would break every later call that autograd records (adapters
+        # trained on the layer, after an evaluation under inference_mode).
+        with torch.inference_mode(False), torch.no_grad():
             t = build()
         self._derived[name] = (self._tag(), t)
         return t

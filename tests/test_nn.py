@@ -76,6 +76,25 @@ def test_gradients_match_dense() -> None:
     assert [n for n, p in sl.named_parameters()] == ["bias"]  # the 2:4 base is frozen
 
 
+@pytest.mark.parametrize("mode", ["auto", "dense"])
+def test_recorded_calls_after_inference_mode_calls(mode: str) -> None:
+    """Weights the layer derives and caches during calls under torch.inference_mode (an
+    evaluation between training steps) are normal tensors: later calls that autograd records
+    (adapters trained on the layer) still run and give the dense layer's gradients."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(32, 24), mode=mode, warn=False)
+    dense = sl.to_dense()
+    with torch.inference_mode():
+        for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
+            sl(torch.randn(5, 32))
+    assert all(not t.is_inference() for _, t in sl._derived.values())
+    x = torch.randn(5, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    sl(x).sum().backward()
+    dense(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_on_frozen_base_trains() -> None:
     sl = SparseLinear.from_dense(linear(16, 16, bias=False), warn=False)
     a = nn.Parameter(torch.randn(4, 16) * 0.1)
