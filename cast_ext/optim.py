@@ -4,9 +4,10 @@ The update rule is SPEC §2 (paper Algorithm 1): Adam whose first moment, outsid
 is blended toward ``decay * sign(w)`` with a weight ``alpha = min(t / total_steps, 1)``, inside
 Adam's normalisation, so pruned weights slide to zero. Masks are refreshed from ``|w|`` every
 ``mask_interval`` steps (at ``t = 0, mask_interval, ...``, before the update). Groups with
-``sparse=False`` get plain Adam/AdamW from the same fused op. The math is
-:func:`cast_ext.reference.adams_step_`; the default ``impl="auto"`` runs the fused kernel
-(:func:`cast_ext.ops.adams_step_`), one call per (device, dtype) bucket of each group.
+``sparse=False``, and the params of shape-decided groups that are not 2:4-shaped, get plain
+Adam/AdamW from the same fused op. The math is :func:`cast_ext.reference.adams_step_`; the
+default ``impl="auto"`` runs the fused kernel (:func:`cast_ext.ops.adams_step_`), one call per
+(device, dtype, sparse or not) bucket of each group.
 
 Distributed (SPEC §5): under DDP the params are plain tensors and nothing changes. DTensor params
 (FSDP2 ``fully_shard``, which shards dim 0) are stepped on their local shards; their state
@@ -60,6 +61,13 @@ def _err(msg: str) -> ValueError:
 
 def _eligible(p: Tensor, m: int) -> bool:
     return p.dim() == 2 and p.shape[-1] % m == 0
+
+
+def _param_is_sparse(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``p`` is stepped as a sparse param: its group's ``sparse`` flag, or, where that is
+    None (not given), its global shape (2-D, last dim a multiple of ``m``)."""
+    flag = group["sparse"]
+    return _eligible(p, group["m"]) if flag is None else bool(flag)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -135,11 +143,11 @@ def _expected_shape(key: str, p: Tensor) -> list[int] | None:
 class AdamS(torch.optim.Optimizer):
     """AdamS (CAST): Adam with an adaptive L1 decay pushing the weights outside an N:M mask to 0.
 
-    Per param group ``sparse`` (bool) selects AdamS or plain Adam/AdamW. A group given without
-    ``sparse`` is split in two: its 2-D params whose last dim is a multiple of ``m`` form a
-    ``sparse=True`` group, the others (embeddings' odd shapes, norms, biases, scales) a
-    ``sparse=False`` group, each keeping the group's other options. Pass ``sparse`` explicitly to
-    override.
+    Per param group ``sparse`` selects AdamS (True) or plain Adam/AdamW (False) for all of its
+    params. Without it (``sparse=None``) each param of the group is sparse by its shape: the 2-D
+    ones whose last dim is a multiple of ``m`` step as AdamS, the others (norms, biases, scales,
+    odd shapes) as Adam/AdamW. Groups stay the ones given, one for one (LR schedulers with
+    per-group values and ``ZeroRedundancyOptimizer`` rely on that).
 
     State per param (names as in ``torch.optim.Adam``): ``step`` (fp32 0-d tensor, completed
     steps), ``exp_avg``, ``exp_avg_sq`` (fp32); for sparse params ``mask`` (packed N:M mask,
@@ -241,7 +249,7 @@ class AdamS(torch.optim.Optimizer):
             raise _err(f"need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; without ``sparse`` it is split into a sparse and a dense group."""
+        """Add a group; without ``sparse`` (or with None) its params are sparse by shape."""
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         merged = {**self.defaults, **param_group, "params": params}
@@ -252,7 +260,7 @@ class AdamS(torch.optim.Optimizer):
                     f"param of shape {list(p.shape)} has dtype {p.dtype}; "
                     "expected float32, float16 or bfloat16"
                 )
-        if "sparse" in param_group:
+        if param_group.get("sparse") is not None:
             sparse = param_group["sparse"]
             if not isinstance(sparse, bool):
                 raise _err(f"a group's sparse must be a bool, got {sparse!r}")
@@ -272,25 +280,18 @@ class AdamS(torch.optim.Optimizer):
             self._check_layouts(params, sparse, merged["m"])
             super().add_param_group({**param_group, "params": params})
             return
-        m = merged["m"]
-        # Eligibility is decided on the global shape: a DTensor's layout never demotes it to
-        # the dense group (a bad layout is refused below instead).
-        sparse_ps = [p for p in params if _eligible(p, m)]
-        dense_ps = [p for p in params if not _eligible(p, m)]
-        if not sparse_ps and not dense_ps:
-            super().add_param_group({**param_group, "params": params, "sparse": False})
-            return
-        self._check_layouts(sparse_ps, True, m)
-        self._check_layouts(dense_ps, False, m, offset=1 if sparse_ps else 0)
-        for flag, ps in ((True, sparse_ps), (False, dense_ps)):
-            if ps:
-                super().add_param_group({**param_group, "params": ps, "sparse": flag})
+        # Sparse by shape, decided on the global shape: a DTensor's layout never makes a param
+        # dense (a bad layout is refused instead).
+        self._check_layouts(params, None, merged["m"])
+        super().add_param_group({**param_group, "params": params, "sparse": None})
 
-    def _check_layouts(self, params: list[Tensor], sparse: bool, m: int, offset: int = 0) -> None:
-        """``_check_placements`` for a group about to be added (named by its future index)."""
-        gi = len(self.param_groups) + offset
+    def _check_layouts(self, params: list[Tensor], sparse: bool | None, m: int) -> None:
+        """``_check_placements`` for a group about to be added (named by its future index);
+        ``sparse`` None: each param by its shape."""
+        gi = len(self.param_groups)
         for i, p in enumerate(params):
-            _check_placements(p, sparse, m, f"{i} of group {gi} ")
+            flag = _eligible(p, m) if sparse is None else sparse
+            _check_placements(p, flag, m, f"{i} of group {gi} ")
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class AdamS(torch.optim.Optimizer):
         state["exp_avg_sq"] = like(torch.zeros_like(zeros), list(p.shape))
         if p.dtype != torch.float32:
             state["master"] = like(lp.detach().float().contiguous(), list(p.shape))
-        if group["sparse"]:
+        if _param_is_sparse(p, group):
             shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
             lshape = [*lp.shape[:-1], (lp.shape[-1] + 7) // 8]
             # Filled at the first step: t = 0 is a refresh.
@@ -359,8 +360,7 @@ class AdamS(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise _err(
                 f"load_state_dict: the state dict has {len(saved_groups)} param groups, this "
-                f"optimizer {len(self.param_groups)} (AdamS splits a group without `sparse` "
-                "into a sparse and a dense group; build both optimizers from the same model)"
+                f"optimizer {len(self.param_groups)} (build both optimizers the same way)"
             )
         for gi, (old, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(old["params"]) != len(group["params"]):
@@ -368,23 +368,23 @@ class AdamS(torch.optim.Optimizer):
                     f"load_state_dict: group {gi} has {len(old['params'])} params in the state "
                     f"dict but {len(group['params'])} here"
                 )
-            sparse = group["sparse"]
-            if "sparse" in old and bool(old["sparse"]) != sparse:
+            if "sparse" in old and old["sparse"] != group["sparse"]:
                 # Loading would overwrite the flag: a sparse param silently stepped as plain Adam.
                 raise _err(
-                    f"load_state_dict: group {gi} is {'sparse' if sparse else 'dense'} here but "
-                    f"{'sparse' if old['sparse'] else 'dense'} in the state dict"
+                    f"load_state_dict: group {gi} has sparse={group['sparse']} here but "
+                    f"sparse={old['sparse']} in the state dict"
                 )
             for pi, (old_id, p) in enumerate(zip(old["params"], group["params"], strict=True)):
                 st = saved_state.get(old_id)
                 if not st:
                     continue
                 where = f"{pi} of group {gi} "
+                sparse = _param_is_sparse(p, group)
                 if sparse != ("mask" in st):
                     raise _err(
                         f"load_state_dict: {_describe(p, where)}: the saved state "
-                        f"{'lacks' if sparse else 'has'} a mask but the group is "
-                        f"{'sparse' if sparse else 'dense'}"
+                        f"{'lacks' if sparse else 'has'} a mask but the param is "
+                        f"{'sparse' if sparse else 'dense'} here"
                     )
                 for key, val in st.items():
                     if not isinstance(val, Tensor):
@@ -436,20 +436,20 @@ class AdamS(torch.optim.Optimizer):
 
         fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
         for gi, group in enumerate(self.param_groups):
-            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
-                _check_placements(p, group["sparse"], group["m"], f"{pi} of group {gi} ")
+                sparse = _param_is_sparse(p, group)
+                _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 if not self.state[p]:
                     self._init_state(p, group)
-                buckets[(p.device, p.dtype)].append(p)
+                buckets[(p.device, p.dtype, sparse)].append(p)
             beta1, beta2 = group["betas"]
-            for (device, _), ps in buckets.items():
+            for (device, _, sparse), ps in buckets.items():
                 states = [self.state[p] for p in ps]
-                sparse = group["sparse"]
 
                 def each(key: str, states: list = states) -> list[Tensor]:
                     return [_local(s[key]) for s in states]
@@ -485,8 +485,13 @@ class AdamS(torch.optim.Optimizer):
     def _sparse_group(self, p: Tensor) -> dict[str, Any]:
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
-                if not group["sparse"]:
-                    raise _err(f"param of shape {list(p.shape)} is in a dense (sparse=False) group")
+                if not _param_is_sparse(p, group):
+                    how = (
+                        "its group has sparse=False"
+                        if group["sparse"] is not None
+                        else f"not 2-D with a last dim that is a multiple of m={group['m']}"
+                    )
+                    raise _err(f"param of shape {list(p.shape)} is not stepped as sparse ({how})")
                 return group
         raise _err(f"param of shape {list(p.shape)} is not managed by this optimizer")
 
@@ -521,11 +526,9 @@ class AdamS(torch.optim.Optimizer):
         """
         out: dict[Tensor, dict[str, float | int | None]] = {}
         for group in self.param_groups:
-            if not group["sparse"]:
-                continue
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or "mask" not in state:
+                if not _param_is_sparse(p, group) or not state or "mask" not in state:
                     continue
                 t = int(state["step"].item())
                 w = _local(state.get("master", p)).detach().float().abs()

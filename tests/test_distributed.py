@@ -127,6 +127,24 @@ def _ddp_worker(rank: int, tmp: str) -> None:
         ws = [torch.empty_like(w) for _ in range(WORLD)]
         dist.all_gather(ws, w)
         assert torch.equal(ws[0], ws[1])
+
+        # AdamS inside ZeroRedundancyOptimizer (each rank steps a share of the params, then
+        # broadcasts them): it builds one AdamS per rank from the groups and keeps them in step
+        # one for one, so AdamS must not add groups of its own.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        zmodel = nn.parallel.DistributedDataParallel(make_model())
+        zero = ZeroRedundancyOptimizer(zmodel.parameters(), optimizer_class=AdamS, **HP)
+        train(zmodel, zero, range(STEPS), rank, WORLD)  # type: ignore[arg-type]
+        zero.consolidate_state_dict(to=0)
+        if rank == 0:
+            zstate = zero.state_dict()["state"]
+            zsnap = {
+                name: {"param": p.detach().clone(), **zstate[i]}
+                for i, (name, p) in enumerate(zmodel.module.named_parameters())
+            }
+            torch.save(zsnap, f"{tmp}/zero.pt")
+        del zmodel, zero
         # Release DDP (its reducer holds the process group and autograd hooks) on every rank
         # before the group goes: tearing both down together at exit aborted a worker now and
         # then ("terminate called without an active exception").
@@ -294,9 +312,11 @@ def _spawn(fn: Any, tmp: Path) -> None:
         os.environ["PYTHONPATH"] = old
 
 
-def test_ddp_matches_single_process(tmp_path: Path) -> None:
+def test_ddp_and_zero_match_single_process(tmp_path: Path) -> None:
     _spawn(_ddp_worker, tmp_path)
-    assert_match(torch.load(tmp_path / "ddp.pt"), reference())
+    want = reference()
+    assert_match(torch.load(tmp_path / "ddp.pt"), want)
+    assert_match(torch.load(tmp_path / "zero.pt"), want)
 
 
 def test_fsdp2_matches_single_process_and_dcp_resumes(tmp_path: Path) -> None:

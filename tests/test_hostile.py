@@ -208,8 +208,12 @@ def optim_other_model_state() -> Made:
 
 
 def optim_other_group_count() -> Made:
-    a, b = nn.Linear(16, 8), nn.Linear(16, 8, bias=False)  # b: one (sparse) group only
-    opt_a, opt_b = stepped(a), stepped(b)
+    a, b = nn.Linear(16, 8), nn.Linear(16, 8)
+    opt_a = stepped(a)  # one group
+    opt_b = AdamS([{"params": [b.weight]}, {"params": [b.bias]}], lr=1e-2, total_steps=10)
+    for p in b.parameters():
+        p.grad = torch.randn_like(p)
+    opt_b.step()
     return (lambda: opt_a.load_state_dict(opt_b.state_dict())), opt_tensors(a, opt_a)
 
 
@@ -217,11 +221,7 @@ def optim_dense_state_into_sparse_group() -> Made:
     a, b = nn.Linear(16, 8), nn.Linear(16, 8)
     opt_a = stepped(a)
     # b's weight stepped as plain Adam: loading that group would silently make a's dense.
-    opt_b = AdamS(
-        [{"params": [b.weight], "sparse": False}, {"params": [b.bias], "sparse": False}],
-        lr=1e-2,
-        total_steps=10,
-    )
+    opt_b = AdamS([{"params": list(b.parameters()), "sparse": False}], lr=1e-2, total_steps=10)
     for p in b.parameters():
         p.grad = torch.randn_like(p)
     opt_b.step()
@@ -411,12 +411,13 @@ CASES: dict[str, Case] = {
     ),
     "optim-state-group-count": Case(
         optim_other_group_count,
-        r"cast_ext\.AdamS: load_state_dict: the state dict has 1 param groups, this optimizer 2",
+        r"cast_ext\.AdamS: load_state_dict: the state dict has 2 param groups, this optimizer 1",
         exc=ValueError,
     ),
     "optim-state-of-dense-group": Case(
         optim_dense_state_into_sparse_group,
-        r"cast_ext\.AdamS: load_state_dict: group 0 is sparse here but dense in the state dict",
+        r"cast_ext\.AdamS: load_state_dict: group 0 has sparse=None here but sparse=False in "
+        r"the state dict",
         exc=ValueError,
     ),
     "optim-nan-weight-at-refresh": Case(

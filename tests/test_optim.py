@@ -84,12 +84,16 @@ def test_matches_reference_optimizer() -> None:
     )
 
 
-def test_groups_split_and_dense_is_adam() -> None:
-    """A group without `sparse` splits by eligibility; the dense group is torch's AdamW."""
+def test_group_without_flag_is_sparse_by_shape_and_dense_is_adam() -> None:
+    """A group without `sparse` stays one group (groups are the ones given, as schedulers and
+    ZeroRedundancyOptimizer expect); its 2-D params with a last dim that is a multiple of m step
+    as AdamS, the others as torch's AdamW."""
     model = make_model()
     opt = AdamS(model.parameters(), lr=1e-3, weight_decay=0.1, total_steps=10)
-    flags = [(g["sparse"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups]
-    assert flags == [(True, [(32, 64), (48, 32)]), (False, [(10, 6), (32,), (16, 2)])]
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert [(g["sparse"], [tuple(p.shape) for p in g["params"]]) for g in opt.param_groups] == [
+        (None, shapes)
+    ]
     dense = [copy.deepcopy(p) for p in model[2:]]
     ref = torch.optim.AdamW(dense, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
     gen = torch.Generator().manual_seed(0)
@@ -102,6 +106,11 @@ def test_groups_split_and_dense_is_adam() -> None:
     for p, q in zip(model[2:], dense, strict=True):
         assert_close_scaled(p.detach(), q.detach())
         assert_close_scaled(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+    sparse_shapes = [tuple(p.shape) for p in model.parameters() if "mask" in opt.state[p]]
+    assert sparse_shapes == [(32, 64), (48, 32)]
+    assert opt.mask(model[0]).shape == (32, 64)
+    with pytest.raises(ValueError, match=r"shape \[10, 6\] is not stepped as sparse \(not 2-D"):
+        opt.mask(model[2])
     # An explicit flag overrides the split.
     opt2 = AdamS([{"params": list(model), "sparse": False}], total_steps=5)
     assert [g["sparse"] for g in opt2.param_groups] == [False]
@@ -250,7 +259,7 @@ def test_mask_and_stats() -> None:
     opt = AdamS(model.parameters(), lr=5e-3, decay=1e-2, total_steps=5, mask_interval=2)
     with pytest.raises(RuntimeError, match="no mask yet"):
         opt.mask(model[0])
-    with pytest.raises(ValueError, match="dense"):
+    with pytest.raises(ValueError, match="not stepped as sparse"):
         opt.mask(model[2])
     gen = torch.Generator().manual_seed(0)
     ratios = []
