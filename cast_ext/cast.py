@@ -507,6 +507,12 @@ def distill_loss(
             f"cast_ext.cast.distill_loss: labels of shape {list(labels.shape)} do not match "
             f"student_logits of shape {list(student_logits.shape)}"
         )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(
+            f"cast_ext.cast.distill_loss: labels have dtype {labels.dtype}; expected class "
+            "indices of an integer dtype"
+        )
+    labels = labels.long()  # the kernels take int64 (a no-op for int64 labels)
     if teacher_logits is None:
         if eta != 0.0:
             raise ValueError("cast_ext.cast.distill_loss: teacher_logits is None but eta != 0")

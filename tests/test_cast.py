@@ -388,6 +388,17 @@ def test_distill_loss_matches_naive(eta, temperature, chunk):
     assert bool((s.grad[0, 2] == 0).all())  # ignored positions get no gradient
 
 
+def test_distill_loss_label_dtypes():
+    """Integer labels of any width give the int64 result; float labels are refused clearly."""
+    s, t = torch.randn(2, 8, 50), torch.randn(2, 8, 50)
+    y = torch.randint(0, 50, (2, 8))
+    want = cast.distill_loss(s, t, y)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(cast.distill_loss(s, t, y.to(dtype)), want), dtype
+    with pytest.raises(ValueError, match=r"distill_loss: labels have dtype torch.float32"):
+        cast.distill_loss(s, t, y.float())
+
+
 def test_distill_loss_gradcheck_float64():
     g = torch.Generator().manual_seed(1)
     s = torch.randn(5, 6, dtype=torch.float64, generator=g).requires_grad_(True)
