@@ -218,6 +218,39 @@ def test_grad_scaler_inf_skip() -> None:
     assert not hasattr(opt, "found_inf")
 
 
+def test_grad_scaler_unscale_then_clip() -> None:
+    """scaler.unscale_(opt), clip_grad_norm_, scaler.step(opt): the step takes the unscaled
+    (clipped) gradients as they are (GradScaler passes no grad_scale after unscale_), equal to
+    the reference on the same gradients; an inf found by unscale_ still skips the step."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    ref = copy.deepcopy(model)
+    opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
+    ref_opt = AdamS(ref.parameters(), lr=1e-3, total_steps=10, impl="reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x = torch.randn(4, 16)
+    for it in range(3):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        if it == 1:
+            model.bias.grad[0] = float("nan")
+            w_before = model.weight.detach().clone()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        grads = [p.grad.clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if it == 1:
+            assert torch.equal(model.weight, w_before)
+            continue
+        for q, g in zip(ref.parameters(), grads, strict=True):
+            q.grad = g
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            assert_close_scaled(p.detach(), q.detach())
+    assert float(opt.state[model.weight]["step"]) == 2.0
+
+
 def test_lr_scheduler_and_no_grad_params() -> None:
     model = make_model()
     opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
