@@ -184,14 +184,21 @@ def test_state_dict_resume_is_exact(via_bytes: bool) -> None:
             assert torch.equal(val, o_b.state[q][key]), key
 
 
-def test_grad_scaler_inf_skip() -> None:
+def scaler_setup(
+    init_scale: float,
+) -> tuple[nn.Linear, nn.Linear, AdamS, AdamS, torch.amp.GradScaler, Tensor]:
+    """A Linear with a fused AdamS, its copy with the reference AdamS, a CPU GradScaler, x."""
     torch.manual_seed(0)
     model = nn.Linear(16, 8)
     ref = copy.deepcopy(model)
     opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
     ref_opt = AdamS(ref.parameters(), lr=1e-3, total_steps=10, impl="reference")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x = torch.randn(4, 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return model, ref, opt, ref_opt, scaler, torch.randn(4, 16)
+
+
+def test_grad_scaler_inf_skip() -> None:
+    model, ref, opt, ref_opt, scaler, x = scaler_setup(2.0**10)
     for it in range(4):
         opt.zero_grad()
         scaler.scale(model(x).pow(2).sum()).backward()
@@ -222,13 +229,7 @@ def test_grad_scaler_unscale_then_clip() -> None:
     """scaler.unscale_(opt), clip_grad_norm_, scaler.step(opt): the step takes the unscaled
     (clipped) gradients as they are (GradScaler passes no grad_scale after unscale_), equal to
     the reference on the same gradients; an inf found by unscale_ still skips the step."""
-    torch.manual_seed(0)
-    model = nn.Linear(16, 8)
-    ref = copy.deepcopy(model)
-    opt = AdamS(model.parameters(), lr=1e-3, total_steps=10)
-    ref_opt = AdamS(ref.parameters(), lr=1e-3, total_steps=10, impl="reference")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    x = torch.randn(4, 16)
+    model, ref, opt, ref_opt, scaler, x = scaler_setup(2.0**12)
     for it in range(3):
         opt.zero_grad()
         scaler.scale(model(x).pow(2).sum()).backward()
