@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .optim import DTensor
+from .optim import DTensor, _local
 
 __all__ = [
     "DecayBudget",
@@ -929,6 +929,15 @@ def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
     return ops.sparse24_mask(w), "magnitude"
 
 
+def _over_shards(local: Tensor, like: Tensor) -> Tensor:
+    """Per-rank figures ``local`` (1-D) stacked over the shards of ``like``'s DTensor layout,
+    ``[shards, k]`` (replicas of a shard once); ``local[None]`` for a plain ``like``."""
+    if not isinstance(like, DTensor):
+        return local.unsqueeze(0)
+    parts = DTensor.from_local(local.unsqueeze(0), like.device_mesh, like.placements)
+    return parts.full_tensor()
+
+
 def sparsity_health(
     model: nn.Module,
     optimizer: Any = None,
@@ -957,21 +966,35 @@ def sparsity_health(
     s_min, s_max = math.inf, -math.inf
     for layer in sparse_layers(model):
         mask, _ = _layer_mask(layer, optimizer)
-        aw = layer.weight.detach().abs().float()
-        total = float(aw.sum())
-        kept = float(aw.masked_fill_(~mask, 0.0).sum())
-        n_kept = int(mask.sum())
-        kept_sum += kept
-        kept_n += n_kept
-        pruned_sum += total - kept
-        pruned_n += aw.numel() - n_kept
-        packed = ops.pack_mask(mask)
+        w = layer.weight.detach()
+        # This rank's rows (all of them for a plain tensor), then one gather of the per-rank
+        # figures for a DTensor (FSDP2): reductions of a sharded tensor are not global here.
+        local_mask, aw = _local(mask), _local(w).abs().float()
+        packed = ops.pack_mask(local_mask)
         packed_all[layer.name] = packed
-        if previous is not None and layer.name in previous:
-            flips += int(ops.mask_flips(previous[layer.name], packed))
-            groups += mask.numel() // _M
-        sc = layer.scale.detach()
-        s_min, s_max = min(s_min, float(sc.min())), max(s_max, float(sc.max()))
+        seen = previous is not None and layer.name in previous
+        sc = _local(layer.scale.detach()).float()
+        figures = [
+            aw.sum(dtype=torch.float64),
+            aw.masked_fill_(~local_mask, 0.0).sum(dtype=torch.float64),
+            local_mask.sum(dtype=torch.float64),
+            aw.numel(),
+            ops.mask_flips(previous[layer.name], packed) if seen else 0,
+            local_mask.numel() // _M if seen else 0,
+            -sc.min() if sc.numel() else -math.inf,
+            sc.max() if sc.numel() else -math.inf,
+        ]
+        local = torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in figures])
+        parts = _over_shards(local.to(aw.device), w)
+        total, kept, n_kept, numel, fl, gr = parts[:, :6].sum(0)
+        neg_min, big = parts[:, 6:].amax(0)
+        kept_sum += float(kept)
+        kept_n += int(n_kept)
+        pruned_sum += float(total - kept)
+        pruned_n += int(numel - n_kept)
+        flips += int(fl)
+        groups += int(gr)
+        s_min, s_max = min(s_min, -float(neg_min)), max(s_max, float(big))
     mean_pruned = pruned_sum / max(pruned_n, 1)
     mean_kept = kept_sum / max(kept_n, 1)
     metrics = {

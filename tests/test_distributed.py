@@ -248,10 +248,15 @@ def make_cast_model() -> tuple[nn.Module, nn.Module]:
 
 
 def train_cast(
-    model: nn.Module, teacher: nn.Module, opt: AdamS, rank: int = 0, world: int = 1
+    model: nn.Module,
+    teacher: nn.Module,
+    opt: AdamS,
+    rank: int = 0,
+    world: int = 1,
+    steps: range = range(STEPS),
 ) -> None:
     """The distillation loss (KL to the teacher + CE) on this rank's slice of each full batch."""
-    for s in range(STEPS):
+    for s in steps:
         x, y = batch(s)
         rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
         opt.zero_grad()
@@ -261,16 +266,30 @@ def train_cast(
         opt.step()
 
 
-def cast_reference() -> dict[str, dict[str, Tensor]]:
+HEALTH_AT = 15  # health signals here and at the end: a refresh (t = 16) lies between
+
+
+def cast_health_run(
+    model: nn.Module, teacher: nn.Module, opt: AdamS, rank: int = 0, world: int = 1
+) -> dict[str, float]:
+    """train_cast, with cast.sparsity_health at HEALTH_AT and at the end (mask flips between)."""
+    train_cast(model, teacher, opt, rank, world, range(HEALTH_AT))
+    _, packed = cast.sparsity_health(model, opt)
+    train_cast(model, teacher, opt, rank, world, range(HEALTH_AT, STEPS))
+    return cast.sparsity_health(model, opt, packed)[0]
+
+
+def cast_reference() -> dict[str, Any]:
     model, teacher = make_cast_model()
     opt = AdamS(cast.param_groups(model), **HP)
-    train_cast(model, teacher, opt)
-    return {**snapshot(model, opt), "exported": cast.export_state_dict(model, opt)}
+    health = cast_health_run(model, teacher, opt)
+    exported = cast.export_state_dict(model, opt)
+    return {**snapshot(model, opt), "exported": exported, "health": health}
 
 
 def _cast_worker(rank: int, tmp: str) -> None:
-    """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2, and
-    export_state_dict (finalize refused) on the FSDP2 model."""
+    """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2, with
+    sparsity_health, and export_state_dict (finalize refused) on the FSDP2 model."""
     _init(rank, tmp)
     try:
         model, teacher = make_cast_model()
@@ -283,7 +302,7 @@ def _cast_worker(rank: int, tmp: str) -> None:
         model, teacher = make_cast_model()
         model = _fsdp_model(model)
         opt = AdamS(cast.param_groups(model), **HP)
-        train_cast(model, teacher, opt, rank, WORLD)
+        health = cast_health_run(model, teacher, opt, rank, WORLD)
         fsdp_snap = snapshot(model, opt)
         # The plain 2:4 model's state from the sharded one: DTensor weights, gathered here.
         exported = {
@@ -293,7 +312,8 @@ def _cast_worker(rank: int, tmp: str) -> None:
         with pytest.raises(ValueError, match="finalize: layer '0' has a sharded"):
             cast.finalize(model, opt)
         if rank == 0:
-            torch.save({"ddp": ddp_snap, "fsdp": fsdp_snap, "exported": exported}, f"{tmp}/cast.pt")
+            result = {"ddp": ddp_snap, "fsdp": fsdp_snap, "exported": exported, "health": health}
+            torch.save(result, f"{tmp}/cast.pt")
         del model, opt  # as in _ddp_worker: nothing holds the group when it goes
         gc.collect()
         dist.barrier()
@@ -338,7 +358,7 @@ def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) 
     FSDP2), the distillation loss and AdamS's param groups train as on one process."""
     _spawn(_cast_worker, tmp_path)
     got, want = torch.load(tmp_path / "cast.pt"), cast_reference()
-    exported = want.pop("exported")
+    exported, health = want.pop("exported"), want.pop("health")
     assert any("scale" in name for name in want)
     assert_match(got["ddp"], want)
     assert_match(got["fsdp"], want)
@@ -346,6 +366,10 @@ def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) 
     assert sorted(got["exported"]) == sorted(exported)
     for key, value in exported.items():
         torch.testing.assert_close(got["exported"][key], value, rtol=RTOL, atol=ATOL, msg=key)
+    # sparsity_health on the FSDP2 model: figures over all shards, as on one process
+    assert got["health"].keys() == health.keys() and health["mask_flips"] > 0, health
+    for key, value in health.items():
+        assert got["health"][key] == pytest.approx(value, rel=1e-5), key
 
 
 # ---- layouts that would cut a group: refused, in one process (a world of one rank) ----------
