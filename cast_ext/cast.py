@@ -984,8 +984,9 @@ def sparsity_health(
             -sc.min() if sc.numel() else -math.inf,
             sc.max() if sc.numel() else -math.inf,
         ]
-        local = torch.stack([torch.as_tensor(f, dtype=torch.float64) for f in figures])
-        parts = _over_shards(local.to(aw.device), w)
+        dev = aw.device
+        local = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=dev) for f in figures])
+        parts = _over_shards(local, w)
         total, kept, n_kept, numel, fl, gr = parts[:, :6].sum(0)
         neg_min, big = parts[:, 6:].amax(0)
         kept_sum += float(kept)

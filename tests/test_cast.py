@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 import cast_ext
@@ -316,6 +317,37 @@ def test_hf_trainer_with_adams_resumes_bitwise(tmp_path):
         assert sa[i].keys() == sb[i].keys()
         for name, value in sa[i].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[i][name])), (i, name)
+
+
+@requires_cuda
+def test_cast_recipe_on_cuda():
+    """The recipe's host-side helpers on a CUDA model: AdamS + distill_loss steps,
+    sparsity_health (with mask flips), export_state_dict equal to what finalize leaves."""
+    torch.manual_seed(0)
+    model = tiny_llama().cuda()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    cast.prepare(model)
+    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=6, mask_interval=2)
+    packed = None
+    for s in range(6):
+        x = ids(seed=10 + s).cuda()
+        loss = cast.distill_loss(model(x).logits, teacher(x).logits, cast.shift_labels(x), eta=0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if s == 2:
+            _, packed = cast.sparsity_health(model, opt)
+    health, _ = cast.sparsity_health(model, opt, packed)
+    assert 0 < health["pruned_kept_ratio"] < 1 and health["mask_flips"] >= 0, health
+    assert all(math.isfinite(v) for v in health.values()), health
+    exported = cast.export_state_dict(model, opt)
+    reports = cast.finalize(model, opt)
+    assert all(r.exactly_24 and r.mask_source == "optimizer" for r in reports)
+    final = model.state_dict()
+    assert sorted(final) == sorted(exported)
+    for k, v in final.items():
+        assert torch.equal(v, exported[k]), k
 
 
 def test_finalize_without_optimizer_uses_magnitude_masks():
