@@ -260,8 +260,8 @@ class AdamS(torch.optim.Optimizer):
                     f"param of shape {list(p.shape)} has dtype {p.dtype}; "
                     "expected float32, float16 or bfloat16"
                 )
-        if param_group.get("sparse") is not None:
-            sparse = param_group["sparse"]
+        sparse = param_group.get("sparse")  # None: each param by its shape
+        if sparse is not None:
             if not isinstance(sparse, bool):
                 raise _err(f"a group's sparse must be a bool, got {sparse!r}")
             if sparse:
@@ -277,21 +277,14 @@ class AdamS(torch.optim.Optimizer):
                             f"param of shape {list(p.shape)} is in a sparse group: its last "
                             f"dim must be a multiple of m={m}"
                         )
-            self._check_layouts(params, sparse, merged["m"])
-            super().add_param_group({**param_group, "params": params})
-            return
-        # Sparse by shape, decided on the global shape: a DTensor's layout never makes a param
-        # dense (a bad layout is refused instead).
-        self._check_layouts(params, None, merged["m"])
-        super().add_param_group({**param_group, "params": params, "sparse": None})
-
-    def _check_layouts(self, params: list[Tensor], sparse: bool | None, m: int) -> None:
-        """``_check_placements`` for a group about to be added (named by its future index);
-        ``sparse`` None: each param by its shape."""
+        group = {**param_group, "params": params, "sparse": sparse}
+        # Shape-decided sparsity uses the global shape: a DTensor's layout never makes a param
+        # dense (a bad layout is refused instead). Named by the group's future index.
+        merged["sparse"] = sparse
         gi = len(self.param_groups)
         for i, p in enumerate(params):
-            flag = _eligible(p, m) if sparse is None else sparse
-            _check_placements(p, flag, m, f"{i} of group {gi} ")
+            _check_placements(p, _param_is_sparse(p, merged), merged["m"], f"{i} of group {gi} ")
+        super().add_param_group(group)
 
     # ---- state ---------------------------------------------------------------------------------
 
