@@ -959,16 +959,13 @@ def sparsity_health(
         ``flip_rate`` (groups whose kept pair changed since ``previous``, count and share; NaN
         without ``previous``), ``scale_min`` / ``scale_max`` (range of the learnable scales).
     """
-    pruned_sum = kept_sum = 0.0
-    pruned_n = kept_n = 0
-    flips, groups = 0, 0
     packed_all: dict[str, Tensor] = {}
-    s_min, s_max = math.inf, -math.inf
+    rows: list[Tensor] = []  # per layer, per shard: the figures below
     for layer in sparse_layers(model):
         mask, _ = _layer_mask(layer, optimizer)
         w = layer.weight.detach()
-        # This rank's rows (all of them for a plain tensor), then one gather of the per-rank
-        # figures for a DTensor (FSDP2): reductions of a sharded tensor are not global here.
+        # This rank's rows (all of them for a plain tensor); for a DTensor (FSDP2) the per-rank
+        # figures are gathered over the shards: reductions of a sharded tensor are not global.
         local_mask, aw = _local(mask), _local(w).abs().float()
         packed = ops.pack_mask(local_mask)
         packed_all[layer.name] = packed
@@ -986,16 +983,15 @@ def sparsity_health(
         ]
         dev = aw.device
         local = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=dev) for f in figures])
-        parts = _over_shards(local, w)
-        total, kept, n_kept, numel, fl, gr = parts[:, :6].sum(0)
-        neg_min, big = parts[:, 6:].amax(0)
-        kept_sum += float(kept)
-        kept_n += int(n_kept)
-        pruned_sum += float(total - kept)
-        pruned_n += int(numel - n_kept)
-        flips += int(fl)
-        groups += int(gr)
-        s_min, s_max = min(s_min, -float(neg_min)), max(s_max, float(big))
+        rows.append(_over_shards(local, w))
+    # Every layer's figures in one tensor, read back once (one sync, not one per figure).
+    home = rows[0].device if rows else torch.device("cpu")
+    empty = torch.tensor([[0, 0, 0, 0, 0, 0, -math.inf, -math.inf]], dtype=torch.float64)
+    table = torch.cat([empty.to(home), *(r.to(home) for r in rows)])
+    sums, highs = table[:, :6].sum(0).tolist(), table[:, 6:].amax(0).tolist()
+    total, kept_sum, kept_n, numel, flips, groups = sums
+    pruned_sum, pruned_n = total - kept_sum, numel - kept_n
+    s_min, s_max = -highs[0], highs[1]
     mean_pruned = pruned_sum / max(pruned_n, 1)
     mean_kept = kept_sum / max(kept_n, 1)
     metrics = {
