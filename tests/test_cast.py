@@ -162,11 +162,11 @@ def test_param_groups(arch):
 # ------------------------------------------------------------------------------------------
 
 
-def _train_few(model, steps=6, teacher=None, lr=3e-3, decay=1e-2, mask_interval=2):
+def _train_few(model, steps=6, teacher=None, lr=3e-3, decay=1e-2, mask_interval=2, device="cpu"):
     groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
     opt = cast_ext.AdamS(groups, lr=lr, decay=decay, total_steps=steps, mask_interval=mask_interval)
     for s in range(steps):
-        x = ids(seed=10 + s)
+        x = ids(seed=10 + s).to(device)
         logits = model(x).logits
         t_logits = teacher(x).logits.detach() if teacher is not None else None
         loss = cast.distill_loss(
@@ -322,22 +322,14 @@ def test_hf_trainer_with_adams_resumes_bitwise(tmp_path):
 @requires_cuda
 def test_cast_recipe_on_cuda():
     """The recipe's host-side helpers on a CUDA model: AdamS + distill_loss steps,
-    sparsity_health (with mask flips), export_state_dict equal to what finalize leaves."""
+    sparsity_health (mask flips since the start), export_state_dict equal to what finalize
+    leaves."""
     torch.manual_seed(0)
     model = tiny_llama().cuda()
     teacher = copy.deepcopy(model).requires_grad_(False)
     cast.prepare(model)
-    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
-    opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=6, mask_interval=2)
-    packed = None
-    for s in range(6):
-        x = ids(seed=10 + s).cuda()
-        loss = cast.distill_loss(model(x).logits, teacher(x).logits, cast.shift_labels(x), eta=0.5)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if s == 2:
-            _, packed = cast.sparsity_health(model, opt)
+    _, packed = cast.sparsity_health(model)  # magnitude masks before training
+    opt = _train_few(model, teacher=teacher, device="cuda")
     health, _ = cast.sparsity_health(model, opt, packed)
     assert 0 < health["pruned_kept_ratio"] < 1 and health["mask_flips"] >= 0, health
     assert all(math.isfinite(v) for v in health.values()), health
