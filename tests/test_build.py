@@ -132,7 +132,7 @@ def test_cuda_smoke_script_runs_on_cpu() -> None:
 
     Loaded by path, so it does not depend on where ``benchmarks`` sits on sys.path (CI runs this
     file from copies of the tree)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_smoke.py"
+    path = ROOT / "benchmarks" / "cuda_smoke.py"
     spec = importlib.util.spec_from_file_location("cuda_smoke", path)
     assert spec is not None and spec.loader is not None
     cuda_smoke = importlib.util.module_from_spec(spec)
