@@ -783,7 +783,9 @@ def decay_budget(
 
     Args:
         model_or_params: a prepared model (its sparse layers' stored weights are used) or the
-            sparse ``[out, in]`` weights themselves.
+            sparse ``[out, in]`` weights themselves. With FSDP2 (DTensor weights) call it on
+            every rank: each weight (and its gradient) is gathered in turn, so every rank gets
+            the verdict one process would.
         lr_schedule: a constant lr, a callable ``step -> lr`` (e.g. :func:`warmup_cosine`), or
             a sequence of per-step lrs.
         total_steps: AdamS's ``total_steps`` (``alpha = t / T``).
@@ -812,7 +814,9 @@ def decay_budget(
     kept_sum, kept_n, pruned_sum, pruned_n = 0.0, 0, 0.0, 0
     g_sq, g_n = 0.0, 0
     for p in params:
-        w = p.detach()
+        # A DTensor (FSDP2) weight is gathered a layer at a time, as FSDP2's forward does: the
+        # figures and the sampled magnitudes are then those of one process, on every rank.
+        w, grad = _full(p.detach()), None if p.grad is None else _full(p.grad.detach())
         mask = ops.sparse24_mask(w)
         aw = w.abs().float()
         total = float(aw.sum())
@@ -829,8 +833,8 @@ def decay_budget(
         idx = idx.to(w.device)
         sel = ~flat_m[idx]
         pruned_parts.append(flat_w[idx][sel].abs().double().cpu())
-        if p.grad is not None:
-            gp = p.grad.detach().float().masked_fill(mask, 0.0)
+        if grad is not None:
+            gp = grad.float().masked_fill(mask, 0.0)
             g_sq += float((gp * gp).sum())
             g_n += w.numel() - int(mask.sum())
     mags = torch.cat(pruned_parts) if pruned_parts else torch.zeros(0, dtype=torch.float64)
@@ -927,6 +931,11 @@ def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
     if mask is not None:
         return mask.to(w.device), "optimizer"
     return ops.sparse24_mask(w), "magnitude"
+
+
+def _full(t: Tensor) -> Tensor:
+    """``t`` whole: a DTensor gathered (a collective: every rank calls it), else ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _over_shards(local: Tensor, like: Tensor) -> Tensor:
@@ -1249,6 +1258,10 @@ def train(
         log_path: JSON-lines file to append to.
         run_name: written into every record.
         progress: show a tqdm bar (if tqdm is installed).
+
+    Under DDP / FSDP2 each rank passes its own batches; the loss, CE and KL it records are its
+    own rows' (their mean over ranks is the global batch's loss when the ranks hold equally many
+    tokens); the grad norm and the health signals are global.
 
     Returns:
         A :class:`TrainResult`.

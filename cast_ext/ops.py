@@ -177,6 +177,55 @@ def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
     return torch.ops.cast_ext.mask_flips(a, b, m)
 
 
+# ---- DTensor (FSDP2, tensor parallel) sharding rules of the mask ops -----------------------
+# Every mask op works on whole rows: an output row depends only on the same row of the inputs.
+# So a DTensor sharded on any dim but the last runs the op on each rank's local shard, with no
+# communication, and the output keeps the input's placements (mask_flips, a sum over all groups,
+# gives a Partial sum). An input sharded on the last dim would cut groups of m: DTensor
+# redistributes it to one of these layouts first (an all-gather), so the result stays exact.
+_ROWWISE_OPS = (
+    "sparse24_mask",
+    "nm_mask",
+    "sparse24_prune",
+    "sparse24_compress",
+    "sparse24_decompress",
+    "pack_mask",
+    "unpack_mask",
+    "mask_flips",
+)
+
+
+def _register_sharding_rules() -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    def rule_for(name: str) -> Any:
+        op = getattr(torch.ops.cast_ext, name).default
+        n_out = len(op._schema.returns)
+
+        def rule(*args: Any, **kwargs: Any) -> list[tuple[list[Any], list[Any]]]:
+            # args: the op's args, a DTensor's spec (with .ndim) in place of each tensor
+            def inputs(placement: Any) -> list[Any]:
+                return [placement if hasattr(a, "ndim") else None for a in args]
+
+            ndim = args[0].ndim
+            rules = [([Replicate()] * n_out, inputs(Replicate()))]
+            for d in range(ndim - 1):
+                out = [Partial()] if name == "mask_flips" else [Shard(d)] * n_out
+                rules.append((out, inputs(Shard(d))))
+            return rules
+
+        register_sharding(op)(rule)
+
+    for name in _ROWWISE_OPS:
+        rule_for(name)
+
+
+_register_sharding_rules()
+
+
 # ---- 2:4 sparse GEMM ---------------------------------------------------------------
 # sparse24_gemm: the portable packed format, any device (CPU kernel; CUDA: decompress + cuBLAS),
 # with autograd for x, bias and values. cslt_*: cuSPARSELt on CUDA; no autograd of their own (the

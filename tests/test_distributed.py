@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,120 @@ def _cast_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+VOCAB = 11
+
+
+def make_lm() -> tuple[nn.Module, nn.Module]:
+    """A tiny causal LM (an embedding, then make_model()'s stack over VOCAB logits), prepared
+    for CAST, and a perturbed dense copy as the teacher."""
+
+    def lm() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(VOCAB, 16), *make_model()[:-1], nn.Linear(24, VOCAB))
+
+    teacher = lm().requires_grad_(False)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    model = lm()
+    cast.prepare(model, scale_blocks=2)
+    return model, teacher
+
+
+def lm_batches(rank: int = 0, world: int = 1) -> Iterator[Tensor]:
+    """STEPS batches of 4 x 6 token ids, this rank's rows of each."""
+    for s in range(STEPS):
+        ids = torch.randint(VOCAB, (4, 6), generator=torch.Generator().manual_seed(200 + s))
+        yield ids[rank * 4 // world : (rank + 1) * 4 // world]
+
+
+def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world: int = 1) -> dict:
+    """decay_budget (gradients from one backward on the first batch), then cast.train with
+    distillation, grad clipping that bites, an lr schedule and health records."""
+    ids = next(lm_batches(rank, world))
+    cast.distill_loss(model(ids), None, cast.shift_labels(ids), eta=0.0).backward()
+    budget = cast.decay_budget(model, 1e-2, STEPS, decay=HP["decay"], warn=False).to_dict()
+    model.zero_grad(set_to_none=True)
+    opt = AdamS(cast.param_groups(model), **HP)
+    res = cast.train(
+        model,
+        opt,
+        lm_batches(rank, world),
+        total_steps=STEPS,
+        lr_lambda=lambda s: 1.0 - s / (2 * STEPS),
+        teacher=teacher,
+        grad_clip=0.2,
+        health_every=5,
+        progress=False,
+    )
+    return {"budget": budget, "train": res.train, "health": res.health, **snapshot(model, opt)}
+
+
+def _dtensor_worker(rank: int, tmp: str) -> None:
+    """The mask ops on DTensors (their sharding rules), then decay_budget and the reference
+    training loop cast.train on an FSDP2 model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+
+    _init(rank, tmp)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        gen = torch.Generator().manual_seed(3)
+        a, b = torch.randn(2, 7, 3, 16, generator=gen)  # 7 rows: uneven shards on dim 0
+        pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
+        values, meta = cast_ext.sparse24_compress(a)
+        want = {
+            "sparse24_mask": cast_ext.sparse24_mask(a),
+            "nm_mask": cast_ext.nm_mask(a, 2, 8),
+            "sparse24_prune": cast_ext.sparse24_prune(a),
+            "sparse24_compress": torch.cat([values, meta.to(values.dtype)], -1),
+            "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
+            "unpack_mask": cast_ext.unpack_mask(pa, 16),
+            "mask_flips": cast_ext.mask_flips(pa, pb),
+        }
+        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
+            da = distribute_tensor(a, mesh, [placement])
+            dpa, dpb = (distribute_tensor(t, mesh, [placement]) for t in (pa, pb))
+            dv, dm = cast_ext.sparse24_compress(da)
+            got = {
+                "sparse24_mask": cast_ext.sparse24_mask(da),
+                "nm_mask": cast_ext.nm_mask(da, 2, 8),
+                "sparse24_prune": cast_ext.sparse24_prune(da),
+                "sparse24_compress": torch.cat([dv, dm.to(dv.dtype)], -1),
+                "sparse24_decompress": cast_ext.sparse24_decompress(
+                    *(distribute_tensor(t, mesh, [placement]) for t in (values, meta))
+                ),
+                "unpack_mask": cast_ext.unpack_mask(dpa, 16),
+                "mask_flips": cast_ext.mask_flips(dpa, dpb),
+            }
+            # Sharded on a leading dim: computed on the local shards, no gather (Partial for the
+            # sum of flips); sharded on the last dim (which cuts groups): gathered first.
+            row_whole = placement in (Shard(0), Shard(1))
+            for name, want_t in want.items():
+                if name == "mask_flips":
+                    expected = Partial() if row_whole else Replicate()
+                else:
+                    expected = placement if row_whole else Replicate()
+                assert got[name].placements == (expected,), (name, placement, got[name])
+                assert torch.equal(got[name].full_tensor(), want_t), (name, placement)
+            assert torch.equal(cast_ext.pack_mask(got["sparse24_mask"]).full_tensor(), pa)
+
+        model, teacher = make_lm()
+        result = budget_then_train(_fsdp_model(model), teacher, rank, WORLD)
+        # Each rank logs the loss of its own rows; their mean is the full batch's loss.
+        losses: list[Any] = [None] * WORLD
+        dist.all_gather_object(losses, [r["loss"] for r in result["train"]])
+        result["mean_loss"] = [sum(ls) / WORLD for ls in zip(*losses, strict=True)]
+        if rank == 0:
+            torch.save(result, f"{tmp}/dtensor.pt")
+        del model, result
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _spawn(fn: Any, tmp: Path) -> None:
     # Workers import this file by module name (spawn re-imports it): tests/ must be importable.
     here = str(Path(__file__).parent)
@@ -370,6 +485,41 @@ def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) 
     assert got["health"].keys() == health.keys() and health["mask_flips"] > 0, health
     for key, value in health.items():
         assert got["health"][key] == pytest.approx(value, rel=1e-5), key
+
+
+def assert_record_close(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Floats within fp32 reduction-order tolerance (NaN equal to NaN), the rest exactly."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+        else:
+            assert got[key] == value, key
+
+
+def test_mask_ops_on_dtensors_and_cast_train_under_fsdp2(tmp_path: Path) -> None:
+    """The mask ops run on DTensors (checked inside the workers); decay_budget and cast.train
+    on an FSDP2 model give what one process gives on the full batch."""
+    _spawn(_dtensor_worker, tmp_path)
+    got = torch.load(tmp_path / "dtensor.pt")
+    model, teacher = make_lm()
+    want = budget_then_train(model, teacher)
+    # decay_budget gathers each weight and gradient: the same verdict on every rank as here
+    budget = want.pop("budget")
+    assert budget["momentum_source"] == "the current gradients"
+    assert_record_close(got.pop("budget"), budget)
+    # grad clipping bit (the norm is global over the shards) and the same steps were taken
+    g_train, w_train = got.pop("train"), want.pop("train")
+    assert all(r["grad_norm"] > 0.2 for r in w_train)
+    for g, w in zip(g_train, w_train, strict=True):
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
+    assert got.pop("mean_loss") == pytest.approx([r["loss"] for r in w_train], rel=1e-5)
+    g_health, w_health = got.pop("health"), want.pop("health")
+    assert [h["step"] for h in g_health] == [h["step"] for h in w_health] == [0, 5, 10, 15, 20]
+    for g, w in zip(g_health, w_health, strict=True):
+        assert_record_close(g, w)
+    assert_match(got, want)
 
 
 # ---- layouts that would cut a group: refused, in one process (a world of one rank) ----------
