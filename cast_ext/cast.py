@@ -53,6 +53,7 @@ __all__ = [
     "param_groups",
     "perplexity",
     "prepare",
+    "prepared_state_dict",
     "shift_labels",
     "sparse_layers",
     "sparsity_health",
@@ -1088,6 +1089,54 @@ def export_state_dict(
             continue
         key, value = renamed.get(key, (key, value))
         out[key] = value
+    return out
+
+
+def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain checkpoint (the model's keys before :func:`prepare`, e.g. a Hugging Face one)
+    re-keyed for the prepared ``model``: the start of a CAST run from pretrained weights when
+    ``prepare`` had to come first.
+
+    That is the large-model path: build on the meta device, ``prepare``, ``fully_shard``,
+    ``to_empty``, then load. Each prepared layer's ``weight`` entry becomes
+    ``parametrizations.weight.original`` (``[out, in]``: a GPT-2 ``Conv1D`` weight is
+    transposed) and gets a ``parametrizations.weight.0.scale`` of ones (``A = 1``, as
+    :func:`prepare` sets it), so the model then computes exactly what the plain one did. Every
+    other entry passes through unchanged (entries already in the prepared form too)::
+
+        model.load_state_dict(cast.prepared_state_dict(model, dense_sd))
+        # FSDP2 (DTensor params): every rank calls
+        set_model_state_dict(model, cast.prepared_state_dict(model, full_sd),
+                             options=StateDictOptions(full_state_dict=True,
+                                                      broadcast_from_rank0=True))
+
+    Args:
+        model: a prepared model (only its layer names and shapes are read).
+        state_dict: ``{name: tensor}`` of the plain model; not modified.
+
+    Returns:
+        A new dict; the tensors not re-laid out are the caller's, not copies.
+
+    Raises:
+        ValueError: a prepared layer's ``weight`` entry has the wrong shape.
+    """
+    out = dict(state_dict)
+    for layer in sparse_layers(model):
+        prefix = f"{layer.name}." if layer.name else ""
+        w = out.pop(prefix + "weight", None)
+        if w is None:
+            continue
+        stored = [layer.in_features, layer.out_features] if layer.kind == "conv1d" else None
+        want = stored or [layer.out_features, layer.in_features]
+        if list(w.shape) != want:
+            raise ValueError(
+                f"cast_ext.cast.prepared_state_dict: {prefix}weight has shape {list(w.shape)}; "
+                f"the prepared {type(layer.module).__name__} {layer.name!r} stores {want}"
+            )
+        out[prefix + "parametrizations.weight.original"] = w.t().contiguous() if stored else w
+        out[prefix + "parametrizations.weight.0.scale"] = torch.ones(
+            layer.out_features, layer.blocks, dtype=torch.float32, device=w.device
+        )
     return out
 
 

@@ -262,6 +262,39 @@ def test_export_state_dict_mid_training(arch, tmp_path):
         assert not torch.allclose(model(x).logits, current, atol=1e-4)  # the prune did something
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prepared_state_dict_loads_pretrained_weights_into_a_meta_built_model(arch):
+    """The large-model order (build on meta, prepare, to_empty, load): the plain checkpoint,
+    re-keyed, loads strictly and the model computes exactly what the plain one does; exporting
+    it again gives the checkpoint back."""
+    dense = MODELS[arch]()
+    plain = dense.state_dict()
+    with torch.device("meta"):
+        model = MODELS[arch]()
+    layers = cast.prepare(model)
+    model.to_empty(device="cpu")
+    sd = cast.prepared_state_dict(model, plain)
+    assert sorted(plain) == sorted(dense.state_dict()), "the caller's dict was modified"
+    model.load_state_dict(sd)  # strict
+    # As for any meta-built model: re-tie the head, and fill the buffers no state dict holds
+    # (LLaMA's rotary frequencies), which to_empty left uninitialised.
+    model.tie_weights()
+    with torch.no_grad():
+        for name, buf in dense.named_buffers():
+            model.get_buffer(name).copy_(buf)
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, dense(ids()).logits)
+    assert all(torch.equal(layer.scale, torch.ones_like(layer.scale)) for layer in layers)
+    back = cast.export_state_dict(model, prune=False)
+    assert sorted(back) == sorted(plain)
+    assert all(torch.equal(back[k], v) for k, v in plain.items())
+    # a prepared state dict passes through unchanged; a wrong shape is named
+    assert cast.prepared_state_dict(model, sd).keys() == sd.keys()
+    name = f"{layers[0].name}.weight"
+    with pytest.raises(ValueError, match=f"prepared_state_dict: {name} has shape"):
+        cast.prepared_state_dict(model, {**plain, name: plain[name][:, :4]})
+
+
 def _trainer_run(out: Path, data: list[dict], steps: int, resume: str | None = None):
     """A prepared tiny LLaMA trained with AdamS by transformers.Trainer (distillation loss)."""
     torch.manual_seed(0)

@@ -325,14 +325,14 @@ def _cast_worker(rank: int, tmp: str) -> None:
 VOCAB = 11
 
 
+def lm() -> nn.Module:
+    """A tiny causal LM: an embedding, then make_model()'s stack over VOCAB logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, 16), *make_model()[:-1], nn.Linear(24, VOCAB))
+
+
 def make_lm() -> tuple[nn.Module, nn.Module]:
-    """A tiny causal LM (an embedding, then make_model()'s stack over VOCAB logits), prepared
-    for CAST, and a perturbed dense copy as the teacher."""
-
-    def lm() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Embedding(VOCAB, 16), *make_model()[:-1], nn.Linear(24, VOCAB))
-
+    """lm() prepared for CAST, and a perturbed dense copy as the teacher."""
     teacher = lm().requires_grad_(False)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -374,7 +374,9 @@ def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world
 
 def _dtensor_worker(rank: int, tmp: str) -> None:
     """The mask ops on DTensors (their sharding rules), then decay_budget and the reference
-    training loop cast.train on an FSDP2 model."""
+    training loop cast.train on an FSDP2 model built the large-model way: on the meta device,
+    prepared, sharded, materialised, and loaded from the plain model's full state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
@@ -421,8 +423,14 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
                 assert torch.equal(got[name].full_tensor(), want_t), (name, placement)
             assert torch.equal(cast_ext.pack_mask(got["sparse24_mask"]).full_tensor(), pa)
 
-        model, teacher = make_lm()
-        result = budget_then_train(_fsdp_model(model), teacher, rank, WORLD)
+        with torch.device("meta"):
+            model = lm()
+        cast.prepare(model, scale_blocks=2)
+        model = _fsdp_model(model).to_empty(device="cpu")
+        full = cast.prepared_state_dict(model, lm().state_dict())
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, full, options=options)
+        result = budget_then_train(model, make_lm()[1], rank, WORLD)
         # Each rank logs the loss of its own rows; their mean is the full batch's loss.
         losses: list[Any] = [None] * WORLD
         dist.all_gather_object(losses, [r["loss"] for r in result["train"]])
