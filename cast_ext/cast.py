@@ -1276,6 +1276,7 @@ def train(
     log_path: str | Path | None = None,
     run_name: str = "train",
     progress: bool = True,
+    start_step: int = 0,
 ) -> TrainResult:
     """A reference CAST training loop; copy it and adapt.
 
@@ -1307,6 +1308,10 @@ def train(
         log_path: JSON-lines file to append to.
         run_name: written into every record.
         progress: show a tqdm bar (if tqdm is installed).
+        start_step: steps already taken (a run resumed from a checkpoint of model and
+            optimizer): the loop runs steps ``start_step .. total_steps - 1`` with the lr
+            schedule advanced to ``start_step``, and records absolute step numbers;
+            ``batches`` yields the batches from ``start_step`` on.
 
     Under DDP / FSDP2 each rank passes its own batches; the loss, CE and KL it records are its
     own rows' (their mean over ranks is the global batch's loss when the ranks hold equally many
@@ -1315,12 +1320,21 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
+    if not 0 <= start_step <= total_steps:
+        raise ValueError(
+            f"cast_ext.cast.train: start_step={start_step} is outside [0, total_steps="
+            f"{total_steps}]"
+        )
     device = next(model.parameters()).device
-    sched = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
-    )
+    sched = None
+    if lr_lambda is not None:
+        # Resuming, LambdaLR reads each group's "initial_lr" (in a state dict saved while a
+        # LambdaLR ran; else the group's lr is the base) and sets the lr of step start_step.
+        for group in optimizer.param_groups if start_step else ():
+            group.setdefault("initial_lr", group["lr"])
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
     log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
-    result = TrainResult()
+    result = TrainResult(steps=start_step)
     prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
 
@@ -1348,9 +1362,11 @@ def train(
 
     bar = _progress(total_steps, run_name, progress)
     it: Iterator[Tensor] = iter(batches)
-    health(0)
+    health(start_step)
+    if bar is not None:
+        bar.update(start_step)
     try:
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             ids = next(it).to(device)
             t0 = time.perf_counter()
             model.train()

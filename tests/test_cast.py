@@ -608,6 +608,57 @@ def test_train_loop_logs_health_and_evals(tmp_path):
     assert cast.perplexity(model, val, batch_size=4) == pytest.approx(math.exp(float(hf)), rel=1e-5)
 
 
+def test_train_resumed_at_start_step_is_the_uninterrupted_run():
+    """Checkpoint (model, AdamS, the schedule's state) after 3 of 7 steps, load into fresh
+    objects, continue with start_step=3: bit for bit the straight run, same records."""
+    steps, split = 7, 3
+
+    def run(start: int, state: dict | None = None):
+        torch.manual_seed(0)  # the same teacher in both runs
+        model = tiny_llama()
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        cast.prepare(model)
+        groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+        opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=steps, mask_interval=2)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        saved: dict = {}
+
+        def checkpoint(step: int) -> None:
+            if step == split:
+                saved["model"] = copy.deepcopy(model.state_dict())
+                saved["opt"] = copy.deepcopy(opt.state_dict())
+
+        res = cast.train(
+            model,
+            opt,
+            (ids(seed=s) for s in range(start, steps)),
+            total_steps=steps,
+            lr_lambda=cast.warmup_cosine(1.0, steps, 2).factor,
+            teacher=teacher,
+            health_every=2,
+            after_step=checkpoint,
+            progress=False,
+            start_step=start,
+        )
+        return model, res, saved
+
+    straight, res, saved = run(0)
+    resumed, res2, _ = run(split, saved)
+    for (k, v), (k2, v2) in zip(
+        straight.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2), k
+    assert res2.steps == steps and res2.tokens == (steps - split) * 2 * 16
+    keep = ("step", "loss", "lr", "ce", "kl", "grad_norm")
+    tail = [{k: r[k] for k in keep} for r in res.train[split:]]
+    assert [{k: r[k] for k in keep} for r in res2.train] == tail
+    assert [r["step"] for r in res2.health] == [3, 4, 6, 7]
+    with pytest.raises(ValueError, match="start_step=8 is outside"):
+        cast.train(straight, None, [], total_steps=steps, start_step=8)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------------------------
 # the demo pipeline on a tiny model and synthetic text (no real model, no network)
 # ------------------------------------------------------------------------------------------
