@@ -1101,8 +1101,10 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
     ``to_empty``, then load. Each prepared layer's ``weight`` entry becomes
     ``parametrizations.weight.original`` (``[out, in]``: a GPT-2 ``Conv1D`` weight is
     transposed) and gets a ``parametrizations.weight.0.scale`` of ones (``A = 1``, as
-    :func:`prepare` sets it), so the model then computes exactly what the plain one did. Every
-    other entry passes through unchanged (entries already in the prepared form too)::
+    :func:`prepare` sets it; a DTensor laid out like the model's scale when the weight is a
+    DTensor, as :func:`export_state_dict` gives them under FSDP2), so the model then computes
+    exactly what the plain one did. Every other entry passes through unchanged (entries already
+    in the prepared form too)::
 
         model.load_state_dict(cast.prepared_state_dict(model, dense_sd))
         # FSDP2 (DTensor params): every rank calls
@@ -1134,8 +1136,11 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
                 f"the prepared {type(layer.module).__name__} {layer.name!r} stores {want}"
             )
         out[prefix + "parametrizations.weight.original"] = w.t().contiguous() if stored else w
-        out[prefix + "parametrizations.weight.0.scale"] = torch.ones(
-            layer.out_features, layer.blocks, dtype=torch.float32, device=w.device
+        scale = layer.scale.detach()
+        out[prefix + "parametrizations.weight.0.scale"] = (
+            torch.ones_like(scale)  # laid out like the model's (sharded) scale
+            if isinstance(w, DTensor) and isinstance(scale, DTensor)
+            else torch.ones(scale.shape, dtype=scale.dtype, device=w.device)
         )
     return out
 
@@ -1277,6 +1282,7 @@ def train(
     run_name: str = "train",
     progress: bool = True,
     start_step: int = 0,
+    stop_step: int | None = None,
 ) -> TrainResult:
     """A reference CAST training loop; copy it and adapt.
 
@@ -1311,7 +1317,12 @@ def train(
         start_step: steps already taken (a run resumed from a checkpoint of model and
             optimizer): the loop runs steps ``start_step .. total_steps - 1`` with the lr
             schedule advanced to ``start_step``, and records absolute step numbers;
-            ``batches`` yields the batches from ``start_step`` on.
+            ``batches`` yields the batches from ``start_step`` on. The schedule's base is
+            each group's ``initial_lr`` (LambdaLR's key, saved in the optimizer's state dict;
+            with ``torch.distributed.checkpoint`` set it on the groups before loading, since
+            ``dcp.load`` fills only keys the target has), else the group's ``lr``.
+        stop_step: end the loop after this step (default ``total_steps``), e.g. to fit a job's
+            time limit; the schedule and ``alpha`` stay those of ``total_steps``.
 
     Under DDP / FSDP2 each rank passes its own batches; the loss, CE and KL it records are its
     own rows' (their mean over ranks is the global batch's loss when the ranks hold equally many
@@ -1320,10 +1331,11 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
-    if not 0 <= start_step <= total_steps:
+    stop = total_steps if stop_step is None else stop_step
+    if not 0 <= start_step <= stop <= total_steps:
         raise ValueError(
-            f"cast_ext.cast.train: start_step={start_step} is outside [0, total_steps="
-            f"{total_steps}]"
+            f"cast_ext.cast.train: need 0 <= start_step <= stop_step <= total_steps, got "
+            f"start_step={start_step}, stop_step={stop_step}, total_steps={total_steps}"
         )
     device = next(model.parameters()).device
     sched = None
@@ -1366,7 +1378,7 @@ def train(
     if bar is not None:
         bar.update(start_step)
     try:
-        for step in range(start_step, total_steps):
+        for step in range(start_step, stop):
             ids = next(it).to(device)
             t0 = time.perf_counter()
             model.train()
@@ -1407,12 +1419,12 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_f:.3f}")
-            if health_every > 0 and (step + 1) % health_every == 0 and step + 1 < total_steps:
+            if health_every > 0 and (step + 1) % health_every == 0 and step + 1 < stop:
                 health(step + 1)
-            if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < total_steps:
+            if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < stop:
                 evaluate(step + 1)
-        health(total_steps)
-        evaluate(total_steps)
+        health(stop)
+        evaluate(stop)
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,301 @@
+"""CAST on many GPUs with FSDP2: a Hugging Face causal LM in, an exactly 2:4 one out.
+
+    torchrun --nproc_per_node=8 examples/cast_fsdp2.py --model /path/to/hf_model \\
+        --train train_tokens.npy --val val_tokens.npy --steps 2000 --out runs/cast
+
+In the order a model too large for one device needs:
+
+1. the student and the frozen dense teacher are built on the meta device (no memory);
+2. ``cast.prepare(student)`` attaches the learnable scales; then every decoder block and the
+   root are ``fully_shard``-ed (on CUDA: bf16 compute, fp32 master weights and reductions);
+3. the shards are materialised and the pretrained weights loaded from rank 0's copy
+   (``cast.prepared_state_dict`` re-keys them for the prepared student);
+4. ``cast.decay_budget`` says whether the run is long enough for a near-lossless final prune;
+5. AdamS + distillation train it (``cast.train``); every ``--save-every`` steps a distributed
+   checkpoint (``torch.distributed.checkpoint``: weights, scales, AdamS state with masks, lr
+   schedule) is written, and ``--resume`` continues from the newest one, bit for bit;
+   ``--stop-after`` ends an invocation early (a job's time limit);
+6. the final prune: ``cast.export_state_dict`` (the optimizer's masks, scales folded) is loaded
+   back into the sharded student to measure its perplexity, gathered to rank 0 and written as a
+   Hugging Face checkpoint (``<out>/final``) that loads without cast_ext, exactly 2:4.
+
+Data: 1-D arrays of token ids (``.npy``, any integer dtype; memory-mapped), cut into windows of
+``--seq`` tokens. Step ``s`` draws ``--batch`` windows per rank with a generator seeded by ``s``,
+so a resumed run sees the batches the uninterrupted one would. Runs on CPU (gloo) too, slowly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import cast_ext
+from cast_ext import cast
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a Hugging Face causal LM directory")
+    p.add_argument("--train", required=True, help=".npy of training token ids")
+    p.add_argument("--val", help=".npy of validation token ids (perplexity)")
+    p.add_argument("--out", required=True, help="checkpoints, log and the final model go here")
+    p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per window")
+    p.add_argument("--batch", type=int, default=4, help="windows per rank per step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=10, help="warmup steps (from lr/10)")
+    p.add_argument("--decay", type=float, default=1e-3, help="AdamS's lambda (SPEC §6)")
+    p.add_argument("--mask-interval", type=int, default=10)
+    p.add_argument("--eta", type=float, default=1 / 3, help="KL share of the distillation loss")
+    p.add_argument("--grad-clip", type=float, default=None)
+    p.add_argument("--train-embeddings", action="store_true", help="default: frozen, as norms")
+    p.add_argument("--val-windows", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=0, help="0: at the end only")
+    p.add_argument("--health-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=500, help="distributed checkpoint period")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="steps in this invocation")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class Windows:
+    """``[batch, seq]`` token windows of a memory-mapped 1-D id array; ``draw(step)`` is this
+    rank's share of the step's global batch."""
+
+    def __init__(self, path: str, seq: int) -> None:
+        self.ids = np.load(path, mmap_mode="r")
+        if self.ids.ndim != 1 or not np.issubdtype(self.ids.dtype, np.integer):
+            raise ValueError(f"{path}: need a 1-D array of integer token ids")
+        self.seq = seq
+        self.count = len(self.ids) // seq
+        if self.count < 1:
+            raise ValueError(f"{path}: {len(self.ids)} tokens make no window of {seq}")
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        rows = [np.asarray(self.ids[i * self.seq : (i + 1) * self.seq]) for i in index.tolist()]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def draw(self, step: int, batch: int, rank: int, world: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        index = torch.randint(self.count, (world * batch,), generator=gen)
+        return self.take(index[rank * batch : (rank + 1) * batch])
+
+
+def build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture on the meta device (buffers real: no state dict holds e.g. rotary
+    frequencies), embeddings tied as the config says."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def shard(model: torch.nn.Module, mesh: Any, mp: MixedPrecisionPolicy | None) -> None:
+    """fully_shard every decoder block (the model's ``_no_split_modules`` classes), then the
+    root (embeddings, head, final norm)."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    kwargs: dict[str, Any] = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate the (sharded) params on ``device``, keeping the buffers' values."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in buffers.items():
+            model.get_buffer(name).copy_(buf)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    device = device or torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world,))
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # 1-3: build on meta, prepare, shard, materialise, load the pretrained weights
+    config = AutoConfig.from_pretrained(args.model)
+    student = build(config, torch.float32)
+    teacher = build(config, torch.bfloat16 if cuda else torch.float32).requires_grad_(False)
+    layers = cast.prepare(student)
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else None
+    shard(student, mesh, mp)
+    shard(teacher, mesh, None)
+    materialise(student, device)
+    materialise(teacher, device)
+    full: dict[str, torch.Tensor] = {}
+    if rank == 0:
+        full = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(student, cast.prepared_state_dict(student, full), options=options)
+    set_model_state_dict(teacher, full, options=options)
+    del full
+    teacher.eval()
+    say(f"{len(layers)} layers to 2:4 on {world} ranks ({device.type})")
+
+    train = Windows(args.train, args.seq)
+    val = None
+    if args.val:
+        v = Windows(args.val, args.seq)
+        val = v.take(torch.arange(min(args.val_windows, v.count)))
+
+    def batches(start: int):
+        for step in range(start, args.steps):
+            yield train.draw(step, args.batch, rank, world, args.seed)
+
+    groups = cast.param_groups(
+        student, freeze_embeddings=not args.train_embeddings, freeze_norms=True
+    )
+    opt = cast_ext.AdamS(
+        groups,
+        lr=args.lr,
+        decay=args.decay,
+        total_steps=args.steps,
+        mask_interval=args.mask_interval,
+    )
+    sched = cast.warmup_cosine(args.lr, args.steps, args.warmup)
+    # The lr schedule's base (LambdaLR's "initial_lr") must be in the state to load too:
+    # dcp.load fills only the keys the target already has.
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+
+    start = 0
+    latest = out / "latest"
+    if args.resume and latest.exists():
+        start = int(latest.read_text())
+        state = {
+            "model": get_model_state_dict(student),
+            "optim": get_optimizer_state_dict(student, opt),
+        }
+        dcp.load(state, checkpoint_id=out / f"step-{start}")
+        set_model_state_dict(student, state["model"])
+        set_optimizer_state_dict(student, opt, state["optim"])
+        say(f"resumed at step {start}")
+    else:
+        # 4: the preflight, from one backward's gradients
+        ids = train.draw(0, args.batch, rank, world, args.seed).to(device)
+        logits = student(ids).logits
+        cast.distill_loss(logits, None, cast.shift_labels(ids), eta=0.0).backward()
+        budget = cast.decay_budget(student, sched, args.steps, decay=args.decay, warn=False)
+        student.zero_grad(set_to_none=True)
+        say(budget)
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+
+    def save(step: int) -> None:
+        if step % args.save_every and step != end:
+            return
+        state = {
+            "model": get_model_state_dict(student),
+            "optim": get_optimizer_state_dict(student, opt),
+        }
+        dcp.save(state, checkpoint_id=out / f"step-{step}")
+        dist.barrier()
+        if rank == 0:
+            latest.write_text(str(step))
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        # every rank evaluates the same windows (FSDP2: all ranks run every forward)
+        return {"val_ppl": cast.perplexity(model, val, batch_size=args.batch)}
+
+    # 5: train (every rank its own windows; the loss logged is rank 0's)
+    result = cast.train(
+        student,
+        opt,
+        batches(start),
+        total_steps=args.steps,
+        lr_lambda=sched.factor,
+        teacher=teacher,
+        eta=args.eta,
+        grad_clip=args.grad_clip,
+        eval_fn=evaluate if val is not None else None,
+        eval_every=args.eval_every,
+        health_every=args.health_every,
+        after_step=save,
+        log_path=out / "train_log.jsonl" if rank == 0 else None,
+        run_name="cast",
+        progress=rank == 0,
+        start_step=start,
+        stop_step=end,
+    )
+    if end < args.steps:
+        say(f"stopped after step {end}; --resume continues")
+        dist.destroy_process_group()
+        return
+
+    # 6: the final prune, measured on the sharded student, then written from rank 0
+    exported = cast.export_state_dict(student, opt)
+    report: dict[str, Any] = {"steps": result.steps, "world": world}
+    if val is not None:
+        report["val_ppl_before_prune"] = evaluate(student)["val_ppl"]
+        set_model_state_dict(student, cast.prepared_state_dict(student, exported))
+        report["val_ppl_after_prune"] = evaluate(student)["val_ppl"]
+    dtype = getattr(torch, args.save_dtype)
+    gathered: dict[int, torch.Tensor] = {}
+    final: dict[str, torch.Tensor] = {}
+    for key, value in exported.items():  # one tensor at a time: a collective on every rank
+        if id(value) not in gathered:  # tied weights: gathered once
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            if rank == 0:
+                gathered[id(value)] = whole.to("cpu", dtype)
+        if rank == 0:
+            final[key] = gathered[id(value)]
+    if rank == 0:
+        build(config, dtype).save_pretrained(out / "final", state_dict=dict(final))  # edits it
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(out / "final")
+        except (OSError, ValueError):
+            say("no tokenizer in --model: the final checkpoint has none")
+        exact = 0
+        for layer in layers:
+            w = final[f"{layer.name}.weight"]
+            w = w.t() if layer.kind == "conv1d" else w  # groups run along the input dim
+            exact += bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
+        report["exactly_24_layers"] = f"{exact}/{len(layers)}"
+        (out / "final_report.json").write_text(json.dumps(report, indent=2))
+        say(json.dumps(report, indent=2))
+        say(f"wrote {out / 'final'}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
