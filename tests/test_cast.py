@@ -655,8 +655,9 @@ def test_train_resumed_at_start_step_is_the_uninterrupted_run():
     tail = [{k: r[k] for k in keep} for r in res.train[split:]]
     assert [{k: r[k] for k in keep} for r in res2.train] == tail
     assert [r["step"] for r in res2.health] == [3, 4, 6, 7]
-    with pytest.raises(ValueError, match="start_step=8 is outside"):
-        cast.train(straight, None, [], total_steps=steps, start_step=8)  # type: ignore[arg-type]
+    for bad in ({"start_step": 8}, {"start_step": 3, "stop_step": 2}, {"stop_step": 8}):
+        with pytest.raises(ValueError, match="need 0 <= start_step <= stop_step <= total_steps"):
+            cast.train(straight, None, [], total_steps=steps, **bad)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------
