@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, default=None, help="steps in this invocation")
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if any")
     return p.parse_args(argv)
 
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cuda = torch.cuda.is_available()
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None

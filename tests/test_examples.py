@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 
 from cast_ext import cast
 
@@ -25,9 +26,10 @@ SCRIPT = ROOT / "examples" / "cast_fsdp2.py"
 VOCAB, SEQ, STEPS = 96, 16, 6
 
 
-def run_example(out: Path, data: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(SCRIPT), "--model", str(data / "model"), "--out", str(out)]
+def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={ranks}", str(SCRIPT), "--device", device]
+    cmd += ["--model", str(data / "model"), "--out", str(out)]
     cmd += ["--train", str(data / "train.npy"), "--val", str(data / "val.npy")]
     cmd += ["--seq", str(SEQ), "--batch", "2", "--steps", str(STEPS), "--save-every", "3"]
     cmd += ["--lr", "3e-3", "--warmup", "2", "--decay", "1e-2", "--mask-interval", "2"]
@@ -37,8 +39,8 @@ def run_example(out: Path, data: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def make_data(data: Path) -> np.ndarray:
+    """A tiny LLaMA checkpoint and train / val token ids under ``data``; returns the val ids."""
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -55,7 +57,12 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     np.save(data / "train.npy", rng.integers(0, VOCAB, 4000).astype(np.uint16))
     val = rng.integers(0, VOCAB, 20 * SEQ).astype(np.int32)
     np.save(data / "val.npy", val)
+    return val
 
+
+def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    val = make_data(data)
     run_example(tmp_path / "straight", data)
     run_example(tmp_path / "resumed", data, "--stop-after", "3")
     assert not (tmp_path / "resumed" / "final").exists()
@@ -79,3 +86,14 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     windows = torch.from_numpy(val.astype(np.int64)).reshape(-1, SEQ)[:16]
     ppl = cast.perplexity(model, windows, batch_size=2)
     assert math.isfinite(ppl) and ppl == pytest.approx(report["val_ppl_after_prune"], rel=1e-4)
+
+
+@requires_cuda
+def test_cast_fsdp2_example_on_cuda(tmp_path: Path) -> None:
+    """One rank on the GPU: nccl, bf16 compute with fp32 masters, a bf16 teacher."""
+    data = tmp_path / "data"
+    make_data(data)
+    run_example(tmp_path / "out", data, device="cuda", ranks=1)
+    report = json.loads((tmp_path / "out" / "final_report.json").read_text())
+    assert report["exactly_24_layers"] == "14/14"
+    assert math.isfinite(report["val_ppl_after_prune"])
