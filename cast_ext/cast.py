@@ -23,6 +23,7 @@ its ``[in, out]`` weight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -1283,11 +1284,13 @@ def train(
     progress: bool = True,
     start_step: int = 0,
     stop_step: int | None = None,
+    grad_accum: int = 1,
 ) -> TrainResult:
     """A reference CAST training loop; copy it and adapt.
 
-    Per step: forward the student (dense, with its scales), the teacher under ``no_grad`` if
-    given, :func:`distill_loss` (plain CE when ``teacher`` is None), backward, optional grad-norm
+    Per step, for each of ``grad_accum`` micro-batches: forward the student (dense, with its
+    scales), the teacher under ``no_grad`` if given, :func:`distill_loss` (plain CE when
+    ``teacher`` is None), backward of the loss / ``grad_accum``; then optional grad-norm
     clipping, ``optimizer.step()``, the lr schedule, ``after_step(step)``. Every
     ``health_every`` steps (and before the first and after the last) the SPEC §5 health signals
     (:func:`sparsity_health`, plus ``alpha = step / total_steps``) of a prepared model are
@@ -1297,7 +1300,7 @@ def train(
     Args:
         model: the student (a causal LM taking ``input_ids``), already on its device.
         optimizer: e.g. ``cast_ext.AdamS(param_groups(model), ...)``.
-        batches: yields ``[B, L]`` int64 ``input_ids``; at least ``total_steps`` of them.
+        batches: yields ``[B, L]`` int64 ``input_ids``: ``grad_accum`` per step.
         total_steps: steps to run.
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning.
@@ -1323,6 +1326,10 @@ def train(
             ``dcp.load`` fills only keys the target has), else the group's ``lr``.
         stop_step: end the loop after this step (default ``total_steps``), e.g. to fit a job's
             time limit; the schedule and ``alpha`` stay those of ``total_steps``.
+        grad_accum: micro-batches per optimizer step (a larger batch than fits at once); each
+            record's loss, CE and KL are their mean. Under DDP the gradients are all-reduced
+            once per step (``no_sync`` for the others); FSDP2 reduce-scatters every
+            micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
 
     Under DDP / FSDP2 each rank passes its own batches; the loss, CE and KL it records are its
     own rows' (their mean over ranks is the global batch's loss when the ranks hold equally many
@@ -1331,6 +1338,8 @@ def train(
     Returns:
         A :class:`TrainResult`.
     """
+    if grad_accum < 1:
+        raise ValueError(f"cast_ext.cast.train: grad_accum must be >= 1, got {grad_accum}")
     stop = total_steps if stop_step is None else stop_step
     if not 0 <= start_step <= stop <= total_steps:
         raise ValueError(
@@ -1379,22 +1388,32 @@ def train(
         bar.update(start_step)
     try:
         for step in range(start_step, stop):
-            ids = next(it).to(device)
             t0 = time.perf_counter()
             model.train()
-            logits = _logits(model(ids))
-            labels = shift_labels(ids)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = _logits(teacher(ids))
+            parts = torch.zeros(3, device=device)  # sums of the loss, KL and CE
+            for micro in range(grad_accum):
+                ids = next(it).to(device)
+                logits = _logits(model(ids))
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = _logits(teacher(ids))
                 loss, kl, ce = distill_loss(
-                    logits, t_logits, labels, eta=eta, temperature=temperature, return_parts=True
+                    logits,
+                    t_logits,
+                    shift_labels(ids),
+                    eta=eta if teacher is not None else 0.0,
+                    temperature=temperature,
+                    return_parts=True,
                 )
-                del t_logits
-            else:
-                loss, kl, ce = distill_loss(logits, None, labels, eta=0.0, return_parts=True)
-            del logits
-            loss.backward()
+                del logits, t_logits
+                no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last only
+                skip = no_sync is not None and micro < grad_accum - 1
+                with no_sync() if skip else contextlib.nullcontext():
+                    (loss / grad_accum if grad_accum > 1 else loss).backward()
+                parts += torch.stack([loss.detach(), kl, ce])
+                result.tokens += ids.numel()
+            loss, kl, ce = parts / grad_accum
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
             lr = optimizer.param_groups[0]["lr"]
@@ -1406,8 +1425,7 @@ def train(
                 after_step(step + 1)
             result.train_time_s += time.perf_counter() - t0
             result.steps = step + 1
-            result.tokens += ids.numel()
-            loss_f = float(loss.detach())
+            loss_f = float(loss)
             if not math.isfinite(loss_f):
                 raise FloatingPointError(f"{run_name}: loss is {loss_f} at step {step}")
             rec = {"step": step + 1, "tokens": result.tokens, "loss": loss_f, "lr": lr}

@@ -20,8 +20,9 @@ In the order a model too large for one device needs:
    Hugging Face checkpoint (``<out>/final``) that loads without cast_ext, exactly 2:4.
 
 Data: 1-D arrays of token ids (``.npy``, any integer dtype; memory-mapped), cut into windows of
-``--seq`` tokens. Step ``s`` draws ``--batch`` windows per rank with a generator seeded by ``s``,
-so a resumed run sees the batches the uninterrupted one would. Runs on CPU (gloo) too, slowly.
+``--seq`` tokens. Step ``s`` draws ``--batch`` x ``--grad-accum`` windows per rank with a
+generator seeded by ``s``, so a resumed run sees the batches the uninterrupted one would. Runs on
+CPU (gloo) too, slowly (``--device cpu``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoints, log and the final model go here")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
     p.add_argument("--seq", type=int, default=1024, help="tokens per window")
-    p.add_argument("--batch", type=int, default=4, help="windows per rank per step")
+    p.add_argument("--batch", type=int, default=4, help="windows per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=10, help="warmup steps (from lr/10)")
     p.add_argument("--decay", type=float, default=1e-3, help="AdamS's lambda (SPEC §6)")
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def batches(start: int):
         for step in range(start, args.steps):
-            yield train.draw(step, args.batch, rank, world, args.seed)
+            drawn = train.draw(step, args.batch * args.grad_accum, rank, world, args.seed)
+            yield from drawn.split(args.batch)
 
     groups = cast.param_groups(
         student, freeze_embeddings=not args.train_embeddings, freeze_norms=True
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         progress=rank == 0,
         start_step=start,
         stop_step=end,
+        grad_accum=args.grad_accum,
     )
     if end < args.steps:
         say(f"stopped after step {end}; --resume continues")

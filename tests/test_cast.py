@@ -658,6 +658,8 @@ def test_train_resumed_at_start_step_is_the_uninterrupted_run():
     for bad in ({"start_step": 8}, {"start_step": 3, "stop_step": 2}, {"stop_step": 8}):
         with pytest.raises(ValueError, match="need 0 <= start_step <= stop_step <= total_steps"):
             cast.train(straight, None, [], total_steps=steps, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grad_accum must be >= 1, got 0"):
+        cast.train(straight, None, [], total_steps=steps, grad_accum=0)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------

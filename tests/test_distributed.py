@@ -350,6 +350,28 @@ def lm_batches(rank: int = 0, world: int = 1) -> Iterator[Tensor]:
         yield ids[rank * 4 // world : (rank + 1) * 4 // world]
 
 
+def accumulated_run(rank: int = 0, world: int = 1, ddp: bool = False) -> dict:
+    """cast.train on lm(): one batch per step (this rank's rows), or with ddp, under DDP in
+    micro-batches of one row (grad_accum = rows per rank)."""
+    model, teacher = make_lm()
+    opt = AdamS(cast.param_groups(model), **HP)
+    rows = 4 // world
+    batches: Any = lm_batches(rank, world)
+    if ddp:
+        batches = (row[None] for b in batches for row in b)
+    cast.train(
+        nn.parallel.DistributedDataParallel(model) if ddp else model,
+        opt,
+        batches,
+        total_steps=STEPS,
+        teacher=teacher,
+        health_every=0,
+        progress=False,
+        grad_accum=rows if ddp else 1,
+    )
+    return snapshot(model, opt)
+
+
 def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world: int = 1) -> dict:
     """decay_budget (gradients from one backward on the first batch), then cast.train with
     distillation, grad clipping that bites, an lr schedule and health records."""
@@ -431,6 +453,7 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, full, options=options)
         result = budget_then_train(model, make_lm()[1], rank, WORLD)
+        result["ddp_accumulated"] = accumulated_run(rank, WORLD, ddp=True)
         # Each rank logs the loss of its own rows; their mean is the full batch's loss.
         losses: list[Any] = [None] * WORLD
         dist.all_gather_object(losses, [r["loss"] for r in result["train"]])
@@ -507,9 +530,12 @@ def assert_record_close(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 def test_mask_ops_on_dtensors_and_cast_train_under_fsdp2(tmp_path: Path) -> None:
     """The mask ops run on DTensors (checked inside the workers); decay_budget and cast.train
-    on an FSDP2 model give what one process gives on the full batch."""
+    on an FSDP2 model, and cast.train with gradient accumulation under DDP, give what one
+    process gives on the full batch."""
     _spawn(_dtensor_worker, tmp_path)
     got = torch.load(tmp_path / "dtensor.pt")
+    # DDP with gradient accumulation (no_sync but for the last micro-batch): one process's run
+    assert_match(got.pop("ddp_accumulated"), accumulated_run())
     model, teacher = make_lm()
     want = budget_then_train(model, teacher)
     # decay_budget gathers each weight and gradient: the same verdict on every rank as here

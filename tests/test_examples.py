@@ -67,6 +67,8 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     run_example(tmp_path / "resumed", data, "--stop-after", "3")
     assert not (tmp_path / "resumed" / "final").exists()
     run_example(tmp_path / "resumed", data, "--resume")
+    # the same windows in micro-batches of one: the same training, up to rounding
+    run_example(tmp_path / "accumulated", data, "--batch", "1", "--grad-accum", "2")
 
     # The resumed run wrote the same model, byte for byte, and logged every step once.
     final = tmp_path / "straight" / "final" / "model.safetensors"
@@ -86,6 +88,9 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     windows = torch.from_numpy(val.astype(np.int64)).reshape(-1, SEQ)[:16]
     ppl = cast.perplexity(model, windows, batch_size=2)
     assert math.isfinite(ppl) and ppl == pytest.approx(report["val_ppl_after_prune"], rel=1e-4)
+    accumulated = json.loads((tmp_path / "accumulated" / "final_report.json").read_text())
+    for key in ("val_ppl_before_prune", "val_ppl_after_prune"):
+        assert accumulated[key] == pytest.approx(report[key], rel=1e-4), key
 
 
 @requires_cuda
