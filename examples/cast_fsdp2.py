@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="0: at the end only")
     p.add_argument("--health-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=500, help="distributed checkpoint period")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest ones)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute blocks in backward"
+    )
     p.add_argument("--stop-after", type=int, default=None, help="steps in this invocation")
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     student = build(config, torch.float32)
     teacher = build(config, torch.bfloat16 if cuda else torch.float32).requires_grad_(False)
     layers = cast.prepare(student)
+    if args.activation_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else None
     shard(student, mesh, mp)
     shard(teacher, mesh, None)
@@ -234,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.barrier()
         if rank == 0:
             latest.write_text(str(step))
+            saved = sorted(out.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+            for stale in saved[: -max(args.keep, 1)]:
+                shutil.rmtree(stale)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         # every rank evaluates the same windows (FSDP2: all ranks run every forward)

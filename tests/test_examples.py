@@ -67,8 +67,15 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     run_example(tmp_path / "resumed", data, "--stop-after", "3")
     assert not (tmp_path / "resumed" / "final").exists()
     run_example(tmp_path / "resumed", data, "--resume")
-    # the same windows in micro-batches of one: the same training, up to rounding
-    run_example(tmp_path / "accumulated", data, "--batch", "1", "--grad-accum", "2")
+    assert sorted(d.name for d in (tmp_path / "resumed").glob("step-*")) == ["step-3", "step-6"]
+    # the same windows in micro-batches of one, blocks recomputed in backward, one checkpoint
+    # kept: the same training, up to rounding
+    run_example(
+        tmp_path / "accumulated",
+        data,
+        *("--batch", "1", "--grad-accum", "2", "--activation-checkpointing", "--keep", "1"),
+    )
+    assert [d.name for d in (tmp_path / "accumulated").glob("step-*")] == ["step-6"]
 
     # The resumed run wrote the same model, byte for byte, and logged every step once.
     final = tmp_path / "straight" / "final" / "model.safetensors"
