@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,17 +235,22 @@ def _fsdp_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def make_cast_model() -> tuple[nn.Module, nn.Module]:
-    """make_model() prepared for CAST (learnable scales, 2 blocks per row, on its three Linears)
-    and a perturbed dense copy of it as the teacher."""
-    teacher = make_model().requires_grad_(False)
+def prepared_with_teacher(build: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """build() prepared for CAST (learnable scales, 2 blocks per row) and a perturbed dense
+    build() as the teacher."""
+    teacher = build().requires_grad_(False)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    model = make_model()
+    model = build()
     cast.prepare(model, scale_blocks=2)
     return model, teacher
+
+
+def make_cast_model() -> tuple[nn.Module, nn.Module]:
+    """make_model() (its three Linears prepared) and its teacher."""
+    return prepared_with_teacher(make_model)
 
 
 def train_cast(
@@ -332,15 +337,8 @@ def lm() -> nn.Module:
 
 
 def make_lm() -> tuple[nn.Module, nn.Module]:
-    """lm() prepared for CAST, and a perturbed dense copy as the teacher."""
-    teacher = lm().requires_grad_(False)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    model = lm()
-    cast.prepare(model, scale_blocks=2)
-    return model, teacher
+    """lm() prepared for CAST, and its teacher."""
+    return prepared_with_teacher(lm)
 
 
 def lm_batches(rank: int = 0, world: int = 1) -> Iterator[Tensor]:
@@ -409,30 +407,23 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
         a, b = torch.randn(2, 7, 3, 16, generator=gen)  # 7 rows: uneven shards on dim 0
         pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
         values, meta = cast_ext.sparse24_compress(a)
-        want = {
-            "sparse24_mask": cast_ext.sparse24_mask(a),
-            "nm_mask": cast_ext.nm_mask(a, 2, 8),
-            "sparse24_prune": cast_ext.sparse24_prune(a),
-            "sparse24_compress": torch.cat([values, meta.to(values.dtype)], -1),
-            "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
-            "unpack_mask": cast_ext.unpack_mask(pa, 16),
-            "mask_flips": cast_ext.mask_flips(pa, pb),
-        }
-        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
-            da = distribute_tensor(a, mesh, [placement])
-            dpa, dpb = (distribute_tensor(t, mesh, [placement]) for t in (pa, pb))
-            dv, dm = cast_ext.sparse24_compress(da)
-            got = {
-                "sparse24_mask": cast_ext.sparse24_mask(da),
-                "nm_mask": cast_ext.nm_mask(da, 2, 8),
-                "sparse24_prune": cast_ext.sparse24_prune(da),
-                "sparse24_compress": torch.cat([dv, dm.to(dv.dtype)], -1),
-                "sparse24_decompress": cast_ext.sparse24_decompress(
-                    *(distribute_tensor(t, mesh, [placement]) for t in (values, meta))
-                ),
-                "unpack_mask": cast_ext.unpack_mask(dpa, 16),
-                "mask_flips": cast_ext.mask_flips(dpa, dpb),
+
+        def every_op(a: Tensor, pa: Tensor, pb: Tensor, values: Tensor, meta: Tensor) -> dict:
+            v, m = cast_ext.sparse24_compress(a)
+            return {
+                "sparse24_mask": cast_ext.sparse24_mask(a),
+                "nm_mask": cast_ext.nm_mask(a, 2, 8),
+                "sparse24_prune": cast_ext.sparse24_prune(a),
+                "sparse24_compress": torch.cat([v, m.to(v.dtype)], -1),
+                "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
+                "unpack_mask": cast_ext.unpack_mask(pa, 16),
+                "mask_flips": cast_ext.mask_flips(pa, pb),
             }
+
+        inputs = (a, pa, pb, values, meta)
+        want = every_op(*inputs)
+        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
+            got = every_op(*(distribute_tensor(t, mesh, [placement]) for t in inputs))
             # Sharded on a leading dim: computed on the local shards, no gather (Partial for the
             # sum of flips); sharded on the last dim (which cuts groups): gathered first.
             row_whole = placement in (Shard(0), Shard(1))

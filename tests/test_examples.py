@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
+from test_cast import VOCAB, tiny_llama
 
 from cast_ext import cast
 
@@ -23,7 +24,7 @@ transformers.logging.set_verbosity_error()
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cast_fsdp2.py"
-VOCAB, SEQ, STEPS = 96, 16, 6
+SEQ, STEPS = 16, 6
 
 
 def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: int = 2) -> None:
@@ -41,18 +42,8 @@ def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: 
 
 def make_data(data: Path) -> np.ndarray:
     """A tiny LLaMA checkpoint and train / val token ids under ``data``; returns the val ids."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(data / "model")
+    tiny_llama().save_pretrained(data / "model")
     rng = np.random.default_rng(0)
     np.save(data / "train.npy", rng.integers(0, VOCAB, 4000).astype(np.uint16))
     val = rng.integers(0, VOCAB, 20 * SEQ).astype(np.int32)
