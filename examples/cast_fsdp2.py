@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     device = device or torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to it
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     torch.manual_seed(args.seed)
     out = Path(args.out)
