@@ -35,7 +35,9 @@ def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: 
     cmd += ["--seq", str(SEQ), "--batch", "2", "--steps", str(STEPS), "--save-every", "3"]
     cmd += ["--lr", "3e-3", "--warmup", "2", "--decay", "1e-2", "--mask-interval", "2"]
     cmd += ["--health-every", "2", "--save-dtype", "float32", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # cast_ext from this tree, in the caller's environment (whatever else is on its path)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
