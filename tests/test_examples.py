@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
-from test_cast import VOCAB, tiny_llama
+from test_cast import VOCAB, tiny_gpt2, tiny_llama
 
 from cast_ext import cast
 
@@ -42,10 +42,10 @@ def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-def make_data(data: Path) -> np.ndarray:
-    """A tiny LLaMA checkpoint and train / val token ids under ``data``; returns the val ids."""
+def make_data(data: Path, build=tiny_llama) -> np.ndarray:
+    """A tiny model's checkpoint and train / val token ids under ``data``; returns the val ids."""
     torch.manual_seed(0)
-    tiny_llama().save_pretrained(data / "model")
+    build().save_pretrained(data / "model")
     rng = np.random.default_rng(0)
     np.save(data / "train.npy", rng.integers(0, VOCAB, 4000).astype(np.uint16))
     val = rng.integers(0, VOCAB, 20 * SEQ).astype(np.int32)
@@ -91,6 +91,25 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     accumulated = json.loads((tmp_path / "accumulated" / "final_report.json").read_text())
     for key in ("val_ppl_before_prune", "val_ppl_after_prune"):
         assert accumulated[key] == pytest.approx(report[key], rel=1e-4), key
+
+
+def test_cast_fsdp2_example_on_gpt2(tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers (weights stored [in, out]) go through the example too: loaded into
+    the prepared student transposed, written back in their own layout, exactly 2:4 along the
+    input dim."""
+    data = tmp_path / "data"
+    val = make_data(data, tiny_gpt2)
+    run_example(tmp_path / "out", data)
+    report = json.loads((tmp_path / "out" / "final_report.json").read_text())
+    assert report["exactly_24_layers"] == "8/8"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    conv1d = [m for n, m in model.named_modules() if n.endswith(("c_attn", "c_fc", "proj"))]
+    assert len(conv1d) == 8
+    for module in conv1d:  # [in, out]: groups of 4 run down the columns
+        assert ((module.weight.t().reshape(-1, 4) != 0).sum(-1) == 2).all()
+    windows = torch.from_numpy(val.astype(np.int64)).reshape(-1, SEQ)[:16]
+    ppl = cast.perplexity(model, windows, batch_size=2)
+    assert ppl == pytest.approx(report["val_ppl_after_prune"], rel=1e-4)
 
 
 @requires_cuda
