@@ -1301,7 +1301,7 @@ def train(
         model: the student (a causal LM taking ``input_ids``), already on its device.
         optimizer: e.g. ``cast_ext.AdamS(param_groups(model), ...)``.
         batches: yields ``[B, L]`` int64 ``input_ids``: ``grad_accum`` per step.
-        total_steps: steps to run.
+        total_steps: the run's length in optimizer steps (the schedule's and alpha's ``T``).
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning.
         eta, temperature: see :func:`distill_loss`.

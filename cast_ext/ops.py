@@ -201,7 +201,7 @@ def _register_sharding_rules() -> None:
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
-    def rule_for(name: str) -> Any:
+    def rule_for(name: str) -> None:
         op = getattr(torch.ops.cast_ext, name).default
         n_out = len(op._schema.returns)
 
