@@ -284,15 +284,12 @@ def main(argv: list[str] | None = None) -> None:
         set_model_state_dict(student, cast.prepared_state_dict(student, exported))
         report["val_ppl_after_prune"] = evaluate(student)["val_ppl"]
     dtype = getattr(torch, args.save_dtype)
-    gathered: dict[int, torch.Tensor] = {}
     final: dict[str, torch.Tensor] = {}
     for key, value in exported.items():  # one tensor at a time: a collective on every rank
-        if id(value) not in gathered:  # tied weights: gathered once
-            whole = value.full_tensor() if isinstance(value, DTensor) else value
-            if rank == 0:
-                gathered[id(value)] = whole.to("cpu", dtype)
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
         if rank == 0:
-            final[key] = gathered[id(value)]
+            final[key] = whole.to("cpu", dtype)
+        del whole
     if rank == 0:
         build(config, dtype).save_pretrained(out / "final", state_dict=dict(final))  # edits it
         try:
