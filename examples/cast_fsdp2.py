@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         set_optimizer_state_dict(student, opt, state["optim"])
         say(f"resumed at step {start}")
     else:
+        if args.resume:
+            say(f"--resume: no checkpoint in {out}; starting at step 0")
         # 4: the preflight, from one backward's gradients
         ids = train.draw(0, args.batch, rank, world, args.seed).to(device)
         logits = student(ids).logits
