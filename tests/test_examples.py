@@ -42,6 +42,29 @@ def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+def test_tokenize_corpus_concatenates_documents_with_eos(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<eos>", "thou", "art", "the", "king"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>"
+    )
+    fast.save_pretrained(tmp_path / "model")
+    (tmp_path / "a.txt").write_text("thou art the king")
+    (tmp_path / "b.txt").write_text("the king art thou\nnot")
+    out = tmp_path / "ids.npy"
+    cmd = [sys.executable, str(ROOT / "examples" / "tokenize_corpus.py")]
+    cmd += ["--model", str(tmp_path / "model"), "--out", str(out)]
+    cmd += [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "11 tokens (uint16) from 2 files" in proc.stdout
+    ids = np.load(out)
+    assert ids.dtype == np.uint16 and ids.tolist() == [2, 3, 4, 5, 1, 4, 5, 3, 2, 0, 1]
+
+
 def make_data(data: Path, build=tiny_llama) -> np.ndarray:
     """A tiny model's checkpoint and train / val token ids under ``data``; returns the val ids."""
     torch.manual_seed(0)
