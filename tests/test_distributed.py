@@ -106,11 +106,11 @@ def assert_match(got: dict, want: dict) -> None:
     assert n_masks == 3  # the three weights were stepped as sparse params, not plain Adam
 
 
-def _init(rank: int, tmp: str) -> None:
+def _init(rank: int, tmp: str, world: int = WORLD) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world
     )
 
 
@@ -156,12 +156,16 @@ def _ddp_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_model(model: nn.Module | None = None) -> nn.Module:
-    """``model`` (default: a fresh make_model()) with each Linear and the root fully_shard-ed."""
+def _fsdp_model(
+    model: nn.Module | None = None, mesh_shape: tuple[int, ...] = (WORLD,)
+) -> nn.Module:
+    """``model`` (default: a fresh make_model()) with each Linear and the root fully_shard-ed;
+    a 2-D ``mesh_shape`` is HSDP (replicated over the first mesh dim, sharded over the second)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    names = ("replicate", "shard")[-len(mesh_shape) :]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     model = make_model() if model is None else model
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -372,7 +376,8 @@ def accumulated_run(rank: int = 0, world: int = 1, ddp: bool = False) -> dict:
 
 def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world: int = 1) -> dict:
     """decay_budget (gradients from one backward on the first batch), then cast.train with
-    distillation, grad clipping that bites, an lr schedule and health records."""
+    distillation, grad clipping that bites, an lr schedule and health records. Distributed,
+    also the mean over ranks of the losses each logged (``mean_loss``)."""
     ids = next(lm_batches(rank, world))
     cast.distill_loss(model(ids), None, cast.shift_labels(ids), eta=0.0).backward()
     budget = cast.decay_budget(model, 1e-2, STEPS, decay=HP["decay"], warn=False).to_dict()
@@ -389,7 +394,12 @@ def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world
         health_every=5,
         progress=False,
     )
-    return {"budget": budget, "train": res.train, "health": res.health, **snapshot(model, opt)}
+    out = {"budget": budget, "train": res.train, "health": res.health, **snapshot(model, opt)}
+    if world > 1:  # each rank logs the loss of its own rows; their mean is the full batch's
+        losses: list[Any] = [None] * world
+        dist.all_gather_object(losses, [r["loss"] for r in res.train])
+        out["mean_loss"] = [sum(ls) / world for ls in zip(*losses, strict=True)]
+    return out
 
 
 def _dtensor_worker(rank: int, tmp: str) -> None:
@@ -445,10 +455,6 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
         set_model_state_dict(model, full, options=options)
         result = budget_then_train(model, make_lm()[1], rank, WORLD)
         result["ddp_accumulated"] = accumulated_run(rank, WORLD, ddp=True)
-        # Each rank logs the loss of its own rows; their mean is the full batch's loss.
-        losses: list[Any] = [None] * WORLD
-        dist.all_gather_object(losses, [r["loss"] for r in result["train"]])
-        result["mean_loss"] = [sum(ls) / WORLD for ls in zip(*losses, strict=True)]
         if rank == 0:
             torch.save(result, f"{tmp}/dtensor.pt")
         del model, result
@@ -458,13 +464,34 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn: Any, tmp: Path) -> None:
+def _hsdp_worker(rank: int, tmp: str) -> None:
+    """budget_then_train on 4 ranks under HSDP: a 2 x 2 mesh, params replicated over the first
+    mesh dim and sharded over the second (placements (Replicate(), Shard(0)))."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    _init(rank, tmp, world=4)
+    try:
+        model, teacher = make_lm()
+        model = _fsdp_model(model, mesh_shape=(2, 2))
+        w = cast.sparse_layers(model)[0].weight
+        assert w.placements == (Replicate(), Shard(0)), w.placements
+        result = budget_then_train(model, teacher, rank, 4)
+        if rank == 0:
+            torch.save(result, f"{tmp}/hsdp.pt")
+        del model, result
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Any, tmp: Path, nprocs: int = WORLD) -> None:
     # Workers import this file by module name (spawn re-imports it): tests/ must be importable.
     here = str(Path(__file__).parent)
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *sys.path, old])
     try:
-        torch.multiprocessing.spawn(fn, args=(str(tmp),), nprocs=WORLD, join=True)
+        torch.multiprocessing.spawn(fn, args=(str(tmp),), nprocs=nprocs, join=True)
     finally:
         os.environ["PYTHONPATH"] = old
 
@@ -527,6 +554,18 @@ def test_mask_ops_on_dtensors_and_cast_train_under_fsdp2(tmp_path: Path) -> None
     got = torch.load(tmp_path / "dtensor.pt")
     # DDP with gradient accumulation (no_sync but for the last micro-batch): one process's run
     assert_match(got.pop("ddp_accumulated"), accumulated_run())
+    assert_same_run(got)
+
+
+def test_cast_train_under_hsdp_matches_single_process(tmp_path: Path) -> None:
+    """HSDP (replicated shards): AdamS, the health signals (a replica's figures counted once),
+    decay_budget and cast.train as on one process."""
+    _spawn(_hsdp_worker, tmp_path, nprocs=4)
+    assert_same_run(torch.load(tmp_path / "hsdp.pt"))
+
+
+def assert_same_run(got: dict) -> None:
+    """A distributed budget_then_train result against one process's on the full batch."""
     model, teacher = make_lm()
     want = budget_then_train(model, teacher)
     # decay_budget gathers each weight and gradient: the same verdict on every rank as here
