@@ -1264,6 +1264,15 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return None
 
 
+def _data_parallel(model: nn.Module) -> bool:
+    """Is ``model`` trained by every rank together (DDP, or FSDP2's DTensor params)?"""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -1331,9 +1340,11 @@ def train(
             once per step (``no_sync`` for the others); FSDP2 reduce-scatters every
             micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
 
-    Under DDP / FSDP2 each rank passes its own batches; the loss, CE and KL it records are its
-    own rows' (their mean over ranks is the global batch's loss when the ranks hold equally many
-    tokens); the grad norm and the health signals are global.
+    Under DDP / FSDP2 (a ``DistributedDataParallel`` model, or DTensor params) each rank passes
+    its own batches, and the loss, CE and KL recorded are their means over the ranks (one
+    all-reduce of three numbers per step: the global batch's loss when the ranks hold equally
+    many tokens); the grad norm and the health signals are global too, so every rank records
+    the same figures.
 
     Returns:
         A :class:`TrainResult`.
@@ -1358,6 +1369,7 @@ def train(
     result = TrainResult(steps=start_step)
     prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
+    data_parallel = _data_parallel(model)
 
     def record(kind: str, rec: dict[str, Any]) -> None:
         rec = {"run": run_name, "kind": kind, **rec}
@@ -1413,6 +1425,9 @@ def train(
                     (loss / grad_accum if grad_accum > 1 else loss).backward()
                 parts += torch.stack([loss.detach(), kl, ce])
                 result.tokens += ids.numel()
+            if data_parallel:  # every rank steps in lockstep: the mean over the ranks
+                torch.distributed.all_reduce(parts)
+                parts /= torch.distributed.get_world_size()
             loss, kl, ce = parts / grad_accum
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         # every rank evaluates the same windows (FSDP2: all ranks run every forward)
         return {"val_ppl": cast.perplexity(model, val, batch_size=args.batch)}
 
-    # 5: train (every rank its own windows; the loss logged is rank 0's)
+    # 5: train (every rank its own windows; the losses logged are the means over the ranks)
     result = cast.train(
         student,
         opt,
