@@ -1048,6 +1048,17 @@ def _as_stored(layer: SparseLayer, w: Tensor) -> Tensor:
     return w.t().contiguous() if layer.kind == "conv1d" else w.contiguous()
 
 
+def _state_keys(layer: SparseLayer) -> tuple[str, str, str]:
+    """A layer's state-dict keys: its plain ``weight``, and the prepared stored weight and
+    scale that replace it."""
+    prefix = f"{layer.name}." if layer.name else ""
+    return (
+        prefix + "weight",
+        prefix + "parametrizations.weight.original",
+        prefix + "parametrizations.weight.0.scale",
+    )
+
+
 @torch.no_grad()
 def export_state_dict(
     model: nn.Module, optimizer: Any = None, *, prune: bool = True
@@ -1077,13 +1088,12 @@ def export_state_dict(
     renamed: dict[str, tuple[str, Tensor]] = {}
     dropped: set[str] = set()
     for layer in sparse_layers(model):
-        prefix = f"{layer.name}." if layer.name else ""
+        weight_key, original_key, scale_key = _state_keys(layer)
         w = _scaled_weight(layer)
         if prune:
             w.masked_fill_(~_layer_mask(layer, optimizer)[0], 0.0)
-        stored = _as_stored(layer, w)
-        renamed[prefix + "parametrizations.weight.original"] = (prefix + "weight", stored)
-        dropped.add(prefix + "parametrizations.weight.0.scale")
+        renamed[original_key] = (weight_key, _as_stored(layer, w))
+        dropped.add(scale_key)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key in dropped:
@@ -1125,20 +1135,21 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
     """
     out = dict(state_dict)
     for layer in sparse_layers(model):
-        prefix = f"{layer.name}." if layer.name else ""
-        w = out.pop(prefix + "weight", None)
+        weight_key, original_key, scale_key = _state_keys(layer)
+        w = out.pop(weight_key, None)
         if w is None:
             continue
-        stored = [layer.in_features, layer.out_features] if layer.kind == "conv1d" else None
-        want = stored or [layer.out_features, layer.in_features]
+        conv1d = layer.kind == "conv1d"  # the module stores [in, out]
+        out_in = [layer.out_features, layer.in_features]
+        want = out_in[::-1] if conv1d else out_in
         if list(w.shape) != want:
             raise ValueError(
-                f"cast_ext.cast.prepared_state_dict: {prefix}weight has shape {list(w.shape)}; "
+                f"cast_ext.cast.prepared_state_dict: {weight_key} has shape {list(w.shape)}; "
                 f"the prepared {type(layer.module).__name__} {layer.name!r} stores {want}"
             )
-        out[prefix + "parametrizations.weight.original"] = w.t().contiguous() if stored else w
+        out[original_key] = w.t().contiguous() if conv1d else w
         scale = layer.scale.detach()
-        out[prefix + "parametrizations.weight.0.scale"] = (
+        out[scale_key] = (
             torch.ones_like(scale)  # laid out like the model's (sharded) scale
             if isinstance(w, DTensor) and isinstance(scale, DTensor)
             else torch.ones(scale.shape, dtype=scale.dtype, device=w.device)
@@ -1370,6 +1381,7 @@ def train(
     prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
     data_parallel = _data_parallel(model)
+    no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
 
     def record(kind: str, rec: dict[str, Any]) -> None:
         rec = {"run": run_name, "kind": kind, **rec}
@@ -1419,10 +1431,9 @@ def train(
                     return_parts=True,
                 )
                 del logits, t_logits
-                no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last only
                 skip = no_sync is not None and micro < grad_accum - 1
                 with no_sync() if skip else contextlib.nullcontext():
-                    (loss / grad_accum if grad_accum > 1 else loss).backward()
+                    (loss / grad_accum).backward()  # exact for grad_accum = 1
                 parts += torch.stack([loss.detach(), kl, ce])
                 result.tokens += ids.numel()
             if data_parallel:  # every rank steps in lockstep: the mean over the ranks
