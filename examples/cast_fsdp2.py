@@ -209,14 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
 
+    def checkpoint_state() -> dict[str, Any]:
+        """What a distributed checkpoint holds: weights, scales, AdamS state and groups."""
+        return {
+            "model": get_model_state_dict(student),
+            "optim": get_optimizer_state_dict(student, opt),
+        }
+
     start = 0
     latest = out / "latest"
     if args.resume and latest.exists():
         start = int(latest.read_text())
-        state = {
-            "model": get_model_state_dict(student),
-            "optim": get_optimizer_state_dict(student, opt),
-        }
+        state = checkpoint_state()
         dcp.load(state, checkpoint_id=out / f"step-{start}")
         set_model_state_dict(student, state["model"])
         set_optimizer_state_dict(student, opt, state["optim"])
@@ -236,11 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     def save(step: int) -> None:
         if step % args.save_every and step != end:
             return
-        state = {
-            "model": get_model_state_dict(student),
-            "optim": get_optimizer_state_dict(student, opt),
-        }
-        dcp.save(state, checkpoint_id=out / f"step-{step}")
+        dcp.save(checkpoint_state(), checkpoint_id=out / f"step-{step}")
         dist.barrier()
         if rank == 0:
             latest.write_text(str(step))
