@@ -141,6 +141,14 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
             model.get_buffer(name).copy_(buf)
 
 
+def shutdown() -> None:
+    """Tear the process group down on every rank together: a rank that left while another
+    still worked (rank 0 writing the model) aborted at exit now and then under gloo
+    ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -275,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if end < args.steps:
         say(f"stopped after step {end}; --resume continues")
-        dist.destroy_process_group()
+        shutdown()
         return
 
     # 6: the final prune, measured on the sharded student, then written from rank 0
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / "final_report.json").write_text(json.dumps(report, indent=2))
         say(json.dumps(report, indent=2))
         say(f"wrote {out / 'final'}")
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
