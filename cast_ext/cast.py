@@ -102,6 +102,8 @@ class WeightScale(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_features, blocks, dtype=torch.float32))
 
     def _scaled(self, w: Tensor, inverse: bool = False) -> Tensor:
+        if isinstance(w, DTensor):
+            return _scaled_shards(w, self.scale, self.blocks, inverse)
         s = self.scale.to(w.dtype).unsqueeze(-1)
         grouped = w.reshape(self.out_features, self.blocks, self.in_features // self.blocks)
         out = grouped / s if inverse else grouped * s
@@ -122,6 +124,94 @@ class WeightScale(nn.Module):
         return f"out={self.out_features}, in={self.in_features}, blocks={self.blocks}, " + (
             f"transposed={self.transposed}"
         )
+
+
+def _scale_placements(weight: DTensor) -> list[Any]:
+    """The scale's layout for a DTensor weight: its rows sharded like the weight's, replicated
+    over mesh dims that shard the weight's columns (or replicate it)."""
+    from torch.distributed.tensor import Replicate
+
+    return [pl if _shard_dim(pl) in (0, -2) else Replicate() for pl in weight.placements]
+
+
+def _shard_dim(placement: Any) -> int | None:
+    """The tensor dim a DTensor placement shards (plain or strided: torch 2.14's
+    ``_StridedShard`` is no ``Shard``), or None."""
+    dim = getattr(placement, "dim", None)
+    return dim if isinstance(dim, int) else None
+
+
+def _ones_like_rows(shape: torch.Size, weight: DTensor) -> DTensor:
+    """Fp32 ones of ``shape`` as a DTensor laid out by :func:`_scale_placements` (built from
+    the local shard: no communication, so the meta device works too)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = weight.device_mesh, _scale_placements(weight)
+    local_shape, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
+    local = torch.ones(local_shape, dtype=torch.float32, device=weight.to_local().device)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class _ScaleShard(torch.autograd.Function):
+    """A scale DTensor's local shard whose gradient, summed over the ranks that hold parts of
+    the weight's columns, comes back laid out like the scale (an all-reduce in backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: DTensor, weight_placements: list[Any]) -> Tensor:  # type: ignore[override]
+        ctx.scale = (scale.device_mesh, scale.placements, scale.shape, scale.stride())
+        # a replicated scale gets only this rank's columns' share of its gradient
+        ctx.partial_sum = [
+            _shard_dim(wp) is not None and _shard_dim(sp) is None
+            for wp, sp in zip(weight_placements, scale.placements, strict=True)
+        ]
+        return scale.to_local()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[DTensor, None]:  # type: ignore[override]
+        from torch.distributed.tensor import Partial
+
+        mesh, placements, shape, stride = ctx.scale
+        grad_placements = [
+            Partial() if summed else pl
+            for summed, pl in zip(ctx.partial_sum, placements, strict=True)
+        ]
+        partial = DTensor.from_local(
+            grad, mesh, grad_placements, run_check=False, shape=shape, stride=stride
+        )
+        return partial.redistribute(mesh, placements), None
+
+
+def _scaled_shards(w: DTensor, scale: Tensor, blocks: int, inverse: bool) -> DTensor:
+    """``A * W`` (or ``W / A``) for a DTensor ``W`` ``[out, in]`` (tensor parallel), computed on
+    the local shard with no communication in the forward.
+
+    The local columns ``[c0, c0 + k)`` are cut into segments of ``g = gcd(k, in / blocks, c0)``
+    columns, none of which straddles a scale block, and each segment is multiplied by its
+    block's scale: the same products as the plain path, bit for bit.
+    """
+    if not isinstance(scale, DTensor) or list(scale.placements) != _scale_placements(w):
+        raise ValueError(
+            f"cast_ext.cast.WeightScale: the weight is a DTensor with placements "
+            f"{tuple(w.placements)}, so the scale must be one laid out as "
+            f"{tuple(_scale_placements(w))} on the same mesh (cast.prepare builds it so when the "
+            f"weight is already distributed); got "
+            f"{tuple(scale.placements) if isinstance(scale, DTensor) else 'a plain tensor'}"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+    local = w.to_local()
+    rows, k = local.shape
+    width = w.shape[1] // blocks
+    g = math.gcd(k, width, offset[1])
+    block = torch.arange(offset[1], offset[1] + k, g, device=local.device) // width
+    s = _ScaleShard.apply(scale, list(w.placements)).to(local.dtype)[:, block].unsqueeze(-1)
+    grouped = local.reshape(rows, k // g, g)
+    out = (grouped / s if inverse else grouped * s).reshape(rows, k)
+    return DTensor.from_local(
+        out, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
+    )
 
 
 @dataclass
@@ -274,6 +364,13 @@ def prepare(
         blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
         p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
         p.to(device=module.weight.device)
+        if isinstance(module.weight, DTensor):  # tensor parallel: the scale follows the rows
+            if kind == "conv1d":
+                raise ValueError(
+                    f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; tensor "
+                    "parallel layers must be nn.Linear"
+                )
+            p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
         requires_grad = module.weight.requires_grad
         parametrize.register_parametrization(module, "weight", p)
         module.parametrizations.weight.original.requires_grad_(requires_grad)
@@ -945,8 +1042,11 @@ def _over_shards(local: Tensor, like: Tensor) -> Tensor:
     ``[shards, k]`` (replicas of a shard once); ``local[None]`` for a plain ``like``."""
     if not isinstance(like, DTensor):
         return local.unsqueeze(0)
-    parts = DTensor.from_local(local.unsqueeze(0), like.device_mesh, like.placements)
-    return parts.full_tensor()
+    from torch.distributed.tensor import Shard
+
+    # one row per shard, whichever dim of ``like`` the shards cut (FSDP2: rows; TP: columns too)
+    placements = [Shard(0) if _shard_dim(pl) is not None else pl for pl in like.placements]
+    return DTensor.from_local(local.unsqueeze(0), like.device_mesh, placements).full_tensor()
 
 
 def sparsity_health(
@@ -1179,9 +1279,9 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
             raise ValueError(
                 f"cast_ext.cast.finalize: layer {layer.name!r} has a sharded (DTensor) weight of "
                 f"shape {list(layer.weight.shape)}: finalize swaps the weight for a new one, which "
-                "FSDP2 would not follow. Save cast.export_state_dict(model, optimizer) instead "
-                "(DTensors laid out like the params; full_tensor() gathers each) and load it "
-                "into the unsharded model"
+                "FSDP2 or tensor parallel would not follow. Save cast.export_state_dict(model, "
+                "optimizer) instead (DTensors laid out like the params; full_tensor() gathers "
+                "each) and load it into the unsharded model"
             )
     reports = []
     for layer in layers:
@@ -1282,6 +1382,27 @@ def _data_parallel(model: nn.Module) -> bool:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return True
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm), also where the gradients live on different
+    meshes or only some are DTensors (tensor parallel leaves embeddings, norms and the head
+    plain; FSDP2 over it puts those on the data-parallel mesh alone), which torch's refuses: the
+    norm of each such group, gathered, combined. Returns the total norm."""
+    groups: dict[Any, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(p.grad)
+    if len(groups) <= 1:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [float(_full(torch.nn.utils.get_total_norm(gs))) for gs in groups.values()]
+    total = math.hypot(*norms)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for gs in groups.values():
+            torch._foreach_mul_(gs, coef)
+    return total
 
 
 def train(
@@ -1441,7 +1562,7 @@ def train(
                 parts /= torch.distributed.get_world_size()
             loss, kl, ce = parts / grad_accum
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+            gnorm = _clip_grad_norm(list(model.parameters()), max_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

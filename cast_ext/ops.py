@@ -7,6 +7,7 @@ semantics of each op are those of the function of the same name in :mod:`cast_ex
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -181,8 +182,12 @@ def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
 # Every mask op works on whole rows: an output row depends only on the same row of the inputs.
 # So a DTensor sharded on any dim but the last runs the op on each rank's local shard, with no
 # communication, and the output keeps the input's placements (mask_flips, a sum over all groups,
-# gives a Partial sum). An input sharded on the last dim would cut groups of m: DTensor
-# redistributes it to one of these layouts first (an all-gather), so the result stays exact.
+# gives a Partial sum; a strided shard, FSDP2's over tensor-parallel rows, is kept as well). A
+# shard of the last dim (tensor parallel's RowwiseParallel) runs locally
+# too when the split is even and keeps groups of m and mask bytes whole on every level: the last
+# dim, in elements, divisible by lcm(8, m) times the mesh's size (the coarsest split it could
+# see). Any other layout of the last dim would cut groups: DTensor redistributes it to one of the
+# layouts above first (an all-gather), so the result stays exact.
 _ROWWISE_OPS = (
     "sparse24_mask",
     "nm_mask",
@@ -193,6 +198,20 @@ _ROWWISE_OPS = (
     "unpack_mask",
     "mask_flips",
 )
+
+
+def _row_elements(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
+    """``(elements per row, m)`` for a mask op's inputs (a DTensor spec's global shape in place of
+    each tensor); ``(0, 1)`` for ``unpack_mask``, which cannot run on a shard of the last dim (its
+    ``last_dim`` argument is the whole row's)."""
+    last = args[0].shape[-1]
+    if name == "unpack_mask":
+        return 0, 1
+    if name == "nm_mask":
+        return last, args[2] if len(args) > 2 else kwargs["m"]
+    if name == "mask_flips":  # packed bit masks: 8 elements a byte
+        return 8 * last, args[2] if len(args) > 2 else kwargs.get("m", 4)
+    return (2 * last if name == "sparse24_decompress" else last), 4
 
 
 def _register_sharding_rules() -> None:
@@ -211,10 +230,21 @@ def _register_sharding_rules() -> None:
                 return [placement if hasattr(a, "ndim") else None for a in args]
 
             ndim = args[0].ndim
+            k, m = _row_elements(name, args, kwargs)
+            whole = k > 0 and k % (math.lcm(8, m) * args[0].mesh.size()) == 0
+            shards = [Shard(d) for d in range(ndim if whole else ndim - 1)]
+            # the input's own shards of leading dims too: strided ones (FSDP2 over TP's rows)
+            shards += [
+                pl
+                for pl in args[0].placements
+                if type(pl) is not Shard
+                and isinstance(getattr(pl, "dim", None), int)
+                and pl.dim % ndim < ndim - 1
+            ]
             rules = [([Replicate()] * n_out, inputs(Replicate()))]
-            for d in range(ndim - 1):
-                out = [Partial()] if name == "mask_flips" else [Shard(d)] * n_out
-                rules.append((out, inputs(Shard(d))))
+            for pl in shards:
+                out = [Partial()] if name == "mask_flips" else [pl] * n_out
+                rules.append((out, inputs(pl)))
             return rules
 
         register_sharding(op)(rule)

@@ -10,13 +10,15 @@ default ``impl="auto"`` runs the fused kernel (:func:`cast_ext.ops.adams_step_`)
 (device, dtype, sparse or not) bucket of each group.
 
 Distributed (SPEC §5): under DDP the params are plain tensors and nothing changes. DTensor params
-(FSDP2 ``fully_shard``, which shards dim 0) are stepped on their local shards; their state
-tensors are DTensors with the param's mesh and placements (masks ``[*shape[:-1], ceil(k/8)]``
-carry the same row sharding), so ``torch.distributed.checkpoint`` saves and reshards them like
-``torch.optim.Adam``'s. A sparse param whose placement would cut a row (a ``Shard`` of the last
-dim, so a group of ``m`` could straddle ranks) or hold partial sums (``Partial``) is refused: the
-masks would be wrong or silently missing, and a silent fallback to plain Adam is the failure to
-guard against.
+(FSDP2 ``fully_shard``, which shards dim 0; tensor parallel; both on a 2-D mesh) are stepped on
+their local shards; their state tensors are DTensors with the param's mesh and placements (masks
+``[*shape[:-1], ceil(k/8)]`` carry the same sharding), so ``torch.distributed.checkpoint`` saves
+and reshards them like ``torch.optim.Adam``'s. A gradient laid out differently from its param
+(tensor parallel leaves some as ``Partial`` sums) is redistributed to the param's layout first. A
+sparse param whose placement would cut a group of ``m`` (a ``Shard`` of the last dim that does
+not split it evenly into whole groups and mask bytes) or hold partial sums (``Partial``) is
+refused: the masks would be wrong or silently missing, and a silent fallback to plain Adam is the
+failure to guard against.
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ from torch import Tensor
 from . import ops, reference
 
 try:  # torch.distributed is optional (some builds lack it)
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover
 
     class DTensor:  # type: ignore[no-redef]
         """Placeholder: nothing is a DTensor without torch.distributed."""
+
+    class Shard:  # type: ignore[no-redef]
+        """Placeholder: nothing is sharded without torch.distributed."""
 
 
 __all__ = ["AdamS"]
@@ -75,6 +80,15 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _grad_like(p: Tensor) -> Tensor:
+    """``p.grad`` laid out like ``p``: a DTensor gradient with other placements (tensor parallel
+    leaves a replicated param's gradient as ``Partial`` sums) is redistributed (a collective)."""
+    g = p.grad
+    if isinstance(g, DTensor) and isinstance(p, DTensor) and g.placements != p.placements:
+        return g.redistribute(p.device_mesh, p.placements)
+    return g
+
+
 def _describe(p: Tensor, where: str) -> str:
     desc = f"param {where}of shape {list(p.shape)}"
     if isinstance(p, DTensor):
@@ -87,12 +101,15 @@ def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
 
     Every param: no ``Partial`` placement (local values are not the param's values) and no
     placement type other than ``Replicate`` / ``Shard`` (incl. strided shards of a dim). Sparse
-    params additionally: no sharding of the last dim, and the local last dim is the whole row (a
-    multiple of ``m``), so every group of ``m`` lies on one rank.
+    params additionally keep every group of ``m`` and every byte of the packed mask on one rank:
+    their last dim is either not sharded (FSDP2 shards dim 0; tensor parallel's
+    ColwiseParallel too) or sharded plainly and evenly in whole groups and bytes (tensor
+    parallel's RowwiseParallel): divisible by ``lcm(8, m)`` times its number of shards.
     """
     if not isinstance(p, DTensor):
         return
-    for pl in p.placements:
+    last_shards = 1
+    for mesh_dim, pl in enumerate(p.placements):
         if pl.is_replicate():
             continue
         if pl.is_partial():
@@ -104,25 +121,29 @@ def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
         if not isinstance(dim, int):
             raise _err(f"{_describe(p, where)} has an unsupported placement {pl!r}")
         if sparse and dim % p.dim() == p.dim() - 1:
-            raise _err(
-                f"{_describe(p, where)} is sparse but sharded on its last dim: N:M groups of "
-                f"m={m} run along the last dim and must stay whole on one rank (shard dim 0, "
-                "as FSDP2 does, or make the param dense with sparse=False)"
-            )
-    if sparse:
-        k_local = p.to_local().shape[-1]
-        if k_local != p.shape[-1] or k_local % m != 0:
-            raise _err(
-                f"{_describe(p, where)} is sparse but its local last dim is {k_local}: it must be "
-                f"the full row ({p.shape[-1]}), a multiple of m={m}"
-            )
+            if type(pl) is not Shard:
+                raise _err(
+                    f"{_describe(p, where)} is sparse and its last dim has a strided shard "
+                    f"{pl!r}: N:M groups of m={m} must stay whole on one rank"
+                )
+            last_shards *= p.device_mesh.size(mesh_dim)
+    unit = math.lcm(8, m) * last_shards
+    if sparse and last_shards > 1 and p.shape[-1] % unit != 0:
+        raise _err(
+            f"{_describe(p, where)} is sparse and its last dim {p.shape[-1]} is sharded "
+            f"{last_shards} ways: that cuts N:M groups of m={m} or packed mask bytes. A sharded "
+            f"last dim must divide into whole groups and bytes (a multiple of "
+            f"lcm(8, m) * shards = {unit}); shard dim 0 instead, or make the param dense with "
+            "sparse=False"
+        )
 
 
 def _state_like(p: Tensor, local: Tensor, shape: list[int]) -> Tensor:
     """``local`` (built on ``p``'s local shard) as a DTensor laid out like ``p``, else itself.
 
     ``shape`` is the global shape; ``p``'s placements only shard dims the state shares with it
-    (masks differ from ``p`` in the last dim only, which a sparse DTensor never shards).
+    (masks differ from ``p`` in the last dim only, which a sparse DTensor shards, if at all, in
+    whole mask bytes: see :func:`_check_placements`).
     """
     if not isinstance(p, DTensor):
         return local
@@ -447,11 +468,11 @@ class AdamS(torch.optim.Optimizer):
                 def each(key: str, states: list = states) -> list[Tensor]:
                     return [_local(s[key]) for s in states]
 
-                # DTensors (FSDP2) step on their local shards: the placements were checked to
-                # keep every row whole, and the state is laid out like the param.
+                # DTensors step on their local shards: the placements were checked to keep every
+                # group whole, and the state is laid out like the param.
                 fn(
                     [_local(p) for p in ps],
-                    [_local(p.grad).contiguous() for p in ps],
+                    [_local(_grad_like(p)).contiguous() for p in ps],
                     each("exp_avg"),
                     each("exp_avg_sq"),
                     each("mask") if sparse else [],
@@ -505,7 +526,8 @@ class AdamS(torch.optim.Optimizer):
                 f"cast_ext.AdamS: param of shape {list(p.shape)} has no mask yet; it is "
                 "computed from the weights at the param's first step"
             )
-        return _state_like(p, ops.unpack_mask(_local(state["mask"]), p.shape[-1]), list(p.shape))
+        local = ops.unpack_mask(_local(state["mask"]), _local(p).shape[-1])
+        return _state_like(p, local, list(p.shape))
 
     def sparsity_stats(self) -> dict[Tensor, dict[str, float | int | None]]:
         """Health signals of every stepped sparse param (SPEC §5), keyed by the param.
@@ -525,7 +547,7 @@ class AdamS(torch.optim.Optimizer):
                     continue
                 t = int(state["step"].item())
                 w = _local(state.get("master", p)).detach().float().abs()
-                kept = ops.unpack_mask(_local(state["mask"]), p.shape[-1])
+                kept = ops.unpack_mask(_local(state["mask"]), w.shape[-1])
                 kept_mean = w[kept].mean().item() if bool(kept.any()) else float("nan")
                 pruned_mean = w[~kept].mean().item() if bool((~kept).any()) else float("nan")
                 groups = w.numel() // group["m"]

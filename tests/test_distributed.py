@@ -408,37 +408,46 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         gen = torch.Generator().manual_seed(3)
-        a, b = torch.randn(2, 7, 3, 16, generator=gen)  # 7 rows: uneven shards on dim 0
-        pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
-        values, meta = cast_ext.sparse24_compress(a)
+        for k in (16, 24):
+            # 7 rows: uneven shards on dim 0. Rows of 16 split over 2 ranks into whole groups
+            # and mask bytes; rows of 24 do not (12 elements: half a byte).
+            a, b = torch.randn(2, 7, 3, k, generator=gen)
+            pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
+            values, meta = cast_ext.sparse24_compress(a)
 
-        def every_op(a: Tensor, pa: Tensor, pb: Tensor, values: Tensor, meta: Tensor) -> dict:
-            v, m = cast_ext.sparse24_compress(a)
-            return {
-                "sparse24_mask": cast_ext.sparse24_mask(a),
-                "nm_mask": cast_ext.nm_mask(a, 2, 8),
-                "sparse24_prune": cast_ext.sparse24_prune(a),
-                "sparse24_compress": torch.cat([v, m.to(v.dtype)], -1),
-                "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
-                "unpack_mask": cast_ext.unpack_mask(pa, 16),
-                "mask_flips": cast_ext.mask_flips(pa, pb),
-            }
+            def every_op(
+                a: Tensor, pa: Tensor, pb: Tensor, values: Tensor, meta: Tensor, k: int = k
+            ) -> dict:
+                v, m = cast_ext.sparse24_compress(a)
+                return {
+                    "sparse24_mask": cast_ext.sparse24_mask(a),
+                    "nm_mask": cast_ext.nm_mask(a, 2, 8),
+                    "sparse24_prune": cast_ext.sparse24_prune(a),
+                    "compress_values": v,
+                    "compress_meta": m,
+                    "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
+                    "pack_mask": cast_ext.pack_mask(cast_ext.sparse24_mask(a)),
+                    "unpack_mask": cast_ext.unpack_mask(pa, k),
+                    "mask_flips": cast_ext.mask_flips(pa, pb),
+                }
 
-        inputs = (a, pa, pb, values, meta)
-        want = every_op(*inputs)
-        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
-            got = every_op(*(distribute_tensor(t, mesh, [placement]) for t in inputs))
-            # Sharded on a leading dim: computed on the local shards, no gather (Partial for the
-            # sum of flips); sharded on the last dim (which cuts groups): gathered first.
-            row_whole = placement in (Shard(0), Shard(1))
-            for name, want_t in want.items():
-                if name == "mask_flips":
-                    expected = Partial() if row_whole else Replicate()
-                else:
-                    expected = placement if row_whole else Replicate()
-                assert got[name].placements == (expected,), (name, placement, got[name])
-                assert torch.equal(got[name].full_tensor(), want_t), (name, placement)
-            assert torch.equal(cast_ext.pack_mask(got["sparse24_mask"]).full_tensor(), pa)
+            inputs = (a, pa, pb, values, meta)
+            want = every_op(*inputs)
+            for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
+                got = every_op(*(distribute_tensor(t, mesh, [placement]) for t in inputs))
+                # Sharded on a leading dim, or on the last in whole groups and bytes: computed
+                # on the local shards, no gather (Partial for the sum of flips); a last-dim
+                # split that would cut them, or unpack_mask's (its last_dim is the row's): the
+                # input gathered first.
+                local = placement in (Shard(0), Shard(1)) or (placement == Shard(2) and k == 16)
+                for name, want_t in want.items():
+                    expected = placement if local else Replicate()
+                    if name == "mask_flips" and local:
+                        expected = Partial()
+                    if name == "unpack_mask" and placement == Shard(2):
+                        expected = Replicate()
+                    assert got[name].placements == (expected,), (name, k, placement, got[name])
+                    assert torch.equal(got[name].full_tensor(), want_t), (name, k, placement)
 
         with torch.device("meta"):
             model = lm()
@@ -472,6 +481,161 @@ def _hsdp_worker(rank: int, tmp: str) -> None:
         result = budget_then_train(model, teacher, rank, 4)
         if rank == 0:
             torch.save(result, f"{tmp}/hsdp.pt")
+        del model, result
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_model(mesh: Any) -> nn.Module:
+    """lm() under tensor parallelism, then prepared: its first Linear column-wise (weight and
+    scale rows sharded), its second row-wise (weight Shard(1): each rank holds half of every
+    row's groups; scale replicated)."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    model = lm()
+    parallelize_module(model, mesh, {"1": ColwiseParallel(), "3": RowwiseParallel()})
+    cast.prepare(model, scale_blocks=2)
+    return model
+
+
+def lm_steps(model: nn.Module, opt: AdamS, steps: range) -> None:
+    """Plain next-token training of lm() on the whole of each batch (every TP rank sees it)."""
+    for s in steps:
+        ids = torch.randint(VOCAB, (4, 6), generator=torch.Generator().manual_seed(200 + s))
+        opt.zero_grad()
+        cast.distill_loss(model(ids), None, cast.shift_labels(ids), eta=0.0).backward()
+        opt.step()
+
+
+def _tp_worker(rank: int, tmp: str) -> None:
+    """Tensor parallelism on 2 ranks (_tp_model): the layouts, a refused split, budget_then_train,
+    and a distributed checkpoint saved mid-run and resumed bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    _init(rank, tmp)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        plain, teacher = make_lm()
+        model = _tp_model(mesh)
+        placements = [
+            (getattr(lay.weight, "placements", None), getattr(lay.scale, "placements", None))
+            for lay in cast.sparse_layers(model)
+        ]  # the head stays a plain layer
+        assert placements == [
+            ((Shard(0),), (Shard(0),)),
+            ((Shard(1),), (Replicate(),)),
+            (None, None),
+        ]
+        ids = next(lm_batches())
+        torch.testing.assert_close(model(ids), plain(ids), rtol=RTOL, atol=ATOL)
+        # A row-wise split that would cut groups or mask bytes (24 columns: 12 a rank) is
+        # refused, by name and rule, before anything is written.
+        w = torch.randn(8, 24)
+        cut = nn.Parameter(distribute_tensor(w, mesh, [Shard(1)]))
+        with pytest.raises(ValueError, match=r"sharded 2 ways: that cuts .* multiple of") as info:
+            AdamS([cut], **HP)
+        assert "param 0 of group 0 of shape [8, 24]" in str(info.value)
+        with pytest.raises(ValueError, match="sharded 2 ways"):
+            AdamS([{"params": [cut], "sparse": True}], **HP)
+        AdamS([{"params": [cut], "sparse": False}], **HP)  # dense: elementwise Adam
+        result = budget_then_train(model, teacher)
+        if rank == 0:
+            torch.save(result, f"{tmp}/tp.pt")
+
+        # Distributed checkpoint after SPLIT steps (masks sharded on their byte columns), loaded
+        # into a fresh, perturbed model and optimizer: continues as the uninterrupted run.
+        model = _tp_model(mesh)
+        opt = AdamS(cast.param_groups(model), **HP)
+        lm_steps(model, opt, range(STEPS))
+        straight = snapshot(model, opt)
+        mask = opt.state[cast.sparse_layers(model)[1].weight]["mask"]
+        assert mask.placements == (Shard(1),) and mask.to_local().shape == (24, 2)
+
+        model = _tp_model(mesh)
+        opt = AdamS(cast.param_groups(model), **HP)
+        lm_steps(model, opt, range(SPLIT))
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+        }
+        dcp.save(state, checkpoint_id=f"{tmp}/tp_ckpt")
+        mid = snapshot(model, opt)
+        torch.manual_seed(1234)
+        model = _tp_model(mesh)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        opt = AdamS(cast.param_groups(model), **HP)
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt),
+        }
+        dcp.load(state, checkpoint_id=f"{tmp}/tp_ckpt")
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        loaded = snapshot(model, opt)
+        lm_steps(model, opt, range(SPLIT, STEPS))
+        resumed = snapshot(model, opt)
+        for name, entries in mid.items():
+            for key, val in entries.items():
+                assert torch.equal(loaded[name][key], val), f"loaded {name} {key}"
+        for name, entries in straight.items():
+            for key, val in entries.items():
+                assert torch.equal(resumed[name][key], val), f"resumed {name} {key}"
+
+        # One process's run of the same steps: the same params, states and masks, and the same
+        # exported 2:4 checkpoint (DTensors laid out like the params, gathered here).
+        ref, _ = make_lm()
+        ref_opt = AdamS(cast.param_groups(ref), **HP)
+        lm_steps(ref, ref_opt, range(STEPS))
+        assert_match(straight, snapshot(ref, ref_opt))
+        exported = cast.export_state_dict(model, opt)
+        want = cast.export_state_dict(ref, ref_opt)
+        assert exported.keys() == want.keys()
+        for key, value in want.items():
+            got = exported[key]
+            got = got.full_tensor() if isinstance(got, dist.tensor.DTensor) else got
+            torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=key)
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_tp_worker(rank: int, tmp: str) -> None:
+    """budget_then_train on 4 ranks in 2-D: tensor parallel within pairs of ranks (_tp_model on
+    the "tp" mesh dim), FSDP2 over the pairs (each Linear and the root sharded on "dp"); each dp
+    rank gets its rows of the batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    _init(rank, tmp, world=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        _, teacher = make_lm()
+        model = _tp_model(mesh["tp"])
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        w = cast.sparse_layers(model)[1].weight
+        assert w.placements == (Shard(0), Shard(1)), w.placements
+        result = budget_then_train(model, teacher, mesh["dp"].get_local_rank(), 2)
+        if rank == 0:
+            torch.save(result, f"{tmp}/fsdp_tp.pt")
         del model, result
         gc.collect()
         dist.barrier()
@@ -558,6 +722,22 @@ def test_cast_train_under_hsdp_matches_single_process(tmp_path: Path) -> None:
     assert_same_run(torch.load(tmp_path / "hsdp.pt"))
 
 
+def test_cast_train_under_tensor_parallel_matches_single_process(tmp_path: Path) -> None:
+    """Tensor parallel (ColwiseParallel, RowwiseParallel) before prepare: the scales follow the
+    weights' rows, AdamS steps the column shards of a row-wise weight (whole groups on each
+    rank), and decay_budget, the health signals and cast.train give one process's results."""
+    _spawn(_tp_worker, tmp_path)
+    assert_same_run(torch.load(tmp_path / "tp.pt"))
+
+
+def test_cast_train_under_fsdp2_with_tensor_parallel_matches_single_process(
+    tmp_path: Path,
+) -> None:
+    """2-D parallelism (FSDP2 over tensor-parallel pairs, 4 ranks) as on one process."""
+    _spawn(_fsdp_tp_worker, tmp_path, nprocs=4)
+    assert_same_run(torch.load(tmp_path / "fsdp_tp.pt"))
+
+
 def assert_same_run(got: dict) -> None:
     """A distributed budget_then_train result against one process's on the full batch."""
     model, teacher = make_lm()
@@ -604,25 +784,18 @@ def test_dtensor_layouts_that_split_groups_are_refused(one_rank: Any) -> None:
         return nn.Parameter(distribute_tensor(w.clone(), one_rank, list(placements)))
 
     partial = nn.Parameter(DTensor.from_local(w.clone(), one_rank, [Partial()]))
-    for p, needle in (
-        (param(Shard(1)), "sharded on its last dim"),
-        (param(Shard(-1)), "sharded on its last dim"),
-        (partial, "Partial placement"),
-    ):
-        with pytest.raises(ValueError, match=needle) as info:
-            AdamS([p], **HP)
-        msg = str(info.value)
-        assert "cast_ext.AdamS: param 0 of group 0 of shape [8, 16]" in msg, msg
-        # Not demoted to a dense group either when the split is automatic or explicit.
-        with pytest.raises(ValueError, match=needle):
-            AdamS([{"params": [p], "sparse": True}], **HP)
+    with pytest.raises(ValueError, match="Partial placement") as info:
+        AdamS([partial], **HP)
+    msg = str(info.value)
+    assert "cast_ext.AdamS: param 0 of group 0 of shape [8, 16]" in msg, msg
+    # Not demoted to a dense group either when the split is automatic or explicit.
+    with pytest.raises(ValueError, match="Partial placement"):
+        AdamS([{"params": [partial], "sparse": True}], **HP)
+    # (A last-dim split that cuts groups needs 2 ranks: _tp_worker checks it.)
 
-    # Dense params may be sharded on any dim: elementwise Adam does not care.
-    dense = param(Shard(1))
-    AdamS([{"params": [dense], "sparse": False}], **HP)
-
-    # Row-whole layouts step on the local shard, exactly like a plain tensor.
-    for placements in ((Shard(0),), (Replicate(),)):
+    # Layouts that keep groups whole (a one-way split of the last dim cuts nothing) step on the
+    # local shard, exactly like a plain tensor.
+    for placements in ((Shard(0),), (Replicate(),), (Shard(1),)):
         p, q = param(*placements), nn.Parameter(w.clone())
         opt_p, opt_q = AdamS([p], **HP), AdamS([q], **HP)
         for s in range(6):
@@ -638,10 +811,10 @@ def test_dtensor_layouts_that_split_groups_are_refused(one_rank: Any) -> None:
     # A param swapped in after construction (e.g. re-sharded by a wrapper) is checked again at
     # the step, before anything is written.
     opt = AdamS([param(Shard(0))], **HP)
-    bad = param(Shard(1))
+    bad = nn.Parameter(DTensor.from_local(w.clone(), one_rank, [Partial()]))
     bad.grad = torch.ones_like(bad)
     opt.param_groups[0]["params"][0] = bad
-    with pytest.raises(ValueError, match="sharded on its last dim"):
+    with pytest.raises(ValueError, match="Partial placement"):
         opt.step()
     assert not opt.state[bad]
     assert torch.equal(bad.full_tensor(), w)
