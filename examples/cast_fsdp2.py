@@ -5,7 +5,10 @@
 
 In the order a model too large for one device needs:
 
-1. the student and the frozen dense teacher are built on the meta device (no memory);
+1. the student and the frozen dense teacher are built on the meta device (no memory); with
+   ``--tp N`` their decoder blocks are split over groups of N ranks first (tensor parallel,
+   Megatron-style: the q/k/v, gate and up projections column-wise, o and down row-wise; LLaMA
+   naming), and FSDP2 below shards over the groups (a 2-D mesh, world / N x N);
 2. ``cast.prepare(student)`` attaches the learnable scales; then every decoder block and the
    root are ``fully_shard``-ed (on CUDA: bf16 compute, fp32 master weights and reductions);
 3. the shards are materialised and the pretrained weights loaded from rank 0's copy
@@ -20,9 +23,10 @@ In the order a model too large for one device needs:
    Hugging Face checkpoint (``<out>/final``) that loads without cast_ext, exactly 2:4.
 
 Data: 1-D arrays of token ids (``.npy``, any integer dtype; memory-mapped), cut into windows of
-``--seq`` tokens. Step ``s`` draws ``--batch`` x ``--grad-accum`` windows per rank with a
-generator seeded by ``s``, so a resumed run sees the batches the uninterrupted one would. Runs on
-CPU (gloo) too, slowly (``--device cpu``).
+``--seq`` tokens. Step ``s`` draws ``--batch`` x ``--grad-accum`` windows per data-parallel rank
+(the ranks of a tensor-parallel group share theirs) with a generator seeded by ``s``, so a
+resumed run sees the batches the uninterrupted one would. Runs on CPU (gloo) too, slowly
+(``--device cpu``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if any")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel group size (divides world)")
     return p.parse_args(argv)
 
 
@@ -119,6 +124,38 @@ def build(config: Any, dtype: torch.dtype) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     return model
+
+
+# LLaMA-family projections (LLaMA, Mistral, Qwen2, SmolLM, ...): the attention heads and the
+# MLP's hidden units split over the tensor-parallel ranks, one all-reduce after o and down.
+TP_STYLES = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0}
+TP_STYLES |= {"o_proj": 1, "down_proj": 1}  # 0: column-wise, 1: row-wise
+
+
+def tensor_parallel(model: torch.nn.Module, mesh: Any) -> None:
+    """Split every LLaMA-named projection over ``mesh`` (before ``cast.prepare``: the scales
+    then follow the weights' rows). A row-wise weight is cut along its input dim; AdamS takes it
+    when every rank's part holds whole groups of 4 and mask bytes (in_features divisible by
+    8 x the group size) and says so otherwise."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    tp, config = mesh.size(), model.config
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, key, None)
+        if heads is not None and heads % tp:
+            raise SystemExit(f"--tp {tp}: the model's {key} = {heads} does not divide by {tp}")
+    plan: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        style = TP_STYLES.get(name.rsplit(".", 1)[-1])
+        if style is not None and isinstance(module, torch.nn.Linear):
+            plan[name] = RowwiseParallel() if style else ColwiseParallel()
+    if not plan:
+        raise SystemExit(f"--tp {tp}: no LLaMA-named projections ({', '.join(TP_STYLES)})")
+    parallelize_module(model, mesh, plan)
 
 
 def shard(model: torch.nn.Module, mesh: Any, mp: MixedPrecisionPolicy | None) -> None:
@@ -160,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)  # before the process group: NCCL binds to it
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
+    if args.tp < 1 or world % args.tp:
+        raise SystemExit(f"--tp {args.tp} must divide the {world} ranks")
+    mesh2d = init_device_mesh(device.type, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
+    mesh = mesh2d["dp"]  # FSDP2 shards over the tensor-parallel groups
+    dp_rank, dp_world = mesh.get_local_rank(), mesh.size()
     torch.manual_seed(args.seed)
     out = Path(args.out)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -171,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     config = AutoConfig.from_pretrained(args.model)
     student = build(config, torch.float32)
     teacher = build(config, torch.bfloat16 if cuda else torch.float32).requires_grad_(False)
+    if args.tp > 1:
+        tensor_parallel(student, mesh2d["tp"])
+        tensor_parallel(teacher, mesh2d["tp"])
     layers = cast.prepare(student)
     if args.activation_checkpointing:
         student.gradient_checkpointing_enable()
@@ -188,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     set_model_state_dict(teacher, full, options=options)
     del full
     teacher.eval()
-    say(f"{len(layers)} layers to 2:4 on {world} ranks ({device.type})")
+    say(f"{len(layers)} layers to 2:4 on {world} ranks ({device.type}; {dp_world} x tp {args.tp})")
 
     train = Windows(args.train, args.seq)
     val = None
@@ -198,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def batches(start: int):
         for step in range(start, args.steps):
-            drawn = train.draw(step, args.batch * args.grad_accum, rank, world, args.seed)
+            drawn = train.draw(step, args.batch * args.grad_accum, dp_rank, dp_world, args.seed)
             yield from drawn.split(args.batch)
 
     groups = cast.param_groups(
@@ -237,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume:
             say(f"--resume: no checkpoint in {out}; starting at step 0")
         # 4: the preflight, from one backward's gradients
-        ids = train.draw(0, args.batch, rank, world, args.seed).to(device)
+        ids = train.draw(0, args.batch, dp_rank, dp_world, args.seed).to(device)
         logits = student(ids).logits
         cast.distill_loss(logits, None, cast.shift_labels(ids), eta=0.0).backward()
         budget = cast.decay_budget(student, sched, args.steps, decay=args.decay, warn=False)
@@ -288,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6: the final prune, measured on the sharded student, then written from rank 0
     exported = cast.export_state_dict(student, opt)
-    report: dict[str, Any] = {"steps": result.steps, "world": world}
+    report: dict[str, Any] = {"steps": result.steps, "world": world, "tp": args.tp}
     if val is not None:
         report["val_ppl_before_prune"] = evaluate(student)["val_ppl"]
         set_model_state_dict(student, cast.prepared_state_dict(student, exported))

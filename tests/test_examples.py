@@ -116,6 +116,27 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
         assert accumulated[key] == pytest.approx(report[key], rel=1e-4), key
 
 
+def test_cast_fsdp2_example_with_tensor_parallel_matches_fsdp2(tmp_path: Path) -> None:
+    """--tp 2 on 4 ranks: tensor parallel within pairs, FSDP2 over the 2 pairs (a 2-D mesh;
+    pretrained weights broadcast into 2-D DTensors, FSDP2's strided shards of the column-wise
+    rows). Each pair draws the windows 2 FSDP2 ranks would: the same training, up to rounding."""
+    data = tmp_path / "data"
+    make_data(data)
+    run_example(tmp_path / "fsdp", data)
+    run_example(tmp_path / "tp", data, "--tp", "2", ranks=4)
+    reports = [json.loads((tmp_path / d / "final_report.json").read_text()) for d in ("fsdp", "tp")]
+    assert reports[1]["tp"] == 2 and reports[1]["exactly_24_layers"] == "14/14"
+    for key in ("val_ppl_before_prune", "val_ppl_after_prune"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5), key
+    from safetensors.torch import load_file
+
+    want, got = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("fsdp", "tp"))
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        assert torch.equal(got[key] != 0, value != 0), key  # the same 2:4 masks
+
+
 def test_cast_fsdp2_example_on_gpt2(tmp_path: Path) -> None:
     """GPT-2's Conv1D layers (weights stored [in, out]) go through the example too: loaded into
     the prepared student transposed, written back in their own layout, exactly 2:4 along the
