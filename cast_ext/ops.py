@@ -183,11 +183,11 @@ def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
 # So a DTensor sharded on any dim but the last runs the op on each rank's local shard, with no
 # communication, and the output keeps the input's placements (mask_flips, a sum over all groups,
 # gives a Partial sum; a strided shard, FSDP2's over tensor-parallel rows, is kept as well). A
-# shard of the last dim (tensor parallel's RowwiseParallel) runs locally
-# too when the split is even and keeps groups of m and mask bytes whole on every level: the last
-# dim, in elements, divisible by lcm(8, m) times the mesh's size (the coarsest split it could
-# see). Any other layout of the last dim would cut groups: DTensor redistributes it to one of the
-# layouts above first (an all-gather), so the result stays exact.
+# shard of the last dim (tensor parallel's RowwiseParallel) runs locally too when the split is
+# even and keeps groups of m and mask bytes whole on every level: the last dim, in elements,
+# divisible by lcm(8, m) times the mesh's size (the finest split any layout on the mesh could
+# make). Any other layout of the last dim would cut groups: DTensor redistributes it to one of
+# the layouts above first (an all-gather), so the result stays exact.
 _ROWWISE_OPS = (
     "sparse24_mask",
     "nm_mask",
