@@ -550,10 +550,10 @@ POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])
 
 
 def run_decompress(
-    emu: Emu, values: Tensor, meta: Tensor, null_flag: bool = False
+    emu: Emu, values: Tensor, meta: Tensor, null_flag: bool = False, out_offset: int = 0
 ) -> tuple[int, Tensor, int]:
     rows, k = values.shape[0], values.shape[1] * 2
-    out = Guarded((rows, k), values.dtype)
+    out = Guarded((rows, k), values.dtype, offset=out_offset)
     args = (DTYPE_CODE[values.dtype], values.data_ptr(), meta.data_ptr(), rows, k, out.ptr)
     rc, bad = call_flagged(
         emu, "emu_sparse24_decompress", args, {"out": out}, "bad_meta", null_flag
@@ -618,6 +618,24 @@ def test_decompress(emu: Emu, dtype: torch.dtype) -> None:
             assert (rc, bad, emu.grids()) == (CUDA_SUCCESS, 1, [2])
             assert_bits_equal(out, want, f"{list(shape)} grid 2")
             emu.configure()
+
+
+def test_decompress_alignment(emu: Emu) -> None:
+    """A misaligned output is refused (nothing launched or written) when rows take 16-byte
+    stores (k % 8 == 0), and written with scalar stores otherwise (the emulator faults on any
+    misaligned vector access)."""
+    gen = torch.Generator().manual_seed(12)
+    for dtype in (torch.float32, torch.bfloat16):
+        for k, offset in ((24, dtype.itemsize), (24, 8), (12, dtype.itemsize)):
+            w = make_weights((4, k), dtype, gen)
+            values, meta = reference.sparse24_compress(w)
+            rc, out, bad = run_decompress(emu, values, meta, out_offset=offset)
+            if k % 8:
+                assert (rc, bad) == (CUDA_SUCCESS, 0), (dtype, k, offset)
+                assert_bits_equal(out, reference.sparse24_prune(w), f"{dtype} k={k}")
+            else:
+                assert (rc, emu.stats()["launches"]) == (CUDA_MISALIGNED, 0), (dtype, offset)
+                assert bool((bits(out).view(torch.uint8) == 0xA5).all()), "nothing written"
 
 
 # ---- pack_mask, unpack_mask, mask_flips --------------------------------------------------------

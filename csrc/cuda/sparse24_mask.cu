@@ -257,6 +257,8 @@ cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64
 cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* meta, int64_t rows,
                                 int64_t k, void* out, int* bad_meta, cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
+  // Rows of a multiple of 8 are written with 16-byte stores (store8): `out` must allow them.
+  if (k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 != 0) return cudaErrorMisalignedAddress;
   const int grid = grid_for(rows * ((k + 7) / 8));
   switch (dt) {
     case DType::F32:
