@@ -1075,7 +1075,7 @@ def sparsity_health(
     for layer in sparse_layers(model):
         mask, _ = _layer_mask(layer, optimizer)
         w = layer.weight.detach()
-        # This rank's rows (all of them for a plain tensor); for a DTensor (FSDP2) the per-rank
+        # This rank's shard (the whole layer for a plain tensor); for a DTensor the per-rank
         # figures are gathered over the shards: reductions of a sharded tensor are not global.
         local_mask, aw = _local(mask), _local(w).abs().float()
         packed = ops.pack_mask(local_mask)

@@ -201,10 +201,11 @@ class AdamS(torch.optim.Optimizer):
         ValueError: at construction, for hyperparameters out of range, a missing
             ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
             multiple of ``m`` (the message names the param by shape and the rule); a DTensor
-            param with a ``Partial`` placement, or a sparse one sharded on its last dim.
+            param with a ``Partial`` placement, or a sparse one whose last dim is sharded into
+            parts that cut groups of ``m`` or mask bytes.
 
-    DTensor params (FSDP2) are stepped on their local shards; their state entries are DTensors
-    laid out like the param (``step`` stays a plain 0-d tensor), so
+    DTensor params (FSDP2, tensor parallel) are stepped on their local shards; their state
+    entries are DTensors laid out like the param (``step`` stays a plain 0-d tensor), so
     ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
     ``set_optimizer_state_dict`` and ``torch.distributed.checkpoint`` save and load them.
     """
