@@ -299,6 +299,26 @@ auto& g_plans = *new std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyH
 std::map<std::string, AlgConfig> g_algs;  // alg_key -> winner (searched, checked, or imported)
 int64_t g_hits = 0, g_misses = 0, g_searches = 0, g_rejected = 0, g_search_failures = 0;
 
+// Reads the configuration a selection holds (the defaults after init, a search's winner after it).
+AlgConfig read_config(const char* op, cusparseLtHandle_t* h, Plan& pl, const std::string& what) {
+  AlgConfig cfg;
+  cusparseLtSplitKMode_t mode = CUSPARSELT_INVALID_MODE;
+  check(op, "cusparseLtMatmulAlgGetAttribute(CONFIG_ID)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &cfg.alg_id,
+                                        sizeof(cfg.alg_id)),
+        what);
+  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg.split_k,
+                                        sizeof(cfg.split_k)),
+        what);
+  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K_MODE)",
+        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
+                                        sizeof(mode)),
+        what);
+  cfg.split_k_mode = static_cast<int>(mode);
+  return cfg;
+}
+
 // Descriptors, algorithm selection (explicit config when `cfg` is given) and plan.
 std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
                                  const void* bias_ptr, const AlgConfig* cfg) {
@@ -350,17 +370,21 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
   if (cfg != nullptr) {
     CAST_CHECK(cfg->alg_id >= 0 && cfg->alg_id < pl->max_alg_id, op, "algorithm id ", cfg->alg_id,
                " is out of range [0, ", pl->max_alg_id, ") for ", what);
+    // Only what the winner changed from the fresh selection's defaults is set: a default stored
+    // by read_config (split_k -1, a mode) may be refused when set explicitly on some archs.
+    const AlgConfig dflt = read_config(op, h, *pl, what);
     check(op, "cusparseLtMatmulAlgSetAttribute(CONFIG_ID)",
           cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
                                           &cfg->alg_id, sizeof(cfg->alg_id)),
           what);
-    if (cfg->split_k != 1) {
+    if (cfg->split_k != dflt.split_k) {
       check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K)",
             cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg->split_k,
                                             sizeof(cfg->split_k)),
             what);
     }
-    if (cfg->split_k_mode > 0) {  // a search may pick a mode (e.g. stream-K) with split_k 1
+    // a search may pick a mode (e.g. stream-K) with split_k 1
+    if (cfg->split_k_mode > 0 && cfg->split_k_mode != dflt.split_k_mode) {
       const auto mode = static_cast<cusparseLtSplitKMode_t>(cfg->split_k_mode);
       check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K_MODE)",
             cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
@@ -375,26 +399,6 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
   check(op, "cusparseLtMatmulGetWorkspace",
         cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
   return pl;
-}
-
-// Reads the configuration the search left in the selection.
-AlgConfig read_config(const char* op, cusparseLtHandle_t* h, Plan& pl, const std::string& what) {
-  AlgConfig cfg;
-  cusparseLtSplitKMode_t mode = CUSPARSELT_INVALID_MODE;
-  check(op, "cusparseLtMatmulAlgGetAttribute(CONFIG_ID)",
-        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &cfg.alg_id,
-                                        sizeof(cfg.alg_id)),
-        what);
-  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K)",
-        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg.split_k,
-                                        sizeof(cfg.split_k)),
-        what);
-  check(op, "cusparseLtMatmulAlgGetAttribute(SPLIT_K_MODE)",
-        cusparseLtMatmulAlgGetAttribute(h, &pl.sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
-                                        sizeof(mode)),
-        what);
-  cfg.split_k_mode = static_cast<int>(mode);
-  return cfg;
 }
 
 bool search_enabled() {
@@ -442,7 +446,11 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
   at::Tensor y = at::empty({p.mp, p.n}, opts);
   matmul_locked(op, h, *pl, p, wc, x, y, stream);
   const at::Tensor want = y.to(at::kFloat);
-  const float scale = want.abs().max().item<float>();
+  // The tolerance scales with the product alone: y at x = 0 is act(bias), which a large bias
+  // would otherwise let swamp an O(1) error of the product. (A bias far larger than the product
+  // can then fail a good winner on the output's rounding: the safe side, the default is kept.)
+  matmul_locked(op, h, *pl, p, wc, at::zeros_like(x), y, stream);
+  const float scale = (want - y.to(at::kFloat)).abs().max().item<float>();
   if (!(scale > 0.f)) return pl;
   try {
     auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
@@ -456,13 +464,13 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
     // The winner may need a different workspace than the default algorithm.
     check(op, "cusparseLtMatmulGetWorkspace",
           cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
+    matmul_locked(op, h, *pl, p, wc, x, y, stream);  // e.g. out of memory for its workspace
   } catch (const c10::Error& e) {
     ++g_search_failures;
     TORCH_WARN("cast_ext.", op, ": cuSPARSELt's algorithm search failed for ", what,
                "; using the default algorithm. ", e.what_without_backtrace());
     return use_default();
   }
-  matmul_locked(op, h, *pl, p, wc, x, y, stream);
   if ((y.to(at::kFloat) - want).abs().max().item<float>() > 0.02f * scale) {
     ++g_rejected;
     TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
