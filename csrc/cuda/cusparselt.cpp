@@ -40,6 +40,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -664,6 +665,25 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
 
 // ---- Python-side introspection (bound in bindings.cpp) --------------------------------------
 
+// Runs f() under g_mu with the GIL released: an op holding g_mu may need the GIL (a
+// TorchDispatchMode or tensor subclass active in its thread re-enters Python), so waiting for the
+// lock with the GIL held could deadlock. f() must not touch Python objects.
+template <typename F>
+auto without_gil_locked(F&& f) {
+  pybind11::gil_scoped_release nogil;
+  std::lock_guard<std::mutex> lk(g_mu);
+  return f();
+}
+
+struct PlanInfo {
+  std::string key;
+  AlgConfig cfg;
+  int max_alg_id;
+  size_t workspace;
+  bool searched, captured, needs_search;
+  int64_t hits;
+};
+
 void bind(pybind11::module& m) {
   namespace py = pybind11;
   m.def(
@@ -672,35 +692,47 @@ void bind(pybind11::module& m) {
         check_dims("cslt_compress", n, k);
         const cudaDataType t = parse_dtype(dtype);
         const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-        std::lock_guard<std::mutex> lk(g_mu);
-        return compressed_numel(sizes_locked("cslt_compress", device, n, k, t).first, 2);
+        return without_gil_locked([&] {
+          return compressed_numel(sizes_locked("cslt_compress", device, n, k, t).first, 2);
+        });
       },
       py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("device"),
       "Elements (16-bit) of cslt_compress's buffer for a [n, k] weight (asks the library).");
   m.def(
       "cslt_cache_info",
       []() {
-        std::lock_guard<std::mutex> lk(g_mu);
+        std::vector<int64_t> counts;
+        std::vector<PlanInfo> plans;
+        without_gil_locked([&] {
+          counts = {static_cast<int64_t>(g_plans.size()),
+                    g_hits,
+                    g_misses,
+                    g_searches,
+                    g_rejected,
+                    g_search_failures};
+          for (const auto& [key, pl] : g_plans) {
+            plans.push_back(PlanInfo{pl->key, pl->cfg, pl->max_alg_id, pl->workspace, pl->searched,
+                                     pl->captured, pl->needs_search, pl->hits});
+          }
+          return 0;
+        });
         py::dict d;
-        d["plans"] = g_plans.size();
-        d["hits"] = g_hits;
-        d["misses"] = g_misses;
-        d["searches"] = g_searches;
-        d["rejected"] = g_rejected;
-        d["search_failures"] = g_search_failures;
+        const char* names[] = {"plans",    "hits",     "misses",
+                               "searches", "rejected", "search_failures"};
+        for (size_t i = 0; i < counts.size(); ++i) d[names[i]] = counts[i];
         py::list entries;
-        for (const auto& [key, pl] : g_plans) {
+        for (const PlanInfo& pl : plans) {
           py::dict e;
-          e["key"] = pl->key;
-          e["alg_id"] = pl->cfg.alg_id;
-          e["split_k"] = pl->cfg.split_k;
-          e["split_k_mode"] = pl->cfg.split_k_mode;
-          e["max_alg_id"] = pl->max_alg_id;
-          e["workspace_bytes"] = pl->workspace;
-          e["searched"] = pl->searched;
-          e["captured"] = pl->captured;
-          e["needs_search"] = pl->needs_search;
-          e["hits"] = pl->hits;
+          e["key"] = pl.key;
+          e["alg_id"] = pl.cfg.alg_id;
+          e["split_k"] = pl.cfg.split_k;
+          e["split_k_mode"] = pl.cfg.split_k_mode;
+          e["max_alg_id"] = pl.max_alg_id;
+          e["workspace_bytes"] = pl.workspace;
+          e["searched"] = pl.searched;
+          e["captured"] = pl.captured;
+          e["needs_search"] = pl.needs_search;
+          e["hits"] = pl.hits;
           entries.append(e);
         }
         d["entries"] = entries;
@@ -711,19 +743,21 @@ void bind(pybind11::module& m) {
   m.def(
       "cslt_cache_clear",
       [](bool algorithms) {
-        std::lock_guard<std::mutex> lk(g_mu);
-        clear_plans_locked();
-        g_hits = g_misses = g_searches = g_rejected = g_search_failures = 0;
-        if (algorithms) g_algs.clear();
+        without_gil_locked([&] {
+          clear_plans_locked();
+          g_hits = g_misses = g_searches = g_rejected = g_search_failures = 0;
+          if (algorithms) g_algs.clear();
+          return 0;
+        });
       },
       py::arg("algorithms") = false,
       "Drop every cached plan (and the searched algorithms too if algorithms=True).");
   m.def(
       "cslt_get_algs",
       []() {
-        std::lock_guard<std::mutex> lk(g_mu);
+        const auto algs = without_gil_locked([] { return g_algs; });
         py::dict d;
-        for (const auto& [key, cfg] : g_algs) {
+        for (const auto& [key, cfg] : algs) {
           d[py::str(key)] = py::make_tuple(cfg.alg_id, cfg.split_k, cfg.split_k_mode);
         }
         return d;
@@ -732,10 +766,12 @@ void bind(pybind11::module& m) {
   m.def(
       "cslt_set_algs",
       [](const std::map<std::string, std::tuple<int, int, int>>& table) {
-        std::lock_guard<std::mutex> lk(g_mu);
-        for (const auto& [key, v] : table) {
-          g_algs[key] = AlgConfig{std::get<0>(v), std::get<1>(v), std::get<2>(v)};
-        }
+        without_gil_locked([&] {
+          for (const auto& [key, v] : table) {
+            g_algs[key] = AlgConfig{std::get<0>(v), std::get<1>(v), std::get<2>(v)};
+          }
+          return 0;
+        });
       },
       py::arg("table"), "Merge {problem key: (alg_id, split_k, split_k_mode)} into the table.");
   m.def(
