@@ -201,17 +201,22 @@ class Emu:
             getattr(lib, name).argtypes = args
             getattr(lib, name).restype = i32
         lib.cuda_emu_set_max_grid.argtypes = [ctypes.c_uint]
+        lib.cuda_emu_set_occupancy.argtypes = [i32]
         lib.cuda_emu_set_schedule.argtypes = [i32, ctypes.c_ulonglong]
         lib.cuda_emu_fault.restype = ctypes.c_char_p
         lib.cuda_emu_stats.argtypes = [vp]
         lib.cuda_emu_grids.argtypes = [vp, ctypes.c_longlong]
         lib.cuda_emu_grids.restype = ctypes.c_longlong
 
-    def configure(self, *, max_grid: int = 0, schedule: int = 0, seed: int = 1) -> None:
+    def configure(
+        self, *, max_grid: int = 0, schedule: int = 0, seed: int = 1, occupancy: int = 8
+    ) -> None:
         """Cap gridDim.x (0: none); thread order 0 ascending, 1 descending, 2 random(seed), 3 warp
-        by warp, the last first, each running ahead to its next barrier."""
+        by warp, the last first, each running ahead to its next barrier; the blocks per SM that
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (<= 0: the query fails)."""
         self.lib.cuda_emu_set_max_grid(max_grid)
         self.lib.cuda_emu_set_schedule(schedule, seed)
+        self.lib.cuda_emu_set_occupancy(occupancy)
 
     def call(self, name: str, *args: object) -> int:
         """Runs one launcher; asserts the emulated kernels raised no fault; returns cudaError_t."""
@@ -932,6 +937,25 @@ def test_adams_step(emu: Emu, case: str) -> None:
                 assert_bits_equal(x, y, f"step {it}: {key}[{i}] {list(x.shape)} vs CPU kernel")
         assert_adams_state_close(subset(emu_d, in_ref), ref_d)
     assert [float(s) for s in emu_d["steps"]] == [float(i % 5 + 9) for i in range(len(shapes))]
+
+
+def test_adams_step_grid_is_one_wave_of_resident_blocks(emu: Emu) -> None:
+    """The update grid is the SMs times the blocks the occupancy query says fit (fewer when
+    there are fewer chunks), one block a SM if the query fails; the values do not depend on it."""
+    shapes = [(64, 2048), (8, 16)]  # 8 chunks of 2048 units, and one
+    hp = {**HP, "n": 2, "m": 4}
+    results = []
+    for occupancy, want in ((3, [6, 1]), (8, [9, 1]), (0, [2, 1])):
+        emu.configure(occupancy=occupancy)
+        d = make_adams_lists(shapes, torch.float32, True, False, seed=5)
+        assert run_emu_adams(emu, d, hp, None, None, num_sms=2) == CUDA_SUCCESS
+        assert emu.grids() == want, occupancy
+        results.append(d)
+    emu.configure()
+    for d in results[1:]:
+        for key in ADAMS_LIST_KEYS:
+            for x, y in zip(d[key], results[0][key], strict=True):
+                assert_bits_equal(x, y, key)
 
 
 def test_adams_step_many_tensors(emu: Emu) -> None:

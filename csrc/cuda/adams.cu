@@ -33,7 +33,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunkUnits = 2048;  // 16384 elements per chunk, 8 units per thread
 constexpr int kMaxTensors = 36;        // keeps UpdateArgs under the classic 4 KB argument limit
 constexpr int kMaxSteps = 400;         // keeps StepArgs under 4 KB
-constexpr int kBlocksPerSm = 8;
 
 struct UpdateArgs {
   void* p[kMaxTensors];
@@ -184,6 +183,16 @@ template <typename T, bool kMaster, bool kSparse>
 cudaError_t launch_all(const AdamsTensorArgs* ts, int64_t count, const AdamsHyper& h,
                        const float* grad_scale, const float* found_inf, int num_sms,
                        cudaStream_t stream) {
+  // One wave of resident blocks (the grid-stride loop takes the rest): a grid of more blocks than
+  // fit runs its last wave part-empty (60-71 registers a thread leave room for 3-4 blocks of 256
+  // threads per SM on sm_90, and 8 a SM as a fixed guess made 2.67 waves at 3).
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, adams_kernel<T, kMaster, kSparse>,
+                                                    kThreads, 0) != cudaSuccess ||
+      per_sm < 1) {
+    (void)cudaGetLastError();  // not this op's failure: fall back to one block per SM
+    per_sm = 1;
+  }
   for (int64_t b = 0; b < count;) {
     UpdateArgs a;
     a.h = h;
@@ -215,8 +224,8 @@ cudaError_t launch_all(const AdamsTensorArgs* ts, int64_t count, const AdamsHype
                  aligned16(t.exp_avg) && aligned16(t.exp_avg_sq) && aligned16(t.master);
     }
     if (a.ntensors == 0) continue;
-    const int64_t grid64 =
-        chunks < int64_t(num_sms) * kBlocksPerSm ? chunks : int64_t(num_sms) * kBlocksPerSm;
+    const int64_t cap = int64_t(num_sms) * per_sm;
+    const int64_t grid64 = chunks < cap ? chunks : cap;
     adams_kernel<T, kMaster, kSparse><<<int(grid64), kThreads, 0, stream>>>(a);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

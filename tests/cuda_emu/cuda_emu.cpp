@@ -42,6 +42,7 @@ struct Emu {
   unsigned max_grid = 0;  // 0: the launch's grid; else gridDim.x = min(grid.x, max_grid)
   int schedule = 0;       // 0 ascending, 1 descending, 2 seeded random
   std::uint64_t seed = 1;
+  int occupancy = 8;  // blocks per SM the occupancy query reports
   // Errors: the launch error (cudaGetLastError) and the first fault of a kernel.
   cudaError_t last_error = cudaSuccess;
   std::string fault;
@@ -307,6 +308,8 @@ void run_grid(const LaunchConfig& cfg, void (*thread_main)(void*), void* ctx) {
   gridDim = saved_grid;
 }
 
+int occupancy() { return g.occupancy; }
+
 }  // namespace cuda_emu
 
 cudaError_t cudaGetLastError() {
@@ -332,6 +335,9 @@ extern "C" {
 
 // gridDim.x = min(launch grid, max_grid) when max_grid > 0: forces grid-stride loops to iterate.
 void cuda_emu_set_max_grid(unsigned max_grid) { cuda_emu::g.max_grid = max_grid; }
+
+// What cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (<= 0: the query fails).
+void cuda_emu_set_occupancy(int blocks_per_sm) { cuda_emu::g.occupancy = blocks_per_sm; }
 
 // 0: threads run in ascending order between barriers, 1: descending, 2: random from `seed`,
 // 3: warp by warp, the last first, each running ahead to its next block barrier.

@@ -63,6 +63,17 @@ using cudaStream_t = CUstream_st*;
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t err);
 
+namespace cuda_emu {
+int occupancy();  // the blocks per SM cudaOccupancyMaxActiveBlocksPerMultiprocessor reports
+}
+// Reports cuda_emu_set_occupancy's value for any kernel (0 or less: fails with
+// cudaErrorInvalidValue, as the runtime does for a bad kernel or block size).
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, std::size_t) {
+  *blocks = cuda_emu::occupancy();
+  return *blocks > 0 ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 struct uint3 {
   unsigned int x, y, z;
 };
