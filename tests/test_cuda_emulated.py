@@ -864,8 +864,9 @@ def call_adams(
     fn(*adams_args(d), **hp, **kw)
 
 
-# (dtype, sparse, master, n, m, num_sms, schedule): num_sms 1 gives 8 blocks, so each block
-# strides over chunks of different tensors (the shared coefficients change between chunks);
+# (dtype, sparse, master, n, m, num_sms, schedule): num_sms 1 gives 8 blocks (the emulator's
+# occupancy), so each block strides over chunks of different tensors (the shared coefficients
+# change between chunks);
 # schedules 0 and 1 run the threads between barriers in opposite orders (thread 0 first catches a
 # missing barrier after the shared read, thread 0 last one before it), 2 in a random order, 3 warp
 # by warp with the last warp running ahead.
