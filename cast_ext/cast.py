@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .optim import DTensor, _local
+from .optim import DTensor, _local, _over_shards, _shard_dim
 
 __all__ = [
     "DecayBudget",
@@ -132,13 +132,6 @@ def _scale_placements(weight: DTensor) -> list[Any]:
     from torch.distributed.tensor import Replicate
 
     return [pl if _shard_dim(pl) in (0, -2) else Replicate() for pl in weight.placements]
-
-
-def _shard_dim(placement: Any) -> int | None:
-    """The tensor dim a DTensor placement shards (plain or strided: torch 2.14's
-    ``_StridedShard`` is no ``Shard``), or None."""
-    dim = getattr(placement, "dim", None)
-    return dim if isinstance(dim, int) else None
 
 
 def _ones_like_rows(shape: torch.Size, weight: DTensor) -> DTensor:
@@ -1035,18 +1028,6 @@ def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
 def _full(t: Tensor) -> Tensor:
     """``t`` whole: a DTensor gathered (a collective: every rank calls it), else ``t``."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _over_shards(local: Tensor, like: Tensor) -> Tensor:
-    """Per-rank figures ``local`` (1-D) stacked over the shards of ``like``'s DTensor layout,
-    ``[shards, k]`` (replicas of a shard once); ``local[None]`` for a plain ``like``."""
-    if not isinstance(like, DTensor):
-        return local.unsqueeze(0)
-    from torch.distributed.tensor import Shard
-
-    # one row per shard, whichever dim of ``like`` the shards cut (FSDP2: rows; TP: columns too)
-    placements = [Shard(0) if _shard_dim(pl) is not None else pl for pl in like.placements]
-    return DTensor.from_local(local.unsqueeze(0), like.device_mesh, placements).full_tensor()
 
 
 def sparsity_health(

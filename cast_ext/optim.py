@@ -89,6 +89,24 @@ def _grad_like(p: Tensor) -> Tensor:
     return g
 
 
+def _over_shards(local: Tensor, like: Tensor) -> Tensor:
+    """Per-rank figures ``local`` (1-D) stacked over the shards of ``like``'s DTensor layout,
+    ``[shards, k]`` (replicas of a shard once; a collective); ``local[None]`` for a plain
+    ``like``."""
+    if not isinstance(like, DTensor):
+        return local.unsqueeze(0)
+    # one row per shard, whichever dim of ``like`` the shards cut (FSDP2: rows; TP: columns too)
+    placements = [Shard(0) if _shard_dim(pl) is not None else pl for pl in like.placements]
+    return DTensor.from_local(local.unsqueeze(0), like.device_mesh, placements).full_tensor()
+
+
+def _shard_dim(placement: Any) -> int | None:
+    """The tensor dim a DTensor placement shards (plain or strided: torch 2.14's
+    ``_StridedShard`` is no ``Shard``), or None."""
+    dim = getattr(placement, "dim", None)
+    return dim if isinstance(dim, int) else None
+
+
 def _describe(p: Tensor, where: str) -> str:
     desc = f"param {where}of shape {list(p.shape)}"
     if isinstance(p, DTensor):
@@ -538,35 +556,46 @@ class AdamS(torch.optim.Optimizer):
             weights), ``mask_flips`` (groups whose kept set changed at the last refresh; None
             before the second refresh), ``flip_rate`` (``mask_flips`` / groups), ``alpha`` (the
             ramp weight the next step applies, ``min(step / total_steps, 1)``) and ``step``.
-            For DTensor params the statistics are of this rank's local shard.
+            For DTensor params the figures are the whole param's, summed over its shards: then
+            the call is a collective (every rank calls it, as for ``full_tensor()``). One
+            read-back for all params.
         """
-        out: dict[Tensor, dict[str, float | int | None]] = {}
+        params: list[tuple[Tensor, dict[str, Any]]] = []
+        rows: list[Tensor] = []
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
                 if not _param_is_sparse(p, group) or not state or "mask" not in state:
                     continue
-                t = int(state["step"].item())
                 w = _local(state.get("master", p)).detach().float().abs()
-                kept = ops.unpack_mask(_local(state["mask"]), w.shape[-1])
-                kept_mean = w[kept].mean().item() if bool(kept.any()) else float("nan")
-                pruned_mean = w[~kept].mean().item() if bool((~kept).any()) else float("nan")
-                groups = w.numel() // group["m"]
-                refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1
-                flips = (
-                    int(
-                        ops.mask_flips(
-                            _local(state["prev_mask"]), _local(state["mask"]), group["m"]
-                        ).item()
-                    )
-                    if refreshes >= 2
-                    else None
-                )
-                out[p] = {
-                    "pruned_over_kept": pruned_mean / kept_mean if kept_mean else float("nan"),
-                    "mask_flips": flips,
-                    "flip_rate": None if flips is None else flips / max(groups, 1),
-                    "alpha": min(t / group["total_steps"], 1.0),
-                    "step": t,
-                }
+                mask = _local(state["mask"])
+                kept = ops.unpack_mask(mask, w.shape[-1])
+                flips = ops.mask_flips(_local(state["prev_mask"]), mask, group["m"])
+                total = w.sum(dtype=torch.float64)
+                kept_sum = w.masked_fill_(~kept, 0.0).sum(dtype=torch.float64)
+                n_kept = kept.sum(dtype=torch.float64)
+                figures = [kept_sum, n_kept, total - kept_sum, w.numel() - n_kept, flips]
+                figures.append(w.numel() // group["m"])
+                local = torch.stack([torch.as_tensor(f).to(total) for f in figures])
+                row = _over_shards(local, p).sum(0)  # a DTensor's shards (collective)
+                rows.append(torch.cat([row, state["step"].to(total).view(1)]))
+                params.append((p, group))
+        home = rows[0].device if rows else torch.device("cpu")
+        table = torch.stack([r.to(home) for r in rows]).tolist() if rows else []
+        out: dict[Tensor, dict[str, float | int | None]] = {}
+        for (p, group), row in zip(params, table, strict=True):
+            kept_sum, n_kept, pruned_sum, n_pruned, flips, groups, step = row
+            t = int(step)
+            kept_mean = kept_sum / n_kept if n_kept else math.nan
+            pruned_mean = pruned_sum / n_pruned if n_pruned else math.nan
+            refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1
+            # before the second refresh there is no previous mask to compare with
+            n_flips = int(flips) if refreshes >= 2 else None
+            out[p] = {
+                "pruned_over_kept": pruned_mean / kept_mean if kept_mean else math.nan,
+                "mask_flips": n_flips,
+                "flip_rate": None if n_flips is None else n_flips / max(int(groups), 1),
+                "alpha": min(t / group["total_steps"], 1.0),
+                "step": t,
+            }
         return out

@@ -603,6 +603,15 @@ def _tp_worker(rank: int, tmp: str) -> None:
         ref_opt = AdamS(cast.param_groups(ref), **HP)
         lm_steps(ref, ref_opt, range(STEPS))
         assert_match(straight, snapshot(ref, ref_opt))
+        # AdamS's health figures: the whole param's, summed over the shards (a collective)
+        stats, want_stats = opt.sparsity_stats(), ref_opt.sparsity_stats()
+        names = {p: n for n, p in model.named_parameters()}
+        ref_names = {n: p for n, p in ref.named_parameters()}
+        assert len(stats) == len(want_stats) == 3
+        for p, got_st in stats.items():
+            want_st = want_stats[ref_names[names[p]]]
+            assert got_st["mask_flips"] == want_st["mask_flips"] is not None, names[p]
+            assert_record_close(got_st, want_st)
         exported = cast.export_state_dict(model, opt)
         want = cast.export_state_dict(ref, ref_opt)
         assert exported.keys() == want.keys()
