@@ -106,6 +106,41 @@ def assert_match(got: dict, want: dict) -> None:
     assert n_masks == 3  # the three weights were stepped as sparse params, not plain Adam
 
 
+def assert_identical(got: dict, want: dict, what: str) -> None:
+    """Two snapshots equal bit for bit, every param and state entry."""
+    for name, entries in want.items():
+        for key, val in entries.items():
+            assert torch.equal(got[name][key], val), f"{what}: {name} {key}"
+
+
+def dcp_save(model: nn.Module, opt: AdamS, path: str) -> None:
+    """A distributed checkpoint of the model and the optimizer (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=path)
+
+
+def dcp_load(model: nn.Module, opt: AdamS, path: str) -> None:
+    """dcp_save's checkpoint into ``model`` and ``opt`` (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
 def _init(rank: int, tmp: str, world: int = WORLD) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -114,46 +149,33 @@ def _init(rank: int, tmp: str, world: int = WORLD) -> None:
     )
 
 
-def _ddp_worker(rank: int, tmp: str) -> None:
-    _init(rank, tmp)
-    try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        opt = AdamS(model.parameters(), **HP)
-        train(model, opt, range(STEPS), rank, WORLD)
-        snap = snapshot(model, opt)
-        if rank == 0:
-            torch.save(snap, f"{tmp}/ddp.pt")
-        # Every rank holds the same replica.
-        w = model.module[0].weight.detach().clone()
-        ws = [torch.empty_like(w) for _ in range(WORLD)]
-        dist.all_gather(ws, w)
-        assert torch.equal(ws[0], ws[1])
+def _ddp_worker(rank: int, tmp: str) -> dict[str, Any]:
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = AdamS(model.parameters(), **HP)
+    train(model, opt, range(STEPS), rank, WORLD)
+    files = {"ddp": snapshot(model, opt)}
+    # Every rank holds the same replica.
+    w = model.module[0].weight.detach().clone()
+    ws = [torch.empty_like(w) for _ in range(WORLD)]
+    dist.all_gather(ws, w)
+    assert torch.equal(ws[0], ws[1])
 
-        # AdamS inside ZeroRedundancyOptimizer (each rank steps a share of the params, then
-        # broadcasts them): it builds one AdamS per rank from the groups and keeps them in step
-        # one for one, so AdamS must not add groups of its own.
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    # AdamS inside ZeroRedundancyOptimizer (each rank steps a share of the params, then
+    # broadcasts them): it builds one AdamS per rank from the groups and keeps them in step
+    # one for one, so AdamS must not add groups of its own.
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        zmodel = nn.parallel.DistributedDataParallel(make_model())
-        zero = ZeroRedundancyOptimizer(zmodel.parameters(), optimizer_class=AdamS, **HP)
-        train(zmodel, zero, range(STEPS), rank, WORLD)  # type: ignore[arg-type]
-        zero.consolidate_state_dict(to=0)
-        if rank == 0:
-            zstate = zero.state_dict()["state"]
-            zsnap = {
-                name: {"param": p.detach().clone(), **zstate[i]}
-                for i, (name, p) in enumerate(zmodel.module.named_parameters())
-            }
-            torch.save(zsnap, f"{tmp}/zero.pt")
-        del zmodel, zero
-        # Release DDP (its reducer holds the process group and autograd hooks) on every rank
-        # before the group goes: tearing both down together at exit aborted a worker now and
-        # then ("terminate called without an active exception").
-        del model, opt
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    zmodel = nn.parallel.DistributedDataParallel(make_model())
+    zero = ZeroRedundancyOptimizer(zmodel.parameters(), optimizer_class=AdamS, **HP)
+    train(zmodel, zero, range(STEPS), rank, WORLD)  # type: ignore[arg-type]
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        zstate = zero.state_dict()["state"]
+        files["zero"] = {
+            name: {"param": p.detach().clone(), **zstate[i]}
+            for i, (name, p) in enumerate(zmodel.module.named_parameters())
+        }
+    return files
 
 
 def _fsdp_model(
@@ -174,69 +196,41 @@ def _fsdp_model(
     return model
 
 
-def _fsdp_worker(rank: int, tmp: str) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+def _fsdp_worker(rank: int, tmp: str) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor, Shard
 
-    _init(rank, tmp)
-    try:
-        # 20 steps straight.
-        model = _fsdp_model()
-        opt = AdamS(model.parameters(), **HP)
-        w0 = model[0].weight
-        assert isinstance(w0, DTensor) and w0.placements == (Shard(0),)
-        train(model, opt, range(STEPS), rank, WORLD)
-        st = opt.state[w0]
-        # State is laid out like its param; the mask shards the same rows.
-        assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].placements == (Shard(0),)
-        assert isinstance(st["mask"], DTensor) and st["mask"].shape == (32, 2)
-        assert st["mask"].to_local().shape[0] == w0.to_local().shape[0]
-        snap = snapshot(model, opt)
+    # 20 steps straight.
+    model = _fsdp_model()
+    opt = AdamS(model.parameters(), **HP)
+    w0 = model[0].weight
+    assert isinstance(w0, DTensor) and w0.placements == (Shard(0),)
+    train(model, opt, range(STEPS), rank, WORLD)
+    st = opt.state[w0]
+    # State is laid out like its param; the mask shards the same rows.
+    assert isinstance(st["exp_avg"], DTensor) and st["exp_avg"].placements == (Shard(0),)
+    assert isinstance(st["mask"], DTensor) and st["mask"].shape == (32, 2)
+    assert st["mask"].to_local().shape[0] == w0.to_local().shape[0]
+    snap = snapshot(model, opt)
 
-        # SPLIT steps, distributed checkpoint of model + optimizer on both ranks.
-        model = _fsdp_model()
-        opt = AdamS(model.parameters(), **HP)
-        train(model, opt, range(SPLIT), rank, WORLD)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, opt),
-        }
-        dcp.save(state, checkpoint_id=f"{tmp}/ckpt")
-        mid = snapshot(model, opt)
-        del model, opt, state
+    # SPLIT steps, distributed checkpoint of model + optimizer on both ranks.
+    model = _fsdp_model()
+    opt = AdamS(model.parameters(), **HP)
+    train(model, opt, range(SPLIT), rank, WORLD)
+    dcp_save(model, opt, f"{tmp}/ckpt")
+    mid = snapshot(model, opt)
+    del model, opt
 
-        # Fresh model and optimizer (different init), load on both ranks, continue.
-        torch.manual_seed(1234)
-        model = _fsdp_model()
-        for p in model.parameters():
-            p.data.normal_()
-        opt = AdamS(model.parameters(), **HP)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, opt),
-        }
-        dcp.load(state, checkpoint_id=f"{tmp}/ckpt")
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        loaded = snapshot(model, opt)
-        train(model, opt, range(SPLIT, STEPS), rank, WORLD)
-        resumed = snapshot(model, opt)
-        if rank == 0:
-            torch.save(
-                {"straight": snap, "mid": mid, "loaded": loaded, "resumed": resumed},
-                f"{tmp}/fsdp.pt",
-            )
-        del model, opt, state  # as in _ddp_worker: nothing holds the group when it goes
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # Fresh model and optimizer (different init), load on both ranks, continue.
+    torch.manual_seed(1234)
+    model = _fsdp_model()
+    for p in model.parameters():
+        p.data.normal_()
+    opt = AdamS(model.parameters(), **HP)
+    dcp_load(model, opt, f"{tmp}/ckpt")
+    loaded = snapshot(model, opt)
+    train(model, opt, range(SPLIT, STEPS), rank, WORLD)
+    resumed = snapshot(model, opt)
+    return {"fsdp": {"straight": snap, "mid": mid, "loaded": loaded, "resumed": resumed}}
 
 
 def prepared_with_teacher(build: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
@@ -297,38 +291,29 @@ def cast_reference() -> dict[str, Any]:
     return {**snapshot(model, opt), "exported": exported, "health": health}
 
 
-def _cast_worker(rank: int, tmp: str) -> None:
+def _cast_worker(rank: int, tmp: str) -> dict[str, Any]:
     """The CAST recipe (prepare, param_groups, distill_loss, AdamS) under DDP, then FSDP2, with
     sparsity_health, and export_state_dict (finalize refused) on the FSDP2 model."""
-    _init(rank, tmp)
-    try:
-        model, teacher = make_cast_model()
-        opt = AdamS(cast.param_groups(model), **HP)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        train_cast(ddp, teacher, opt, rank, WORLD)
-        ddp_snap = snapshot(ddp, opt)
-        del ddp, model, opt
-        gc.collect()
-        model, teacher = make_cast_model()
-        model = _fsdp_model(model)
-        opt = AdamS(cast.param_groups(model), **HP)
-        health = cast_health_run(model, teacher, opt, rank, WORLD)
-        fsdp_snap = snapshot(model, opt)
-        # The plain 2:4 model's state from the sharded one: DTensor weights, gathered here.
-        exported = {
-            k: v.full_tensor() if isinstance(v, dist.tensor.DTensor) else v.clone()
-            for k, v in cast.export_state_dict(model, opt).items()
-        }
-        with pytest.raises(ValueError, match="finalize: layer '0' has a sharded"):
-            cast.finalize(model, opt)
-        if rank == 0:
-            result = {"ddp": ddp_snap, "fsdp": fsdp_snap, "exported": exported, "health": health}
-            torch.save(result, f"{tmp}/cast.pt")
-        del model, opt  # as in _ddp_worker: nothing holds the group when it goes
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model, teacher = make_cast_model()
+    opt = AdamS(cast.param_groups(model), **HP)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    train_cast(ddp, teacher, opt, rank, WORLD)
+    ddp_snap = snapshot(ddp, opt)
+    del ddp, model, opt
+    gc.collect()
+    model, teacher = make_cast_model()
+    model = _fsdp_model(model)
+    opt = AdamS(cast.param_groups(model), **HP)
+    health = cast_health_run(model, teacher, opt, rank, WORLD)
+    fsdp_snap = snapshot(model, opt)
+    # The plain 2:4 model's state from the sharded one: DTensor weights, gathered here.
+    exported = {
+        k: v.full_tensor() if isinstance(v, dist.tensor.DTensor) else v.clone()
+        for k, v in cast.export_state_dict(model, opt).items()
+    }
+    with pytest.raises(ValueError, match="finalize: layer '0' has a sharded"):
+        cast.finalize(model, opt)
+    return {"cast": {"ddp": ddp_snap, "fsdp": fsdp_snap, "exported": exported, "health": health}}
 
 
 VOCAB = 11
@@ -396,7 +381,7 @@ def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world
     return {"budget": budget, "train": res.train, "health": res.health, **snapshot(model, opt)}
 
 
-def _dtensor_worker(rank: int, tmp: str) -> None:
+def _dtensor_worker(rank: int, tmp: str) -> dict[str, Any]:
     """The mask ops on DTensors (their sharding rules), then decay_budget and the reference
     training loop cast.train on an FSDP2 model built the large-model way: on the meta device,
     prepared, sharded, materialised, and loaded from the plain model's full state dict."""
@@ -404,88 +389,71 @@ def _dtensor_worker(rank: int, tmp: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
-    _init(rank, tmp)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        gen = torch.Generator().manual_seed(3)
-        for k in (16, 24):
-            # 7 rows: uneven shards on dim 0. Rows of 16 split over 2 ranks into whole groups
-            # and mask bytes; rows of 24 do not (12 elements: half a byte).
-            a, b = torch.randn(2, 7, 3, k, generator=gen)
-            pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
-            values, meta = cast_ext.sparse24_compress(a)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    gen = torch.Generator().manual_seed(3)
+    for k in (16, 24):
+        # 7 rows: uneven shards on dim 0. Rows of 16 split over 2 ranks into whole groups
+        # and mask bytes; rows of 24 do not (12 elements: half a byte).
+        a, b = torch.randn(2, 7, 3, k, generator=gen)
+        pa, pb = cast_ext.pack_mask(cast_ext.sparse24_mask(a)), cast_ext.pack_mask(b > 0)
+        values, meta = cast_ext.sparse24_compress(a)
 
-            def every_op(
-                a: Tensor, pa: Tensor, pb: Tensor, values: Tensor, meta: Tensor, k: int = k
-            ) -> dict:
-                v, m = cast_ext.sparse24_compress(a)
-                return {
-                    "sparse24_mask": cast_ext.sparse24_mask(a),
-                    "nm_mask": cast_ext.nm_mask(a, 2, 8),
-                    "sparse24_prune": cast_ext.sparse24_prune(a),
-                    "compress_values": v,
-                    "compress_meta": m,
-                    "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
-                    "pack_mask": cast_ext.pack_mask(cast_ext.sparse24_mask(a)),
-                    "unpack_mask": cast_ext.unpack_mask(pa, k),
-                    "mask_flips": cast_ext.mask_flips(pa, pb),
-                }
+        def every_op(
+            a: Tensor, pa: Tensor, pb: Tensor, values: Tensor, meta: Tensor, k: int = k
+        ) -> dict:
+            v, m = cast_ext.sparse24_compress(a)
+            return {
+                "sparse24_mask": cast_ext.sparse24_mask(a),
+                "nm_mask": cast_ext.nm_mask(a, 2, 8),
+                "sparse24_prune": cast_ext.sparse24_prune(a),
+                "compress_values": v,
+                "compress_meta": m,
+                "sparse24_decompress": cast_ext.sparse24_decompress(values, meta),
+                "pack_mask": cast_ext.pack_mask(cast_ext.sparse24_mask(a)),
+                "unpack_mask": cast_ext.unpack_mask(pa, k),
+                "mask_flips": cast_ext.mask_flips(pa, pb),
+            }
 
-            inputs = (a, pa, pb, values, meta)
-            want = every_op(*inputs)
-            for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
-                got = every_op(*(distribute_tensor(t, mesh, [placement]) for t in inputs))
-                # Sharded on a leading dim, or on the last in whole groups and bytes: computed
-                # on the local shards, no gather (Partial for the sum of flips); a last-dim
-                # split that would cut them, or unpack_mask's (its last_dim is the row's): the
-                # input gathered first.
-                local = placement in (Shard(0), Shard(1)) or (placement == Shard(2) and k == 16)
-                for name, want_t in want.items():
-                    expected = placement if local else Replicate()
-                    if name == "mask_flips" and local:
-                        expected = Partial()
-                    if name == "unpack_mask" and placement == Shard(2):
-                        expected = Replicate()
-                    assert got[name].placements == (expected,), (name, k, placement, got[name])
-                    assert torch.equal(got[name].full_tensor(), want_t), (name, k, placement)
+        inputs = (a, pa, pb, values, meta)
+        want = every_op(*inputs)
+        for placement in (Shard(0), Shard(1), Shard(2), Replicate()):
+            got = every_op(*(distribute_tensor(t, mesh, [placement]) for t in inputs))
+            # Sharded on a leading dim, or on the last in whole groups and bytes: computed
+            # on the local shards, no gather (Partial for the sum of flips); a last-dim
+            # split that would cut them, or unpack_mask's (its last_dim is the row's): the
+            # input gathered first.
+            local = placement in (Shard(0), Shard(1)) or (placement == Shard(2) and k == 16)
+            for name, want_t in want.items():
+                expected = placement if local else Replicate()
+                if name == "mask_flips" and local:
+                    expected = Partial()
+                if name == "unpack_mask" and placement == Shard(2):
+                    expected = Replicate()
+                assert got[name].placements == (expected,), (name, k, placement, got[name])
+                assert torch.equal(got[name].full_tensor(), want_t), (name, k, placement)
 
-        with torch.device("meta"):
-            model = lm()
-        cast.prepare(model, scale_blocks=2)
-        model = _fsdp_model(model).to_empty(device="cpu")
-        full = cast.prepared_state_dict(model, lm().state_dict())
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full, options=options)
-        result = budget_then_train(model, make_lm()[1], rank, WORLD)
-        result["ddp_accumulated"] = accumulated_run(rank, WORLD, ddp=True)
-        if rank == 0:
-            torch.save(result, f"{tmp}/dtensor.pt")
-        del model, result
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    with torch.device("meta"):
+        model = lm()
+    cast.prepare(model, scale_blocks=2)
+    model = _fsdp_model(model).to_empty(device="cpu")
+    full = cast.prepared_state_dict(model, lm().state_dict())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+    result = budget_then_train(model, make_lm()[1], rank, WORLD)
+    result["ddp_accumulated"] = accumulated_run(rank, WORLD, ddp=True)
+    return {"dtensor": result}
 
 
-def _hsdp_worker(rank: int, tmp: str) -> None:
+def _hsdp_worker(rank: int, tmp: str) -> dict[str, Any]:
     """budget_then_train on 4 ranks under HSDP: a 2 x 2 mesh, params replicated over the first
     mesh dim and sharded over the second (placements (Replicate(), Shard(0)))."""
     from torch.distributed.tensor import Replicate, Shard
 
-    _init(rank, tmp, world=4)
-    try:
-        model, teacher = make_lm()
-        model = _fsdp_model(model, mesh_shape=(2, 2))
-        w = cast.sparse_layers(model)[0].weight
-        assert w.placements == (Replicate(), Shard(0)), w.placements
-        result = budget_then_train(model, teacher, rank, 4)
-        if rank == 0:
-            torch.save(result, f"{tmp}/hsdp.pt")
-        del model, result
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model, teacher = make_lm()
+    model = _fsdp_model(model, mesh_shape=(2, 2))
+    w = cast.sparse_layers(model)[0].weight
+    assert w.placements == (Replicate(), Shard(0)), w.placements
+    return {"hsdp": budget_then_train(model, teacher, rank, 4)}
 
 
 def _tp_model(mesh: Any) -> nn.Module:
@@ -513,117 +481,89 @@ def lm_steps(model: nn.Module, opt: AdamS, steps: range) -> None:
         opt.step()
 
 
-def _tp_worker(rank: int, tmp: str) -> None:
+def _tp_worker(rank: int, tmp: str) -> dict[str, Any]:
     """Tensor parallelism on 2 ranks (_tp_model): the layouts, a refused split, budget_then_train,
     and a distributed checkpoint saved mid-run and resumed bit for bit."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    _init(rank, tmp)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        plain, teacher = make_lm()
-        model = _tp_model(mesh)
-        placements = [
-            (getattr(lay.weight, "placements", None), getattr(lay.scale, "placements", None))
-            for lay in cast.sparse_layers(model)
-        ]  # the head stays a plain layer
-        assert placements == [
-            ((Shard(0),), (Shard(0),)),
-            ((Shard(1),), (Replicate(),)),
-            (None, None),
-        ]
-        ids = next(lm_batches())
-        torch.testing.assert_close(model(ids), plain(ids), rtol=RTOL, atol=ATOL)
-        # A row-wise split that would cut groups or mask bytes (24 columns: 12 a rank) is
-        # refused, by name and rule, before anything is written.
-        w = torch.randn(8, 24)
-        cut = nn.Parameter(distribute_tensor(w, mesh, [Shard(1)]))
-        with pytest.raises(ValueError, match=r"sharded 2 ways: that cuts .* multiple of") as info:
-            AdamS([cut], **HP)
-        assert "param 0 of group 0 of shape [8, 24]" in str(info.value)
-        with pytest.raises(ValueError, match="sharded 2 ways"):
-            AdamS([{"params": [cut], "sparse": True}], **HP)
-        AdamS([{"params": [cut], "sparse": False}], **HP)  # dense: elementwise Adam
-        result = budget_then_train(model, teacher)
-        if rank == 0:
-            torch.save(result, f"{tmp}/tp.pt")
+    mesh = init_device_mesh("cpu", (WORLD,))
+    plain, teacher = make_lm()
+    model = _tp_model(mesh)
+    placements = [
+        (getattr(lay.weight, "placements", None), getattr(lay.scale, "placements", None))
+        for lay in cast.sparse_layers(model)
+    ]  # the head stays a plain layer
+    assert placements == [
+        ((Shard(0),), (Shard(0),)),
+        ((Shard(1),), (Replicate(),)),
+        (None, None),
+    ]
+    ids = next(lm_batches())
+    torch.testing.assert_close(model(ids), plain(ids), rtol=RTOL, atol=ATOL)
+    # A row-wise split that would cut groups or mask bytes (24 columns: 12 a rank) is
+    # refused, by name and rule, before anything is written.
+    w = torch.randn(8, 24)
+    cut = nn.Parameter(distribute_tensor(w, mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match=r"sharded 2 ways: that cuts .* multiple of") as info:
+        AdamS([cut], **HP)
+    assert "param 0 of group 0 of shape [8, 24]" in str(info.value)
+    with pytest.raises(ValueError, match="sharded 2 ways"):
+        AdamS([{"params": [cut], "sparse": True}], **HP)
+    AdamS([{"params": [cut], "sparse": False}], **HP)  # dense: elementwise Adam
+    files = {"tp": budget_then_train(model, teacher)}
 
-        # Distributed checkpoint after SPLIT steps (masks sharded on their byte columns), loaded
-        # into a fresh, perturbed model and optimizer: continues as the uninterrupted run.
-        model = _tp_model(mesh)
-        opt = AdamS(cast.param_groups(model), **HP)
-        lm_steps(model, opt, range(STEPS))
-        straight = snapshot(model, opt)
-        mask = opt.state[cast.sparse_layers(model)[1].weight]["mask"]
-        assert mask.placements == (Shard(1),) and mask.to_local().shape == (24, 2)
+    # Distributed checkpoint after SPLIT steps (masks sharded on their byte columns), loaded
+    # into a fresh, perturbed model and optimizer: continues as the uninterrupted run.
+    model = _tp_model(mesh)
+    opt = AdamS(cast.param_groups(model), **HP)
+    lm_steps(model, opt, range(STEPS))
+    straight = snapshot(model, opt)
+    mask = opt.state[cast.sparse_layers(model)[1].weight]["mask"]
+    assert mask.placements == (Shard(1),) and mask.to_local().shape == (24, 2)
 
-        model = _tp_model(mesh)
-        opt = AdamS(cast.param_groups(model), **HP)
-        lm_steps(model, opt, range(SPLIT))
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, opt),
-        }
-        dcp.save(state, checkpoint_id=f"{tmp}/tp_ckpt")
-        mid = snapshot(model, opt)
-        torch.manual_seed(1234)
-        model = _tp_model(mesh)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        opt = AdamS(cast.param_groups(model), **HP)
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, opt),
-        }
-        dcp.load(state, checkpoint_id=f"{tmp}/tp_ckpt")
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        loaded = snapshot(model, opt)
-        lm_steps(model, opt, range(SPLIT, STEPS))
-        resumed = snapshot(model, opt)
-        for name, entries in mid.items():
-            for key, val in entries.items():
-                assert torch.equal(loaded[name][key], val), f"loaded {name} {key}"
-        for name, entries in straight.items():
-            for key, val in entries.items():
-                assert torch.equal(resumed[name][key], val), f"resumed {name} {key}"
+    model = _tp_model(mesh)
+    opt = AdamS(cast.param_groups(model), **HP)
+    lm_steps(model, opt, range(SPLIT))
+    dcp_save(model, opt, f"{tmp}/tp_ckpt")
+    mid = snapshot(model, opt)
+    torch.manual_seed(1234)
+    model = _tp_model(mesh)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    opt = AdamS(cast.param_groups(model), **HP)
+    dcp_load(model, opt, f"{tmp}/tp_ckpt")
+    assert_identical(snapshot(model, opt), mid, "loaded")
+    lm_steps(model, opt, range(SPLIT, STEPS))
+    assert_identical(snapshot(model, opt), straight, "resumed")
 
-        # One process's run of the same steps: the same params, states and masks, and the same
-        # exported 2:4 checkpoint (DTensors laid out like the params, gathered here).
-        ref, _ = make_lm()
-        ref_opt = AdamS(cast.param_groups(ref), **HP)
-        lm_steps(ref, ref_opt, range(STEPS))
-        assert_match(straight, snapshot(ref, ref_opt))
-        # AdamS's health figures: the whole param's, summed over the shards (a collective)
-        stats, want_stats = opt.sparsity_stats(), ref_opt.sparsity_stats()
-        names = {p: n for n, p in model.named_parameters()}
-        ref_names = {n: p for n, p in ref.named_parameters()}
-        assert len(stats) == len(want_stats) == 3
-        for p, got_st in stats.items():
-            want_st = want_stats[ref_names[names[p]]]
-            assert got_st["mask_flips"] == want_st["mask_flips"] is not None, names[p]
-            assert_record_close(got_st, want_st)
-        exported = cast.export_state_dict(model, opt)
-        want = cast.export_state_dict(ref, ref_opt)
-        assert exported.keys() == want.keys()
-        for key, value in want.items():
-            got = exported[key]
-            got = got.full_tensor() if isinstance(got, dist.tensor.DTensor) else got
-            torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=key)
-    finally:
-        dist.destroy_process_group()
+    # One process's run of the same steps: the same params, states and masks, and the same
+    # exported 2:4 checkpoint (DTensors laid out like the params, gathered here).
+    ref, _ = make_lm()
+    ref_opt = AdamS(cast.param_groups(ref), **HP)
+    lm_steps(ref, ref_opt, range(STEPS))
+    assert_match(straight, snapshot(ref, ref_opt))
+    # AdamS's health figures: the whole param's, summed over the shards (a collective)
+    stats, want_stats = opt.sparsity_stats(), ref_opt.sparsity_stats()
+    names = {p: n for n, p in model.named_parameters()}
+    ref_names = {n: p for n, p in ref.named_parameters()}
+    assert len(stats) == len(want_stats) == 3
+    for p, got_st in stats.items():
+        want_st = want_stats[ref_names[names[p]]]
+        assert got_st["mask_flips"] == want_st["mask_flips"] is not None, names[p]
+        assert_record_close(got_st, want_st)
+    exported = cast.export_state_dict(model, opt)
+    want = cast.export_state_dict(ref, ref_opt)
+    assert exported.keys() == want.keys()
+    for key, value in want.items():
+        got = exported[key]
+        got = got.full_tensor() if isinstance(got, dist.tensor.DTensor) else got
+        torch.testing.assert_close(got, value, rtol=RTOL, atol=ATOL, msg=key)
+    return files
 
 
-def _fsdp_tp_worker(rank: int, tmp: str) -> None:
+def _fsdp_tp_worker(rank: int, tmp: str) -> dict[str, Any]:
     """budget_then_train on 4 ranks in 2-D: tensor parallel within pairs of ranks (_tp_model on
     the "tp" mesh dim), FSDP2 over the pairs (each Linear and the root sharded on "dp"); each dp
     rank gets its rows of the batch."""
@@ -631,34 +571,47 @@ def _fsdp_tp_worker(rank: int, tmp: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    _init(rank, tmp, world=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    _, teacher = make_lm()
+    model = _tp_model(mesh["tp"])
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    w = cast.sparse_layers(model)[1].weight
+    assert w.placements == (Shard(0), Shard(1)), w.placements
+    return {"fsdp_tp": budget_then_train(model, teacher, mesh["dp"].get_local_rank(), 2)}
+
+
+def _worker(rank: int, tmp: str, body: Callable[[int, str], dict[str, Any]], world: int) -> None:
+    """One spawned rank: the process group, ``body(rank, tmp)``, then rank 0 saves each entry of
+    what it returned as ``<tmp>/<name>.pt``. The body's models and optimizers are gone when it
+    returns, so nothing (a DDP reducer and its autograd hooks) holds the group when every rank
+    meets at the barrier and the group goes: tearing both down together at exit aborted a worker
+    now and then ("terminate called without an active exception")."""
+    _init(rank, tmp, world)
     try:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-        _, teacher = make_lm()
-        model = _tp_model(mesh["tp"])
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
-        w = cast.sparse_layers(model)[1].weight
-        assert w.placements == (Shard(0), Shard(1)), w.placements
-        result = budget_then_train(model, teacher, mesh["dp"].get_local_rank(), 2)
+        files = body(rank, tmp)
         if rank == 0:
-            torch.save(result, f"{tmp}/fsdp_tp.pt")
-        del model, result
+            for name, obj in files.items():
+                torch.save(obj, f"{tmp}/{name}.pt")
+        del files
         gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(fn: Any, tmp: Path, nprocs: int = WORLD) -> None:
+def _spawn(body: Callable[[int, str], dict[str, Any]], tmp: Path, nprocs: int = WORLD) -> None:
+    """Runs ``body`` on ``nprocs`` gloo ranks (see _worker)."""
     # Workers import this file by module name (spawn re-imports it): tests/ must be importable.
     here = str(Path(__file__).parent)
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *sys.path, old])
     try:
-        torch.multiprocessing.spawn(fn, args=(str(tmp),), nprocs=nprocs, join=True)
+        torch.multiprocessing.spawn(
+            _worker, args=(str(tmp), body, nprocs), nprocs=nprocs, join=True
+        )
     finally:
         os.environ["PYTHONPATH"] = old
 
@@ -675,13 +628,9 @@ def test_fsdp2_matches_single_process_and_dcp_resumes(tmp_path: Path) -> None:
     got = torch.load(tmp_path / "fsdp.pt")
     assert_match(got["straight"], reference())
     # The checkpoint restored every param and state entry (masks, steps) exactly ...
-    for name, entries in got["mid"].items():
-        for key, val in entries.items():
-            assert torch.equal(got["loaded"][name][key], val), f"{name} {key}"
+    assert_identical(got["loaded"], got["mid"], "loaded")
     # ... and the resumed run is the uninterrupted one, bit for bit (same processes, same ops).
-    for name, entries in got["straight"].items():
-        for key, val in entries.items():
-            assert torch.equal(got["resumed"][name][key], val), f"{name} {key}"
+    assert_identical(got["resumed"], got["straight"], "resumed")
 
 
 def test_cast_recipe_under_ddp_and_fsdp2_matches_single_process(tmp_path: Path) -> None:
