@@ -328,9 +328,13 @@ def prepare(
         The :class:`SparseLayer` s changed, in module order.
 
     Raises:
-        ValueError: a chosen layer has an input dim that is not a multiple of 4, or ``model``
-            has already been prepared.
+        ValueError: a chosen layer has an input dim that is not a multiple of 4, ``model``
+            has already been prepared, or ``scale_blocks`` < 1 (nothing is changed).
     """
+    if not (isinstance(scale_blocks, int) and scale_blocks >= 1):
+        raise ValueError(
+            f"cast_ext.cast.prepare: scale_blocks must be an int >= 1, got {scale_blocks!r}"
+        )
     if sparse_layers(model):
         raise ValueError("cast_ext.cast.prepare: model already has CAST weight scaling attached")
     excluded = _excluded_weights(model)
@@ -892,7 +896,14 @@ def decay_budget(
 
     Returns:
         A :class:`DecayBudget`; print it for the verdict in plain words.
+
+    Raises:
+        ValueError: ``total_steps`` < 1, or a model without prepared layers.
     """
+    if not (isinstance(total_steps, int) and total_steps >= 1):
+        raise ValueError(
+            f"cast_ext.cast.decay_budget: total_steps must be an int >= 1, got {total_steps!r}"
+        )
     if isinstance(model_or_params, nn.Module):
         params = [layer.weight for layer in sparse_layers(model_or_params)]
         if not params:
@@ -1461,6 +1472,12 @@ def train(
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        FloatingPointError: a step's loss or gradient norm is not finite; raised before that
+            step's ``optimizer.step()``, so the weights and the optimizer state are those of
+            the step before (the gradients are left for inspection; the next call clears them).
+        ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``.
     """
     if grad_accum < 1:
         raise ValueError(f"cast_ext.cast.train: grad_accum must be >= 1, got {grad_accum}")
@@ -1509,6 +1526,7 @@ def train(
 
     bar = _progress(total_steps, run_name, progress)
     it: Iterator[Tensor] = iter(batches)
+    model.zero_grad(set_to_none=True)  # nothing from before (a stopped run's) adds to step 1
     health(start_step)
     if bar is not None:
         bar.update(start_step)
@@ -1518,7 +1536,13 @@ def train(
             model.train()
             parts = torch.zeros(3, device=device)  # sums of the loss, KL and CE
             for micro in range(grad_accum):
-                ids = next(it).to(device)
+                ids = next(it, None)
+                if ids is None:
+                    raise ValueError(
+                        f"cast_ext.cast.train: batches ran out at step {step} (micro-batch "
+                        f"{micro}) of {stop}: it must yield grad_accum = {grad_accum} a step"
+                    )
+                ids = ids.to(device)
                 logits = _logits(model(ids))
                 t_logits = None
                 if teacher is not None:
@@ -1544,6 +1568,12 @@ def train(
             loss, kl, ce = parts / grad_accum
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
             gnorm = _clip_grad_norm(list(model.parameters()), max_norm)
+            loss_f = float(loss)
+            if not (math.isfinite(loss_f) and math.isfinite(gnorm)):
+                # before the step: the weights and the optimizer state stay those of step - 1
+                raise FloatingPointError(
+                    f"{run_name}: loss {loss_f}, gradient norm {gnorm} at step {step}; not stepped"
+                )
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1553,9 +1583,6 @@ def train(
                 after_step(step + 1)
             result.train_time_s += time.perf_counter() - t0
             result.steps = step + 1
-            loss_f = float(loss)
-            if not math.isfinite(loss_f):
-                raise FloatingPointError(f"{run_name}: loss is {loss_f} at step {step}")
             rec = {"step": step + 1, "tokens": result.tokens, "loss": loss_f, "lr": lr}
             rec.update({"ce": float(ce), "grad_norm": gnorm})
             if teacher is not None:

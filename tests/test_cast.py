@@ -135,6 +135,11 @@ def test_prepare_filter_fn_and_block_fallback():
     assert [layer.name for layer in cast.prepare(net2, filter_fn=lambda n, m: n == "c")] == ["c"]
     with pytest.raises(ValueError, match=r"b\.weight has input dim 6"):
         cast.prepare(Net(), filter_fn=lambda n, m: n == "b")
+    for bad in (0, -2, 1.5):  # refused before any layer is touched
+        net3 = Net()
+        with pytest.raises(ValueError, match="scale_blocks must be an int >= 1"):
+            cast.prepare(net3, scale_blocks=bad)  # type: ignore[arg-type]
+        assert not cast.sparse_layers(net3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -550,6 +555,9 @@ def test_decay_budget_verdicts():
     assert b.ok and b.momentum_source.startswith("the default")
     with pytest.raises(ValueError, match="prepare"):
         cast.decay_budget(tiny_llama(), 1e-3, 10, decay=1e-3)
+    for bad in (0, -1):  # 0 looped for ever
+        with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
+            cast.decay_budget([w], 1e-3, bad, decay=1e-3)
 
 
 def test_warmup_cosine():
@@ -606,6 +614,31 @@ def test_train_loop_logs_health_and_evals(tmp_path):
     with torch.no_grad():
         hf = model(val, labels=val).loss
     assert cast.perplexity(model, val, batch_size=4) == pytest.approx(math.exp(float(hf)), rel=1e-5)
+
+
+def test_train_stops_before_a_non_finite_step_and_when_batches_run_out():
+    """A batch whose loss is not finite raises before the optimizer steps: the weights and
+    AdamS's state stay those of the last good step. Too few batches: a ValueError saying so."""
+    model = tiny_llama()
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone())  # untied: only inputs see row 3
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=4)
+    good = ids(seed=1)
+    good[good == 3] = 4
+    bad = good.clone()
+    bad[0, 2] = 3
+    with torch.no_grad():
+        model.get_input_embeddings().weight[3] = float("inf")  # token 3 gives a NaN loss
+    w = cast.sparse_layers(model)[0].weight
+    kw = {"total_steps": 4, "progress": False, "health_every": 0}
+    with pytest.raises(FloatingPointError, match="at step 1; not stepped"):
+        cast.train(model, opt, [good, bad, good], **kw)
+    before = (w.detach().clone(), opt.state[w]["exp_avg"].clone())
+    assert float(opt.state[w]["step"]) == 1.0
+    assert all(bool(torch.isfinite(t).all()) for t in before)
+    with pytest.raises(ValueError, match=r"batches ran out at step 2 \(micro-batch 0\) of 4"):
+        cast.train(model, opt, [good, good], **kw)
 
 
 def test_train_resumed_at_start_step_is_the_uninterrupted_run():
