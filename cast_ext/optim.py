@@ -262,6 +262,17 @@ class AdamS(torch.optim.Optimizer):
         # GradScaler hands grad_scale / found_inf to optimizers that declare this (like fused Adam).
         self._step_supports_amp_scaling = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles defaults, state and groups only (deepcopy, torch.save).
+        return {**super().__getstate__(), "impl": self.impl}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        impl = state.pop("impl", "auto")
+        super().__setstate__(state)
+        self.impl = impl
+        self._step_supports_amp_scaling = True
+
     # ---- construction ------------------------------------------------------------------------
 
     @staticmethod
@@ -290,8 +301,10 @@ class AdamS(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; without ``sparse`` (or with None) its params are sparse by shape."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        entries = param_group["params"]
+        entries = [entries] if isinstance(entries, Tensor) else list(entries)
+        # (name, param) pairs, as named_parameters() gives (torch's optimizers take them too)
+        params = [e[1] if isinstance(e, tuple) else e for e in entries]
         merged = {**self.defaults, **param_group, "params": params}
         self._check_hparams(merged)
         for p in params:
@@ -317,7 +330,7 @@ class AdamS(torch.optim.Optimizer):
                             f"param of shape {list(p.shape)} is in a sparse group: its last "
                             f"dim must be a multiple of m={m}"
                         )
-        group = {**param_group, "params": params, "sparse": sparse}
+        group = {**param_group, "params": entries, "sparse": sparse}
         # Shape-decided sparsity uses the global shape: a DTensor's layout never makes a param
         # dense (a bad layout is refused instead). Named by the group's future index.
         merged["sparse"] = sparse
@@ -373,7 +386,7 @@ class AdamS(torch.optim.Optimizer):
             if old_id not in id_map:
                 continue
             p = id_map[old_id]
-            self.state[p] = {
+            state = {
                 key: (
                     val.detach().to(
                         device=p.device, dtype=_STATE_DTYPES.get(key, val.dtype), copy=True
@@ -383,6 +396,14 @@ class AdamS(torch.optim.Optimizer):
                 )
                 for key, val in st.items()
             }
+            # A run saved with other param dtypes: fp32 params are their own masters; bf16/fp16
+            # ones start their masters from the (loaded) params.
+            if p.dtype == torch.float32:
+                state.pop("master", None)
+            elif "master" not in state:
+                master = _local(p).detach().float().contiguous()
+                state["master"] = _state_like(p, master, list(p.shape))
+            self.state[p] = state
 
     def _check_loadable(self, saved_groups: list[dict[str, Any]], saved_state: dict) -> None:
         """Refuse, before anything changes, a state dict made for other params (another model).
@@ -396,6 +417,15 @@ class AdamS(torch.optim.Optimizer):
                 f"optimizer {len(self.param_groups)} (build both optimizers the same way)"
             )
         for gi, (old, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            missing = [
+                key for key in ("decay", "total_steps", "mask_interval", "n", "m") if key not in old
+            ]
+            if missing:
+                raise _err(
+                    f"load_state_dict: group {gi} of the state dict lacks AdamS's {missing}: "
+                    "a state dict of another optimizer (e.g. AdamW)? Its moments do not carry "
+                    "masks or the alpha ramp; start AdamS fresh from the loaded weights"
+                )
             if len(old["params"]) != len(group["params"]):
                 raise _err(
                     f"load_state_dict: group {gi} has {len(old['params'])} params in the state "

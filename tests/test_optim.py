@@ -184,6 +184,56 @@ def test_state_dict_resume_is_exact(via_bytes: bool) -> None:
             assert torch.equal(val, o_b.state[q][key]), key
 
 
+def test_pickle_named_params_and_foreign_state_dicts() -> None:
+    """A deep copy or torch.save of AdamS keeps its impl and steps; named parameters (as torch's
+    optimizers take them); a state dict of params in another dtype loads (masters follow the
+    params); one of another optimizer (AdamW) is refused with nothing changed."""
+    model = make_model(bf16=True)
+    gen = torch.Generator().manual_seed(5)
+    opt = AdamS(model.parameters(), **HP, impl="reference")
+    set_grads(model, gen)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(opt), torch.load(buf, weights_only=False)):
+        assert other.impl == "reference" and other._step_supports_amp_scaling
+        for p in other.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        other.step()
+
+    named = AdamS(model.named_parameters(), **HP)
+    assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    assert named.param_groups[0]["params"] == list(model.parameters())
+    named.step()
+
+    # fp32 run -> bf16 params: masters made from the params; bf16 run -> fp32: masters dropped
+    fp32 = nn.ParameterList([nn.Parameter(p.detach().float()) for p in model])
+    o32 = AdamS(fp32.parameters(), **HP)
+    set_grads(fp32, gen)
+    o32.step()
+    o16 = AdamS(model.parameters(), **HP)
+    o16.load_state_dict(o32.state_dict())
+    assert torch.equal(o16.state[model[5]]["master"], model[5].detach().float())
+    set_grads(model, gen)
+    o16.step()
+    o32.load_state_dict(o16.state_dict())
+    assert "master" not in o32.state[fp32[5]]
+    set_grads(fp32, gen)
+    o32.step()
+
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    before = copy.deepcopy(o16.state_dict())
+    with pytest.raises(ValueError, match=r"group 0 of the state dict lacks AdamS's \['decay'"):
+        o16.load_state_dict(adamw.state_dict())
+    after = o16.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for key, st in before["state"].items():
+        for name, val in st.items():
+            assert torch.equal(after["state"][key][name], val), name
+
+
 def scaler_setup(
     init_scale: float,
 ) -> tuple[nn.Linear, nn.Linear, AdamS, AdamS, torch.amp.GradScaler, Tensor]:
