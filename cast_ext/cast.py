@@ -414,14 +414,20 @@ def param_groups(
                 for p in m.parameters(recurse=False):
                     p.requires_grad_(False)
     layers = sparse_layers(model)
-    sparse = [layer.weight for layer in layers if layer.weight.requires_grad]
-    scales = [layer.scale for layer in layers if layer.scale.requires_grad]
-    taken = {id(p) for p in sparse} | {id(p) for p in scales}
-    dense = []
-    for p in model.parameters():  # parameters() deduplicates tied tensors
-        if p.requires_grad and id(p) not in taken:
-            dense.append(p)
-            taken.add(id(p))
+    taken: set[int] = set()
+
+    def fresh(params: Iterable[Tensor]) -> list[Tensor]:
+        """The trainable ones not taken yet, once each (a weight tied between layers too)."""
+        out = []
+        for p in params:
+            if p.requires_grad and id(p) not in taken:
+                out.append(p)
+                taken.add(id(p))
+        return out
+
+    sparse = fresh(layer.weight for layer in layers)
+    scales = fresh(layer.scale for layer in layers)
+    dense = fresh(model.parameters())
 
     def group(name: str, params: list[Tensor], is_sparse: bool, g_lr: float | None, wd: bool):
         g: dict[str, Any] = {"params": params, "sparse": is_sparse, "name": name}

@@ -162,6 +162,22 @@ def test_param_groups(arch):
         assert by_name["dense"]["sparse"] is False and len(by_name["dense"]["params"]) == 8
 
 
+def test_param_groups_take_a_weight_shared_by_two_layers_once():
+    """ALBERT-style sharing: two Linears, one weight (each its own scales). The weight is in the
+    sparse group once (twice, AdamS refused it as overlapping), and the model trains."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    layers = cast.prepare(model)
+    assert layers[0].weight is layers[1].weight
+    groups = cast.param_groups(model)
+    assert [len(g["params"]) for g in groups] == [1, 2]  # the weight; the two scales
+    opt = cast_ext.AdamS(groups, lr=1e-2, decay=1e-3, total_steps=5)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+
+
 # ------------------------------------------------------------------------------------------
 # training -> finalize
 # ------------------------------------------------------------------------------------------
