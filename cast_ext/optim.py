@@ -258,6 +258,8 @@ class AdamS(torch.optim.Optimizer):
         }
         self._check_hparams(defaults)
         self.impl = impl
+        # id(param) -> its version counter after the step last wrote it (params with masters)
+        self._versions: dict[int, int] = {}
         super().__init__(params, defaults)
         # GradScaler hands grad_scale / found_inf to optimizers that declare this (like fused Adam).
         self._step_supports_amp_scaling = True
@@ -271,6 +273,7 @@ class AdamS(torch.optim.Optimizer):
         impl = state.pop("impl", "auto")
         super().__setstate__(state)
         self.impl = impl
+        self._versions = {}
         self._step_supports_amp_scaling = True
 
     # ---- construction ------------------------------------------------------------------------
@@ -498,6 +501,8 @@ class AdamS(torch.optim.Optimizer):
             return per_device[key]
 
         fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
+        # Every param is checked before any is stepped: a bad one leaves all unchanged.
+        work: list[tuple[dict[str, Any], torch.device, bool, list[Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for pi, p in enumerate(group["params"]):
@@ -507,40 +512,58 @@ class AdamS(torch.optim.Optimizer):
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
                 sparse = _param_is_sparse(p, group)
                 _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
+                buckets[(p.device, p.dtype, sparse)].append(p)
+            work += [(group, device, sparse, ps) for (device, _, sparse), ps in buckets.items()]
+        for group, device, sparse, ps in work:
+            for p in ps:
                 if not self.state[p]:
                     self._init_state(p, group)
-                buckets[(p.device, p.dtype, sparse)].append(p)
+            states = [self.state[p] for p in ps]
+
+            def each(key: str, states: list = states) -> list[Tensor]:
+                return [_local(s[key]) for s in states]
+
+            # DTensors step on their local shards: the placements were checked to keep every
+            # group whole, and the state is laid out like the param. A non-contiguous param
+            # (channels_last, a transposed view) steps as a contiguous copy, copied back.
+            params = [_local(p) for p in ps]
+            flat = [lp if lp.is_contiguous() else lp.contiguous() for lp in params]
+            masters = each("master") if "master" in states[0] else []
+            # A param written outside the step since the last one (load_state_dict, a mask
+            # applied in place): the param, not its stale fp32 master, is the weight to go on
+            # from. (Eager only: torch.compile does not trace version counters.)
+            track = bool(masters) and not torch.compiler.is_compiling()
+            for p, lp, master in zip(ps, params, masters if track else [], strict=track):
+                if self._versions.get(id(p), lp._version) != lp._version:
+                    master.copy_(lp)
             beta1, beta2 = group["betas"]
-            for (device, _, sparse), ps in buckets.items():
-                states = [self.state[p] for p in ps]
-
-                def each(key: str, states: list = states) -> list[Tensor]:
-                    return [_local(s[key]) for s in states]
-
-                # DTensors step on their local shards: the placements were checked to keep every
-                # group whole, and the state is laid out like the param.
-                fn(
-                    [_local(p) for p in ps],
-                    [_local(_grad_like(p)).contiguous() for p in ps],
-                    each("exp_avg"),
-                    each("exp_avg_sq"),
-                    each("mask") if sparse else [],
-                    each("step"),
-                    each("master") if "master" in states[0] else [],
-                    each("prev_mask") if sparse else [],
-                    lr=float(group["lr"]),
-                    beta1=float(beta1),
-                    beta2=float(beta2),
-                    eps=float(group["eps"]),
-                    weight_decay=float(group["weight_decay"]),
-                    decay=float(group["decay"]),
-                    total_steps=int(group["total_steps"]),
-                    mask_interval=int(group["mask_interval"]),
-                    n=int(group["n"]),
-                    m=int(group["m"]),
-                    grad_scale=on("grad_scale", grad_scale, device),
-                    found_inf=on("found_inf", found_inf, device),
-                )
+            fn(
+                flat,
+                [_local(_grad_like(p)).contiguous() for p in ps],
+                each("exp_avg"),
+                each("exp_avg_sq"),
+                each("mask") if sparse else [],
+                each("step"),
+                masters,
+                each("prev_mask") if sparse else [],
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                decay=float(group["decay"]),
+                total_steps=int(group["total_steps"]),
+                mask_interval=int(group["mask_interval"]),
+                n=int(group["n"]),
+                m=int(group["m"]),
+                grad_scale=on("grad_scale", grad_scale, device),
+                found_inf=on("found_inf", found_inf, device),
+            )
+            for p, lp, fl in zip(ps, params, flat, strict=True):
+                if fl is not lp:
+                    lp.copy_(fl)
+                if track:
+                    self._versions[id(p)] = lp._version
         return loss
 
     # ---- introspection -------------------------------------------------------------------------

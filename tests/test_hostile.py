@@ -239,10 +239,36 @@ def optim_nan_weight_at_refresh() -> Made:
 
 
 def optim_noncontiguous_param() -> Made:
-    w = nn.Parameter(torch.randn(16, 8).t())  # [8, 16], column-major
-    opt = AdamS([w], lr=1e-2, total_steps=10)
-    w.grad = torch.randn(8, 16)
-    return opt.step, [w, w.grad]
+    """A column-major sparse param and a channels_last conv weight step as their contiguous
+    twins do (a contiguous copy stepped and copied back), bit for bit."""
+    w = torch.randn(16, 8).t()  # [8, 16], column-major
+    conv = torch.randn(4, 3, 2, 2)
+    ps = [nn.Parameter(w.clone()), nn.Parameter(conv.to(memory_format=torch.channels_last))]
+    twins = [nn.Parameter(w.contiguous()), nn.Parameter(conv.clone())]
+    assert not ps[0].is_contiguous() and not ps[1].is_contiguous()
+    opts = [AdamS(x, lr=1e-2, decay=1e-2, total_steps=10) for x in (ps, twins)]
+    for a, b in zip(ps, twins, strict=True):
+        a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.dim()))
+        b.grad = a.grad.clone()
+
+    def run() -> None:
+        for _ in range(3):
+            for o in opts:
+                o.step()
+        for a, b in zip(ps, twins, strict=True):
+            assert torch.equal(a, b)
+        assert ps[1].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(opts[0].mask(ps[0]), opts[1].mask(twins[0]))
+
+    return run, []
+
+
+def optim_sparse_grad_in_group_1() -> Made:
+    """Group 0 is fine, group 1's gradient is sparse: refused before group 0 steps."""
+    p, q = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 16))
+    opt = AdamS([{"params": [p]}, {"params": [q]}], lr=1e-2, total_steps=10)
+    p.grad, q.grad = torch.randn(8, 16), torch.randn(8, 16).to_sparse()
+    return opt.step, [p, q, p.grad]
 
 
 def optim_overlapping_params() -> Made:
@@ -423,8 +449,9 @@ CASES: dict[str, Case] = {
     "optim-nan-weight-at-refresh": Case(
         optim_nan_weight_at_refresh, OP + r"params\[0\] of shape \[8, 16\] contains NaN or Inf"
     ),
-    "optim-noncontiguous-param": Case(
-        optim_noncontiguous_param, OP + r"params\[0\] of shape \[8, 16\] must be contiguous"
+    "optim-noncontiguous-param-ok": Case(optim_noncontiguous_param),
+    "optim-sparse-grad-in-a-later-group": Case(
+        optim_sparse_grad_in_group_1, r"cast_ext\.AdamS does not support sparse gradients"
     ),
     "optim-overlapping-params": Case(
         optim_overlapping_params, OP + r"params\[1\] shares memory with params\[0\]"
