@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
+from .nn import _excluded_weights, _is_conv1d
 from .optim import DTensor, _local, _over_shards, _shard_dim
 
 __all__ = [
@@ -246,13 +247,6 @@ class SparseLayer:
         )
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # Hugging Face's transformers.pytorch_utils.Conv1D, detected without importing transformers
-    # (through the MRO: a parametrized module's class is a generated subclass).
-    is_conv = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
-    return is_conv and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def _layout(module: nn.Module) -> tuple[str, int, int] | None:
     """``(kind, out, in)`` for a Linear-like module, else None."""
     if parametrize.is_parametrized(module, "weight"):
@@ -267,17 +261,6 @@ def _layout(module: nn.Module) -> tuple[str, int, int] | None:
     if _is_conv1d(module) and module.weight.dim() == 2:
         return "conv1d", int(module.weight.shape[1]), int(module.weight.shape[0])
     return None
-
-
-def _excluded_weights(model: nn.Module) -> set[int]:
-    """ids of weights that must stay dense: embeddings and the output head (tied or not)."""
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        head = get_out()
-        if head is not None and getattr(head, "weight", None) is not None:
-            ids.add(id(head.weight))
-    return ids
 
 
 def sparse_layers(model: nn.Module) -> list[SparseLayer]:

@@ -283,12 +283,13 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, linear: nn.Linear, *, mode: Mode = "auto", warn: bool = True
+        cls, linear: nn.Module, *, mode: Mode = "auto", warn: bool = True
     ) -> SparseLinear:
         """Build from an ``nn.Linear``, pruning its weight to 2:4 by magnitude if it is not already.
 
         Args:
-            linear: the dense layer (``in_features % 4 == 0``); left unchanged.
+            linear: the dense layer (``in_features % 4 == 0``): an ``nn.Linear``, or a Hugging
+                Face GPT-2 ``Conv1D`` (weight ``[in, out]``: the same map); left unchanged.
             mode: see :class:`SparseLinear`.
             warn: warn when the weight had to be pruned (it then changes the layer's output).
 
@@ -296,9 +297,11 @@ class SparseLinear(nn.Module):
             A :class:`SparseLinear` on ``linear``'s device and dtype.
         """
         w = linear.weight.detach()
+        if _is_conv1d(linear):
+            w = w.t()  # [out, in]: the 2:4 groups run along in, as for a Linear
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            w.shape[1],
+            w.shape[0],
             linear.bias is not None,
             mode=mode,
             device=w.device,
@@ -558,6 +561,24 @@ class SparseLinear(nn.Module):
 # ---- model swaps -----------------------------------------------------------------------------
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    # Hugging Face's transformers.pytorch_utils.Conv1D, detected without importing transformers
+    # (through the MRO: a parametrized module's class is a generated subclass).
+    is_conv = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+    return is_conv and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _excluded_weights(model: nn.Module) -> set[int]:
+    """ids of weights that must stay dense: embeddings and the output head (tied or not)."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None and getattr(head, "weight", None) is not None:
+            ids.add(id(head.weight))
+    return ids
+
+
 def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> int:
     count = 0
     for name, parent in list(model.named_modules()):
@@ -572,33 +593,41 @@ def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) 
 
 def to_sparse(
     model: nn.Module,
-    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
     *,
     mode: Mode = "auto",
 ) -> nn.Module:
-    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a :class:`SparseLinear`.
+    """Replace every eligible linear layer of ``model`` (in place) by a :class:`SparseLinear`.
 
-    Eligible: exactly ``nn.Linear`` (subclasses such as adapters are left alone), with
-    ``in_features % 4 == 0``, and ``filter_fn(qualified_name, module)`` true if given (e.g. to
-    keep ``lm_head`` dense). Weights that are not already 2:4 are pruned by magnitude, with one
-    warning listing how many layers were.
+    Eligible: exactly ``nn.Linear`` (subclasses such as adapters are left alone) or a Hugging
+    Face GPT-2 ``Conv1D``, with an input dim divisible by 4; by default not the output head or
+    a weight shared with an embedding (the layers :func:`cast_ext.cast.prepare` leaves dense: a
+    2:4 head would change the logits, and a tied one would come untied), or, with
+    ``filter_fn``, those for which ``filter_fn(qualified_name, module)`` is true instead.
+    Weights that are not already 2:4 are pruned by magnitude, with one warning listing how many
+    layers were.
 
     Args:
         model: the model to convert.
-        filter_fn: optional predicate on (qualified name, linear).
+        filter_fn: optional predicate on (qualified name, layer), replacing the default rule.
         mode: the :class:`SparseLinear` mode of every new layer.
 
     Returns:
         ``model`` itself.
     """
     pruned: list[str] = []
+    excluded = _excluded_weights(model) if filter_fn is None else set()
 
     def pick(name: str, m: nn.Module) -> nn.Module | None:
-        if type(m) is not nn.Linear or m.in_features % 4 != 0:
+        conv1d = _is_conv1d(m)
+        if type(m) is not nn.Linear and not conv1d:
+            return None
+        w = m.weight.detach()
+        w = w.t() if conv1d else w  # [out, in]
+        if w.shape[1] % 4 != 0 or id(m.weight) in excluded:
             return None
         if filter_fn is not None and not filter_fn(name, m):
             return None
-        w = m.weight.detach()
         if bool((w != 0).reshape(-1, 4).sum(-1).gt(2).any()):
             pruned.append(name)
         return SparseLinear.from_dense(m, mode=mode, warn=False)
@@ -614,7 +643,8 @@ def to_sparse(
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``."""
+    """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``
+    (one made from a GPT-2 ``Conv1D`` comes back as the ``nn.Linear`` computing the same)."""
     _swap(model, lambda _, m: m.to_dense() if isinstance(m, SparseLinear) else None)
     return model
 

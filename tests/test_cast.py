@@ -413,20 +413,29 @@ def test_finalize_without_optimizer_uses_magnitude_masks():
         torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
 
 
-def test_to_sparse_conversion_of_finalized_model():
-    model = tiny_llama()
-    cast.prepare(model)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_to_sparse_conversion_of_finalized_model(arch):
+    """prepare -> finalize -> to_sparse with the default rule: every prepared layer (GPT-2's
+    Conv1D too) becomes a SparseLinear with no pruning, the head stays dense and tied, the
+    logits stay; to_dense gives the same model back (Conv1D as nn.Linear)."""
+    model = MODELS[arch]()
+    layers = cast.prepare(model)
     cast.finalize(model)
     x = ids(seed=5)
     expected = model(x).logits
-    # The head was not sparsified by prepare/finalize: keep it dense here too.
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # finalized layers are exactly 2:4: no pruning warning
-        converted = cast_ext.nn.to_sparse(model, lambda name, _: name != "lm_head")
-    n_sparse = sum(isinstance(m, cast_ext.nn.SparseLinear) for m in converted.modules())
-    assert n_sparse == 14
-    got = converted(x).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        converted = cast_ext.nn.to_sparse(model)
+    mods = dict(converted.named_modules())
+    assert {n for n, m in mods.items() if isinstance(m, cast_ext.nn.SparseLinear)} == {
+        layer.name for layer in layers
+    }
+    head = converted.get_output_embeddings()
+    assert type(head) is nn.Linear and head.weight is converted.get_input_embeddings().weight
+    torch.testing.assert_close(converted(x).logits, expected, rtol=1e-4, atol=1e-4)
+    cast_ext.nn.to_dense(converted)
+    assert not any(isinstance(m, cast_ext.nn.SparseLinear) for m in converted.modules())
+    torch.testing.assert_close(converted(x).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
