@@ -1279,6 +1279,12 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
             nonzero = float(nnz_per_group.sum()) / max(final.numel(), 1)
             del a
         requires_grad = layer.weight.requires_grad
+        # parametrize keeps the weight's property on the module's generated class, which a
+        # deepcopy of the model shares: removing it there would strip the copy (or the
+        # original) of its weight. The module gets a class of its own first.
+        cls = type(module)
+        attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, attrs)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         stored = _as_stored(layer, final)
         module.weight = nn.Parameter(stored, requires_grad=requires_grad)

@@ -413,6 +413,23 @@ def test_finalize_without_optimizer_uses_magnitude_masks():
         torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
 
 
+def test_finalize_a_deepcopy_leaves_the_original_prepared():
+    """Finalizing a deep copy (to measure the prune's cost mid-run) leaves the model being
+    trained as it was: deepcopy shares parametrize's generated class, whose weight property
+    finalize removed for both."""
+    model = tiny_llama()
+    cast.prepare(model)
+    x = ids(seed=3)
+    before = model(x).logits
+    snapshot = copy.deepcopy(model)
+    assert type(snapshot.model.layers[0].mlp.up_proj) is type(model.model.layers[0].mlp.up_proj)
+    assert all(r.exactly_24 for r in cast.finalize(snapshot))
+    assert torch.equal(model(x).logits, before)
+    assert len(cast.sparse_layers(model)) == 14
+    assert all(r.exactly_24 for r in cast.finalize(model))
+    torch.testing.assert_close(model(x).logits, snapshot(x).logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_to_sparse_conversion_of_finalized_model(arch):
     """prepare -> finalize -> to_sparse with the default rule: every prepared layer (GPT-2's
