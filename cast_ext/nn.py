@@ -492,6 +492,14 @@ class SparseLinear(nn.Module):
                 f"cast_ext.nn.SparseLinear: input of shape {list(x.shape)}: last dim must be "
                 f"in_features = {self.in_features}"
             )
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            # As nn.Linear under autocast: computed, and returned, in the autocast dtype.
+            dt = torch.get_autocast_dtype(x.device.type)
+            if values.dtype != dt:  # the packed kernel on values cast for the call
+                with torch.autocast(x.device.type, enabled=False):
+                    b = None if self.bias is None else self.bias.to(dt)
+                    return ops.sparse24_gemm(x.to(dt), values.to(dt), self.meta, b)
+            x = x.to(dt)
         if x.dtype != values.dtype:
             raise TypeError(
                 f"cast_ext.nn.SparseLinear: input has dtype {x.dtype} but the layer is "

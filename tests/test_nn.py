@@ -163,6 +163,27 @@ def test_to_sparse_and_back() -> None:
     torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
+def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
+    """Under autocast a SparseLinear does what nn.Linear does: computes and returns in the
+    autocast dtype, whatever its own dtype and the path taken (an "auto" layer's output dtype
+    alternated with its timing trials), with gradients for x and the bias."""
+    torch.manual_seed(0)
+    fp32 = SparseLinear.from_dense(linear(32, 16), mode=mode, warn=False)  # type: ignore[arg-type]
+    bf16 = SparseLinear.from_dense(linear(32, 16, dtype=torch.bfloat16), mode=mode, warn=False)  # type: ignore[arg-type]
+    for layer in (fp32, bf16):
+        w, b = layer.dense_weight().bfloat16(), layer.bias.detach().bfloat16()
+        for _ in range(6):  # past the auto mode's trials
+            x = torch.randn(5, 32, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            assert y.dtype == torch.bfloat16
+            close_to_linear(y, x.detach().bfloat16(), w, b)
+            y.float().sum().backward()
+            assert x.grad is not None and layer.bias.grad is not None
+            layer.bias.grad = None
+
+
 def test_bad_construction_and_inputs() -> None:
     with pytest.raises(ValueError, match=r"in_features=6 must be a positive multiple of 4"):
         SparseLinear(6, 4)
