@@ -307,7 +307,8 @@ class SparseLinear(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        dense_groups = int((w != 0).reshape(-1, 4).sum(-1).gt(2).sum())
+        # A meta weight (a model built on the meta device) has no values to check or prune.
+        dense_groups = 0 if w.is_meta else int((w != 0).reshape(-1, 4).sum(-1).gt(2).sum())
         if dense_groups:
             if warn:
                 warnings.warn(
@@ -636,7 +637,7 @@ def to_sparse(
             return None
         if filter_fn is not None and not filter_fn(name, m):
             return None
-        if bool((w != 0).reshape(-1, 4).sum(-1).gt(2).any()):
+        if not w.is_meta and bool((w != 0).reshape(-1, 4).sum(-1).gt(2).any()):
             pruned.append(name)
         return SparseLinear.from_dense(m, mode=mode, warn=False)
 

@@ -184,6 +184,25 @@ def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
             layer.bias.grad = None
 
 
+def test_to_sparse_on_the_meta_device_then_load() -> None:
+    """The large-model path: the skeleton built on meta and converted (no values to check or
+    compress there), then the packed state dict of a converted model assigned into it."""
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) were not 2:4"):
+        real = to_sparse(build(), mode="sparse")
+    with torch.device("meta"):
+        skeleton = build()
+    to_sparse(skeleton, mode="sparse")
+    assert skeleton[0].values.is_meta
+    skeleton.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(skeleton(x), real(x))
+
+
 def test_bad_construction_and_inputs() -> None:
     with pytest.raises(ValueError, match=r"in_features=6 must be a positive multiple of 4"):
         SparseLinear(6, 4)
