@@ -1129,15 +1129,26 @@ def _as_stored(layer: SparseLayer, w: Tensor) -> Tensor:
     return w.t().contiguous() if layer.kind == "conv1d" else w.contiguous()
 
 
-def _state_keys(layer: SparseLayer) -> tuple[str, str, str]:
-    """A layer's state-dict keys: its plain ``weight``, and the prepared stored weight and
-    scale that replace it."""
-    prefix = f"{layer.name}." if layer.name else ""
+def _state_keys(name: str) -> tuple[str, str, str]:
+    """A layer's state-dict keys under module name ``name``: its plain ``weight``, and the
+    prepared stored weight and scale that replace it."""
+    prefix = f"{name}." if name else ""
     return (
         prefix + "weight",
         prefix + "parametrizations.weight.original",
         prefix + "parametrizations.weight.0.scale",
     )
+
+
+def _named_layers(model: nn.Module) -> list[tuple[SparseLayer, str]]:
+    """Each prepared layer under every name it has, as ``state_dict`` lists it (a module
+    shared by two parents has two)."""
+    by_module = {id(layer.module): layer for layer in sparse_layers(model)}
+    return [
+        (by_module[id(m)], name)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if id(m) in by_module
+    ]
 
 
 @torch.no_grad()
@@ -1168,12 +1179,15 @@ def export_state_dict(
     """
     renamed: dict[str, tuple[str, Tensor]] = {}
     dropped: set[str] = set()
-    for layer in sparse_layers(model):
-        weight_key, original_key, scale_key = _state_keys(layer)
-        w = _scaled_weight(layer)
-        if prune:
-            w.masked_fill_(~_layer_mask(layer, optimizer)[0], 0.0)
-        renamed[original_key] = (weight_key, _as_stored(layer, w))
+    stored: dict[int, Tensor] = {}  # per layer: once, whatever its number of names
+    for layer, name in _named_layers(model):
+        weight_key, original_key, scale_key = _state_keys(name)
+        if id(layer.module) not in stored:
+            w = _scaled_weight(layer)
+            if prune:
+                w.masked_fill_(~_layer_mask(layer, optimizer)[0], 0.0)
+            stored[id(layer.module)] = _as_stored(layer, w)
+        renamed[original_key] = (weight_key, stored[id(layer.module)])
         dropped.add(scale_key)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
@@ -1215,8 +1229,8 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
         ValueError: a prepared layer's ``weight`` entry has the wrong shape.
     """
     out = dict(state_dict)
-    for layer in sparse_layers(model):
-        weight_key, original_key, scale_key = _state_keys(layer)
+    for layer, name in _named_layers(model):
+        weight_key, original_key, scale_key = _state_keys(name)
         w = out.pop(weight_key, None)
         if w is None:
             continue

@@ -413,6 +413,31 @@ def test_finalize_without_optimizer_uses_magnitude_masks():
         torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
 
 
+def test_state_dicts_of_a_layer_reachable_under_two_names():
+    """A module shared by two parents (layer sharing) is in state_dict under both names:
+    export_state_dict and prepared_state_dict re-key both, so each loads strictly."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    plain = Shared()
+    model = copy.deepcopy(plain)
+    cast.prepare(model)
+    x = torch.randn(3, 8)
+    model.load_state_dict(cast.prepared_state_dict(model, plain.state_dict()))  # strict
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    exported = Shared()
+    exported.load_state_dict(cast.export_state_dict(model, prune=False))  # strict
+    torch.testing.assert_close(exported(x), plain(x), rtol=0, atol=0)
+
+
 def test_finalize_a_deepcopy_leaves_the_original_prepared():
     """Finalizing a deep copy (to measure the prune's cost mid-run) leaves the model being
     trained as it was: deepcopy shares parametrize's generated class, whose weight property
