@@ -357,8 +357,9 @@ class SparseLinear(nn.Module):
         """The cached derived weight ``name`` if it was built from the current ``values``/``meta``.
 
         Under torch.compile data pointers cannot be traced, so there is no staleness check: the
-        weight the last eager call built is used (call the layer once eagerly after changing
-        ``values``)."""
+        weight the last eager call built is used. ``load_state_dict`` drops the derived
+        weights; after writing ``values``/``meta`` in place otherwise, call the layer once
+        eagerly before a compiled call."""
         hit = self._derived.get(name)
         if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
             return hit[1]
@@ -398,6 +399,13 @@ class SparseLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New values/meta: the derived weights go (a compiled call cannot see that they are
+        # stale, an eager one could), and the meta is checked again.
+        self._derived.clear()
+        self._meta_checked = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- forward --
 

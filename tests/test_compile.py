@@ -55,6 +55,20 @@ def test_sparse_linear_model_compiles_fullgraph(device):
     torch.testing.assert_close(gx, eager_gx)
 
 
+def test_compiled_sparse_linear_after_load_state_dict_uses_the_new_weight():
+    """load_state_dict drops a layer's derived dense weight: the compiled call that follows
+    (no eager call between) computes with the loaded values, not the cached old ones."""
+    torch.manual_seed(0)
+    layer = cast_ext.nn.SparseLinear(32, 16, mode="dense")
+    other = cast_ext.nn.SparseLinear.from_dense(torch.nn.Linear(32, 16), mode="dense", warn=False)
+    x = torch.randn(4, 32)
+    layer(x)  # eager: caches the dense weight
+    compiled = torch.compile(layer, fullgraph=True, backend=BACKEND)
+    compiled(x)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(compiled(x), other(x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_adams_step_compiles_fullgraph_and_matches_eager(device):
     """``opt.step()`` inside a compiled function: one graph for the first step (state creation)
