@@ -295,7 +295,9 @@ def prepare(
     """Pick the layers to sparsify and attach CAST's learnable weight scaling to each.
 
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
-    a multiple of 4, except the output head and any weight shared with an embedding. Each chosen
+    a multiple of 4, except the output head and any weight shared with an embedding. The head
+    is found by the model's ``get_output_embeddings()`` (Hugging Face models have one); for
+    another model an untied head is a Linear like any other: leave it out with ``filter_fn``. Each chosen
     layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the model's outputs are
     unchanged); the layer stays an ordinary module of its class. Build the optimizer afterwards:
     the trainable weight is now ``<layer>.parametrizations.weight.original``.
@@ -876,7 +878,8 @@ def decay_budget(
         total_steps: AdamS's ``total_steps`` (``alpha = t / T``).
         decay: AdamS's ``lam``.
         grad_rms: rms of the gradients of the sparse weights. Default: measured from the
-            ``.grad`` the weights hold (run one backward first), else 1e-4 (SmolLM2's, SPEC §6).
+            ``.grad`` the weights hold (run one backward first), else (none, or all zero)
+            1e-4 (SmolLM2's, SPEC §6).
         betas, eps: AdamS's.
         target_ratio: predicted end / start ratio of mean ``|pruned w|`` counted as near
             lossless.
@@ -933,7 +936,7 @@ def decay_budget(
     mags = mags.sort().values
     if grad_rms is not None:
         rms, source = float(grad_rms), "grad_rms argument"
-    elif g_n:
+    elif g_n and g_sq > 0.0:  # all-zero .grad (zero_grad(set_to_none=False)) is no measurement
         rms, source = math.sqrt(g_sq / g_n), "the current gradients"
     else:
         rms, source = 1e-4, "the default gradient rms 1e-4"

@@ -625,6 +625,9 @@ def test_decay_budget_verdicts():
     for bad in (0, -1):  # 0 looped for ever
         with pytest.raises(ValueError, match="total_steps must be an int >= 1"):
             cast.decay_budget([w], 1e-3, bad, decay=1e-3)
+    w.grad = torch.zeros_like(w)  # zero_grad(set_to_none=False): nothing measured
+    zeroed = cast.decay_budget([w], 1e-3, 100, decay=1e-3, warn=False)
+    assert zeroed.momentum_source.startswith("the default")
 
 
 def test_warmup_cosine():
