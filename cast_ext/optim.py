@@ -532,7 +532,7 @@ class AdamS(torch.optim.Optimizer):
             # A param written outside the step since the last one (load_state_dict, a mask
             # applied in place): the param, not its stale fp32 master, is the weight to go on
             # from. (Eager only: torch.compile does not trace version counters.)
-            track = bool(masters) and not torch.compiler.is_compiling()
+            track = not torch.compiler.is_compiling() and len(masters) > 0
             for p, lp, master in zip(ps, params, masters if track else [], strict=track):
                 if self._versions.get(id(p), lp._version) != lp._version:
                     master.copy_(lp)
