@@ -297,10 +297,11 @@ def prepare(
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
     a multiple of 4, except the output head and any weight shared with an embedding. The head
     is found by the model's ``get_output_embeddings()`` (Hugging Face models have one); for
-    another model an untied head is a Linear like any other: leave it out with ``filter_fn``. Each chosen
-    layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the model's outputs are
-    unchanged); the layer stays an ordinary module of its class. Build the optimizer afterwards:
-    the trainable weight is now ``<layer>.parametrizations.weight.original``.
+    another model an untied head is a Linear like any other: leave it out with ``filter_fn``.
+    Each chosen layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the
+    model's outputs are unchanged); the layer stays an ordinary module of its class. Build the
+    optimizer afterwards: the trainable weight is now
+    ``<layer>.parametrizations.weight.original``.
 
     Args:
         model: the model, modified in place.
