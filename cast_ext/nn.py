@@ -296,6 +296,21 @@ class SparseLinear(nn.Module):
         Returns:
             A :class:`SparseLinear` on ``linear``'s device and dtype.
         """
+        layer, dense_groups = cls._build(linear, mode)
+        if dense_groups and warn:
+            out_f, in_f = layer.out_features, layer.in_features
+            warnings.warn(
+                f"cast_ext.nn.SparseLinear.from_dense: weight of shape {[out_f, in_f]} is not 2:4 "
+                f"sparse ({dense_groups} of {out_f * in_f // 4} groups of 4 have more than 2 "
+                "nonzeros); pruned to 2:4 by magnitude with cast_ext.sparse24_prune",
+                stacklevel=2,
+            )
+        return layer
+
+    @classmethod
+    def _build(cls, linear: nn.Module, mode: Mode) -> tuple[SparseLinear, int]:
+        """:meth:`from_dense` without the warning: the layer, and how many groups of 4 had more
+        than 2 nonzeros (pruned by magnitude; 0 on the meta device, which has no values)."""
         w = linear.weight.detach()
         if _is_conv1d(linear):
             w = w.t()  # [out, in]: the 2:4 groups run along in, as for a Linear
@@ -307,16 +322,8 @@ class SparseLinear(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
-        # A meta weight (a model built on the meta device) has no values to check or prune.
         dense_groups = 0 if w.is_meta else int((w != 0).reshape(-1, 4).sum(-1).gt(2).sum())
         if dense_groups:
-            if warn:
-                warnings.warn(
-                    f"cast_ext.nn.SparseLinear.from_dense: weight of shape {list(w.shape)} is not "
-                    f"2:4 sparse ({dense_groups} of {w.numel() // 4} groups of 4 have more than 2 "
-                    "nonzeros); pruned to 2:4 by magnitude with cast_ext.sparse24_prune",
-                    stacklevel=2,
-                )
             w = ops.sparse24_prune(w)
         values, meta = ops.sparse24_compress(w)
         with torch.no_grad():
@@ -324,7 +331,7 @@ class SparseLinear(nn.Module):
             layer.meta.copy_(meta)
             if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
-        return layer
+        return layer, dense_groups
 
     def dense_weight(self) -> Tensor:
         """The 2:4 weight ``[N, K]`` as a dense tensor (zeros at the pruned positions)."""
@@ -639,15 +646,15 @@ def to_sparse(
         conv1d = _is_conv1d(m)
         if type(m) is not nn.Linear and not conv1d:
             return None
-        w = m.weight.detach()
-        w = w.t() if conv1d else w  # [out, in]
-        if w.shape[1] % 4 != 0 or id(m.weight) in excluded:
+        in_features = m.weight.shape[0 if conv1d else 1]  # Conv1D stores [in, out]
+        if in_features % 4 != 0 or id(m.weight) in excluded:
             return None
         if filter_fn is not None and not filter_fn(name, m):
             return None
-        if not w.is_meta and bool((w != 0).reshape(-1, 4).sum(-1).gt(2).any()):
+        layer, dense_groups = SparseLinear._build(m, mode)
+        if dense_groups:
             pruned.append(name)
-        return SparseLinear.from_dense(m, mode=mode, warn=False)
+        return layer
 
     _swap(model, pick)
     if pruned:
