@@ -200,6 +200,12 @@ _ROWWISE_OPS = (
 )
 
 
+def _shard_unit(m: int, shards: int) -> int:
+    """The multiple a last dim of N:M rows must be to split ``shards`` ways evenly into whole
+    groups of ``m`` and whole bytes of the packed mask (8 elements a byte)."""
+    return math.lcm(8, m) * shards
+
+
 def _row_elements(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int]:
     """``(elements per row, m)`` for a mask op's inputs (a DTensor spec's global shape in place of
     each tensor); ``(0, 1)`` for ``unpack_mask``, which cannot run on a shard of the last dim (its
@@ -231,7 +237,7 @@ def _register_sharding_rules() -> None:
 
             ndim = args[0].ndim
             k, m = _row_elements(name, args, kwargs)
-            whole = k > 0 and k % (math.lcm(8, m) * args[0].mesh.size()) == 0
+            whole = k > 0 and k % _shard_unit(m, args[0].mesh.size()) == 0
             shards = [Shard(d) for d in range(ndim if whole else ndim - 1)]
             # the input's own shards of leading dims too: strided ones (FSDP2 over TP's rows)
             shards += [

@@ -145,7 +145,7 @@ def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
                     f"{pl!r}: N:M groups of m={m} must stay whole on one rank"
                 )
             last_shards *= p.device_mesh.size(mesh_dim)
-    unit = math.lcm(8, m) * last_shards
+    unit = ops._shard_unit(m, last_shards)
     if sparse and last_shards > 1 and p.shape[-1] % unit != 0:
         raise _err(
             f"{_describe(p, where)} is sparse and its last dim {p.shape[-1]} is sharded "
