@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
 from .nn import _excluded_weights, _is_conv1d
-from .optim import DTensor, _local, _over_shards, _shard_dim
+from .optim import DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
     "DecayBudget",
@@ -143,8 +143,7 @@ def _ones_like_rows(shape: torch.Size, weight: DTensor) -> DTensor:
     mesh, placements = weight.device_mesh, _scale_placements(weight)
     local_shape, _ = compute_local_shape_and_global_offset(shape, mesh, placements)
     local = torch.ones(local_shape, dtype=torch.float32, device=weight.to_local().device)
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+    return _assemble(local, mesh, placements, shape)
 
 
 class _ScaleShard(torch.autograd.Function):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -165,9 +165,15 @@ def _state_like(p: Tensor, local: Tensor, shape: list[int]) -> Tensor:
     """
     if not isinstance(p, DTensor):
         return local
+    return _assemble(local, p.device_mesh, p.placements, shape)
+
+
+def _assemble(local: Tensor, mesh: Any, placements: Any, shape: Sequence[int]) -> DTensor:
+    """The DTensor of global ``shape`` (contiguous) whose shard on this rank is ``local``; no
+    communication, so it works on the meta device too."""
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
+        local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride
     )
 
 
