@@ -35,8 +35,9 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -178,12 +179,19 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
             model.get_buffer(name).copy_(buf)
 
 
-def shutdown() -> None:
-    """Tear the process group down on every rank together: a rank that left while another
-    still worked (rank 0 writing the model) aborted at exit now and then under gloo
-    ("terminate called without an active exception")."""
+def shutdown() -> NoReturn:
+    """Tear the process groups down on every rank together (rank 0 may still be writing the
+    model), then leave without the interpreter's teardown. The groups outlive
+    ``destroy_process_group``: torch 2.14's functional collectives (DTensor, FSDP2) keep
+    references to them, so gloo's worker and transport threads still run while the
+    interpreter finalizes. There a rank aborted now and then after all its work was done
+    ("terminate called without an active exception"): in two CI runs, none in 138 runs
+    here. Every file is written and closed by now; ``os._exit`` skips that teardown."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -328,7 +336,6 @@ def main(argv: list[str] | None = None) -> None:
     if end < args.steps:
         say(f"stopped after step {end}; --resume continues")
         shutdown()
-        return
 
     # 6: the final prune, measured on the sharded student, then written from rank 0
     exported = cast.export_state_dict(student, opt)
