@@ -588,7 +588,9 @@ def _worker(rank: int, tmp: str, body: Callable[[int, str], dict[str, Any]], wor
     what it returned as ``<tmp>/<name>.pt``. The body's models and optimizers are gone when it
     returns, so nothing (a DDP reducer and its autograd hooks) holds the group when every rank
     meets at the barrier and the group goes: tearing both down together at exit aborted a worker
-    now and then ("terminate called without an active exception")."""
+    now and then ("terminate called without an active exception"). A rank that succeeded then
+    leaves without the interpreter's teardown, as examples/cast_fsdp2.py does (its shutdown
+    says why): functional collectives keep the groups, and gloo's threads, alive past it."""
     _init(rank, tmp, world)
     try:
         files = body(rank, tmp)
@@ -600,6 +602,9 @@ def _worker(rank: int, tmp: str, body: Callable[[int, str], dict[str, Any]], wor
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(body: Callable[[int, str], dict[str, Any]], tmp: Path, nprocs: int = WORLD) -> None:
