@@ -651,14 +651,16 @@ PACK_SHAPES = [(1, 1), (3, 5), (2, 8), (4, 12), (3, 13), (1, 100), (70, 37), (30
 @pytest.mark.parametrize("max_grid", [0, 2], ids=["grid", "grid2"])
 def test_pack_unpack(emu: Emu, max_grid: int) -> None:
     """pack_mask and unpack_mask equal the reference for any row length (padding bits of the last
-    byte: written as 0 by pack, ignored by unpack)."""
+    byte: written as 0 by pack, ignored by unpack). The mask's bytes are 0, 1 and 2: a bool whose
+    byte is 2 (a uint8 tensor viewed as bool) is true, as torch reads it, and sets one bit."""
     gen = torch.Generator().manual_seed(5)
     emu.configure(max_grid=max_grid)
     for rows, k in PACK_SHAPES:
         kb = (k + 7) // 8
-        mask = torch.rand((rows, k), generator=gen) < 0.5
+        raw_mask = torch.randint(0, 3, (rows, k), generator=gen, dtype=torch.uint8)
+        mask = raw_mask != 0
         packed = Guarded((rows, kb), torch.uint8)
-        assert emu.call("emu_pack_mask", mask.data_ptr(), rows, k, packed.ptr) == CUDA_SUCCESS
+        assert emu.call("emu_pack_mask", raw_mask.data_ptr(), rows, k, packed.ptr) == CUDA_SUCCESS
         packed.check("packed")
         assert_bits_equal(packed.t, reference.pack_mask(mask), f"pack {rows}x{k}")
         want_grid = grid_for(units(rows, k))

@@ -157,6 +157,10 @@ def test_pack_unpack_and_flips(device, k):
     assert int(cast_ext.mask_flips(pa, pa, 4)) == 0
     if k % 8 == 0:
         assert int(cast_ext.mask_flips(pa, pb, 8)) == int(ref.mask_flips(pa, pb, 8)) == 2
+    # A bool whose byte is neither 0 nor 1 (a uint8 tensor viewed as bool) is true, as torch
+    # reads it: it sets one bit, not its byte's bits.
+    raw = torch.randint(0, 4, (9, k), dtype=torch.uint8, device=device)
+    assert torch.equal(cast_ext.pack_mask(raw.view(torch.bool)), ref.pack_mask(raw != 0))
     empty = torch.zeros(0, k, dtype=torch.bool, device=device)  # no rows: nothing to infer from
     assert ref.unpack_mask(cast_ext.pack_mask(empty), k).shape == (0, k)
     assert cast_ext.unpack_mask(cast_ext.pack_mask(empty), k).shape == (0, k)

@@ -355,7 +355,9 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask_in) {
   const int64_t rows = k == 0 ? 0 : mask.numel() / k;
   const int64_t kb = packed_last_dim(k);
   auto packed = at::empty(packed_shape(mask, k), mask.options().dtype(at::kByte));
-  const bool* src = mask.const_data_ptr<bool>();
+  // Bytes, not bools: a bool whose byte is neither 0 nor 1 (a uint8 tensor viewed as bool) is
+  // true, as torch reads it, and sets one bit.
+  const auto* src = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, rows, grain_rows(k), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -363,7 +365,7 @@ at::Tensor pack_mask_cpu(const at::Tensor& mask_in) {
         uint32_t bits = 0;
         const int64_t c0 = b * 8;
         const int64_t count = std::min<int64_t>(8, k - c0);
-        for (int64_t i = 0; i < count; ++i) bits |= uint32_t(src[r * k + c0 + i]) << i;
+        for (int64_t i = 0; i < count; ++i) bits |= uint32_t(src[r * k + c0 + i] != 0) << i;
         dst[r * kb + b] = uint8_t(bits);
       }
     }

@@ -160,9 +160,11 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const bool* __restrict__
     const int64_t r = j / kb;
     const int64_t col = (j - r * kb) * 8;
     const int count = count8(k, col);
-    const bool* src = mask + r * k + col;
+    // Bytes, not bools: a bool whose byte is neither 0 nor 1 (a uint8 tensor viewed as bool)
+    // is true, as torch reads it, and sets one bit.
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(mask) + r * k + col;
     uint32_t bits = 0;
-    for (int i = 0; i < count; ++i) bits |= uint32_t(src[i]) << i;
+    for (int i = 0; i < count; ++i) bits |= uint32_t(src[i] != 0) << i;
     packed[j] = uint8_t(bits);
   }
 }
