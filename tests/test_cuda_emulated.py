@@ -1131,7 +1131,7 @@ def test_distill(emu: Emu, dtype: torch.dtype, temp: float, teacher: bool) -> No
 def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     """A label outside [0, V) raises the flag and gives a NaN CE on its row only (the same
     outputs with a null flag); a teacher equal to the student gives a KL of exactly 0; logits of
-    -inf in both models (a masked vocabulary) add nothing."""
+    -inf or finfo.min in both models (a masked vocabulary) add nothing."""
     s, t, y = distill_inputs(5, 100, torch.float32, seed=42)
     y[3] = 100
     rc, got, bad = run_distill_fwd(emu, s, t, y, 1.0)
@@ -1153,6 +1153,17 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     assert rc == CUDA_SUCCESS
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    # ... and so does masking with finfo.min, also at T < 1 (where the masked logit over T
+    # overflows to -inf): the KL and CE of the unmasked columns alone
+    low = torch.finfo(torch.float32).min
+    s[:, 90:] = low
+    t[:, 90:] = low
+    for temp in (0.5, 1.0, 2.0):
+        rc, got, _ = run_distill_fwd(emu, s, t, y, temp)
+        want = reference.distill_fwd(s[:, :90].contiguous(), t[:, :90].contiguous(), y, temp)
+        assert rc == CUDA_SUCCESS
+        for g, w in zip(got[:2], want[:2], strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"T={temp}")
 
 
 def test_distill_infinite_logits(emu: Emu) -> None:

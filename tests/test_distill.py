@@ -120,6 +120,46 @@ def test_masked_vocabulary(device: str, temp: float) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("temp", [0.5, 1.0, 2.0])
+def test_vocabulary_masked_with_finfo_min(device: str, dtype: torch.dtype, temp: float) -> None:
+    """Logits masked with ``finfo(dtype).min`` (masked_fill's other convention) in both models add
+    nothing either: the terms equal the unmasked columns' alone, also at T < 1, where the masked
+    logit over T overflows to -inf (the KL was -5.5 per masked entry, and -inf at T < 1)."""
+    s, t, y = distill_inputs(5, 70, dtype, device, seed=13)
+    y = torch.where(y == -100, y, y % 60)
+    low = torch.finfo(dtype).min
+    s[:, 60:] = low
+    t[:, 60:] = low
+    s_, t_ = s[:, :60].contiguous(), t[:, :60].contiguous()
+    got = ops.distill_fwd(s, t, y, temperature=temp)
+    assert_fwd_close(got, reference.distill_fwd(s_, t_, y, temp), "finfo.min vs cut")
+    scale = torch.tensor(0.5, device=device)
+    g = ops.distill_bwd(s, t, y, got[2], scale, eta=0.5, temperature=temp)
+    want = reference.distill_bwd(s_, t_, y, got[2], scale, 0.5, temp)
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(g[:, :60], want, atol=tol, rtol=tol)
+    assert bool((g[:, 60:] == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 30.0, 300.0])
+def test_small_kl_of_large_logits_is_accurate(device: str, offset: float) -> None:
+    """A small KL (teacher = student + 1e-3 noise) of logits near ``offset`` within 1e-6 of the
+    fp64 KL, and never negative past rounding: the log-sum-exps' maxima cancel before they meet
+    the logs (an error of ulp(offset): 3e-5 at 300 before)."""
+    gen = torch.Generator().manual_seed(7)
+    s = torch.randn(64, 4096, generator=gen) + offset
+    t = s + 1e-3 * torch.randn(64, 4096, generator=gen)
+    y = torch.randint(0, 4096, (64,), generator=gen)
+    pt = torch.log_softmax(t.double(), -1)
+    exact = (pt.exp() * (pt - torch.log_softmax(s.double(), -1))).sum(-1)
+    kl = ops.distill_fwd(s.to(device), t.to(device), y.to(device))[0].cpu()
+    torch.testing.assert_close(kl.double(), exact, atol=1e-6, rtol=0)
+    assert float(kl.min()) > -1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ignore_index_and_empty(device: str) -> None:
     s, t, y = distill_inputs(5, 40, torch.float32, device, seed=4)
     y[1], y[3] = 2, -1  # with ignore_index=-1, -100 would be a bad label

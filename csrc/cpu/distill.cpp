@@ -11,15 +11,15 @@
 // into per-thread fp32 row buffers). The sums run in 16 fp32 lanes (GCC vectorises the fixed-width
 // lane loops; x86-64-v4/v3/baseline versions picked at run time, csrc/cpu/isa.h) with exp_lane's
 // polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
-// reduced over the lanes at the end of the row. Rows whose label is ignore_index are skipped
-// (zeros out). A teacher logit of -inf (a masked vocabulary entry: probability 0) adds nothing to
-// the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's logit is
-// +inf), as in the reference; NaN logits propagate to NaN.
-// Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
-// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
-// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
-// gradient in the logits' dtype.
-// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
+// reduced over the lanes at the end of the row; the row's KL and log-sum-exps come from
+// distill_math.h, the CUDA kernel's code. Rows whose label is ignore_index are skipped
+// (zeros out). A teacher logit of probability 0 (a masked vocabulary entry: -inf, or finfo.min)
+// adds nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the
+// label's logit is +inf), as in the reference; NaN logits propagate to NaN. Labels are checked
+// before any work: a label outside [0, V) that is not ignore_index raises. Layout: contiguous [N,
+// V] logits, [N] int64 labels, [N, 3] fp32 lse. Dtypes: fp32, fp16, bf16 logits (teacher in the
+// student's dtype); fp32 math and outputs, the gradient in the logits' dtype. Reference:
+// cast_ext/reference.py distill_fwd, distill_bwd.
 #include "distill.h"
 
 #include <ATen/Parallel.h>
@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "cast_ext.h"
+#include "distill_math.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -47,11 +48,12 @@ constexpr int kLanes = 16;
 
 // exp(x) by Cephes' expf: x = n ln2 + r (|r| <= ln2 / 2, Cody-Waite in two parts), a degree-7
 // polynomial in r, times 2^n built in the exponent bits. Branch-free, so it vectorises. x is
-// clamped to [-87, 88] (exp(-87) = 1.6e-38 stands in for anything smaller, nothing a softmax sum
-// of at least one 1 can see); NaN stays NaN (n is taken from the rounding's bits, never from a
+// clamped to [-87, 88] for the polynomial, and below -87 the result is exactly 0 (it stood at
+// exp(-87) = 1.6e-38, which times a teacher logit masked with finfo(float32).min, -3.4e38, added
+// -5.5 to the KL's sum); NaN stays NaN (n is taken from the rounding's bits, never from a
 // float-to-int conversion of NaN).
-__attribute__((always_inline)) inline float exp_lane(float x) {
-  x = x < -87.0f ? -87.0f : x;
+__attribute__((always_inline)) inline float exp_lane(float x0) {
+  float x = x0 < -87.0f ? -87.0f : x0;
   x = x > 88.0f ? 88.0f : x;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float fx = x * 1.44269504088896341f + kMagic;
@@ -65,7 +67,7 @@ __attribute__((always_inline)) inline float exp_lane(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  return p * c10::bit_cast<float>(uint32_t(n + 127) << 23);
+  return x0 < -87.0f ? 0.f : p * c10::bit_cast<float>(uint32_t(n + 127) << 23);
 }
 
 __attribute__((always_inline)) inline float lane_sum(const float* a) {
@@ -102,7 +104,7 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
     if (kTeacher) {
       const float e = exp_lane((tv - mt) * it);
       zt[j] += e;
-      a[j] += tv == -std::numeric_limits<float>::infinity() ? 0.f : e * ((tv - sv) * it);
+      a[j] += e == 0.f ? 0.f : e * ((tv - sv) * it);  // p_t = 0 (-inf, finfo.min) adds nothing
     }
   };
   int64_t i = 0;
@@ -207,10 +209,6 @@ void check_labels_cpu(const char* op, const at::Tensor& labels, int64_t vocab,
   check_label_flag(op, labels, vocab, ignore_index, bad);
 }
 
-// log-sum-exp from the max and the sum of exp(x - max): +inf when the max is +inf (as
-// torch.logsumexp gives; the sum is NaN there, from exp(inf - inf)).
-float lse_of(float max, float sum) { return max == INFINITY ? max : max + std::log(sum); }
-
 template <typename T>
 void fwd_rows(const T* s, const T* t, const int64_t* y, int64_t rows, int64_t v, double temperature,
               int64_t ignore_index, float* kl, float* ce, float* lse) {
@@ -235,7 +233,7 @@ void fwd_rows(const T* s, const T* t, const int64_t* y, int64_t rows, int64_t v,
       const float lst = lse_of(ms * it, z[0]);
       const float ls1 = t1 ? lst : lse_of(ms, z[3]);
       const float ltt = tr ? lse_of(mt * it, z[1]) : 0.f;
-      kl[r] = tr ? t2 * (z[2] / z[1] - ltt + lst) : 0.f;
+      kl[r] = tr ? kl_of(z[2], z[0], z[1], ms, mt, it, t2) : 0.f;
       ce[r] = ls1 - sr[y[r]];
       lse[3 * r] = lst;
       lse[3 * r + 1] = ltt;

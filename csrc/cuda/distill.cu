@@ -14,21 +14,23 @@
 // and tensor in flight). The max moves once per four elements, so the sums are rescaled once per
 // four; exponentials are exp2f with log2(e) folded in, guards are selects: nothing branches on the
 // data. Rows whose label is ignore_index are skipped (zeros out). A label outside [0, V) sets
-// *bad_label (when given) and gives a NaN CE; a teacher logit of -inf (probability 0) adds nothing
-// to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's logit is
-// +inf), as in the reference; NaN logits propagate to NaN. Math: fp32, exp2f/logf (not the fast
-// intrinsics __expf/__logf). The backward trusts the labels the forward checked (an out-of-range
-// one then adds no one-hot term). The CPU kernel (csrc/cpu/distill.cpp) sums in another order:
-// both are compared with the reference within fp32 rounding, not bit for bit. Layout: contiguous
-// [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32. Dtypes: fp32, fp16,
-// bf16 logits (teacher in the student's dtype). Archs: sm80+ (any, really). Reference:
-// cast_ext/reference.py distill_fwd, distill_bwd.
+// *bad_label (when given) and gives a NaN CE; a teacher logit of probability 0 (-inf, or a mask's
+// finfo.min) adds nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf
+// unless the label's logit is +inf), as in the reference; NaN logits propagate to NaN. Math: fp32,
+// exp2f/logf (not the fast intrinsics __expf/__logf); the row's KL and log-sum-exps come from
+// distill_math.h, the CPU kernel's code. The backward trusts the labels the forward checked (an
+// out-of-range one then adds no one-hot term). The CPU kernel (csrc/cpu/distill.cpp) sums in
+// another order: both are compared with the reference within fp32 rounding, not bit for bit.
+// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32.
+// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype). Archs: sm80+ (any, really).
+// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
 
 #include "cuda/kernels.h"
 #include "cuda/vec8.cuh"
+#include "distill_math.h"
 
 namespace cast_ext {
 namespace cuda {
@@ -45,12 +47,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 // fix-up), where expf adds a range reduction.
 __device__ __forceinline__ float exp_rel(float x, float m, float k) {
   return exp2f(x == -INFINITY ? -INFINITY : (x - m) * k);
-}
-
-// log-sum-exp from the max and the sum of exp(x - max): +inf when the max is +inf (as
-// torch.logsumexp gives; the sum is NaN there, from exp(inf - inf)).
-__device__ __forceinline__ float lse_of(float max, float sum) {
-  return max == INFINITY ? max : max + logf(sum);
 }
 
 // One thread's online softmax sums of a row (see the header). Trivial (a __shared__ array of it
@@ -91,7 +87,7 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
     for (int u = 0; u < kUnroll; ++u) {
       const float e = exp_rel(tv[u], mt, k);
       zt += e;
-      a += tv[u] == -INFINITY ? 0.f : e * ((tv[u] - sv[u]) * it);  // p_t = 0 adds nothing
+      a += e == 0.f ? 0.f : e * ((tv[u] - sv[u]) * it);  // p_t = 0 (-inf, finfo.min): nothing
     }
     const float c = exp_rel(st.mt, mt, k);
     st.zt = st.zt * c + zt;
@@ -163,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const float lst = lse_of(st.ms * it, st.zs);
       const float ls1 = kT1 ? lst : lse_of(st.ms, st.z1);
       const float ltt = kTeacher ? lse_of(st.mt * it, st.zt) : 0.f;
-      kl[r] = kTeacher ? t2 * (st.a / st.zt - ltt + lst) : 0.f;
+      kl[r] = kTeacher ? kl_of(st.a, st.zs, st.zt, st.ms, st.mt, it, t2) : 0.f;
       if (y >= 0 && y < v) {
         ce[r] = ls1 - Conv<T>::to(s[y]);
       } else {
