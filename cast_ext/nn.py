@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 Mode = Literal["auto", "sparse", "dense"]
+_LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "sparse", "dense")
 
 SPARSE_MARGIN = 0.98
@@ -263,6 +264,11 @@ class SparseLinear(nn.Module):
         self.out_features = out_features
         self.mode: Mode = mode
         dtype = dtype or torch.get_default_dtype()
+        if dtype not in _LAYER_DTYPES:
+            raise TypeError(
+                f"cast_ext.nn.SparseLinear: dtype {dtype} is not supported; expected float32, "
+                "float16 or bfloat16"
+            )
         self.register_buffer(
             "values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device)
         )
@@ -435,8 +441,8 @@ class SparseLinear(nn.Module):
         cuda = x.device.type == "cuda"
         if self.mode == "dense":
             return "dense", None
-        if self.mode == "sparse" and not cuda:
-            return "packed", None
+        if (self.mode == "sparse" and not cuda) or x.device.type not in ("cpu", "cuda"):
+            return "packed", None  # on meta: shapes only, nothing to measure or record
         if self.mode == "sparse":
             reason = _cslt_reason(n, k, x.dtype, x.device)
             if reason is not None:
@@ -503,12 +509,18 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         values = self._buffers["values"]
         assert values is not None
+        if values.dtype not in _LAYER_DTYPES:  # e.g. after model.double()
+            raise TypeError(
+                f"cast_ext.nn.SparseLinear: the layer is {values.dtype}; expected float32, "
+                "float16 or bfloat16 (convert it with .float(), .half() or .bfloat16())"
+            )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise RuntimeError(
                 f"cast_ext.nn.SparseLinear: input of shape {list(x.shape)}: last dim must be "
                 f"in_features = {self.in_features}"
             )
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if autocast and x.is_floating_point():
             # As nn.Linear under autocast: computed, and returned, in the autocast dtype.
             dt = torch.get_autocast_dtype(x.device.type)
             if values.dtype != dt:  # the packed kernel on values cast for the call

@@ -203,14 +203,30 @@ def test_to_sparse_on_the_meta_device_then_load() -> None:
     assert torch.equal(skeleton(x), real(x))
 
 
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+def test_forward_on_the_meta_device_gives_shapes_and_records_nothing(mode: str) -> None:
+    """Shape tracing on a meta skeleton gives nn.Linear's shape and dtype, with no dispatch trial
+    or decision recorded (nothing can be timed there)."""
+    layer = SparseLinear(16, 8, mode=mode, device="meta")  # type: ignore[arg-type]
+    before = (dict(cast_ext.nn._DECISIONS), dict(cast_ext.nn._TRIALS))
+    y = layer(torch.empty(2, 5, 16, device="meta"))
+    assert y.is_meta and y.shape == (2, 5, 8) and y.dtype == torch.float32
+    assert (dict(cast_ext.nn._DECISIONS), dict(cast_ext.nn._TRIALS)) == before
+
+
 def test_bad_construction_and_inputs() -> None:
     with pytest.raises(ValueError, match=r"in_features=6 must be a positive multiple of 4"):
         SparseLinear(6, 4)
     with pytest.raises(ValueError, match=r"mode must be in"):
         SparseLinear(8, 4, mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"SparseLinear: dtype torch.float64 is not supported"):
+        SparseLinear(8, 4, dtype=torch.float64)
     sl = SparseLinear(8, 4)
     with pytest.raises(TypeError, match=r"input has dtype torch.float64"):
         sl(torch.randn(2, 8, dtype=torch.float64))
+    doubled = SparseLinear(8, 4).double()  # a whole model's .double() reaches the buffers
+    with pytest.raises(TypeError, match=r"SparseLinear: the layer is torch.float64; expected"):
+        doubled(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"last dim must be in_features = .*8"):
         sl(torch.randn(2, 12))
     # numel divisible by in_features: refused by the layer before any reshape or dispatch
