@@ -65,7 +65,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.quick:
         env["CAST_EXT_BENCH_QUICK"] = "1"
     if args.device == "cpu":
-        out = Path(args.json) if args.json else root / "benchmarks" / "results" / "cpu.json"
+        # the caller's directory, not the checkout the benchmarks run in
+        out = Path(args.json).resolve() if args.json else root / "benchmarks/results/cpu.json"
         cmd = [sys.executable, "-m", "pytest", str(root / "benchmarks" / "cpu"), "-q"]
         cmd += ["--benchmark-enable", f"--benchmark-json={out}", "-p", "no:cacheprovider"]
         return subprocess.call(cmd, cwd=root, env=env)
@@ -90,13 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    args, rest = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.cmd == "info":
         print("\n".join(info_lines()))
         return 0
-    if rest:
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("bench --device cuda: no CUDA GPU is visible")
+    if args.device == "cuda" and args.json:
+        parser.error("bench --json: the CPU benchmarks' file (the GPU ones write their own)")
     return _bench(args)
 
 

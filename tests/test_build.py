@@ -58,6 +58,29 @@ def test_info_command_lines():
     assert "adams_step_" in ops and "sparse24_gemm" in ops
 
 
+def test_cli_refuses_what_it_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m cast_ext``: stray arguments, a CUDA bench without a GPU and --json with the GPU
+    benchmarks are usage errors; a relative --json is the caller's path, not the checkout's."""
+    from cast_ext import __main__ as cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    bad = [["info", "bogus"], ["bench", "--device", "cpu", "stray"]]
+    bad += [["bench", "--device", "cuda", "--json", "x.json"]]
+    if not torch.cuda.is_available():
+        bad.append(["bench", "--device", "cuda"])
+    for argv in bad:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2, argv
+    assert "no CUDA GPU is visible" in capsys.readouterr().err or torch.cuda.is_available()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--device", "cpu", "--json", "mine.json"]) == 0
+    assert calls and f"--benchmark-json={tmp_path / 'mine.json'}" in calls[-1]
+
+
 @pytest.mark.skipif(EXPECT is None, reason="CAST_EXT_EXPECT_CUDA not set")
 def test_build_matches_expectation():
     info = cast_ext.build_info()
