@@ -763,6 +763,28 @@ def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], N
 # --------------------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    """argparse type: a cpu or cuda device."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<index>, got {text!r}")
+    return device
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cast_ext demo",
@@ -770,17 +792,17 @@ def _parser() -> argparse.ArgumentParser:
         "fixed-mask fine-tune vs CAST, at the same token budget.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=_device, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--out", type=Path, help="output dir (default ./runs/demo-<preset>)")
     p.add_argument(
         "--cache-dir", type=Path, help="model and data cache (default ~/.cache/cast_ext)"
     )
     p.add_argument(
         "--cast-steps",
-        type=int,
+        type=_positive,
         help="override the preset's CAST steps (the fine-tune gets the same tokens)",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
@@ -788,10 +810,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo. Returns a process exit code."""
-    args = _parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device is not None and args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
-    if args.cast_steps:
+    if args.cast_steps is not None:
         windows = args.cast_steps * preset.cast_batch
         if windows % preset.ft_batch:
             print(
@@ -799,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         preset = replace(preset, cast_steps=args.cast_steps, ft_steps=windows // preset.ft_batch)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

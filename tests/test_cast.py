@@ -871,6 +871,24 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
 
 
+def test_demo_refuses_bad_arguments_before_any_work(capsys):
+    """Counts below 1 and unknown or missing devices are usage errors (exit 2) before the model
+    loads (--cast-steps 0 and --threads 0 were silently ignored, -4 failed after two runs)."""
+    from cast_ext import demo
+
+    bad = [["--cast-steps", "0"], ["--cast-steps", "-4"], ["--threads", "0"]]
+    bad += [["--threads", "x"], ["--device", "gpu"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for argv in bad:
+        with pytest.raises(SystemExit) as info:
+            demo.main(argv)
+        assert info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "must be an integer >= 1, got '0'" in err
+    assert "expected cpu, cuda or cuda:<index>, got 'gpu'" in err
+
+
 def test_demo_dense_finetune_run(tmp_path):
     """The GPU preset's dense AdamW baseline (dense_finetune=True), on the tiny model: same
     budget as the fixed-mask fine-tune, a finite perplexity afterwards."""
