@@ -615,16 +615,23 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> int:
-    count = 0
-    for name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            new = pick(full, child)
-            if new is not None:
-                setattr(parent, child_name, new)
-                count += 1
-    return count
+def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> None:
+    """Replaces each submodule ``m`` for which ``pick(first qualified name, m)`` gives a new one,
+    in every slot that holds it: a module used twice (by one parent or two) gets one replacement,
+    shared like the original (named_children lists a module once per parent, which converted
+    the first slot alone; a module per slot would have untied them)."""
+    # id -> (the module, kept alive so that its id is not reused, and its replacement)
+    seen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
+    for name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in seen:
+                full = f"{name}.{child_name}" if name else child_name
+                seen[id(child)] = (child, pick(full, child))
+            replacement = seen[id(child)][1]
+            if replacement is not None:
+                setattr(parent, child_name, replacement)
 
 
 def to_sparse(

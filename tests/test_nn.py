@@ -184,6 +184,27 @@ def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
             layer.bias.grad = None
 
 
+def test_to_sparse_and_back_keep_shared_modules_shared() -> None:
+    """A layer used twice (in one parent, or by two) is converted in every slot, to one layer:
+    still shared, so one bias trains for both uses; and back again."""
+    torch.manual_seed(0)
+    lin, lin2 = nn.Linear(32, 32), nn.Linear(32, 32)
+    model = nn.Module()
+    model.seq = nn.Sequential(lin, nn.ReLU(), lin)
+    model.a, model.b = nn.Sequential(lin2), nn.Sequential(lin2)
+    x = torch.randn(3, 32)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) were not 2:4"):
+        to_sparse(model)
+    assert isinstance(model.seq[0], SparseLinear) and model.seq[0] is model.seq[2]
+    assert isinstance(model.a[0], SparseLinear) and model.a[0] is model.b[0]
+    assert len(list(model.parameters())) == 2  # the two biases
+    want = model.seq(x)
+    to_dense(model)
+    assert type(model.seq[0]) is nn.Linear and model.seq[0] is model.seq[2]
+    assert type(model.a[0]) is nn.Linear and model.a[0] is model.b[0]
+    torch.testing.assert_close(model.seq(x), want)
+
+
 def test_to_sparse_on_the_meta_device_then_load() -> None:
     """The large-model path: the skeleton built on meta and converted (no values to check or
     compress there), then the packed state dict of a converted model assigned into it."""
