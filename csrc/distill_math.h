@@ -14,16 +14,16 @@ namespace cast_ext {
 CAST_HD float lse_of(float max, float sum) { return max == INFINITY ? max : max + logf(sum); }
 
 // T^2 KL(p_t || p_s) of a row from its sums: zs = sum exp((s - ms) / T), zt = sum exp((t - mt) /
-// T), a = sum exp((t - mt) / T) (t - s) / T (ms, mt: the row maxima; it = 1 / T; t2 = T^2). It is
-// a / zt - ltt + lst with lst = ms / T + log zs and ltt = mt / T + log zt, computed with the maxima
-// cancelled before they meet the logs: each log-sum-exp alone is rounded at the size of the
+// T), a = sum exp((t - mt) / T) (t - s) (ms, mt: the row maxima; it = 1 / T; t2 = T^2). It is
+// a it / zt - ltt + lst with lst = ms / T + log zs and ltt = mt / T + log zt, computed with the
+// maxima cancelled before they meet the logs: each log-sum-exp alone is rounded at the size of the
 // largest logit, which left an error of ulp(max / T) in the KL (3e-5 at logits near 300; a small
 // KL came out negative). Infinite or NaN maxima take the log-sum-exps' path (their infinities).
 CAST_HD float kl_of(float a, float zs, float zt, float ms, float mt, float it, float t2) {
   const float d = ms - mt;
   const float logs =
       d - d == 0.f ? d * it + (logf(zs) - logf(zt)) : lse_of(ms * it, zs) - lse_of(mt * it, zt);
-  return t2 * (a / zt + logs);
+  return t2 * (a * it / zt + logs);
 }
 
 }  // namespace cast_ext

@@ -1153,16 +1153,18 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
     assert rc == CUDA_SUCCESS
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
-    # ... and so does masking with finfo.min, also at T < 1 (where the masked logit over T
-    # overflows to -inf): the KL and CE of the unmasked columns alone
+    # ... and finfo.min means what -inf means, also at T < 1 (where the masked logit over T
+    # overflows to -inf): a teacher masked where the student is not (columns 80:90) too
     low = torch.finfo(torch.float32).min
-    s[:, 90:] = low
-    t[:, 90:] = low
+    s_min, t_min = s.clone(), t.clone()
+    s_min[:, 90:] = low
+    t_min[:, 80:] = low
+    t[:, 80:] = float("-inf")
     for temp in (0.5, 1.0, 2.0):
-        rc, got, _ = run_distill_fwd(emu, s, t, y, temp)
-        want = reference.distill_fwd(s[:, :90].contiguous(), t[:, :90].contiguous(), y, temp)
+        rc, got, _ = run_distill_fwd(emu, s_min, t_min, y, temp)
+        want = reference.distill_fwd(s, t, y, temp)
         assert rc == CUDA_SUCCESS
-        for g, w in zip(got[:2], want[:2], strict=True):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"T={temp}")
 
 

@@ -123,23 +123,27 @@ def test_masked_vocabulary(device: str, temp: float) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("temp", [0.5, 1.0, 2.0])
 def test_vocabulary_masked_with_finfo_min(device: str, dtype: torch.dtype, temp: float) -> None:
-    """Logits masked with ``finfo(dtype).min`` (masked_fill's other convention) in both models add
-    nothing either: the terms equal the unmasked columns' alone, also at T < 1, where the masked
-    logit over T overflows to -inf (the KL was -5.5 per masked entry, and -inf at T < 1)."""
+    """Logits masked with ``finfo(dtype).min`` (masked_fill's other convention) mean what -inf
+    means: the teacher's (columns 60:) and the student's (65:) give the terms and gradient of
+    the same masks with -inf, also at T < 1, where the masked logit over T overflows to -inf
+    (the CPU KL was -5.5 per masked teacher entry, and -inf or NaN at T < 1)."""
     s, t, y = distill_inputs(5, 70, dtype, device, seed=13)
     y = torch.where(y == -100, y, y % 60)
     low = torch.finfo(dtype).min
-    s[:, 60:] = low
+    s[:, 65:] = low
     t[:, 60:] = low
-    s_, t_ = s[:, :60].contiguous(), t[:, :60].contiguous()
+    s_inf, t_inf = s.clone(), t.clone()
+    s_inf[:, 65:] = t_inf[:, 60:] = float("-inf")
     got = ops.distill_fwd(s, t, y, temperature=temp)
-    assert_fwd_close(got, reference.distill_fwd(s_, t_, y, temp), "finfo.min vs cut")
+    want = reference.distill_fwd(s_inf, t_inf, y, temp)
+    assert_fwd_close(got, want, "finfo.min vs -inf")
+    assert bool(got[0].ge(0).all())
     scale = torch.tensor(0.5, device=device)
     g = ops.distill_bwd(s, t, y, got[2], scale, eta=0.5, temperature=temp)
-    want = reference.distill_bwd(s_, t_, y, got[2], scale, 0.5, temp)
+    want_g = reference.distill_bwd(s_inf, t_inf, y, want[2], scale, 0.5, temp)
     tol = GRAD_TOL[dtype]
-    torch.testing.assert_close(g[:, :60], want, atol=tol, rtol=tol)
-    assert bool((g[:, 60:] == 0).all())
+    torch.testing.assert_close(g, want_g, atol=tol, rtol=tol)
+    assert bool((g[:, 65:] == 0).all())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,7 +4,7 @@
 // Algorithm: one block per row of the [N, V] logits (grid-stride over rows). Forward: every
 // thread walks its strided share of the row once, keeping an online softmax state for the
 // student (running max, sum exp((s - max) / T) and, when T != 1, sum exp(s - max)) and for the
-// teacher (running max, sum exp((t - max) / T), sum exp((t - max) / T) (t - s) / T), rescaled when
+// teacher (running max, sum exp((t - max) / T), sum exp((t - max) / T) (t - s)), rescaled when
 // the max grows (the whole block: 512 threads, 4 resident per SM); the states are merged across the
 // warp with shuffles and across warps in shared memory, and thread 0 writes the row's KL, CE and
 // the three log-sum-exps. So the forward reads each logit once (2 N V elements) and the backward
@@ -62,10 +62,10 @@ __device__ __forceinline__ RowState empty_state() {
 
 // Adds kUnroll elements (padding beyond the row is -inf in both: it adds nothing). The max moves
 // once per chunk, so the sums are rescaled once per chunk, and nothing branches on the data.
-// k = log2(e) / T; k1 = log2(e); `it` = 1 / T for the KL's (t - s) / T.
+// k = log2(e) / T; k1 = log2(e).
 template <bool kTeacher, bool kT1>
 __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
-                                     const float (&tv)[kUnroll], float it, float k, float k1) {
+                                     const float (&tv)[kUnroll], float k, float k1) {
   float ms = st.ms;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) ms = fmaxf(ms, sv[u]);  // fmaxf ignores NaN; the sums don't
@@ -87,7 +87,10 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
     for (int u = 0; u < kUnroll; ++u) {
       const float e = exp_rel(tv[u], mt, k);
       zt += e;
-      a += e == 0.f ? 0.f : e * ((tv[u] - sv[u]) * it);  // p_t = 0 (-inf, finfo.min): nothing
+      // p_t = 0 adds nothing: t = -inf by the select. Without the 1 / T (applied to the row's
+      // sum), e (t - s) stays finite for a mask's finfo.min: e is 1 while the running max is
+      // finfo.min too, and the later rescale by 0 would make an overflowed term NaN.
+      a += tv[u] == -INFINITY ? 0.f : e * (tv[u] - sv[u]);
     }
     const float c = exp_rel(st.mt, mt, k);
     st.zt = st.zt * c + zt;
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         sv[u] = j < v ? Conv<T>::to(s[j]) : -INFINITY;
         tv[u] = kTeacher && j < v ? Conv<T>::to(t[j]) : -INFINITY;
       }
-      push<kTeacher, kT1>(st, sv, tv, it, k, kLog2e);
+      push<kTeacher, kT1>(st, sv, tv, k, kLog2e);
     }
 #pragma unroll
     for (int off = 16; off >= 1; off /= 2) merge<kTeacher, kT1>(st, shfl_state(st, off), k, kLog2e);
