@@ -12,14 +12,15 @@
 // lane loops; x86-64-v4/v3/baseline versions picked at run time, csrc/cpu/isa.h) with exp_lane's
 // polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
 // reduced over the lanes at the end of the row; the row's KL and log-sum-exps come from
-// distill_math.h, the CUDA kernel's code. Rows whose label is ignore_index are skipped
-// (zeros out). A teacher logit of probability 0 (a masked vocabulary entry: -inf, or finfo.min)
-// adds nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the
-// label's logit is +inf), as in the reference; NaN logits propagate to NaN. Labels are checked
-// before any work: a label outside [0, V) that is not ignore_index raises. Layout: contiguous [N,
-// V] logits, [N] int64 labels, [N, 3] fp32 lse. Dtypes: fp32, fp16, bf16 logits (teacher in the
-// student's dtype); fp32 math and outputs, the gradient in the logits' dtype. Reference:
-// cast_ext/reference.py distill_fwd, distill_bwd.
+// distill_math.h, the CUDA kernel's code. Rows whose label is ignore_index are skipped (zeros
+// out). A teacher logit of probability 0 (a masked vocabulary entry: -inf, or finfo.min) adds
+// nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's
+// logit is +inf), as in the reference; NaN logits propagate to NaN.
+// Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
+// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
+// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
+// gradient in the logits' dtype.
+// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
 #include "distill.h"
 
 #include <ATen/Parallel.h>
