@@ -300,6 +300,15 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   const at::Tensor x = x_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   const at::Tensor meta = meta_in.contiguous();
+  if (k % 8 != 0) {
+    // A row's last byte holds one group: its padding nibble must be 0, as sparse24_decompress
+    // (the backward's) requires, so the forward does not take a meta the backward refuses.
+    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
+    const int64_t kb = meta.size(1);
+    bool bad = false;
+    for (int64_t r = 0; r < n; ++r) bad |= (mt[r * kb + kb - 1] >> 4) != 0;
+    check_meta_flag(op, meta_in, bad);
+  }
   std::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
   const int64_t m = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));  // rows of x
