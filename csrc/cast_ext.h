@@ -62,8 +62,9 @@ inline void check_finite_flag(const char* op, const char* name, const at::Tensor
              " contains NaN or Inf; a mask of non-finite weights is undefined");
 }
 
-// Packed masks: [*w.shape[:-1], ceil(k / 8)] uint8 (see reference.pack_mask).
-inline int64_t packed_last_dim(int64_t k) { return (k + 7) / 8; }
+// Packed masks: [*w.shape[:-1], ceil(k / 8)] uint8 (see reference.pack_mask). k >= 0; no k + 7
+// (a last_dim near 2^63, which unpack_mask takes from its caller, would overflow it).
+inline int64_t packed_last_dim(int64_t k) { return k / 8 + (k % 8 != 0 ? 1 : 0); }
 
 inline void check_meta_flag(const char* op, const at::Tensor& meta, bool bad) {
   CAST_CHECK(!bad, op, "meta of shape ", shape_str(meta),
