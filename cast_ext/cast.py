@@ -1379,13 +1379,15 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return None
 
 
-def _data_parallel(model: nn.Module) -> bool:
-    """Is ``model`` trained by every rank together (DDP, or FSDP2's DTensor params)?"""
+def _data_parallel(model: nn.Module) -> tuple[bool, Any]:
+    """Is ``model`` trained by ranks together, and over which process group: DDP's own (a
+    subgroup for DDP over part of the world), or the default one for DTensor params (FSDP2, and
+    tensor parallel within it: every rank of the world)?"""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
+        return False, None
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        return True
-    return any(isinstance(p, DTensor) for p in model.parameters())
+        return True, model.process_group
+    return any(isinstance(p, DTensor) for p in model.parameters()), None
 
 
 def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
@@ -1477,10 +1479,10 @@ def train(
             micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
 
     Under DDP / FSDP2 (a ``DistributedDataParallel`` model, or DTensor params) each rank passes
-    its own batches, and the loss, CE and KL recorded are their means over the ranks (one
-    all-reduce of three numbers per step: the global batch's loss when the ranks hold equally
-    many tokens); the grad norm and the health signals are global too, so every rank records
-    the same figures.
+    its own batches, and the loss, CE and KL recorded are their means over the ranks (DDP's
+    process group; every rank for DTensor params): one all-reduce of three numbers per step,
+    the global batch's loss when the ranks hold equally many tokens. The grad norm and the
+    health signals are global too, so every rank records the same figures.
 
     Returns:
         A :class:`TrainResult`.
@@ -1511,7 +1513,7 @@ def train(
     result = TrainResult(steps=start_step)
     prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
-    data_parallel = _data_parallel(model)
+    data_parallel, dp_group = _data_parallel(model)
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
 
     def record(kind: str, rec: dict[str, Any]) -> None:
@@ -1574,9 +1576,9 @@ def train(
                     (loss / grad_accum).backward()  # exact for grad_accum = 1
                 parts += torch.stack([loss.detach(), kl, ce])
                 result.tokens += ids.numel()
-            if data_parallel:  # every rank steps in lockstep: the mean over the ranks
-                torch.distributed.all_reduce(parts)
-                parts /= torch.distributed.get_world_size()
+            if data_parallel:  # the group's ranks step in lockstep: the mean over them
+                torch.distributed.all_reduce(parts, group=dp_group)
+                parts /= torch.distributed.get_world_size(dp_group)
             loss, kl, ce = parts / grad_accum
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
             gnorm = _clip_grad_norm(list(model.parameters()), max_norm)

@@ -359,6 +359,27 @@ def accumulated_run(rank: int = 0, world: int = 1, ddp: bool = False) -> dict:
     return snapshot(model, opt)
 
 
+def own_rows_losses(rank: int, world: int, ddp: bool = False) -> list[float]:
+    """The losses cast.train records on this rank's rows of lm_batches; with ddp, under DDP over
+    a group of this rank alone (every rank builds every group): its means are its group's, this
+    rank's own, not the world's."""
+    model, teacher = make_lm()
+    opt = AdamS(cast.param_groups(model), **HP)
+    if ddp:
+        groups = [dist.new_group([r]) for r in range(world)]
+        model = nn.parallel.DistributedDataParallel(model, process_group=groups[rank])
+    res = cast.train(
+        model,
+        opt,
+        lm_batches(rank, world),
+        total_steps=STEPS,
+        teacher=teacher,
+        health_every=0,
+        progress=False,
+    )
+    return [rec["loss"] for rec in res.train]
+
+
 def budget_then_train(model: nn.Module, teacher: nn.Module, rank: int = 0, world: int = 1) -> dict:
     """decay_budget (gradients from one backward on the first batch), then cast.train with
     distillation, grad clipping that bites, an lr schedule and health records."""
@@ -441,6 +462,7 @@ def _dtensor_worker(rank: int, tmp: str) -> dict[str, Any]:
     set_model_state_dict(model, full, options=options)
     result = budget_then_train(model, make_lm()[1], rank, WORLD)
     result["ddp_accumulated"] = accumulated_run(rank, WORLD, ddp=True)
+    result["ddp_subgroup"] = own_rows_losses(rank, WORLD, ddp=True)
     return {"dtensor": result}
 
 
@@ -675,6 +697,8 @@ def test_mask_ops_on_dtensors_and_cast_train_under_fsdp2(tmp_path: Path) -> None
     got = torch.load(tmp_path / "dtensor.pt")
     # DDP with gradient accumulation (no_sync but for the last micro-batch): one process's run
     assert_match(got.pop("ddp_accumulated"), accumulated_run())
+    # DDP over a subgroup (rank 0 alone): rank 0's losses are its rows' (not the world's mean)
+    assert got.pop("ddp_subgroup") == pytest.approx(own_rows_losses(0, WORLD), rel=1e-6)
     assert_same_run(got)
 
 
