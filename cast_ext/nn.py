@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 Mode = Literal["auto", "sparse", "dense"]
-_LAYER_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = ("auto", "sparse", "dense")
 
 SPARSE_MARGIN = 0.98
@@ -264,7 +263,7 @@ class SparseLinear(nn.Module):
         self.out_features = out_features
         self.mode: Mode = mode
         dtype = dtype or torch.get_default_dtype()
-        if dtype not in _LAYER_DTYPES:
+        if dtype not in ops._FLOATS:
             raise TypeError(
                 f"cast_ext.nn.SparseLinear: dtype {dtype} is not supported; expected float32, "
                 "float16 or bfloat16"
@@ -509,7 +508,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         values = self._buffers["values"]
         assert values is not None
-        if values.dtype not in _LAYER_DTYPES:  # e.g. after model.double()
+        if values.dtype not in ops._FLOATS:  # e.g. after model.double()
             raise TypeError(
                 f"cast_ext.nn.SparseLinear: the layer is {values.dtype}; expected float32, "
                 "float16 or bfloat16 (convert it with .float(), .half() or .bfloat16())"

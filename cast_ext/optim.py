@@ -46,7 +46,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["AdamS"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _IMPLS = ("auto", "reference")
 # State entries kept in fp32 / uint8 whatever the param's dtype (torch's load_state_dict would
 # cast them to the param's dtype).
@@ -317,7 +316,7 @@ class AdamS(torch.optim.Optimizer):
         merged = {**self.defaults, **param_group, "params": params}
         self._check_hparams(merged)
         for p in params:
-            if isinstance(p, Tensor) and p.dtype not in _FLOATS:
+            if isinstance(p, Tensor) and p.dtype not in ops._FLOATS:
                 raise _err(
                     f"param of shape {list(p.shape)} has dtype {p.dtype}; "
                     "expected float32, float16 or bfloat16"
