@@ -154,7 +154,7 @@ def _impls(
     }
     if xs[0].shape[0] <= 16:
         impls["packed"] = lambda i: cast_ext.sparse24_gemm(
-            xs[i], layer.values, layer.meta, check_meta=False
+            xs[i], layer.values, layer.metadata, check_meta=False
         )
     alg = _torch_search(wc_torch, xs[0])
     if alg is not None:
@@ -191,7 +191,7 @@ def run(reps: int = 30) -> list[Row]:
             "cast_ext_cslt": wc.numel() * 2,
             "torch_cslt": wc_torch.numel() * 2,
             "torch_cslt_searched": wc_torch.numel() * 2,
-            "packed": layer.values.numel() * 2 + layer.meta.numel(),
+            "packed": layer.values.numel() * 2 + layer.metadata.numel(),
         }
         weight_bytes["sparse"] = weight_bytes["cast_ext_cslt"]
         for m in tokens:

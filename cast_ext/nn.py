@@ -1,12 +1,12 @@
 """2:4 sparse linear layers: :class:`SparseLinear`, model swaps and the sparse-vs-dense dispatch.
 
 A :class:`SparseLinear` stores its weight in the portable packed 2:4 format (``values`` +
-``meta`` buffers, see :func:`cast_ext.sparse24_compress`), so its ``state_dict`` loads on any
+``metadata`` buffers, see :func:`cast_ext.sparse24_compress`), so its ``state_dict`` loads on any
 device. Its forward runs one of
 
 * ``"sparse"`` (CUDA): cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's
   compressed buffer, kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``;
-* ``"packed"``: :func:`cast_ext.sparse24_gemm` on ``values``/``meta`` (on CUDA the small-M
+* ``"packed"``: :func:`cast_ext.sparse24_gemm` on ``values``/``metadata`` (on CUDA the small-M
   kernel, for at most 16 tokens, which reads 56% of a dense weight's bytes; on the CPU the
   packed-format kernel, any token count);
 * ``"dense"``: ``F.linear`` (cuBLAS, or the CPU BLAS) on the decompressed weight, cached,
@@ -23,13 +23,13 @@ last sample is in). An isolated measurement keeps the weight in cache (the CPU's
 60 MB L2), which flatters dense when the model's weights do not fit. A layer drops the derived
 weight (dense copy or cuSPARSELt buffer) that none of its decisions uses. The packed CUDA
 kernel's check of the meta costs a sync, so a layer checks its meta once per weight (at its
-first packed call after ``values`` or ``meta`` change) and then runs the kernel unchecked. The
+first packed call after ``values`` or ``metadata`` change) and then runs the kernel unchecked. The
 choice comes from timings, so two processes may choose differently for one shape, and the paths
 round differently: for bitwise reproducible outputs force a path. ``mode="sparse"`` forces the
 2:4 kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy),
 ``mode="dense"`` the dense one. :func:`dispatch_decisions` lists what was chosen and the times
 behind it. The backward (input and bias grads, for adapters such as LoRA on a
-frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``meta`` are buffers
+frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``metadata`` are buffers
 and get no gradient.
 """
 
@@ -184,7 +184,7 @@ _TRIALS: dict[tuple[Any, ...], _Trial] = {}
 
 
 class _CsltLinearFn(torch.autograd.Function):
-    """cuSPARSELt forward; dense backward for x and bias (values/meta are frozen buffers)."""
+    """cuSPARSELt forward; dense backward for x and bias (values/metadata are frozen buffers)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -234,12 +234,12 @@ class SparseLinear(nn.Module):
     Shape:
         ``[..., K] -> [..., N]``.
 
-    Buffers ``values`` ``[N, K/2]`` and ``meta`` ``[N, ceil(K/8)]`` uint8 hold the weight; use
+    Buffers ``values`` ``[N, K/2]`` and ``metadata`` ``[N, ceil(K/8)]`` uint8 hold the weight; use
     :meth:`from_dense` to build one from an ``nn.Linear``.
     """
 
     values: Tensor
-    meta: Tensor
+    metadata: Tensor
 
     def __init__(
         self,
@@ -271,7 +271,7 @@ class SparseLinear(nn.Module):
         self.register_buffer(
             "values", torch.zeros(out_features, in_features // 2, dtype=dtype, device=device)
         )
-        self.register_buffer("meta", _default_meta(out_features, in_features, device))
+        self.register_buffer("metadata", _default_meta(out_features, in_features, device))
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         )
@@ -281,7 +281,7 @@ class SparseLinear(nn.Module):
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down; a
         # measurement builds both weights, then the one no decision uses is released.
         self._uses: set[str] = set()
-        # The _tag() of the values/meta whose meta a checked packed CUDA call has passed.
+        # The _tag() of the values/metadata whose meta a checked packed CUDA call has passed.
         self._meta_checked: tuple[Any, ...] | None = None
 
     # -- construction and conversion --
@@ -333,14 +333,14 @@ class SparseLinear(nn.Module):
         values, meta = ops.sparse24_compress(w)
         with torch.no_grad():
             layer.values.copy_(values)
-            layer.meta.copy_(meta)
+            layer.metadata.copy_(meta)
             if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         return layer, dense_groups
 
     def dense_weight(self) -> Tensor:
         """The 2:4 weight ``[N, K]`` as a dense tensor (zeros at the pruned positions)."""
-        return ops.sparse24_decompress(self.values, self.meta)
+        return ops.sparse24_decompress(self.values, self.metadata)
 
     def to_dense(self) -> nn.Linear:
         """An equivalent ``nn.Linear`` (same device and dtype) holding the 2:4 weight."""
@@ -361,16 +361,16 @@ class SparseLinear(nn.Module):
 
     def _tag(self) -> tuple[Any, ...]:
         b = self._buffers  # not self.values: nn.Module.__getattr__ is slow on a per-call path
-        v, mt = b["values"], b["meta"]
+        v, mt = b["values"], b["metadata"]
         assert v is not None and mt is not None
         return (v.device, v.dtype, v.data_ptr(), v._version, mt.data_ptr(), mt._version)
 
     def _current(self, name: str) -> Tensor | None:
-        """The cached derived weight ``name`` if it was built from the current ``values``/``meta``.
+        """The cached derived weight ``name`` if it was built from the current buffers.
 
         Under torch.compile data pointers cannot be traced, so there is no staleness check: the
         weight the last eager call built is used. ``load_state_dict`` drops the derived
-        weights; after writing ``values``/``meta`` in place otherwise, call the layer once
+        weights; after writing ``values``/``metadata`` in place otherwise, call the layer once
         eagerly before a compiled call."""
         hit = self._derived.get(name)
         if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
@@ -399,7 +399,7 @@ class SparseLinear(nn.Module):
 
     def _release_unused(self) -> None:
         """Drop the derived weight of a path no decision uses (the 2:4 weight stays in ``values``
-        and ``meta``): a layer dispatched one way holds one extra copy, not two."""
+        and ``metadata``): a layer dispatched one way holds one extra copy, not two."""
         for path, name in (("dense", "dense"), ("sparse", "cslt")):  # "packed" needs neither
             if path not in self._uses:
                 self._derived.pop(name, None)
@@ -412,12 +412,17 @@ class SparseLinear(nn.Module):
         self._derived.clear()  # rebuilt lazily on the new device/dtype
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # New values/meta: the derived weights go (a compiled call cannot see that they are
-        # stale, an eager one could), and the meta is checked again.
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Earlier revisions named the metadata buffer "meta", which torch.export's GraphModule
+        # shadows (GraphModule.meta); such state dicts still load.
+        legacy = prefix + "meta"
+        if legacy in state_dict and prefix + "metadata" not in state_dict:
+            state_dict[prefix + "metadata"] = state_dict.pop(legacy)
+        # New values/metadata: the derived weights go (a compiled call cannot see that they are
+        # stale, an eager one could), and the metadata is checked again.
         self._derived.clear()
         self._meta_checked = None
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- forward --
 
@@ -489,9 +494,9 @@ class SparseLinear(nn.Module):
         )  # fmt: skip
 
     def _meta_unchecked(self, x: Tensor) -> bool:
-        """Whether a packed call on ``x`` must check ``meta``: on CUDA once per weight (the check
-        is a sync), until a checked call of the current ``values``/``meta`` succeeded; on the CPU
-        always (it is free)."""
+        """Whether a packed call on ``x`` must check ``metadata``: on CUDA once per weight (the
+        check is a sync), until a checked call of the current buffers succeeded; on the CPU always
+        (it is free)."""
         if x.device.type != "cuda":
             return True
         if torch.compiler.is_compiling():
@@ -500,7 +505,9 @@ class SparseLinear(nn.Module):
 
     def _packed(self, x: Tensor) -> Tensor:
         check = self._meta_unchecked(x)
-        y = torch.ops.cast_ext.sparse24_gemm(x, self.values, self.meta, self.bias, check_meta=check)
+        y = torch.ops.cast_ext.sparse24_gemm(
+            x, self.values, self.metadata, self.bias, check_meta=check
+        )
         if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
             self._meta_checked = self._tag()  # only once the check has passed
         return y
@@ -525,7 +532,7 @@ class SparseLinear(nn.Module):
             if values.dtype != dt:  # the packed kernel on values cast for the call
                 with torch.autocast(x.device.type, enabled=False):
                     b = None if self.bias is None else self.bias.to(dt)
-                    return ops.sparse24_gemm(x.to(dt), values.to(dt), self.meta, b)
+                    return ops.sparse24_gemm(x.to(dt), values.to(dt), self.metadata, b)
             x = x.to(dt)
         if x.dtype != values.dtype:
             raise TypeError(

@@ -118,7 +118,7 @@ def test_state_dict_round_trip() -> None:
     # One forced path: auto's first calls alternate paths, which round differently.
     sl = SparseLinear.from_dense(linear(32, 16), mode="sparse", warn=False)
     sd = sl.state_dict()
-    assert set(sd) == {"values", "meta", "bias"}
+    assert set(sd) == {"values", "metadata", "bias"}
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -132,12 +132,45 @@ def test_state_dict_round_trip() -> None:
     assert torch.equal(fresh._dense_cached(), sl.dense_weight())
 
 
+def test_state_dict_with_the_legacy_meta_key_loads() -> None:
+    """State dicts saved when the metadata buffer was named ``meta`` load (plain and nested);
+    the new key wins where a dict holds both."""
+    sl = SparseLinear.from_dense(linear(32, 16), mode="sparse", warn=False)
+    model = nn.Sequential(nn.ReLU(), sl)
+    legacy = {k.replace("metadata", "meta"): v for k, v in model.state_dict().items()}
+    assert "1.meta" in legacy and "1.metadata" not in legacy
+    fresh = nn.Sequential(nn.ReLU(), SparseLinear(32, 16, mode="sparse"))
+    fresh.load_state_dict(legacy)
+    assert torch.equal(fresh[1].metadata, sl.metadata)
+    both = {**sl.state_dict(), "meta": torch.zeros_like(sl.metadata)}
+    other = SparseLinear(32, 16, mode="sparse")
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*\"meta\""):
+        other.load_state_dict(both)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_torch_export_module_and_unflatten(mode: str) -> None:
+    """torch.export of a bare layer and of a model: ``ep.module()`` and ``unflatten`` rebuild
+    modules whose buffers hold the weight (a buffer named ``meta`` clashed with
+    ``GraphModule.meta`` there) and compute what the layer does."""
+    torch.manual_seed(0)
+    sl = SparseLinear.from_dense(linear(32, 16), mode=mode, warn=False)
+    model = nn.Sequential(
+        SparseLinear.from_dense(linear(32, 32), mode=mode, warn=False), nn.ReLU(), sl
+    )
+    x = torch.randn(3, 32)
+    for m in (sl, model):
+        ep = torch.export.export(m, (x,))
+        assert torch.equal(ep.module()(x), m(x))
+        assert torch.equal(torch.export.unflatten(ep)(x), m(x))
+
+
 def test_dtype_conversion_keeps_meta() -> None:
     sl = SparseLinear.from_dense(linear(16, 8), warn=False)
     w = sl.dense_weight()
     sl = sl.to(torch.bfloat16)
     assert sl.values.dtype == torch.bfloat16 and sl.bias.dtype == torch.bfloat16
-    assert sl.meta.dtype == torch.uint8
+    assert sl.metadata.dtype == torch.uint8
     assert torch.equal(sl.dense_weight(), w.bfloat16())
     x = torch.randn(3, 16).bfloat16()
     close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
@@ -406,7 +439,7 @@ def test_cpu_dispatch_follows_the_decision(choice: str) -> None:
     y = sl(x)
     b = sl.bias.detach()
     if choice == "packed":
-        assert torch.equal(y, cast_ext.sparse24_gemm(x, sl.values, sl.meta, b))
+        assert torch.equal(y, cast_ext.sparse24_gemm(x, sl.values, sl.metadata, b))
         assert sl.derived_bytes() == 0  # the dense copy built before is dropped
     else:
         assert torch.equal(y, F.linear(x, sl.dense_weight(), b))
@@ -419,7 +452,7 @@ def test_cpu_forced_modes_measure_nothing() -> None:
     x = torch.randn(4, 32)
     sparse = SparseLinear.from_dense(linear(32, 16), mode="sparse", warn=False)
     b = sparse.bias.detach()
-    assert torch.equal(sparse(x), cast_ext.sparse24_gemm(x, sparse.values, sparse.meta, b))
+    assert torch.equal(sparse(x), cast_ext.sparse24_gemm(x, sparse.values, sparse.metadata, b))
     assert sparse.derived_bytes() == 0  # the packed kernel needs no dense copy
     dense = SparseLinear.from_dense(linear(32, 16), mode="dense", warn=False)
     assert torch.equal(dense(x), F.linear(x, dense.dense_weight(), dense.bias.detach()))
@@ -511,7 +544,7 @@ def test_cuda_packed_layer_checks_its_meta_once_per_weight() -> None:
     close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
     assert not sl._meta_unchecked(x)  # checked once, then trusted
     state = {name: t.clone() for name, t in sl.state_dict().items()}
-    state["meta"][5, 2] = 0x37  # a group keeping 3
+    state["metadata"][5, 2] = 0x37  # a group keeping 3
     sl.load_state_dict(state)
     for _ in range(2):  # a failed check is not taken as a pass
         with pytest.raises(RuntimeError, match=r"sparse24_gemm: meta .* not a valid"):

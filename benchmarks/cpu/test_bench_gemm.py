@@ -34,7 +34,7 @@ def layer(weight) -> cast_ext.nn.SparseLinear:
     out = cast_ext.nn.SparseLinear(K, N, bias=False, dtype=torch.bfloat16)
     with torch.no_grad():
         out.values.copy_(values)
-        out.meta.copy_(meta)
+        out.metadata.copy_(meta)
     return out
 
 
