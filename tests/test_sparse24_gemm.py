@@ -147,12 +147,13 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
 ) -> None:
     """A group keeping 3, 1 or 0 elements: in a row with no full block of 8 groups, inside a
     block (the CPU's AVX-512 path takes 8 groups at a time) and in the groups after the last;
-    a row's padding nibble set (k % 8 == 4: sparse24_decompress, the backward's, refuses it)."""
+    a row's padding nibble set (k % 8 == 4: sparse24_decompress, the backward's, refuses it).
+    An x without rows is no excuse: no kernel pass reads the meta then, but it is checked."""
     w = make_weight(8, k, torch.float32, device)
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
     meta[3, byte] = bad
-    for m in (1, 4, 12, 20):  # CPU: the AVX-512, dot and expand-then-GEMM paths
+    for m in (0, 1, 4, 12, 20):  # CPU: the AVX-512, dot and expand-then-GEMM paths
         x = torch.randn(m, k, device=device)
         before = (x.clone(), values.clone(), meta.clone())
         with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid"):

@@ -300,18 +300,25 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   const at::Tensor x = x_in.contiguous();
   const at::Tensor values = values_in.contiguous();
   const at::Tensor meta = meta_in.contiguous();
-  if (k % 8 != 0) {
+  const int64_t m = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));  // rows of x
+  {
+    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
+    const int64_t kb = meta.size(1), groups = k / 4;
+    bool bad = false;
     // A row's last byte holds one group: its padding nibble must be 0, as sparse24_decompress
     // (the backward's) requires, so the forward does not take a meta the backward refuses.
-    const uint8_t* mt = meta.const_data_ptr<uint8_t>();
-    const int64_t kb = meta.size(1);
-    bool bad = false;
-    for (int64_t r = 0; r < n; ++r) bad |= (mt[r * kb + kb - 1] >> 4) != 0;
+    if (k % 8 != 0)
+      for (int64_t r = 0; r < n; ++r) bad |= (mt[r * kb + kb - 1] >> 4) != 0;
+    // The kernels check the groups in their pass; with no rows of x none runs, so check them
+    // here (as CUDA's decompression does): a valid nibble has 2 bits, one of 3 5 6 9 10 12.
+    if (m == 0)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g = 0; g < groups; ++g)
+          bad |= ((0x1668u >> ((mt[r * kb + g / 2] >> (4 * (g % 2))) & 0xFu)) & 1u) == 0;
     check_meta_flag(op, meta_in, bad);
   }
   std::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
-  const int64_t m = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));  // rows of x
   auto oshape = x.sizes().vec();
   oshape.back() = n;
   at::Tensor y = at::empty(oshape, x.options());
