@@ -105,10 +105,8 @@ class WeightScale(nn.Module):
     def _scaled(self, w: Tensor, inverse: bool = False) -> Tensor:
         if isinstance(w, DTensor):
             return _scaled_shards(w, self.scale, self.blocks, inverse)
-        s = self.scale.to(w.dtype).unsqueeze(-1)
         grouped = w.reshape(self.out_features, self.blocks, self.in_features // self.blocks)
-        out = grouped / s if inverse else grouped * s
-        return out.reshape(self.out_features, self.in_features)
+        return _times_scale(grouped, self.scale, inverse).reshape(self.out_features, -1)
 
     def forward(self, w: Tensor) -> Tensor:
         used = self._scaled(w)
@@ -125,6 +123,40 @@ class WeightScale(nn.Module):
         return f"out={self.out_features}, in={self.in_features}, blocks={self.blocks}, " + (
             f"transposed={self.transposed}"
         )
+
+
+class _HalfTimesScale(torch.autograd.Function):
+    """``W * A`` for a 16-bit ``W`` ``[rows, blocks, g]`` and a scale ``A`` ``[rows, blocks]``:
+    the product in fp32, rounded once. (``A`` rounded to bf16 first moves in steps of 0.4-0.8%
+    near 1, where a scale lives, so small changes of ``A`` would change nothing and others
+    jump.) Saves ``W`` and ``A``, not an fp32 copy of ``W``; the gradients are fp32 sums."""
+
+    @staticmethod
+    def forward(ctx: Any, grouped: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(grouped, scale)
+        return (grouped.float() * scale.unsqueeze(-1)).to(grouped.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        grouped, scale = ctx.saved_tensors
+        g32 = grad.float()
+        dw = ds = None
+        if ctx.needs_input_grad[0]:
+            dw = (g32 * scale.unsqueeze(-1)).to(grouped.dtype)
+        if ctx.needs_input_grad[1]:
+            ds = torch.einsum("rbg,rbg->rb", g32, grouped.float()).to(scale.dtype)
+        return dw, ds
+
+
+def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
+    """``grouped * A`` (or ``/ A``, no gradient) with ``A`` ``[rows, blocks]`` broadcast over
+    the last dim: in ``W``'s dtype for fp32/fp64, in fp32 rounded once for fp16/bf16."""
+    if grouped.dtype in (torch.float16, torch.bfloat16):
+        if inverse:
+            return (grouped.float() / scale.float().unsqueeze(-1)).to(grouped.dtype)
+        return _HalfTimesScale.apply(grouped, scale)
+    s = scale.to(grouped.dtype).unsqueeze(-1)
+    return grouped / s if inverse else grouped * s
 
 
 def _scale_placements(weight: DTensor) -> list[Any]:
@@ -199,9 +231,8 @@ def _scaled_shards(w: DTensor, scale: Tensor, blocks: int, inverse: bool) -> DTe
     width = w.shape[1] // blocks
     g = math.gcd(k, width, offset[1])
     block = torch.arange(offset[1], offset[1] + k, g, device=local.device) // width
-    s = _ScaleShard.apply(scale, list(w.placements)).to(local.dtype)[:, block].unsqueeze(-1)
-    grouped = local.reshape(rows, k // g, g)
-    out = (grouped / s if inverse else grouped * s).reshape(rows, k)
+    s = _ScaleShard.apply(scale, list(w.placements))[:, block]
+    out = _times_scale(local.reshape(rows, k // g, g), s, inverse).reshape(rows, k)
     return DTensor.from_local(
         out, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
     )
@@ -248,7 +279,8 @@ class SparseLayer:
 
 def _layout(module: nn.Module) -> tuple[str, int, int] | None:
     """``(kind, out, in)`` for a Linear-like module, else None."""
-    if parametrize.is_parametrized(module, "weight"):
+    parametrized = parametrize.is_parametrized(module, "weight")
+    if parametrized and hasattr(module.parametrizations.weight, "original"):  # weight_norm: 0/1
         w = module.parametrizations.weight.original
         return (
             "conv1d" if _is_conv1d(module) else "linear",
@@ -340,6 +372,7 @@ def prepare(
         elif in_f % _M != 0 or id(module.weight) in excluded:
             continue
         chosen.append((name, module, kind, out_f, in_f))
+    _refuse_unscalable(model, chosen)
 
     changed = []
     for name, module, kind, out_f, in_f in chosen:
@@ -356,8 +389,37 @@ def prepare(
         requires_grad = module.weight.requires_grad
         parametrize.register_parametrization(module, "weight", p)
         module.parametrizations.weight.original.requires_grad_(requires_grad)
+        p.scale.requires_grad_(requires_grad)  # a frozen layer's scale does not train either
         changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
     return changed
+
+
+def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str, int, int]]):
+    """Raise, before :func:`prepare` changes anything, for a chosen layer it cannot scale: one
+    whose weight already has a parametrization (CAST's scaling must be the only one: the layer
+    would train dense, unseen by :func:`sparse_layers`), and a ``Conv1D`` whose weight another
+    module shares (its ``[in, out]`` weight is re-stored as ``[out, in]``, under the other)."""
+    users: dict[int, dict[int, str]] = {}  # param -> the modules holding it
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), {}).setdefault(id(mod), f"{mname}.{pname}".lstrip("."))
+    for name, module, kind, _, _ in chosen:
+        if parametrize.is_parametrized(module, "weight"):
+            found = [type(q).__name__ for q in module.parametrizations.weight]
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name}.weight already has parametrizations {found}; "
+                "CAST's weight scaling must be its only one: remove them "
+                "(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out "
+                "with filter_fn (nothing was changed)"
+            )
+        holders = users.get(id(module.weight), {})
+        if kind == "conv1d" and len(holders) > 1:
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name} is a Conv1D whose weight is shared "
+                f"({', '.join(holders.values())}); prepared, it is stored as [out, in] under "
+                "every holder: untie it or leave it out with filter_fn (nothing was changed)"
+            )
 
 
 def param_groups(
@@ -418,7 +480,9 @@ def param_groups(
         g: dict[str, Any] = {"params": params, "sparse": is_sparse, "name": name}
         if g_lr is not None:
             g["lr"] = g_lr
-        if wd and weight_decay is not None:
+        if not wd:
+            g["weight_decay"] = 0.0  # not the optimizer's default either
+        elif weight_decay is not None:
             g["weight_decay"] = weight_decay
         return g
 
@@ -1270,6 +1334,10 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
 
     Returns:
         One :class:`LayerReport` per layer, in module order.
+
+    Warns:
+        UserWarning: ``optimizer`` was given but has no mask for some layers (which then get
+            magnitude masks).
     """
     layers = sparse_layers(model)
     for layer in layers:
@@ -1315,6 +1383,15 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
                 mask_source=source,
             )
         )
+    fallback = [r.name for r in reports if r.mask_source == "magnitude"]
+    if optimizer is not None and fallback:
+        names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+        warnings.warn(
+            f"cast_ext.cast.finalize: the optimizer holds no mask for {len(fallback)} of "
+            f"{len(reports)} layers ({names}): not sparse params of an AdamS that has stepped; "
+            "they were pruned with fresh magnitude masks",
+            stacklevel=2,
+        )
     return reports
 
 
@@ -1337,7 +1414,8 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
         batch_size: windows per forward pass.
 
     Returns:
-        ``exp(mean next-token cross-entropy)`` over the ``N * (L - 1)`` predictions.
+        ``exp(mean next-token cross-entropy)`` over the ``N * (L - 1)`` predictions; NaN when
+        there are none (windows of one token, or no windows).
     """
     was_training = model.training
     model.eval()
@@ -1352,7 +1430,7 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
         total += float(loss) * n
         count += n
     model.train(was_training)
-    return math.exp(total / max(count, 1))
+    return math.exp(total / count) if count else math.nan
 
 
 @dataclass
@@ -1390,22 +1468,39 @@ def _data_parallel(model: nn.Module) -> tuple[bool, Any]:
     return any(isinstance(p, DTensor) for p in model.parameters()), None
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float in it replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm), also where the gradients live on different
     meshes or only some are DTensors (tensor parallel leaves embeddings, norms and the head
     plain; FSDP2 over it puts those on the data-parallel mesh alone), which torch's refuses: the
-    norm of each such group, gathered, combined. Returns the total norm."""
+    norm of each such group, gathered, combined. Returns the total norm. A non-finite norm
+    leaves the gradients as they are (torch's would scale them all to NaN or 0)."""
     groups: dict[Any, list[Tensor]] = {}
     for p in params:
         if p.grad is not None:
             mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
             groups.setdefault(mesh, []).append(p.grad)
     if len(groups) <= 1:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grads = [g for gs in groups.values() for g in gs]
+        norm = torch.nn.utils.get_total_norm(grads)
+        total = float(_full(norm))
+        if math.isfinite(total):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return total
     norms = [float(_full(torch.nn.utils.get_total_norm(gs))) for gs in groups.values()]
     total = math.hypot(*norms)
     coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
+    if math.isfinite(total) and coef < 1.0:
         for gs in groups.values():
             torch._foreach_mul_(gs, coef)
     return total
@@ -1496,9 +1591,10 @@ def train(
     if grad_accum < 1:
         raise ValueError(f"cast_ext.cast.train: grad_accum must be >= 1, got {grad_accum}")
     stop = total_steps if stop_step is None else stop_step
-    if not 0 <= start_step <= stop <= total_steps:
+    if not (0 <= start_step <= stop <= total_steps and total_steps >= 1):
         raise ValueError(
-            f"cast_ext.cast.train: need 0 <= start_step <= stop_step <= total_steps, got "
+            f"cast_ext.cast.train: need 0 <= start_step <= stop_step <= total_steps, "
+            f"total_steps >= 1, got "
             f"start_step={start_step}, stop_step={stop_step}, total_steps={total_steps}"
         )
     device = next(model.parameters()).device
@@ -1519,8 +1615,8 @@ def train(
     def record(kind: str, rec: dict[str, Any]) -> None:
         rec = {"run": run_name, "kind": kind, **rec}
         {"train": result.train, "eval": result.evals, "health": result.health}[kind].append(rec)
-        if log is not None:
-            log.write(json.dumps(rec) + "\n")
+        if log is not None:  # strict JSON: a figure that is NaN or infinite is written null
+            log.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
             log.flush()
 
     def health(step: int) -> None:
@@ -1557,22 +1653,23 @@ def train(
                         f"{micro}) of {stop}: it must yield grad_accum = {grad_accum} a step"
                     )
                 ids = ids.to(device)
-                logits = _logits(model(ids))
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = _logits(teacher(ids))
-                loss, kl, ce = distill_loss(
-                    logits,
-                    t_logits,
-                    shift_labels(ids),
-                    eta=eta if teacher is not None else 0.0,
-                    temperature=temperature,
-                    return_parts=True,
-                )
-                del logits, t_logits
+                # DDP decides in the forward whether the backward all-reduces: both inside.
                 skip = no_sync is not None and micro < grad_accum - 1
                 with no_sync() if skip else contextlib.nullcontext():
+                    logits = _logits(model(ids))
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = _logits(teacher(ids))
+                    loss, kl, ce = distill_loss(
+                        logits,
+                        t_logits,
+                        shift_labels(ids),
+                        eta=eta if teacher is not None else 0.0,
+                        temperature=temperature,
+                        return_parts=True,
+                    )
+                    del logits, t_logits
                     (loss / grad_accum).backward()  # exact for grad_accum = 1
                 parts += torch.stack([loss.detach(), kl, ce])
                 result.tokens += ids.numel()
@@ -1588,7 +1685,7 @@ def train(
                 raise FloatingPointError(
                     f"{run_name}: loss {loss_f}, gradient norm {gnorm} at step {step}; not stepped"
                 )
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])  # a Tensor lr changes in place
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if sched is not None:

@@ -740,7 +740,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def _write_results(results: dict[str, Any], out_dir: Path) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    text = json.dumps(cast._json_safe(results), indent=1, default=str, allow_nan=False)
+    (out_dir / "results.json").write_text(text)
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], None] = print):

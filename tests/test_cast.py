@@ -120,6 +120,59 @@ def test_weight_scaling_formula(arch):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_scaling_of_16_bit_weights_is_one_fp32_product(dtype):
+    """A 16-bit weight times its fp32 scale: the product in fp32, rounded once (a scale rounded
+    to bf16 first would be 1.0 at 1.0015: no change at all). The gradients are fp32 sums."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 8, bias=False).to(dtype)
+    (layer,) = cast.prepare(nn.Sequential(lin))
+    with torch.no_grad():
+        layer.scale.copy_(1 + 0.003 * torch.rand_like(layer.scale))
+    w, a = layer.weight.detach(), layer.scale.detach()
+    cols = torch.arange(32) // 16
+    assert torch.equal(lin.weight, (w.float() * a[:, cols]).to(dtype))
+    assert not torch.equal(lin.weight, w)
+    g = torch.randn(8, 32).to(dtype)
+    lin.weight.backward(g)
+    want = (g.float() * w.float()).reshape(8, 2, 16).sum(-1)
+    torch.testing.assert_close(layer.scale.grad, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.weight.grad, (g.float() * a[:, cols]).to(dtype))
+
+
+def test_prepare_refuses_what_it_cannot_scale_and_changes_nothing():
+    """A weight with a parametrization already (weight_norm; spectral_norm: the layer would
+    train dense, unseen), a Conv1D weight shared with another module (stored [in, out], it is
+    re-stored as [out, in] under both): refused before any layer is touched."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    nn.utils.parametrizations.weight_norm(net[1])
+    with pytest.raises(ValueError, match=r"1\.weight already has parametrizations \['_Weigh"):
+        cast.prepare(net)
+    assert not nn.utils.parametrize.is_parametrized(net[0])
+    from transformers.pytorch_utils import Conv1D
+
+    a, b = Conv1D(16, 16), Conv1D(16, 16)
+    b.weight = a.weight
+    net = nn.Sequential(a, b, nn.Linear(16, 16))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"0 is a Conv1D whose weight is shared \(0\.weight, 1\."):
+        cast.prepare(net)
+    assert not any(nn.utils.parametrize.is_parametrized(m) for m in net)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_frozen_layer_gets_a_frozen_scale_and_scales_never_decay():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    net[0].weight.requires_grad_(False)
+    layers = cast.prepare(net)
+    assert [layer.scale.requires_grad for layer in layers] == [False, True]
+    groups = {g["name"]: g for g in cast.param_groups(net)}
+    assert [id(p) for p in groups["scales"]["params"]] == [id(layers[1].scale)]
+    assert groups["scales"]["weight_decay"] == 0.0 and "weight_decay" not in groups["sparse"]
+    opt = cast_ext.AdamS(list(groups.values()), lr=0.1, weight_decay=0.1, total_steps=3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
+
+
 def test_prepare_filter_fn_and_block_fallback():
     class Net(nn.Module):
         def __init__(self):
@@ -709,6 +762,62 @@ def test_train_stops_before_a_non_finite_step_and_when_batches_run_out():
     assert all(bool(torch.isfinite(t).all()) for t in before)
     with pytest.raises(ValueError, match=r"batches ran out at step 2 \(micro-batch 0\) of 4"):
         cast.train(model, opt, [good, good], **kw)
+
+
+def test_train_leaves_non_finite_gradients_for_inspection():
+    """An inf gradient: FloatingPointError before the step, every gradient as the backward
+    left it (clipping by an inf norm would have made them all NaN), with or without clipping."""
+    for clip in (None, 1.0):
+        model = tiny_llama()
+        cast.prepare(model)
+        opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=2)
+        w = cast.sparse_layers(model)[0].weight
+        w.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.inf))
+        kw = {"total_steps": 2, "progress": False, "health_every": 0, "grad_clip": clip}
+        with pytest.raises(FloatingPointError, match="gradient norm inf at step 0"):
+            cast.train(model, opt, [ids()], **kw)
+        assert torch.isinf(w.grad[0]).all() and torch.isfinite(w.grad[1:]).all()
+        others = [p.grad for p in model.parameters() if p.grad is not None and p is not w]
+        assert others and all(bool(torch.isfinite(g).all()) for g in others)
+
+
+def test_train_records_plain_floats_and_strict_json(tmp_path):
+    """A Tensor lr is recorded as the number of each step; the log parses as strict JSON (the
+    first health record's flips, NaN in memory, are null there); total_steps 0 is refused."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=torch.tensor(1e-3), total_steps=3)
+    log = tmp_path / "log.jsonl"
+    res = cast.train(
+        model,
+        opt,
+        (ids(seed=s) for s in range(3)),
+        total_steps=3,
+        lr_lambda=lambda s: [1.0, 10.0, 1.0, 1.0][s],  # LambdaLR steps once past the last
+        health_every=2,
+        log_path=log,
+        progress=False,
+    )
+    assert [r["lr"] for r in res.train] == pytest.approx([1e-3, 1e-2, 1e-3])
+    assert math.isnan(res.health[0]["mask_flips"])
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    lines = [json.loads(line, parse_constant=refuse) for line in log.read_text().splitlines()]
+    assert lines[0]["kind"] == "health" and lines[0]["mask_flips"] is None
+    with pytest.raises(ValueError, match="total_steps >= 1, got"):
+        cast.train(model, opt, [ids()], total_steps=0, progress=False)
+
+
+def test_perplexity_without_predictions_is_nan_and_finalize_warns_of_missing_masks():
+    model = tiny_gpt2()
+    assert math.isnan(cast.perplexity(model, ids(2, 1)))
+    cast.prepare(model)
+    adamw = torch.optim.AdamW(model.parameters())
+    with pytest.warns(UserWarning, match="optimizer holds no mask for 8 of 8 layers"):
+        reports = cast.finalize(model, adamw)
+    assert {r.mask_source for r in reports} == {"magnitude"}
 
 
 def test_train_resumed_at_start_step_is_the_uninterrupted_run():

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import cast_ext
 from cast_ext import AdamS, cast
@@ -339,15 +340,26 @@ def lm_batches(rank: int = 0, world: int = 1) -> Iterator[Tensor]:
 
 def accumulated_run(rank: int = 0, world: int = 1, ddp: bool = False) -> dict:
     """cast.train on lm(): one batch per step (this rank's rows), or with ddp, under DDP in
-    micro-batches of one row (grad_accum = rows per rank)."""
+    micro-batches of one row (grad_accum = rows per rank), which all-reduce the gradients once
+    a step (the micro-batches before the last run under no_sync, forward and backward: DDP
+    decides in the forward)."""
     model, teacher = make_lm()
     opt = AdamS(cast.param_groups(model), **HP)
     rows = 4 // world
     batches: Any = lm_batches(rank, world)
+    trained: nn.Module = model
+    allreduces = []
     if ddp:
         batches = (row[None] for b in batches for row in b)
+        trained = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1000)  # one bucket
+
+        def counted(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks annotations
+            allreduces.append(1)
+            return default_hooks.allreduce_hook(state, bucket)
+
+        trained.register_comm_hook(None, counted)
     cast.train(
-        nn.parallel.DistributedDataParallel(model) if ddp else model,
+        trained,
         opt,
         batches,
         total_steps=STEPS,
@@ -356,6 +368,7 @@ def accumulated_run(rank: int = 0, world: int = 1, ddp: bool = False) -> dict:
         progress=False,
         grad_accum=rows if ddp else 1,
     )
+    assert len(allreduces) == (STEPS if ddp else 0), len(allreduces)
     return snapshot(model, opt)
 
 
