@@ -59,6 +59,16 @@ _STATE_DTYPES = {
 }
 
 
+def _fit_master(p: Tensor, state: dict[str, Any]) -> None:
+    """Give ``state`` an fp32 master exactly when ``p`` is not fp32: started from ``p`` (the
+    model was cast, or a state dict saved with other param dtypes loaded); fp32 params are their
+    own masters."""
+    if p.dtype == torch.float32:
+        state.pop("master", None)
+    elif "master" not in state:
+        state["master"] = _state_like(p, _local(p).detach().float().contiguous(), list(p.shape))
+
+
 def _err(msg: str) -> ValueError:
     return ValueError(f"cast_ext.AdamS: {msg}")
 
@@ -261,7 +271,7 @@ class AdamS(torch.optim.Optimizer):
             "n": n,
             "m": m,
         }
-        self._check_hparams(defaults)
+        self._check_hparams(defaults, whole=False)  # total_steps may come with each group
         self.impl = impl
         # id(param) -> its version counter after the step last wrote it (params with masters)
         self._versions: dict[int, int] = {}
@@ -275,7 +285,8 @@ class AdamS(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        impl = state.pop("impl", "auto")
+        # load_state_dict ends here too, with state and groups only: the impl stays
+        impl = state.pop("impl", getattr(self, "impl", "auto"))
         super().__setstate__(state)
         self.impl = impl
         self._versions = {}
@@ -284,7 +295,9 @@ class AdamS(torch.optim.Optimizer):
     # ---- construction ------------------------------------------------------------------------
 
     @staticmethod
-    def _check_hparams(g: dict[str, Any]) -> None:
+    def _check_hparams(g: dict[str, Any], whole: bool = True) -> None:
+        """Check a group's settings (``whole``: a group's, merged with the defaults; else the
+        defaults alone, where ``total_steps`` may be left to the groups)."""
         lr = float(g["lr"])
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise _err(f"lr must be finite and >= 0, got {lr}")
@@ -296,23 +309,31 @@ class AdamS(torch.optim.Optimizer):
             if not (val >= 0.0 and math.isfinite(val)):
                 raise _err(f"{key} must be finite and >= 0, got {g[key]}")
         ts = g["total_steps"]
-        if ts is None:
+        if ts is None and whole:
             raise _err("total_steps is required (the planned length T of the alpha ramp)")
-        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 1:
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
             raise _err(f"total_steps must be an int >= 1, got {ts!r}")
         mi = g["mask_interval"]
         if isinstance(mi, bool) or not isinstance(mi, int) or mi < 1:
             raise _err(f"mask_interval must be an int >= 1, got {mi!r}")
         n, m = g["n"], g["m"]
-        if m not in (4, 8) or not (isinstance(n, int) and 0 < n <= m):
+        if m not in (4, 8) or isinstance(n, bool) or not (isinstance(n, int) and 0 < n <= m):
             raise _err(f"need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; without ``sparse`` (or with None) its params are sparse by shape."""
         entries = param_group["params"]
+        if isinstance(entries, (set, frozenset)):  # as torch's optimizers refuse them
+            raise TypeError(
+                "cast_ext.AdamS: a group's params must be an ordered collection; a set's order "
+                "changes from run to run (and a state dict matches params by position): use a list"
+            )
         entries = [entries] if isinstance(entries, Tensor) else list(entries)
         # (name, param) pairs, as named_parameters() gives (torch's optimizers take them too)
         params = [e[1] if isinstance(e, tuple) else e for e in entries]
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"cast_ext.AdamS: params must be Tensors, got {type(p).__name__}")
         merged = {**self.defaults, **param_group, "params": params}
         self._check_hparams(merged)
         for p in params:
@@ -404,13 +425,7 @@ class AdamS(torch.optim.Optimizer):
                 )
                 for key, val in st.items()
             }
-            # A run saved with other param dtypes: fp32 params are their own masters; bf16/fp16
-            # ones start their masters from the (loaded) params.
-            if p.dtype == torch.float32:
-                state.pop("master", None)
-            elif "master" not in state:
-                master = _local(p).detach().float().contiguous()
-                state["master"] = _state_like(p, master, list(p.shape))
+            _fit_master(p, state)  # a run saved with other param dtypes
             self.state[p] = state
 
     def _check_loadable(self, saved_groups: list[dict[str, Any]], saved_state: dict) -> None:
@@ -519,10 +534,17 @@ class AdamS(torch.optim.Optimizer):
                 _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 buckets[(p.device, p.dtype, sparse)].append(p)
             work += [(group, device, sparse, ps) for (device, _, sparse), ps in buckets.items()]
+        # A kernel call refuses (all its tensors unchanged) a sparse param whose weight has a
+        # NaN or Inf at a mask refresh; the calls before it would have stepped. So the sparse
+        # buckets go first, and those after the first are checked before any call.
+        work.sort(key=lambda w: not w[2])
+        self._check_refresh_weights(work[1:], found_inf)
         for group, device, sparse, ps in work:
             for p in ps:
                 if not self.state[p]:
                     self._init_state(p, group)
+                else:
+                    _fit_master(p, self.state[p])  # the model was cast since the last step
             states = [self.state[p] for p in ps]
 
             def each(key: str, states: list = states) -> list[Tensor]:
@@ -534,12 +556,17 @@ class AdamS(torch.optim.Optimizer):
             params = [_local(p) for p in ps]
             flat = [lp if lp.is_contiguous() else lp.contiguous() for lp in params]
             masters = each("master") if "master" in states[0] else []
-            # A param written outside the step since the last one (load_state_dict, a mask
-            # applied in place): the param, not its stale fp32 master, is the weight to go on
-            # from. (Eager only: torch.compile does not trace version counters.)
+            # A param written outside the step since the last one (a mask applied in place,
+            # weights loaded): the param, not its stale fp32 master, is the weight to go on
+            # from. At the first step since construction or load_state_dict, where no version
+            # was seen, it wins where it is not its master rounded (so a fresh process that
+            # loaded both goes on bit for bit). (Eager only: compile does not trace versions.)
             track = not torch.compiler.is_compiling() and len(masters) > 0
             for p, lp, master in zip(ps, params, masters if track else [], strict=track):
-                if self._versions.get(id(p), lp._version) != lp._version:
+                seen = self._versions.get(id(p))
+                if seen is None:
+                    master.copy_(torch.where(master.to(lp.dtype) == lp, master, lp.float()))
+                elif seen != lp._version:
                     master.copy_(lp)
             beta1, beta2 = group["betas"]
             fn(
@@ -571,6 +598,34 @@ class AdamS(torch.optim.Optimizer):
                     self._versions[id(p)] = lp._version
         return loss
 
+    def _check_refresh_weights(self, work: list[Any], found_inf: Tensor | None) -> None:
+        """Raise for a sparse param in ``work`` whose weight (master, else param) has a NaN or
+        Inf at a step that refreshes its mask. Host-side params only: a CUDA kernel does not
+        check its weights (that would sync), nor is a CUDA step count read here; nor under
+        torch.compile (data-dependent: each call still checks its own tensors)."""
+        if torch.compiler.is_compiling():
+            return
+        if found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf != 0):
+            return  # the step changes nothing
+        for group, device, sparse, ps in work:
+            if not sparse or device.type != "cpu":
+                continue
+            for p in ps:
+                state = self.state.get(p)
+                t = int(state["step"]) if state else 0
+                w = _local(state.get("master", p) if state else p)
+                if t % group["mask_interval"] == 0 and not torch.isfinite(
+                    torch.linalg.vector_norm(w.detach(), math.inf)
+                ):
+                    gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+                    pi = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise RuntimeError(
+                        f"cast_ext.AdamS: param {pi} of group {gi} of shape {list(p.shape)} "
+                        "contains NaN or Inf "
+                        f"at a mask refresh (step {t}): a mask of non-finite weights is "
+                        "undefined; nothing was stepped"
+                    )
+
     # ---- introspection -------------------------------------------------------------------------
 
     def _sparse_group(self, p: Tensor) -> dict[str, Any]:
@@ -598,7 +653,8 @@ class AdamS(torch.optim.Optimizer):
         """
         self._sparse_group(p)
         state = self.state.get(p)
-        if not state or "mask" not in state:
+        # a first step that was skipped (GradScaler's inf) or refused made a state, no mask
+        if not state or "mask" not in state or float(state["step"]) == 0:
             raise RuntimeError(
                 f"cast_ext.AdamS: param of shape {list(p.shape)} has no mask yet; it is "
                 "computed from the weights at the param's first step"
@@ -644,6 +700,8 @@ class AdamS(torch.optim.Optimizer):
         for (p, group), row in zip(params, table, strict=True):
             kept_sum, n_kept, pruned_sum, n_pruned, flips, groups, step = row
             t = int(step)
+            if t == 0:  # no mask yet (a skipped or refused first step made the state)
+                continue
             kept_mean = kept_sum / n_kept if n_kept else math.nan
             pruned_mean = pruned_sum / n_pruned if n_pruned else math.nan
             refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1

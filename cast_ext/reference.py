@@ -281,6 +281,15 @@ def adams_step_(
         return
     # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].
     inv_scale = None if grad_scale is None else (1.0 / grad_scale.float()).reshape(())
+    # A weight that gives no mask (NaN or Inf at a refresh) fails the call before any change.
+    for i, p in enumerate(params):
+        w = master_params[i] if master_params else p
+        if masks and int(steps[i].item()) % mask_interval == 0 and not bool(w.isfinite().all()):
+            name = "master_params" if master_params else "params"
+            raise RuntimeError(
+                f"cast_ext.adams_step_: {name}[{i}] of shape {list(w.shape)} contains NaN or "
+                "Inf; a mask of non-finite weights is undefined"
+            )
     for i, p in enumerate(params):
         _adams_one(
             p,

@@ -368,6 +368,102 @@ def test_bf16_param_written_outside_the_step_is_the_new_master() -> None:
     assert torch.equal(w.detach(), master.bfloat16())
 
 
+def test_bf16_param_written_after_load_state_dict_is_the_new_master() -> None:
+    """Loading the optimizer, then writing the model (a prune, another checkpoint): the first
+    step takes the written entries from the param (the load left no version to compare), and
+    keeps the fp32 master where the param is its master rounded."""
+    torch.manual_seed(0)
+    w = nn.Parameter((torch.randn(16, 32) * 0.05).bfloat16())
+    hp = {"lr": 1e-3, "decay": 1e-3, "total_steps": 10, "mask_interval": 100}
+    opt = AdamS([w], **hp)
+    for _ in range(2):
+        w.grad = torch.randn(16, 32).bfloat16()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = AdamS([w], **hp)
+    fresh.load_state_dict(saved)
+    master = fresh.state[w]["master"]
+    kept = fresh.mask(w)
+    with torch.no_grad():
+        w.mul_(kept)
+    expected = torch.where(kept, master, torch.zeros_like(master))
+    w.grad = torch.zeros(16, 32).bfloat16()
+    twin = AdamS([nn.Parameter(expected.clone())], **hp)
+    twin.load_state_dict({**saved, "state": {0: {**saved["state"][0], "master": expected}}})
+    twin.param_groups[0]["params"][0].grad = w.grad.float()
+    fresh.step()
+    twin.step()
+    assert torch.equal(fresh.state[w]["master"], twin.param_groups[0]["params"][0].detach())
+
+
+def test_model_cast_after_steps_gets_or_drops_masters() -> None:
+    """The model cast to bf16 after AdamS made fp32 state (and back): the state gains a master
+    from the param (it lost it), whichever param of the bucket comes first."""
+    a, b = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 16))
+    opt = AdamS([a, b], lr=1e-3, total_steps=5)
+    a.grad = torch.randn(8, 16)
+    opt.step()  # a has fp32 state, b none
+    for p in (a, b):
+        p.data = p.data.bfloat16()
+        p.grad = torch.randn(8, 16).bfloat16()
+    opt.step()
+    assert opt.state[a]["master"].dtype == torch.float32 and "master" in opt.state[b]
+    assert torch.equal(a.detach(), opt.state[a]["master"].bfloat16())
+    for p in (a, b):
+        p.data = p.data.float()
+        p.grad = torch.randn(8, 16)
+    opt.step()
+    assert "master" not in opt.state[a] and "master" not in opt.state[b]
+
+
+def test_a_refused_step_changes_no_group_and_impl_survives_load() -> None:
+    """A NaN weight at a mask refresh in a later group (or in the same list, for the reference
+    implementation, which steps param by param) refuses the whole step: no param, state or
+    step of any group changes, and no mask appears. impl="reference" stays after a
+    load_state_dict."""
+    for impl in ("auto", "reference"):
+        ok, bad = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8))
+        bias, ok16 = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4, 8).bfloat16())
+        late = nn.Parameter(torch.randn(4, 8))
+        groups = [{"params": [bias, ok, ok16]}, {"params": [late, bad]}]
+        opt = AdamS(groups, lr=0.1, total_steps=5, impl=impl)
+        params = (bias, ok, ok16, late, bad)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with torch.no_grad():
+            bad[1, 2] = float("nan")
+        before = [p.detach().clone() for p in params]
+        with pytest.raises(RuntimeError, match=r"param 1 of group 1 of shape \[4, 8\] contains"):
+            opt.step()
+        for p, q in zip(params, before, strict=True):
+            assert torch.equal(p.detach().nan_to_num(), q.nan_to_num())
+            assert not opt.state[p] or float(opt.state[p]["step"]) == 0
+        with pytest.raises(RuntimeError, match="no mask yet"):
+            opt.mask(ok)  # a refused (or GradScaler-skipped) first step: a state, no mask
+        assert opt.sparsity_stats() == {}
+        loaded = AdamS(groups, lr=0.1, total_steps=5, impl=impl)
+        loaded.load_state_dict(opt.state_dict())
+        assert loaded.impl == impl
+        one_list = AdamS([ok, bad], lr=0.1, total_steps=5, impl=impl)
+        with pytest.raises(RuntimeError, match=r"adams_step_: params\[1\] .* NaN or Inf"):
+            one_list.step()
+        assert torch.equal(ok.detach(), before[1])
+
+
+def test_group_settings_and_params_are_checked_like_torch() -> None:
+    p = nn.Parameter(torch.randn(4, 8))
+    opt = AdamS([{"params": [p], "total_steps": 7}])  # total_steps per group is enough
+    assert opt.param_groups[0]["total_steps"] == 7
+    with pytest.raises(ValueError, match="total_steps is required"):
+        AdamS([{"params": [p]}])
+    with pytest.raises(TypeError, match="ordered collection"):
+        AdamS([{"params": {p}}], total_steps=5)
+    with pytest.raises(TypeError, match="params must be Tensors, got float"):
+        AdamS([{"params": [1.0], "sparse": True}], total_steps=5)
+    with pytest.raises(ValueError, match="0 < n <= m"):
+        AdamS([p], total_steps=5, n=True)
+
+
 def test_mask_and_stats() -> None:
     model = make_model()
     opt = AdamS(model.parameters(), lr=5e-3, decay=1e-2, total_steps=5, mask_interval=2)
