@@ -348,7 +348,7 @@ def prepare(
         ValueError: a chosen layer has an input dim that is not a multiple of 4, ``model``
             has already been prepared, or ``scale_blocks`` < 1 (nothing is changed).
     """
-    if not (isinstance(scale_blocks, int) and scale_blocks >= 1):
+    if isinstance(scale_blocks, bool) or not (isinstance(scale_blocks, int) and scale_blocks >= 1):
         raise ValueError(
             f"cast_ext.cast.prepare: scale_blocks must be an int >= 1, got {scale_blocks!r}"
         )
@@ -652,6 +652,10 @@ def distill_loss(
         raise ValueError(f"cast_ext.cast.distill_loss: eta must be in [0, 1], got {eta}")
     if temperature <= 0:
         raise ValueError(f"cast_ext.cast.distill_loss: temperature must be > 0, got {temperature}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"cast_ext.cast.distill_loss: chunk_size must be an int >= 1, got {chunk_size!r}"
+        )
     vocab = student_logits.shape[-1]
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
@@ -1545,7 +1549,8 @@ def train(
         batches: yields ``[B, L]`` int64 ``input_ids``: ``grad_accum`` per step.
         total_steps: the run's length in optimizer steps (the schedule's and alpha's ``T``).
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
-        teacher: the frozen dense model, or None for plain fine-tuning.
+        teacher: the frozen dense model, or None for plain fine-tuning; it runs in eval mode
+            (no dropout in the targets) and gets its own mode back at the end.
         eta, temperature: see :func:`distill_loss`.
         grad_clip: max total grad norm, or None (default). Clipping rescales the gradients
             that AdamS's ``lam`` competes with, so a clipped run decays sooner than
@@ -1635,6 +1640,9 @@ def train(
         record("eval", {"step": step, "tokens": result.tokens, **metrics})
 
     bar = _progress(total_steps, run_name, progress)
+    teacher_was_training = teacher is not None and teacher.training
+    if teacher is not None:
+        teacher.eval()
     it: Iterator[Tensor] = iter(batches)
     model.zero_grad(set_to_none=True)  # nothing from before (a stopped run's) adds to step 1
     health(start_step)
@@ -1710,6 +1718,8 @@ def train(
         health(stop)
         evaluate(stop)
     finally:
+        if teacher is not None:
+            teacher.train(teacher_was_training)
         if bar is not None:
             bar.close()
         if log is not None:

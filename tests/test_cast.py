@@ -188,7 +188,7 @@ def test_prepare_filter_fn_and_block_fallback():
     assert [layer.name for layer in cast.prepare(net2, filter_fn=lambda n, m: n == "c")] == ["c"]
     with pytest.raises(ValueError, match=r"b\.weight has input dim 6"):
         cast.prepare(Net(), filter_fn=lambda n, m: n == "b")
-    for bad in (0, -2, 1.5):  # refused before any layer is touched
+    for bad in (0, -2, 1.5, True):  # refused before any layer is touched
         net3 = Net()
         with pytest.raises(ValueError, match="scale_blocks must be an int >= 1"):
             cast.prepare(net3, scale_blocks=bad)  # type: ignore[arg-type]
@@ -808,6 +808,24 @@ def test_train_records_plain_floats_and_strict_json(tmp_path):
     assert lines[0]["kind"] == "health" and lines[0]["mask_flips"] is None
     with pytest.raises(ValueError, match="total_steps >= 1, got"):
         cast.train(model, opt, [ids()], total_steps=0, progress=False)
+
+
+def test_train_runs_the_teacher_in_eval_mode_and_restores_its_mode():
+    model = tiny_llama()
+    teacher = copy.deepcopy(model).requires_grad_(False).train()
+    modes = []
+    teacher.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=2)
+    cast.train(model, opt, [ids(), ids(seed=2)], total_steps=2, teacher=teacher, progress=False)
+    assert modes == [False, False] and teacher.training
+
+
+def test_distill_loss_refuses_a_bad_chunk_size():
+    s = torch.randn(4, 8, requires_grad=True)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+            cast.distill_loss(s, None, torch.zeros(4, dtype=torch.long), eta=0.0, chunk_size=bad)
 
 
 def test_perplexity_without_predictions_is_nan_and_finalize_warns_of_missing_masks():
