@@ -49,6 +49,40 @@ def _packed_shape(shape: torch.Size | list[int], k: int) -> list[int]:
     return [*shape[:-1], (k + 7) // 8]
 
 
+def _same_device(op: str, ref: tuple[str, Tensor], *others: tuple[str, Tensor | None]) -> None:
+    """The kernels' device rule in the fakes: the dispatcher sends inputs on the meta device
+    mixed with real ones to the fake, which would return an uninitialised real tensor."""
+    ref_name, r = ref
+    for name, t in others:
+        if t is not None:
+            torch._check(
+                t.device == r.device,
+                lambda n=name, d=t.device: (
+                    f"cast_ext.{op}: {n} is on {d} but {ref_name} is on {r.device}"
+                ),
+            )
+
+
+def _check_packed(op: str, name: str, packed: Tensor) -> None:
+    torch._check(
+        packed.dim() >= 1 and packed.dtype == torch.uint8,
+        lambda: (
+            f"cast_ext.{op}: {name} of shape {list(packed.shape)} and dtype {packed.dtype} must "
+            "be a uint8 packed mask with at least one dim"
+        ),
+    )
+
+
+def _check_values(op: str, values: Tensor) -> None:
+    torch._check(
+        values.dim() >= 1 and values.dtype in _FLOATS and values.shape[-1] % 2 == 0,
+        lambda: (
+            f"cast_ext.{op}: values of shape {list(values.shape)} and dtype {values.dtype}: "
+            "need float32, float16 or bfloat16 with an even last dim (2 kept of every 4)"
+        ),
+    )
+
+
 @torch.library.register_fake("cast_ext::sparse24_mask")
 def _(w: Tensor) -> Tensor:
     _check_weight("sparse24_mask", w, 4)
@@ -80,6 +114,9 @@ def _(w: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.register_fake("cast_ext::sparse24_decompress")
 def _(values: Tensor, meta: Tensor) -> Tensor:
+    _check_values("sparse24_decompress", values)
+    _check_packed("sparse24_decompress", "meta", meta)
+    _same_device("sparse24_decompress", ("values", values), ("meta", meta))
     k = values.shape[-1] * 2
     torch._check(
         meta.dtype == torch.uint8 and list(meta.shape) == _packed_shape(values.shape, k),
@@ -99,6 +136,7 @@ def _(mask: Tensor) -> Tensor:
 
 @torch.library.register_fake("cast_ext::unpack_mask")
 def _(packed: Tensor, last_dim: int) -> Tensor:
+    _check_packed("unpack_mask", "packed", packed)
     torch._check(
         packed.shape[-1] == (last_dim + 7) // 8,
         lambda: (
@@ -111,6 +149,10 @@ def _(packed: Tensor, last_dim: int) -> Tensor:
 
 @torch.library.register_fake("cast_ext::mask_flips")
 def _(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
+    torch._check(m in (4, 8), lambda: f"cast_ext.mask_flips: m must be 4 or 8, got {m}")
+    _check_packed("mask_flips", "a", a)
+    _check_packed("mask_flips", "b", b)
+    _same_device("mask_flips", ("a", a), ("b", b))
     torch._check(a.shape == b.shape, lambda: "cast_ext.mask_flips: a and b differ in shape")
     return a.new_empty((), dtype=torch.int64)
 
@@ -176,6 +218,67 @@ def unpack_mask(packed: Tensor, last_dim: int) -> Tensor:
 def mask_flips(a: Tensor, b: Tensor, m: int = 4) -> Tensor:
     """How many groups of ``m`` changed between two packed masks (0-d int64 tensor)."""
     return torch.ops.cast_ext.mask_flips(a, b, m)
+
+
+# ---- gradients of the value-carrying mask ops ---------------------------------------------
+# Each is linear in its float input once the mask is fixed (the mask is piecewise constant in
+# w: its derivative is 0 almost everywhere), so each backward is the op's own adjoint, written
+# with ops that are differentiable again (a double backward through sparse24_gemm, whose
+# backward decompresses, needs decompress's gradient).
+
+
+def _prune_setup(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _prune_backward(ctx: Any, grad: Tensor) -> Tensor:
+    (w,) = ctx.saved_tensors
+    return grad * torch.ops.cast_ext.sparse24_mask(w.detach())
+
+
+def _compress_setup(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.shape = inputs[0].shape
+
+
+def _compress_backward(ctx: Any, grad_values: Tensor, grad_meta: Tensor | None) -> Tensor:
+    (meta,) = ctx.saved_tensors
+    return torch.ops.cast_ext.sparse24_decompress(grad_values.contiguous(), meta)
+
+
+def _decompress_setup(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    values, meta = inputs
+    ctx.save_for_backward(meta)
+    ctx.values_shape = values.shape
+
+
+def _kept_index(meta: Tensor, k: int) -> Tensor:
+    """Positions of the kept elements ``[..., k/2]`` (int64, ascending within each group) of a
+    2:4 ``meta``, in elementwise ops: no data-dependent shapes, so it traces and compiles."""
+    groups = k // 4
+    b = torch.stack([meta & 15, meta >> 4], dim=-1).flatten(-2)[..., :groups].long()
+    # a valid nibble has 2 bits: the lower one's index, the higher one's
+    lo = (b & 1 == 0).long() + (b & 3 == 0).long() + (b & 7 == 0).long()
+    hi = (b >= 2).long() + (b >= 4).long() + (b >= 8).long()
+    base = 4 * torch.arange(groups, device=meta.device)
+    return (torch.stack([lo, hi], dim=-1) + base.unsqueeze(-1)).flatten(-2)
+
+
+def _decompress_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    (meta,) = ctx.saved_tensors
+    index = _kept_index(meta, grad.shape[-1])
+    return grad.gather(-1, index).reshape(ctx.values_shape), None
+
+
+torch.library.register_autograd(
+    "cast_ext::sparse24_prune", _prune_backward, setup_context=_prune_setup
+)
+torch.library.register_autograd(
+    "cast_ext::sparse24_compress", _compress_backward, setup_context=_compress_setup
+)
+torch.library.register_autograd(
+    "cast_ext::sparse24_decompress", _decompress_backward, setup_context=_decompress_setup
+)
 
 
 # ---- DTensor (FSDP2, tensor parallel) sharding rules of the mask ops -----------------------
@@ -271,6 +374,7 @@ _CSLT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_gemm(op: str, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> int:
+    _same_device(op, ("x", x), ("values", values), ("meta", meta), ("bias", bias))
     torch._check(
         values.dim() == 2,
         lambda: f"cast_ext.{op}: values of shape {list(values.shape)} must be 2-D",
@@ -324,14 +428,15 @@ def _gemm_backward(
 ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
     x, values, meta = ctx.saved_tensors
     n, k = values.shape[0], values.shape[1] * 2
-    g2 = grad.reshape(-1, n)
+    rows = math.prod(ctx.x_shape[:-1])  # not -1: n or k may be 0
+    g2 = grad.reshape(rows, n)
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         w = torch.ops.cast_ext.sparse24_decompress(values, meta)
         grad_x = (g2 @ w).reshape(ctx.x_shape)
     if ctx.needs_input_grad[1]:
         # dL/dW = grad^T x, restricted to the kept positions (the mask itself is fixed).
-        gw = g2.t().float() @ x.reshape(-1, k).float()
+        gw = g2.t().float() @ x.reshape(rows, k).float()
         kept = torch.ops.cast_ext.unpack_mask(meta, k)
         grad_values = gw[kept].reshape(n, k // 2).to(values.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -607,7 +712,20 @@ def adams_step_(
 # ---- distillation loss (reference: cast_ext.reference.distill_fwd / distill_bwd) -------------
 
 
-def _check_distill(op: str, student: Tensor, teacher: Tensor | None, labels: Tensor) -> None:
+def _check_distill(
+    op: str, student: Tensor, teacher: Tensor | None, labels: Tensor, temperature: float
+) -> None:
+    """csrc/distill.h's rules, in the fakes."""
+    _same_device(op, ("student", student), ("teacher", teacher), ("labels", labels))
+    for name, t in (("student", student), ("teacher", teacher), ("labels", labels)):
+        torch._check(
+            t is None or t.is_contiguous(),
+            lambda n=name, t=t: f"cast_ext.{op}: {n} of shape {list(t.shape)} must be contiguous",
+        )
+    torch._check(
+        math.isfinite(temperature) and temperature > 0,
+        lambda: f"cast_ext.{op}: temperature must be finite and > 0, got {temperature}",
+    )
     torch._check(
         student.dim() == 2 and student.dtype in _FLOATS,
         lambda: (
@@ -631,6 +749,10 @@ def _check_distill(op: str, student: Tensor, teacher: Tensor | None, labels: Ten
                 f"{student.dtype})"
             ),
         )
+    torch._check(
+        student.shape[1] > 0,
+        lambda: f"cast_ext.{op}: student of shape {list(student.shape)} has an empty vocab dim",
+    )
 
 
 @torch.library.register_fake("cast_ext::distill_fwd")
@@ -641,7 +763,7 @@ def _(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_distill("distill_fwd", student, teacher, labels)
+    _check_distill("distill_fwd", student, teacher, labels, temperature)
     rows = student.shape[0]
     f32 = {"dtype": torch.float32}
     return (
@@ -662,7 +784,27 @@ def _(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> Tensor:
-    _check_distill("distill_bwd", student, teacher, labels)
+    op = "distill_bwd"
+    _check_distill(op, student, teacher, labels, temperature)
+    _same_device(op, ("student", student), ("lse", lse), ("grad_scale", grad_scale))
+    torch._check(
+        list(lse.shape) == [student.shape[0], 3]
+        and lse.dtype == torch.float32
+        and lse.is_contiguous(),
+        lambda: (
+            f"cast_ext.{op}: lse of shape {list(lse.shape)} and dtype {lse.dtype} must be a "
+            f"contiguous float32 [{student.shape[0]}, 3] (distill_fwd's output)"
+        ),
+    )
+    torch._check(
+        grad_scale.numel() == 1 and grad_scale.dtype == torch.float32,
+        lambda: f"cast_ext.{op}: grad_scale must be a one-element float32 tensor",
+    )
+    torch._check(0.0 <= eta <= 1.0, lambda: f"cast_ext.{op}: eta must be in [0, 1], got {eta}")
+    torch._check(
+        teacher is not None or eta == 0.0,
+        lambda: f"cast_ext.{op}: teacher is None but eta = {eta} (the KL term needs the teacher)",
+    )
     return torch.empty_like(student)
 
 

@@ -151,9 +151,20 @@ def sparse24_compress(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sparse24_decompress(values: Tensor, meta: Tensor) -> Tensor:
-    """Inverse of :func:`sparse24_compress`: scatter the kept values back, zeros elsewhere."""
+    """Inverse of :func:`sparse24_compress`: scatter the kept values back, zeros elsewhere.
+
+    Raises:
+        RuntimeError: ``meta`` is not a 2:4 mask (a group keeps other than 2, or a row's
+            padding nibble is set).
+    """
     k = values.shape[-1] * 2
     mask = unpack_mask(meta, k)
+    padding = meta[..., -1] >> 4 if k % 8 == 4 else meta.new_zeros(())
+    if bool((mask.reshape(-1, 4).sum(-1) != 2).any() or (padding != 0).any()):
+        raise RuntimeError(
+            f"cast_ext.sparse24_decompress: meta of shape {list(meta.shape)} is not a valid 2:4 "
+            "mask: every group of 4 must keep exactly 2 elements"
+        )
     out = torch.zeros(*values.shape[:-1], k, dtype=values.dtype, device=values.device)
     out[mask] = values.reshape(-1)
     return out

@@ -9,9 +9,11 @@
 
 namespace cast_ext {
 
-// log-sum-exp from the max and the sum of exp(x - max): +inf when the max is +inf (as
-// torch.logsumexp gives; the sum is NaN there, from exp(inf - inf)).
-CAST_HD float lse_of(float max, float sum) { return max == INFINITY ? max : max + logf(sum); }
+// log-sum-exp from the max and the sum of exp(x - max): the max itself when it is infinite, as
+// torch.logsumexp gives (the sum is NaN there, from exp(inf - inf), or 0 for a row of -inf).
+CAST_HD float lse_of(float max, float sum) {
+  return max == INFINITY || max == -INFINITY ? max : max + logf(sum);
+}
 
 // T^2 KL(p_t || p_s) of a row from its sums: zs = sum exp((s - ms) / T), zt = sum exp((t - mt) /
 // T), a = sum exp((t - mt) / T) (t - s) (ms, mt: the row maxima; it = 1 / T; t2 = T^2). It is

@@ -100,6 +100,27 @@ def test_infinite_logits(device: str, temp: float) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_rows_of_minus_inf(device: str) -> None:
+    """A row all -inf (the student's, the teacher's, both): its log-sum-exp is -inf, as
+    torch.logsumexp and the reference give (the kernels' sum is 0 there), NaN for NaN in the
+    rest, forward and backward; the other rows stay finite."""
+    s, t, y = distill_inputs(5, 40, torch.float32, device, seed=5)  # row 1 is ignored
+    s[0] = t[2] = float("-inf")
+    s[3] = t[3] = float("-inf")
+    scale = torch.tensor(0.7, device=device)
+    got = ops.distill_fwd(s, t, y)
+    want = reference.distill_fwd(s, t, y)
+    for name, g, w in zip(("kl", "ce", "lse"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, equal_nan=True, msg=name)
+    assert float(got[2][0, 0]) == -math.inf and float(got[2][2, 1]) == -math.inf
+    assert bool(got[2][3].eq(-math.inf).all())
+    assert bool(got[0][4].isfinite() and got[1][4].isfinite())
+    g = ops.distill_bwd(s, t, y, got[2], scale, eta=0.5)
+    w = reference.distill_bwd(s, t, y, want[2], scale, 0.5)
+    torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temp", [1.0, 2.0])
 def test_masked_vocabulary(device: str, temp: float) -> None:
     """Logits of -inf in both models (padded vocabulary entries, probability 0) change nothing:

@@ -259,6 +259,64 @@ def test_opcheck(device):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+    # with gradients: opcheck's autograd checks of the value-carrying ops
+    wg, vg = w.clone().requires_grad_(), values.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.cast_ext.sparse24_prune.default, (wg,))
+    torch.library.opcheck(torch.ops.cast_ext.sparse24_compress.default, (wg,))
+    torch.library.opcheck(torch.ops.cast_ext.sparse24_decompress.default, (vg, meta))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_of_prune_compress_decompress(device):
+    """Each is linear once its mask is fixed: prune passes the gradient at the kept positions,
+    compress scatters the values' gradient back, decompress gathers it (the reference's formulas
+    through torch's autograd give the same). They were silently zero."""
+    w = torch.randn(6, 24, device=device, requires_grad=True)
+    g = torch.randn(6, 24, device=device)
+    kept = ref.sparse24_mask(w.detach())
+    (got,) = torch.autograd.grad(cast_ext.sparse24_prune(w), w, g)
+    assert torch.equal(got, g * kept)
+    values, meta = cast_ext.sparse24_compress(w)
+    gv = torch.randn(6, 12, device=device)
+    (got,) = torch.autograd.grad(values, w, gv)
+    assert torch.equal(got, ref.sparse24_decompress(gv, meta))
+    v = values.detach().requires_grad_()
+    (got,) = torch.autograd.grad(cast_ext.sparse24_decompress(v, meta), v, g)
+    assert torch.equal(got, g[kept].reshape(6, 12))
+
+
+def test_fakes_refuse_what_the_kernels_refuse():
+    """On the meta device (and in a compiled trace) the ops refuse what the kernels refuse; a
+    meta tensor among real ones is refused too (the fake would return uninitialised memory)."""
+    w = torch.randn(4, 16)
+    values, meta = cast_ext.sparse24_compress(w)
+    cases = [
+        (lambda: cast_ext.sparse24_decompress(values, meta.to("meta")), "meta is on meta"),
+        (
+            lambda: cast_ext.sparse24_decompress(torch.empty(4, 5, device="meta"), meta.to("meta")),
+            r"values of shape \[4, 5\] .* even last dim",
+        ),
+        (
+            lambda: cast_ext.sparse24_decompress(values.double().to("meta"), meta.to("meta")),
+            "dtype torch.float64",
+        ),
+        (lambda: cast_ext.unpack_mask(torch.empty(4, 2, device="meta"), 16), "uint8"),
+        (lambda: cast_ext.mask_flips(meta.to("meta"), meta.to("meta"), 3), "m must be 4 or 8"),
+        (lambda: cast_ext.mask_flips(meta, meta.to("meta")), "b is on meta but a is on cpu"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(RuntimeError, match=needle):
+            call()
+
+
+def test_reference_decompress_refuses_an_invalid_meta():
+    values = torch.arange(8.0).reshape(2, 4)
+    for bad in (torch.tensor([[0x37], [0x33]]), torch.tensor([[0x33], [0x13]])):
+        with pytest.raises(RuntimeError, match=r"meta of shape .* not a valid 2:4 mask"):
+            ref.sparse24_decompress(values, bad.to(torch.uint8))
+    padded = torch.tensor([[0x53], [0x33]], dtype=torch.uint8)  # k = 4: the high nibble pads
+    with pytest.raises(RuntimeError, match="not a valid 2:4 mask"):
+        ref.sparse24_decompress(values[:, :2], padded)
 
 
 @pytest.mark.cuda  # every device in DEVICES, CUDA included where present

@@ -119,6 +119,30 @@ def test_opcheck(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_and_empty_weights_vs_dense(device: str) -> None:
+    """A second derivative through the GEMM (a gradient penalty) equals F.linear's on the
+    decompressed weight (the weight's path was dropped: decompress had no gradient); a weight
+    with no rows or no columns has gradients, as F.linear's."""
+    w = make_weight(8, 16, torch.float32, device)
+    values, meta = ops.sparse24_compress(w)
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+    v = values.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(cast_ext.sparse24_gemm(x, v, meta).sum(), x, create_graph=True)
+    (got,) = torch.autograd.grad(gx.pow(2).sum(), v)
+    dense = ops.sparse24_decompress(values, meta).requires_grad_()
+    (gx,) = torch.autograd.grad(F.linear(x, dense).sum(), x, create_graph=True)
+    (want,) = torch.autograd.grad(gx.pow(2).sum(), dense)
+    kept = ops.unpack_mask(meta, 16)
+    torch.testing.assert_close(got, want[kept].reshape(8, 8), rtol=1e-5, atol=1e-5)
+    for n, k in ((0, 16), (8, 0)):
+        x = torch.randn(3, k, device=device, requires_grad=True)
+        v = torch.zeros(n, k // 2, device=device, requires_grad=True)
+        meta = torch.zeros(n, (k + 7) // 8, dtype=torch.uint8, device=device)
+        cast_ext.sparse24_gemm(x, v, meta).sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x)) and v.grad.shape == (n, k // 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradients_vs_dense(device: str) -> None:
     n, k = 24, 32
     w = make_weight(n, k, torch.float32, device)
