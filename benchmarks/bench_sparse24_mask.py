@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 
 import cast_ext
-from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
+from benchmarks._harness import (
+    Row,
+    cuda_time_us,
+    hbm_fraction,
+    measure_copy_gbps,
+    quick,
+    write_rows,
+)
 
 SHAPES = {
     "llama2-7b.q": (4096, 4096),
@@ -27,7 +34,7 @@ SHAPES = {
 
 
 def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: float) -> list[Row]:
-    n_inputs = 4  # rotate: 4 x 90 MB > the 60 MB L2
+    n_inputs = 4  # rotate: 4 copies of 32-235 MB each, more than the 60 MB L2
     ws = [torch.randn(shape, device="cuda", dtype=dtype) for _ in range(n_inputs)]
     numel, esize = ws[0].numel(), ws[0].element_size()
     out_bytes = {
@@ -70,10 +77,11 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
         op = key.split("[")[0]
         moved = numel * esize + out_bytes.get(op, 0)
         gbps = moved / (med * 1e-6) / 1e9 if op in out_bytes else None
+        impl = key if key in baselines else ("cast_ext" + key[len(op) :])
         rows.append(
             {
                 "op": op,
-                "impl": key if key in baselines else ("cast_ext" + key[len(op) :]),
+                "impl": "torch" if op == "clone" else impl,
                 "device": "cuda",
                 "dtype": str(dtype).removeprefix("torch."),
                 "shape": f"{name} {shape[0]}x{shape[1]}",
@@ -87,8 +95,11 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
                 if gbps is None
                 else round(gbps / (2 * numel * esize / (clone_us * 1e-6) / 1e9), 3),
                 "fraction_of_copy_ceiling": None if gbps is None else round(gbps / copy_gbps, 3),
+                "fraction_of_hbm_peak": hbm_fraction(gbps),
             }
         )
+        if rows[-1]["impl"].startswith("cast_ext"):  # torch's 2:4 ops' time / ours
+            rows[-1]["speedup_vs"] = {b: round(t[0] / med, 3) for b, t in baselines.items()}
     return rows
 
 
