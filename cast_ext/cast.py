@@ -952,7 +952,9 @@ def decay_budget(
         target_ratio: predicted end / start ratio of mean ``|pruned w|`` counted as near
             lossless.
         warn: emit a ``UserWarning`` with the verdict when the run is too short.
-        sample: magnitudes sampled per tensor (the prediction is a mean; sampling keeps it fast).
+        sample: positions sampled in the largest tensor; the others at the same rate, so every
+            weight counts alike whatever its tensor's size (the prediction is a mean over the
+            pruned weights; sampling keeps it fast).
 
     Returns:
         A :class:`DecayBudget`; print it for the verdict in plain words.
@@ -973,6 +975,7 @@ def decay_budget(
     else:
         params = list(model_or_params)
     gen = torch.Generator().manual_seed(0)
+    rate = min(1.0, 2 * sample / max((p.numel() for p in params), default=1))
     pruned_parts: list[Tensor] = []
     kept_sum, kept_n, pruned_sum, pruned_n = 0.0, 0, 0.0, 0
     g_sq, g_n = 0.0, 0
@@ -990,8 +993,9 @@ def decay_budget(
         pruned_n += w.numel() - int(mask.sum())
         # sample positions first, keep the pruned ones: no copy of all pruned magnitudes
         flat_w, flat_m = w.reshape(-1), mask.reshape(-1)
-        idx = torch.randint(w.numel(), (min(2 * sample, w.numel()),), generator=gen)
-        if w.numel() <= 2 * sample:
+        if rate < 1.0:
+            idx = torch.randint(w.numel(), (max(1, round(rate * w.numel())),), generator=gen)
+        else:
             idx = torch.arange(w.numel())
         idx = idx.to(w.device)
         sel = ~flat_m[idx]

@@ -683,6 +683,20 @@ def test_decay_budget_verdicts():
     assert zeroed.momentum_source.startswith("the default")
 
 
+def test_decay_budget_weighs_every_weight_alike():
+    """A small tensor of large weights beside a large one of small weights: the sampled
+    prediction is the all-weights one (each tensor sampled at one rate; a fixed count per
+    tensor gave the small one as much say as the large one)."""
+    torch.manual_seed(0)
+    params = [torch.randn(512, 1024) * 1e-3, torch.randn(16, 64) * 0.1]
+    kw = {"decay": 1e-3, "grad_rms": 1e-4, "warn": False}
+    exact = cast.decay_budget(params, 1e-4, 200, sample=10**9, **kw)
+    sampled = cast.decay_budget(params, 1e-4, 200, sample=4096, **kw)
+    assert 0.9 < exact.reach_zero < 1.0
+    assert sampled.reach_zero == pytest.approx(exact.reach_zero, abs=0.01)
+    assert sampled.predicted_ratio == pytest.approx(exact.predicted_ratio, rel=0.1)
+
+
 def test_warmup_cosine():
     s = cast.warmup_cosine(1e-3, 100, warmup_steps=10)
     assert s(0) == pytest.approx(1e-4) and s(10) == pytest.approx(1e-3)
