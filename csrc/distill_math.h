@@ -20,11 +20,13 @@ CAST_HD float lse_of(float max, float sum) {
 // a it / zt - ltt + lst with lst = ms / T + log zs and ltt = mt / T + log zt, computed with the
 // maxima cancelled before they meet the logs: each log-sum-exp alone is rounded at the size of the
 // largest logit, which left an error of ulp(max / T) in the KL (3e-5 at logits near 300; a small
-// KL came out negative). Infinite or NaN maxima take the log-sum-exps' path (their infinities).
+// KL came out negative), and log zs - log zt as one log1p (the two logs' roundings, an ulp of
+// log zt each, were most of a small KL's error). zs, zt >= 1 (the max's own term), so the ratio
+// neither overflows nor divides by 0. Infinite or NaN maxima take the log-sum-exps' path.
 CAST_HD float kl_of(float a, float zs, float zt, float ms, float mt, float it, float t2) {
   const float d = ms - mt;
   const float logs =
-      d - d == 0.f ? d * it + (logf(zs) - logf(zt)) : lse_of(ms * it, zs) - lse_of(mt * it, zt);
+      d - d == 0.f ? d * it + log1pf((zs - zt) / zt) : lse_of(ms * it, zs) - lse_of(mt * it, zt);
   return t2 * (a * it / zt + logs);
 }
 

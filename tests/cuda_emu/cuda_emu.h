@@ -23,9 +23,12 @@
 // (cudaGetLastError() returns cudaErrorInvalidConfiguration).
 //
 // Arithmetic: __f*_rn are plain IEEE fp32 operations (build with -ffp-contract=off); fp16 and bf16
-// conversions round to nearest even as the device's cvt.rn does. The torch build compiles the .cu
-// files with __CUDA_NO_HALF_CONVERSIONS__ and friends, so __half and __nv_bfloat16 here convert
-// only through the intrinsics, never implicitly.
+// conversions round to nearest even as the device's cvt.rn does. Plain a * b + c is two roundings
+// here, where nvcc (--fmad=true) fuses it, and expf/logf are glibc's, not the device's: kernels
+// that use them (distill.cu) are emulated to within a few ulp, and their tests compare within
+// tolerances; the bit-exact ones (masks, AdamS's __f*_rn) are exact here too. The torch build
+// compiles the .cu files with __CUDA_NO_HALF_CONVERSIONS__ and friends, so __half and __nv_bfloat16
+// here convert only through the intrinsics, never implicitly.
 #pragma once
 
 #include <math.h>
