@@ -1535,6 +1535,7 @@ def train(
     start_step: int = 0,
     stop_step: int | None = None,
     grad_accum: int = 1,
+    start_tokens: int = 0,
 ) -> TrainResult:
     """A reference CAST training loop; copy it and adapt.
 
@@ -1577,6 +1578,8 @@ def train(
             ``dcp.load`` fills only keys the target has), else the group's ``lr``.
         stop_step: end the loop after this step (default ``total_steps``), e.g. to fit a job's
             time limit; the schedule and ``alpha`` stay those of ``total_steps``.
+        start_tokens: the tokens of the steps before ``start_step`` (a resumed run's records
+            count on from them). Records' ``tokens`` are this process's input tokens.
         grad_accum: micro-batches per optimizer step (a larger batch than fits at once); each
             record's loss, CE and KL are their mean. Under DDP the gradients are all-reduced
             once per step (``no_sync`` for the others); FSDP2 reduce-scatters every
@@ -1615,7 +1618,7 @@ def train(
             group.setdefault("initial_lr", group["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
     log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
-    result = TrainResult(steps=start_step)
+    result = TrainResult(steps=start_step, tokens=start_tokens)
     prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
     data_parallel, dp_group = _data_parallel(model)

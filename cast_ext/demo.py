@@ -571,6 +571,8 @@ def run_all(
             "preset": asdict(preset),
             "train_tokens": preset.train_tokens,
             "train_windows": int(data.train.shape[0]),
+            # passes over the training windows each run makes (the batches cycle through them)
+            "epochs": round(preset.train_tokens / max(data.train.numel(), 1), 2),
             "runs": runs,
             "total_time_s": time.perf_counter() - t0,
             "complete": complete,
@@ -633,6 +635,11 @@ def table(results: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if "epochs" in results:
+        lines.append(
+            f"each run: {results['train_tokens']} tokens, {results['epochs']} passes over "
+            f"{results['train_windows']} training windows"
+        )
     return "\n".join(lines)
 
 
@@ -670,7 +677,12 @@ def verdict(results: dict[str, Any]) -> str:
         if budget.get("steps_needed"):
             lines.append(
                 f"decay_budget estimates about {budget['steps_needed']} steps for a near-lossless "
-                "finalize (SPEC §6: roughly 500-1000 for this model); run `--preset gpu`."
+                "finalize (SPEC §6: roughly 500-1000 for this model); "
+                + (
+                    f"run with `--cast-steps {budget['steps_needed']}`."
+                    if results.get("preset", {}).get("name") == "gpu"
+                    else "run `--preset gpu`."
+                )
             )
     if cb < fa and ca >= fa:
         lines.append(

@@ -32,6 +32,8 @@ resumed run sees the batches the uninterrupted one would. Runs on CPU (gloo) too
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import json
 import os
 import shutil
@@ -78,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-windows", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=0, help="0: at the end only")
     p.add_argument("--health-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=500, help="distributed checkpoint period")
+    p.add_argument(
+        "--save-every", type=int, default=500, help="distributed checkpoint period (0: at the end)"
+    )
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest ones)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument(
@@ -89,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if any")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel group size (divides world)")
+    p.add_argument(
+        "--timeout-min",
+        type=float,
+        default=120.0,
+        help="collective timeout: rank 0 alone loads the pretrained model and writes the final "
+        "one while the others wait (NCCL's default, 10 minutes, is short for large models)",
+    )
     return p.parse_args(argv)
 
 
@@ -179,6 +190,20 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
             model.get_buffer(name).copy_(buf)
 
 
+def trim_log(path: Path, start: int) -> None:
+    """Keep the records of a JSON-lines log that a run resumed at ``start`` does not write
+    again: train records up to ``start``, health records before it (a resumed run records its
+    own at ``start``), evaluations up to it."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] < start or (rec["step"] == start and rec["kind"] != "health"):
+            keep.append(line + "\n")
+    path.write_text("".join(keep))
+
+
 def shutdown() -> NoReturn:
     """Tear the process groups down on every rank together (rank 0 may still be writing the
     model), then leave without the interpreter's teardown. The groups outlive
@@ -203,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     device = device or torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)  # before the process group: NCCL binds to it
-    dist.init_process_group("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(minutes=args.timeout_min)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.tp < 1 or world % args.tp:
         raise SystemExit(f"--tp {args.tp} must divide the {world} ranks")
@@ -213,20 +239,28 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     say = print if rank == 0 else (lambda *a, **k: None)
+    latest = out / "latest"
+    if latest.exists() and not args.resume:  # every rank sees it: all stop together
+        raise SystemExit(
+            f"{out} holds a run (checkpoint of step {latest.read_text().strip()}): pass "
+            "--resume to continue it, or choose another --out"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1-3: build on meta, prepare, shard, materialise, load the pretrained weights
     config = AutoConfig.from_pretrained(args.model)
-    student = build(config, torch.float32)
+    student = build(copy.deepcopy(config), torch.float32)
     teacher = build(config, torch.bfloat16 if cuda else torch.float32).requires_grad_(False)
     if args.tp > 1:
         tensor_parallel(student, mesh2d["tp"])
         tensor_parallel(teacher, mesh2d["tp"])
     layers = cast.prepare(student)
     if args.activation_checkpointing:
-        student.gradient_checkpointing_enable()
-        student.config.use_cache = False
+        # transformers >= 5.24 names it activation_checkpointing_enable (the old name warns)
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        (enable or student.gradient_checkpointing_enable)()
+        student.config.use_cache = False  # the student's own config: built from a copy
     mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if cuda else None
     shard(student, mesh, mp)
     shard(teacher, mesh, None)
@@ -251,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     def batches(start: int):
         for step in range(start, args.steps):
             drawn = train.draw(step, args.batch * args.grad_accum, dp_rank, dp_world, args.seed)
+            # The step's random numbers (dropout) from the step and the data-parallel rank, so a
+            # resumed run draws what the straight one did (tensor-parallel peers alike).
+            torch.manual_seed((args.seed * 1_000_003 + step) * dp_world + dp_rank)
             yield from drawn.split(args.batch)
 
     groups = cast.param_groups(
@@ -277,17 +314,21 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     start = 0
-    latest = out / "latest"
+    log_path = out / "train_log.jsonl"
     if args.resume and latest.exists():
         start = int(latest.read_text())
         state = checkpoint_state()
         dcp.load(state, checkpoint_id=out / f"step-{start}")
         set_model_state_dict(student, state["model"])
         set_optimizer_state_dict(student, opt, state["optim"])
+        if rank == 0:  # the records of steps the checkpoint does not hold go (they are redone)
+            trim_log(log_path, start)
         say(f"resumed at step {start}")
     else:
         if args.resume:
             say(f"--resume: no checkpoint in {out}; starting at step 0")
+        if rank == 0:
+            log_path.unlink(missing_ok=True)  # a run stopped before its first checkpoint
         # 4: the preflight, from one backward's gradients
         ids = train.draw(0, args.batch, dp_rank, dp_world, args.seed).to(device)
         logits = student(ids).logits
@@ -298,15 +339,19 @@ def main(argv: list[str] | None = None) -> None:
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
 
     def save(step: int) -> None:
-        if step % args.save_every and step != end:
+        if (args.save_every <= 0 or step % args.save_every) and step != end:
             return
         dcp.save(checkpoint_state(), checkpoint_id=out / f"step-{step}")
         dist.barrier()
         if rank == 0:
-            latest.write_text(str(step))
-            saved = sorted(out.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
-            for stale in saved[: -max(args.keep, 1)]:
-                shutil.rmtree(stale)
+            tmp = out / "latest.tmp"
+            tmp.write_text(str(step))
+            tmp.replace(latest)  # atomic: a kill leaves the old or the new step
+            steps = {int(d.name.split("-")[1]): d for d in out.glob("step-*")}
+            older = sorted(k for k in steps if k <= step)
+            # past this run's step: left by a run this one redoes (it resumed from before them)
+            for k in older[: -max(args.keep, 1)] + [k for k in steps if k > step]:
+                shutil.rmtree(steps[k])
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         # every rank evaluates the same windows (FSDP2: all ranks run every forward)
@@ -326,12 +371,13 @@ def main(argv: list[str] | None = None) -> None:
         eval_every=args.eval_every,
         health_every=args.health_every,
         after_step=save,
-        log_path=out / "train_log.jsonl" if rank == 0 else None,
+        log_path=log_path if rank == 0 else None,
         run_name="cast",
         progress=rank == 0,
         start_step=start,
         stop_step=end,
         grad_accum=args.grad_accum,
+        start_tokens=start * args.grad_accum * args.batch * args.seq,  # this rank's
     )
     if end < args.steps:
         say(f"stopped after step {end}; --resume continues")

@@ -1006,10 +1006,30 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     assert c["finalize"]["all_2to4"] and c["finalize"]["mask_source"] == ["optimizer"]
     assert c["before_finalize"]["ppl"] > 1 and "predicted_ratio" in c["decay_budget"]
     assert c["steps"] == preset.cast_steps and len(c["health"]) == 2
+    assert saved["epochs"] == round(preset.train_tokens / data.train.numel(), 2) > 0
     out = capsys.readouterr().out
     assert "decay budget" in out and "CAST (AdamS+scaling+KD)" in out and "perplexity" in out
+    assert f"{saved['epochs']} passes over {data.train.shape[0]} training windows" in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_verdict_suggests_what_the_preset_allows():
+    """Too few CAST steps: the CPU preset's verdict points to the GPU preset; the GPU preset's
+    to the steps decay_budget asks for."""
+    from cast_ext import demo
+
+    def results(preset: str) -> dict:
+        ppl = {"ppl": 20.0}
+        cast_run = {"before_finalize": ppl, "after": {"ppl": 30.0}, "steps": 100}
+        cast_run["decay_budget"] = {"predicted_ratio": 0.5, "steps_needed": 900}
+        runs = {"dense": {"after": ppl}, "oneshot": {"after": {"ppl": 90.0}}}
+        runs |= {"finetune": {"after": {"ppl": 25.0}}, "cast": cast_run}
+        return {"preset": {"name": preset}, "runs": runs}
+
+    assert "run `--preset gpu`" in demo.verdict(results("cpu"))
+    gpu = demo.verdict(results("gpu"))
+    assert "run with `--cast-steps 900`" in gpu and "--preset gpu" not in gpu
 
 
 def test_demo_refuses_bad_arguments_before_any_work(capsys):

@@ -27,7 +27,10 @@ SCRIPT = ROOT / "examples" / "cast_fsdp2.py"
 SEQ, STEPS = 16, 6
 
 
-def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: int = 2) -> None:
+def run_example(
+    out: Path, data: Path, *extra: str, device: str = "cpu", ranks: int = 2, ok: bool = True
+) -> str:
+    """Run the example; assert it succeeded (or, ``ok=False``, failed); return its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={ranks}", str(SCRIPT), "--device", device]
     cmd += ["--model", str(data / "model"), "--out", str(out)]
@@ -39,7 +42,8 @@ def run_example(out: Path, data: Path, *extra: str, device: str = "cpu", ranks: 
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
 
 
 def test_tokenize_corpus_concatenates_documents_with_eos(tmp_path: Path) -> None:
@@ -84,6 +88,9 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     assert not (tmp_path / "resumed" / "final").exists()
     run_example(tmp_path / "resumed", data, "--resume")
     assert sorted(d.name for d in (tmp_path / "resumed").glob("step-*")) == ["step-3", "step-6"]
+    # a fresh run into a folder that holds one is refused (it would mix the two)
+    said = run_example(tmp_path / "resumed", data, ok=False)
+    assert "holds a run (checkpoint of step 6): pass --resume" in said
     # the same windows in micro-batches of one, blocks recomputed in backward, one checkpoint
     # kept: the same training, up to rounding
     run_example(
@@ -98,6 +105,14 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     assert final.read_bytes() == (tmp_path / "resumed" / "final" / "model.safetensors").read_bytes()
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").open()]
     assert [r["step"] for r in log if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").open()]
+    tokens = [r["tokens"] for r in straight if r["kind"] == "train"]
+    assert [r["tokens"] for r in log if r["kind"] == "train"] == tokens  # counted on after resume
+    # the resume point's health once (the stopped run's record of it went with the trim)
+    assert [r["step"] for r in log if r["kind"] == "health"] == [0, 2, 3, 4, 6]
+    # activation checkpointing turned the student's KV cache off, not the written model's
+    config = json.loads((tmp_path / "accumulated" / "final" / "config.json").read_text())
+    assert config["use_cache"] is True
 
     # It loads without cast_ext, every projection exactly 2:4, and computes the perplexity the
     # script measured on the pruned, sharded student.
@@ -137,13 +152,26 @@ def test_cast_fsdp2_example_with_tensor_parallel_matches_fsdp2(tmp_path: Path) -
         assert torch.equal(got[key] != 0, value != 0), key  # the same 2:4 masks
 
 
+def gpt2_with_dropout() -> torch.nn.Module:
+    """tiny_gpt2, saved with dropout 0.1 (what the example builds from its config)."""
+    model = tiny_gpt2()
+    model.config.update({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1})
+    return model
+
+
 def test_cast_fsdp2_example_on_gpt2(tmp_path: Path) -> None:
     """GPT-2's Conv1D layers (weights stored [in, out]) go through the example too: loaded into
     the prepared student transposed, written back in their own layout, exactly 2:4 along the
-    input dim."""
+    input dim. With dropout, a resumed run is still the straight one byte for byte (each step's
+    random numbers come from the step). --save-every 0: a checkpoint at the end only."""
     data = tmp_path / "data"
-    val = make_data(data, tiny_gpt2)
-    run_example(tmp_path / "out", data)
+    val = make_data(data, gpt2_with_dropout)
+    run_example(tmp_path / "out", data, "--save-every", "0")
+    assert [d.name for d in (tmp_path / "out").glob("step-*")] == [f"step-{STEPS}"]
+    run_example(tmp_path / "resumed", data, "--save-every", "0", "--stop-after", "3")
+    run_example(tmp_path / "resumed", data, "--save-every", "0", "--resume")
+    final = (tmp_path / d / "final" / "model.safetensors" for d in ("out", "resumed"))
+    assert next(final).read_bytes() == next(final).read_bytes()
     report = json.loads((tmp_path / "out" / "final_report.json").read_text())
     assert report["exactly_24_layers"] == "8/8"
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
