@@ -389,7 +389,7 @@ def prepare(
         requires_grad = module.weight.requires_grad
         parametrize.register_parametrization(module, "weight", p)
         module.parametrizations.weight.original.requires_grad_(requires_grad)
-        p.scale.requires_grad_(requires_grad)  # a frozen layer's scale does not train either
+        p.scale.requires_grad_(bool(requires_grad))  # a frozen layer's scale does not train either
         changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
     return changed
 

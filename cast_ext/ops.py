@@ -54,12 +54,9 @@ def _same_device(op: str, ref: tuple[str, Tensor], *others: tuple[str, Tensor | 
     mixed with real ones to the fake, which would return an uninitialised real tensor."""
     ref_name, r = ref
     for name, t in others:
-        if t is not None:
-            torch._check(
-                t.device == r.device,
-                lambda n=name, d=t.device: (
-                    f"cast_ext.{op}: {n} is on {d} but {ref_name} is on {r.device}"
-                ),
+        if t is not None and t.device != r.device:
+            raise RuntimeError(
+                f"cast_ext.{op}: {name} is on {t.device} but {ref_name} is on {r.device}"
             )
 
 
@@ -428,7 +425,7 @@ def _gemm_backward(
 ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
     x, values, meta = ctx.saved_tensors
     n, k = values.shape[0], values.shape[1] * 2
-    rows = math.prod(ctx.x_shape[:-1])  # not -1: n or k may be 0
+    rows = math.prod(grad.shape[:-1])  # x's rows (not -1: n or k may be 0)
     g2 = grad.reshape(rows, n)
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -718,10 +715,8 @@ def _check_distill(
     """csrc/distill.h's rules, in the fakes."""
     _same_device(op, ("student", student), ("teacher", teacher), ("labels", labels))
     for name, t in (("student", student), ("teacher", teacher), ("labels", labels)):
-        torch._check(
-            t is None or t.is_contiguous(),
-            lambda n=name, t=t: f"cast_ext.{op}: {n} of shape {list(t.shape)} must be contiguous",
-        )
+        if t is not None and not t.is_contiguous():
+            raise RuntimeError(f"cast_ext.{op}: {name} of shape {list(t.shape)} must be contiguous")
     torch._check(
         math.isfinite(temperature) and temperature > 0,
         lambda: f"cast_ext.{op}: temperature must be finite and > 0, got {temperature}",
