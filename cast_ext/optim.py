@@ -69,6 +69,15 @@ def _fit_master(p: Tensor, state: dict[str, Any]) -> None:
         state["master"] = _state_like(p, _local(p).detach().float().contiguous(), list(p.shape))
 
 
+def _take_written(master: Tensor, param: Tensor, chunk: int = 1 << 18) -> None:
+    """``master <- param`` where ``param`` is not ``master`` rounded to its dtype (both
+    contiguous), a chunk at a time: no full-size temporaries."""
+    m, q = master.view(-1), param.view(-1)
+    for i in range(0, m.numel(), chunk):
+        a, b = m[i : i + chunk], q[i : i + chunk]
+        a.copy_(torch.where(a.to(b.dtype) == b, a, b.float()))
+
+
 def _err(msg: str) -> ValueError:
     return ValueError(f"cast_ext.AdamS: {msg}")
 
@@ -562,10 +571,10 @@ class AdamS(torch.optim.Optimizer):
             # was seen, it wins where it is not its master rounded (so a fresh process that
             # loaded both goes on bit for bit). (Eager only: compile does not trace versions.)
             track = not torch.compiler.is_compiling() and len(masters) > 0
-            for p, lp, master in zip(ps, params, masters if track else [], strict=track):
+            for p, lp, fl, master in zip(ps, params, flat, masters if track else [], strict=track):
                 seen = self._versions.get(id(p))
                 if seen is None:
-                    master.copy_(torch.where(master.to(lp.dtype) == lp, master, lp.float()))
+                    _take_written(master, fl)
                 elif seen != lp._version:
                     master.copy_(lp)
             beta1, beta2 = group["betas"]

@@ -83,6 +83,23 @@ def test_cpu_step_allocates_no_full_size_temporary() -> None:
     assert float(opt.state[w]["step"]) == 3
 
 
+@pytest.mark.skipif(not _can_measure(), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_first_bf16_step_after_a_load_allocates_no_full_size_temporary() -> None:
+    """The first step after load_state_dict compares each bf16 param with its fp32 master (a
+    param written since wins): a chunk at a time, not with full-size temporaries."""
+    torch.manual_seed(0)
+    w = nn.Parameter((torch.randn(ROWS, COLS) * 0.02).bfloat16())
+    hp = {"lr": 1e-3, "decay": 1e-3, "total_steps": 10, "mask_interval": 1}
+    opt = AdamS([w], **hp)
+    w.grad = (torch.randn_like(w, dtype=torch.float32) * 1e-3).bfloat16()
+    opt.step()
+    fresh = AdamS([w], **hp)
+    fresh.load_state_dict(opt.state_dict())
+    del opt
+    grown = _peak_growth(fresh.step)
+    assert grown < LIMIT, f"the step's peak grew by {grown / 2**20:.1f} MiB"
+
+
 @requires_cuda
 def test_cuda_step_allocates_no_full_size_temporary() -> None:
     _, opt = _model("cuda")
