@@ -570,6 +570,25 @@ def test_distill_loss_matches_naive(eta, temperature, chunk):
     assert bool((s.grad[0, 2] == 0).all())  # ignored positions get no gradient
 
 
+def test_distill_loss_one_valid_token_and_the_kl_part_at_eta_0():
+    """One label not ignored: the loss and its gradient are that token's; at eta = 0 with a
+    teacher given, the KL part is still reported (the naive KL), the loss is the CE."""
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(2, 5, 30, generator=g) * 2).requires_grad_(True)
+    t = torch.randn(2, 5, 30, generator=g) * 2
+    y = torch.full((2, 5), -100)
+    y[1, 3] = 7
+    for eta in (0.0, 0.5):
+        loss, kl, _ = cast.distill_loss(s, t, y, eta=eta, return_parts=True)
+        s64 = s.detach().double().requires_grad_(True)
+        ref = naive_distill(s64, t, y, eta, 1.0)
+        assert abs(loss.item() - ref.item()) < 1e-5
+        assert abs(kl.item() - naive_distill(s64, t, y, 1.0, 1.0).item()) < 1e-5
+        (grad,) = torch.autograd.grad(loss, s)
+        (want,) = torch.autograd.grad(ref, s64)
+        torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-7)
+
+
 def test_distill_loss_label_dtypes():
     """Integer labels of any width give the int64 result; float labels are refused clearly."""
     s, t = torch.randn(2, 8, 50), torch.randn(2, 8, 50)
@@ -698,6 +717,11 @@ def test_decay_budget_weighs_every_weight_alike():
 
 
 def test_warmup_cosine():
+    short = cast.warmup_cosine(1e-3, 5, warmup_steps=10)  # warmup longer than the run
+    assert short(4) == pytest.approx(1e-3) and short(0) == pytest.approx(1e-4)
+    torch.testing.assert_close(
+        short.values(5), torch.tensor([short(i) for i in range(5)], dtype=torch.float64)
+    )
     s = cast.warmup_cosine(1e-3, 100, warmup_steps=10)
     assert s(0) == pytest.approx(1e-4) and s(10) == pytest.approx(1e-3)
     assert s(99) == pytest.approx(1e-4) and s(500) == pytest.approx(1e-4)
@@ -741,6 +765,8 @@ def test_train_loop_logs_health_and_evals(tmp_path):
     assert [r["step"] for r in res.health] == [0, 4, 8]
     assert [r["alpha"] for r in res.health] == [0.0, 0.5, 1.0]
     assert math.isnan(res.health[0]["flip_rate"]) and res.health[1]["flip_rate"] >= 0
+    groups = sum(layer.weight.numel() for layer in cast.sparse_layers(model)) // 4
+    assert all(r["flip_rate"] == r["mask_flips"] / groups for r in res.health[1:])
     assert all(0 < r["pruned_kept_ratio"] < 1 for r in res.health)
     assert [r["step"] for r in res.evals] == [4, 8] and all(r["ppl"] > 1 for r in res.evals)
     assert [r["lr"] for r in res.train] == pytest.approx([sched(i) for i in range(steps)])
@@ -850,6 +876,27 @@ def test_perplexity_without_predictions_is_nan_and_finalize_warns_of_missing_mas
     with pytest.warns(UserWarning, match="optimizer holds no mask for 8 of 8 layers"):
         reports = cast.finalize(model, adamw)
     assert {r.mask_source for r in reports} == {"magnitude"}
+
+
+def test_train_grad_accum_equals_the_whole_batch():
+    """Two micro-batches of one row a step give the gradients of the two-row batch (each
+    micro-batch's loss over grad_accum), so the same training up to rounding."""
+
+    def run(accum: int) -> dict:
+        torch.manual_seed(0)
+        model = tiny_llama()
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        cast.prepare(model)
+        opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-3, decay=1e-2, total_steps=3)
+        full = [ids(seed=s) for s in range(3)]
+        batches = [row[None] for b in full for row in b] if accum == 2 else full
+        kw = {"total_steps": 3, "teacher": teacher, "progress": False, "health_every": 0}
+        cast.train(model, opt, batches, grad_accum=accum, **kw)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    one, two = run(1), run(2)
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=2e-5, msg=key)
 
 
 def test_train_resumed_at_start_step_is_the_uninterrupted_run():
@@ -1010,6 +1057,10 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "decay budget" in out and "CAST (AdamS+scaling+KD)" in out and "perplexity" in out
     assert f"{saved['epochs']} passes over {data.train.shape[0]} training windows" in out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    kls = [r["kl"] for r in records if r["run"] == "cast" and r["kind"] == "train"]
+    # distilled from the dense model, not from itself: 0 while they agree, at the first step
+    assert len(kls) > 1 and kls[0] == 0.0 and all(kl > 0 for kl in kls[1:])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
 

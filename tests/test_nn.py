@@ -196,6 +196,30 @@ def test_to_sparse_and_back() -> None:
     torch.testing.assert_close(model(x), y_sparse, rtol=1e-5, atol=1e-5)
 
 
+def test_to_sparse_by_default_keeps_the_head_and_tied_weights_dense() -> None:
+    """Without filter_fn, the rule cast.prepare uses: the output head (get_output_embeddings)
+    and a Linear sharing the embedding's weight stay nn.Linear."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.body = nn.Linear(8, 8)
+            self.tied = nn.Linear(8, 16, bias=False)
+            self.tied.weight = self.emb.weight
+            self.head = nn.Linear(8, 16)
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.head
+
+    model = LM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        to_sparse(model)
+    assert type(model.body) is SparseLinear
+    assert type(model.head) is nn.Linear and type(model.tied) is nn.Linear
+
+
 @pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
 def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
     """Under autocast a SparseLinear does what nn.Linear does: computes and returns in the

@@ -464,6 +464,65 @@ def test_group_settings_and_params_are_checked_like_torch() -> None:
         AdamS([p], total_steps=5, n=True)
 
 
+def test_per_group_weight_decay_and_3d_params_step_as_adamw() -> None:
+    """Dense groups are AdamW with each group's own weight_decay (not the default's); a 3-D
+    param in a group without the flag is dense (no mask), as AdamW steps it."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(4, 2, 8))]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    hp = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    groups = [{"params": [ps[0]], "sparse": False, "weight_decay": 0.3}, {"params": [ps[1]]}]
+    opt = AdamS(groups, weight_decay=0.0, total_steps=5, **hp)
+    ref = torch.optim.AdamW(
+        [{"params": [qs[0]], "weight_decay": 0.3}, {"params": [qs[1]]}], weight_decay=0.0, **hp
+    )
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert "mask" not in opt.state[ps[1]]
+
+
+def test_stats_against_independent_figures() -> None:
+    """mask_flips is None until the second refresh (mask_interval 3: refreshes at t = 0, 3),
+    then counts the groups whose kept pair changed (all of them, the ranking reversed), with
+    prev_mask the first refresh's mask; pruned_over_kept is mean |pruned| / mean |kept|."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.rand(8, 16) + 0.5)
+    opt = AdamS([w], lr=1e-3, decay=1e-3, total_steps=10, mask_interval=3)
+    for t in range(3):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        st = opt.sparsity_stats()[w]
+        assert st["mask_flips"] is None and st["step"] == t + 1
+        kept = opt.mask(w)
+        ratio = float(w.detach()[~kept].abs().mean() / w.detach()[kept].abs().mean())
+        assert st["pruned_over_kept"] == pytest.approx(ratio, rel=1e-6)
+    first = opt.state[w]["mask"].clone()
+    with torch.no_grad():
+        w.copy_(1.0 / w)  # every group's ranking reversed
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    st = opt.sparsity_stats()[w]
+    assert torch.equal(opt.state[w]["prev_mask"], first)
+    assert st["mask_flips"] == w.numel() // 4 and st["flip_rate"] == 1.0
+
+
+def test_a_first_step_gradscaler_skips_leaves_no_mask() -> None:
+    model, _, opt, _, scaler, x = scaler_setup(2.0**10)
+    scaler.scale(model(x).pow(2).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    assert float(opt.state[model.weight]["step"]) == 0
+    with pytest.raises(RuntimeError, match="no mask yet"):
+        opt.mask(model.weight)
+    assert opt.sparsity_stats() == {}
+
+
 def test_mask_and_stats() -> None:
     model = make_model()
     opt = AdamS(model.parameters(), lr=5e-3, decay=1e-2, total_steps=5, mask_interval=2)
