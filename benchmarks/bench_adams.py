@@ -16,14 +16,8 @@ from collections.abc import Callable
 import torch
 
 import cast_ext
-from benchmarks._harness import (
-    Row,
-    cuda_time_us,
-    hbm_fraction,
-    measure_copy_gbps,
-    quick,
-    write_rows,
-)
+from benchmarks import _harness
+from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
 
 __all__ = ["main"]
 
@@ -112,7 +106,7 @@ def main() -> list[Row]:
                 "gbps": gbps,
                 "copy_gbps": copy_gbps,
                 "frac_of_copy": gbps / copy_gbps,
-                "fraction_of_hbm_peak": hbm_fraction(gbps),
+                "fraction_of_hbm_peak": _harness.hbm_fraction(gbps),
                 "tflops": None,
             }
         )

@@ -17,14 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import cast_ext
-from benchmarks._harness import (
-    Row,
-    cuda_time_us,
-    hbm_fraction,
-    measure_copy_gbps,
-    quick,
-    write_rows,
-)
+from benchmarks import _harness
+from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
 from cast_ext import cast, ops
 
 SHAPES = {"smollm2 2k": (2048, 49152), "smollm2 8k": (8192, 49152), "llama3 4k": (4096, 128256)}
@@ -78,7 +72,7 @@ def _rows_for(
                 "ratio_vs_fused_loss": round(med / fused_us, 3),
                 "gbps": None if gbps is None else round(gbps, 1),
                 "fraction_of_copy_ceiling": None if gbps is None else round(gbps / copy_gbps, 3),
-                "fraction_of_hbm_peak": hbm_fraction(gbps),
+                "fraction_of_hbm_peak": _harness.hbm_fraction(gbps),
             }
         )
     return rows

@@ -46,15 +46,8 @@ import cast_ext
 from cast_ext import ops
 from cast_ext.nn import SparseLinear, dispatch_decisions
 
-from ._harness import (
-    Row,
-    cuda_time_us,
-    hbm_fraction,
-    l2_flusher,
-    measure_copy_gbps,
-    quick,
-    write_rows,
-)
+from . import _harness
+from ._harness import Row, cuda_time_us, l2_flusher, measure_copy_gbps, quick, write_rows
 
 __all__ = ["MODELS", "TOKENS", "main", "run"]
 
@@ -239,7 +232,7 @@ def run(reps: int = 30) -> list[Row]:
                             "fraction_of_peak": None if peak is None else round(tflops / peak, 3),
                             "gbps": round(gbps, 1),
                             "fraction_of_copy_gbps": round(gbps / copy_gbps, 3),
-                            "fraction_of_hbm_peak": hbm_fraction(gbps),
+                            "fraction_of_hbm_peak": _harness.hbm_fraction(gbps),
                         }
                     )
             dense_us, torch_us = times["dense"][0], times["torch_cslt"][0]

@@ -15,14 +15,8 @@ from __future__ import annotations
 import torch
 
 import cast_ext
-from benchmarks._harness import (
-    Row,
-    cuda_time_us,
-    hbm_fraction,
-    measure_copy_gbps,
-    quick,
-    write_rows,
-)
+from benchmarks import _harness
+from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
 
 SHAPES = {
     "llama2-7b.q": (4096, 4096),
@@ -95,7 +89,7 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
                 if gbps is None
                 else round(gbps / (2 * numel * esize / (clone_us * 1e-6) / 1e9), 3),
                 "fraction_of_copy_ceiling": None if gbps is None else round(gbps / copy_gbps, 3),
-                "fraction_of_hbm_peak": hbm_fraction(gbps),
+                "fraction_of_hbm_peak": _harness.hbm_fraction(gbps),
             }
         )
         if rows[-1]["impl"].startswith("cast_ext"):  # torch's 2:4 ops' time / ours
