@@ -572,7 +572,7 @@ def run_all(
             "train_tokens": preset.train_tokens,
             "train_windows": int(data.train.shape[0]),
             # passes over the training windows each run makes (the batches cycle through them)
-            "epochs": round(preset.train_tokens / max(data.train.numel(), 1), 2),
+            "epochs": float(f"{preset.train_tokens / max(data.train.numel(), 1):.3g}"),
             "runs": runs,
             "total_time_s": time.perf_counter() - t0,
             "complete": complete,
