@@ -713,7 +713,7 @@ class AdamS(torch.optim.Optimizer):
                 continue
             kept_mean = kept_sum / n_kept if n_kept else math.nan
             pruned_mean = pruned_sum / n_pruned if n_pruned else math.nan
-            refreshes = 0 if t == 0 else (t - 1) // group["mask_interval"] + 1
+            refreshes = (t - 1) // group["mask_interval"] + 1
             # before the second refresh there is no previous mask to compare with
             n_flips = int(flips) if refreshes >= 2 else None
             out[p] = {
