@@ -127,6 +127,8 @@ def _(values: Tensor, meta: Tensor) -> Tensor:
 
 @torch.library.register_fake("cast_ext::pack_mask")
 def _(mask: Tensor) -> Tensor:
+    if mask.dim() < 1:
+        raise RuntimeError("cast_ext.pack_mask: mask must have at least one dim, got a 0-d tensor")
     torch._check(mask.dtype == torch.bool, lambda: "cast_ext.pack_mask: mask must be bool")
     return mask.new_empty(_packed_shape(mask.shape, mask.shape[-1]), dtype=torch.uint8)
 
@@ -572,6 +574,27 @@ def cslt_linear(
 # ---- AdamS (reference: cast_ext.reference.adams_step_) ----------------------------------------
 
 
+def _check_adams_scalars(h: dict[str, Any]) -> None:
+    """csrc/adams.h's rules for the scalar arguments, for the calls that reach no kernel (the
+    fake; empty lists, which give the dispatcher no device)."""
+    op = "cast_ext.adams_step_: "
+    rules = [
+        (h["lr"] >= 0.0 and math.isfinite(h["lr"]), f"lr must be finite and >= 0, got {h['lr']}"),
+        (0.0 <= h["beta1"] < 1.0, f"beta1 must be in [0, 1), got {h['beta1']}"),
+        (0.0 <= h["beta2"] < 1.0, f"beta2 must be in [0, 1), got {h['beta2']}"),
+    ]
+    for key in ("eps", "weight_decay", "decay"):
+        ok = h[key] >= 0.0 and math.isfinite(h[key])
+        rules.append((ok, f"{key} must be finite and >= 0, got {h[key]}"))
+    for key in ("total_steps", "mask_interval"):
+        rules.append((h[key] >= 1, f"{key} must be >= 1, got {h[key]}"))
+    rules.append((h["m"] in (4, 8), f"m must be 4 or 8, got {h['m']}"))
+    rules.append((0 < h["n"] <= h["m"], f"need 0 < n <= m, got n={h['n']}, m={h['m']}"))
+    for ok, msg in rules:
+        if not ok:
+            raise RuntimeError(op + msg)
+
+
 @torch.library.register_fake("cast_ext::adams_step_")
 def _(
     params: list[Tensor],
@@ -613,7 +636,12 @@ def _(
             "one per param"
         ),
     )
+    _check_adams_scalars(dict(locals()))  # the keyword arguments, by name
     for i, mk in enumerate(masks):
+        if params[i].dim() < 1:
+            raise RuntimeError(
+                f"cast_ext.adams_step_: params[{i}] is 0-d; a sparse param needs a last dim"
+            )
         shape, mshape = list(params[i].shape), list(mk.shape)
         msg = (
             f"cast_ext.adams_step_: masks[{i}] of shape {mshape} does not match "
@@ -679,9 +707,24 @@ def adams_step_(
         every list item its param's shape, except masks ``[*shape[:-1], ceil(shape[-1] / 8)]``
         and steps ``[]`` (or ``[1]``).
     """
+    scalars = {
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "decay": decay,
+        "total_steps": total_steps,
+        "mask_interval": mask_interval,
+        "n": n,
+        "m": m,
+    }
     lists = (params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks)
     if not any(lists) and grad_scale is None and found_inf is None:
-        return  # nothing to step (and no tensor for the dispatcher to pick a device from)
+        # nothing to step, and no tensor for the dispatcher to pick a device from: the
+        # arguments are still checked
+        _check_adams_scalars(scalars)
+        return
     torch.ops.cast_ext.adams_step_(
         params,
         grads,
@@ -691,18 +734,9 @@ def adams_step_(
         steps,
         master_params,
         list(prev_masks),
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decay=decay,
-        total_steps=total_steps,
-        mask_interval=mask_interval,
-        n=n,
-        m=m,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        **scalars,
     )
 
 

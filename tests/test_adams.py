@@ -171,6 +171,22 @@ def test_refresh_only_at_interval(device: str) -> None:
     assert torch.equal(d["prev"][0], want)
 
 
+def test_scalar_arguments_are_checked_without_a_kernel() -> None:
+    """Empty lists (no kernel runs: no device to dispatch to) and the meta device (the fake)
+    check the scalars as the kernels do; the fake refuses a 0-d sparse param clearly."""
+    kw = {**HP, "lr": -1.0}
+    empty: list[Tensor] = []
+    with pytest.raises(RuntimeError, match=r"adams_step_: lr must be finite and >= 0, got -1"):
+        cast_ext.ops.adams_step_(*([empty] * 8), **kw)
+    d = make_lists([(8, 32)], torch.float32, "meta")
+    with pytest.raises(RuntimeError, match=r"adams_step_: lr must be finite and >= 0"):
+        call(cast_ext.ops.adams_step_, d, lr=-1.0)
+    z = torch.zeros((), device="meta")
+    mask = torch.zeros(1, dtype=torch.uint8, device="meta")
+    with pytest.raises(RuntimeError, match=r"params\[0\] is 0-d; a sparse param needs a last"):
+        cast_ext.ops.adams_step_([z], [z], [z], [z], [mask], [z], [], [], **HP)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_found_inf_changes_nothing(device: str, impl: str) -> None:

@@ -303,6 +303,7 @@ def test_fakes_refuse_what_the_kernels_refuse():
         (lambda: cast_ext.unpack_mask(torch.empty(4, 2, device="meta"), 16), "uint8"),
         (lambda: cast_ext.mask_flips(meta.to("meta"), meta.to("meta"), 3), "m must be 4 or 8"),
         (lambda: cast_ext.mask_flips(meta, meta.to("meta")), "b is on meta but a is on cpu"),
+        (lambda: cast_ext.pack_mask(torch.tensor(True, device="meta")), "at least one dim"),
     ]
     for call, needle in cases:
         with pytest.raises(RuntimeError, match=needle):
