@@ -707,23 +707,11 @@ def adams_step_(
         every list item its param's shape, except masks ``[*shape[:-1], ceil(shape[-1] / 8)]``
         and steps ``[]`` (or ``[1]``).
     """
-    scalars = {
-        "lr": lr,
-        "beta1": beta1,
-        "beta2": beta2,
-        "eps": eps,
-        "weight_decay": weight_decay,
-        "decay": decay,
-        "total_steps": total_steps,
-        "mask_interval": mask_interval,
-        "n": n,
-        "m": m,
-    }
     lists = (params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks)
     if not any(lists) and grad_scale is None and found_inf is None:
         # nothing to step, and no tensor for the dispatcher to pick a device from: the
-        # arguments are still checked
-        _check_adams_scalars(scalars)
+        # arguments are still checked (the keyword arguments, by name)
+        _check_adams_scalars(dict(locals()))
         return
     torch.ops.cast_ext.adams_step_(
         params,
@@ -734,9 +722,18 @@ def adams_step_(
         steps,
         master_params,
         list(prev_masks),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decay=decay,
+        total_steps=total_steps,
+        mask_interval=mask_interval,
+        n=n,
+        m=m,
         grad_scale=grad_scale,
         found_inf=found_inf,
-        **scalars,
     )
 
 
