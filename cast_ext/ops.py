@@ -116,7 +116,7 @@ def _(values: Tensor, meta: Tensor) -> Tensor:
     _same_device("sparse24_decompress", ("values", values), ("meta", meta))
     k = values.shape[-1] * 2
     torch._check(
-        meta.dtype == torch.uint8 and list(meta.shape) == _packed_shape(values.shape, k),
+        list(meta.shape) == _packed_shape(values.shape, k),
         lambda: (
             f"cast_ext.sparse24_decompress: meta of shape {list(meta.shape)} does not match "
             f"values of shape {list(values.shape)}"
@@ -237,7 +237,6 @@ def _prune_backward(ctx: Any, grad: Tensor) -> Tensor:
 
 def _compress_setup(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
     ctx.save_for_backward(output[1])
-    ctx.shape = inputs[0].shape
 
 
 def _compress_backward(ctx: Any, grad_values: Tensor, grad_meta: Tensor | None) -> Tensor:
@@ -436,8 +435,7 @@ def _gemm_backward(
     if ctx.needs_input_grad[1]:
         # dL/dW = grad^T x, restricted to the kept positions (the mask itself is fixed).
         gw = g2.t().float() @ x.reshape(rows, k).float()
-        kept = torch.ops.cast_ext.unpack_mask(meta, k)
-        grad_values = gw[kept].reshape(n, k // 2).to(values.dtype)
+        grad_values = gw.gather(-1, _kept_index(meta, k)).to(values.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = g2.float().sum(0).to(grad.dtype)
     return grad_x, grad_values, None, grad_bias
