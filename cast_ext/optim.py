@@ -549,8 +549,9 @@ class AdamS(torch.optim.Optimizer):
         work.sort(key=lambda w: not w[2])
         self._check_refresh_weights(work[1:], found_inf)
         for group, device, sparse, ps in work:
+            fresh = {id(p) for p in ps if not self.state[p]}  # masters made from the params now
             for p in ps:
-                if not self.state[p]:
+                if id(p) in fresh:
                     self._init_state(p, group)
                 else:
                     _fit_master(p, self.state[p])  # the model was cast since the last step
@@ -573,7 +574,7 @@ class AdamS(torch.optim.Optimizer):
             track = not torch.compiler.is_compiling() and len(masters) > 0
             for p, lp, fl, master in zip(ps, params, flat, masters if track else [], strict=track):
                 seen = self._versions.get(id(p))
-                if seen is None:
+                if seen is None and id(p) not in fresh:
                     _take_written(master, fl)
                 elif seen != lp._version:
                     master.copy_(lp)
