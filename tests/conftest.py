@@ -28,6 +28,31 @@ TOL = {
 }
 
 
+def assert_close_trained(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    *,
+    rtol: float,
+    atol: float,
+    loose_atol: float,
+    max_outside: float = 0.01,
+    msg: str = "",
+) -> None:
+    """Two runs of the same training whose reductions add in different orders (ranks, shards,
+    another CPU's BLAS): all but ``max_outside`` of the elements within (``rtol``, ``atol``), and
+    every element within (``rtol``, ``loose_atol``).
+
+    Adam divides by the gradient's running magnitude, so an element whose gradient is itself at
+    the level of rounding noise can take a step of up to ``lr`` in another direction: a few such
+    elements drift further than the rest (2.3e-6 at lr 1e-2 over 20 steps, measured on an AMD
+    EPYC whose BLAS sums in another order than the Intel machine's, where all were within 1e-6).
+    """
+    torch.testing.assert_close(got, want, rtol=rtol, atol=loose_atol, msg=msg)
+    outside = (got.double() - want.double()).abs() > atol + rtol * want.double().abs()
+    share = outside.double().mean().item() if outside.numel() else 0.0
+    assert share <= max_outside, f"{msg}: {share:.2%} of the elements differ by more than {atol}"
+
+
 # AdamS hyperparameters of the kernel-vs-reference tests: a short ramp (total_steps 7) and a
 # refresh every 3 steps, so a 10-step run crosses both.
 ADAMS_HP = {
