@@ -1,12 +1,16 @@
 """One timing harness for the GPU benchmarks (CPU microbenchmarks use pytest-benchmark).
 
 Every figure is measured beside its baseline in the same process and reported as a row:
-``op, impl, device, dtype, shape, median_us, p20_us, p80_us, baseline, ratio, gbps, tflops,
-versions, git sha, date``. Rows go to a JSON file under ``benchmarks/results/`` (or ``$OUT``).
+``op, impl, device, dtype, shape, median_us, p20_us, p80_us, baseline, gbps, tflops, versions,
+git sha, date`` and its ratios, named for their direction: ``time_vs_<baseline>`` is impl time /
+baseline time (< 1 is faster), ``speedup_vs_<baseline>`` is baseline time / impl time (> 1 is
+faster). Rows go to a JSON file under ``benchmarks/results/`` (or ``$OUT``).
 
 CUDA timing: CUDA events around each call, median of many calls after warm-up, with inputs
 rotated over several copies, or the L2 cache flushed before each call (outside the timed window),
 so that the L2 cache (50 MB on an H100, 60 MB on an H200) does not flatter memory-bound kernels.
+The flush reads, so it leaves the L2 holding clean lines: the timed call evicts them for free,
+where a flush that writes would leave dirty lines for the timed call to write back to HBM.
 """
 
 from __future__ import annotations
@@ -84,10 +88,17 @@ def hbm_fraction(gbps: float | None) -> float | None:
 
 
 def l2_flusher() -> Callable[[], Any]:
-    """A function that evicts the GPU's L2 cache: it zeroes a buffer of twice the L2's size."""
+    """A function that evicts the GPU's L2 cache by reading a buffer of twice the L2's size.
+
+    A read (a max-reduction into one element) rather than a write such as ``zero_``: lines a
+    write leaves in the L2 are dirty, and evicting them inside the next timed call would charge
+    it up to an L2's worth of HBM writes (about 14 us on an H200). The previous timed call's
+    dirty output lines are written back during the flush instead, outside the timed window.
+    """
     l2 = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)) or 64 << 20
-    buf = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
-    return buf.zero_
+    buf = torch.zeros(2 * l2 // 4, dtype=torch.float32, device="cuda")
+    out = torch.empty((), dtype=torch.float32, device="cuda")
+    return lambda: torch.amax(buf, dim=0, out=out)
 
 
 def cuda_time_us(

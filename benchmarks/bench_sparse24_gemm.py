@@ -20,8 +20,8 @@ Every timed call, and every trial call of the dispatch, starts with the L2 cache
 the timed window): in a model larger than the L2 each layer reads its weight from HBM, and a
 weight that stays in the H200's 60 MB L2 from call to call would flatter the small-M rows.
 Search, compression and the dispatch's trial calls happen before timing and are not counted.
-Each output is checked against the dense one first. Rows: ``ratio`` = dense time / impl time
-(a speedup, > 1 is faster than dense), ``vs_torch_cslt`` = torch_cslt time / impl time;
+Each output is checked against the dense one first. Rows: ``speedup_vs_dense`` = dense time /
+impl time (> 1 is faster than dense), ``speedup_vs_torch_cslt`` = torch_cslt time / impl time;
 TFLOP/s counting the dense 2*M*N*K and, where the GPU's spec-sheet bf16 tensor-core peak is known
 (``PEAK_BF16_TFLOPS``: dense, doubled for the 2:4 paths), its fraction of that peak; GB/s of the
 bytes the impl must move (its weight as stored, x, y) and its fraction of a device copy's GB/s
@@ -238,10 +238,11 @@ def run(reps: int = 30) -> list[Row]:
             dense_us, torch_us = times["dense"][0], times["torch_cslt"][0]
             for row in rows[-len(impls) :]:
                 row["baseline"] = "dense F.linear (cuBLAS)"
-                row["ratio"] = round(dense_us / row["median_us"], 3)
-                row["vs_torch_cslt"] = round(torch_us / row["median_us"], 3)
+                row["speedup_vs_dense"] = round(dense_us / row["median_us"], 3)
+                row["speedup_vs_torch_cslt"] = round(torch_us / row["median_us"], 3)
             summary = (
-                f"{r['impl']}={r['median_us']:.1f}us/{r['ratio']:.2f}x" for r in rows[-len(impls) :]
+                f"{r['impl']}={r['median_us']:.1f}us/{r['speedup_vs_dense']:.2f}x"
+                for r in rows[-len(impls) :]
             )
             print(f"N={n:5d} K={k:5d} M={m:5d}  " + "  ".join(summary), flush=True)
         torch.cuda.empty_cache()
@@ -267,7 +268,9 @@ def _plot(rows: list[Row], path: Path) -> None:
         impls = ("cast_ext_cslt", "packed", "torch_cslt", "torch_cslt_searched", "sparse_linear")
         for impl in impls:
             pts = sorted(
-                (r["m"], r["ratio"]) for r in rows if (r["n"], r["k"], r["impl"]) == (n, k, impl)
+                (r["m"], r["speedup_vs_dense"])
+                for r in rows
+                if (r["n"], r["k"], r["impl"]) == (n, k, impl)
             )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
