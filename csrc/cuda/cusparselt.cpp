@@ -8,6 +8,8 @@
 // so y comes out row-major without a transpose, and the bias runs along D's rows (out features).
 // Mp is M (the rows of x) rounded up to kRowAlign with zero rows, which the dense operand's
 // shape rules need; the padding rows are sliced off the output (a view, no copy).
+// cuSPARSELt takes at most 2^31-1 elements per matrix (16-bit types): a larger weight is refused,
+// and an x or y beyond it is multiplied in blocks of rows, each block its own problem and plan.
 //
 // Everything expensive happens once per problem: one handle per device (lazily created, never
 // destroyed, like torch's), and a plan cache keyed by (device, Mp, n, k, dtype, bias, activation,
@@ -17,10 +19,13 @@
 // call for a (GPU arch, bucket of M = next power of two of Mp, n, k, dtype, bias, activation);
 // later plans in the same bucket reuse the winner without searching.
 // The weight is compressed once, without a plan (cusparseLtSpMMACompress2), and since cuSPARSELt
-// 0.6.2 a compressed layout need not suit every algorithm. So a search's winner is checked
-// before it is kept: on a probe input (fixed-seed random, the caller's data untouched) it must
-// give the default algorithm's result; a winner that does not, or a search that fails, leaves
-// the default algorithm in place, with a warning.
+// 0.6.2 a compressed layout need not suit every algorithm. So an algorithm other than the
+// default must report the default plan's compressed size (cusparseLtSpMMACompressedSize, a
+// host-side query at plan creation; a table entry that does not is dropped), and a search's
+// winner is checked before it is kept: on a probe input (fixed-seed random, the caller's data
+// untouched) it must also give the default algorithm's result; a winner that does not, or a
+// search that fails, leaves the default algorithm in place, with a warning. A probe that proves
+// nothing (an all-zero weight, a non-finite product) leaves the default in place, unsearched.
 // Under CUDA graph capture nothing is searched (a search syncs): a plan built there runs the
 // default algorithm in the graph and is searched at the first eager call of its shape; a plan a
 // graph was captured with is never destroyed (the cache only retires it).
@@ -49,6 +54,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -68,6 +75,9 @@ constexpr int64_t kRowAlign = 8;    // the dense operand's rows, 16-bit types (t
 constexpr int64_t kDimAlign = 16;   // n and k of the structured operand, 16-bit types
 constexpr uint32_t kPtrAlign = 16;  // every descriptor is declared 16-byte aligned
 constexpr size_t kMaxPlans = 1024;  // then the plan cache is emptied (algorithms are kept)
+// The most elements of one matrix, 16-bit types (cuSPARSELt's documented limit; the library
+// refuses larger ones, "matC, matD exceeds the maximum size allowed").
+constexpr int64_t kMaxElems = (int64_t(1) << 31) - 1;
 
 // ---- errors --------------------------------------------------------------------------------
 
@@ -97,14 +107,11 @@ void check(const char* op, const char* call, cusparseStatus_t st, const std::str
 #else
   const char* detail = "";
 #endif
+  // The GPU requirement is only named where the status can mean it (not, e.g., for a size limit).
+  const bool arch = st == CUSPARSE_STATUS_ARCH_MISMATCH || st == CUSPARSE_STATUS_NOT_SUPPORTED;
   CAST_CHECK(false, op, call, " failed with ", status_name(st), " (", static_cast<int>(st), ") ",
-             detail, " for ", what,
-             ". Needs an sm80+ GPU (sm90: cuSPARSELt >= 0.6); set CUSPARSELT_LOG_LEVEL=5 for "
-             "the library's own log.");
-}
-
-void check_cuda(const char* op, cudaError_t err) {
-  CAST_CHECK(err == cudaSuccess, op, "CUDA error: ", cudaGetErrorString(err));
+             detail, " for ", what, arch ? ". Needs an sm80+ GPU (sm90: cuSPARSELt >= 0.6)" : "",
+             "; set CUSPARSELT_LOG_LEVEL=5 for the library's own log.");
 }
 
 std::string dtype_name(cudaDataType t) { return t == CUDA_R_16BF ? "bf16" : "fp16"; }
@@ -194,6 +201,8 @@ void check_dims(const char* op, int64_t n, int64_t k) {
              "multiples of ",
              kDimAlign, ", got n=", n, ", k=", k,
              " (use the packed cast_ext.sparse24_gemm, or a dense layer, for other shapes)");
+  CAST_CHECK(n <= kMaxElems / k, op, "a weight [", n, ", ", k, "] has more elements than ",
+             "cuSPARSELt's limit of 2^31-1 per matrix (16-bit types); split the layer");
 }
 
 // ---- plans -----------------------------------------------------------------------------------
@@ -216,6 +225,7 @@ struct Plan {
   size_t workspace = 0;
   int max_alg_id = -1;
   bool searched = false;
+  bool custom = false;        // built from a config that changed the default selection
   bool captured = false;      // returned while a CUDA graph was being captured
   bool needs_search = false;  // built under capture with the default algorithm: search later
   int64_t hits = 0;
@@ -378,7 +388,9 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
           cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
                                           &cfg->alg_id, sizeof(cfg->alg_id)),
           what);
+    pl->custom = cfg->alg_id != dflt.alg_id;
     if (cfg->split_k != dflt.split_k) {
+      pl->custom = true;
       check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K)",
             cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K, &cfg->split_k,
                                             sizeof(cfg->split_k)),
@@ -386,6 +398,7 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
     }
     // a search may pick a mode (e.g. stream-K) with split_k 1
     if (cfg->split_k_mode > 0 && cfg->split_k_mode != dflt.split_k_mode) {
+      pl->custom = true;
       const auto mode = static_cast<cusparseLtSplitKMode_t>(cfg->split_k_mode);
       check(op, "cusparseLtMatmulAlgSetAttribute(SPLIT_K_MODE)",
             cusparseLtMatmulAlgSetAttribute(h, &pl->sel, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
@@ -400,6 +413,17 @@ std::unique_ptr<Plan> build_plan(const char* op, cusparseLtHandle_t* h, const Pr
   check(op, "cusparseLtMatmulGetWorkspace",
         cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
   return pl;
+}
+
+// Bytes of the compressed weight the plan's algorithm reads (the plan-based query). The weight
+// is compressed once, without a plan, and read by the default algorithm; a plan that reports
+// another size than the default plan of its problem cannot read that buffer. Host-only.
+size_t plan_compressed_bytes(const char* op, cusparseLtHandle_t* h, Plan& pl,
+                             const std::string& what) {
+  size_t bytes = 0, scratch = 0;
+  check(op, "cusparseLtSpMMACompressedSize",
+        cusparseLtSpMMACompressedSize(h, &pl.plan, &bytes, &scratch), what);
+  return bytes;
 }
 
 bool search_enabled() {
@@ -427,18 +451,24 @@ void matmul_locked(const char* op, cusparseLtHandle_t* h, Plan& pl, const Proble
 // against the default algorithm: equal up to accumulation order (a few bf16 ulps), where a layout
 // that does not suit the algorithm scrambles the weight and misses by O(1). Returns the plan to
 // cache: the searched one, or a fresh default one (the searched selection's state is then
-// unknown). An all-zero weight proves nothing: its plan keeps the default, unsearched, and the
-// bucket's next plan searches. Holds g_mu.
+// unknown). A winner whose compressed size differs from the default plan's cannot read the
+// weight's layout and is rejected before it runs. An all-zero weight, or a product that is not
+// finite on the probe (fp16 overflow, NaN), proves nothing: its plan keeps the default,
+// unsearched, and the bucket's next plan searches. Holds g_mu.
 std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const Problem& p,
                                   std::unique_ptr<Plan> pl, const void* wc,
                                   const at::TensorOptions& opts, cudaStream_t stream) {
   const std::string what = p.what();
   const std::string akey = p.alg_key();
   // The bucket keeps the default algorithm; a fresh plan (the searched selection's state is
-  // unknown).
+  // unknown). The table stores that plan's own configuration, not AlgConfig{}: the library's
+  // default may differ (e.g. split_k -1 on sm90), and a plan rebuilt from the table must not set
+  // anything the default does not.
   const auto use_default = [&] {
-    g_algs[akey] = AlgConfig{};
-    return build_plan(op, h, p, p.bias_ptr, nullptr);
+    auto fresh = build_plan(op, h, p, p.bias_ptr, nullptr);
+    fresh->cfg = read_config(op, h, *fresh, what);
+    g_algs[akey] = fresh->cfg;
+    return fresh;
   };
   at::Generator gen =
       at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
@@ -452,27 +482,42 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
   // can then fail a good winner on the output's rounding: the safe side, the default is kept.)
   matmul_locked(op, h, *pl, p, wc, at::zeros_like(x), y, stream);
   const float scale = (want - y.to(at::kFloat)).abs().max().item<float>();
-  if (!(scale > 0.f)) return pl;
+  if (!(scale > 0.f) || !std::isfinite(scale)) return pl;
+  size_t dflt_bytes = 0, bytes = 0;
   try {
     auto ws = c10::cuda::CUDACachingAllocator::get()->allocate(pl->workspace);
     const float alpha = 1.f, beta = 0.f;
+    dflt_bytes = plan_compressed_bytes(op, h, *pl, what);  // before the search changes the plan
     check(op, "cusparseLtMatmulSearch",
           cusparseLtMatmulSearch(h, &pl->plan, &alpha, wc, x.const_data_ptr(), &beta, y.data_ptr(),
                                  y.data_ptr(), ws.get(), &stream, 1),
           what);
     ++g_searches;
     pl->cfg = read_config(op, h, *pl, what);
-    // The winner may need a different workspace than the default algorithm.
-    check(op, "cusparseLtMatmulGetWorkspace",
-          cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
-    matmul_locked(op, h, *pl, p, wc, x, y, stream);  // e.g. out of memory for its workspace
+    bytes = plan_compressed_bytes(op, h, *pl, what);
+    if (bytes == dflt_bytes) {  // else it would read past (or misread) the weight: not run
+      // The winner may need a different workspace than the default algorithm.
+      check(op, "cusparseLtMatmulGetWorkspace",
+            cusparseLtMatmulGetWorkspace(h, &pl->plan, &pl->workspace), what);
+      matmul_locked(op, h, *pl, p, wc, x, y, stream);  // e.g. out of memory for its workspace
+    }
   } catch (const c10::Error& e) {
     ++g_search_failures;
     TORCH_WARN("cast_ext.", op, ": cuSPARSELt's algorithm search failed for ", what,
                "; using the default algorithm. ", e.what_without_backtrace());
     return use_default();
   }
-  if ((y.to(at::kFloat) - want).abs().max().item<float>() > 0.02f * scale) {
+  if (bytes != dflt_bytes) {
+    ++g_rejected;
+    TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
+               ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode, ") needs a ", bytes,
+               "-byte compressed weight but the default algorithm's is ", dflt_bytes, " bytes for ",
+               what, " (the weight was compressed for the default); using the default.");
+    return use_default();
+  }
+  // Written so that a NaN difference rejects the winner.
+  const float diff = (y.to(at::kFloat) - want).abs().max().item<float>();
+  if (!(diff <= 0.02f * scale)) {
     ++g_rejected;
     TORCH_WARN("cast_ext.", op, ": cuSPARSELt's searched algorithm (id ", pl->cfg.alg_id,
                ", split_k ", pl->cfg.split_k, ", mode ", pl->cfg.split_k_mode,
@@ -517,18 +562,28 @@ Plan& plan_locked(const char* op, cusparseLtHandle_t* h, const Problem& p, const
   }
   ++g_misses;
   if (g_plans.size() >= kMaxPlans) clear_plans_locked();  // shapes churn (e.g. serving)
-  std::unique_ptr<Plan> pl;
+  std::unique_ptr<Plan> pl, dflt;
   auto known = g_algs.find(p.alg_key());
   if (known != g_algs.end()) {
     try {
       pl = build_plan(op, h, p, p.bias_ptr, &known->second);
+      if (pl->custom) {
+        // The weight's layout is the default plan's (see plan_compressed_bytes): an algorithm
+        // that reports another compressed size is dropped like one that does not fit.
+        const std::string what = p.what();
+        dflt = build_plan(op, h, p, p.bias_ptr, nullptr);
+        if (plan_compressed_bytes(op, h, *pl, what) != plan_compressed_bytes(op, h, *dflt, what)) {
+          g_algs.erase(known);
+          pl.reset();
+        }
+      }
     } catch (const c10::Error&) {
       g_algs.erase(known);  // a winner from another M (or an old table) that does not fit here
       pl.reset();
     }
   }
   if (!pl) {
-    pl = build_plan(op, h, p, p.bias_ptr, nullptr);
+    pl = dflt ? std::move(dflt) : build_plan(op, h, p, p.bias_ptr, nullptr);
     if (search_enabled()) {
       // A search launches many kernels and syncs: never while a CUDA graph is captured.
       if (in_capture) {
@@ -645,19 +700,35 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const void* bias_ptr = bias ? bias->const_data_ptr() : nullptr;
   const auto* props = at::cuda::getDeviceProperties(device);
-  const Problem p{
-      device,  props->major * 10 + props->minor, mp, n, k, t, bias.has_value(), act == "relu",
-      bias_ptr};
+  // x [mp, k] and y [mp, n] must each stay within kMaxElems: beyond it they are multiplied in
+  // blocks of `chunk` rows, each an ordinary problem with its own plan (the last block its own
+  // shape). chunk >= 16 since n * k <= kMaxElems with n, k >= 16.
+  const int64_t chunk = kMaxElems / std::max(n, k) / kRowAlign * kRowAlign;
   {
     // One launch at a time per process: threads share the device's handle and the plans, and
     // cuSPARSELt does not promise that a handle may be used by two threads at once (torch keeps
     // one per thread). The launch is asynchronous, so the lock is held for microseconds (but a
     // first call of a shape builds and searches its plan under it).
     std::lock_guard<std::mutex> lk(g_mu);
-    Plan& pl = plan_locked(op, h, p, wc.const_data_ptr(), x.options(), stream);
-    matmul_locked(op, h, pl, p, wc.const_data_ptr(), x, y, stream);
+    for (int64_t r0 = 0; r0 < mp; r0 += chunk) {
+      const int64_t rows = std::min(chunk, mp - r0);
+      const Problem p{
+          device,  props->major * 10 + props->minor, rows, n, k, t, bias.has_value(), act == "relu",
+          bias_ptr};
+      Plan& pl = plan_locked(op, h, p, wc.const_data_ptr(), x.options(), stream);
+      if (rows == mp) {
+        matmul_locked(op, h, pl, p, wc.const_data_ptr(), x, y, stream);
+      } else {
+        // Row blocks of row-major contiguous tensors are contiguous, and r0 (a multiple of
+        // kRowAlign) times n or k (multiples of 16) elements keeps a block 16-byte aligned.
+        const at::Tensor xc = x.narrow(0, r0, rows), yc = y.narrow(0, r0, rows);
+        TORCH_INTERNAL_ASSERT(xc.is_contiguous() && yc.is_contiguous() &&
+                              reinterpret_cast<uintptr_t>(xc.const_data_ptr()) % kPtrAlign == 0 &&
+                              reinterpret_cast<uintptr_t>(yc.const_data_ptr()) % kPtrAlign == 0);
+        matmul_locked(op, h, pl, p, wc.const_data_ptr(), xc, yc, stream);
+      }
+    }
   }
-  check_cuda(op, cudaGetLastError());
   return y.narrow(0, 0, m).view(oshape);
 }
 
