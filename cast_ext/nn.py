@@ -26,11 +26,14 @@ kernel's check of the meta costs a sync, so a layer checks its meta once per wei
 first packed call after ``values`` or ``metadata`` change) and then runs the kernel unchecked. The
 choice comes from timings, so two processes may choose differently for one shape, and the paths
 round differently: for bitwise reproducible outputs force a path. ``mode="sparse"`` forces the
-2:4 kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy),
-``mode="dense"`` the dense one. :func:`dispatch_decisions` lists what was chosen and the times
-behind it. The backward (input and bias grads, for adapters such as LoRA on a
-frozen 2:4 base) is a dense GEMM with the decompressed weight; ``values``/``metadata`` are buffers
-and get no gradient.
+2:4 kernel (cuSPARSELt on CUDA, the packed kernel on the CPU, which then holds no dense copy
+unless it trains through it), ``mode="dense"`` the dense one. :func:`dispatch_decisions` lists
+what was chosen and the times behind it; threads may share a bucket's trial. Under
+``torch.export`` the auto mode is dense, with the weight decompressed in the graph (one program
+for every batch size). The backward (input and bias grads, for adapters such as LoRA on a
+frozen 2:4 base) is a dense GEMM with the decompressed weight, kept after the first backward on
+the CPU and rebuilt per backward on CUDA; ``values``/``metadata`` are buffers and get no
+gradient on any path.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -94,6 +98,11 @@ class DispatchDecision:
 
 
 _DECISIONS: dict[tuple[Any, ...], DispatchDecision] = {}
+# Guards the trial bookkeeping (_TRIALS and each _Trial) when threads share a shape bucket; the
+# timed calls themselves run outside it. Bumped by clear_dispatch_decisions: layers then forget
+# which paths the old decisions sent them down.
+_LOCK = threading.Lock()
+_GENERATION = [0]
 
 
 def _round(us: float | None) -> float | None:
@@ -111,8 +120,10 @@ def dispatch_decisions() -> list[dict[str, Any]]:
 
 def clear_dispatch_decisions() -> None:
     """Forget every choice: the next call of each shape bucket measures again."""
-    _DECISIONS.clear()
-    _TRIALS.clear()
+    with _LOCK:
+        _DECISIONS.clear()
+        _TRIALS.clear()
+        _GENERATION[0] += 1
 
 
 def _cslt_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -125,6 +136,8 @@ def _cslt_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> st
         return f"cuSPARSELt's 2:4 GEMM takes float16/bfloat16, not {dtype}"
     if n % 16 or k % 16:
         return f"cuSPARSELt needs in/out features that are multiples of 16, got [{n}, {k}]"
+    if n * k > 2**31 - 1:
+        return f"a [{n}, {k}] weight exceeds cuSPARSELt's 2^31-1 elements per matrix"
     return None
 
 
@@ -209,6 +222,33 @@ class _CsltLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_b, None, None
 
 
+class _PackedLinearFn(torch.autograd.Function):
+    """The packed kernel's forward; dense backward for x and bias with the layer's cached dense
+    weight (:meth:`SparseLinear._backward_weight`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        values: Tensor,
+        meta: Tensor,
+        bias: Tensor | None,
+        check: bool,
+        layer: SparseLinear,
+    ) -> Tensor:
+        ctx.weight = layer._backward_weight
+        ctx.has_bias = bias is not None
+        return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
+        return grad_x, None, None, grad_b, None, None
+
+
 # ---- the layer -------------------------------------------------------------------------------
 
 
@@ -252,10 +292,14 @@ class SparseLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if in_features % 4 != 0 or in_features <= 0 or out_features <= 0:
+        if in_features % 4 != 0 or in_features <= 0:
             raise ValueError(
                 f"cast_ext.nn.SparseLinear: in_features={in_features} must be a positive multiple "
-                f"of 4 (2:4 groups run along the input dim), out_features={out_features} positive"
+                "of 4 (2:4 groups run along the input dim)"
+            )
+        if out_features <= 0:
+            raise ValueError(
+                f"cast_ext.nn.SparseLinear: out_features={out_features} must be positive"
             )
         if mode not in _MODES:
             raise ValueError(f"cast_ext.nn.SparseLinear: mode must be in {_MODES}, got {mode!r}")
@@ -278,9 +322,12 @@ class SparseLinear(nn.Module):
         # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
         # `values` they were built from, so in-place loads and moves invalidate them.
         self._derived: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
-        # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down; a
-        # measurement builds both weights, then the one no decision uses is released.
+        # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down, and
+        # "backward" once a backward needed the dense weight; a measurement builds both weights,
+        # then the one nothing uses is released. Reset when the decisions are cleared
+        # (_uses_generation) or the layer moves.
         self._uses: set[str] = set()
+        self._uses_generation = _GENERATION[0]
         # The _tag() of the values/metadata whose meta a checked packed CUDA call has passed.
         self._meta_checked: tuple[Any, ...] | None = None
 
@@ -336,6 +383,9 @@ class SparseLinear(nn.Module):
             layer.metadata.copy_(meta)
             if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
+        if layer.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer.train(linear.training)
         return layer, dense_groups
 
     def dense_weight(self) -> Tensor:
@@ -355,6 +405,9 @@ class SparseLinear(nn.Module):
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias.detach())
+        if self.bias is not None:
+            lin.bias.requires_grad_(self.bias.requires_grad)
+        lin.train(self.training)
         return lin
 
     # -- derived weights --
@@ -371,7 +424,13 @@ class SparseLinear(nn.Module):
         Under torch.compile data pointers cannot be traced, so there is no staleness check: the
         weight the last eager call built is used. ``load_state_dict`` drops the derived
         weights; after writing ``values``/``metadata`` in place otherwise, call the layer once
-        eagerly before a compiled call."""
+        eagerly before a compiled call. Writes that bypass the tensors' version counter
+        (through ``.data`` or a NumPy view) are not seen at all: follow them with
+        ``load_state_dict`` or a ``.to()``. ``torch.export`` never uses the cache: the exported
+        program derives the weight from its ``values``/``metadata`` (a cached tensor would be
+        baked in as a constant that a later ``load_state_dict`` does not reach)."""
+        if torch.compiler.is_exporting():
+            return None
         hit = self._derived.get(name)
         if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
             return hit[1]
@@ -382,7 +441,7 @@ class SparseLinear(nn.Module):
         if t is not None:
             return t
         if torch.compiler.is_compiling():
-            return build()  # inside the graph; nothing is cached from a trace
+            return build()  # inside the graph (or an export); nothing is cached from a trace
         # A normal tensor even when this call runs under torch.inference_mode: an inference
         # tensor in the cache would break every later call that autograd records (adapters
         # trained on the layer, after an evaluation under inference_mode).
@@ -400,8 +459,8 @@ class SparseLinear(nn.Module):
     def _release_unused(self) -> None:
         """Drop the derived weight of a path no decision uses (the 2:4 weight stays in ``values``
         and ``metadata``): a layer dispatched one way holds one extra copy, not two."""
-        for path, name in (("dense", "dense"), ("sparse", "cslt")):  # "packed" needs neither
-            if path not in self._uses:
+        for paths, name in ((("dense", "backward"), "dense"), (("sparse",), "cslt")):
+            if not self._uses.intersection(paths):  # "packed" needs neither
                 self._derived.pop(name, None)
 
     def derived_bytes(self) -> int:
@@ -410,7 +469,15 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
+        self._uses.clear()  # the decisions for the new device/dtype will say
         return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle, torch.save(module) and deepcopy: the derived weights are rebuilt on use, so they
+        # are not carried (a dense copy would add 16/9 of the buffers' bytes).
+        state = super().__getstate__()
+        state.update(_derived={}, _uses=set(), _meta_checked=None)
+        return state
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         # Earlier revisions named the metadata buffer "meta", which torch.export's GraphModule
@@ -431,9 +498,12 @@ class SparseLinear(nn.Module):
         no decision uses, such as the dense copy a CPU trial call built (eager calls only)."""
         if torch.compiler.is_compiling():
             return
+        if self._uses_generation != _GENERATION[0]:  # the decisions were cleared since
+            self._uses.clear()
+            self._uses_generation = _GENERATION[0]
         self._uses.add(path)
         d = self._derived
-        if ("dense" in d and "dense" not in self._uses) or (
+        if ("dense" in d and not self._uses.intersection(("dense", "backward"))) or (
             "cslt" in d and "sparse" not in self._uses
         ):
             self._release_unused()
@@ -452,6 +522,10 @@ class SparseLinear(nn.Module):
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse", None
+        if torch.compiler.is_exporting():
+            # One graph for every M (a bucket would specialise a dynamic batch dim): dense,
+            # derived in the graph from values/metadata (see _current).
+            return "dense", None
         m = x.numel() // k
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
         hit = _DECISIONS.get(key)
@@ -472,8 +546,9 @@ class SparseLinear(nn.Module):
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if m == 0 or torch.compiler.is_compiling() or capturing:
             return "dense", None  # cannot measure here; nothing recorded: a later eager call will
-        _TRIALS[key] = trial
-        return trial.next_path(), key
+        with _LOCK:  # another thread may have opened this bucket's trial meanwhile
+            trial = _TRIALS.setdefault(key, trial)
+            return trial.next_path(), key
 
     def _decide(self, key: tuple[Any, ...], us: dict[str, float]) -> None:
         choice = _pick(us)
@@ -505,9 +580,14 @@ class SparseLinear(nn.Module):
 
     def _packed(self, x: Tensor) -> Tensor:
         check = self._meta_unchecked(x)
-        y = torch.ops.cast_ext.sparse24_gemm(
-            x, self.values, self.metadata, self.bias, check_meta=check
-        )
+        values = self.values.detach()  # a frozen buffer: no gradient on any path
+        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+            # The op's own backward would decompress the weight in every step.
+            y = _PackedLinearFn.apply(x, values, self.metadata, self.bias, check, self)
+        else:
+            y = torch.ops.cast_ext.sparse24_gemm(
+                x, values, self.metadata, self.bias, check_meta=check
+            )
         if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
             self._meta_checked = self._tag()  # only once the check has passed
         return y
@@ -530,9 +610,14 @@ class SparseLinear(nn.Module):
             # As nn.Linear under autocast: computed, and returned, in the autocast dtype.
             dt = torch.get_autocast_dtype(x.device.type)
             if values.dtype != dt:  # the packed kernel on values cast for the call
+                check = self._meta_unchecked(x)
                 with torch.autocast(x.device.type, enabled=False):
                     b = None if self.bias is None else self.bias.to(dt)
-                    return ops.sparse24_gemm(x.to(dt), values.to(dt), self.metadata, b)
+                    v = values.detach().to(dt)
+                    y = ops.sparse24_gemm(x.to(dt), v, self.metadata, b, check_meta=check)
+                if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
+                    self._meta_checked = self._tag()
+                return y
             x = x.to(dt)
         if x.dtype != values.dtype:
             raise TypeError(
@@ -545,10 +630,10 @@ class SparseLinear(nn.Module):
                 f"{values.device}"
             )
         path, trial_key = self._choose(x)
-        if trial_key is None:
+        trial = None if trial_key is None else _TRIALS.get(trial_key)
+        if trial is None:  # decided (possibly by another thread since _choose)
             return self._run(path, x)
         # A trial call: the derived weight is built outside the timed call.
-        trial = _TRIALS[trial_key]
         sample: _Sample
         try:
             if path == "dense":
@@ -580,18 +665,30 @@ class SparseLinear(nn.Module):
                 f"this shape is measured without it: {e}",
                 stacklevel=2,
             )
-            trial.paths = tuple(q for q in trial.paths if q != "sparse")
-            trial.samples.pop("sparse", None)
+            with _LOCK:
+                trial.paths = tuple(q for q in trial.paths if q != "sparse")
+                trial.samples.pop("sparse", None)
             self._derived.pop("cslt", None)
-            return self(x)
-        if trial.add(path, sample):
-            del _TRIALS[trial_key]
+            return self.forward(x)  # not self(x): the module's hooks have run for this call
+        with _LOCK:  # the thread whose sample completes the trial decides, once
+            done = trial.add(path, sample) and _TRIALS.pop(trial_key, None) is trial
+        if done:
             self._decide(trial_key, trial.medians())
         return y
 
     def _backward_weight(self) -> Tensor:
-        t = self._current("dense")  # reused if cached, never cached for the backward alone
-        return t if t is not None else self.dense_weight()
+        """The dense weight for a backward (input grads: adapters trained on a frozen 2:4 base).
+
+        On the CPU it is cached, as the dense path's, for the layer's life: decompressing it in
+        every step cost more than the packed forward saved (a 2048 x 2048 fp32 layer at 4
+        tokens: forward + backward 14.5 ms, against 3.7 ms dense). On CUDA it is rebuilt per
+        backward (one memory-bound pass) unless the layer holds one anyway: a frozen 2:4 base
+        that kept a dense copy too would need more memory than the dense model."""
+        if self._buffers["values"].device.type == "cuda":  # type: ignore[union-attr]
+            t = self._current("dense")
+            return t if t is not None else self.dense_weight()
+        self._use("backward")
+        return self._dense_cached()
 
     def extra_repr(self) -> str:
         return (
@@ -621,13 +718,19 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> None:
+def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
     """Replaces each submodule ``m`` for which ``pick(first qualified name, m)`` gives a new one,
     in every slot that holds it: a module used twice (by one parent or two) gets one replacement,
     shared like the original (named_children lists a module once per parent, which converted
-    the first slot alone; a module per slot would have untied them)."""
+    the first slot alone; a module per slot would have untied them). Every replacement is built
+    before the first is put in place, so a ``pick`` that raises leaves ``model`` unchanged.
+    Returns ``model``, or the root's replacement where ``pick`` replaces the root itself."""
     # id -> (the module, kept alive so that its id is not reused, and its replacement)
     seen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
+    root = pick("", model)
+    if root is not None:
+        return root
+    slots: list[tuple[nn.Module, str, nn.Module]] = []
     for name, parent in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(parent._modules.items()):
             if child is None:
@@ -637,7 +740,10 @@ def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) 
                 seen[id(child)] = (child, pick(full, child))
             replacement = seen[id(child)][1]
             if replacement is not None:
-                setattr(parent, child_name, replacement)
+                slots.append((parent, child_name, replacement))
+    for parent, child_name, replacement in slots:
+        setattr(parent, child_name, replacement)
+    return model
 
 
 def to_sparse(
@@ -661,11 +767,17 @@ def to_sparse(
         filter_fn: optional predicate on (qualified name, layer), replacing the default rule.
         mode: the :class:`SparseLinear` mode of every new layer.
 
+    Linears that share one weight (``b.weight = a.weight``) get layers that share one
+    ``values``/``metadata`` pair, and :func:`to_dense` ties them again. A layer that cannot be
+    converted (e.g. a float64 weight) raises an error naming it, before anything is replaced.
+
     Returns:
-        ``model`` itself.
+        ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
+        linear layer itself.
     """
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
+    by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
 
     def pick(name: str, m: nn.Module) -> nn.Module | None:
         conv1d = _is_conv1d(m)
@@ -676,12 +788,21 @@ def to_sparse(
             return None
         if filter_fn is not None and not filter_fn(name, m):
             return None
-        layer, dense_groups = SparseLinear._build(m, mode)
-        if dense_groups:
-            pruned.append(name)
+        try:
+            layer, dense_groups = SparseLinear._build(m, mode)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"cast_ext.nn.to_sparse: layer {name or '(the model)'!r}: {e}") from e
+        shared = by_weight.get(id(m.weight))
+        if shared is not None:  # one weight, one pair of buffers (built by the first layer)
+            layer._buffers["values"] = shared[1].values
+            layer._buffers["metadata"] = shared[1].metadata
+        else:
+            by_weight[id(m.weight)] = (m.weight, layer)
+            if dense_groups:
+                pruned.append(name)
         return layer
 
-    _swap(model, pick)
+    model = _swap(model, pick)
     if pruned:
         warnings.warn(
             f"cast_ext.nn.to_sparse: {len(pruned)} layer(s) were not 2:4 sparse and were pruned to "
@@ -693,9 +814,23 @@ def to_sparse(
 
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``
-    (one made from a GPT-2 ``Conv1D`` comes back as the ``nn.Linear`` computing the same)."""
-    _swap(model, lambda _, m: m.to_dense() if isinstance(m, SparseLinear) else None)
-    return model
+    (one made from a GPT-2 ``Conv1D`` comes back as the ``nn.Linear`` computing the same).
+    Layers that share their ``values`` buffer share one weight Parameter again. Returns
+    ``model``, or its replacement if ``model`` is a :class:`SparseLinear` itself."""
+    by_values: dict[int, tuple[Tensor, nn.Linear]] = {}  # values id -> (values, its Linear)
+
+    def pick(_: str, m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, SparseLinear):
+            return None
+        shared = by_values.get(id(m.values))
+        lin = m.to_dense()
+        if shared is not None:
+            lin.weight = shared[1].weight
+        else:
+            by_values[id(m.values)] = (m.values, lin)
+        return lin
+
+    return _swap(model, pick)
 
 
 # ---- cuSPARSELt plan cache and algorithm table -----------------------------------------------

@@ -428,10 +428,13 @@ def test_a_failing_cusparselt_trial_drops_that_path(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(SparseLinear, "_run", run)
     monkeypatch.setattr(SparseLinear, "_cslt_buffer", lambda self: torch.empty(0))
     sl = SparseLinear.from_dense(linear(64, 48), warn=False)
+    hooks: list[int] = []
+    sl.register_forward_hook(lambda *_: hooks.append(1))
     x = torch.randn(3, 64)
     with pytest.warns(UserWarning, match=r"cuSPARSELt failed for \[48, 64\].*simulated"):
         for _ in range(3):  # dense, then sparse (fails, served by the next path), ...
             close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+    assert len(hooks) == 3  # the call served after the failure ran the module's hooks once
     for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
         if dispatch_decisions():
             break
@@ -439,6 +442,168 @@ def test_a_failing_cusparselt_trial_drops_that_path(monkeypatch: pytest.MonkeyPa
     (d,) = dispatch_decisions()
     assert d["choice"] in ("dense", "packed") and d["sparse_us"] is None and d["packed_us"] > 0
     cast_ext.nn.clear_dispatch_decisions()
+
+
+def test_threads_sharing_a_bucket_decide_it_once() -> None:
+    """Threads making the first calls of one shape bucket at once: every call is served, the
+    trial is completed and decided by one of them (it raised KeyError in the others)."""
+    import threading
+
+    cast_ext.nn.clear_dispatch_decisions()
+    layers = [SparseLinear.from_dense(linear(64, 32), warn=False) for _ in range(4)]
+    x = torch.randn(8, 64)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(layers))
+
+    def work(sl: SparseLinear) -> None:
+        barrier.wait()
+        try:
+            for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
+                close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+        except BaseException as e:  # collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(sl,)) for sl in layers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(dispatch_decisions()) == 1 and not cast_ext.nn._TRIALS
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+def test_cpu_packed_backward_reuses_one_dense_weight() -> None:
+    """Training through a packed layer (an adapter's input grads): the backward's dense weight
+    is built once and kept, not decompressed again in every step, and grads match dense."""
+    sl = SparseLinear.from_dense(linear(64, 32), mode="sparse", warn=False)
+    dense = sl.to_dense()
+    built = []
+    for _ in range(3):
+        x = torch.randn(4, 64, requires_grad=True)
+        xd = x.detach().clone().requires_grad_()
+        sl(x).square().sum().backward()
+        dense(xd).square().sum().backward()
+        torch.testing.assert_close(x.grad, xd.grad)
+        built.append(sl._derived["dense"][1])
+    assert built[0] is built[1] is built[2]
+    torch.testing.assert_close(sl.bias.grad, dense.bias.grad)
+    with torch.no_grad():  # a forward alone keeps it too: the layer trains through it
+        sl(torch.randn(2, 64))
+    assert sl.derived_bytes() == 32 * 64 * 4
+
+
+@pytest.mark.parametrize("mode", ["auto", "sparse", "dense"])
+def test_values_get_no_gradient_on_any_path(mode: str) -> None:
+    """values/metadata are frozen buffers: a values.requires_grad_() set by a user gives no
+    gradient on any path (the packed op alone would give one, so the path would decide)."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(64, 32), mode=mode, warn=False)
+    sl.values.requires_grad_()
+    x = torch.randn(4, 64, requires_grad=True)
+    for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES) + 1):
+        sl(x).sum().backward()
+    assert sl.values.grad is None and x.grad is not None
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+def test_export_after_eager_calls_derives_the_weight_in_the_graph() -> None:
+    """torch.export never bakes a cached dense copy in: the exported program follows a
+    load_state_dict, and in mode auto it takes a dynamic batch dim."""
+    a = SparseLinear.from_dense(linear(64, 32), mode="dense", warn=False)
+    b = SparseLinear.from_dense(linear(64, 32), mode="dense", warn=False)
+    x = torch.randn(5, 64)
+    a(x)  # an eager call caches a's dense weight
+    ep = torch.export.export(a, (x,))
+    assert not ep.constants
+    mod = ep.module()
+    mod.load_state_dict(b.state_dict())
+    torch.testing.assert_close(mod(x), b(x))
+    auto = SparseLinear.from_dense(linear(64, 32), warn=False)
+    batch = torch.export.Dim("batch", min=2)
+    ep = torch.export.export(auto, (x,), dynamic_shapes=({0: batch},))
+    x9 = torch.randn(9, 64)
+    close_to_linear(ep.module()(x9), x9, auto.dense_weight(), auto.bias.detach())
+
+
+def test_pickle_and_deepcopy_leave_the_derived_weights_behind() -> None:
+    import copy
+
+    sl = SparseLinear.from_dense(linear(256, 256), mode="dense", warn=False)
+    buf = io.BytesIO()
+    torch.save(sl, buf)
+    before = buf.tell()
+    sl(torch.randn(3, 256))
+    assert sl.derived_bytes() > 0
+    buf = io.BytesIO()
+    torch.save(sl, buf)
+    assert buf.tell() == before
+    cp = copy.deepcopy(sl)
+    assert cp.derived_bytes() == 0 and sl.derived_bytes() > 0
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(cp(x), sl(x))
+
+
+def test_conversions_keep_requires_grad_and_training() -> None:
+    model = nn.Sequential(linear(16, 8), nn.ReLU(), linear(8, 4)).eval()
+    model.requires_grad_(False)
+    with pytest.warns(UserWarning, match="pruned"):
+        to_sparse(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules())
+    to_dense(model)
+    assert not any(p.bias.requires_grad for p in (model[0], model[2]))
+    assert not any(m.training for m in model.modules())
+
+
+def test_to_sparse_refuses_before_changing_anything() -> None:
+    """A layer that cannot be converted raises an error naming it, and no layer was swapped."""
+    model = nn.Sequential(linear(16, 8), nn.ReLU(), nn.Linear(8, 4).double())
+    with pytest.raises(TypeError, match=r"to_sparse: layer '2'.*float64"):
+        to_sparse(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    with pytest.raises(ValueError, match=r"out_features=0 must be positive"):
+        SparseLinear(16, 0)
+
+
+def test_to_sparse_and_to_dense_convert_a_bare_layer() -> None:
+    lin = linear(16, 8)
+    with pytest.warns(UserWarning, match="pruned"):
+        sl = to_sparse(lin)
+    assert isinstance(sl, SparseLinear)
+    back = to_dense(sl)
+    assert isinstance(back, nn.Linear)
+    torch.testing.assert_close(back.weight, sl.dense_weight())
+
+
+def test_linears_sharing_a_weight_stay_tied() -> None:
+    a, b = linear(16, 8), linear(16, 8)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) were not 2:4"):  # one weight
+        to_sparse(model)
+    assert model[0].values is model[2].values and model[0].metadata is model[2].metadata
+    assert model[0].bias is not model[2].bias
+    to_dense(model)
+    assert model[0].weight is model[2].weight
+    assert len(list(model.parameters())) == 3
+
+
+def test_cleared_decisions_release_a_layer_s_old_derived_weight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer dispatched dense, then re-decided packed after clear_dispatch_decisions, drops
+    its dense copy (it kept it while the old decision was remembered)."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(64, 32), warn=False)
+    x = torch.randn(4, 64)
+    for choice in ("dense", "packed"):
+        monkeypatch.setattr(cast_ext.nn, "_pick", lambda us, c=choice: c)
+        for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES) + 1):
+            sl(x)
+        assert dispatch_decisions()[0]["choice"] == choice
+        assert sl.derived_bytes() == (32 * 64 * 4 if choice == "dense" else 0)
+        cast_ext.nn.clear_dispatch_decisions()
 
 
 def test_dispatch_rule() -> None:
