@@ -609,10 +609,15 @@ class SparseLinear(nn.Module):
         if autocast and x.is_floating_point():
             # As nn.Linear under autocast: computed, and returned, in the autocast dtype.
             dt = torch.get_autocast_dtype(x.device.type)
-            if values.dtype != dt:  # the packed kernel on values cast for the call
-                check = self._meta_unchecked(x)
+            if values.dtype != dt:
                 with torch.autocast(x.device.type, enabled=False):
                     b = None if self.bias is None else self.bias.to(dt)
+                    if self.mode != "sparse":
+                        # As nn.Linear does: the (cached) dense weight cast for the call; nothing
+                        # measured the packed kernel in this dtype against it.
+                        self._use("dense")
+                        return F.linear(x.to(dt), self._dense_cached().to(dt), b)
+                    check = self._meta_unchecked(x)  # forced: the packed kernel, values cast
                     v = values.detach().to(dt)
                     y = ops.sparse24_gemm(x.to(dt), v, self.metadata, b, check_meta=check)
                 if check and x.device.type == "cuda" and not torch.compiler.is_compiling():

@@ -221,13 +221,20 @@ def test_to_sparse_by_default_keeps_the_head_and_tied_weights_dense() -> None:
 
 
 @pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
-def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
+def test_autocast_computes_in_the_autocast_dtype(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under autocast a SparseLinear does what nn.Linear does: computes and returns in the
     autocast dtype, whatever its own dtype and the path taken (an "auto" layer's output dtype
     alternated with its timing trials), with gradients for x and the bias."""
     torch.manual_seed(0)
     fp32 = SparseLinear.from_dense(linear(32, 16), mode=mode, warn=False)  # type: ignore[arg-type]
     bf16 = SparseLinear.from_dense(linear(32, 16, dtype=torch.bfloat16), mode=mode, warn=False)  # type: ignore[arg-type]
+    packed_calls = []
+    real = ops.sparse24_gemm
+    monkeypatch.setattr(
+        ops, "sparse24_gemm", lambda *a, **k: packed_calls.append(1) or real(*a, **k)
+    )
     for layer in (fp32, bf16):
         w, b = layer.dense_weight().bfloat16(), layer.bias.detach().bfloat16()
         for _ in range(6):  # past the auto mode's trials
@@ -236,6 +243,9 @@ def test_autocast_computes_in_the_autocast_dtype(mode: str) -> None:
                 y = layer(x)
             assert y.dtype == torch.bfloat16
             close_to_linear(y, x.detach().bfloat16(), w, b)
+            if layer is fp32:  # nn.Linear's way (the weight cast per call) unless forced sparse
+                assert len(packed_calls) == (mode == "sparse")
+                packed_calls.clear()
             y.float().sum().backward()
             assert x.grad is not None and layer.bias.grad is not None
             layer.bias.grad = None
