@@ -196,6 +196,16 @@ class _Trial:
 _TRIALS: dict[tuple[Any, ...], _Trial] = {}
 
 
+def _frozen_weight_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward of a linear layer whose weight (``ctx.weight()``, dense) is frozen: grads for
+    x (input 0) and the bias (input 3) of the autograd Functions below, none for the rest."""
+    grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
+    grad_b = None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
+    return grad_x, None, None, grad_b, None, None
+
+
 class _CsltLinearFn(torch.autograd.Function):
     """cuSPARSELt forward; dense backward for x and bias (values/metadata are frozen buffers)."""
 
@@ -215,11 +225,7 @@ class _CsltLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
-        return grad_x, None, None, grad_b, None, None
+        return _frozen_weight_backward(ctx, grad)
 
 
 class _PackedLinearFn(torch.autograd.Function):
@@ -242,11 +248,7 @@ class _PackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
-        return grad_x, None, None, grad_b, None, None
+        return _frozen_weight_backward(ctx, grad)
 
 
 # ---- the layer -------------------------------------------------------------------------------
