@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -73,7 +74,9 @@ class Preset:
     """Sizes and hyperparameters of one demo configuration.
 
     The fine-tune and CAST runs see the same tokens: ``ft_steps * ft_batch == cast_steps *
-    cast_batch`` windows of ``seq_len`` tokens, in the same order.
+    cast_batch`` windows of ``seq_len`` tokens, in the same order, and the same schedule over
+    them: ``warmup`` is CAST's warmup in steps, the fine-tune's covers as many windows
+    (:attr:`ft_warmup`).
     """
 
     name: str
@@ -106,6 +109,17 @@ class Preset:
     @property
     def train_tokens(self) -> int:
         return self.cast_steps * self.cast_batch * self.seq_len
+
+    @property
+    def ft_warmup(self) -> int:
+        """The fine-tune's warmup steps: the windows of CAST's ``warmup`` steps (at least 1)."""
+        return max(1, round(self.warmup * self.cast_batch / self.ft_batch)) if self.warmup else 0
+
+    @property
+    def cast_steps_multiple(self) -> int:
+        """``--cast-steps`` must be a multiple of this (the fine-tune's batches then split the
+        same windows evenly)."""
+        return self.ft_batch // math.gcd(self.ft_batch, self.cast_batch)
 
 
 PRESETS: dict[str, Preset] = {
@@ -218,9 +232,17 @@ def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(loaded.state_dict())
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        fresh.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(target)
+        try:
+            fresh.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            try:
+                tmp.rename(target)
+            except OSError:
+                # another process converted it meanwhile (rename onto a non-empty directory)
+                if not (target / "model.safetensors").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else half a copy
         if verbose:
             print(f"  converted in {time.perf_counter() - t0:.0f} s", flush=True)
     tok = AutoTokenizer.from_pretrained(target)
@@ -373,8 +395,9 @@ def _result(name: str, before: dict[str, float] | None, after: dict[str, float],
 def _adamw_finetune(
     model: nn.Module, data: DemoData, preset: Preset, run_name: str, **kw: Any
 ) -> cast.TrainResult:
-    """The preset's AdamW fine-tune (dense or fixed-mask): same budget, schedule and evals."""
-    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.warmup)
+    """The preset's AdamW fine-tune (dense or fixed-mask): CAST's windows, schedule shape over
+    them (warmup and cosine in windows) and evals."""
+    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.ft_warmup)
     return cast.train(
         model,
         _adamw(model, preset.ft_lr),
@@ -392,7 +415,15 @@ def run_dense(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> dict
     """The dense baseline: the pretrained model's perplexity."""
     t0 = time.perf_counter()
     ev = _eval(base, data, preset.eval_windows, preset.eval_batch)
-    return _result("dense", None, ev, tokens=0, steps=0, time_s=time.perf_counter() - t0)
+    return _result(
+        "dense",
+        None,
+        ev,
+        tokens=0,
+        steps=0,
+        time_s=time.perf_counter() - t0,
+        curve_eval=_eval(base, data, preset.curve_windows, preset.eval_batch),
+    )
 
 
 def run_dense_finetune(
@@ -432,6 +463,7 @@ def run_oneshot(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> di
         steps=0,
         time_s=time.perf_counter() - t0,
         finalize=_finalize_summary(reports),
+        curve_eval=_eval(model, data, preset.curve_windows, preset.eval_batch),
     )
 
 
@@ -530,6 +562,7 @@ def run_cast(
     before = _eval(student, data, preset.eval_windows, preset.eval_batch)
     reports = cast.finalize(student, opt)
     after = _eval(student, data, preset.eval_windows, preset.eval_batch)
+    after_curve = _eval(student, data, preset.curve_windows, preset.eval_batch)
     h = hist.health
     measured = h[-1]["mean_pruned"] / h[0]["mean_pruned"] if h and h[0]["mean_pruned"] else None
     return _result(
@@ -539,6 +572,7 @@ def run_cast(
         finalize=_finalize_summary(reports),
         decay_budget=budget.to_dict(),
         measured_shrink=measured,
+        curve_eval=after_curve,
         final_eval_time_s=time.perf_counter() - t0,
         **_hist(hist),
     )
@@ -614,7 +648,7 @@ def _fmt(v: float | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """The summary table (perplexity per held-out play, before and after finalize)."""
     plays = list(HELD_OUT)
-    rows = [("run", "before finalize", "after (" + " / ".join(plays) + ")", "tokens", "time")]
+    rows = [("run", "before finalize", "after (" + " / ".join(plays) + ")", "tokens", "train time")]
     runs = results["runs"]
     labels = {
         "dense": "dense (pretrained)",
@@ -631,7 +665,9 @@ def table(results: dict[str, Any]) -> str:
         b = r.get("before_finalize")
         before = " / ".join(_fmt(b[f"ppl_{p}"]) for p in plays) if b else "-"
         after = " / ".join(_fmt(r["after"][f"ppl_{p}"]) for p in plays)
-        rows.append((labels[key], before, after, str(r.get("tokens", 0)), f"{r['time_s']:.0f} s"))
+        trained = r.get("steps", 0) > 0  # dense and one-shot: no training (their time: evals)
+        time_s = f"{r['time_s']:.0f} s" if trained else "-"
+        rows.append((labels[key], before, after, str(r.get("tokens", 0)), time_s))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -675,19 +711,22 @@ def verdict(results: dict[str, Any]) -> str:
                 ", so the final hard prune still removed real weight."
             )
         if budget.get("steps_needed"):
+            preset = results.get("preset", {})
+            # a value --cast-steps accepts (the fine-tune's batches must split the same windows)
+            mult = Preset(**preset).cast_steps_multiple if preset else 1
+            steps = -(-budget["steps_needed"] // mult) * mult
             lines.append(
                 f"decay_budget estimates about {budget['steps_needed']} steps for a near-lossless "
                 "finalize (SPEC §6: roughly 500-1000 for this model); "
                 + (
-                    f"run with `--cast-steps {budget['steps_needed']}`."
-                    if results.get("preset", {}).get("name") == "gpu"
+                    f"run with `--cast-steps {steps}`."
+                    if preset.get("name") == "gpu"
                     else "run `--preset gpu`."
                 )
             )
-    if cb < fa and ca >= fa:
         lines.append(
-            "Before finalize the CAST model is better than the fine-tune: the method works, the "
-            "transition just has not finished."
+            f"Before finalize CAST's model is still dense (its pruned weights are small, not zero):"
+            f" {cb:.1f} against the pretrained dense model's {dense:.1f}."
         )
     return "\n".join(lines)
 
@@ -708,26 +747,28 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     curves = [("finetune", "2:4 magnitude + fixed-mask AdamW"), ("cast", "CAST (before finalize)")]
     if "finetuned" in runs["dense"]:
         curves.insert(0, ("dense_finetune", "dense + AdamW"))
+
+    def ref(run: dict[str, Any]) -> float:
+        """The run's perplexity on the curves' windows (results of older demos: all windows)."""
+        return (run.get("curve_eval") or run["after"])["ppl"]
+
+    # Every line on one set of windows (the periodic evals'), and each curve from its start: the
+    # fine-tune from the one-shot model, CAST (and a dense fine-tune) from the dense one.
+    start = {"finetune": ref(runs["oneshot"]), "cast": ref(runs["dense"])}
+    start["dense_finetune"] = start["cast"]
     for key, label in curves:
         r = runs["dense"]["finetuned"] if key == "dense_finetune" else runs[key]
         pts = [(e["tokens"], e["ppl"]) for e in r.get("curve", [])]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax.axhline(
-        runs["dense"]["after"]["ppl"], color="k", ls="--", label="dense (pretrained), full eval set"
-    )
-    ax.axhline(
-        runs["oneshot"]["after"]["ppl"], color="r", ls=":", label="one-shot 2:4, full eval set"
-    )
-    ax.axhline(
-        runs["cast"]["after"]["ppl"],
-        color="C1",
-        ls="-.",
-        label="CAST after finalize, full eval set",
-    )
+            ax.plot(*zip((0, start[key]), *pts, strict=True), marker="o", label=label)
+    ax.axhline(ref(runs["dense"]), color="k", ls="--", label="dense (pretrained)")
+    ax.axhline(ref(runs["oneshot"]), color="r", ls=":", label="one-shot 2:4")
+    ax.axhline(ref(runs["cast"]), color="C1", ls="-.", label="CAST after finalize")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("perplexity, geo. mean (curves: first windows only)")
+    windows = (results.get("preset") or {}).get("curve_windows")
+    on = f"first {windows} windows of each play" if windows else "the curves' windows"
+    ax.set_ylabel(f"perplexity, geo. mean ({on})")
     ax.set_title("Held-out perplexity (Tempest, Hamlet)")
     ax.legend(fontsize=8)
     health = runs["cast"].get("health", [])
@@ -752,8 +793,12 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def _write_results(results: dict[str, Any], out_dir: Path) -> None:
+    """``results.json``, replaced atomically: a run killed while writing it leaves the last
+    complete one (the partial saves exist for runs cut short)."""
     text = json.dumps(cast._json_safe(results), indent=1, default=str, allow_nan=False)
-    (out_dir / "results.json").write_text(text)
+    tmp = out_dir / f"results.json.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / "results.json")
 
 
 def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], None] = print):
@@ -832,10 +877,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cast_steps is not None:
         windows = args.cast_steps * preset.cast_batch
         if windows % preset.ft_batch:
-            print(
-                f"error: --cast-steps x {preset.cast_batch} must be a multiple of {preset.ft_batch}"
+            parser.error(
+                f"--cast-steps {args.cast_steps}: preset {preset.name} needs a multiple of "
+                f"{preset.cast_steps_multiple} (the fine-tune's batches of {preset.ft_batch} "
+                "windows split the same windows)"
             )
-            return 2
         preset = replace(preset, cast_steps=args.cast_steps, ft_steps=windows // preset.ft_batch)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -846,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / f"demo-{preset.name}"
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
+    for stale in (log_path, out / "demo.png", out / "results.json"):  # an earlier run's
+        stale.unlink(missing_ok=True)
     print(
         f"cast_ext demo: preset {preset.name}, device {device}, {torch.get_num_threads()} "
         f"threads, {preset.train_tokens} training tokens per run"

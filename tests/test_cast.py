@@ -1054,8 +1054,15 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     assert c["before_finalize"]["ppl"] > 1 and "predicted_ratio" in c["decay_budget"]
     assert c["steps"] == preset.cast_steps and len(c["health"]) == 2
     assert saved["epochs"] == float(f"{preset.train_tokens / data.train.numel():.3g}") > 0
+    # the plot's reference lines and curve starts: measured on the curves' windows too
+    for key in ("dense", "oneshot", "cast"):
+        assert runs[key]["curve_eval"]["ppl"] > 1, key
+    assert not list((tmp_path / "out").glob("results.json.tmp*"))  # written atomically
     out = capsys.readouterr().out
     assert "decay budget" in out and "CAST (AdamS+scaling+KD)" in out and "perplexity" in out
+    # training time for the runs that train; dense and one-shot only evaluate
+    dense_row = next(line for line in saved["table"].splitlines() if line.startswith("dense"))
+    assert "train time" in saved["table"] and dense_row.rstrip().endswith("-")
     assert f"{saved['epochs']} passes over {data.train.shape[0]} training windows" in out
     records = [json.loads(line) for line in log.read_text().splitlines()]
     kls = [r["kl"] for r in records if r["run"] == "cast" and r["kind"] == "train"]
@@ -1068,19 +1075,47 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
 def test_demo_verdict_suggests_what_the_preset_allows():
     """Too few CAST steps: the CPU preset's verdict points to the GPU preset; the GPU preset's
     to the steps decay_budget asks for."""
+    import dataclasses
+
     from cast_ext import demo
 
     def results(preset: str) -> dict:
         ppl = {"ppl": 20.0}
         cast_run = {"before_finalize": ppl, "after": {"ppl": 30.0}, "steps": 100}
-        cast_run["decay_budget"] = {"predicted_ratio": 0.5, "steps_needed": 900}
+        cast_run["decay_budget"] = {"predicted_ratio": 0.5, "steps_needed": 575}
         runs = {"dense": {"after": ppl}, "oneshot": {"after": {"ppl": 90.0}}}
         runs |= {"finetune": {"after": {"ppl": 25.0}}, "cast": cast_run}
-        return {"preset": {"name": preset}, "runs": runs}
+        return {"preset": dataclasses.asdict(demo.PRESETS[preset]), "runs": runs}
 
-    assert "run `--preset gpu`" in demo.verdict(results("cpu"))
+    cpu = demo.verdict(results("cpu"))
+    assert "run `--preset gpu`" in cpu
+    # before finalize CAST's model is compared with the dense model (it is still dense), not
+    # with the 2:4 fine-tune
+    assert "still dense" in cpu and "against the pretrained dense model's 20.0" in cpu
+    assert "method works" not in cpu
     gpu = demo.verdict(results("gpu"))
-    assert "run with `--cast-steps 900`" in gpu and "--preset gpu" not in gpu
+    # 575 x 8 windows do not split into the fine-tune's batches of 16: the next that does
+    assert "run with `--cast-steps 576`" in gpu and "--preset gpu" not in gpu
+    assert demo.PRESETS["gpu"].cast_steps_multiple == 2
+
+
+def test_demo_fine_tune_warms_up_over_cast_s_windows(monkeypatch):
+    """The fine-tune's warmup covers the windows of CAST's (half the steps at twice the batch):
+    with CAST's step count it spent a quarter of the CPU preset warming up, and with 22 or fewer
+    CAST steps it never left the warmup."""
+    import types
+
+    from cast_ext import demo
+
+    assert [demo.PRESETS[p].ft_warmup for p in ("cpu", "gpu", "smoke")] == [5, 25, 1]
+    seen = []
+    real = cast.warmup_cosine
+    monkeypatch.setattr(cast, "warmup_cosine", lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setattr(cast, "train", lambda *a, **k: None)
+    preset = demo.PRESETS["cpu"]
+    data = types.SimpleNamespace(train=torch.zeros(4, 8, dtype=torch.long))
+    demo._adamw_finetune(tiny_llama(), data, preset, "finetune")
+    assert seen == [(preset.ft_lr, preset.ft_steps, 5)]
 
 
 def test_demo_refuses_bad_arguments_before_any_work(capsys):
@@ -1089,7 +1124,7 @@ def test_demo_refuses_bad_arguments_before_any_work(capsys):
     from cast_ext import demo
 
     bad = [["--cast-steps", "0"], ["--cast-steps", "-4"], ["--threads", "0"]]
-    bad += [["--threads", "x"], ["--device", "gpu"]]
+    bad += [["--threads", "x"], ["--device", "gpu"], ["--preset", "gpu", "--cast-steps", "575"]]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
     for argv in bad:
@@ -1099,6 +1134,7 @@ def test_demo_refuses_bad_arguments_before_any_work(capsys):
     err = capsys.readouterr().err
     assert "must be an integer >= 1, got '0'" in err
     assert "expected cpu, cuda or cuda:<index>, got 'gpu'" in err
+    assert "--cast-steps 575: preset gpu needs a multiple of 2" in err
 
 
 def test_demo_dense_finetune_run(tmp_path):
