@@ -140,7 +140,7 @@ PRESETS: dict[str, Preset] = {
         max_train_plays=2,
         eval_batch=4,
     ),
-    # About 6 minutes on 2 CPU cores (15 under load): 20,480 training tokens per run. Too short
+    # About 5-7 minutes on 2 CPU cores (15 under load): 20,480 training tokens per run. Too short
     # for CAST's decay to finish (SPEC §6); the demo says so.
     "cpu": Preset(name="cpu"),
     # Sized for about 5 minutes on one H200 (not yet run there): 4.1M training tokens per run,
