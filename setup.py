@@ -177,19 +177,34 @@ def _extensions():
     ]
 
 
-def main() -> None:
-    from torch.utils.cpp_extension import BuildExtension
+# Commands that only write metadata or a source archive: no compiler, no torch needed.
+_METADATA_ONLY = {"sdist", "egg_info", "dist_info", "--name", "--version", "--help", "clean"}
 
+
+def main() -> None:
     version = {}
     exec((ROOT / "cast_ext" / "_version.py").read_text(), version)
+    ext: dict = {}
+    if not _METADATA_ONLY.intersection(sys.argv[1:]):
+        try:
+            from torch.utils.cpp_extension import BuildExtension
+        except ImportError:
+            sys.exit(
+                "setup.py: cast_ext builds against the torch you run: install torch first (a CUDA "
+                "build of torch for the CUDA kernels), then `pip install --no-build-isolation .` "
+                "(an isolated build cannot see it)"
+            )
+        ext = {
+            "ext_modules": _extensions(),
+            "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)},
+        }
     setup(
         name="cast_ext",
         version=version["__version__"],
         packages=find_packages(include=["cast_ext", "cast_ext.*"]),
         package_data={"cast_ext": ["py.typed", "*.pyi"]},
-        ext_modules=_extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
+        **ext,
     )
 
 

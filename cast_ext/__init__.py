@@ -12,10 +12,19 @@ from ._version import __version__
 try:
     from . import _C  # noqa: F401  (loads the kernels and registers the ops)
 except ImportError as e:  # a missing _C is a broken install, never a silent fallback
+    from pathlib import Path
+
+    _checkout = (Path(__file__).resolve().parent.parent / "setup.py").is_file()
     raise ImportError(
         "cast_ext: the compiled extension cast_ext._C could not be loaded "
         f"({e}). Build it against the torch you run: "
-        "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)."
+        + (
+            # imported from a source checkout, which shadows any installed copy
+            f"in this checkout ({Path(__file__).resolve().parent.parent}), "
+            "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`."
+            if _checkout
+            else "`pip install --no-build-isolation .`."
+        )
     ) from e
 
 from . import cast, nn, ops, reference

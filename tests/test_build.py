@@ -77,6 +77,11 @@ def test_cli_refuses_what_it_cannot_do(
         assert info.value.code == 2, argv
     assert "no CUDA GPU is visible" in capsys.readouterr().err or torch.cuda.is_available()
     monkeypatch.chdir(tmp_path)
+    if not (Path(cli.__file__).resolve().parents[1] / "benchmarks").is_dir():
+        # an installed cast_ext (the tests of an unpacked sdist): no benchmarks to run
+        assert cli.main(["bench", "--device", "cpu"]) == 2
+        assert "run it from a source checkout" in capsys.readouterr().out
+        return
     assert cli.main(["bench", "--device", "cpu", "--json", "mine.json"]) == 0
     assert calls and f"--benchmark-json={tmp_path / 'mine.json'}" in calls[-1]
 
@@ -182,3 +187,34 @@ def test_sdist_holds_every_source(tmp_path: Path) -> None:
     missing = [f for f in filter(None, tracked) if not SDIST_LEAVES_OUT.match(f) and f not in names]
     assert not missing, f"tracked files missing from the sdist (MANIFEST.in): {missing}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build outputs in the sdist"
+
+
+@pytest.mark.parametrize("command", ["--version", "bdist_wheel"])
+def test_setup_without_torch(command: str) -> None:
+    """Metadata and sdists need no torch (it is not a build requirement); a build without it
+    (pip's isolated build) stops at once with the advice to build against the torch one runs."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.modules['torch'] = None; "  # import torch raises ImportError
+        f"sys.argv = ['setup.py', {command!r}]; "
+        "import runpy; runpy.run_path('setup.py', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    if command == "--version":
+        assert proc.returncode == 0 and proc.stdout.strip() == cast_ext.__version__, proc.stderr
+    else:
+        assert proc.returncode == 1 and "pip install --no-build-isolation ." in proc.stderr
+        assert "install torch first" in proc.stderr
+
+
+def test_a_missing_extension_in_a_checkout_says_how_to_build_it_in_place() -> None:
+    """Imported from a source checkout (which shadows an installed cast_ext), the advice is an
+    in-place or editable build, not the plain install that would not be imported."""
+    code = "import sys; sys.modules['cast_ext._C'] = None; import cast_ext"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1 and "could not be loaded" in proc.stderr
+    assert "pip install --no-build-isolation -e ." in proc.stderr and str(ROOT) in proc.stderr
