@@ -411,19 +411,20 @@ def _adamw_finetune(
     )
 
 
+def _untrained(
+    name: str, model: nn.Module, data: DemoData, preset: Preset, t0: float, **kw: Any
+) -> dict[str, Any]:
+    """A run without training: the table's evaluation (``time_s`` from ``t0`` to its end) and
+    one on the curves' windows (the plot's reference line)."""
+    ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
+    time_s = time.perf_counter() - t0
+    curve = _eval(model, data, preset.curve_windows, preset.eval_batch)
+    return _result(name, None, ev, tokens=0, steps=0, time_s=time_s, curve_eval=curve, **kw)
+
+
 def run_dense(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> dict[str, Any]:
     """The dense baseline: the pretrained model's perplexity."""
-    t0 = time.perf_counter()
-    ev = _eval(base, data, preset.eval_windows, preset.eval_batch)
-    return _result(
-        "dense",
-        None,
-        ev,
-        tokens=0,
-        steps=0,
-        time_s=time.perf_counter() - t0,
-        curve_eval=_eval(base, data, preset.curve_windows, preset.eval_batch),
-    )
+    return _untrained("dense", base, data, preset, time.perf_counter())
 
 
 def run_dense_finetune(
@@ -454,17 +455,7 @@ def run_oneshot(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> di
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     reports, _masks = magnitude_prune(model)
-    ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
-    return _result(
-        "oneshot",
-        None,
-        ev,
-        tokens=0,
-        steps=0,
-        time_s=time.perf_counter() - t0,
-        finalize=_finalize_summary(reports),
-        curve_eval=_eval(model, data, preset.curve_windows, preset.eval_batch),
-    )
+    return _untrained("oneshot", model, data, preset, t0, finalize=_finalize_summary(reports))
 
 
 def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
