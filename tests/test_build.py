@@ -189,18 +189,18 @@ def test_sdist_holds_every_source(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build outputs in the sdist"
 
 
+@pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="not a source checkout")
 @pytest.mark.parametrize("command", ["--version", "bdist_wheel"])
 def test_setup_without_torch(command: str) -> None:
     """Metadata and sdists need no torch (it is not a build requirement); a build without it
     (pip's isolated build) stops at once with the advice to build against the torch one runs."""
-    root = Path(__file__).resolve().parents[1]
     code = (
         "import sys; sys.modules['torch'] = None; "  # import torch raises ImportError
         f"sys.argv = ['setup.py', {command!r}]; "
         "import runpy; runpy.run_path('setup.py', run_name='__main__')"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     if command == "--version":
         assert proc.returncode == 0 and proc.stdout.strip() == cast_ext.__version__, proc.stderr
@@ -217,4 +217,7 @@ def test_a_missing_extension_in_a_checkout_says_how_to_build_it_in_place() -> No
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 1 and "could not be loaded" in proc.stderr
-    assert "pip install --no-build-isolation -e ." in proc.stderr and str(ROOT) in proc.stderr
+    if (ROOT / "setup.py").is_file():
+        assert "pip install --no-build-isolation -e ." in proc.stderr and str(ROOT) in proc.stderr
+    else:  # the package without its checkout (CI's CMake leg): the plain install
+        assert "`pip install --no-build-isolation .`." in proc.stderr
