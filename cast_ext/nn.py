@@ -504,10 +504,7 @@ class SparseLinear(nn.Module):
             self._uses.clear()
             self._uses_generation = _GENERATION[0]
         self._uses.add(path)
-        d = self._derived
-        if ("dense" in d and not self._uses.intersection(("dense", "backward"))) or (
-            "cslt" in d and "sparse" not in self._uses
-        ):
+        if self._derived:
             self._release_unused()
 
     def _choose(self, x: Tensor) -> tuple[str, tuple[Any, ...] | None]:
@@ -590,9 +587,14 @@ class SparseLinear(nn.Module):
             y = torch.ops.cast_ext.sparse24_gemm(
                 x, values, self.metadata, self.bias, check_meta=check
             )
-        if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
-            self._meta_checked = self._tag()  # only once the check has passed
+        self._meta_passed(x, check)
         return y
+
+    def _meta_passed(self, x: Tensor, checked: bool) -> None:
+        """After a packed call on ``x`` returned: if it checked the meta on CUDA, the current
+        buffers need no further check (see :meth:`_meta_unchecked`)."""
+        if checked and x.device.type == "cuda" and not torch.compiler.is_compiling():
+            self._meta_checked = self._tag()
 
     def forward(self, x: Tensor) -> Tensor:
         values = self._buffers["values"]
@@ -622,8 +624,7 @@ class SparseLinear(nn.Module):
                     check = self._meta_unchecked(x)  # forced: the packed kernel, values cast
                     v = values.detach().to(dt)
                     y = ops.sparse24_gemm(x.to(dt), v, self.metadata, b, check_meta=check)
-                if check and x.device.type == "cuda" and not torch.compiler.is_compiling():
-                    self._meta_checked = self._tag()
+                self._meta_passed(x, check)
                 return y
             x = x.to(dt)
         if x.dtype != values.dtype:
