@@ -78,6 +78,12 @@ def _take_written(master: Tensor, param: Tensor, chunk: int = 1 << 18) -> None:
         a.copy_(torch.where(a.to(b.dtype) == b, a, b.float()))
 
 
+def _written(param: Tensor) -> tuple[int, int]:
+    """What changes when ``param`` is written outside the step: its version counter (in-place
+    writes through autograd) and its storage (``p.data = ...`` bumps no version)."""
+    return param._version, param.data_ptr()
+
+
 def _err(msg: str) -> ValueError:
     return ValueError(f"cast_ext.AdamS: {msg}")
 
@@ -220,6 +226,15 @@ class AdamS(torch.optim.Optimizer):
     ``4e-7`` in the paper, is below bf16 resolution). A fresh state's mask is computed from the
     weights at its first step (``t = 0`` is a refresh).
 
+    Each param counts its own steps, as in ``torch.optim.Adam``: a param without a gradient at a
+    step is skipped (state and count unchanged), so its ``alpha`` and its mask refreshes follow
+    the steps it took. A param with a gradient at every step, as an LLM's weights have, follows
+    SPEC's global ``t`` exactly; one added later by ``add_param_group`` starts its own ramp.
+
+    Writes to fp16/bf16 params outside the step (through autograd, or ``p.data = ...``) are
+    taken into their fp32 masters at the next step; after writes that autograd cannot see
+    (``p.data.copy_(...)``, a NumPy view), call :meth:`sync_masters`.
+
     Works with ``torch.amp.GradScaler`` like ``torch.optim.Adam(fused=True)``: the scaler sets
     ``grad_scale`` / ``found_inf`` on the optimizer and the kernel unscales the gradients and
     skips the whole step (params, state, step counts) on an inf.
@@ -283,7 +298,7 @@ class AdamS(torch.optim.Optimizer):
         self._check_hparams(defaults, whole=False)  # total_steps may come with each group
         self.impl = impl
         # id(param) -> its version counter after the step last wrote it (params with masters)
-        self._versions: dict[int, int] = {}
+        self._versions: dict[int, tuple[int, int]] = {}
         super().__init__(params, defaults)
         # GradScaler hands grad_scale / found_inf to optimizers that declare this (like fused Adam).
         self._step_supports_amp_scaling = True
@@ -345,6 +360,12 @@ class AdamS(torch.optim.Optimizer):
                 raise TypeError(f"cast_ext.AdamS: params must be Tensors, got {type(p).__name__}")
         merged = {**self.defaults, **param_group, "params": params}
         self._check_hparams(merged)
+        for i, p in enumerate(params):
+            if any(q is p for q in params[:i]):
+                raise _err(
+                    f"param of shape {list(p.shape)} appears twice in a group (positions "
+                    f"{next(j for j, q in enumerate(params) if q is p)} and {i}): list it once"
+                )
         for p in params:
             if isinstance(p, Tensor) and p.dtype not in ops._FLOATS:
                 raise _err(
@@ -424,6 +445,8 @@ class AdamS(torch.optim.Optimizer):
             if old_id not in id_map:
                 continue
             p = id_map[old_id]
+            if st and not isinstance(st["step"], Tensor):  # a number, as older torch saved it
+                st = {**st, "step": torch.tensor(float(st["step"]))}
             state = {
                 key: (
                     val.detach().to(
@@ -481,6 +504,18 @@ class AdamS(torch.optim.Optimizer):
                         f"{'lacks' if sparse else 'has'} a mask but the param is "
                         f"{'sparse' if sparse else 'dense'} here"
                     )
+                needed = ["exp_avg", "exp_avg_sq"] + (["mask", "prev_mask"] if sparse else [])
+                bad = [key for key in needed if not isinstance(st.get(key), Tensor)]
+                step = st.get("step")
+                if not isinstance(step, Tensor) and not (
+                    isinstance(step, (int, float)) and not isinstance(step, bool)
+                ):
+                    bad.insert(0, "step")
+                if bad:
+                    raise _err(
+                        f"load_state_dict: {_describe(p, where)}: the saved state lacks {bad} "
+                        "(or holds them as non-tensors): not a state dict of this optimizer?"
+                    )
                 for key, val in st.items():
                     if not isinstance(val, Tensor):
                         continue
@@ -519,6 +554,9 @@ class AdamS(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            # GradScaler's sum over no grads at all: the int 0
+            found_inf = torch.tensor(float(found_inf))
         per_device: dict[tuple[str, torch.device], Tensor] = {}
 
         def on(name: str, t: Tensor | None, device: torch.device) -> Tensor | None:
@@ -547,14 +585,19 @@ class AdamS(torch.optim.Optimizer):
         # NaN or Inf at a mask refresh; the calls before it would have stepped. So the sparse
         # buckets go first, and those after the first are checked before any call.
         work.sort(key=lambda w: not w[2])
+        # masters made from the params at their first step
+        fresh = {id(p) for _, _, _, ps in work for p in ps if not self.state.get(p)}
+        # Existing states catch up with the params first, so the check below reads the weights
+        # the step would use (a NaN written into a bf16 param since the last step included).
+        for group, _, sparse, ps in work:
+            for p in ps:
+                if id(p) not in fresh:
+                    self._sync_state(p, group, sparse)
         self._check_refresh_weights(work[1:], found_inf)
         for group, device, sparse, ps in work:
-            fresh = {id(p) for p in ps if not self.state[p]}  # masters made from the params now
             for p in ps:
                 if id(p) in fresh:
                     self._init_state(p, group)
-                else:
-                    _fit_master(p, self.state[p])  # the model was cast since the last step
             states = [self.state[p] for p in ps]
 
             def each(key: str, states: list = states) -> list[Tensor]:
@@ -566,18 +609,7 @@ class AdamS(torch.optim.Optimizer):
             params = [_local(p) for p in ps]
             flat = [lp if lp.is_contiguous() else lp.contiguous() for lp in params]
             masters = each("master") if "master" in states[0] else []
-            # A param written outside the step since the last one (a mask applied in place,
-            # weights loaded): the param, not its stale fp32 master, is the weight to go on
-            # from. At the first step since construction or load_state_dict, where no version
-            # was seen, it wins where it is not its master rounded (so a fresh process that
-            # loaded both goes on bit for bit). (Eager only: compile does not trace versions.)
             track = not torch.compiler.is_compiling() and len(masters) > 0
-            for p, lp, fl, master in zip(ps, params, flat, masters if track else [], strict=track):
-                seen = self._versions.get(id(p))
-                if seen is None and id(p) not in fresh:
-                    _take_written(master, fl)
-                elif seen != lp._version:
-                    master.copy_(lp)
             beta1, beta2 = group["betas"]
             fn(
                 flat,
@@ -605,8 +637,53 @@ class AdamS(torch.optim.Optimizer):
                 if fl is not lp:
                     lp.copy_(fl)
                 if track:
-                    self._versions[id(p)] = lp._version
+                    self._versions[id(p)] = _written(lp)
         return loss
+
+    def _sync_state(self, p: Tensor, group: dict[str, Any], sparse: bool) -> None:
+        """Bring the existing state of ``p`` up to date before a step: an fp32 master exactly
+        for a non-fp32 param (the model was cast since the last step); masks exactly for a
+        sparse param (a group made sparse after some steps gets the N:M mask of its current
+        weights, as a refresh would); and the master takes a param written outside the step
+        since the last one (a mask applied in place, weights loaded, ``p.data = ...``): the
+        param, not its stale fp32 master, is the weight to go on from. At the first step since
+        construction or load_state_dict, where no write was seen, the param wins where it is not
+        its master rounded (so a fresh process that loaded both goes on bit for bit). (Eager
+        only: compile does not trace versions.)"""
+        state = self.state[p]
+        _fit_master(p, state)
+        if not sparse:
+            state.pop("mask", None)  # stepped dense now: no mask to save or refresh
+            state.pop("prev_mask", None)
+        elif "mask" not in state:
+            w = _local(state.get("master", p)).detach()
+            packed = ops.pack_mask(ops.nm_mask(w, int(group["n"]), int(group["m"])))
+            shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
+            state["mask"] = _state_like(p, packed, shape)
+            state["prev_mask"] = _state_like(p, packed.clone(), shape)
+        if "master" not in state or torch.compiler.is_compiling():
+            return
+        lp, master = _local(p), _local(state["master"])
+        seen = self._versions.get(id(p))
+        if seen is None:
+            _take_written(master, lp.contiguous())
+        elif seen != _written(lp):
+            master.copy_(lp)
+
+    def sync_masters(self) -> None:
+        """Take the fp16/bf16 params' current values into their fp32 masters, where a param is
+        not its master rounded to its dtype.
+
+        Writes through autograd (``p.copy_(...)`` under ``torch.no_grad()``, a
+        ``load_state_dict`` into the model) and ``p.data = ...`` are seen at the next step
+        without this call. Writes that bypass the version counter (``p.data.copy_(...)``, a
+        NumPy view of the param) are not: call this after them, before the next step.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "master" in state:
+                    _take_written(_local(state["master"]), _local(p).contiguous())
 
     def _check_refresh_weights(self, work: list[Any], found_inf: Tensor | None) -> None:
         """Raise for a sparse param in ``work`` whose weight (master, else param) has a NaN or
@@ -624,8 +701,10 @@ class AdamS(torch.optim.Optimizer):
                 state = self.state.get(p)
                 t = int(state["step"]) if state else 0
                 w = _local(state.get("master", p) if state else p)
-                if t % group["mask_interval"] == 0 and not torch.isfinite(
-                    torch.linalg.vector_norm(w.detach(), math.inf)
+                if (
+                    t % group["mask_interval"] == 0
+                    and w.numel() > 0
+                    and not torch.isfinite(torch.linalg.vector_norm(w.detach(), math.inf))
                 ):
                     gi = next(i for i, g in enumerate(self.param_groups) if g is group)
                     pi = next(i for i, q in enumerate(group["params"]) if q is p)

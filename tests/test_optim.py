@@ -610,3 +610,127 @@ def test_cuda_grad_scaler() -> None:
     scaler.update()
     assert torch.equal(model.weight, w)
     assert float(opt.state[model.weight]["step"]) == 0.0
+
+
+def test_writes_through_data_reach_the_bf16_master() -> None:
+    """``p.data = new`` (no version bump: the storage changes) is taken at the next step;
+    ``p.data.copy_`` (invisible to autograd) after ``sync_masters()``. Each is checked with
+    lr 0, where the step must leave the written value as it is."""
+    p = nn.Parameter((torch.randn(4, 8) * 0.05).bfloat16())
+    opt = AdamS([p], lr=0.0, total_steps=10)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    p.data = torch.full((4, 8), 3.0, dtype=torch.bfloat16)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full_like(p, 3.0))
+    assert torch.equal(opt.state[p]["master"], torch.full((4, 8), 3.0))
+    p.data.copy_(torch.full((4, 8), -2.0))
+    opt.sync_masters()
+    opt.step()
+    assert torch.equal(p.detach(), torch.full_like(p, -2.0))
+    # sync_masters keeps the master's fp32 bits where the param is the master rounded
+    p.grad = torch.randn(4, 8).bfloat16()
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.step()
+    master = opt.state[p]["master"].clone()
+    assert not torch.equal(master, master.bfloat16().float())
+    opt.sync_masters()
+    assert torch.equal(opt.state[p]["master"], master)
+
+
+def test_grad_scaler_step_with_no_grads_in_this_optimizer() -> None:
+    """GradScaler hands found_inf = 0 (an int: a sum over no grads) to an optimizer none of whose
+    params has a gradient this iteration (a sub-model unused in it): nothing to step, no error."""
+    used, unused = nn.Linear(8, 8), nn.Linear(8, 8)
+    opt_used = torch.optim.SGD(used.parameters(), lr=0.1)
+    opt = AdamS(unused.parameters(), lr=0.1, total_steps=5)
+    scaler = torch.amp.GradScaler("cpu")
+    before = [p.detach().clone() for p in unused.parameters()]
+    scaler.scale(used(torch.randn(2, 8)).sum()).backward()
+    scaler.step(opt_used)
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(unused.parameters(), before, strict=True))
+    assert not opt.state
+
+
+def test_empty_sparse_param_in_a_later_bucket_steps() -> None:
+    """A zero-size sparse param after the first bucket (checked for NaN at a refresh before
+    any call) used to fail the whole step (an inf norm of an empty tensor)."""
+    a = nn.Parameter(torch.randn(4, 8))
+    e = nn.Parameter(torch.randn(0, 8).bfloat16())
+    opt = AdamS([a, e], lr=0.1, total_steps=5)
+    a.grad, e.grad = torch.ones_like(a), torch.ones_like(e)
+    before = a.detach().clone()
+    opt.step()
+    assert not torch.equal(a.detach(), before) and float(opt.state[e]["step"]) == 1
+
+
+def test_nan_written_into_a_bf16_param_refuses_the_step_before_any_bucket() -> None:
+    """A NaN written into a bf16 param since the last step is seen by the check before any
+    bucket steps (its master used to be refreshed only in its own bucket's turn, after the
+    fp32 bucket had stepped)."""
+    w32, w16 = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 8).bfloat16())
+    opt = AdamS([w32, w16], lr=0.1, total_steps=5, mask_interval=1)
+    for p in (w32, w16):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    with torch.no_grad():
+        w16[0, 0] = float("nan")
+    before = w32.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param 1 of group 0 of shape \[4, 8\] contains NaN"):
+        opt.step()
+    assert torch.equal(w32.detach(), before) and float(opt.state[w32]["step"]) == 1
+
+
+def test_a_group_made_sparse_after_steps_gets_a_mask_and_one_made_dense_drops_it() -> None:
+    """A dense warm-up, then sparsity switched on (or m changed so a param becomes sparse):
+    the state gains the N:M mask of the current weights (it raised KeyError). Switched off
+    again, the mask leaves the state, so a state dict loads into an optimizer built dense."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 16))
+    opt = AdamS([{"params": [w], "sparse": False}], lr=1e-2, total_steps=20, mask_interval=10)
+    for _ in range(3):
+        w.grad = torch.randn(8, 16)
+        opt.step()
+    assert "mask" not in opt.state[w]
+    opt.param_groups[0]["sparse"] = True
+    expected = cast_ext.sparse24_mask(w.detach())
+    w.grad = torch.randn(8, 16)
+    opt.step()  # step 3: not a refresh; the mask is the weights' at the start of the step
+    assert torch.equal(opt.mask(w), expected)
+    assert torch.equal(opt.state[w]["prev_mask"], opt.state[w]["mask"])  # no flips
+    opt.param_groups[0]["sparse"] = False
+    w.grad = torch.randn(8, 16)
+    opt.step()
+    assert "mask" not in opt.state[w] and "prev_mask" not in opt.state[w]
+    dense = AdamS([{"params": [w], "sparse": False}], lr=1e-2, total_steps=20)
+    dense.load_state_dict(opt.state_dict())
+
+
+def test_load_state_dict_refuses_a_state_missing_its_tensors() -> None:
+    """A state without a moment or a mask (hand-made, or another optimizer's) is refused at load,
+    before anything changes (it loaded, then the step raised KeyError); a plain-number step,
+    as older torch saved it, loads."""
+    w = nn.Parameter(torch.randn(4, 8))
+    opt = AdamS([w], lr=0.1, total_steps=5)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    saved = opt.state_dict()
+    for key in ("prev_mask", "exp_avg_sq"):
+        st = {k: v for k, v in saved["state"][0].items() if k != key}
+        with pytest.raises(
+            ValueError, match=rf"of shape \[4, 8\]: the saved state lacks \['{key}'"
+        ):
+            AdamS([w], lr=0.1, total_steps=5).load_state_dict({**saved, "state": {0: st}})
+    fresh = AdamS([w], lr=0.1, total_steps=5)
+    fresh.load_state_dict({**saved, "state": {0: {**saved["state"][0], "step": 1}}})
+    assert torch.equal(fresh.state[w]["step"], torch.tensor(1.0))
+    fresh.step()
+    assert float(fresh.state[w]["step"]) == 2
+
+
+def test_a_param_listed_twice_in_a_group_is_refused_clearly() -> None:
+    w = nn.Parameter(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"shape \[4, 8\] appears twice in a group"):
+        AdamS([w, w], total_steps=5)
