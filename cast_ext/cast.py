@@ -264,7 +264,8 @@ class SparseLayer:
 
     @property
     def scale(self) -> Tensor:
-        """The learnable scale ``A``, ``[out, blocks]``."""
+        """The learnable scale ``A``, ``[out, blocks]`` (one tensor for the layers that share a
+        weight)."""
         return self._param().scale
 
     def _param(self) -> WeightScale:
@@ -330,14 +331,18 @@ def prepare(
     is found by the model's ``get_output_embeddings()`` (Hugging Face models have one); for
     another model an untied head is a Linear like any other: leave it out with ``filter_fn``.
     Each chosen layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the
-    model's outputs are unchanged); the layer stays an ordinary module of its class. Build the
-    optimizer afterwards: the trainable weight is now
+    model's outputs are unchanged); the layer stays an ordinary module of its class. Layers
+    that share one weight (ALBERT-style) share one :class:`WeightScale`, hence one ``A``: the
+    weight they compute with, ``A * W``, stays one tensor, and :func:`finalize` keeps them tied.
+    Build the optimizer afterwards: the trainable weight is now
     ``<layer>.parametrizations.weight.original``.
 
     Args:
         model: the model, modified in place.
         filter_fn: ``(name, module) -> bool`` choosing among Linear-like modules instead of the
-            default rule. A chosen layer whose input dim is not a multiple of 4 is an error.
+            default rule. A chosen layer whose input dim is not a multiple of 4 is an error, and
+            so is one whose weight another module holds that is not chosen (an input embedding
+            tied to the head, say).
         scale_blocks: ``n`` of SPEC §3 (paper: 2). A layer whose input dim is not a multiple of
             ``4 * scale_blocks`` gets one block per row instead (recorded in its ``blocks``).
 
@@ -345,8 +350,10 @@ def prepare(
         The :class:`SparseLayer` s changed, in module order.
 
     Raises:
-        ValueError: a chosen layer has an input dim that is not a multiple of 4, ``model``
-            has already been prepared, or ``scale_blocks`` < 1 (nothing is changed).
+        ValueError: a chosen layer has an input dim that is not a multiple of 4 or a weight it
+            cannot scale (one a module not chosen holds too, such as a tied embedding; a shared
+            ``Conv1D`` weight; a weight with another parametrization), ``model`` has already
+            been prepared, or ``scale_blocks`` < 1 (nothing is changed).
     """
     if isinstance(scale_blocks, bool) or not (isinstance(scale_blocks, int) and scale_blocks >= 1):
         raise ValueError(
@@ -375,17 +382,21 @@ def prepare(
     _refuse_unscalable(model, chosen)
 
     changed = []
+    shared: dict[int, WeightScale] = {}  # weight id -> its scaling, for every layer holding it
     for name, module, kind, out_f, in_f in chosen:
         blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
-        p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
-        p.to(device=module.weight.device)
-        if isinstance(module.weight, DTensor):  # tensor parallel: the scale follows the rows
-            if kind == "conv1d":
-                raise ValueError(
-                    f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; tensor "
-                    "parallel layers must be nn.Linear"
-                )
-            p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
+        p = shared.get(id(module.weight))  # still the plain Parameter under a later holder
+        if p is None:
+            p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
+            p.to(device=module.weight.device)
+            if isinstance(module.weight, DTensor):  # tensor parallel: the scale follows the rows
+                if kind == "conv1d":
+                    raise ValueError(
+                        f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; "
+                        "tensor parallel layers must be nn.Linear"
+                    )
+                p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
+            shared[id(module.weight)] = p
         requires_grad = module.weight.requires_grad
         parametrize.register_parametrization(module, "weight", p)
         module.parametrizations.weight.original.requires_grad_(requires_grad)
@@ -397,13 +408,18 @@ def prepare(
 def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str, int, int]]):
     """Raise, before :func:`prepare` changes anything, for a chosen layer it cannot scale: one
     whose weight already has a parametrization (CAST's scaling must be the only one: the layer
-    would train dense, unseen by :func:`sparse_layers`), and a ``Conv1D`` whose weight another
-    module shares (its ``[in, out]`` weight is re-stored as ``[out, in]``, under the other)."""
-    users: dict[int, dict[int, str]] = {}  # param -> the modules holding it
+    would train dense, unseen by :func:`sparse_layers`), a ``Conv1D`` whose weight another
+    module shares (its ``[in, out]`` weight is re-stored as ``[out, in]``, under the other), and
+    one whose weight a module not chosen holds (an embedding tied to the head: that module
+    would use the 2:4-decayed ``W`` without ``A``, and :func:`finalize` would untie the two).
+    Chosen layers sharing one weight are fine: they share one scale."""
+    users: dict[int, dict[int, tuple[str, nn.Module]]] = {}  # param -> the modules holding it
     for mname, mod in model.named_modules(remove_duplicate=False):
         for pname, p in mod._parameters.items():
             if p is not None:
-                users.setdefault(id(p), {}).setdefault(id(mod), f"{mname}.{pname}".lstrip("."))
+                key = f"{mname}.{pname}".lstrip(".")
+                users.setdefault(id(p), {}).setdefault(id(mod), (key, mod))
+    chosen_ids = {id(module) for _, module, _, _, _ in chosen}
     for name, module, kind, _, _ in chosen:
         if parametrize.is_parametrized(module, "weight"):
             found = [type(q).__name__ for q in module.parametrizations.weight]
@@ -417,8 +433,26 @@ def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str,
         if kind == "conv1d" and len(holders) > 1:
             raise ValueError(
                 f"cast_ext.cast.prepare: {name} is a Conv1D whose weight is shared "
-                f"({', '.join(holders.values())}); prepared, it is stored as [out, in] under "
-                "every holder: untie it or leave it out with filter_fn (nothing was changed)"
+                f"({', '.join(k for k, _ in holders.values())}); prepared, it is stored as "
+                "[out, in] under every holder: untie it or leave it out with filter_fn (nothing "
+                "was changed)"
+            )
+        others = [(k, m) for i, (k, m) in holders.items() if i not in chosen_ids]
+        embeddings = [k for k, m in others if isinstance(m, nn.Embedding)]
+        if embeddings:
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name}.weight is the embedding {embeddings[0]} (tied); "
+                "AdamS would 2:4-decay the embedding and finalize would untie the two: untie "
+                f"it first ({name}.weight = nn.Parameter({name}.weight.detach().clone()), or "
+                "tie_word_embeddings=False) or leave it out with filter_fn (nothing was changed)"
+            )
+        if others:
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name}.weight is shared with "
+                f"{', '.join(k for k, _ in others)}, which prepare does not sparsify: that module "
+                "would use W without the scale A, and finalize would untie them: choose every "
+                "layer that holds it, untie it, or leave it out with filter_fn (nothing was "
+                "changed)"
             )
 
 
@@ -942,7 +976,9 @@ def decay_budget(
             every rank: each weight (and its gradient) is gathered in turn, so every rank gets
             the verdict one process would.
         lr_schedule: a constant lr, a callable ``step -> lr`` (e.g. :func:`warmup_cosine`), or
-            a sequence of per-step lrs.
+            a sequence of per-step lrs. Not a torch LR scheduler (its lrs are known only by
+            stepping it, which would change the optimizer's lr): pass the function it applies,
+            e.g. ``lambda t: peak_lr * lr_lambda(t)`` for a ``LambdaLR(opt, lr_lambda)``.
         total_steps: AdamS's ``total_steps`` (``alpha = t / T``).
         decay: AdamS's ``lam``.
         grad_rms: rms of the gradients of the sparse weights. Default: measured from the
@@ -961,13 +997,31 @@ def decay_budget(
 
     Raises:
         ValueError: ``total_steps`` < 1, or a model without prepared layers.
+        TypeError: ``lr_schedule`` is none of the above (a torch LR scheduler, say).
     """
     if not (isinstance(total_steps, int) and total_steps >= 1):
         raise ValueError(
             f"cast_ext.cast.decay_budget: total_steps must be an int >= 1, got {total_steps!r}"
         )
+    accepted = (
+        "a float, a callable step -> lr (a WarmupCosine from cast.warmup_cosine, say) or a "
+        "sequence of per-step lrs"
+    )
+    if isinstance(lr_schedule, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(
+            f"cast_ext.cast.decay_budget: lr_schedule is a torch LR scheduler "
+            f"({type(lr_schedule).__name__}), whose lrs are known only by stepping it (which "
+            f"would change the optimizer's lr); pass {accepted} instead: for "
+            "LambdaLR(opt, lr_lambda), lambda t: peak_lr * lr_lambda(t); for "
+            "LambdaLR(opt, sched.factor), sched itself"
+        )
+    if not (isinstance(lr_schedule, (int, float, Iterable)) or callable(lr_schedule)):
+        raise TypeError(
+            f"cast_ext.cast.decay_budget: lr_schedule must be {accepted}, got "
+            f"{type(lr_schedule).__name__}"
+        )
     if isinstance(model_or_params, nn.Module):
-        params = [layer.weight for layer in sparse_layers(model_or_params)]
+        params = [layer.weight for layer in _one_per_weight(sparse_layers(model_or_params))]
         if not params:
             raise ValueError(
                 "cast_ext.cast.decay_budget: the model has no sparse layers; prepare() it first"
@@ -1100,6 +1154,37 @@ def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
     return ops.sparse24_mask(w), "magnitude"
 
 
+def _warn_magnitude_fallback(
+    fn: str, optimizer: Any, sources: list[tuple[str, str]], stacklevel: int
+) -> None:
+    """The warning of :func:`finalize` and :func:`export_state_dict` when ``optimizer`` was
+    given but holds no mask for some layers, which then get fresh 2:4 magnitude masks.
+    ``sources``: ``(layer name, mask source)`` per layer, as :func:`_layer_mask` gave them;
+    ``stacklevel``: the caller's own, for the warning to point at the user's line."""
+    fallback = [name for name, source in sources if source == "magnitude"]
+    if optimizer is None or not fallback:
+        return
+    names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+    warnings.warn(
+        f"cast_ext.cast.{fn}: the optimizer holds no mask for {len(fallback)} of "
+        f"{len(sources)} layers ({names}): not sparse params of an AdamS that has stepped; "
+        "they were pruned with fresh magnitude masks",
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _one_per_weight(layers: list[SparseLayer]) -> list[SparseLayer]:
+    """``layers`` less those whose weight an earlier one holds (a weight shared by two layers
+    counts once)."""
+    seen: set[int] = set()
+    out = []
+    for layer in layers:
+        if id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            out.append(layer)
+    return out
+
+
 def _full(t: Tensor) -> Tensor:
     """``t`` whole: a DTensor gathered (a collective: every rank calls it), else ``t``."""
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -1128,7 +1213,7 @@ def sparsity_health(
     """
     packed_all: dict[str, Tensor] = {}
     rows: list[Tensor] = []  # per layer, per shard: the figures below
-    for layer in sparse_layers(model):
+    for layer in _one_per_weight(sparse_layers(model)):
         mask, _ = _layer_mask(layer, optimizer)
         w = layer.weight.detach()
         # This rank's shard (the whole layer for a plain tensor); for a DTensor the per-rank
@@ -1237,8 +1322,9 @@ def export_state_dict(
     ``weight`` entry in the module's own layout: ``A * W`` masked with the optimizer's current
     mask (as :func:`finalize` does; a fresh 2:4 magnitude mask without one), or with
     ``prune=False`` the dense ``A * W`` the model computes with now (the student before the final
-    prune). Every other entry is the model's own tensor, shared, not copied (tied weights stay
-    tied). For a Hugging Face model::
+    prune). Layers sharing one weight (and so one scale, see :func:`prepare`) export one tensor
+    under all their names; every other entry is the model's own tensor, shared, not copied
+    (tied weights stay tied). For a Hugging Face model::
 
         model.save_pretrained(path, state_dict=cast.export_state_dict(model, opt))
         # later, anywhere: AutoModelForCausalLM.from_pretrained(path), exactly 2:4
@@ -1251,19 +1337,29 @@ def export_state_dict(
 
     Returns:
         ``{name: tensor}`` with the keys of the model before :func:`prepare`.
+
+    Warns:
+        UserWarning: ``prune`` and an ``optimizer`` that has no mask for some layers (which then
+            get magnitude masks), as :func:`finalize` warns.
     """
     renamed: dict[str, tuple[str, Tensor]] = {}
     dropped: set[str] = set()
-    stored: dict[int, Tensor] = {}  # per layer: once, whatever its number of names
+    stored: dict[int, tuple[Tensor, str]] = {}  # per weight, once: the tensor, its mask's source
+    sources: dict[int, tuple[str, str]] = {}  # per layer (once, whatever its number of names)
     for layer, name in _named_layers(model):
         weight_key, original_key, scale_key = _state_keys(name)
-        if id(layer.module) not in stored:
-            w = _scaled_weight(layer)
+        if id(layer.weight) not in stored:
+            w, source = _scaled_weight(layer), "dense"
             if prune:
-                w.masked_fill_(~_layer_mask(layer, optimizer)[0], 0.0)
-            stored[id(layer.module)] = _as_stored(layer, w)
-        renamed[original_key] = (weight_key, stored[id(layer.module)])
+                mask, source = _layer_mask(layer, optimizer)
+                w.masked_fill_(~mask, 0.0)
+            stored[id(layer.weight)] = (_as_stored(layer, w), source)
+        exported, source = stored[id(layer.weight)]
+        sources[id(layer.module)] = (layer.name, source)
+        renamed[original_key] = (weight_key, exported)
         dropped.add(scale_key)
+    # user -> torch.no_grad's wrapper -> here
+    _warn_magnitude_fallback("export_state_dict", optimizer, list(sources.values()), 3)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if key in dropped:
@@ -1332,9 +1428,13 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
 
     ``W <- (A * W) * mask`` per prepared layer, with ``mask`` the optimizer's current mask
     (``optimizer.mask(p)``, the one AdamS decayed toward) or, without one, a fresh 2:4 magnitude
-    mask of ``W``. Afterwards each layer is a plain ``nn.Linear`` / ``Conv1D`` whose weight is
-    exactly 2:4 along the input dim; the model's outputs equal those of the scaled model with
-    the mask applied. The optimizer's references to the old weights are stale afterwards.
+    mask of ``W``. Afterwards each layer is a plain ``nn.Linear`` / ``Conv1D`` whose weight
+    follows that mask along the input dim: exactly 2:4 with AdamS's default ``n=2, m=4`` (or a
+    magnitude mask); with another N:M (``n=4, m=8``, say) it is N:M but in general not 2:4, and
+    a warning names the layers (their :class:`LayerReport` has ``exactly_24=False``). Layers
+    that shared a weight (and its scale) get one new weight, still shared. The model's outputs
+    equal those of the scaled model with the mask applied. The optimizer's references to the
+    old weights are stale afterwards.
 
     Args:
         model: a prepared model, modified in place.
@@ -1345,7 +1445,7 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
 
     Warns:
         UserWarning: ``optimizer`` was given but has no mask for some layers (which then get
-            magnitude masks).
+            magnitude masks); some layers are not exactly 2:4 (the optimizer's masks are not).
     """
     layers = sparse_layers(model)
     for layer in layers:
@@ -1358,20 +1458,31 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
                 "each) and load it into the unsharded model"
             )
     reports = []
+    # per stored weight (kept alive, so that its id stays its own): the new Parameter every
+    # layer holding it gets, and the report's figures
+    done: dict[int, tuple[Tensor, nn.Parameter, dict[str, Any]]] = {}
     for layer in layers:
-        mask, source = _layer_mask(layer, optimizer)
         module = layer.module
-        with torch.no_grad():
-            final = _scaled_weight(layer)
-            a = final.abs()
-            total = float(a.sum())
-            removed = float(a.masked_fill_(mask, 0.0).sum())
-            final.masked_fill_(~mask, 0.0)
-            nnz_per_group = (final != 0).reshape(-1, _M).sum(-1)
-            exactly = bool((nnz_per_group <= _N).all())
-            nonzero = float(nnz_per_group.sum()) / max(final.numel(), 1)
-            del a
-        requires_grad = layer.weight.requires_grad
+        if id(layer.weight) not in done:
+            mask, source = _layer_mask(layer, optimizer)
+            with torch.no_grad():
+                final = _scaled_weight(layer)
+                a = final.abs()
+                total = float(a.sum())
+                removed = float(a.masked_fill_(mask, 0.0).sum())
+                final.masked_fill_(~mask, 0.0)
+                nnz_per_group = (final != 0).reshape(-1, _M).sum(-1)
+                figures = {
+                    "exactly_24": bool((nnz_per_group <= _N).all()),
+                    "nonzero_share": float(nnz_per_group.sum()) / max(final.numel(), 1),
+                    "pruned_magnitude_share": removed / total if total else 0.0,
+                    "mask_source": source,
+                }
+                del a
+            stored = _as_stored(layer, final)
+            new = nn.Parameter(stored, requires_grad=layer.weight.requires_grad)
+            done[id(layer.weight)] = (layer.weight, new, figures)
+        _, new, figures = done[id(layer.weight)]
         # parametrize keeps the weight's property on the module's generated class, which a
         # deepcopy of the model shares: removing it there would strip the copy (or the
         # original) of its weight. The module gets a class of its own first.
@@ -1379,25 +1490,27 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
         attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, attrs)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        stored = _as_stored(layer, final)
-        module.weight = nn.Parameter(stored, requires_grad=requires_grad)
-        reports.append(
-            LayerReport(
-                name=layer.name,
-                shape=list(stored.shape),
-                exactly_24=exactly,
-                nonzero_share=nonzero,
-                pruned_magnitude_share=removed / total if total else 0.0,
-                mask_source=source,
-            )
+        module.weight = new  # one Parameter for all the layers that shared the weight
+        reports.append(LayerReport(name=layer.name, shape=list(new.shape), **figures))
+    _warn_magnitude_fallback("finalize", optimizer, [(r.name, r.mask_source) for r in reports], 2)
+    not_24 = [r.name for r in reports if not r.exactly_24]
+    if not_24:
+        # the optimizer's (old) weights of those layers, to find their groups
+        weights = {id(old) for old, _, figures in done.values() if not figures["exactly_24"]}
+        patterns = sorted(
+            {
+                f"{g['n']}:{g['m']}"
+                for g in getattr(optimizer, "param_groups", [])
+                if "n" in g and "m" in g and any(id(p) in weights for p in g["params"])
+            }
         )
-    fallback = [r.name for r in reports if r.mask_source == "magnitude"]
-    if optimizer is not None and fallback:
-        names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+        names = ", ".join(not_24[:3]) + (", ..." if len(not_24) > 3 else "")
+        how = f"{' and '.join(patterns)} (its n:m)" if patterns else "not 2:4"
         warnings.warn(
-            f"cast_ext.cast.finalize: the optimizer holds no mask for {len(fallback)} of "
-            f"{len(reports)} layers ({names}): not sparse params of an AdamS that has stepped; "
-            "they were pruned with fresh magnitude masks",
+            f"cast_ext.cast.finalize: {len(not_24)} of {len(reports)} layers ({names}) are not "
+            f"exactly 2:4: they were pruned with the optimizer's masks, which are {how}. The 2:4 "
+            "sparse kernels (cast_ext.nn.to_sparse) would prune them further, by magnitude; for "
+            "a 2:4 model train with AdamS's n=2, m=4",
             stacklevel=2,
         )
     return reports
@@ -1514,6 +1627,24 @@ def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     return total
 
 
+def _alpha_total_steps(model: nn.Module, optimizer: Any, total_steps: int) -> int:
+    """``T`` of the ``alpha`` that :func:`train` records: the ``total_steps`` of the optimizer's
+    groups that hold the model's sparse weights (AdamS's ramp), else ``total_steps``."""
+    weights = {id(layer.weight) for layer in sparse_layers(model)}
+    found = {
+        g["total_steps"]
+        for g in getattr(optimizer, "param_groups", [])
+        if g.get("total_steps") is not None and any(id(p) in weights for p in g["params"])
+    }
+    if len(found) > 1:
+        raise ValueError(
+            f"cast_ext.cast.train: the optimizer's groups of sparse weights have different "
+            f"total_steps {sorted(found)}, so their alphas differ and a health record has one: "
+            "give them one total_steps, or pass health_every=0"
+        )
+    return found.pop() if found else total_steps
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -1543,16 +1674,20 @@ def train(
     scales), the teacher under ``no_grad`` if given, :func:`distill_loss` (plain CE when
     ``teacher`` is None), backward of the loss / ``grad_accum``; then optional grad-norm
     clipping, ``optimizer.step()``, the lr schedule, ``after_step(step)``. Every
-    ``health_every`` steps (and before the first and after the last) the SPEC §5 health signals
-    (:func:`sparsity_health`, plus ``alpha = step / total_steps``) of a prepared model are
-    recorded; every ``eval_every`` steps and at the end, ``eval_fn(model)``. Each record is also
-    appended as one JSON line to ``log_path``.
+    ``health_every`` steps (and before the first and after the last; once for a call that runs
+    no step) the SPEC §5 health signals (:func:`sparsity_health`, plus ``alpha``) of a prepared
+    model are recorded; every ``eval_every`` steps and at the end, ``eval_fn(model)``. Each
+    record is also appended as one JSON line to ``log_path``. ``alpha`` is the weight AdamS's
+    next step gives the decay, ``min(step / T, 1)`` with ``T`` the ``total_steps`` of the
+    optimizer's groups that hold the sparse weights (this function's ``total_steps`` for an
+    optimizer without one).
 
     Args:
         model: the student (a causal LM taking ``input_ids``), already on its device.
         optimizer: e.g. ``cast_ext.AdamS(param_groups(model), ...)``.
         batches: yields ``[B, L]`` int64 ``input_ids``: ``grad_accum`` per step.
-        total_steps: the run's length in optimizer steps (the schedule's and alpha's ``T``).
+        total_steps: the run's length in optimizer steps (the lr schedule's ``T``; ``alpha``
+            follows AdamS's own ``total_steps``).
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning; it runs in eval mode
             (no dropout in the targets) and gets its own mode back at the end.
@@ -1580,10 +1715,14 @@ def train(
             time limit; the schedule and ``alpha`` stay those of ``total_steps``.
         start_tokens: the tokens of the steps before ``start_step`` (a resumed run's records
             count on from them). Records' ``tokens`` are this process's input tokens.
-        grad_accum: micro-batches per optimizer step (a larger batch than fits at once); each
-            record's loss, CE and KL are their mean. Under DDP the gradients are all-reduced
-            once per step (``no_sync`` for the others); FSDP2 reduce-scatters every
-            micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
+        grad_accum: micro-batches per optimizer step (a larger batch than fits at once). Each
+            micro-batch's loss is its own mean over its tokens, and the step's gradient and the
+            record's loss, CE and KL are the mean of those over the micro-batches: the whole
+            batch's token mean when they hold equally many tokens (a mean of means otherwise:
+            a micro-batch of fewer tokens weighs more per token; give them equal shapes, or
+            weigh each loss by its token count in a copy of this loop). Under DDP the gradients
+            are all-reduced once per step (``no_sync`` for the others); FSDP2 reduce-scatters
+            every micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
 
     Under DDP / FSDP2 (a ``DistributedDataParallel`` model, or DTensor params) each rank passes
     its own batches, and the loss, CE and KL recorded are their means over the ranks (DDP's
@@ -1598,7 +1737,9 @@ def train(
         FloatingPointError: a step's loss or gradient norm is not finite; raised before that
             step's ``optimizer.step()``, so the weights and the optimizer state are those of
             the step before (the gradients are left for inspection; the next call clears them).
-        ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``.
+        ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``;
+            health records asked for while the optimizer's groups of sparse weights have
+            different ``total_steps`` (no one ``alpha`` to record).
     """
     if grad_accum < 1:
         raise ValueError(f"cast_ext.cast.train: grad_accum must be >= 1, got {grad_accum}")
@@ -1617,9 +1758,10 @@ def train(
         for group in optimizer.param_groups if start_step else ():
             group.setdefault("initial_lr", group["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
+    prepared = bool(sparse_layers(model))
+    ramp = _alpha_total_steps(model, optimizer, total_steps) if prepared and health_every > 0 else 1
     log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
     result = TrainResult(steps=start_step, tokens=start_tokens)
-    prepared = bool(sparse_layers(model))
     packed: dict[str, Tensor] | None = None
     data_parallel, dp_group = _data_parallel(model)
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
@@ -1636,7 +1778,7 @@ def train(
         if not prepared or health_every <= 0:
             return
         metrics, packed = sparsity_health(model, optimizer, packed)
-        record("health", {"step": step, "alpha": min(step / total_steps, 1.0), **metrics})
+        record("health", {"step": step, "alpha": min(step / ramp, 1.0), **metrics})
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
@@ -1722,7 +1864,8 @@ def train(
                 health(step + 1)
             if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < stop:
                 evaluate(step + 1)
-        health(stop)
+        if stop > start_step:  # else recorded before the (empty) loop
+            health(stop)
         evaluate(stop)
     finally:
         if teacher is not None:

@@ -216,8 +216,8 @@ def test_param_groups(arch):
 
 
 def test_param_groups_take_a_weight_shared_by_two_layers_once():
-    """ALBERT-style sharing: two Linears, one weight (each its own scales). The weight is in the
-    sparse group once (twice, AdamS refused it as overlapping), and the model trains."""
+    """ALBERT-style sharing: two Linears, one weight (and one scale). The weight and the scale
+    are in their groups once (twice, AdamS refused them as overlapping), and the model trains."""
     torch.manual_seed(0)
     a, b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
     b.weight = a.weight
@@ -225,10 +225,78 @@ def test_param_groups_take_a_weight_shared_by_two_layers_once():
     layers = cast.prepare(model)
     assert layers[0].weight is layers[1].weight
     groups = cast.param_groups(model)
-    assert [len(g["params"]) for g in groups] == [1, 2]  # the weight; the two scales
+    assert [len(g["params"]) for g in groups] == [1, 1]  # the weight; the scale
     opt = cast_ext.AdamS(groups, lr=1e-2, decay=1e-3, total_steps=5)
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
+
+
+def _albert() -> nn.Module:
+    """Two Linears holding one weight (ALBERT-style)."""
+    a, b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b)
+
+
+def test_layers_sharing_a_weight_share_one_scale_and_stay_tied():
+    """Two Linears holding one weight share one scale, so A * W is one tensor: the export has
+    one tensor under both names and loads into the tied architecture to what finalize leaves,
+    one Parameter still held by both layers (no parameter doubled). Choosing one holder alone
+    is refused: the other would use W without A and be untied by finalize."""
+    torch.manual_seed(0)
+    model = _albert()
+    plain = model.state_dict()
+    layers = cast.prepare(model)
+    assert layers[0].scale is layers[1].scale and layers[0]._param() is layers[1]._param()
+    opt = cast_ext.AdamS(
+        cast.param_groups(model), lr=1e-2, decay=1e-3, total_steps=20, mask_interval=2
+    )
+    x = torch.randn(16, 8)
+    for _ in range(10):
+        (model(x) ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(layers[0].scale, torch.ones_like(layers[0].scale))  # it trained
+    metrics, packed = cast.sparsity_health(model, opt)
+    assert list(packed) == ["0"]  # the shared weight counts once
+    ratio = opt.sparsity_stats()[layers[0].weight]["pruned_over_kept"]
+    assert metrics["pruned_kept_ratio"] == pytest.approx(ratio)
+    exported = cast.export_state_dict(model, opt)
+    assert sorted(exported) == sorted(plain) and exported["0.weight"] is exported["2.weight"]
+    tied = _albert()
+    tied.load_state_dict(exported)
+    again = _albert()  # a plain checkpoint loads back into a prepared model, tie and all
+    cast.prepare(again)
+    again.load_state_dict(cast.prepared_state_dict(again, exported))
+    with torch.no_grad():
+        from_export, from_prepared = tied(x), again(x)
+    reports = cast.finalize(model, opt)
+    assert [r.name for r in reports] == ["0", "2"] and all(r.exactly_24 for r in reports)
+    assert model[0].weight is model[2].weight
+    assert sum(p.numel() for p in model.parameters()) == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), from_export, rtol=0, atol=0)
+        torch.testing.assert_close(from_prepared, from_export, rtol=0, atol=0)
+    only_one = _albert()
+    with pytest.raises(ValueError, match=r"prepare: 0\.weight is shared with 2\.weight, which"):
+        cast.prepare(only_one, filter_fn=lambda n, m: n == "0")
+    assert not cast.sparse_layers(only_one)
+
+
+def test_prepare_refuses_a_filter_fn_choice_tied_to_the_embedding():
+    """filter_fn choosing a head tied to the input embedding: refused (AdamS would 2:4-decay
+    the embedding, finalize would untie them); untied first, the head is prepared."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"prepare: lm_head\.weight is the embedding model\.embed_tokens\.w"
+    ):
+        cast.prepare(model, filter_fn=lambda n, m: True)
+    assert not cast.sparse_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    names = [layer.name for layer in cast.prepare(model, filter_fn=lambda n, m: True)]
+    assert names[-1] == "lm_head" and len(names) == 15
 
 
 # ------------------------------------------------------------------------------------------
@@ -716,6 +784,25 @@ def test_decay_budget_weighs_every_weight_alike():
     assert sampled.predicted_ratio == pytest.approx(exact.predicted_ratio, rel=0.1)
 
 
+def test_decay_budget_refuses_a_torch_scheduler_and_takes_its_function():
+    """A torch LR scheduler cannot be read without stepping it: a TypeError saying what to
+    pass; the function a LambdaLR applies gives the WarmupCosine's verdict."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-4, decay=1e-3, total_steps=100)
+    wc = cast.warmup_cosine(3e-4, 100)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, wc.factor)
+    with pytest.raises(TypeError, match=r"decay_budget: lr_schedule is a torch LR scheduler \(L"):
+        cast.decay_budget(model, sched, 100, decay=1e-3)
+    with pytest.raises(TypeError, match="lr_schedule must be a float, a callable step -> lr"):
+        cast.decay_budget(model, object(), 100, decay=1e-3)  # type: ignore[arg-type]
+    kw = {"decay": 1e-3, "warn": False}
+    by_fn = cast.decay_budget(model, lambda t: 3e-4 * wc.factor(t), 100, **kw)
+    assert by_fn.predicted_ratio == pytest.approx(
+        cast.decay_budget(model, wc, 100, **kw).predicted_ratio
+    )
+
+
 def test_warmup_cosine():
     short = cast.warmup_cosine(1e-3, 5, warmup_steps=10)  # warmup longer than the run
     assert short(4) == pytest.approx(1e-3) and short(0) == pytest.approx(1e-4)
@@ -850,6 +937,64 @@ def test_train_records_plain_floats_and_strict_json(tmp_path):
         cast.train(model, opt, [ids()], total_steps=0, progress=False)
 
 
+def test_train_records_the_optimizers_alpha():
+    """The health records' alpha is AdamS's (its total_steps), not one from train's own
+    total_steps; an optimizer without one: train's; sparse groups of two ramps: refused."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=40)
+    kw = {"total_steps": 4, "progress": False, "health_every": 2}
+    res = cast.train(model, opt, [ids(seed=s) for s in range(4)], **kw)
+    assert [r["alpha"] for r in res.health] == [0.0, 0.05, 0.1]
+    assert {s["alpha"] for s in opt.sparsity_stats().values()} == {0.1}
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    res = cast.train(model, sgd, [ids(seed=s) for s in range(4)], **kw)
+    assert [r["alpha"] for r in res.health] == [0.0, 0.5, 1.0]
+    sparse, *rest = cast.param_groups(model)
+    halves = [
+        {**sparse, "params": sparse["params"][:7]},
+        {**sparse, "params": sparse["params"][7:]},
+    ]
+    halves[1]["total_steps"] = 20
+    two = cast_ext.AdamS([*halves, *rest], lr=1e-3, decay=1e-3, total_steps=40)
+    with pytest.raises(ValueError, match=r"train: the optimizer's groups of sparse weights have "):
+        cast.train(model, two, [ids()], **kw)
+    cast.train(model, two, [ids()], total_steps=1, progress=False, health_every=0)
+
+
+def test_train_without_steps_records_health_once(tmp_path):
+    """A call that runs no step (start_step == stop_step) records one health record and one
+    eval, not two of the same step."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=4)
+    log = tmp_path / "log.jsonl"
+    res = cast.train(
+        model, opt, [], total_steps=4, start_step=2, stop_step=2, progress=False,
+        eval_fn=lambda m: {"x": 1.0}, log_path=log,
+    )  # fmt: skip
+    assert [r["step"] for r in res.health] == [2] and [r["step"] for r in res.evals] == [2]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [("health", 2), ("eval", 2)]
+
+
+def test_train_grad_accum_of_uneven_micro_batches_is_a_mean_of_means():
+    """As documented: each micro-batch's loss is its own token mean, the step's loss their
+    mean (not the whole batch's token mean when the micro-batches differ in tokens)."""
+    model = tiny_llama()
+    cast.prepare(model)
+    b1, b2 = ids(3, 16, seed=1), ids(1, 8, seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    kw = {"total_steps": 1, "grad_accum": 2, "progress": False, "health_every": 0}
+    res = cast.train(model, opt, [b1, b2], **kw)
+    with torch.no_grad():
+        losses = [
+            float(cast.distill_loss(model(b).logits, None, cast.shift_labels(b), eta=0.0))
+            for b in (b1, b2)
+        ]
+    assert res.train[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
 def test_train_runs_the_teacher_in_eval_mode_and_restores_its_mode():
     model = tiny_llama()
     teacher = copy.deepcopy(model).requires_grad_(False).train()
@@ -869,13 +1014,44 @@ def test_distill_loss_refuses_a_bad_chunk_size():
 
 
 def test_perplexity_without_predictions_is_nan_and_finalize_warns_of_missing_masks():
+    """finalize and export_state_dict (pruning) warn alike of layers the optimizer holds no
+    mask for; without an optimizer, or exporting unpruned, nothing is missing."""
     model = tiny_gpt2()
     assert math.isnan(cast.perplexity(model, ids(2, 1)))
     cast.prepare(model)
     adamw = torch.optim.AdamW(model.parameters())
-    with pytest.warns(UserWarning, match="optimizer holds no mask for 8 of 8 layers"):
+    with pytest.warns(UserWarning, match="export_state_dict: the optimizer holds no mask for 8 "):
+        cast.export_state_dict(model, adamw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cast.export_state_dict(model, adamw, prune=False)
+        cast.export_state_dict(model)
+    with pytest.warns(UserWarning, match="finalize: the optimizer holds no mask for 8 of 8 layers"):
         reports = cast.finalize(model, adamw)
     assert {r.mask_source for r in reports} == {"magnitude"}
+
+
+def test_finalize_warns_of_layers_an_n_m_optimizer_left_not_24():
+    """AdamS with n=4, m=8: finalize prunes with its 4:8 masks and says which layers are not
+    2:4; a 2:4 AdamS gets no such warning."""
+    for n, m in ((4, 8), (2, 4)):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        cast.prepare(net)
+        opt = cast_ext.AdamS(cast.param_groups(net), lr=1e-2, decay=1e-2, total_steps=4, n=n, m=m)
+        (net(torch.randn(8, 16)) ** 2).sum().backward()
+        opt.step()
+        if n == 4:
+            with pytest.warns(
+                UserWarning, match=r"2 of 2 layers \(0, 2\) are not exactly 2:4: .*4:8"
+            ):
+                reports = cast.finalize(net, opt)
+            assert not any(r.exactly_24 for r in reports)
+            assert all(r.nonzero_share == 0.5 for r in reports)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert all(r.exactly_24 for r in cast.finalize(net, opt))
 
 
 def test_train_grad_accum_equals_the_whole_batch():
