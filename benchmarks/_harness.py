@@ -37,6 +37,7 @@ __all__ = [
     "hbm_fraction",
     "l2_flusher",
     "measure_copy_gbps",
+    "measure_mm_tflops",
     "quick",
     "write_rows",
 ]
@@ -167,6 +168,17 @@ def measure_copy_gbps(nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     med, _, _ = cuda_time_us(lambda i: dst.copy_(src), warmup=5, reps=30)
     return 2 * nbytes / (med * 1e-6) / 1e9
+
+
+def measure_mm_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """TFLOP/s (2 n^3 per product) of one ``n x n x n`` ``torch.mm`` (cuBLAS) on random data: the
+    device's measured matrix-product ceiling (about 790 at 8192 in bf16 on an H200; 1.1 TFLOP,
+    about 1.4 ms per product there)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    out = torch.empty(n, n, device="cuda", dtype=dtype)
+    med, _, _ = cuda_time_us(lambda i: torch.mm(a, b, out=out), warmup=3, reps=10)
+    return 2 * n**3 / (med * 1e-6) / 1e12
 
 
 def write_rows(name: str, rows: list[Row], out_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -8,14 +8,17 @@ values, and nothing needs to be downloaded or converted.
 
     python -m benchmarks.bench_cast_step [--batch 8] [--seq 256] [--device cuda]
 
-Rows go to ``benchmarks/results/cast_step.json`` (or ``$OUT``). ``CAST_EXT_BENCH_QUICK=1``: a
-2-layer model, few repeats.
+Rows go to ``benchmarks/results/cast_step.json`` (or ``$OUT``), written after each measurement
+(a run stopped by a time limit keeps what it finished). The optimizer-alone rows time each
+optimizer's step on the gradients of one more forward + backward (never on zeroed gradients).
+``CAST_EXT_BENCH_QUICK=1``: a 2-layer model, few repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 import torch
 
@@ -24,12 +27,14 @@ from cast_ext import cast
 
 from ._harness import Row, cpu_time_us, cuda_time_us, quick, write_rows
 
+VOCAB = 49152  # SmolLM2's vocabulary
+
 
 def smollm2_like(layers: int = 30) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=49152,
+        vocab_size=VOCAB,
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=layers,
@@ -67,20 +72,26 @@ def main(argv: list[str] | None = None) -> None:
     adamw = torch.optim.AdamW(
         [q for q in dense.parameters() if q.requires_grad], lr=1e-5, fused=dev.type == "cuda"
     )
-    ids = [torch.randint(0, 49152, (batch, seq), device=dev) for _ in range(3)]
+    ids = [torch.randint(0, VOCAB, (batch, seq), device=dev) for _ in range(3)]
     labels = [cast.shift_labels(x) for x in ids]
 
-    def dense_step(i: int) -> None:
+    def dense_grads(i: int) -> None:
         loss = cast.distill_loss(dense(ids[i % 3]).logits, None, labels[i % 3], eta=0.0)
         loss.backward()
+
+    def dense_step(i: int) -> None:
+        dense_grads(i)
         adamw.step()
         adamw.zero_grad(set_to_none=False)
 
-    def cast_step(i: int) -> None:
+    def cast_grads(i: int) -> None:
         with torch.no_grad():
             t_logits = teacher(ids[i % 3]).logits
         loss = cast.distill_loss(student(ids[i % 3]).logits, t_logits, labels[i % 3])
         loss.backward()
+
+    def cast_step(i: int) -> None:
+        cast_grads(i)
         adams.step()
         adams.zero_grad(set_to_none=False)
 
@@ -89,31 +100,35 @@ def main(argv: list[str] | None = None) -> None:
             return cuda_time_us(fn, n_inputs=3, warmup=5, reps=10 if quick() else 30)
         return cpu_time_us(lambda: fn(0), warmup=1, reps=2 if quick() else 5)
 
-    t_dense = timed(dense_step)
-    t_cast = timed(cast_step)
-    # optimizer alone, on the gradients the last step left (zero_grad keeps the tensors)
-    t_adamw = timed(lambda i: adamw.step())
-    t_adams = timed(lambda i: adams.step())
     tokens = batch * seq
     shape = f"smollm2-135m-shapes L={layers} tokens={tokens}"
     base = {"device": dev.type, "dtype": "float32", "shape": shape}
-    rows: list[Row] = [
-        {**base, "op": "train_step", "impl": "dense_adamw", "median_us": t_dense[0],
-         "p20_us": t_dense[1], "p80_us": t_dense[2], "baseline": "dense_adamw",
-         "time_vs_baseline": 1.0},
-        {**base, "op": "train_step", "impl": "cast", "median_us": t_cast[0], "p20_us": t_cast[1],
-         "p80_us": t_cast[2], "baseline": "dense_adamw",
-         "time_vs_baseline": t_cast[0] / t_dense[0]},
-        {**base, "op": "optimizer_step", "impl": "adamw", "median_us": t_adamw[0],
-         "p20_us": t_adamw[1], "p80_us": t_adamw[2], "baseline": "train_step dense_adamw",
-         "time_vs_baseline": t_adamw[0] / t_dense[0]},
-        {**base, "op": "optimizer_step", "impl": "adams", "median_us": t_adams[0],
-         "p20_us": t_adams[1], "p80_us": t_adams[2], "baseline": "train_step cast",
-         "time_vs_baseline": t_adams[0] / t_cast[0]},
-    ]  # fmt: skip
-    path = write_rows("cast_step", rows)
+    rows: list[Row] = []
+    print(f"{shape} on {dev}:", flush=True)
+
+    def record(op: str, impl: str, t: tuple[float, float, float], baseline: str, vs: float) -> Path:
+        rows.append(
+            {**base, "op": op, "impl": impl, "median_us": t[0], "p20_us": t[1], "p80_us": t[2],
+             "baseline": baseline, "time_vs_baseline": t[0] / vs}
+        )  # fmt: skip
+        print(f"  {op:<15} {impl:<12} {t[0] / 1e3:9.2f} ms  {t[0] / vs:6.3f}x {baseline}",
+              flush=True)  # fmt: skip
+        return write_rows("cast_step", rows)  # after each row: a run stopped by a limit keeps them
+
+    t_dense = timed(dense_step)
+    record("train_step", "dense_adamw", t_dense, "dense_adamw", t_dense[0])
+    t_cast = timed(cast_step)
+    record("train_step", "cast", t_cast, "dense_adamw", t_dense[0])
+    # The optimizer alone, on real gradients: the steps' zero_grad(set_to_none=False) left zeros,
+    # which can run faster than real data (METHOD.md), so one more forward + backward first; the
+    # timed steps then reuse its gradients.
+    dense_grads(0)
+    t_adamw = timed(lambda i: adamw.step())
+    record("optimizer_step", "adamw", t_adamw, "train_step dense_adamw", t_dense[0])
+    cast_grads(0)
+    t_adams = timed(lambda i: adams.step())
+    path = record("optimizer_step", "adams", t_adams, "train_step cast", t_cast[0])
     ms = {k: v[0] / 1e3 for k, v in [("d", t_dense), ("c", t_cast), ("w", t_adamw), ("s", t_adams)]}
-    print(f"{shape} on {dev}:")
     print(f"  dense AdamW step {ms['d']:9.2f} ms (optimizer {ms['w']:.2f} ms, "
           f"{100 * ms['w'] / ms['d']:.1f}%)")  # fmt: skip
     print(f"  CAST step        {ms['c']:9.2f} ms (AdamS {ms['s']:.2f} ms, "

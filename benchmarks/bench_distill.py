@@ -8,7 +8,8 @@ whole loss, forward + backward, through ``cast.distill_loss`` on the fused ops, 
 (``F.cross_entropy``, torch's fused kernel) as ratios of the fused time. Shapes: the demo's
 SmolLM2 vocabulary (49152) at 2k and 8k tokens, LLaMA-3's (128256) at 4k.
 
-Run: ``python -m benchmarks.bench_distill`` (writes ``distill.json``). Needs a CUDA GPU.
+Run: ``python -m benchmarks.bench_distill`` (writes ``distill.json`` after every shape, so a run
+stopped by a time limit keeps the shapes it finished). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -86,18 +87,22 @@ def main() -> None:
     print(f"device copy ceiling: {copy_gbps:.0f} GB/s")
     shapes = dict(list(SHAPES.items())[:1]) if quick() else SHAPES
     rows: list[Row] = []
+    path = None
     for dtype in (torch.bfloat16, torch.float32):
         for name, (tokens, vocab) in shapes.items():
-            rows += _rows_for(name, tokens, vocab, dtype, copy_gbps)
+            new = _rows_for(name, tokens, vocab, dtype, copy_gbps)
             torch.cuda.empty_cache()
-    for r in rows:
-        frac = r["fraction_of_copy_ceiling"]
-        print(
-            f"{r['shape']:<24} {r['dtype']:<9} {r['op']:<20} {r['median_us']:10.1f} us  "
-            f"{r['time_vs_fused_loss']:6.2f}x fused loss"
-            + ("" if frac is None else f"  {r['gbps']:6.0f} GB/s  {frac:5.2f} of copy")
-        )
-    print(write_rows("distill", rows))
+            for r in new:
+                frac = r["fraction_of_copy_ceiling"]
+                print(
+                    f"{r['shape']:<24} {r['dtype']:<9} {r['op']:<20} {r['median_us']:10.1f} us  "
+                    f"{r['time_vs_fused_loss']:6.2f}x fused loss"
+                    + ("" if frac is None else f"  {r['gbps']:6.0f} GB/s  {frac:5.2f} of copy"),
+                    flush=True,
+                )
+            rows += new
+            path = write_rows("distill", rows)  # so far: a killed run keeps these
+    print(path)
 
 
 if __name__ == "__main__":

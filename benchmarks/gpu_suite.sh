@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with a CUDA GPU (the project's H200: torch 2.11 + CUDA 13.0, nvcc,
-# cuSPARSELt, no network), build the extension with all cores, then run the stages of a part and
-# write logs + JSON to the output folder: $2, else $OUT, else benchmarks/results/gpu-<date>.
+# cuSPARSELt, no network), build the extension with all cores for this GPU's architecture
+# (TORCH_CUDA_ARCH_LIST, when unset: the first GPU's compute capability from nvidia-smi, +PTX;
+# 8.0;9.0+PTX where nvidia-smi cannot tell), then run the stages of a part and write logs + JSON
+# to the output folder: $2, else $OUT, else benchmarks/results/gpu-<date>.
 #
 #   bash benchmarks/gpu_suite.sh core|bench|all [OUT_DIR]
 #
@@ -9,8 +11,9 @@
 #        AdamS benchmarks, a compute-sanitizer memcheck of every CUDA op
 #        (benchmarks/cuda_smoke.py, caching allocator off so an overrun cannot hide inside a
 #        pooled block);
-# bench: the GEMM benchmark (every LLaMA shape and M), the distillation loss benchmark and the
-#        CAST step benchmark;
+# bench: the distillation loss benchmark and the CAST step benchmark (short), then the GEMM
+#        benchmark (every LLaMA shape and M), which gets what is left of the budget and writes
+#        its JSON after every weight shape;
 # all:   both (a machine without the device tool's 10-minute call limit).
 # The device tool runs `core`, then `bench` in a second call started at once (a machine stays
 # warm for 30 s): the build is kept between calls, and a stamp of the sources' hash lets the
@@ -22,9 +25,15 @@
 # Each call keeps to SUITE_BUDGET seconds (default 540, inside a 600 s device call): each stage
 # gets at most its own cap and what is left of the budget; a stage that runs out is killed and
 # reported, the next one still runs, and stages the budget never reached are listed as skipped.
+# Every benchmark writes its JSON as it goes, so one killed at its limit keeps what it measured.
 # The device tool's 15 minutes count the machine's start (1-2 min) too, so the two calls do not
 # both get 540: run core with SUITE_BUDGET=450, then bench with SUITE_BUDGET = the status'
 # budget_left_s - 60 (about 300).
+# core's caps after the build: tests 160 + mask 45 + AdamS 60 + memcheck 90 = 355 s; with about
+# 20 s of checks between the stages, a build of up to about 75 s (one arch) leaves every cap
+# whole in 450, and a longer one shortens the memcheck, which runs last. bench's caps: distill
+# 45 + CAST step 60 before the GEMM benchmark (cap 240), which takes the rest: at least about
+# 175 s of 300 when the build is kept, more when the short stages finish early.
 # Tests run without -x (every failure is reported) and with a per-test timeout where
 # pytest-timeout is installed. The exit status is 1 if a stage failed.
 #
@@ -51,7 +60,15 @@ if [[ -z "${CUDA_HOME:-}" ]]; then  # /usr/local/cuda, else wherever nvcc is
   [[ -x $CUDA_HOME/bin/nvcc ]] || CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")"
 fi
 export CUDA_HOME
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then  # this GPU's arch only: half the device code to build
+  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')"
+  if [[ $CAP =~ ^[0-9]+\.[0-9]+$ ]]; then
+    TORCH_CUDA_ARCH_LIST="$CAP+PTX"
+  else
+    TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
+  fi
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1 CAST_EXT_EXPECT_CUDA=1
 status=0
@@ -123,13 +140,13 @@ if [[ "$PART" != bench ]]; then
   timeout_flag=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 90)
   # -v: a test per line, so a stage killed at its limit shows where it was
-  run_stage tests_cuda 170 "$PY" -m pytest tests -m cuda -v -rfEs -p no:cacheprovider \
+  run_stage tests_cuda 160 "$PY" -m pytest tests -m cuda -v -rfEs -p no:cacheprovider \
     "${timeout_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
   grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
   # The issues' benchmarks before the memcheck: on a first call the build leaves the least
   # time for the last stage.
-  run_stage bench_sparse24_mask 60 "$PY" -m benchmarks.bench_sparse24_mask
-  run_stage bench_adams 90 "$PY" -m benchmarks.bench_adams
+  run_stage bench_sparse24_mask 45 "$PY" -m benchmarks.bench_sparse24_mask
+  run_stage bench_adams 60 "$PY" -m benchmarks.bench_adams
   SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
   if [[ -x $SANITIZER ]]; then
     before=$status lines=$(wc -l <"$LOG")
@@ -148,11 +165,11 @@ if [[ "$PART" != bench ]]; then
   fi
 fi
 if [[ "$PART" != core ]]; then
-  # The GEMM benchmark writes its JSON after every weight shape, so a stage cut short still
-  # leaves the shapes it finished.
-  run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
+  # The short stages first; the GEMM benchmark last, with what is left of the budget: it writes
+  # its JSON after every weight shape, so a stage cut short still leaves the shapes it finished.
   run_stage bench_distill 45 "$PY" -m benchmarks.bench_distill
   run_stage bench_cast_step 60 "$PY" -m benchmarks.bench_cast_step
+  run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
 fi
 step "done (part $PART, status $status${skipped[*]:+, skipped: ${skipped[*]}})"
 exit "$status"

@@ -1,0 +1,356 @@
+"""The GPU benchmarks' Python, run on the CPU: each one's main path end to end, small shapes.
+
+The GPU suite runs these benchmarks once per lent machine, where an error in their Python costs
+device time; here a shim runs them on the CPU: every ``device="cuda"`` (and ``.to("cuda")``,
+``.cuda()``) becomes the CPU through a ``TorchFunctionMode``, CUDA events become host clocks, the
+device's name and properties are an H200's, and the CUDA-only calls (cuSPARSELt's compress and
+GEMM, torch's ``_cslt_*``, its algorithm search and its 2:4 tile sparsifier) are dense stand-ins.
+The checks are on the rows each writes (their keys, finite numbers, the baselines' ratios), never
+on the times. Every patch goes through a ``MonkeyPatch`` undone after each test, the mode is left
+on exit, and the fixture then checks that the process is as the test found it: nothing here
+changes it for the tests after it (the whole suite runs in one process).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+import cast_ext
+from cast_ext import nn as cnn
+from cast_ext import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "benchmarks" / "bench_sparse24_gemm.py").is_file():
+    pytest.skip("no benchmarks/ beside tests/ (an installed package)", allow_module_level=True)
+
+
+def _cpu(d: Any) -> Any:
+    if isinstance(d, str) and d.startswith("cuda"):
+        return "cpu"
+    if isinstance(d, torch.device) and d.type == "cuda":
+        return torch.device("cpu")
+    return d
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Runs what the benchmarks put on ``cuda`` on the CPU."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _cpu(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_cpu(a) for a in args)
+        return func(*args, **kwargs)
+
+
+class _Event:
+    """``torch.cuda.Event`` on the host clock."""
+
+    def __init__(self, enable_timing: bool = False, **_: Any) -> None:
+        self.t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _Event) -> float:
+        return (end.t - self.t) * 1e3
+
+
+class _Generator:
+    """``torch.Generator(device="cuda")`` as a CPU generator."""
+
+    def __new__(cls, device: Any = None) -> torch.Generator:  # type: ignore[misc]
+        return _REAL_GENERATOR(device=_cpu(device) or "cpu")
+
+
+_REAL_GENERATOR = torch.Generator
+
+
+def _patched_now() -> dict[str, Any]:
+    """Some of what the shim patches, as found now."""
+    return {
+        "torch.cuda.is_available": torch.cuda.is_available,
+        "torch.cuda.Event": torch.cuda.Event,
+        "torch.cuda.get_device_properties": torch.cuda.get_device_properties,
+        "torch._cslt_compress": getattr(torch, "_cslt_compress", None),
+        "torch._C._cusparselt": getattr(torch._C, "_cusparselt", None),
+        "cast_ext.cuda_kernels_available": cast_ext.cuda_kernels_available,
+        "ops.cslt_compress": ops.cslt_compress,
+        "cnn._cslt_reason": cnn._cslt_reason,
+        "torch.backends.cuda.matmul": torch.backends.cuda.matmul,
+        "fp32 matmul precision": torch.get_float32_matmul_precision(),
+    }
+
+
+class _Shim:
+    """What the tests read back: the compressed weights' dense stand-ins, the tile calls."""
+
+    def __init__(self) -> None:
+        self.dense: dict[int, torch.Tensor] = {}  # compressed buffer's data_ptr -> dense weight
+        self.tile_algorithms: list[str] = []
+        self.mode = _CudaToCpu()
+
+    def compress(self, w: torch.Tensor) -> torch.Tensor:
+        buf = torch.empty(w.numel() * 9 // 16, dtype=w.dtype)
+        self.dense[buf.data_ptr()] = w.detach().clone()
+        return buf
+
+    def cslt_linear(
+        self,
+        x: torch.Tensor,
+        wc: torch.Tensor,
+        n: int,
+        k: int,
+        bias: Any = None,
+        *a: Any,
+        **kw: Any,
+    ) -> torch.Tensor:
+        w = self.dense[wc.data_ptr()]
+        assert w.shape == (n, k), (w.shape, n, k)
+        return F.linear(x, w, bias)
+
+    def cslt_sparse_mm(self, wc: torch.Tensor, b: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+        w = self.dense[wc.data_ptr()]
+        assert b.shape[0] == w.shape[1] and b.shape[1] % 8 == 0, b.shape
+        y = w @ b
+        return y.t() if kw.get("transpose_result") else y
+
+    def tile(self, w: torch.Tensor, algorithm: str, use_cutlass: bool) -> tuple[torch.Tensor, ...]:
+        self.tile_algorithms.append(algorithm)
+        return (ops.sparse24_compress(w)[0],)
+
+
+@pytest.fixture
+def shim(tmp_path: Path) -> Iterator[_Shim]:
+    """The CPU stand-in for an H200 (see the module's docstring); rows go to ``tmp_path``.
+
+    Its own MonkeyPatch, undone on the way out, after which it checks that the process is as
+    the test found it."""
+    before = _patched_now()
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))
+        mp.setenv("OUT", str(tmp_path))
+        mp.setenv("CAST_EXT_BENCH_QUICK", "1")
+        s = _Shim()
+        cuda = torch.cuda
+        props = types.SimpleNamespace(
+            name="NVIDIA H200", major=9, minor=0, total_memory=143 << 30, L2_cache_size=1 << 20
+        )
+        for name, value in {
+            "is_available": lambda: True,
+            "device_count": lambda: 1,
+            "Event": _Event,
+            "synchronize": lambda *a, **k: None,
+            "_sleep": lambda cycles: None,
+            "empty_cache": lambda: None,
+            "get_device_name": lambda *a: "NVIDIA H200",
+            "get_device_properties": lambda *a: props,
+            "current_stream": lambda *a, **k: None,
+            "is_current_stream_capturing": lambda: False,
+        }.items():
+            mp.setattr(cuda, name, value)
+        mp.setattr(torch, "Generator", _Generator)
+        mp.setattr(torch.backends.cusparselt, "version", lambda: 0)
+        mp.setattr(torch, "_cslt_compress", s.compress, raising=False)
+        mp.setattr(torch, "_cslt_sparse_mm", s.cslt_sparse_mm, raising=False)
+        mp.setattr(torch, "_sparse_semi_structured_tile", s.tile, raising=False)
+        search = types.SimpleNamespace(mm_search=lambda *a: (3, 2, 1, 7))
+        mp.setattr(torch._C, "_cusparselt", search, raising=False)
+        mp.setattr(  # torch's check that a CUDA graph capture is healthy (private)
+            torch.optim.Optimizer,
+            "_accelerator_graph_capture_health_check",
+            lambda self: None,
+            raising=False,
+        )
+        mp.setattr(cast_ext, "cuda_kernels_available", lambda: True)
+        mp.setattr(cast_ext, "cusparselt_available", lambda: True)
+        mp.setattr(cast_ext, "set_cuda_value_checks", lambda on: None)
+        mp.setattr(ops, "cslt_compress", s.compress)
+        mp.setattr(ops, "cslt_linear", s.cslt_linear)
+        # SparseLinear's dispatch tries its cuSPARSELt path (the stand-in) for 16-bit weights
+        mp.setattr(
+            cnn,
+            "_cslt_reason",
+            lambda n, k, dtype, device: None if dtype in (torch.float16, torch.bfloat16) else "no",
+        )
+        mp.setattr(
+            cnn, "cslt_cache_info", lambda: {"plans": 0, "hits": 0, "misses": 0, "searches": 0}
+        )
+        # bench_cast_step sets allow_tf32, which also moves the process' fp32 precision settings;
+        # setting it back would not restore those ("none" becomes "ieee"): it sets a stand-in's
+        mp.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace(allow_tf32=False))
+        # one thread: the shapes are tiny, and spinning worker threads on a loaded 2-core
+        # machine made the run 15 times slower
+        torch.set_num_threads(1)
+        cnn.clear_dispatch_decisions()
+        try:
+            with s.mode:
+                yield s
+        finally:
+            cnn.clear_dispatch_decisions()
+            torch.set_num_threads(threads)
+    assert not _get_current_function_mode_stack()
+    assert torch.Generator is _REAL_GENERATOR
+    assert _patched_now() == before
+    assert torch.get_num_threads() == threads
+
+
+def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """``benchmarks.<name>`` with the device ceilings measured on small sizes."""
+    mod = importlib.import_module(f"benchmarks.{name}")
+    harness = importlib.import_module("benchmarks._harness")
+    if hasattr(mod, "measure_copy_gbps"):
+        monkeypatch.setattr(mod, "measure_copy_gbps", lambda: harness.measure_copy_gbps(1 << 20))
+    if hasattr(mod, "measure_mm_tflops"):
+        monkeypatch.setattr(mod, "measure_mm_tflops", lambda: harness.measure_mm_tflops(64))
+    return mod
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    data = json.loads(path.read_text())
+    assert data["env"]["gpu"] == "NVIDIA H200", data["env"]
+    assert data["rows"], path
+    return data["rows"]
+
+
+def _finite(row: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = row[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, row)
+        assert value >= 0, (key, row)
+
+
+def test_bench_sparse24_mask_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    mod = _bench("bench_sparse24_mask", monkeypatch)
+    monkeypatch.setattr(mod, "SHAPES", {"tiny": (64, 256)})
+    mod.main()
+    rows = _rows(tmp_path / "sparse24_mask.json")
+    ops_ = {"clone", "sparse24_mask", "sparse24_prune", "sparse24_compress"}
+    baselines = {"torch._sparse_semi_structured_tile", "torch._cslt_compress"}
+    assert {r["op"] for r in rows} == ops_ | baselines
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float32"}
+    assert set(shim.tile_algorithms) == {"largest_abs_values_greedy"}  # |w|, as ours
+    for r in rows:
+        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_clone"))
+        if r["op"] in ops_:
+            _finite(r, ("gbps", "fraction_of_clone_gbps", "fraction_of_copy_ceiling"))
+        else:
+            assert r["gbps"] is None and r["dtype"] == "bfloat16", r
+        # torch's compressors against the op that also writes a compressed weight, only
+        if r["op"] == "sparse24_compress" and r["dtype"] == "bfloat16":
+            assert set(r["speedup_vs"]) == baselines, r
+            _finite(r["speedup_vs"], tuple(baselines))
+        else:
+            assert "speedup_vs" not in r or not r["speedup_vs"], r
+    impls = {r["impl"] for r in rows if r["op"] == "sparse24_compress"}
+    assert impls == {"cast_ext", "cast_ext[no-check]"}
+
+
+def test_bench_adams_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    mod = _bench("bench_adams", monkeypatch)
+    monkeypatch.setattr(mod, "layer_shapes", lambda: [(64, 64), (96, 64), (64, 96)])
+    returned = mod.main()
+    rows = _rows(tmp_path / "adams.json")
+    assert rows == json.loads(json.dumps(returned))
+    impls = [r["impl"] for r in rows]
+    assert impls == [
+        "torch.optim.AdamW(fused=True)",
+        "cast_ext.adams_step_ (refresh every 10)",
+        "cast_ext.adams_step_ (refresh every 10, amortized)",
+        "cast_ext.adams_step_ (refresh every step)",
+    ]
+    assert rows[0]["time_vs_baseline"] == 1.0
+    for r in rows:
+        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_baseline", "gbps", "frac_of_copy"))
+        assert r["baseline"] == "torch.optim.AdamW(fused=True)" and r["timing"], r
+        assert r["device"] == "NVIDIA H200"
+        assert r["fraction_of_hbm_peak"] is not None
+
+
+def test_bench_distill_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    mod = _bench("bench_distill", monkeypatch)
+    monkeypatch.setattr(mod, "SHAPES", {"tiny": (64, 512)})
+    mod.main()
+    rows = _rows(tmp_path / "distill.json")
+    ops_ = ["distill_fwd", "distill_bwd", "loss_fused", "loss_reference", "loss_ce_only_torch"]
+    for dtype in ("bfloat16", "float32"):
+        assert [r["op"] for r in rows if r["dtype"] == dtype] == ops_
+    for r in rows:
+        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_fused_loss"))
+        if r["op"].startswith("distill_"):
+            _finite(r, ("gbps", "fraction_of_copy_ceiling", "fraction_of_hbm_peak"))
+        else:
+            assert r["gbps"] is None, r
+
+
+def test_bench_cast_step_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    pytest.importorskip("transformers")
+    mod = _bench("bench_cast_step", monkeypatch)
+    monkeypatch.setattr(mod, "VOCAB", 512)
+    # the optimizer-alone timings must step on real gradients, never on zeroed ones
+    seen: list[float] = []
+    step = cast_ext.AdamS.step
+
+    def recording_step(self: Any, *a: Any, **kw: Any) -> Any:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(max((float(g.abs().max()) for g in grads), default=0.0))
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(cast_ext.AdamS, "step", recording_step)
+    mod.main(["--device", "cuda"])
+    rows = _rows(tmp_path / "cast_step.json")
+    assert [(r["op"], r["impl"]) for r in rows] == [
+        ("train_step", "dense_adamw"),
+        ("train_step", "cast"),
+        ("optimizer_step", "adamw"),
+        ("optimizer_step", "adams"),
+    ]
+    for r in rows:
+        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_baseline"))
+        assert r["device"] == "cuda"
+    assert seen and min(seen) > 0, seen
+
+
+def test_bench_sparse24_gemm_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    mod = _bench("bench_sparse24_gemm", monkeypatch)
+    monkeypatch.setattr(mod, "MODELS", {"a": [(64, 128), (96, 256)], "b": [(64, 128)]})
+    monkeypatch.delenv("CAST_EXT_BENCH_QUICK")  # quick mode's M go to 4096
+    monkeypatch.setattr(mod, "TOKENS", [1, 16, 64])
+    mod.main()
+    rows = _rows(tmp_path / "sparse24_gemm.json")
+    assert {(r["n"], r["k"]) for r in rows} == {(64, 128), (96, 256)}
+    assert {r["m"] for r in rows} == {1, 16, 64}
+    by_m = {m: {r["impl"] for r in rows if r["m"] == m and r["n"] == 64} for m in (1, 64)}
+    common = {"dense", "cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse_linear"}
+    assert by_m[1] == common | {"packed"} and by_m[64] == common, by_m
+    for r in rows:
+        assert r["correct"] is True, r
+        _finite(
+            r,
+            (
+                "median_us", "tflops", "gbps", "fraction_of_copy_gbps", "measured_mm_tflops",
+                "fraction_of_measured_mm", "speedup_vs_dense", "speedup_vs_torch_cslt",
+            ),
+        )  # fmt: skip
+        assert r["path"] in {"dense", "cast_ext_cslt", "torch_cslt", "torch_cslt_searched",
+                             "packed", "sparse"}  # fmt: skip
+        assert r["peak_tflops"] is None or r["fraction_of_peak"] is not None
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "sparse24_gemm.png").is_file()
