@@ -65,10 +65,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.quick:
         env["CAST_EXT_BENCH_QUICK"] = "1"
     if args.device == "cpu":
-        # the caller's directory, not the checkout the benchmarks run in
-        out = Path(args.json).resolve() if args.json else root / "benchmarks/results/cpu.json"
         cmd = [sys.executable, "-m", "pytest", str(root / "benchmarks" / "cpu"), "-q"]
-        cmd += ["--benchmark-enable", f"--benchmark-json={out}", "-p", "no:cacheprovider"]
+        cmd += ["--benchmark-enable", "-p", "no:cacheprovider"]
+        # the caller's directory, not the checkout the benchmarks run in; quick shapes never
+        # replace the committed full-size results
+        if args.json or not args.quick:
+            out = Path(args.json).resolve() if args.json else root / "benchmarks/results/cpu.json"
+            cmd.append(f"--benchmark-json={out}")
         return subprocess.call(cmd, cwd=root, env=env)
     rc = 0
     for name in sorted(p.stem for p in (root / "benchmarks").glob("bench_*.py")):
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="microbenchmarks")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None)
     bench.add_argument("--quick", action="store_true", help="small shapes (CI smoke mode)")
-    bench.add_argument("--json", help="CPU results file (default benchmarks/results/cpu.json)")
+    bench.add_argument(
+        "--json",
+        help="CPU results file (default: benchmarks/results/cpu.json; none with --quick)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:  # the demo parses its own options (and its own --help)
         from .demo import main as demo_main

@@ -62,7 +62,8 @@ def test_cli_refuses_what_it_cannot_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``python -m cast_ext``: stray arguments, a CUDA bench without a GPU and --json with the GPU
-    benchmarks are usage errors; a relative --json is the caller's path, not the checkout's."""
+    benchmarks are usage errors; a relative --json is the caller's path, not the checkout's; --quick
+    alone writes no results file."""
     from cast_ext import __main__ as cli
 
     calls: list[list[str]] = []
@@ -84,6 +85,11 @@ def test_cli_refuses_what_it_cannot_do(
         return
     assert cli.main(["bench", "--device", "cpu", "--json", "mine.json"]) == 0
     assert calls and f"--benchmark-json={tmp_path / 'mine.json'}" in calls[-1]
+    # quick shapes never overwrite the committed full-size results
+    assert cli.main(["bench", "--device", "cpu", "--quick"]) == 0
+    assert not any(a.startswith("--benchmark-json") for a in calls[-1])
+    assert cli.main(["bench", "--device", "cpu"]) == 0
+    assert any(a.endswith("benchmarks/results/cpu.json") for a in calls[-1])
 
 
 @pytest.mark.skipif(EXPECT is None, reason="CAST_EXT_EXPECT_CUDA not set")
