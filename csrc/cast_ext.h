@@ -110,6 +110,7 @@ inline void check_flips(const char* op, const at::Tensor& a, const at::Tensor& b
              b.scalar_type());
   CAST_CHECK(a.sizes() == b.sizes(), op, "a of shape ", shape_str(a), " and b of shape ",
              shape_str(b), " differ");
+  CAST_CHECK(a.dim() >= 1, op, "a and b must be packed masks with at least one dim, got 0-d");
   check_same_device(op, "b", b, "a", a);
 }
 

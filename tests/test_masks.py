@@ -310,6 +310,16 @@ def test_fakes_refuse_what_the_kernels_refuse():
             call()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_flips_refuses_0d_masks_like_its_fake(device):
+    """The kernels counted flips of two 0-d uint8 tensors, which the fake (and so a compiled
+    graph) refuses: both refuse now."""
+    a = torch.tensor(3, dtype=torch.uint8, device=device)
+    for x in (a, a.to("meta")):
+        with pytest.raises(RuntimeError, match="at least one dim"):
+            cast_ext.mask_flips(x, x)
+
+
 def test_reference_decompress_refuses_an_invalid_meta():
     values = torch.arange(8.0).reshape(2, 4)
     for bad in (torch.tensor([[0x37], [0x33]]), torch.tensor([[0x33], [0x13]])):

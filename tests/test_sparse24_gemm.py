@@ -77,6 +77,15 @@ def test_non_contiguous_input(device: str) -> None:
     x = torch.randn(34, device=device)[2:]  # contiguous 1-D view at an 8-byte offset
     check_close(cast_ext.sparse24_gemm(x, values, meta), x, w, None)
 
+    # 3-D, strided, with a bias, past the small-M kernel: the same bits as contiguous (the
+    # dense fallback's at::linear rounded twice there, the product then the bias)
+    w = make_weight(16, 64, torch.float16, device)
+    values, meta = ops.sparse24_compress(w)
+    bias = torch.randn(16, device=device, dtype=torch.float16) * 100
+    x = torch.randn(4, 64, 5, device=device, dtype=torch.float16).transpose(1, 2)  # [4, 5, 64]
+    y = cast_ext.sparse24_gemm(x, values, meta, bias)
+    assert torch.equal(y, cast_ext.sparse24_gemm(x.contiguous(), values, meta, bias))
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_groups_with_fewer_than_two_nonzeros(device: str) -> None:

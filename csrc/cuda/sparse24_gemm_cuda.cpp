@@ -52,7 +52,8 @@ at::Tensor sparse24_gemm_cuda(const at::Tensor& x_in, const at::Tensor& values_i
       return y;
     }
   }
-  return at::linear(x_in, decompress_weight(op, values_in, meta_in, check_meta), bias);
+  // contiguous: at::linear fuses the bias (one rounding) only for 2-D or contiguous x
+  return at::linear(x_in.contiguous(), decompress_weight(op, values_in, meta_in, check_meta), bias);
 }
 
 }  // namespace
