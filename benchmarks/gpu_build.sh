@@ -1,0 +1,35 @@
+# Sourced by benchmarks/gpu_suite.sh and benchmarks/gpu_demo.sh (bash, from the repo root, with
+# $PY set): the build settings of a GPU machine and the stamp that lets a later call on the same
+# warm machine skip the build.
+#
+# CUDA_HOME: /usr/local/cuda, else wherever nvcc is. TORCH_CUDA_ARCH_LIST, when unset: the first
+# GPU's compute capability from nvidia-smi, +PTX (half the device code of 8.0;9.0+PTX to build),
+# 8.0;9.0+PTX where nvidia-smi cannot tell. MAX_JOBS: every core.
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  CUDA_HOME=/usr/local/cuda
+  [[ -x $CUDA_HOME/bin/nvcc ]] || CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")"
+fi
+export CUDA_HOME
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')"
+  if [[ $CAP =~ ^[0-9]+\.[0-9]+$ ]]; then
+    TORCH_CUDA_ARCH_LIST="$CAP+PTX"
+  else
+    TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
+  fi
+fi
+export TORCH_CUDA_ARCH_LIST
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# The sources' hash, stamped after a build (gpu_build_stamp).
+SOURCES_HASH="$(find csrc setup.py cast_ext/_build.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
+BUILD_STAMP=build/gpu_build.stamp
+
+# True when an earlier call built these sources and cast_ext imports with its CUDA kernels.
+gpu_build_current() {
+  [[ -f $BUILD_STAMP && "$(cat "$BUILD_STAMP")" == "$SOURCES_HASH" ]] &&
+    "$PY" -c "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null
+}
+
+gpu_build_stamp() {
+  mkdir -p build && echo "$SOURCES_HASH" >"$BUILD_STAMP"
+}
