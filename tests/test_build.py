@@ -92,6 +92,18 @@ def test_cli_refuses_what_it_cannot_do(
     assert any(a.endswith("benchmarks/results/cpu.json") for a in calls[-1])
 
 
+@pytest.mark.skipif(
+    EXPECT != "1" or not torch.cuda.is_available(), reason="a GPU run that expects CUDA"
+)
+def test_cupy_is_installed_where_cuda_runs():
+    """tests/test_cupy.py's independent cross-checks of the CUDA kernels skip without CuPy; where
+    CUDA is expected and present (the GPU suite), a missing CuPy fails here instead."""
+    assert importlib.util.find_spec("cupy") is not None, (
+        "CuPy is not installed: tests/test_cupy.py's cross-checks were skipped "
+        "(pip install cupy-cuda13x, or cupy-cuda12x for CUDA 12)"
+    )
+
+
 @pytest.mark.skipif(EXPECT is None, reason="CAST_EXT_EXPECT_CUDA not set")
 def test_build_matches_expectation():
     info = cast_ext.build_info()

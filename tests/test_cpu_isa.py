@@ -35,12 +35,13 @@ def test_cpu_kernels_under_a_lower_isa(isa: str) -> None:
     args = [
         f"{HERE / 'test_cpu_isa.py'}::test_the_cap_took_effect",
         *(str(HERE / f) for f in KERNEL_TESTS),
-        "-m",
-        "not cuda",
         "-k",
         "not isa_versions",
+        "-rs",  # skip reasons: the cap check must not be among them
     ]
+    # No -m filter: the all-device property tests (hypothesis, ties included) carry the cuda
+    # mark for the GPU suite and run on the CPU here too; the CUDA-only ones skip.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and "1 skipped" not in done.stdout.splitlines()[-1]
+    assert " passed" in done.stdout and "run by the test below" not in done.stdout

@@ -734,3 +734,59 @@ def test_a_param_listed_twice_in_a_group_is_refused_clearly() -> None:
     w = nn.Parameter(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"shape \[4, 8\] appears twice in a group"):
         AdamS([w, w], total_steps=5)
+
+
+def test_each_groups_hyperparameters_reach_the_step_against_the_reference_op() -> None:
+    """Two groups, each with its own weight_decay, eps, decay, betas, total_steps, mask_interval
+    and n:m, a sparse fp32, a sparse bf16 (master) and a dense param among them, against
+    ``reference.adams_step_`` called directly on twin tensors with those settings (not through
+    ``AdamS(impl="reference")``, whose wrapper is the code under test): a setting the wrapper
+    dropped or took from the wrong group (weight_decay on sparse params, a group's eps) shows."""
+    from cast_ext import reference
+
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(8, 16) * 0.05)
+    b = nn.Parameter((torch.randn(6, 16) * 0.05).bfloat16())
+    c = nn.Parameter(torch.randn(16) * 0.05)
+    d = nn.Parameter(torch.randn(4, 32) * 0.05)
+    groups = [
+        {"params": [a, b, c], "weight_decay": 0.1, "eps": 1e-3, "decay": 2e-3,
+         "betas": (0.8, 0.9), "total_steps": 6, "mask_interval": 3},
+        {"params": [d], "weight_decay": 0.05, "eps": 1e-4, "decay": 1e-3, "total_steps": 9,
+         "mask_interval": 2, "n": 4, "m": 8},
+    ]  # fmt: skip
+    opt = AdamS(groups, lr=1e-2, weight_decay=0.0, eps=1e-8, total_steps=100)
+    twins = {}
+    for p in (a, b, c, d):
+        w = p.detach().float().clone()
+        k = (p.shape[-1] + 7) // 8
+        twins[p] = {
+            "w": w if p.dtype == torch.float32 else p.detach().clone(),
+            "master": [w] if p.dtype != torch.float32 else [],
+            "mu": torch.zeros(p.shape),
+            "v": torch.zeros(p.shape),
+            "mask": [torch.zeros(*p.shape[:-1], k, dtype=torch.uint8)] if p.dim() == 2 else [],
+            "step": torch.zeros(()),
+        }
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        for group in groups:
+            for p in group["params"]:
+                p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype)
+                t = twins[p]
+                n, m = group.get("n", 2), group.get("m", 4)
+                reference.adams_step_(
+                    [t["w"]], [p.grad.clone()], [t["mu"]], [t["v"]], t["mask"], [t["step"]],
+                    t["master"], lr=1e-2, beta1=group.get("betas", (0.9, 0.95))[0],
+                    beta2=group.get("betas", (0.9, 0.95))[1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], decay=group["decay"],
+                    total_steps=group["total_steps"], mask_interval=group["mask_interval"],
+                    n=n, m=m,
+                )  # fmt: skip
+        opt.step()
+    for p, t in twins.items():
+        state = opt.state[p]
+        assert_close_scaled(p.detach(), t["w"], str(list(p.shape)))
+        assert_close_scaled(state["exp_avg_sq"], t["v"], str(list(p.shape)))
+        if t["mask"]:
+            assert torch.equal(state["mask"], t["mask"][0]), list(p.shape)
