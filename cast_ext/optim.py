@@ -297,7 +297,7 @@ class AdamS(torch.optim.Optimizer):
         }
         self._check_hparams(defaults, whole=False)  # total_steps may come with each group
         self.impl = impl
-        # id(param) -> its version counter after the step last wrote it (params with masters)
+        # id(param) -> its (version, storage) after the step last wrote it (params with masters)
         self._versions: dict[int, tuple[int, int]] = {}
         super().__init__(params, defaults)
         # GradScaler hands grad_scale / found_inf to optimizers that declare this (like fused Adam).
