@@ -609,6 +609,7 @@ class _DistillLoss(torch.autograd.Function):
         return loss, kl_mean, ce_mean
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises, never wrong
     def backward(ctx: Any, g_loss: Tensor, _g_kl: Tensor, _g_ce: Tensor):  # type: ignore[override]
         student, teacher, labels, lse, denom = ctx.saved_tensors
         eta, t_, ignore_index, chunk, fused = ctx.params

@@ -232,7 +232,8 @@ def _prune_setup(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
 
 def _prune_backward(ctx: Any, grad: Tensor) -> Tensor:
     (w,) = ctx.saved_tensors
-    return grad * torch.ops.cast_ext.sparse24_mask(w.detach())
+    # where, not a product: an inf or NaN upstream gradient at a pruned element gives 0 there
+    return torch.where(torch.ops.cast_ext.sparse24_mask(w.detach()), grad, 0.0)
 
 
 def _compress_setup(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:

@@ -69,7 +69,7 @@ def nm_mask(w: Tensor, n: int, m: int) -> Tensor:
     if not 0 < n <= m:
         raise ValueError(f"cast_ext.nm_mask: need 0 < n <= m, got n={n}, m={m}")
     _check_groups("nm_mask", "w", w, m)
-    a = w.detach().abs().float().reshape(-1, m)
+    a = w.detach().abs().reshape(-1, m)  # |w| is exact in every dtype: ranked as it is
     # rank[i] = number of group members that beat element i: larger |w|, or equal |w| at a
     # lower index. Element i is kept iff fewer than n members beat it. O(m^2) per group, exact.
     idx = torch.arange(m, device=w.device)
@@ -105,7 +105,7 @@ def unpack_mask(packed: Tensor, last_dim: int) -> Tensor:
     """Inverse of :func:`pack_mask`: ``[..., ceil(k / 8)]`` uint8 -> ``[..., k]`` bool."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"cast_ext.unpack_mask: packed has dtype {packed.dtype}; expected uint8")
-    if packed.shape[-1] != (last_dim + 7) // 8:
+    if last_dim < 0 or packed.shape[-1] != (last_dim + 7) // 8:
         raise ValueError(
             f"cast_ext.unpack_mask: packed of shape {list(packed.shape)} cannot hold "
             f"{last_dim} elements per row"
@@ -261,7 +261,8 @@ def adams_step_(
 
     Per element, with ``t`` = ``steps[i]`` (completed steps, 0 at the first call):
 
-    * ``g = grad / grad_scale``; decoupled weight decay ``w *= 1 - lr * weight_decay``;
+    * ``g = grad * (1 / grad_scale)`` (the reciprocal rounded once, as the kernels do: exact for
+      GradScaler's power-of-two scales); decoupled weight decay ``w *= 1 - lr * weight_decay``;
     * ``mu = beta1 * mu + (1 - beta1) * g`` (the stored momentum never sees the decay);
     * sparse tensors (``masks`` non-empty): if ``t % mask_interval == 0`` the packed mask is
       refreshed from the current ``|w|`` (``nm_mask(w, n, m)``) first, before any change; then
@@ -277,7 +278,9 @@ def adams_step_(
     master and ``params`` receive its rounded value; the mask is ranked on the master.
     With ``prev_masks`` (one per mask) a refresh first copies the old packed mask there, so the
     groups that changed at the last refresh can be counted later (``mask_flips(prev, mask)``).
-    If ``found_inf`` is nonzero nothing changes: no param, state or step.
+    If ``found_inf`` is nonzero nothing changes: no param, state or step. An argument the
+    kernels refuse (a scalar out of range, lists of other lengths, a tensor of the wrong shape)
+    raises here too, before or after the work: either way every tensor is as it was.
 
     Args:
         params: weights, updated in place (fp32, or bf16/fp16 with ``master_params``).
@@ -288,6 +291,42 @@ def adams_step_(
         master_params: fp32 master weights, or empty.
         prev_masks: packed masks receiving the old mask at each refresh, or empty.
     """
+    from .ops import _check_adams_scalars  # the kernels' scalar rules (csrc/adams.h)
+
+    _check_adams_scalars(locals())
+    optional = {"masks": masks, "master_params": master_params, "prev_masks": prev_masks}
+    required = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
+    for name, lst in [*required.items(), *optional.items()]:
+        if len(lst) != len(params) and not (name in optional and len(lst) == 0):
+            raise RuntimeError(
+                f"cast_ext.adams_step_: params and {name} must have the same length, got "
+                f"{len(params)} and {len(lst)}"
+            )
+    for i, p in enumerate(params):  # every tensor before any work: nothing changes on error
+        packed = [*p.shape[:-1], (p.shape[-1] + 7) // 8] if p.dim() else None
+        want = [("grads", grads[i], list(p.shape), p.dtype)]
+        want += [(name, t[i], list(p.shape), torch.float32) for name, t in
+                 (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("master_params",
+                  master_params)) if t]  # fmt: skip
+        want += [(name, t[i], packed, torch.uint8) for name, t in
+                 (("masks", masks), ("prev_masks", prev_masks)) if t]  # fmt: skip
+        for name, t, shape, dtype in want:
+            if list(t.shape) != shape or t.dtype != dtype:
+                raise RuntimeError(
+                    f"cast_ext.adams_step_: {name}[{i}] is {t.dtype} {list(t.shape)}; params[{i}] "
+                    f"({p.dtype} {list(p.shape)}) needs {dtype} {shape}"
+                )
+        if steps[i].numel() != 1 or (masks and (p.dim() == 0 or p.shape[-1] % m)):
+            raise RuntimeError(
+                f"cast_ext.adams_step_: params[{i}] of shape {list(p.shape)} with steps[{i}] of "
+                f"shape {list(steps[i].shape)}: one step count per param, and a sparse param's "
+                f"last dim a multiple of m={m}"
+            )
+        if p.dtype != torch.float32 and not master_params:
+            raise RuntimeError(
+                f"cast_ext.adams_step_: params[{i}] is {p.dtype}: fp16/bf16 params need fp32 "
+                "master_params"
+            )
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].

@@ -346,3 +346,25 @@ def test_cuda_device_mismatch() -> None:
     d["exp_avgs"][0] = d["exp_avgs"][0].cpu()
     with pytest.raises(RuntimeError, match="exp_avgs"):
         call(cast_ext.ops.adams_step_, d)
+
+
+def test_reference_refuses_bad_tensors_before_any_work() -> None:
+    """reference.adams_step_ (AdamS(impl="reference"), and what the kernels are held to) met a
+    bad second tensor after stepping the first; it checks every tensor first now."""
+    p = [torch.randn(4, 16), torch.randn(4, 16)]
+    d = {
+        "grads": [torch.randn(4, 16), torch.randn(4, 12)],
+        "exp_avgs": [torch.zeros(4, 16), torch.zeros(4, 16)],
+        "exp_avg_sqs": [torch.zeros(4, 16), torch.zeros(4, 16)],
+        "masks": [torch.zeros(4, 2, dtype=torch.uint8) for _ in range(2)],
+        "steps": [torch.zeros(()), torch.zeros(())],
+    }
+    before = [t.clone() for t in (*p, *[t for v in d.values() for t in v])]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] is torch.float32 \[4, 12\]"):
+        reference.adams_step_(p, **d, master_params=[], lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    after = (*p, *[t for v in d.values() for t in v])
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    with pytest.raises(RuntimeError, match="m must be 4 or 8, got 16"):
+        reference.adams_step_(
+            p, **d, master_params=[], lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, m=16
+        )

@@ -380,3 +380,16 @@ def test_property_matches_numpy(rows, vocab, temp, teacher, levels, data):
         scale = torch.tensor(0.3, device=device)
         g = ops.distill_bwd(st_, tt, yt, lse, scale, eta=eta, temperature=temp)
         np.testing.assert_allclose(g.cpu().numpy(), grad, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_distill_loss_double_backward_raises_rather_than_lie(impl: str) -> None:
+    """A Hessian-vector product through distill_loss came out wrong (the reference path's graph
+    held the log-sum-exps constant) or None with a warning (the fused path): the backward is
+    once-differentiable, so a double backward is an error."""
+    s, t, y = distill_inputs(4, 16, torch.float32, "cpu", seed=5)
+    s.requires_grad_()
+    loss = cast_ext.cast.distill_loss(s, t, y, impl=impl)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        torch.autograd.grad((g * torch.randn_like(g)).sum(), s)

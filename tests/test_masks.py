@@ -375,3 +375,32 @@ def test_cuda_matches_cpu_bit_for_bit(dtype):
     for n, mm in NM:
         x = w[:, :1024]
         assert torch.equal(cast_ext.nm_mask(x.cuda(), n, mm).cpu(), cast_ext.nm_mask(x, n, mm))
+
+
+def test_reference_ranks_float64_magnitudes_as_they_are():
+    """The reference ranked |w| after a cast to fp32, where distinct float64 magnitudes tie (or
+    overflow): the lower index won instead of the larger value."""
+    w = torch.tensor(
+        [
+            [1, 1 + 1e-12, 0, 0],
+            [1e-300, 2e-300, 0, 0],
+            [1e300, 2e300, 0, 0],
+            [0, 0, 1e-310, 2e-310],
+        ],
+        dtype=torch.float64,
+    )
+    assert ref.nm_mask(w, 1, 4).int().argmax(-1).tolist() == [1, 1, 1, 3]
+    with pytest.raises(ValueError, match="cannot hold -3 elements"):
+        ref.unpack_mask(torch.zeros(4, 0, dtype=torch.uint8), -3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prune_backward_is_zero_at_pruned_elements_whatever_the_upstream(device):
+    """The gradient is the upstream one where kept and 0 where pruned: an inf or NaN upstream
+    at a pruned element gave NaN (a product with the mask), where autograd through the
+    reference's where gives 0."""
+    w = torch.tensor([[4.0, 3.0, 1.0, 0.5]], device=device, requires_grad=True)
+    up = torch.tensor([[1.0, 1.0, float("inf"), float("nan")]], device=device)
+    (g,) = torch.autograd.grad(cast_ext.sparse24_prune(w), w, up)
+    (g_ref,) = torch.autograd.grad(ref.sparse24_prune(w), w, up)
+    assert g.tolist() == g_ref.tolist() == [[1.0, 1.0, 0.0, 0.0]]
