@@ -26,9 +26,9 @@ TFLOP/s counting the dense 2*M*N*K, its fraction of the TFLOP/s of one 8192^3 bf
 timed in the same run (``fraction_of_measured_mm``: the measured dense ceiling; the 2:4 paths
 may exceed 1, their tensor cores' bound being up to twice dense) and, where the GPU's spec-sheet
 bf16 tensor-core peak is known (``PEAK_BF16_TFLOPS``: dense, doubled for the 2:4 paths), its
-fraction of that peak (``fraction_of_peak``); GB/s of the
-bytes the impl must move (its weight as stored, x, y) and its fraction of a device copy's GB/s
-measured in the same run (the bound of the memory-bound small-M rows). A PNG plot of the
+fraction of that peak (``fraction_of_peak``); GB/s of the bytes the impl must move (its weight
+as stored, x, y) and its fraction of a device copy's GB/s measured in the same run (the bound of
+the memory-bound small-M rows). A PNG plot of the
 speedup over M is written beside the JSON (if matplotlib is importable).
 
 Run: ``python -m benchmarks.bench_sparse24_gemm`` (CAST_EXT_BENCH_QUICK=1: 2 shapes, 3 M).

@@ -594,6 +594,36 @@ def _check_adams_scalars(h: dict[str, Any]) -> None:
             raise RuntimeError(op + msg)
 
 
+def _check_adams_lists(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    masks: list[Tensor],
+    steps: list[Tensor],
+    master_params: list[Tensor],
+    prev_masks: list[Tensor] | tuple[Tensor, ...],
+) -> None:
+    """csrc/adams.h's rules for the lists' lengths, for the fake and the reference."""
+    k = len(params)
+    torch._check(
+        len(grads) == k and len(exp_avgs) == k and len(exp_avg_sqs) == k and len(steps) == k,
+        lambda: (
+            "cast_ext.adams_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have "
+            "the same length"
+        ),
+    )
+    torch._check(
+        len(masks) in (0, k)
+        and len(master_params) in (0, k)
+        and len(prev_masks) in (0, len(masks)),
+        lambda: (
+            "cast_ext.adams_step_: masks, master_params and prev_masks must be empty or have "
+            "one per param"
+        ),
+    )
+
+
 @torch.library.register_fake("cast_ext::adams_step_")
 def _(
     params: list[Tensor],
@@ -618,22 +648,8 @@ def _(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    k = len(params)
-    torch._check(
-        len(grads) == k and len(exp_avgs) == k and len(exp_avg_sqs) == k and len(steps) == k,
-        lambda: (
-            "cast_ext.adams_step_: params, grads, exp_avgs, exp_avg_sqs and steps must have "
-            "the same length"
-        ),
-    )
-    torch._check(
-        len(masks) in (0, k)
-        and len(master_params) in (0, k)
-        and len(prev_masks) in (0, len(masks)),
-        lambda: (
-            "cast_ext.adams_step_: masks, master_params and prev_masks must be empty or have "
-            "one per param"
-        ),
+    _check_adams_lists(
+        params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks
     )
     _check_adams_scalars(dict(locals()))  # the keyword arguments, by name
     for i, mk in enumerate(masks):

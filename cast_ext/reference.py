@@ -279,8 +279,8 @@ def adams_step_(
     With ``prev_masks`` (one per mask) a refresh first copies the old packed mask there, so the
     groups that changed at the last refresh can be counted later (``mask_flips(prev, mask)``).
     If ``found_inf`` is nonzero nothing changes: no param, state or step. An argument the
-    kernels refuse (a scalar out of range, lists of other lengths, a tensor of the wrong shape)
-    raises here too, before or after the work: either way every tensor is as it was.
+    kernels refuse (a scalar out of range, lists of other lengths, a tensor of the wrong shape
+    or dtype) raises here too, before any tensor changes.
 
     Args:
         params: weights, updated in place (fp32, or bf16/fp16 with ``master_params``).
@@ -291,42 +291,46 @@ def adams_step_(
         master_params: fp32 master weights, or empty.
         prev_masks: packed masks receiving the old mask at each refresh, or empty.
     """
-    from .ops import _check_adams_scalars  # the kernels' scalar rules (csrc/adams.h)
+    # the kernels' rules for the lists and the scalars (csrc/adams.h)
+    from .ops import _check_adams_lists, _check_adams_scalars, _packed_shape
 
+    _check_adams_lists(
+        params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks
+    )
     _check_adams_scalars(locals())
-    optional = {"masks": masks, "master_params": master_params, "prev_masks": prev_masks}
-    required = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps}
-    for name, lst in [*required.items(), *optional.items()]:
-        if len(lst) != len(params) and not (name in optional and len(lst) == 0):
-            raise RuntimeError(
-                f"cast_ext.adams_step_: params and {name} must have the same length, got "
-                f"{len(params)} and {len(lst)}"
-            )
     for i, p in enumerate(params):  # every tensor before any work: nothing changes on error
-        packed = [*p.shape[:-1], (p.shape[-1] + 7) // 8] if p.dim() else None
-        want = [("grads", grads[i], list(p.shape), p.dtype)]
-        want += [(name, t[i], list(p.shape), torch.float32) for name, t in
-                 (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("master_params",
-                  master_params)) if t]  # fmt: skip
-        want += [(name, t[i], packed, torch.uint8) for name, t in
-                 (("masks", masks), ("prev_masks", prev_masks)) if t]  # fmt: skip
-        for name, t, shape, dtype in want:
-            if list(t.shape) != shape or t.dtype != dtype:
-                raise RuntimeError(
-                    f"cast_ext.adams_step_: {name}[{i}] is {t.dtype} {list(t.shape)}; params[{i}] "
-                    f"({p.dtype} {list(p.shape)}) needs {dtype} {shape}"
-                )
-        if steps[i].numel() != 1 or (masks and (p.dim() == 0 or p.shape[-1] % m)):
+        shape = list(p.shape)
+        if masks and (p.dim() == 0 or shape[-1] % m):
             raise RuntimeError(
-                f"cast_ext.adams_step_: params[{i}] of shape {list(p.shape)} with steps[{i}] of "
-                f"shape {list(steps[i].shape)}: one step count per param, and a sparse param's "
-                f"last dim a multiple of m={m}"
+                f"cast_ext.adams_step_: params[{i}] of shape {shape} is sparse: its last dim "
+                f"must be a multiple of m={m}"
+            )
+        if steps[i].numel() != 1:
+            raise RuntimeError(
+                f"cast_ext.adams_step_: steps[{i}] of shape {list(steps[i].shape)} must hold one "
+                "step count"
             )
         if p.dtype != torch.float32 and not master_params:
             raise RuntimeError(
                 f"cast_ext.adams_step_: params[{i}] is {p.dtype}: fp16/bf16 params need fp32 "
                 "master_params"
             )
+        packed = _packed_shape(shape, shape[-1]) if masks else None
+        expected = [
+            ("grads", grads, shape, p.dtype),
+            ("exp_avgs", exp_avgs, shape, torch.float32),
+            ("exp_avg_sqs", exp_avg_sqs, shape, torch.float32),
+            ("master_params", master_params, shape, torch.float32),
+            ("masks", masks, packed, torch.uint8),
+            ("prev_masks", prev_masks, packed, torch.uint8),
+        ]
+        for name, tensors, want, dtype in expected:
+            t = tensors[i] if tensors else None
+            if t is not None and (list(t.shape) != want or t.dtype != dtype):
+                raise RuntimeError(
+                    f"cast_ext.adams_step_: {name}[{i}] is {t.dtype} {list(t.shape)}; "
+                    f"params[{i}] ({p.dtype} {shape}) needs {dtype} {want}"
+                )
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].
