@@ -1628,10 +1628,10 @@ def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     return total
 
 
-def _alpha_total_steps(model: nn.Module, optimizer: Any, total_steps: int) -> int:
+def _alpha_total_steps(layers: list[SparseLayer], optimizer: Any, total_steps: int) -> int:
     """``T`` of the ``alpha`` that :func:`train` records: the ``total_steps`` of the optimizer's
-    groups that hold the model's sparse weights (AdamS's ramp), else ``total_steps``."""
-    weights = {id(layer.weight) for layer in sparse_layers(model)}
+    groups that hold the sparse ``layers``' weights (AdamS's ramp), else ``total_steps``."""
+    weights = {id(layer.weight) for layer in layers}
     found = {
         g["total_steps"]
         for g in getattr(optimizer, "param_groups", [])
@@ -1759,8 +1759,11 @@ def train(
         for group in optimizer.param_groups if start_step else ():
             group.setdefault("initial_lr", group["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
-    prepared = bool(sparse_layers(model))
-    ramp = _alpha_total_steps(model, optimizer, total_steps) if prepared and health_every > 0 else 1
+    layers = sparse_layers(model)
+    prepared = bool(layers)
+    ramp = (
+        _alpha_total_steps(layers, optimizer, total_steps) if prepared and health_every > 0 else 1
+    )
     log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
     result = TrainResult(steps=start_step, tokens=start_tokens)
     packed: dict[str, Tensor] | None = None
