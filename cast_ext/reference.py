@@ -292,49 +292,29 @@ def adams_step_(
         prev_masks: packed masks receiving the old mask at each refresh, or empty.
     """
     # the kernels' rules for the lists and the scalars (csrc/adams.h)
-    from .ops import _check_adams_lists, _check_adams_scalars, _packed_shape
+    from .ops import _check_adams_lists, _check_adams_scalars
 
     _check_adams_lists(
         params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks
     )
     _check_adams_scalars(locals())
-    for i, p in enumerate(params):  # every tensor before any work: nothing changes on error
-        shape = list(p.shape)
-        if masks and (p.dim() == 0 or shape[-1] % m):
-            raise RuntimeError(
-                f"cast_ext.adams_step_: params[{i}] of shape {shape} is sparse: its last dim "
-                f"must be a multiple of m={m}"
-            )
-        if steps[i].numel() != 1:
-            raise RuntimeError(
-                f"cast_ext.adams_step_: steps[{i}] of shape {list(steps[i].shape)} must hold one "
-                "step count"
-            )
-        if p.dtype != torch.float32 and not master_params:
-            raise RuntimeError(
-                f"cast_ext.adams_step_: params[{i}] is {p.dtype}: fp16/bf16 params need fp32 "
-                "master_params"
-            )
-        packed = _packed_shape(shape, shape[-1]) if masks else None
-        expected = [
-            ("grads", grads, shape, p.dtype),
-            ("exp_avgs", exp_avgs, shape, torch.float32),
-            ("exp_avg_sqs", exp_avg_sqs, shape, torch.float32),
-            ("master_params", master_params, shape, torch.float32),
-            ("masks", masks, packed, torch.uint8),
-            ("prev_masks", prev_masks, packed, torch.uint8),
-        ]
-        for name, tensors, want, dtype in expected:
-            t = tensors[i] if tensors else None
-            if t is not None and (list(t.shape) != want or t.dtype != dtype):
-                raise RuntimeError(
-                    f"cast_ext.adams_step_: {name}[{i}] is {t.dtype} {list(t.shape)}; "
-                    f"params[{i}] ({p.dtype} {shape}) needs {dtype} {want}"
-                )
+    _check_adams_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks, m
+    )
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            _check_one_float(name, t, params)
     if found_inf is not None and bool(found_inf.item() != 0):
         return
+    for i, st in enumerate(steps):
+        t = float(st.item())
+        if not (0.0 <= t < 2.0**24 and t == int(t)):
+            raise RuntimeError(
+                f"cast_ext.adams_step_: steps[{i}] must hold a whole number of completed steps "
+                f"in [0, 2^24), got {t}"
+            )
     # 0-d, so a one-element [1] scale does not broadcast 0-d params and grads to [1].
-    inv_scale = None if grad_scale is None else (1.0 / grad_scale.float()).reshape(())
+    inv_scale = None if grad_scale is None else (1.0 / grad_scale).reshape(())
     # A weight that gives no mask (NaN or Inf at a refresh) fails the call before any change.
     for i, p in enumerate(params):
         w = master_params[i] if master_params else p
@@ -365,6 +345,109 @@ def adams_step_(
             n=n,
             m=m,
             inv_scale=inv_scale,
+        )
+
+
+def _check_adams_tensors(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    masks: list[Tensor],
+    steps: list[Tensor],
+    master_params: list[Tensor],
+    prev_masks: list[Tensor] | tuple[Tensor, ...],
+    m: int,
+) -> None:
+    """The kernels' rules for the tensors of :func:`adams_step_` (csrc/adams.h), every one
+    checked before any work: dtypes, devices, shapes, contiguity, and no tensor the op writes
+    sharing memory with another (the kernels' result would depend on their order)."""
+    from .ops import _packed_shape
+
+    op = "cast_ext.adams_step_: "
+    for i, p in enumerate(params):
+        shape = list(p.shape)
+        if p.dtype not in (torch.float32, torch.float16, torch.bfloat16) or (
+            p.dtype != torch.float32 and not master_params
+        ):
+            raise RuntimeError(
+                f"{op}params[{i}] is {p.dtype}: params must be float32, or float16/bfloat16 "
+                "with fp32 master_params"
+            )
+        if masks and (p.dim() == 0 or shape[-1] % m):
+            raise RuntimeError(
+                f"{op}params[{i}] of shape {shape} is sparse: its last dim must be a multiple "
+                f"of m={m}"
+            )
+        _check_one_float(f"steps[{i}]", steps[i], params)
+        packed = _packed_shape(shape, shape[-1]) if masks else None
+        expected = [
+            ("params", params, shape, params[0].dtype),
+            ("grads", grads, shape, p.dtype),
+            ("exp_avgs", exp_avgs, shape, torch.float32),
+            ("exp_avg_sqs", exp_avg_sqs, shape, torch.float32),
+            ("master_params", master_params, shape, torch.float32),
+            ("masks", masks, packed, torch.uint8),
+            ("prev_masks", prev_masks, packed, torch.uint8),
+        ]
+        for name, tensors, want, dtype in expected:
+            t = tensors[i] if tensors else None
+            if t is None:
+                continue
+            if list(t.shape) != want or t.dtype != dtype:
+                raise RuntimeError(
+                    f"{op}{name}[{i}] is {t.dtype} {list(t.shape)}; params[{i}] "
+                    f"({p.dtype} {shape}) needs {dtype} {want}"
+                )
+            if t.device != params[0].device:
+                raise RuntimeError(
+                    f"{op}{name}[{i}] is on {t.device} but params[0] is on {params[0].device}"
+                )
+            if not t.is_contiguous():
+                raise RuntimeError(
+                    f"{op}{name}[{i}] of shape {list(t.shape)} must be contiguous (the "
+                    "kernels walk every tensor as one flat array)"
+                )
+    # Byte ranges [begin, end) of the non-empty tensors (contiguous, checked above).
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name != "grads", f"{name}[{i}]")
+        for name, ts in (
+            ("params", params),
+            ("grads", grads),
+            ("exp_avgs", exp_avgs),
+            ("exp_avg_sqs", exp_avg_sqs),
+            ("masks", masks),
+            ("steps", steps),
+            ("master_params", master_params),
+            ("prev_masks", prev_masks),
+        )
+        for i, t in enumerate(ts)
+        if t.numel()
+    )
+    reach = {True: (0, ""), False: (0, "")}  # furthest end of written / read-only spans so far
+    for begin, end, written, name in spans:
+        hit = reach[True] if begin < reach[True][0] else None
+        if hit is None and written and begin < reach[False][0]:
+            hit = reach[False]
+        if hit is not None:
+            raise RuntimeError(
+                f"{op}{name} shares memory with {hit[1]}; every tensor the op writes must have "
+                "memory of its own (no aliasing or overlapping tensors)"
+            )
+        if end > reach[written][0]:
+            reach[written] = (end, name)
+
+
+def _check_one_float(name: str, t: Tensor, params: list[Tensor]) -> None:
+    """A step count, grad_scale or found_inf: one fp32 element on params[0]'s device."""
+    if t.dtype != torch.float32 or t.numel() != 1:
+        raise RuntimeError(
+            f"cast_ext.adams_step_: {name} of shape {list(t.shape)} and dtype {t.dtype} must be "
+            "a one-element float32 tensor"
+        )
+    if params and t.device != params[0].device:
+        raise RuntimeError(
+            f"cast_ext.adams_step_: {name} is on {t.device} but params[0] is on {params[0].device}"
         )
 
 

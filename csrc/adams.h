@@ -34,7 +34,7 @@ inline void check_tensor(const char* op, const std::string& name, const at::Tens
              t.scalar_type(), "; expected ", dtype);
   CAST_CHECK(t.sizes() == shape, op, name, " of shape ", shape_str(t), " must have shape ", shape);
   CAST_CHECK(t.is_contiguous(), op, name, " of shape ", shape_str(t),
-             " must be contiguous (it is updated in place)");
+             " must be contiguous (the kernels walk every tensor as one flat array)");
 }
 
 inline void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t,

@@ -307,15 +307,19 @@ def _bad_cases() -> dict[str, tuple]:
 BAD = _bad_cases()
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_changes_nothing(case: str) -> None:
+def test_bad_input_changes_nothing(case: str, impl: str) -> None:
+    """The kernel and the reference (AdamS(impl="reference")) refuse the same inputs; the
+    reference took fractional or negative steps and fp64 scales before."""
+    fn = cast_ext.ops.adams_step_ if impl == "kernel" else reference.adams_step_
     mutate, needle = BAD[case]
     d = make_lists([(8, 32), (4, 12)], torch.float32, "cpu")
     kw: dict = {}
     mutate(d, kw)
     before = clone_lists(d)
     with pytest.raises(RuntimeError, match=r"cast_ext\.adams_step_") as info:
-        call(cast_ext.ops.adams_step_, d, **kw)
+        call(fn, d, **kw)
     assert needle in str(info.value), str(info.value)
     for key in d:
         for x, y in zip(d[key], before[key], strict=True):

@@ -499,3 +499,19 @@ def test_hostile_input(name: str) -> None:
         fn()
     for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
         assert torch.equal(bits(t), b), f"tensor {i} of shape {list(t.shape)} changed"
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, c in CASES.items() if n.startswith("op-") and c.error and not c.cuda]
+)
+def test_reference_refuses_them_too(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """reference.adams_step_ (AdamS(impl="reference"), what the kernels are held to) refuses
+    every input the kernel does, changing nothing: it accepted aliased, overlapping and
+    non-contiguous tensors before (its messages are its own)."""
+    monkeypatch.setattr(cast_ext.ops, "adams_step_", reference.adams_step_)
+    fn, tensors = CASES[name].make()
+    before = [bits(t) for t in tensors]
+    with pytest.raises(RuntimeError, match=OP):
+        fn()
+    for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
+        assert torch.equal(bits(t), b), f"tensor {i} of shape {list(t.shape)} changed"
