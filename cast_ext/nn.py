@@ -726,12 +726,17 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+def _swap(
+    model: nn.Module,
+    pick: Callable[[str, nn.Module], nn.Module | None],
+    check: Callable[[set[int]], None] | None = None,
+) -> nn.Module:
     """Replaces each submodule ``m`` for which ``pick(first qualified name, m)`` gives a new one,
     in every slot that holds it: a module used twice (by one parent or two) gets one replacement,
     shared like the original (named_children lists a module once per parent, which converted
-    the first slot alone; a module per slot would have untied them). Every replacement is built
-    before the first is put in place, so a ``pick`` that raises leaves ``model`` unchanged.
+    the first slot alone; a module per slot would have untied them). Every replacement is built,
+    and ``check(ids of the modules replaced)`` called, before the first is put in place, so a
+    ``pick`` or ``check`` that raises leaves ``model`` unchanged.
     Returns ``model``, or the root's replacement where ``pick`` replaces the root itself."""
     # id -> (the module, kept alive so that its id is not reused, and its replacement)
     seen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
@@ -749,6 +754,8 @@ def _swap(model: nn.Module, pick: Callable[[str, nn.Module], nn.Module | None]) 
             replacement = seen[id(child)][1]
             if replacement is not None:
                 slots.append((parent, child_name, replacement))
+    if check is not None:
+        check({i for i, (_, new) in seen.items() if new is not None})
     for parent, child_name, replacement in slots:
         setattr(parent, child_name, replacement)
     return model
@@ -777,7 +784,9 @@ def to_sparse(
 
     Linears that share one weight (``b.weight = a.weight``) get layers that share one
     ``values``/``metadata`` pair, and :func:`to_dense` ties them again. A layer that cannot be
-    converted (e.g. a float64 weight) raises an error naming it, before anything is replaced.
+    converted (e.g. a float64 weight) raises an error naming it, before anything is replaced;
+    so does one whose weight a module that stays is tied to (an embedding, a layer
+    ``filter_fn`` leaves out): converting it would silently untie the two.
 
     Returns:
         ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
@@ -786,6 +795,7 @@ def to_sparse(
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
+    chosen: dict[int, tuple[str, Tensor]] = {}  # id of a layer converted -> (name, weight)
 
     def pick(name: str, m: nn.Module) -> nn.Module | None:
         conv1d = _is_conv1d(m)
@@ -808,9 +818,27 @@ def to_sparse(
             by_weight[id(m.weight)] = (m.weight, layer)
             if dense_groups:
                 pruned.append(name)
+        chosen[id(m)] = (name, m.weight)
         return layer
 
-    model = _swap(model, pick)
+    def keep_ties(replaced: set[int]) -> None:
+        holders: dict[int, dict[int, str]] = {}  # param id -> module id -> "module.param"
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for pname, p in mod._parameters.items():
+                if p is not None:
+                    key = f"{mname}.{pname}".lstrip(".")
+                    holders.setdefault(id(p), {}).setdefault(id(mod), key)
+        for name, weight in chosen.values():
+            staying = [k for i, k in holders[id(weight)].items() if i not in replaced]
+            if staying:
+                raise ValueError(
+                    f"cast_ext.nn.to_sparse: layer {name!r}: its weight is tied to "
+                    f"{', '.join(staying)}, which stays as it is: converting the layer would "
+                    "untie them; untie the weight or leave the layer out with filter_fn "
+                    "(nothing was changed)"
+                )
+
+    model = _swap(model, pick, keep_ties)
     if pruned:
         warnings.warn(
             f"cast_ext.nn.to_sparse: {len(pruned)} layer(s) were not 2:4 sparse and were pruned to "

@@ -760,3 +760,32 @@ def test_cuda_state_dict_from_cpu_and_cache_rebuild() -> None:
     gpu(x)  # builds the cuSPARSELt buffer of `other`'s weight
     gpu.load_state_dict(sl.state_dict())  # must rebuild it from the loaded values
     close_to_linear(gpu(x), x, sl.dense_weight().cuda(), sl.bias.detach().cuda())
+
+
+@pytest.mark.parametrize("other", ["embedding", "linear-left-out"])
+def test_to_sparse_refuses_to_untie_a_weight(other: str) -> None:
+    """A layer filter_fn chooses whose weight a module that stays holds (a head tied to the
+    embedding, a Linear filter_fn leaves out) is refused, nothing changed: it was converted,
+    and the module that stayed kept the dense weight, silently untied."""
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            self.a = nn.Linear(8, 16, bias=False)
+            self.b = nn.Linear(8, 16, bias=False)
+            if other == "embedding":
+                self.a.weight = self.emb.weight
+            else:
+                self.b.weight = self.a.weight
+
+    model = LM()
+    tied = "emb.weight" if other == "embedding" else "b.weight"
+    with pytest.raises(ValueError, match=rf"layer 'a': its weight is tied to {tied}, which stays"):
+        to_sparse(model, filter_fn=lambda name, m: name == "a")
+    assert type(model.a) is nn.Linear and type(model.b) is nn.Linear
+    if other == "linear-left-out":  # both chosen: converted, and tied as SparseLinears
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not 2:4, pruned"
+            to_sparse(model, filter_fn=lambda name, m: name in ("a", "b"))
+        assert model.a.values is model.b.values
