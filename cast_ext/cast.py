@@ -1675,13 +1675,14 @@ def train(
     scales), the teacher under ``no_grad`` if given, :func:`distill_loss` (plain CE when
     ``teacher`` is None), backward of the loss / ``grad_accum``; then optional grad-norm
     clipping, ``optimizer.step()``, the lr schedule, ``after_step(step)``. Every
-    ``health_every`` steps (and before the first and after the last; once for a call that runs
-    no step) the SPEC §5 health signals (:func:`sparsity_health`, plus ``alpha``) of a prepared
-    model are recorded; every ``eval_every`` steps and at the end, ``eval_fn(model)``. Each
-    record is also appended as one JSON line to ``log_path``. ``alpha`` is the weight AdamS's
-    next step gives the decay, ``min(step / T, 1)`` with ``T`` the ``total_steps`` of the
-    optimizer's groups that hold the sparse weights (this function's ``total_steps`` for an
-    optimizer without one).
+    ``health_every`` steps (and before the first step of a run, after the last of a call; once
+    for a call that runs no step; a resumed call's first state is the stopped call's last
+    record, so it is not recorded again) the SPEC §5 health signals (:func:`sparsity_health`,
+    plus ``alpha``) of a prepared model are recorded; every ``eval_every`` steps and at the
+    end, ``eval_fn(model)``. Each record is also appended as one JSON line to ``log_path``.
+    ``alpha`` is the weight AdamS's next step gives the decay, ``min(step / T, 1)`` with ``T``
+    the ``total_steps`` of the optimizer's groups that hold the sparse weights (this
+    function's ``total_steps`` for an optimizer without one).
 
     Args:
         model: the student (a causal LM taking ``input_ids``), already on its device.
@@ -1777,12 +1778,15 @@ def train(
             log.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
             log.flush()
 
-    def health(step: int) -> None:
+    def health(step: int, keep: bool = True) -> None:
+        """Records the health signals (``keep``), and snapshots the masks the next record
+        counts its flips from."""
         nonlocal packed
         if not prepared or health_every <= 0:
             return
         metrics, packed = sparsity_health(model, optimizer, packed)
-        record("health", {"step": step, "alpha": min(step / ramp, 1.0), **metrics})
+        if keep:
+            record("health", {"step": step, "alpha": min(step / ramp, 1.0), **metrics})
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
@@ -1798,7 +1802,8 @@ def train(
         teacher.eval()
     it: Iterator[Tensor] = iter(batches)
     model.zero_grad(set_to_none=True)  # nothing from before (a stopped run's) adds to step 1
-    health(start_step)
+    # A resumed run's first state is the stopped call's last record: not recorded twice.
+    health(start_step, keep=start_step == 0 or stop == start_step)
     if bar is not None:
         bar.update(start_step)
     try:

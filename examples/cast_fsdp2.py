@@ -192,14 +192,13 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
 
 def trim_log(path: Path, start: int) -> None:
     """Keep the records of a JSON-lines log that a run resumed at ``start`` does not write
-    again: train records up to ``start``, health records before it (a resumed run records its
-    own at ``start``), evaluations up to it."""
+    again: those of the steps up to ``start`` (a crashed run's later ones are redone)."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["step"] < start or (rec["step"] == start and rec["kind"] != "health"):
+        if rec["step"] <= start:
             keep.append(line + "\n")
     path.write_text("".join(keep))
 

@@ -1075,6 +1075,21 @@ def test_train_grad_accum_equals_the_whole_batch():
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=2e-5, msg=key)
 
 
+def test_train_stopped_and_resumed_logs_each_health_step_once(tmp_path):
+    """A run stopped at stop_step and resumed at start_step into the same log: each step's
+    health record once (the resumed call recorded its start, the stopped call's last, again)."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=6, mask_interval=2)
+    log = tmp_path / "log.jsonl"
+    kw = {"total_steps": 6, "health_every": 2, "progress": False, "log_path": log}
+    cast.train(model, opt, [ids(seed=s) for s in range(3)], stop_step=3, **kw)
+    res = cast.train(model, opt, [ids(seed=s) for s in range(3, 6)], start_step=3, **kw)
+    assert [r["step"] for r in res.health] == [4, 6]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "health"] == [0, 2, 3, 4, 6]
+
+
 def test_train_resumed_at_start_step_is_the_uninterrupted_run():
     """Checkpoint (model, AdamS, the schedule's state) after 3 of 7 steps, load into fresh
     objects, continue with start_step=3: bit for bit the straight run, same records."""
@@ -1121,7 +1136,8 @@ def test_train_resumed_at_start_step_is_the_uninterrupted_run():
     keep = ("step", "loss", "lr", "ce", "kl", "grad_norm")
     tail = [{k: r[k] for k in keep} for r in res.train[split:]]
     assert [{k: r[k] for k in keep} for r in res2.train] == tail
-    assert [r["step"] for r in res2.health] == [3, 4, 6, 7]
+    assert [r["step"] for r in res2.health] == [4, 6, 7]
+    assert res2.health[0]["mask_flips"] >= 0  # counted from the masks at the resumed step
     for bad in ({"start_step": 8}, {"start_step": 3, "stop_step": 2}, {"stop_step": 8}):
         with pytest.raises(ValueError, match="need 0 <= start_step <= stop_step <= total_steps"):
             cast.train(straight, None, [], total_steps=steps, **bad)  # type: ignore[arg-type]

@@ -108,7 +108,7 @@ def test_cast_fsdp2_example_resumes_bitwise_and_writes_an_exact_24_model(tmp_pat
     straight = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").open()]
     tokens = [r["tokens"] for r in straight if r["kind"] == "train"]
     assert [r["tokens"] for r in log if r["kind"] == "train"] == tokens  # counted on after resume
-    # the resume point's health once (the stopped run's record of it went with the trim)
+    # the resume point's health once (the stopped run's; the resumed one does not repeat it)
     assert [r["step"] for r in log if r["kind"] == "health"] == [0, 2, 3, 4, 6]
     # activation checkpointing turned the student's KV cache off, not the written model's
     config = json.loads((tmp_path / "accumulated" / "final" / "config.json").read_text())
