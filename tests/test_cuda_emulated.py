@@ -1168,6 +1168,27 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"T={temp}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_distill_teacher_masked_alone_with_finfo_min(emu: Emu, dtype: torch.dtype) -> None:
+    """A teacher masked with finfo.min where the student is not: a thread (or a merged pair)
+    that had seen masked teacher logits alone summed e (t - s) with e = 1, two of them
+    overflowed to -inf, and the rescale by 0 when a real teacher logit came made the row's KL
+    NaN (from column 70, 64 or 60 of 100; 80 happened to pair each masked lane with a real one).
+    A top-k teacher (50 real logits at random places) too. Equal to the reference with -inf."""
+    s, t, y = distill_inputs(5, 100, dtype, seed=7)
+    low = torch.finfo(dtype).min
+    gen = torch.Generator().manual_seed(3)
+    top = torch.rand(5, 100, generator=gen).argsort(dim=-1)[:, :50]
+    masks = {f"from-{c}": torch.arange(100).expand(5, 100) >= c for c in (60, 64, 70)}
+    masks["top-50"] = torch.ones(5, 100, dtype=torch.bool).scatter(1, top, False)
+    for name, masked in masks.items():
+        rc, got, _ = run_distill_fwd(emu, s, t.masked_fill(masked, low), y, 1.0)
+        want = reference.distill_fwd(s, t.masked_fill(masked, float("-inf")), y, 1.0)
+        assert rc == CUDA_SUCCESS
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=name)
+
+
 def test_distill_infinite_logits(emu: Emu) -> None:
     """A +inf logit makes its row's log-sum-exps +inf (the thread sums are NaN there), so the
     CE +inf, NaN where the label's own logit is +inf: forward and backward equal the

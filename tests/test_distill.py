@@ -100,6 +100,29 @@ def test_infinite_logits(device: str, temp: float) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_top_k_teacher_masked_with_finfo_min(device: str, dtype: torch.dtype) -> None:
+    """A top-k teacher (50 of 100 logits kept, the rest finfo.min; the student unmasked) and a
+    teacher masked from column 60: the terms and gradient of the same masks with -inf. On CUDA
+    a thread that met masked teacher logits alone summed two overflowing terms, and the
+    rescale when a real logit came made the KL NaN (found in the CPU emulation of the kernel)."""
+    s, t, y = distill_inputs(6, 100, dtype, device, seed=21)
+    gen = torch.Generator().manual_seed(4)
+    top = torch.rand(6, 100, generator=gen).argsort(dim=-1)[:, :50].to(device)
+    masked = torch.ones(6, 100, dtype=torch.bool, device=device).scatter(1, top, False)
+    masked[5] = torch.arange(100, device=device) >= 60
+    low = torch.finfo(dtype).min
+    t_min, t_inf = t.masked_fill(masked, low), t.masked_fill(masked, float("-inf"))
+    got = ops.distill_fwd(s, t_min, y)
+    want = reference.distill_fwd(s, t_inf, y)
+    assert_fwd_close(got, want, "finfo.min vs -inf")
+    scale = torch.tensor(0.5, device=device)
+    g = ops.distill_bwd(s, t_min, y, got[2], scale, eta=0.5)
+    want_g = reference.distill_bwd(s, t_inf, y, want[2], scale, 0.5)
+    torch.testing.assert_close(g, want_g, atol=GRAD_TOL[dtype], rtol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rows_of_minus_inf(device: str) -> None:
     """A row all -inf (the student's, the teacher's, both): its log-sum-exp is -inf, as
     torch.logsumexp and the reference give (the kernels' sum is 0 there), NaN for NaN in the

@@ -60,6 +60,12 @@ __device__ __forceinline__ RowState empty_state() {
   return RowState{-INFINITY, 0.f, 0.f, -INFINITY, 0.f, 0.f};
 }
 
+// A teacher sum `a` rescaled by `c` when the running max moves. c == 0 drops it by a select:
+// a state that had seen only a mask's finfo.min teacher logits (e = 1 each) may hold -inf, and
+// -inf * 0 would make the row's KL NaN; its terms weigh 0 against the new max anyway. (A NaN
+// logit still reaches the row's result through the normaliser sums.)
+__device__ __forceinline__ float drop_or_scale(float a, float c) { return c == 0.f ? 0.f : a * c; }
+
 // Adds kUnroll elements (padding beyond the row is -inf in both: it adds nothing). The max moves
 // once per chunk, so the sums are rescaled once per chunk, and nothing branches on the data.
 // k = log2(e) / T; k1 = log2(e).
@@ -88,13 +94,13 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
       const float e = exp_rel(tv[u], mt, k);
       zt += e;
       // p_t = 0 adds nothing: t = -inf by the select. Without the 1 / T (applied to the row's
-      // sum), e (t - s) stays finite for a mask's finfo.min: e is 1 while the running max is
-      // finfo.min too, and the later rescale by 0 would make an overflowed term NaN.
+      // sum), one e (t - s) stays finite for a mask's finfo.min (e is 1 while the running max
+      // is finfo.min too), but two of them overflow to -inf: see drop_or_scale.
       a += tv[u] == -INFINITY ? 0.f : e * (tv[u] - sv[u]);
     }
     const float c = exp_rel(st.mt, mt, k);
     st.zt = st.zt * c + zt;
-    st.a = st.a * c + a;
+    st.a = drop_or_scale(st.a, c) + a;
     st.mt = mt;
   }
 }
@@ -109,7 +115,7 @@ __device__ __forceinline__ void merge(RowState& x, const RowState& y, float k, f
     const float mt = fmaxf(x.mt, y.mt);
     const float dx = exp_rel(x.mt, mt, k), dy = exp_rel(y.mt, mt, k);
     x.zt = x.zt * dx + y.zt * dy;
-    x.a = x.a * dx + y.a * dy;
+    x.a = drop_or_scale(x.a, dx) + drop_or_scale(y.a, dy);
     x.mt = mt;
   }
 }
