@@ -426,6 +426,18 @@ size_t plan_compressed_bytes(const char* op, cusparseLtHandle_t* h, Plan& pl,
   return bytes;
 }
 
+// The weight was compressed (cusparseLtSpMMACompress2) into the bytes the plan-free size query
+// gave, `wc_bytes`; a plan whose algorithm reads more would read past that buffer (torch's
+// _cslt_sparse_mm assumes the two agree, unchecked). Checked before a new plan first runs.
+void check_fits(const char* op, cusparseLtHandle_t* h, Plan& pl, const Problem& p,
+                size_t wc_bytes) {
+  const std::string what = p.what();
+  const size_t need = plan_compressed_bytes(op, h, pl, what);
+  CAST_CHECK(need <= wc_bytes, op, "cuSPARSELt's plan for ", what, " reads a ", need,
+             "-byte compressed weight but cslt_compress made ", wc_bytes,
+             " bytes; this problem cannot run on cuSPARSELt here");
+}
+
 bool search_enabled() {
   const char* s = std::getenv("CAST_EXT_CSLT_SEARCH");
   return s == nullptr || std::string(s) != "0";
@@ -546,7 +558,7 @@ void clear_plans_locked() {
 // built while a graph is captured (no search is possible then) is searched at the first eager
 // call after it. Holds g_mu.
 Plan& plan_locked(const char* op, cusparseLtHandle_t* h, const Problem& p, const void* wc,
-                  const at::TensorOptions& opts, cudaStream_t stream) {
+                  size_t wc_bytes, const at::TensorOptions& opts, cudaStream_t stream) {
   const bool in_capture = capturing();
   const PlanKey key = p.plan_key();
   auto it = g_plans.find(key);
@@ -582,8 +594,11 @@ Plan& plan_locked(const char* op, cusparseLtHandle_t* h, const Problem& p, const
       pl.reset();
     }
   }
-  if (!pl) {
+  if (pl) {
+    check_fits(op, h, *pl, p, wc_bytes);
+  } else {
     pl = dflt ? std::move(dflt) : build_plan(op, h, p, p.bias_ptr, nullptr);
+    check_fits(op, h, *pl, p, wc_bytes);  // the search runs it first
     if (search_enabled()) {
       // A search launches many kernels and syncs: never while a CUDA graph is captured.
       if (in_capture) {
@@ -669,9 +684,11 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int device = x_in.get_device();
   cusparseLtHandle_t* h;
+  size_t wc_bytes = 0;  // what cslt_compress wrote
   {
     std::lock_guard<std::mutex> lk(g_mu);
     const auto sz = sizes_locked(op, device, n, k, t);
+    wc_bytes = sz.first;
     CAST_CHECK(wc_in.numel() == compressed_numel(sz.first, wc_in.element_size()), op,
                "w_compressed has ", wc_in.numel(), " elements but a compressed ",
                weight_what(n, k, t), " has ", compressed_numel(sz.first, wc_in.element_size()),
@@ -715,7 +732,7 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
       const Problem p{
           device,  props->major * 10 + props->minor, rows, n, k, t, bias.has_value(), act == "relu",
           bias_ptr};
-      Plan& pl = plan_locked(op, h, p, wc.const_data_ptr(), x.options(), stream);
+      Plan& pl = plan_locked(op, h, p, wc.const_data_ptr(), wc_bytes, x.options(), stream);
       if (rows == mp) {
         matmul_locked(op, h, pl, p, wc.const_data_ptr(), x, y, stream);
       } else {
