@@ -556,6 +556,37 @@ def test_nm_select_alignment_and_empty(emu: Emu) -> None:
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])
 
 
+PROPERTY = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@PROPERTY
+@given(
+    rows=st.integers(1, 40),
+    groups=st.integers(1, 300),
+    nm=st.sampled_from(NM),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    max_grid=st.sampled_from([0, 1, 3]),
+    seed=st.integers(0, 2**16),
+    schedule=st.sampled_from(SCHEDULES),
+)
+def test_nm_select_property(
+    emu_lib: Emu, rows: int, groups: int, nm: tuple[int, int], dtype: torch.dtype,
+    max_grid: int, seed: int, schedule: int,
+) -> None:  # fmt: skip
+    """Any shape (k = groups * m: rows that are and are not 8-aligned), N:M, dtype, grid cap
+    and thread schedule: the mask, pruned weights and 2:4 compression equal the reference bit
+    for bit, on tie-heavy weights with the dtype's extremes."""
+    n, m = nm
+    emu_lib.configure(schedule=schedule, seed=seed, max_grid=max_grid)
+    w = make_weights((rows, groups * m), dtype, torch.Generator().manual_seed(seed))
+    work = units(rows, groups * m)
+    grid = grid_for(work) if max_grid == 0 else min(max_grid, grid_for(work))
+    check_nm_select(emu_lib, w, n, m, f"{dtype} {n}:{m} {list(w.shape)}", grid)
+    emu_lib.configure()
+
+
 def run_decompress(
     emu: Emu, values: Tensor, meta: Tensor, null_flag: bool = False, out_offset: int = 0
 ) -> tuple[int, Tensor, int]:
@@ -944,6 +975,58 @@ def test_adams_step(emu: Emu, case: str) -> None:
     assert [float(s) for s in emu_d["steps"]] == [float(i % 5 + 9) for i in range(len(shapes))]
 
 
+@PROPERTY
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 9), st.integers(1, 40)), min_size=1, max_size=6),
+    kind=st.sampled_from(["fp32", "fp32-master", "bf16-master", "fp16-master"]),
+    sparse=st.booleans(),
+    nm=st.sampled_from(NM),
+    lr=st.sampled_from([0.0, 1e-4, 3e-2]),
+    betas=st.sampled_from([(0.0, 0.0), (0.9, 0.95), (0.5, 0.999)]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    decay=st.sampled_from([0.0, 4e-7, 1e-2]),
+    total_steps=st.integers(1, 6),
+    mask_interval=st.integers(1, 4),
+    first_step=st.integers(0, 8),
+    seed=st.integers(0, 2**16),
+    schedule=st.sampled_from(SCHEDULES),
+)
+def test_adams_step_property(
+    emu_lib: Emu, shapes: list[tuple[int, int]], kind: str, sparse: bool, nm: tuple[int, int],
+    lr: float, betas: tuple[float, float], weight_decay: float, decay: float, total_steps: int,
+    mask_interval: int, first_step: int, seed: int, schedule: int,
+) -> None:  # fmt: skip
+    """Any shapes (rows 0-9, groups 1-40), dtype/master, sparse or dense, N:M and
+    hyperparameters (betas of 0, lr 0, steps before, at and past total_steps and refreshes):
+    three emulated steps equal the CPU kernel bit for bit."""
+    n, m = nm
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind[:4]]
+    master = kind.endswith("master")
+    emu_lib.configure(schedule=schedule, seed=seed)
+    shapes_ = [(r, g * m) for r, g in shapes]
+    emu_d = make_adams_lists(shapes_, dtype, sparse, master, seed=seed)
+    emu_d = {key: [t.contiguous() for t in ts] for key, ts in emu_d.items()}
+    for i, st_ in enumerate(emu_d["steps"]):
+        st_.fill_(float(first_step + i))
+    cpu_d = clone_lists(emu_d)
+    hp = {
+        "lr": lr, "beta1": betas[0], "beta2": betas[1], "eps": 1e-8, "weight_decay": weight_decay,
+        "decay": decay, "total_steps": total_steps, "mask_interval": mask_interval, "n": n, "m": m,
+    }  # fmt: skip
+    gen = torch.Generator().manual_seed(seed + 1)
+    for it in range(3):
+        for i, shape in enumerate(shapes_):
+            g = (torch.randn(shape, generator=gen) * 1e-3).to(dtype)
+            emu_d["grads"][i].copy_(g)
+            cpu_d["grads"][i].copy_(g)
+        assert run_emu_adams(emu_lib, emu_d, hp, None, None, num_sms=1) == CUDA_SUCCESS
+        call_adams(cast_ext.ops.adams_step_, cpu_d, hp)
+        for key in ADAMS_LIST_KEYS:
+            for i, (x, y) in enumerate(zip(emu_d[key], cpu_d[key], strict=True)):
+                assert_bits_equal(x, y, f"step {it}: {key}[{i}] {list(x.shape)} vs CPU kernel")
+    emu_lib.configure()
+
+
 def test_adams_step_grid_is_one_wave_of_resident_blocks(emu: Emu) -> None:
     """The update grid is the SMs times the blocks the occupancy query says fit (fewer when
     there are fewer chunks), one block a SM if the query fails; the values do not depend on it."""
@@ -1027,6 +1110,35 @@ def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
             assert (rc, bad) == (CUDA_SUCCESS, 0), (m, n, k)
             assert_gemm_close(y, x, w, b, f"[{m}x{k}] @ [{n}x{k}]^T schedule {schedule}")
         assert emu.grids() == [(n + 7) // 8]
+
+
+@PROPERTY
+@given(
+    m=st.integers(1, 16),
+    n=st.integers(1, 40),
+    chunks=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+    schedule=st.sampled_from(SCHEDULES),
+)
+def test_sparse24_gemv_property(
+    emu_lib: Emu, m: int, n: int, chunks: int, dtype: torch.dtype, with_bias: bool, seed: int,
+    schedule: int,
+) -> None:  # fmt: skip
+    """Any M <= 16, N, K = 16 * chunks, dtype, bias and thread schedule: y = x @ W^T (+ b)
+    within the GEMM bound, no flag on valid metadata."""
+    emu_lib.configure(schedule=schedule, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    k = 16 * chunks
+    w = reference.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype))
+    values, meta = reference.sparse24_compress(w)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    rc, y, bad = run_gemv(emu_lib, x, values, meta, b)
+    assert (rc, bad) == (CUDA_SUCCESS, 0)
+    assert_gemm_close(y, x, w, b, f"[{m}x{k}] @ [{n}x{k}]^T")
+    emu_lib.configure()
 
 
 def test_sparse24_gemv_every_m_and_invalid_meta(emu: Emu) -> None:
@@ -1191,9 +1303,7 @@ def test_distill_teacher_masked_alone_with_finfo_min(emu: Emu, dtype: torch.dtyp
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=name)
 
 
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@PROPERTY
 @given(
     rows=st.integers(1, 3),
     vocab=st.one_of(st.integers(1, 300), st.integers(2040, 4200)),  # 1 or 2+ chunks a thread
