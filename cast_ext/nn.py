@@ -783,10 +783,11 @@ def to_sparse(
         mode: the :class:`SparseLinear` mode of every new layer.
 
     Linears that share one weight (``b.weight = a.weight``) get layers that share one
-    ``values``/``metadata`` pair, and :func:`to_dense` ties them again. A layer that cannot be
+    ``values``/``metadata`` pair (and a shared bias stays one Parameter), and :func:`to_dense`
+    ties them again. A layer that cannot be
     converted (e.g. a float64 weight) raises an error naming it, before anything is replaced;
-    so does one whose weight a module that stays is tied to (an embedding, a layer
-    ``filter_fn`` leaves out): converting it would silently untie the two.
+    so does one whose weight or bias a module that stays is tied to (an embedding, a layer
+    the rule or ``filter_fn`` leaves out): converting it would silently untie the two.
 
     Returns:
         ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
@@ -795,7 +796,8 @@ def to_sparse(
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
-    chosen: dict[int, tuple[str, Tensor]] = {}  # id of a layer converted -> (name, weight)
+    chosen: dict[int, tuple[str, dict[str, Tensor]]] = {}  # id of a layer converted -> name, params
+    by_bias: dict[int, tuple[Tensor, SparseLinear]] = {}  # bias id -> (bias, its layer)
 
     def pick(name: str, m: nn.Module) -> nn.Module | None:
         conv1d = _is_conv1d(m)
@@ -818,7 +820,10 @@ def to_sparse(
             by_weight[id(m.weight)] = (m.weight, layer)
             if dense_groups:
                 pruned.append(name)
-        chosen[id(m)] = (name, m.weight)
+        if m.bias is not None:  # a shared bias stays one Parameter
+            shared_bias = by_bias.setdefault(id(m.bias), (m.bias, layer))[1]
+            layer.bias = shared_bias.bias
+        chosen[id(m)] = (name, {"weight": m.weight, "bias": m.bias})
         return layer
 
     def keep_ties(replaced: set[int]) -> None:
@@ -828,15 +833,17 @@ def to_sparse(
                 if p is not None:
                     key = f"{mname}.{pname}".lstrip(".")
                     holders.setdefault(id(p), {}).setdefault(id(mod), key)
-        for name, weight in chosen.values():
-            staying = [k for i, k in holders[id(weight)].items() if i not in replaced]
-            if staying:
-                raise ValueError(
-                    f"cast_ext.nn.to_sparse: layer {name!r}: its weight is tied to "
-                    f"{', '.join(staying)}, which stays as it is: converting the layer would "
-                    "untie them; untie the weight or leave the layer out with filter_fn "
-                    "(nothing was changed)"
-                )
+        for name, tensors in chosen.values():
+            for what, t in tensors.items():
+                # .get: a weight that is not a Parameter (torch.nn.utils.prune's) has no holder
+                staying = [k for i, k in holders.get(id(t), {}).items() if i not in replaced]
+                if staying:
+                    raise ValueError(
+                        f"cast_ext.nn.to_sparse: layer {name!r}: its {what} is tied to "
+                        f"{', '.join(staying)}, which stays as it is: converting the layer "
+                        f"would untie them; untie the {what} or leave the layer out with "
+                        "filter_fn (nothing was changed)"
+                    )
 
     model = _swap(model, pick, keep_ties)
     if pruned:
@@ -851,9 +858,11 @@ def to_sparse(
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``
     (one made from a GPT-2 ``Conv1D`` comes back as the ``nn.Linear`` computing the same).
-    Layers that share their ``values`` buffer share one weight Parameter again. Returns
+    Layers that share their ``values`` buffer share one weight Parameter again (and a shared
+    bias stays one Parameter). Returns
     ``model``, or its replacement if ``model`` is a :class:`SparseLinear` itself."""
     by_values: dict[int, tuple[Tensor, nn.Linear]] = {}  # values id -> (values, its Linear)
+    by_bias: dict[int, tuple[Tensor, nn.Linear]] = {}  # bias id -> (bias, its Linear)
 
     def pick(_: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, SparseLinear):
@@ -864,6 +873,8 @@ def to_dense(model: nn.Module) -> nn.Module:
             lin.weight = shared[1].weight
         else:
             by_values[id(m.values)] = (m.values, lin)
+        if m.bias is not None:
+            lin.bias = by_bias.setdefault(id(m.bias), (m.bias, lin))[1].bias
         return lin
 
     return _swap(model, pick)

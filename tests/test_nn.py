@@ -789,3 +789,36 @@ def test_to_sparse_refuses_to_untie_a_weight(other: str) -> None:
             warnings.simplefilter("ignore")  # "not 2:4, pruned"
             to_sparse(model, filter_fn=lambda name, m: name in ("a", "b"))
         assert model.a.values is model.b.values
+
+
+def test_to_sparse_keeps_shared_biases_shared_and_refuses_to_untie_one() -> None:
+    """Linears sharing a bias: converted together, their layers share one bias Parameter, and
+    to_dense keeps it shared (each got its own copy); one converted alone is refused, as for a
+    weight."""
+    model = nn.Sequential(linear(16, 16), nn.ReLU(), linear(16, 16))
+    model[2].bias = model[0].bias
+    with pytest.raises(ValueError, match=r"layer '0': its bias is tied to 2\.bias, which stays"):
+        to_sparse(model, filter_fn=lambda name, m: name == "0")
+    assert type(model[0]) is nn.Linear
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        to_sparse(model)
+    assert model[0].bias is model[2].bias
+    to_dense(model)
+    assert model[0].bias is model[2].bias and model[0].weight is not model[2].weight
+
+
+def test_to_sparse_converts_a_layer_pruned_with_torch_nn_utils_prune() -> None:
+    """A Linear under torch.nn.utils.prune (its weight a plain tensor, weight_orig the
+    Parameter) converts, with the pruned weight: the tie check raised a KeyError."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    pruned = model[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        to_sparse(model)
+    assert type(model[0]) is SparseLinear
+    assert torch.equal(model[0].dense_weight(), cast_ext.sparse24_prune(pruned))
