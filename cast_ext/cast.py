@@ -1678,7 +1678,8 @@ def train(
     ``health_every`` steps (and before the first step of a run, after the last of a call; once
     for a call that runs no step; a resumed call's first state is the stopped call's last
     record, so it is not recorded again) the SPEC §5 health signals (:func:`sparsity_health`,
-    plus ``alpha``) of a prepared model are recorded; every ``eval_every`` steps and at the
+    plus ``alpha`` and ``flips_since``, the step whose masks the flips are counted from: None
+    in a run's first record) of a prepared model are recorded; every ``eval_every`` steps and at the
     end, ``eval_fn(model)``. Each record is also appended as one JSON line to ``log_path``.
     ``alpha`` is the weight AdamS's next step gives the decay, ``min(step / T, 1)`` with ``T``
     the ``total_steps`` of the optimizer's groups that hold the sparse weights (this
@@ -1768,6 +1769,7 @@ def train(
     log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
     result = TrainResult(steps=start_step, tokens=start_tokens)
     packed: dict[str, Tensor] | None = None
+    packed_step: int | None = None  # the step of the masks in packed
     data_parallel, dp_group = _data_parallel(model)
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
 
@@ -1780,13 +1782,15 @@ def train(
 
     def health(step: int, keep: bool = True) -> None:
         """Records the health signals (``keep``), and snapshots the masks the next record
-        counts its flips from."""
-        nonlocal packed
+        counts its flips from (its ``flips_since``)."""
+        nonlocal packed, packed_step
         if not prepared or health_every <= 0:
             return
         metrics, packed = sparsity_health(model, optimizer, packed)
         if keep:
-            record("health", {"step": step, "alpha": min(step / ramp, 1.0), **metrics})
+            rec = {"step": step, "alpha": min(step / ramp, 1.0), **metrics}
+            record("health", {**rec, "flips_since": packed_step})
+        packed_step = step
 
     def evaluate(step: int) -> None:
         if eval_fn is None:

@@ -1088,6 +1088,8 @@ def test_train_stopped_and_resumed_logs_each_health_step_once(tmp_path):
     assert [r["step"] for r in res.health] == [4, 6]
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "health"] == [0, 2, 3, 4, 6]
+    # each record says which masks its flips are counted from (the resumed call's: step 3's)
+    assert [r["flips_since"] for r in lines if r["kind"] == "health"] == [None, 0, 2, 3, 4]
 
 
 def test_train_resumed_at_start_step_is_the_uninterrupted_run():
