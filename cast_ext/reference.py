@@ -474,7 +474,8 @@ def distill_fwd(
     ``ignore_index``, with ``T = temperature``:
 
     * ``kl[r] = T^2 * KL(softmax(t / T) || softmax(s / T))`` (0 when ``teacher`` is None; a
-      teacher logit of -inf, probability 0, adds 0 to the sum);
+      teacher entry of probability 0 in fp32 (a logit of -inf, a mask's finfo.min, one that
+      underflows) adds 0 to the sum, whatever the student's logit: 0 log(0 / q) = 0);
     * ``ce[r] = logsumexp(s) - s[y]``;
     * ``lse[r] = (logsumexp(s / T), logsumexp(t / T), logsumexp(s))`` (the middle one 0 when
       ``teacher`` is None), what :func:`distill_bwd` needs to rebuild the softmaxes.
@@ -498,8 +499,10 @@ def distill_fwd(
         t = teacher.float()
         lt = torch.log_softmax(t / temperature, dim=-1)
         ls = torch.log_softmax(s / temperature, dim=-1)
-        # p_t * (log p_t - log q): 0 where p_t = 0 (a teacher logit of -inf), whatever q is
-        terms = torch.where(lt == float("-inf"), 0.0, lt.exp() * (lt - ls))
+        # p_t * (log p_t - log q): 0 where p_t = 0 (a teacher logit of -inf, a mask's
+        # finfo.min, one that underflows), whatever q is (0 log 0/q = 0, q = 0 included)
+        p_t = lt.exp()
+        terms = torch.where(p_t == 0, 0.0, p_t * (lt - ls))
         kl = terms.sum(-1) * (temperature * temperature)
         lse_tt = torch.logsumexp(t / temperature, dim=-1)
     zero = torch.zeros((), dtype=torch.float32, device=s.device)

@@ -1303,6 +1303,41 @@ def test_distill_teacher_masked_alone_with_finfo_min(emu: Emu, dtype: torch.dtyp
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_distill_student_minus_inf(emu: Emu, dtype: torch.dtype) -> None:
+    """A student -inf where the teacher's probability is 0 (finfo.min, an underflow) adds
+    nothing, whether a thread meets those logits before the row's max or after it; where the
+    teacher has mass, the KL is +inf (NaN for a student row all -inf), as in the reference."""
+    s, t, y = distill_inputs(5, 2100, dtype, seed=19)
+    y = torch.where(y == -100, y, y % 50)  # labels among the 50 real columns
+    low = torch.finfo(dtype).min
+    for flip in (False, True):  # the 50 real columns first, or last
+        s_, t_ = s.clone(), t.clone()
+        t_[:, 55:] = low
+        t_[:, 50:55] = (t[:, :50].float().amax(-1, keepdim=True) - 200).to(dtype)
+        s_[:, 50:] = -math.inf
+        yf = y
+        if flip:
+            s_, t_ = s_.flip(-1).contiguous(), t_.flip(-1).contiguous()
+            yf = torch.where(y == -100, y, 2099 - y)
+        cut = [x[:, -50:] if flip else x[:, :50] for x in (s_, t_)]
+        yc = torch.where(yf == -100, yf, yf - 2050) if flip else y  # in the cut's columns
+        want = reference.distill_fwd(*(x.contiguous() for x in cut), yc)
+        rc, got, _ = run_distill_fwd(emu, s_, t_, yf, 1.0)
+        assert rc == CUDA_SUCCESS
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"flip {flip}")
+        col = 2099 - 3 if flip else 3
+        s_[:, col] = -math.inf  # teacher mass there
+        s_[4] = -math.inf
+        want = reference.distill_fwd(s_, t_, yf)
+        rc, got, _ = run_distill_fwd(emu, s_, t_, yf, 1.0)
+        assert rc == CUDA_SUCCESS
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, equal_nan=True)
+        assert bool(got[0][[0, 2, 3]].eq(math.inf).all() and got[0][4].isnan())
+
+
 @PROPERTY
 @given(
     rows=st.integers(1, 3),
@@ -1310,18 +1345,19 @@ def test_distill_teacher_masked_alone_with_finfo_min(emu: Emu, dtype: torch.dtyp
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     temp=st.sampled_from([0.5, 1.0, 2.0]),
     density=st.floats(0.0, 1.0),
-    finfo_min=st.booleans(),
+    fills=st.tuples(st.booleans(), st.booleans()),
     seed=st.integers(0, 2**16),
     schedule=st.sampled_from(SCHEDULES),
 )
 def test_distill_masked_teacher_property(
     emu_lib: Emu, rows: int, vocab: int, dtype: torch.dtype, temp: float, density: float,
-    finfo_min: bool, seed: int, schedule: int,
+    fills: tuple[bool, bool], seed: int, schedule: int,
 ) -> None:  # fmt: skip
-    """Teachers masked at random places (any density, each row keeping one real logit), with
-    -inf or finfo.min, and the student masked at some of the same places (not its label):
-    forward terms and gradient equal the reference's with -inf masks, every thread schedule.
-    (The kernel's NaN for masked-only threads was found by a reviewer's hand-made input.)"""
+    """Teachers masked at random places (any density, each row keeping one real logit), and the
+    student masked at some of the same places (not its label), each with -inf or finfo.min
+    (mixed conventions too): forward terms and gradient equal the reference's with -inf masks,
+    every thread schedule. (The kernel's NaN for masked-only threads was found by a reviewer's
+    hand-made input; its NaN-or-finite for a student -inf at a teacher finfo.min by another.)"""
     emu_lib.configure(schedule=schedule, seed=seed)
     s, t, y = distill_inputs(rows, vocab, dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -1330,8 +1366,8 @@ def test_distill_masked_teacher_property(
     s_masked = masked & (torch.rand(rows, vocab, generator=gen) < 0.5)
     valid = y != -100
     s_masked[valid.nonzero()[:, 0], y[valid]] = False
-    low = torch.finfo(dtype).min if finfo_min else float("-inf")
-    s_in, t_in = s.masked_fill(s_masked, low), t.masked_fill(masked, low)
+    s_low, t_low = (torch.finfo(dtype).min if f else -math.inf for f in fills)
+    s_in, t_in = s.masked_fill(s_masked, s_low), t.masked_fill(masked, t_low)
     s_inf, t_inf = s.masked_fill(s_masked, -math.inf), t.masked_fill(masked, -math.inf)
     want = reference.distill_fwd(s_inf, t_inf, y, temp)
     rc, got, bad = run_distill_fwd(emu_lib, s_in, t_in, y, temp)

@@ -123,6 +123,34 @@ def test_top_k_teacher_masked_with_finfo_min(device: str, dtype: torch.dtype) ->
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_student_minus_inf_where_the_teacher_has_probability_0(
+    device: str, dtype: torch.dtype
+) -> None:
+    """A student logit of -inf where the teacher's probability is 0 (the other convention's
+    finfo.min mask, columns 55:, or a finite logit whose probability underflows, columns 50:55
+    at 200 below the row's max) adds nothing: the terms of the columns cut out. It was
+    0 * inf = NaN on the CPU and in the reference, and on CUDA NaN or finite by the order in
+    which a thread met the logits. Teacher mass where the student is -inf still makes the KL
+    infinite (NaN for a student row all -inf), as in the reference."""
+    s, t, y = distill_inputs(5, 70, dtype, device, seed=17)
+    y = torch.where(y == -100, y, y % 50)
+    t[:, 55:] = torch.finfo(dtype).min
+    t[:, 50:55] = (t[:, :50].float().amax(-1, keepdim=True) - 200).to(dtype)
+    s[:, 50:] = float("-inf")
+    got = ops.distill_fwd(s, t, y)
+    want = reference.distill_fwd(s[:, :50].contiguous(), t[:, :50].contiguous(), y)
+    assert_fwd_close(got, want, "kernel vs cut")
+    assert_fwd_close(reference.distill_fwd(s, t, y), want, "reference vs cut")
+    assert bool(got[0][[0, 2, 3, 4]].isfinite().all())
+    s[:, 3] = float("-inf")
+    s[4] = float("-inf")
+    got, want = ops.distill_fwd(s, t, y), reference.distill_fwd(s, t, y)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert bool(got[0][[0, 2, 3]].eq(math.inf).all() and got[0][4].isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rows_of_minus_inf(device: str) -> None:
     """A row all -inf (the student's, the teacher's, both): its log-sum-exp is -inf, as
     torch.logsumexp and the reference give (the kernels' sum is 0 there), NaN for NaN in the

@@ -13,9 +13,10 @@
 // polynomial exp (Cephes' expf: relative error below 2e-7 on the range softmax uses), and are
 // reduced over the lanes at the end of the row; the row's KL and log-sum-exps come from
 // distill_math.h, the CUDA kernel's code. Rows whose label is ignore_index are skipped (zeros
-// out). A teacher logit of probability 0 (a masked vocabulary entry: -inf, or finfo.min) adds
-// nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's
-// logit is +inf), as in the reference; NaN logits propagate to NaN.
+// out). A teacher logit of probability 0 (a masked vocabulary entry: -inf, or finfo.min; an
+// underflow) adds nothing to the KL, whatever the student's; a +inf logit makes its
+// log-sum-exps +inf (so the CE +inf unless the label's logit is +inf), as in the reference; NaN
+// logits propagate to NaN.
 // Labels are checked before any work: a label outside [0, V) that is not ignore_index raises.
 // Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse.
 // Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype); fp32 math and outputs, the
@@ -95,20 +96,26 @@ __attribute__((always_inline)) inline float row_max(const float* x, int64_t n) {
 // The sums of the forward's second pass: out = {zs, zt, a, z1} with zs = sum exp((s - ms) it),
 // zt = sum exp((t - mt) it), a = sum exp((t - mt) it) (t - s), z1 = sum exp(s - ms) (= zs
 // when T == 1). it = 1 / T.
+// A term of teacher probability 0 adds nothing, whatever s is: t = -inf by a select; a mask's
+// finfo.min or an underflow is e = 0 times a finite t - s, also where the student's logit is
+// -inf, which the difference takes as the lowest finite float. Teacher mass on a student -inf
+// makes a = +inf, as its term is: that mass is summed apart (sinf) and checked at the end. (A
+// select on e == 0 instead stops GCC's vectoriser: 6.6x slower.) The 1 / T, which can overflow
+// t - s, is applied to the sum.
 template <bool kTeacher, bool kT1>
 __attribute__((always_inline)) inline void row_sums(const float* s, const float* t, int64_t n,
                                                     float ms, float mt, float it, float* out) {
-  float zs[kLanes] = {}, zt[kLanes] = {}, a[kLanes] = {}, z1[kLanes] = {};
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr float kLowest = std::numeric_limits<float>::lowest();
+  float zs[kLanes] = {}, zt[kLanes] = {}, a[kLanes] = {}, z1[kLanes] = {}, sinf[kLanes] = {};
   auto body = [&](int j, float sv, float tv) {
     zs[j] += exp_lane((sv - ms) * it);
     if (!kT1) z1[j] += exp_lane(sv - ms);
     if (kTeacher) {
       const float e = exp_lane((tv - mt) * it);
       zt[j] += e;
-      // p_t = 0 adds nothing: t = -inf by the select, a mask's finfo.min as e = 0 times the
-      // finite t - s (the 1 / T, which can overflow it, is applied to the sum; a select on
-      // e == 0 instead stops GCC's vectoriser: 4x slower)
-      a[j] += tv == -std::numeric_limits<float>::infinity() ? 0.f : e * (tv - sv);
+      a[j] += tv == -kInf ? 0.f : e * (tv - (sv > kLowest ? sv : kLowest));
+      sinf[j] += sv == -kInf ? e : 0.f;
     }
   };
   int64_t i = 0;
@@ -117,7 +124,7 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
   for (int j = 0; i + j < n; ++j) body(j, s[i + j], kTeacher ? t[i + j] : 0.f);
   out[0] = lane_sum(zs);
   out[1] = kTeacher ? lane_sum(zt) : 0.f;
-  out[2] = kTeacher ? lane_sum(a) : 0.f;
+  out[2] = kTeacher ? lane_sum(a) + (lane_sum(sinf) > 0.f ? kInf : 0.f) : 0.f;
   out[3] = kT1 ? out[0] : lane_sum(z1);
 }
 

@@ -14,13 +14,14 @@
 // and tensor in flight). The max moves once per four elements, so the sums are rescaled once per
 // four; exponentials are exp2f with log2(e) folded in, guards are selects: nothing branches on the
 // data. Rows whose label is ignore_index are skipped (zeros out). A label outside [0, V) sets
-// *bad_label (when given) and gives a NaN CE; a teacher logit of probability 0 (-inf, or a mask's
-// finfo.min) adds nothing to the KL; a +inf logit makes its log-sum-exps +inf (so the CE +inf
-// unless the label's logit is +inf), as in the reference; NaN logits propagate to NaN. Math: fp32,
-// exp2f/logf (not the fast intrinsics __expf/__logf); the row's KL and log-sum-exps come from
-// distill_math.h, the CPU kernel's code. The backward trusts the labels the forward checked (an
-// out-of-range one then adds no one-hot term). The CPU kernel (csrc/cpu/distill.cpp) sums in
-// another order: both are compared with the reference within fp32 rounding, not bit for bit.
+// *bad_label (when given) and gives a NaN CE; a teacher logit of probability 0 (-inf, a mask's
+// finfo.min, an underflow) adds nothing to the KL, whatever the student's; a +inf logit makes its
+// log-sum-exps +inf (so the CE +inf unless the label's logit is +inf), as in the reference; NaN
+// logits propagate to NaN. Math: fp32, exp2f/logf (not the fast intrinsics __expf/__logf); the
+// row's KL and log-sum-exps come from distill_math.h, the CPU kernel's code. The backward trusts
+// the labels the forward checked (an out-of-range one then adds no one-hot term). The CPU kernel
+// (csrc/cpu/distill.cpp) sums in another order: both are compared with the reference within fp32
+// rounding, not bit for bit.
 // Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32.
 // Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype). Archs: sm80+ (any, really).
 // Reference: cast_ext/reference.py distill_fwd, distill_bwd.
@@ -61,9 +62,10 @@ __device__ __forceinline__ RowState empty_state() {
 }
 
 // A teacher sum `a` rescaled by `c` when the running max moves. c == 0 drops it by a select:
-// a state that had seen only a mask's finfo.min teacher logits (e = 1 each) may hold -inf, and
-// -inf * 0 would make the row's KL NaN; its terms weigh 0 against the new max anyway. (A NaN
-// logit still reaches the row's result through the normaliser sums.)
+// its terms weigh 0 against the new max (p_t = 0 adds nothing), and a state that had seen only
+// a mask's finfo.min teacher logits (e = 1 each) may hold an overflowed +-inf, which times 0
+// would make the row's KL NaN. (A NaN logit still reaches the row's result through the
+// normaliser sums.)
 __device__ __forceinline__ float drop_or_scale(float a, float c) { return c == 0.f ? 0.f : a * c; }
 
 // Adds kUnroll elements (padding beyond the row is -inf in both: it adds nothing). The max moves
@@ -93,10 +95,11 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
     for (int u = 0; u < kUnroll; ++u) {
       const float e = exp_rel(tv[u], mt, k);
       zt += e;
-      // p_t = 0 adds nothing: t = -inf by the select. Without the 1 / T (applied to the row's
-      // sum), one e (t - s) stays finite for a mask's finfo.min (e is 1 while the running max
-      // is finfo.min too), but two of them overflow to -inf: see drop_or_scale.
-      a += tv[u] == -INFINITY ? 0.f : e * (tv[u] - sv[u]);
+      // p_t = 0 adds nothing, whatever s is (t = -inf, a mask's finfo.min past the running
+      // max, an underflow: a student's -inf there would make 0 * inf). Without the 1 / T
+      // (applied to the row's sum), one e (t - s) stays finite for a mask's finfo.min (e is 1
+      // while the running max is finfo.min too), but two of them overflow: see drop_or_scale.
+      a += e == 0.f ? 0.f : e * (tv[u] - sv[u]);
     }
     const float c = exp_rel(st.mt, mt, k);
     st.zt = st.zt * c + zt;
