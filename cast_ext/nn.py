@@ -44,6 +44,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,7 +116,9 @@ def _bucket(m: int) -> int:
 
 def dispatch_decisions() -> list[dict[str, Any]]:
     """The sparse-vs-dense choices made so far (one per shape bucket), as dicts."""
-    return [asdict(d) for d in _DECISIONS.values()]
+    with _LOCK:  # other threads' calls may be deciding buckets
+        decided = list(_DECISIONS.values())
+    return [asdict(d) for d in decided]
 
 
 def clear_dispatch_decisions() -> None:
@@ -174,6 +177,8 @@ def _sample_us(sample: _Sample) -> float:
 @dataclass
 class _Trial:
     paths: tuple[str, ...]
+    # _GENERATION when it opened: a clear since then voids its decision
+    generation: int = field(default_factory=lambda: _GENERATION[0])
     calls: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[_Sample]] = field(default_factory=dict)
 
@@ -196,14 +201,22 @@ class _Trial:
 _TRIALS: dict[tuple[Any, ...], _Trial] = {}
 
 
-def _frozen_weight_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+def _frozen_weight_backward(
+    ctx: Any, grad: Tensor, inputs: int, bias_at: int
+) -> tuple[Tensor | None, ...]:
     """The backward of a linear layer whose weight (``ctx.weight()``, dense) is frozen: grads for
-    x (input 0) and the bias (input 3) of the autograd Functions below, none for the rest."""
+    x (input 0) and the bias (input ``bias_at``) of the autograd Functions below, none for the
+    rest. The layer's ``values``/``metadata`` were saved by the forward: written in place since,
+    they raise autograd's error here, as a Linear's weight does (``ctx.weight()`` would be
+    built from the new ones)."""
+    _ = ctx.saved_tensors
     grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
     grad_b = None
-    if ctx.has_bias and ctx.needs_input_grad[3]:
+    if ctx.has_bias and ctx.needs_input_grad[bias_at]:
         grad_b = grad.reshape(-1, grad.shape[-1]).float().sum(0).to(grad.dtype)
-    return grad_x, None, None, grad_b, None, None
+    out: list[Tensor | None] = [None] * inputs
+    out[0], out[bias_at] = grad_x, grad_b
+    return tuple(out)
 
 
 class _CsltLinearFn(torch.autograd.Function):
@@ -214,6 +227,8 @@ class _CsltLinearFn(torch.autograd.Function):
         ctx: Any,
         x: Tensor,
         w_compressed: Tensor,
+        values: Tensor,
+        meta: Tensor,
         weight: Callable[[], Tensor],
         bias: Tensor | None,
         n: int,
@@ -221,11 +236,12 @@ class _CsltLinearFn(torch.autograd.Function):
     ) -> Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
+        ctx.save_for_backward(values, meta)
         return ops.cslt_linear(x, w_compressed, n, k, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _frozen_weight_backward(ctx, grad)
+        return _frozen_weight_backward(ctx, grad, inputs=8, bias_at=5)
 
 
 class _PackedLinearFn(torch.autograd.Function):
@@ -244,14 +260,43 @@ class _PackedLinearFn(torch.autograd.Function):
     ) -> Tensor:
         ctx.weight = layer._backward_weight
         ctx.has_bias = bias is not None
+        ctx.save_for_backward(values, meta)
         return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        return _frozen_weight_backward(ctx, grad)
+        return _frozen_weight_backward(ctx, grad, inputs=6, bias_at=3)
 
 
 # ---- the layer -------------------------------------------------------------------------------
+
+
+class _BufTag:
+    """The state of a layer's ``values``/``metadata`` that a derived weight (or a passed meta
+    check) belongs to: the tensors themselves, held weakly (a new tensor at a freed one's
+    address starts a fresh version counter, so address and version alone could match it: as
+    ``torch.func.functional_call`` swapping the buffers per call did), their addresses and their
+    versions (in-place writes; inference tensors have none)."""
+
+    __slots__ = ("key", "refs")
+
+    def __init__(self, values: Tensor, metadata: Tensor) -> None:
+        self.refs = (weakref.ref(values), weakref.ref(metadata))
+        versions = (
+            (None, None)
+            if values.is_inference() or metadata.is_inference()
+            else (values._version, metadata._version)
+        )
+        self.key = (values.device, values.dtype, values.data_ptr(), metadata.data_ptr(), *versions)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _BufTag) or self.key != other.key:
+            return False
+        return all(
+            a() is not None and a() is b() for a, b in zip(self.refs, other.refs, strict=True)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _default_meta(out_features: int, in_features: int, device: Any) -> Tensor:
@@ -323,7 +368,7 @@ class SparseLinear(nn.Module):
         )
         # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
         # `values` they were built from, so in-place loads and moves invalidate them.
-        self._derived: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
+        self._derived: dict[str, tuple[_BufTag, Tensor]] = {}
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down, and
         # "backward" once a backward needed the dense weight; a measurement builds both weights,
         # then the one nothing uses is released. Reset when the decisions are cleared
@@ -331,7 +376,7 @@ class SparseLinear(nn.Module):
         self._uses: set[str] = set()
         self._uses_generation = _GENERATION[0]
         # The _tag() of the values/metadata whose meta a checked packed CUDA call has passed.
-        self._meta_checked: tuple[Any, ...] | None = None
+        self._meta_checked: _BufTag | None = None
 
     # -- construction and conversion --
 
@@ -365,6 +410,11 @@ class SparseLinear(nn.Module):
     def _build(cls, linear: nn.Module, mode: Mode) -> tuple[SparseLinear, int]:
         """:meth:`from_dense` without the warning: the layer, and how many groups of 4 had more
         than 2 nonzeros (pruned by magnitude; 0 on the meta device, which has no values)."""
+        if not isinstance(linear, nn.Linear) and not _is_conv1d(linear):
+            raise TypeError(
+                f"cast_ext.nn.SparseLinear.from_dense: expected an nn.Linear or a Hugging Face "
+                f"Conv1D, got {type(linear).__name__}"
+            )
         w = linear.weight.detach()
         if _is_conv1d(linear):
             w = w.t()  # [out, in]: the 2:4 groups run along in, as for a Linear
@@ -414,11 +464,11 @@ class SparseLinear(nn.Module):
 
     # -- derived weights --
 
-    def _tag(self) -> tuple[Any, ...]:
+    def _tag(self) -> _BufTag:
         b = self._buffers  # not self.values: nn.Module.__getattr__ is slow on a per-call path
         v, mt = b["values"], b["metadata"]
         assert v is not None and mt is not None
-        return (v.device, v.dtype, v.data_ptr(), v._version, mt.data_ptr(), mt._version)
+        return _BufTag(v, mt)
 
     def _current(self, name: str) -> Tensor | None:
         """The cached derived weight ``name`` if it was built from the current buffers.
@@ -427,10 +477,12 @@ class SparseLinear(nn.Module):
         weight the last eager call built is used. ``load_state_dict`` drops the derived
         weights; after writing ``values``/``metadata`` in place otherwise, call the layer once
         eagerly before a compiled call. Writes that bypass the tensors' version counter
-        (through ``.data`` or a NumPy view) are not seen at all: follow them with
-        ``load_state_dict`` or a ``.to()``. ``torch.export`` never uses the cache: the exported
-        program derives the weight from its ``values``/``metadata`` (a cached tensor would be
-        baked in as a constant that a later ``load_state_dict`` does not reach)."""
+        (through ``.data`` or a NumPy view), and in-place writes to buffers that are inference
+        tensors (a layer built under ``torch.inference_mode``: they have no version counter),
+        are not seen at all: follow them with ``load_state_dict`` or a ``.to()``.
+        ``torch.export`` never uses the cache: the exported program derives the weight from its
+        ``values``/``metadata`` (a cached tensor would be baked in as a constant that a later
+        ``load_state_dict`` does not reach)."""
         if torch.compiler.is_exporting():
             return None
         hit = self._derived.get(name)
@@ -472,6 +524,15 @@ class SparseLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
         self._uses.clear()  # the decisions for the new device/dtype will say
+        # The buffers are converted in place, as torch converts Parameters: layers that share
+        # them (to_sparse of tied Linears) stay tied (nn.Module._apply would give each its own
+        # copy). The second holder's fn then finds them converted already.
+        for key in ("values", "metadata"):
+            buf = self._buffers.get(key)
+            if buf is not None:
+                new = fn(buf)
+                if new is not buf:
+                    buf.data = new
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -549,12 +610,17 @@ class SparseLinear(nn.Module):
             trial = _TRIALS.setdefault(key, trial)
             return trial.next_path(), key
 
-    def _decide(self, key: tuple[Any, ...], us: dict[str, float]) -> None:
+    def _decide(self, key: tuple[Any, ...], trial: _Trial) -> None:
+        us = trial.medians()  # reads CUDA events: outside the lock
         choice = _pick(us)
-        _DECISIONS[key] = DispatchDecision(
+        decision = DispatchDecision(
             key[0], str(key[1]).removeprefix("torch."), key[2], key[3], key[4], key[5], choice,
             _round(us.get("sparse")), round(us["dense"], 2), _round(us.get("packed")),
         )  # fmt: skip
+        with _LOCK:
+            if trial.generation != _GENERATION[0]:
+                return  # cleared while it was measured: the next call measures again
+            _DECISIONS[key] = decision
         self._use(choice)
 
     def _run(self, path: str, x: Tensor) -> Tensor:
@@ -563,8 +629,8 @@ class SparseLinear(nn.Module):
         if path == "packed":
             return self._packed(x)
         return _CsltLinearFn.apply(
-            x, self._cslt_buffer(), self._backward_weight, self.bias, self.out_features,
-            self.in_features,
+            x, self._cslt_buffer(), self.values.detach(), self.metadata, self._backward_weight,
+            self.bias, self.out_features, self.in_features,
         )  # fmt: skip
 
     def _meta_unchecked(self, x: Tensor) -> bool:
@@ -681,7 +747,7 @@ class SparseLinear(nn.Module):
         with _LOCK:  # the thread whose sample completes the trial decides, once
             done = trial.add(path, sample) and _TRIALS.pop(trial_key, None) is trial
         if done:
-            self._decide(trial_key, trial.medians())
+            self._decide(trial_key, trial)
         return y
 
     def _backward_weight(self) -> Tensor:

@@ -822,3 +822,87 @@ def test_to_sparse_converts_a_layer_pruned_with_torch_nn_utils_prune() -> None:
         to_sparse(model)
     assert type(model[0]) is SparseLinear
     assert torch.equal(model[0].dense_weight(), cast_ext.sparse24_prune(pruned))
+
+
+def test_cache_is_not_fooled_by_a_new_tensor_at_a_freed_one_s_address() -> None:
+    """torch.func.functional_call swaps in new values per call: a new tensor at the address of
+    a freed one, with a fresh version counter, matched the cached dense weight's key (address,
+    version) and the layer computed with the old weight (18 calls of 20 in a reviewer's run)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    sl = SparseLinear.from_dense(linear(256, 64), mode="dense", warn=False)
+    x = torch.randn(4, 256)
+    reused = 0
+    for scale in range(1, 21):
+        values = sl.values * scale  # the last one is freed just before: its address is free
+        y = functional_call(sl, {"values": values}, (x,))
+        want = F.linear(x, ops.sparse24_decompress(values, sl.metadata), sl.bias)
+        torch.testing.assert_close(y, want, msg=f"call {scale}")
+        address = values.data_ptr()
+        del values, y, want
+        reused += (sl.values * 0).data_ptr() == address  # the allocator hands it out again
+    assert reused > 0  # the case was exercised
+
+
+def test_layers_built_under_inference_mode_run() -> None:
+    """Buffers that are inference tensors have no version counter: every dense or auto call
+    raised reading it."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        model = to_sparse(nn.Sequential(linear(32, 16), nn.ReLU(), linear(16, 8)), mode="dense")
+        y = model(torch.randn(3, 32))
+    assert y.shape == (3, 8)
+    assert model(torch.randn(3, 32)).shape == (3, 8)
+
+
+def test_backward_after_an_in_place_write_to_values_raises() -> None:
+    """The packed path's backward built the dense weight at backward time: after an in-place
+    write to values between forward and backward, the input gradient came from the new weight,
+    silently. It raises autograd's in-place error now, as nn.Linear does."""
+    sl = SparseLinear.from_dense(linear(32, 16), mode="sparse", warn=False)  # packed on CPU
+    x = torch.randn(4, 32, requires_grad=True)
+    y = sl(x)
+    with torch.no_grad():
+        sl.values.mul_(10)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+def test_tied_layers_stay_tied_through_dtype_and_device_casts() -> None:
+    """nn.Module._apply gave each layer its own copy of shared buffers (memory doubled, and
+    to_dense no longer re-tied them); they are converted in place now, as Parameters are."""
+    a, b = linear(16, 8), linear(16, 8)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        to_sparse(model)
+    model.half().to("cpu").float()
+    assert model[0].values is model[2].values and model[0].metadata is model[2].metadata
+    assert model[0].values.dtype == torch.float32
+    to_dense(model)
+    assert model[0].weight is model[2].weight
+
+
+def test_a_decision_measured_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clear_dispatch_decisions while a trial completes: its decision (measured before the
+    clear) was stored after it; it is dropped now and the bucket measures again."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(64, 32), warn=False)
+    x = torch.randn(4, 64)
+    medians = cast_ext.nn._Trial.medians
+
+    def clear_first(self: cast_ext.nn._Trial) -> dict[str, float]:
+        cast_ext.nn.clear_dispatch_decisions()  # another thread's clear, at the worst moment
+        return medians(self)
+
+    monkeypatch.setattr(cast_ext.nn._Trial, "medians", clear_first)
+    for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
+        sl(x)
+    assert dispatch_decisions() == []
+
+
+def test_from_dense_names_what_it_expected() -> None:
+    with pytest.raises(TypeError, match=r"from_dense: expected an nn.Linear .* got Conv2d"):
+        SparseLinear.from_dense(nn.Conv2d(4, 8, 3))
