@@ -45,3 +45,20 @@ def test_cpu_kernels_under_a_lower_isa(isa: str) -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "run by the test below" not in done.stdout
+
+
+@pytest.mark.parametrize("value", ["AVX2", "x86-64-v3"])
+def test_the_cap_is_case_blind_and_an_unknown_one_says_so(value: str) -> None:
+    """CAST_EXT_CPU_ISA=AVX2 capped nothing, nor did a misspelt level, silently: a test of the
+    lower versions then ran the best one. Case no longer matters; an unknown value is ignored
+    with a line on stderr naming it."""
+    code = "import cast_ext; print(cast_ext.build_info()['cpu_isa'])"
+    env = {**os.environ, "CAST_EXT_CPU_ISA": value}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    native = cast_ext.build_info()["cpu_isa"]
+    if value == "AVX2":
+        assert done.stdout.strip() == capped_isa("avx2") and "CAST_EXT_CPU_ISA" not in done.stderr
+    else:
+        assert done.stdout.strip() == native
+        assert "CAST_EXT_CPU_ISA=x86-64-v3 is not one of avx512, avx2, default" in done.stderr

@@ -2,6 +2,8 @@
 #include "isa.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -29,10 +31,22 @@ CpuIsa detect() {
     best = CpuIsa::Avx2;
 #endif
   const char* env = std::getenv("CAST_EXT_CPU_ISA");
-  const std::string want = env ? env : "";
-  const CpuIsa cap = want == "default" ? CpuIsa::Default
-                     : want == "avx2"  ? CpuIsa::Avx2
-                                       : CpuIsa::Avx512;
+  std::string want = env ? env : "";
+  std::transform(want.begin(), want.end(), want.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  CpuIsa cap = CpuIsa::Avx512;
+  if (want == "default") {
+    cap = CpuIsa::Default;
+  } else if (want == "avx2") {
+    cap = CpuIsa::Avx2;
+  } else if (!want.empty() && want != "avx512") {
+    // Runs while the library loads (a namespace-scope constant asks): no exception, no
+    // Python warning machinery; a line on stderr, and the cap is not applied.
+    std::fprintf(stderr,
+                 "cast_ext: CAST_EXT_CPU_ISA=%s is not one of avx512, avx2, default; ignored "
+                 "(kernels run as %s)\n",
+                 env, cpu_isa_name(best));
+  }
   return std::min(best, cap);
 }
 
