@@ -524,14 +524,15 @@ class SparseLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
         self._uses.clear()  # the decisions for the new device/dtype will say
-        # The buffers are converted in place, as torch converts Parameters: layers that share
-        # them (to_sparse of tied Linears) stay tied (nn.Module._apply would give each its own
-        # copy). The second holder's fn then finds them converted already.
+        # The buffers are converted in place where torch converts Parameters in place (the
+        # same tensor type; not e.g. to the meta device): layers that share them (to_sparse of
+        # tied Linears) stay tied (nn.Module._apply would give each its own copy). The second
+        # holder's fn then finds them converted already.
         for key in ("values", "metadata"):
             buf = self._buffers.get(key)
             if buf is not None:
                 new = fn(buf)
-                if new is not buf:
+                if new is not buf and torch._has_compatible_shallow_copy_type(buf, new):
                     buf.data = new
         return super()._apply(fn, recurse)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -881,6 +882,8 @@ def test_tied_layers_stay_tied_through_dtype_and_device_casts() -> None:
     model.half().to("cpu").float()
     assert model[0].values is model[2].values and model[0].metadata is model[2].metadata
     assert model[0].values.dtype == torch.float32
+    on_meta = copy.deepcopy(model).to("meta")  # not convertible in place: replaced, as torch does
+    assert on_meta[0].values.is_meta and on_meta[2].metadata.is_meta
     to_dense(model)
     assert model[0].weight is model[2].weight
 
