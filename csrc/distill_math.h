@@ -16,18 +16,18 @@ CAST_HD float lse_of(float max, float sum) {
 }
 
 // T^2 KL(p_t || p_s) of a row from its sums: zs = sum exp((s - ms) / T), zt = sum exp((t - mt) /
-// T), a = sum exp((t - mt) / T) (t - s) (ms, mt: the row maxima; it = 1 / T; t2 = T^2). It is
-// a it / zt - ltt + lst with lst = ms / T + log zs and ltt = mt / T + log zt, computed with the
-// maxima cancelled before they meet the logs: each log-sum-exp alone is rounded at the size of the
-// largest logit, which left an error of ulp(max / T) in the KL (3e-5 at logits near 300; a small
-// KL came out negative), and log zs - log zt as one log1p (the two logs' roundings, an ulp of
-// log zt each, were most of a small KL's error). zs, zt >= 1 (the max's own term), so the ratio
-// neither overflows nor divides by 0. Infinite or NaN maxima take the log-sum-exps' path.
+// T), a = sum exp((t - mt) / T) ((t - mt) - (s - ms)) (ms, mt: the row maxima; it = 1 / T;
+// t2 = T^2). With finite maxima it is a it / zt + log(zs / zt): the logits enter only as
+// differences from their row's max, so the maxima cancel before anything is rounded. (Summing
+// e (t - s) on the raw logits and adding (ms - mt) / T left an error of ulp(max) in the KL: a row
+// of huge logits, a teacher all finfo.min or -1e30, came out -inf or 0.) log zs - log zt is one
+// log1p (the two logs' roundings, an ulp of log zt each, were most of a small KL's error). zs,
+// zt >= 1 (the max's own term), so the ratio neither overflows nor divides by 0. Infinite or NaN
+// maxima take the log-sum-exps' path: (a / zt + mt - ms) / T - ltt + lst.
 CAST_HD float kl_of(float a, float zs, float zt, float ms, float mt, float it, float t2) {
   const float d = ms - mt;
-  const float logs =
-      d - d == 0.f ? d * it + log1pf((zs - zt) / zt) : lse_of(ms * it, zs) - lse_of(mt * it, zt);
-  return t2 * (a * it / zt + logs);
+  if (d - d == 0.f) return t2 * (a * it / zt + log1pf((zs - zt) / zt));
+  return t2 * ((a / zt - d) * it - lse_of(mt * it, zt) + lse_of(ms * it, zs));
 }
 
 }  // namespace cast_ext

@@ -1381,6 +1381,25 @@ def test_distill_masked_teacher_property(
     torch.testing.assert_close(grad, want_g, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_distill_rows_of_huge_logits(emu: Emu, dtype: torch.dtype) -> None:
+    """A teacher all finfo.min (uniform, as the reference computes it), all -1e30, a student
+    all -1e30, both offset by 1e4, over 2100 columns (several chunks a thread): the KL equals
+    the reference's; it summed e (t - s) on the raw logits before (-inf, or 0)."""
+    s, t, y = distill_inputs(5, 2100, dtype, seed=29)
+    y = torch.where(y == -100, 0, y)
+    t[0] = torch.finfo(dtype).min
+    t[1] = -1e30
+    s[2] = -1e30
+    s[3], t[3] = (s[3].float() + 1e4).to(dtype), (t[3].float() + 1e4).to(dtype)
+    for temp in (1.0, 2.0):
+        rc, got, _ = run_distill_fwd(emu, s, t, y, temp)
+        want = reference.distill_fwd(s, t, y, temp)
+        assert rc == CUDA_SUCCESS
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4, msg=f"T={temp}")
+        torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-5, msg=f"T={temp}")
+
+
 def test_distill_infinite_logits(emu: Emu) -> None:
     """A +inf logit makes its row's log-sum-exps +inf (the thread sums are NaN there), so the
     CE +inf, NaN where the label's own logit is +inf: forward and backward equal the

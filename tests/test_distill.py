@@ -238,6 +238,29 @@ def test_small_kl_of_large_logits_is_accurate(device: str, offset: float) -> Non
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_rows_of_huge_logits(device: str, dtype: torch.dtype) -> None:
+    """Rows whose logits are all huge and equal or nearly so: a teacher all finfo.min (a uniform
+    teacher, as the reference computes it), a teacher all -1e4 / -1e30, a student all -1e30,
+    both models offset by 1e4. The KL summed e (t - s) on the raw logits and added the maxima'
+    difference: -inf or 0 for those rows (all lost below ulp(max)). The logits enter as
+    differences from their row's max now."""
+    s, t, y = distill_inputs(6, 40, dtype, device, seed=23)
+    y = torch.where(y == -100, 0, y)
+    big = 1e4 if dtype == torch.float16 else 1e30
+    t[0] = torch.finfo(dtype).min
+    t[1] = -big
+    s[2] = -big
+    t[3] = -big + t[3].float().div(1e3).to(dtype)  # equal up to the dtype's rounding
+    offset = 1e4 if dtype != torch.float16 else 1e3
+    s[4], t[4] = (s[4].float() + offset).to(dtype), (t[4].float() + offset).to(dtype)
+    got = ops.distill_fwd(s, t, y)
+    want = reference.distill_fwd(s, t, y)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    assert bool(got[0].isfinite().all() and got[0].ge(0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ignore_index_and_empty(device: str) -> None:
     s, t, y = distill_inputs(5, 40, torch.float32, device, seed=4)
     y[1], y[3] = 2, -1  # with ignore_index=-1, -100 would be a bad label

@@ -3,8 +3,8 @@
 // Algorithm: rows of the [N, V] logits are spread over OpenMP threads; a row is a handful of
 // passes over V contiguous floats that stay in the core's L2 (V = 49152 is 192 KB per tensor):
 //   forward:  1. the maxima of s and t; 2. in one pass, sum exp((s - max) / T),
-//             sum exp((t - max) / T), sum exp((t - max) / T) * (t - s) and, when T != 1,
-//             sum exp(s - max); the row's KL, CE and the three log-sum-exps follow;
+//             sum exp((t - max) / T), sum exp((t - max) / T) ((t - max) - (s - max_s)) and,
+//             when T != 1, sum exp(s - max); the row's KL, CE and the three log-sum-exps follow;
 //   backward: one pass writing scale * (eta T (exp(s/T - lse_sT) - exp(t/T - lse_tT))
 //             + (1 - eta) exp(s - lse_s1)), then the label's element gets -scale (1 - eta).
 // Nothing [N, V]-sized is allocated besides the gradient itself (fp16/bf16 rows are converted
@@ -94,14 +94,14 @@ __attribute__((always_inline)) inline float row_max(const float* x, int64_t n) {
 }
 
 // The sums of the forward's second pass: out = {zs, zt, a, z1} with zs = sum exp((s - ms) it),
-// zt = sum exp((t - mt) it), a = sum exp((t - mt) it) (t - s), z1 = sum exp(s - ms) (= zs
-// when T == 1). it = 1 / T.
+// zt = sum exp((t - mt) it), a = sum exp((t - mt) it) ((t - mt) - (s - ms)) (see kl_of),
+// z1 = sum exp(s - ms) (= zs when T == 1). it = 1 / T.
 // A term of teacher probability 0 adds nothing, whatever s is: t = -inf by a select; a mask's
-// finfo.min or an underflow is e = 0 times a finite t - s, also where the student's logit is
-// -inf, which the difference takes as the lowest finite float. Teacher mass on a student -inf
-// makes a = +inf, as its term is: that mass is summed apart (sinf) and checked at the end. (A
-// select on e == 0 instead stops GCC's vectoriser: 6.6x slower.) The 1 / T, which can overflow
-// t - s, is applied to the sum.
+// finfo.min or an underflow is e = 0 times a finite difference, also where the student's logit
+// is -inf, whose s - ms the difference takes as the lowest finite float. Teacher mass on a
+// student -inf makes a = +inf, as its term is: that mass is summed apart (sinf) and checked at
+// the end. (A select on e == 0 instead stops GCC's vectoriser: 6.6x slower.) The 1 / T, which
+// can overflow the difference, is applied to the sum.
 template <bool kTeacher, bool kT1>
 __attribute__((always_inline)) inline void row_sums(const float* s, const float* t, int64_t n,
                                                     float ms, float mt, float it, float* out) {
@@ -114,7 +114,8 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
     if (kTeacher) {
       const float e = exp_lane((tv - mt) * it);
       zt[j] += e;
-      a[j] += tv == -kInf ? 0.f : e * (tv - (sv > kLowest ? sv : kLowest));
+      const float ds = sv - ms;  // NaN where both are -inf: the lowest float too
+      a[j] += tv == -kInf ? 0.f : e * ((tv - mt) - (ds > kLowest ? ds : kLowest));
       sinf[j] += sv == -kInf ? e : 0.f;
     }
   };

@@ -4,27 +4,27 @@
 // Algorithm: one block per row of the [N, V] logits (grid-stride over rows). Forward: every
 // thread walks its strided share of the row once, keeping an online softmax state for the
 // student (running max, sum exp((s - max) / T) and, when T != 1, sum exp(s - max)) and for the
-// teacher (running max, sum exp((t - max) / T), sum exp((t - max) / T) (t - s)), rescaled when
-// the max grows (the whole block: 512 threads, 4 resident per SM); the states are merged across the
-// warp with shuffles and across warps in shared memory, and thread 0 writes the row's KL, CE and
-// the three log-sum-exps. So the forward reads each logit once (2 N V elements) and the backward
-// reads them once more and writes the gradient once (3 N V): exp(s/T - lse_sT), exp(t/T - lse_tT)
-// and exp(s - lse_s1) rebuild the softmaxes from the saved log-sum-exps; the label's element gets
-// -scale (1 - eta). Loads are coalesced (consecutive threads, consecutive elements; four per thread
-// and tensor in flight). The max moves once per four elements, so the sums are rescaled once per
-// four; exponentials are exp2f with log2(e) folded in, guards are selects: nothing branches on the
-// data. Rows whose label is ignore_index are skipped (zeros out). A label outside [0, V) sets
-// *bad_label (when given) and gives a NaN CE; a teacher logit of probability 0 (-inf, a mask's
-// finfo.min, an underflow) adds nothing to the KL, whatever the student's; a +inf logit makes its
-// log-sum-exps +inf (so the CE +inf unless the label's logit is +inf), as in the reference; NaN
-// logits propagate to NaN. Math: fp32, exp2f/logf (not the fast intrinsics __expf/__logf); the
-// row's KL and log-sum-exps come from distill_math.h, the CPU kernel's code. The backward trusts
-// the labels the forward checked (an out-of-range one then adds no one-hot term). The CPU kernel
-// (csrc/cpu/distill.cpp) sums in another order: both are compared with the reference within fp32
-// rounding, not bit for bit.
-// Layout: contiguous [N, V] logits, [N] int64 labels, [N, 3] fp32 lse; grad_scale a device fp32.
-// Dtypes: fp32, fp16, bf16 logits (teacher in the student's dtype). Archs: sm80+ (any, really).
-// Reference: cast_ext/reference.py distill_fwd, distill_bwd.
+// teacher (running max, sum exp((t - max) / T), sum exp((t - max) / T) ((t - max) - (s - max_s))),
+// rescaled and rebased when the maxima grow (the whole block: 512 threads, 4 resident per SM); the
+// states are merged across the warp with shuffles and across warps in shared memory, and thread 0
+// writes the row's KL, CE and the three log-sum-exps. So the forward reads each logit once (2 N V
+// elements) and the backward reads them once more and writes the gradient once (3 N V): exp(s/T -
+// lse_sT), exp(t/T - lse_tT) and exp(s - lse_s1) rebuild the softmaxes from the saved log-sum-exps;
+// the label's element gets -scale (1 - eta). Loads are coalesced (consecutive threads, consecutive
+// elements; four per thread and tensor in flight). The max moves once per four elements, so the
+// sums are rescaled once per four; exponentials are exp2f with log2(e) folded in, guards are
+// selects: nothing branches on the data. Rows whose label is ignore_index are skipped (zeros out).
+// A label outside [0, V) sets *bad_label (when given) and gives a NaN CE; a teacher logit of
+// probability 0 (-inf, a mask's finfo.min, an underflow) adds nothing to the KL, whatever the
+// student's; a +inf logit makes its log-sum-exps +inf (so the CE +inf unless the label's logit is
+// +inf), as in the reference; NaN logits propagate to NaN. Math: fp32, exp2f/logf (not the fast
+// intrinsics __expf/__logf); the row's KL and log-sum-exps come from distill_math.h, the CPU
+// kernel's code. The backward trusts the labels the forward checked (an out-of-range one then adds
+// no one-hot term). The CPU kernel (csrc/cpu/distill.cpp) sums in another order: both are compared
+// with the reference within fp32 rounding, not bit for bit. Layout: contiguous [N, V] logits, [N]
+// int64 labels, [N, 3] fp32 lse; grad_scale a device fp32. Dtypes: fp32, fp16, bf16 logits (teacher
+// in the student's dtype). Archs: sm80+ (any, really). Reference: cast_ext/reference.py
+// distill_fwd, distill_bwd.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -61,12 +61,20 @@ __device__ __forceinline__ RowState empty_state() {
   return RowState{-INFINITY, 0.f, 0.f, -INFINITY, 0.f, 0.f};
 }
 
-// A teacher sum `a` rescaled by `c` when the running max moves. c == 0 drops it by a select:
-// its terms weigh 0 against the new max (p_t = 0 adds nothing), and a state that had seen only
-// a mask's finfo.min teacher logits (e = 1 each) may hold an overflowed +-inf, which times 0
-// would make the row's KL NaN. (A NaN logit still reaches the row's result through the
-// normaliser sums.)
-__device__ __forceinline__ float drop_or_scale(float a, float c) { return c == 0.f ? 0.f : a * c; }
+// from - to, 0 where they are equal (both -inf: no NaN).
+__device__ __forceinline__ float gap(float from, float to) { return from == to ? 0.f : from - to; }
+
+// The teacher sum a = sum e ((t - mt) - (s - ms)) (see kl_of) of `zt`'s terms, rebased when the
+// running maxima move: each term's weight times c = exp((mt - mt') / T) and its difference plus
+// `shift` = (mt - mt') + (ms' - ms); a c + (zt c) shift (zt c, the terms' new weight, is taken
+// first: small where c is). c == 0 drops the terms by a select: they weigh 0 against the new
+// max (p_t = 0 adds nothing), and a state that had seen only a mask's finfo.min teacher logits
+// (e = 1 each) may hold an overflowed +-inf, which times 0 would be NaN; zt == 0 (no teacher
+// term yet) has nothing to rebase (its shift may be infinite). (A NaN logit still reaches the
+// row's result through the normaliser sums.)
+__device__ __forceinline__ float rebase(float a, float zt, float c, float shift) {
+  return c == 0.f || zt == 0.f ? 0.f : a * c + (zt * c) * shift;
+}
 
 // Adds kUnroll elements (padding beyond the row is -inf in both: it adds nothing). The max moves
 // once per chunk, so the sums are rescaled once per chunk, and nothing branches on the data.
@@ -74,6 +82,7 @@ __device__ __forceinline__ float drop_or_scale(float a, float c) { return c == 0
 template <bool kTeacher, bool kT1>
 __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
                                      const float (&tv)[kUnroll], float k, float k1) {
+  const float ms0 = st.ms;
   float ms = st.ms;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) ms = fmaxf(ms, sv[u]);  // fmaxf ignores NaN; the sums don't
@@ -96,20 +105,22 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
       const float e = exp_rel(tv[u], mt, k);
       zt += e;
       // p_t = 0 adds nothing, whatever s is (t = -inf, a mask's finfo.min past the running
-      // max, an underflow: a student's -inf there would make 0 * inf). Without the 1 / T
-      // (applied to the row's sum), one e (t - s) stays finite for a mask's finfo.min (e is 1
-      // while the running max is finfo.min too), but two of them overflow: see drop_or_scale.
-      a += e == 0.f ? 0.f : e * (tv[u] - sv[u]);
+      // max, an underflow: a student's -inf there would make 0 * inf); a student's -inf stays
+      // -inf (s - ms would be NaN where ms is -inf too): teacher mass there makes a +inf, as
+      // its term is. The 1 / T, which can overflow the difference, is applied to the row's sum.
+      const float ds = sv[u] == -INFINITY ? -INFINITY : sv[u] - ms;
+      a += e == 0.f ? 0.f : e * ((tv[u] - mt) - ds);
     }
     const float c = exp_rel(st.mt, mt, k);
+    st.a = rebase(st.a, st.zt, c, gap(st.mt, mt) + gap(ms, ms0)) + a;
     st.zt = st.zt * c + zt;
-    st.a = drop_or_scale(st.a, c) + a;
     st.mt = mt;
   }
 }
 
 template <bool kTeacher, bool kT1>
 __device__ __forceinline__ void merge(RowState& x, const RowState& y, float k, float k1) {
+  const float xms = x.ms;
   const float ms = fmaxf(x.ms, y.ms);
   x.zs = x.zs * exp_rel(x.ms, ms, k) + y.zs * exp_rel(y.ms, ms, k);
   if (!kT1) x.z1 = x.z1 * exp_rel(x.ms, ms, k1) + y.z1 * exp_rel(y.ms, ms, k1);
@@ -117,8 +128,9 @@ __device__ __forceinline__ void merge(RowState& x, const RowState& y, float k, f
   if (kTeacher) {
     const float mt = fmaxf(x.mt, y.mt);
     const float dx = exp_rel(x.mt, mt, k), dy = exp_rel(y.mt, mt, k);
+    x.a = rebase(x.a, x.zt, dx, gap(x.mt, mt) + gap(ms, xms)) +
+          rebase(y.a, y.zt, dy, gap(y.mt, mt) + gap(ms, y.ms));
     x.zt = x.zt * dx + y.zt * dy;
-    x.a = drop_or_scale(x.a, dx) + drop_or_scale(y.a, dy);
     x.mt = mt;
   }
 }
