@@ -658,6 +658,9 @@ def distill_loss(
     row of both logits once and keeps three log-sum-exps per row, the backward rebuilds the
     softmaxes from them in one read and one write. Math in fp32 whatever the logits' dtype. The
     only ``[tokens, vocab]`` tensor created is the gradient of ``student_logits`` (in its dtype).
+    Masked vocabularies: a teacher entry of probability 0 in fp32 (a logit of -inf, a mask's
+    ``finfo.min``, an underflow) adds nothing to the KL, whatever the student's logit there;
+    teacher mass where the student's logit is -inf makes the KL +inf.
     Elsewhere (other devices, float64, ``impl="reference"``) the same terms come from
     :func:`cast_ext.reference.distill_fwd` in chunks of ``chunk_size`` tokens, so no fp32
     ``[tokens, vocab]`` temporary outlives its chunk. The teacher is treated as a constant (cast
