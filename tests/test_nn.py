@@ -825,25 +825,30 @@ def test_to_sparse_converts_a_layer_pruned_with_torch_nn_utils_prune() -> None:
     assert torch.equal(model[0].dense_weight(), cast_ext.sparse24_prune(pruned))
 
 
-def test_cache_is_not_fooled_by_a_new_tensor_at_a_freed_one_s_address() -> None:
-    """torch.func.functional_call swaps in new values per call: a new tensor at the address of
-    a freed one, with a fresh version counter, matched the cached dense weight's key (address,
-    version) and the layer computed with the old weight (18 calls of 20 in a reviewer's run)."""
+def test_cache_is_not_fooled_by_another_tensor_at_the_same_address() -> None:
+    """torch.func.functional_call swaps in new values per call; a new tensor at the address of
+    a freed one, whose version counter had reached the old one's, matched the cached dense
+    weight's key (address, version), and the layer computed with the old weight (18 calls of
+    20 in a reviewer's run). Made deterministic here: a second tensor on the first one's memory
+    (its own version counter), new values written through it, its version brought level."""
     from torch.func import functional_call
 
     torch.manual_seed(0)
     sl = SparseLinear.from_dense(linear(256, 64), mode="dense", warn=False)
     x = torch.randn(4, 256)
-    reused = 0
-    for scale in range(1, 21):
-        values = sl.values * scale  # the last one is freed just before: its address is free
-        y = functional_call(sl, {"values": values}, (x,))
-        want = F.linear(x, ops.sparse24_decompress(values, sl.metadata), sl.bias)
-        torch.testing.assert_close(y, want, msg=f"call {scale}")
-        address = values.data_ptr()
-        del values, y, want
-        reused += (sl.values * 0).data_ptr() == address  # the allocator hands it out again
-    assert reused > 0  # the case was exercised
+    first = sl.values.clone()
+    other = torch.empty(0, dtype=first.dtype).set_(
+        first.untyped_storage(), first.storage_offset(), first.shape, first.stride()
+    )
+    with torch.no_grad():
+        while first._version < other._version + 1:
+            first.add_(0)  # no change but the version
+        functional_call(sl, {"values": first}, (x,))  # caches first's dense weight
+        other.mul_(2)  # new values at the same address
+    assert other.data_ptr() == first.data_ptr() and other._version == first._version
+    y = functional_call(sl, {"values": other}, (x,))
+    want = F.linear(x, ops.sparse24_decompress(other, sl.metadata), sl.bias)
+    torch.testing.assert_close(y, want)
 
 
 def test_layers_built_under_inference_mode_run() -> None:
