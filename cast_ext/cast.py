@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .nn import _excluded_weights, _is_conv1d
+from .nn import _excluded_weights, _is_conv1d, _param_holders
 from .optim import DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
@@ -413,12 +413,7 @@ def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str,
     one whose weight a module not chosen holds (an embedding tied to the head: that module
     would use the 2:4-decayed ``W`` without ``A``, and :func:`finalize` would untie the two).
     Chosen layers sharing one weight are fine: they share one scale."""
-    users: dict[int, dict[int, tuple[str, nn.Module]]] = {}  # param -> the modules holding it
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                key = f"{mname}.{pname}".lstrip(".")
-                users.setdefault(id(p), {}).setdefault(id(mod), (key, mod))
+    users = _param_holders(model)
     chosen_ids = {id(module) for _, module, _, _, _ in chosen}
     for name, module, kind, _, _ in chosen:
         if parametrize.is_parametrized(module, "weight"):
@@ -1504,8 +1499,8 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
         patterns = sorted(
             {
                 f"{g['n']}:{g['m']}"
-                for g in getattr(optimizer, "param_groups", [])
-                if "n" in g and "m" in g and any(id(p) in weights for p in g["params"])
+                for g in _groups_holding(optimizer, weights)
+                if "n" in g and "m" in g
             }
         )
         names = ", ".join(not_24[:3]) + (", ..." if len(not_24) > 3 else "")
@@ -1631,14 +1626,24 @@ def _clip_grad_norm(params: list[Tensor], max_norm: float) -> float:
     return total
 
 
+def _groups_holding(optimizer: Any, weights: set[int]) -> list[dict[str, Any]]:
+    """The param groups of ``optimizer`` (none for an object without them) holding any of the
+    tensors whose ids are ``weights``."""
+    return [
+        g
+        for g in getattr(optimizer, "param_groups", [])
+        if any(id(p) in weights for p in g["params"])
+    ]
+
+
 def _alpha_total_steps(layers: list[SparseLayer], optimizer: Any, total_steps: int) -> int:
     """``T`` of the ``alpha`` that :func:`train` records: the ``total_steps`` of the optimizer's
     groups that hold the sparse ``layers``' weights (AdamS's ramp), else ``total_steps``."""
     weights = {id(layer.weight) for layer in layers}
     found = {
         g["total_steps"]
-        for g in getattr(optimizer, "param_groups", [])
-        if g.get("total_steps") is not None and any(id(p) in weights for p in g["params"])
+        for g in _groups_holding(optimizer, weights)
+        if g.get("total_steps") is not None
     }
     if len(found) > 1:
         raise ValueError(

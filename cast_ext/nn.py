@@ -782,6 +782,18 @@ def _is_conv1d(module: nn.Module) -> bool:
     return is_conv and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def _param_holders(model: nn.Module) -> dict[int, dict[int, tuple[str, nn.Module]]]:
+    """id of each Parameter of ``model`` -> the modules holding it: their id -> (qualified name
+    of the Parameter under that module, the module). A tied weight has several holders."""
+    holders: dict[int, dict[int, tuple[str, nn.Module]]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is not None:
+                key = f"{mname}.{pname}".lstrip(".")
+                holders.setdefault(id(p), {}).setdefault(id(mod), (key, mod))
+    return holders
+
+
 def _excluded_weights(model: nn.Module) -> set[int]:
     """ids of weights that must stay dense: embeddings and the output head (tied or not)."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -894,16 +906,12 @@ def to_sparse(
         return layer
 
     def keep_ties(replaced: set[int]) -> None:
-        holders: dict[int, dict[int, str]] = {}  # param id -> module id -> "module.param"
-        for mname, mod in model.named_modules(remove_duplicate=False):
-            for pname, p in mod._parameters.items():
-                if p is not None:
-                    key = f"{mname}.{pname}".lstrip(".")
-                    holders.setdefault(id(p), {}).setdefault(id(mod), key)
+        holders = _param_holders(model)
         for name, tensors in chosen.values():
             for what, t in tensors.items():
                 # .get: a weight that is not a Parameter (torch.nn.utils.prune's) has no holder
-                staying = [k for i, k in holders.get(id(t), {}).items() if i not in replaced]
+                held = holders.get(id(t), {})
+                staying = [k for i, (k, _) in held.items() if i not in replaced]
                 if staying:
                     raise ValueError(
                         f"cast_ext.nn.to_sparse: layer {name!r}: its {what} is tied to "
