@@ -19,6 +19,9 @@ Conventions shared by all ops:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -298,9 +301,7 @@ def adams_step_(
         params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks
     )
     _check_adams_scalars(locals())
-    _check_adams_tensors(
-        params, grads, exp_avgs, exp_avg_sqs, masks, steps, master_params, prev_masks, m
-    )
+    _check_adams_tensors(locals())
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None:
             _check_one_float(name, t, params)
@@ -348,50 +349,53 @@ def adams_step_(
         )
 
 
-def _check_adams_tensors(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    masks: list[Tensor],
-    steps: list[Tensor],
-    master_params: list[Tensor],
-    prev_masks: list[Tensor] | tuple[Tensor, ...],
-    m: int,
-) -> None:
+def _check_adams_tensors(h: dict[str, Any]) -> None:
     """The kernels' rules for the tensors of :func:`adams_step_` (csrc/adams.h), every one
     checked before any work: dtypes, devices, shapes, contiguity, and no tensor the op writes
-    sharing memory with another (the kernels' result would depend on their order)."""
+    sharing memory with another (the kernels' result would depend on their order). ``h``: the
+    call's arguments, by name."""
     from .ops import _packed_shape
 
     op = "cast_ext.adams_step_: "
+    keys = [
+        "params",
+        "grads",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "master_params",
+        "masks",
+        "prev_masks",
+        "steps",
+    ]
+    lists: dict[str, Sequence[Tensor]] = {k: h[k] for k in keys}
+    params, m = lists["params"], h["m"]
     for i, p in enumerate(params):
         shape = list(p.shape)
         if p.dtype not in (torch.float32, torch.float16, torch.bfloat16) or (
-            p.dtype != torch.float32 and not master_params
+            p.dtype != torch.float32 and not lists["master_params"]
         ):
             raise RuntimeError(
                 f"{op}params[{i}] is {p.dtype}: params must be float32, or float16/bfloat16 "
                 "with fp32 master_params"
             )
-        if masks and (p.dim() == 0 or shape[-1] % m):
+        if lists["masks"] and (p.dim() == 0 or shape[-1] % m):
             raise RuntimeError(
                 f"{op}params[{i}] of shape {shape} is sparse: its last dim must be a multiple "
                 f"of m={m}"
             )
-        _check_one_float(f"steps[{i}]", steps[i], params)
-        packed = _packed_shape(shape, shape[-1]) if masks else None
-        expected = [
-            ("params", params, shape, params[0].dtype),
-            ("grads", grads, shape, p.dtype),
-            ("exp_avgs", exp_avgs, shape, torch.float32),
-            ("exp_avg_sqs", exp_avg_sqs, shape, torch.float32),
-            ("master_params", master_params, shape, torch.float32),
-            ("masks", masks, packed, torch.uint8),
-            ("prev_masks", prev_masks, packed, torch.uint8),
-        ]
-        for name, tensors, want, dtype in expected:
-            t = tensors[i] if tensors else None
+        _check_one_float(f"steps[{i}]", lists["steps"][i], params)
+        packed = _packed_shape(shape, shape[-1]) if lists["masks"] else None
+        expected = {  # name -> (shape, dtype)
+            "params": (shape, params[0].dtype),
+            "grads": (shape, p.dtype),
+            "exp_avgs": (shape, torch.float32),
+            "exp_avg_sqs": (shape, torch.float32),
+            "master_params": (shape, torch.float32),
+            "masks": (packed, torch.uint8),
+            "prev_masks": (packed, torch.uint8),
+        }
+        for name, (want, dtype) in expected.items():
+            t = lists[name][i] if lists[name] else None
             if t is None:
                 continue
             if list(t.shape) != want or t.dtype != dtype:
@@ -411,16 +415,7 @@ def _check_adams_tensors(
     # Byte ranges [begin, end) of the non-empty tensors (contiguous, checked above).
     spans = sorted(
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name != "grads", f"{name}[{i}]")
-        for name, ts in (
-            ("params", params),
-            ("grads", grads),
-            ("exp_avgs", exp_avgs),
-            ("exp_avg_sqs", exp_avg_sqs),
-            ("masks", masks),
-            ("steps", steps),
-            ("master_params", master_params),
-            ("prev_masks", prev_masks),
-        )
+        for name, ts in lists.items()
         for i, t in enumerate(ts)
         if t.numel()
     )
