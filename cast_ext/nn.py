@@ -527,14 +527,19 @@ class SparseLinear(nn.Module):
         # The buffers are converted in place where torch converts Parameters in place (the
         # same tensor type; not e.g. to the meta device): layers that share them (to_sparse of
         # tied Linears) stay tied (nn.Module._apply would give each its own copy). The second
-        # holder's fn then finds them converted already.
+        # holder's fn then finds them converted already. nn.Module._apply is not handed these
+        # two again (fn applied twice would, for example, scale them twice).
+        converted = []
         for key in ("values", "metadata"):
             buf = self._buffers.get(key)
             if buf is not None:
                 new = fn(buf)
                 if new is not buf and torch._has_compatible_shallow_copy_type(buf, new):
                     buf.data = new
-        return super()._apply(fn, recurse)
+                    new = buf
+                self._buffers[key] = new
+                converted.append(new)
+        return super()._apply(lambda t: t if any(t is c for c in converted) else fn(t), recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle, torch.save(module) and deepcopy: the derived weights are rebuilt on use, so they

@@ -893,6 +893,23 @@ def test_tied_layers_stay_tied_through_dtype_and_device_casts() -> None:
     assert model[0].weight is model[2].weight
 
 
+def test_apply_converts_each_buffer_once() -> None:
+    """_apply converted values/metadata itself and then handed them to nn.Module._apply too: a
+    function that is not idempotent (here: one that counts its calls and scales) ran twice."""
+    sl = SparseLinear.from_dense(linear(16, 8), warn=False)
+    values, bias = sl.values.clone(), sl.bias.detach().clone()
+    seen: list[torch.Tensor] = []
+
+    def double(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return t * 2 if t.is_floating_point() else t.clone()
+
+    sl._apply(double)
+    assert len(seen) == 3  # values, metadata, bias: each once
+    torch.testing.assert_close(sl.values, values * 2, rtol=0, atol=0)
+    torch.testing.assert_close(sl.bias.detach(), bias * 2, rtol=0, atol=0)
+
+
 def test_a_decision_measured_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """clear_dispatch_decisions while a trial completes: its decision (measured before the
     clear) was stored after it; it is dropped now and the bucket measures again."""
