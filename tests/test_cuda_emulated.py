@@ -707,23 +707,36 @@ def test_pack_unpack(emu: Emu, max_grid: int) -> None:
     assert emu.stats()["launches"] == 0
 
 
+def flips_grid(nbytes: int, aligned: bool) -> int:
+    """mask_flips' grid: a thread per 16-byte unit (per byte where a pointer is not 16-byte
+    aligned), at most 4096 blocks."""
+    work = -(-nbytes // 16) if aligned else nbytes
+    return max(1, min(-(-work // THREADS), 4096))
+
+
 @pytest.mark.parametrize("m", [4, 8])
 @pytest.mark.parametrize("max_grid", [0, 3], ids=["grid", "grid3"])
-def test_mask_flips(emu: Emu, m: int, max_grid: int) -> None:
-    """Group-change counts equal the reference, for sizes that leave partial warps and blocks
-    (the warp-shuffle reduction then sums lanes that had no byte) and span several blocks."""
+@pytest.mark.parametrize("offset", [0, 1, 8], ids=["aligned", "odd", "half"])
+def test_mask_flips(emu: Emu, m: int, max_grid: int, offset: int) -> None:
+    """Group-change counts equal the reference: 16-byte loads where both masks are 16-byte
+    aligned, single bytes where one is not (offset), a tail past the last whole 16 bytes, sizes
+    that leave partial warps and blocks (the reductions then sum threads that had nothing) and
+    span several blocks, and grid-stride loops (max_grid)."""
     gen = torch.Generator().manual_seed(m)
     emu.configure(max_grid=max_grid)
     one_bit = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
-    for nbytes in [1, 7, 33, 256, 1000, 5003]:
-        a = torch.randint(0, 256, (nbytes,), generator=gen, dtype=torch.uint8)
+    for nbytes in [1, 7, 16, 33, 256, 1000, 5003, 70001]:
+        base_a = torch.randint(0, 256, (nbytes + 16,), generator=gen, dtype=torch.uint8)
+        base_b = base_a.clone()
+        a = base_a[offset : offset + nbytes]
         for p in (0.0, 0.3, 1.0):
             # Bytes differ with probability p: by one bit (any of the 8) or by a random pattern.
             single = one_bit[torch.randint(0, 8, (nbytes,), generator=gen)]
             pattern = torch.randint(1, 256, (nbytes,), generator=gen, dtype=torch.uint8)
             pick = torch.rand(nbytes, generator=gen)
             zero = torch.zeros((), dtype=torch.uint8)
-            b = a ^ torch.where(pick < p / 2, single, torch.where(pick < p, pattern, zero))
+            b = base_b[:nbytes]  # b aligned: the path follows a's offset
+            b.copy_(a ^ torch.where(pick < p / 2, single, torch.where(pick < p, pattern, zero)))
             out = Guarded((1,), torch.int64)
             out.t.zero_()  # zeroed by the caller
             rc = emu.call("emu_mask_flips", a.data_ptr(), b.data_ptr(), nbytes, m, out.ptr)
@@ -731,8 +744,13 @@ def test_mask_flips(emu: Emu, m: int, max_grid: int) -> None:
             out.check("out")
             want = int(reference.mask_flips(a, b, m))
             assert int(out.t.item()) == want, f"nbytes={nbytes} p={p}"
-            blocks = grid_for(nbytes) if not max_grid else min(grid_for(nbytes), max_grid)
+            aligned = a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            assert aligned == (offset == 0)
+            blocks = flips_grid(nbytes, aligned)
+            blocks = min(blocks, max_grid) if max_grid else blocks
+            assert emu.grids() == [blocks]
             assert emu.stats()["warp_syncs"] == blocks * (THREADS // 32) * 5 * 2
+            assert emu.stats()["barriers"] == blocks
     assert emu.call("emu_mask_flips", None, None, 0, m, None) == CUDA_SUCCESS
 
 

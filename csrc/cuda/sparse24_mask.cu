@@ -23,6 +23,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kFlipsMaxBlocks = 4096;
 
 // Elements a thread owns: 8, or 4 at the end of a row whose length is 4 mod 8.
 __device__ __forceinline__ int count8(int64_t k, int64_t col) {
@@ -185,18 +186,57 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Changed groups among the packed-mask bits of one 32-bit word: nonzero nibbles (m = 4) or
+// bytes (m = 8) of a ^ b, each folded onto its lowest bit and counted.
+__device__ __forceinline__ int changed_groups(uint32_t d, int m) {
+  if (m == 8) {
+    d |= d >> 4;
+    d |= d >> 2;
+    return __popc((d | (d >> 1)) & 0x01010101u);
+  }
+  d |= d >> 2;
+  return __popc((d | (d >> 1)) & 0x11111111u);
+}
+
+// Grid-stride over 16-byte units of both masks (kVec: both 16-byte aligned; else single bytes),
+// the bytes past the last whole unit taken by the first threads. Each block sums its counts
+// (warp shuffles, then one thread over the warps' sums) and adds them with one atomic.
+template <bool kVec>
 __global__ void __launch_bounds__(kThreads)
     flips_kernel(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, int64_t nbytes,
                  int m, unsigned long long* __restrict__ out) {
+  __shared__ unsigned long long warp_counts[kThreads / 32];
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t units = kVec ? nbytes / 16 : 0;
   unsigned long long count = 0;
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < nbytes;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t d = uint32_t(a[j] ^ b[j]);
-    count += m == 8 ? (d != 0u) : ((d & 0xFu) != 0u) + ((d >> 4) != 0u);
+  if (kVec) {
+    const uint4* av = reinterpret_cast<const uint4*>(a);
+    const uint4* bv = reinterpret_cast<const uint4*>(b);
+    for (int64_t j = tid; j < units; j += stride) {
+      const uint4 x = av[j], y = bv[j];
+      count += changed_groups(x.x ^ y.x, m) + changed_groups(x.y ^ y.y, m) +
+               changed_groups(x.z ^ y.z, m) + changed_groups(x.w ^ y.w, m);
+    }
   }
+  for (int64_t j = units * 16 + tid; j < nbytes; j += stride)
+    count += changed_groups(uint32_t(a[j] ^ b[j]), m);
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) count += __shfl_down_sync(0xffffffffu, count, s);
-  if ((threadIdx.x & 31) == 0 && count) atomicAdd(out, count);
+  if ((threadIdx.x & 31) == 0) warp_counts[threadIdx.x / 32] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_counts[w];
+    if (total) atomicAdd(out, total);
+  }
+}
+
+// Blocks of flips_kernel for `units` units: enough to fill any current GPU several times over
+// (132 SMs x 8 resident blocks), few enough that the one atomic per block costs nothing.
+int flips_grid(int64_t units) {
+  const int64_t blocks = (units + kThreads - 1) / kThreads;
+  return int(blocks < kFlipsMaxBlocks ? (blocks > 0 ? blocks : 1) : kFlipsMaxBlocks);
 }
 
 int grid_for(int64_t work) {
@@ -297,8 +337,12 @@ cudaError_t unpack_mask(const uint8_t* packed, int64_t rows, int64_t k, bool* ma
 cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m, int64_t* out,
                        cudaStream_t stream) {
   if (nbytes == 0) return cudaSuccess;
-  flips_kernel<<<grid_for(nbytes), kThreads, 0, stream>>>(
-      a, b, nbytes, m, reinterpret_cast<unsigned long long*>(out));
+  auto* o = reinterpret_cast<unsigned long long*>(out);
+  if (reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0) {
+    flips_kernel<true><<<flips_grid((nbytes + 15) / 16), kThreads, 0, stream>>>(a, b, nbytes, m, o);
+  } else {
+    flips_kernel<false><<<flips_grid(nbytes), kThreads, 0, stream>>>(a, b, nbytes, m, o);
+  }
   return cudaGetLastError();
 }
 
