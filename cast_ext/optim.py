@@ -24,7 +24,8 @@ failure to guard against.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import numbers
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -78,10 +79,33 @@ def _take_written(master: Tensor, param: Tensor, chunk: int = 1 << 18) -> None:
         a.copy_(torch.where(a.to(b.dtype) == b, a, b.float()))
 
 
+def _take_master(param: Tensor, master: Tensor, chunk: int = 1 << 18) -> None:
+    """``param <- master`` where the fp32 ``param`` is ``master`` rounded to bf16 or fp16 (the
+    model was cast to fp32 since the last step: the master is the more precise weight), a chunk
+    at a time."""
+    q = param if param.is_contiguous() else param.contiguous()
+    a, m = q.view(-1), master.view(-1)
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i : i + chunk], m[i : i + chunk]
+        rounded = (x == y.to(torch.bfloat16).float()) | (x == y.to(torch.float16).float())
+        x.copy_(torch.where(rounded, y, x))
+    if q is not param:
+        param.copy_(q)
+
+
 def _written(param: Tensor) -> tuple[int, int]:
     """What changes when ``param`` is written outside the step: its version counter (in-place
     writes through autograd) and its storage (``p.data = ...`` bumps no version)."""
     return param._version, param.data_ptr()
+
+
+# Options of torch.optim.Adam(W) that change its update; AdamS has none of them.
+_TORCH_ONLY = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def _is_int(x: Any) -> bool:
+    """An integer (a NumPy one included), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _err(msg: str) -> ValueError:
@@ -335,14 +359,20 @@ class AdamS(torch.optim.Optimizer):
         ts = g["total_steps"]
         if ts is None and whole:
             raise _err("total_steps is required (the planned length T of the alpha ramp)")
-        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
+        if ts is not None and (not _is_int(ts) or ts < 1):
             raise _err(f"total_steps must be an int >= 1, got {ts!r}")
         mi = g["mask_interval"]
-        if isinstance(mi, bool) or not isinstance(mi, int) or mi < 1:
+        if not _is_int(mi) or mi < 1:
             raise _err(f"mask_interval must be an int >= 1, got {mi!r}")
         n, m = g["n"], g["m"]
-        if m not in (4, 8) or isinstance(n, bool) or not (isinstance(n, int) and 0 < n <= m):
+        if m not in (4, 8) or not (_is_int(n) and 0 < n <= m):
             raise _err(f"need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
+        unsupported = [key for key in _TORCH_ONLY if g.get(key)]
+        if unsupported:
+            raise _err(
+                f"a group sets {unsupported}: options of torch's Adam that AdamS does not have "
+                "(it would ignore them)"
+            )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; without ``sparse`` (or with None) its params are sparse by shape."""
@@ -430,12 +460,36 @@ class AdamS(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
         param's dtype (which would round bf16 params' fp32 moments and masters) and the masks to
-        a float dtype; this override restores them from ``state_dict`` exactly.
+        a float dtype; this override restores them from ``state_dict`` exactly. Hooks run as
+        torch's do: the pre-hooks first (a dict one returns is the one loaded, and checked), the
+        post-hooks last (their changes stay). A group saved without ``sparse`` (an edited or
+        foreign dict) keeps this optimizer's setting.
         """
-        saved_groups = state_dict["param_groups"]
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = [
+            {"sparse": groups[i]["sparse"], **old} if i < len(groups) else old
+            for i, old in enumerate(state_dict["param_groups"])
+        ]
+        state_dict = {**state_dict, "param_groups": saved_groups}
         saved_state = state_dict["state"]
         self._check_loadable(saved_groups, saved_state)
-        super().load_state_dict(state_dict)
+        # torch's load runs the hooks itself: here they run once, around this whole load
+        pre, post = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         id_map = {
             old_id: p
             for old_group, group in zip(saved_groups, self.param_groups, strict=True)
@@ -459,6 +513,8 @@ class AdamS(torch.optim.Optimizer):
             }
             _fit_master(p, state)  # a run saved with other param dtypes
             self.state[p] = state
+        for hook in post.values():
+            hook(self)
 
     def _check_loadable(self, saved_groups: list[dict[str, Any]], saved_state: dict) -> None:
         """Refuse, before anything changes, a state dict made for other params (another model).
@@ -552,6 +608,18 @@ class AdamS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            self._step()
+        except BaseException:
+            # GradScaler deletes grad_scale / found_inf only after a step that returns: left
+            # here, the next step would unscale by their product with the next scale.
+            for name in ("grad_scale", "found_inf"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            raise
+        return loss
+
+    def _step(self) -> None:
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         if found_inf is not None and not isinstance(found_inf, Tensor):
@@ -638,19 +706,23 @@ class AdamS(torch.optim.Optimizer):
                     lp.copy_(fl)
                 if track:
                     self._versions[id(p)] = _written(lp)
-        return loss
 
     def _sync_state(self, p: Tensor, group: dict[str, Any], sparse: bool) -> None:
         """Bring the existing state of ``p`` up to date before a step: an fp32 master exactly
-        for a non-fp32 param (the model was cast since the last step); masks exactly for a
+        for a non-fp32 param (the model was cast since the last step; a param cast to fp32
+        takes its master's value where it holds that value rounded); masks exactly for a
         sparse param (a group made sparse after some steps gets the N:M mask of its current
         weights, as a refresh would); and the master takes a param written outside the step
-        since the last one (a mask applied in place, weights loaded, ``p.data = ...``): the
-        param, not its stale fp32 master, is the weight to go on from. At the first step since
-        construction or load_state_dict, where no write was seen, the param wins where it is not
-        its master rounded (so a fresh process that loaded both goes on bit for bit). (Eager
-        only: compile does not trace versions.)"""
+        since the last one (a mask applied in place, weights loaded, ``p.data = ...``; at the
+        first step since construction or load_state_dict, whether or not it was written) where
+        the param is not its master rounded: there the param, not its stale fp32 master, is the
+        weight to go on from; elsewhere the master keeps the precision the param lacks (a write
+        of the same values, such as loading the model's own state dict, loses nothing, and a
+        fresh process that loaded both goes on bit for bit). (Eager only: compile does not
+        trace versions.)"""
         state = self.state[p]
+        if "master" in state and p.dtype == torch.float32 and not torch.compiler.is_compiling():
+            _take_master(_local(p), _local(state["master"]))
         _fit_master(p, state)
         if not sparse:
             state.pop("mask", None)  # stepped dense now: no mask to save or refresh
@@ -663,12 +735,9 @@ class AdamS(torch.optim.Optimizer):
             state["prev_mask"] = _state_like(p, packed.clone(), shape)
         if "master" not in state or torch.compiler.is_compiling():
             return
-        lp, master = _local(p), _local(state["master"])
-        seen = self._versions.get(id(p))
-        if seen is None:
-            _take_written(master, lp.contiguous())
-        elif seen != _written(lp):
-            master.copy_(lp)
+        lp = _local(p)
+        if self._versions.get(id(p)) != _written(lp):
+            _take_written(_local(state["master"]), lp.contiguous())
 
     def sync_masters(self) -> None:
         """Take the fp16/bf16 params' current values into their fp32 masters, where a param is

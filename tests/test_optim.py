@@ -790,3 +790,133 @@ def test_each_groups_hyperparameters_reach_the_step_against_the_reference_op() -
         assert_close_scaled(state["exp_avg_sq"], t["v"], str(list(p.shape)))
         if t["mask"]:
             assert torch.equal(state["mask"], t["mask"][0]), list(p.shape)
+
+
+def test_a_refused_step_leaves_no_grad_scale_behind() -> None:
+    """GradScaler deletes the grad_scale / found_inf it sets only after a step that returns: a
+    step AdamS refused (a NaN weight at a refresh) left them on the optimizer, and the next
+    GradScaler step unscaled by their product with its own scale (grads / scale**2)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False)
+    opt = AdamS(lin.parameters(), lr=1e-2, total_steps=10, mask_interval=1)
+    x = torch.randn(4, 16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    scaler.scale(lin(x).sum()).backward()
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    with torch.no_grad():
+        lin.weight[0, 0] = 0.5
+    seen: list[Tensor] = []
+    opt.register_step_pre_hook(lambda o, *_: seen.append(o.grad_scale.clone()))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    lin.zero_grad()
+    scaler.scale(lin(x).sum()).backward()
+    scaler.step(opt)
+    assert float(seen[0]) == 2.0**8
+
+
+def test_a_write_of_the_same_values_keeps_the_fp32_master() -> None:
+    """A bf16 param written outside the step (here: the model's own state dict loaded back)
+    made the master copy the param whole, dropping the precision the param lacks; the master
+    now takes the param only where it is not the master rounded."""
+
+    def run(reload: bool) -> Tensor:
+        torch.manual_seed(0)
+        lin = nn.Linear(64, 32, bias=False).bfloat16()
+        opt = AdamS(lin.parameters(), lr=1e-4, total_steps=1000, decay=1e-3)
+        for _ in range(30):
+            lin.weight.grad = torch.full_like(lin.weight, 1e-3)
+            opt.step()
+            if reload:
+                lin.load_state_dict(lin.state_dict())
+        return opt.state[lin.weight]["master"]
+
+    assert torch.equal(run(True), run(False))
+    # a write of other values is still taken: the param wins where it changed
+    lin = nn.Linear(64, 32, bias=False).bfloat16()
+    opt = AdamS(lin.parameters(), lr=1e-4, total_steps=1000)
+    lin.weight.grad = torch.full_like(lin.weight, 1e-3)
+    opt.step()
+    with torch.no_grad():
+        lin.weight[0].zero_()
+    opt.step()
+    master = opt.state[lin.weight]["master"]
+    assert float(master[0].abs().max()) < 2e-3 < 2e-2 < float(master[1:].abs().mean())
+
+
+def test_a_model_cast_to_fp32_takes_its_masters() -> None:
+    """model.float() after bf16 steps: the fp32 params hold the masters rounded to bf16; the
+    next step takes the masters (the more precise weights) instead of dropping them."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False).bfloat16()
+    opt = AdamS(lin.parameters(), lr=1e-4, total_steps=1000)
+    for _ in range(5):
+        lin.weight.grad = torch.full_like(lin.weight, 1e-3)
+        opt.step()
+    master = opt.state[lin.weight]["master"].clone()
+    assert not torch.equal(master, lin.weight.detach().float())
+    lin.float()
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    opt.step()
+    assert "master" not in opt.state[lin.weight]
+    assert torch.equal(lin.weight.detach(), master)
+
+
+def test_load_state_dict_runs_hooks_as_torch_does() -> None:
+    """A pre-hook's returned dict is the one loaded (its state too), and a post-hook's changes
+    stay (the state was restored from the raw dict after torch's load, over both)."""
+    model = make_model()
+    opt = AdamS(model.parameters(), lr=1e-2, total_steps=20)
+    set_grads(model, torch.Generator().manual_seed(0))
+    opt.step()
+    sd = opt.state_dict()
+
+    def pre(o: AdamS, state_dict: dict) -> dict:
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["exp_avg"].zero_()
+        return state_dict
+
+    def post(o: AdamS) -> None:
+        o.state[o.param_groups[0]["params"][1]]["exp_avg_sq"] = torch.full((48, 32), 7.0)
+
+    fresh = AdamS(model.parameters(), lr=1e-2, total_steps=20)
+    fresh.register_load_state_dict_pre_hook(pre)
+    fresh.register_load_state_dict_post_hook(post)
+    fresh.load_state_dict(sd)
+    params = fresh.param_groups[0]["params"]
+    assert float(fresh.state[params[0]]["exp_avg"].abs().max()) == 0.0
+    assert float(sd["state"][0]["exp_avg"].abs().max()) > 0.0  # the caller's dict untouched
+    assert torch.equal(fresh.state[params[1]]["exp_avg_sq"], torch.full((48, 32), 7.0))
+
+
+def test_a_saved_group_without_sparse_keeps_the_setting() -> None:
+    """A state dict whose group lacks `sparse` (edited, or from elsewhere) loaded, then every
+    step raised KeyError; the group keeps this optimizer's setting."""
+    model = make_model()
+    opt = AdamS(model.parameters(), lr=1e-2, total_steps=20)
+    set_grads(model, torch.Generator().manual_seed(0))
+    opt.step()
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["sparse"]
+    fresh = AdamS(model.parameters(), lr=1e-2, total_steps=20)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["sparse"] is None
+    set_grads(model, torch.Generator().manual_seed(1))
+    fresh.step()
+    assert fresh.sparsity_stats()
+
+
+def test_torch_adam_options_in_a_group_are_refused() -> None:
+    """amsgrad / maximize in a group dict were accepted and ignored (the keywords raise)."""
+    w = nn.Parameter(torch.randn(8, 16))
+    for key in ("amsgrad", "maximize"):
+        with pytest.raises(ValueError, match=key):
+            AdamS([{"params": [w], key: True}], total_steps=5)
+    AdamS([{"params": [w], "amsgrad": False}], total_steps=5)  # the default: harmless
+    np = pytest.importorskip("numpy")
+    assert AdamS([w], total_steps=np.int64(5)).param_groups[0]["total_steps"] == 5
