@@ -238,6 +238,33 @@ def test_small_kl_of_large_logits_is_accurate(device: str, offset: float) -> Non
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temp", [0.7, 3.0])  # 1 / T inexact
+def test_gradient_of_peaked_rows_at_a_temperature(device: str, temp: float) -> None:
+    """T != 1: the CPU backward's s / T went into its exponent exact (an FMA on the AVX2 and
+    AVX-512 paths) where the forward's log-sum-exp had it rounded, so a row's largest softmax
+    entries were off by up to |s / T| 2^-24: a 1-token vocabulary's gradient, exactly 0, came
+    out 3e-4 at s = 1e4; peaked rows of logits near 1e3 were 3e-5 from the reference."""
+    one = torch.tensor([[12345.678]], device=device)
+    label = torch.tensor([0], device=device)
+    scale = torch.tensor(1.0, device=device)
+    lse = ops.distill_fwd(one, -2 * one, label, temperature=temp)[2]
+    grad = ops.distill_bwd(one, -2 * one, label, lse, scale, eta=0.5, temperature=temp)
+    assert float(grad.abs().max()) == 0.0
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(8, 64, generator=gen)
+    t = torch.randn(8, 64, generator=gen)
+    s[:, 5] += 1000.0
+    t[:, 9] += 1000.0
+    y = torch.randint(0, 64, (8,), generator=gen)
+    args = (s.to(device), t.to(device), y.to(device))
+    lse = ops.distill_fwd(*args, temperature=temp)[2]
+    got = ops.distill_bwd(*args, lse, scale, eta=0.5, temperature=temp)
+    lse = reference.distill_fwd(s, t, y, temp)[2]
+    want = reference.distill_bwd(s, t, y, lse, scale.cpu(), 0.5, temp)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_rows_of_huge_logits(device: str, dtype: torch.dtype) -> None:
     """Rows whose logits are all huge and equal or nearly so: a teacher all finfo.min (a uniform

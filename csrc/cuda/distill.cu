@@ -180,9 +180,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     __syncthreads();
     if (tid == 0) {
       for (int w = 1; w < kWarps; ++w) merge<kTeacher, kT1>(st, warp_states[w], k, kLog2e);
-      const float lst = lse_of(st.ms * it, st.zs);
+      // max / T rounded (__fmul_rn: not contracted with the log's addition), as the backward
+      // rounds s / T: the row's largest entries then rebuild their softmax exactly
+      const float lst = lse_of(__fmul_rn(st.ms, it), st.zs);
       const float ls1 = kT1 ? lst : lse_of(st.ms, st.z1);
-      const float ltt = kTeacher ? lse_of(st.mt * it, st.zt) : 0.f;
+      const float ltt = kTeacher ? lse_of(__fmul_rn(st.mt, it), st.zt) : 0.f;
       kl[r] = kTeacher ? kl_of(st.a, st.zs, st.zt, st.ms, st.mt, it, t2) : 0.f;
       if (y >= 0 && y < v) {
         ce[r] = ls1 - Conv<T>::to(s[y]);
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                        float eta_t, float one_minus_eta, int64_t ignore_index,
                        T* __restrict__ grad) {
   const float scale = *grad_scale;
-  const float ca = scale * eta_t, cb = scale * one_minus_eta, k = it * kLog2e;
+  const float ca = scale * eta_t, cb = scale * one_minus_eta;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     const T* s = student + r * v;
@@ -216,9 +218,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int64_t j = threadIdx.x; j < v; j += kThreads) g[j] = Conv<T>::from(0.f);
       continue;
     }
-    // exp(s / T - lse) as exp2(s k - lse log2(e)), k = log2(e) / T
-    const float lst = lse[3 * r] * kLog2e, ltt = lse[3 * r + 1] * kLog2e;
-    const float ls1 = lse[3 * r + 2] * kLog2e;
+    // exp(s / T - lse) as exp2((s / T - lse) log2(e)), s / T rounded (__fmul_rn, no FMA) as the
+    // forward rounded max / T in lse: near the max the difference is then exact (an FMA of
+    // s k - lse log2(e) was off by up to |s / T| 2^-23 relative: 1e-3 at s = 1e4)
+    const float lst = lse[3 * r], ltt = lse[3 * r + 1], ls1 = lse[3 * r + 2];
     for (int64_t j0 = threadIdx.x; j0 < v; j0 += int64_t(kThreads) * kUnroll) {
       float sv[kUnroll], tv[kUnroll];
 #pragma unroll
@@ -231,9 +234,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t j = j0 + int64_t(u) * kThreads;
         if (j >= v) break;
-        const float es = exp2f(sv[u] * k - lst);
-        float out = cb * (kT1 ? es : exp2f(sv[u] * kLog2e - ls1));
-        if (kTeacher) out += ca * (es - exp2f(tv[u] * k - ltt));
+        const float es = exp2f((__fmul_rn(sv[u], it) - lst) * kLog2e);
+        float out = cb * (kT1 ? es : exp2f((sv[u] - ls1) * kLog2e));
+        if (kTeacher) out += ca * (es - exp2f((__fmul_rn(tv[u], it) - ltt) * kLog2e));
         if (j == y) out -= cb;
         g[j] = Conv<T>::from(out);
       }

@@ -223,9 +223,19 @@ inline float atomicAdd(float* p, float v) { return cuda_emu_atomic_add(p, v); }
 // ---- integer and fp32 intrinsics ---------------------------------------------------------------
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-// Correctly rounded IEEE operations; -ffp-contract=off keeps a*b+c two roundings, as on the device.
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
+// Correctly rounded IEEE operations, never contracted into an FMA with their neighbours (the
+// emulation compiles with -ffp-contract=fast, as nvcc contracts plain a * b + c): the result
+// passes through an empty asm statement, which the compiler cannot see into.
+inline float emu_rounded(float r) {
+#if defined(__x86_64__)
+  asm("" : "+x"(r));  // in its SSE register
+#else
+  asm("" : "+m"(r));
+#endif
+  return r;
+}
+inline float __fmul_rn(float a, float b) { return emu_rounded(a * b); }
+inline float __fadd_rn(float a, float b) { return emu_rounded(a + b); }
+inline float __fsub_rn(float a, float b) { return emu_rounded(a - b); }
+inline float __fdiv_rn(float a, float b) { return emu_rounded(a / b); }
 inline float __fsqrt_rn(float a) { return __builtin_sqrtf(a); }
