@@ -86,7 +86,8 @@ class WeightScale(nn.Module):
         transposed: the module stores its weight as ``[in, out]``.
 
     Shape:
-        ``scale``: ``[out_features, blocks]``, fp32, initialised to ones.
+        ``scale``: ``[out_features, blocks]``, fp32 (also after ``model.half()`` or
+        ``model.bfloat16()``), initialised to ones.
     """
 
     def __init__(self, out_features: int, in_features: int, blocks: int, transposed: bool) -> None:
@@ -101,6 +102,17 @@ class WeightScale(nn.Module):
         self.blocks = blocks
         self.transposed = transposed
         self.scale = nn.Parameter(torch.ones(out_features, blocks, dtype=torch.float32))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> WeightScale:
+        # model.half() / .bfloat16() leave the scale fp32: a 16-bit A moves in steps of 0.4-0.8%
+        # near 1, where it lives (see _HalfTimesScale). Devices and other casts apply as usual.
+        def keep_fp32(t: Tensor) -> Tensor:
+            new = fn(t)
+            if new.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32:
+                return t.to(device=new.device)
+            return new
+
+        return super()._apply(keep_fp32, recurse)
 
     def _scaled(self, w: Tensor, inverse: bool = False) -> Tensor:
         if isinstance(w, DTensor):
@@ -296,13 +308,27 @@ def _layout(module: nn.Module) -> tuple[str, int, int] | None:
 
 
 def sparse_layers(model: nn.Module) -> list[SparseLayer]:
-    """The layers of ``model`` that :func:`prepare` has parametrized, in module order."""
+    """The layers of ``model`` that :func:`prepare` has parametrized, in module order.
+
+    Raises:
+        ValueError: a layer's weight has CAST's scaling and another parametrization (added
+            after :func:`prepare`): it would train as a plain dense weight, unseen here.
+    """
     out = []
     for name, module in model.named_modules():
         if not parametrize.is_parametrized(module, "weight"):
             continue
         plist = module.parametrizations.weight
-        if len(plist) != 1 or not isinstance(plist[0], WeightScale):
+        if len(plist) != 1 and any(isinstance(q, WeightScale) for q in plist):
+            found = [type(q).__name__ for q in plist]
+            raise ValueError(
+                f"cast_ext.cast: {name or 'the model'}.weight has parametrizations {found}: "
+                "CAST's WeightScale must be its only one (a layer with another would train as "
+                "a plain dense weight and stay dense at finalize); remove the others "
+                "(torch.nn.utils.parametrize.remove_parametrizations), or add them after "
+                "finalize"
+            )
+        if not isinstance(plist[0], WeightScale):
             continue
         p = plist[0]
         out.append(
@@ -352,8 +378,9 @@ def prepare(
     Raises:
         ValueError: a chosen layer has an input dim that is not a multiple of 4 or a weight it
             cannot scale (one a module not chosen holds too, such as a tied embedding; a shared
-            ``Conv1D`` weight; a weight with another parametrization), ``model`` has already
-            been prepared, or ``scale_blocks`` < 1 (nothing is changed).
+            ``Conv1D`` weight; a weight with another parametrization; an uninitialized lazy
+            one), ``model`` has already been prepared, or ``scale_blocks`` < 1 (nothing is
+            changed).
     """
     if isinstance(scale_blocks, bool) or not (isinstance(scale_blocks, int) and scale_blocks >= 1):
         raise ValueError(
@@ -368,9 +395,15 @@ def prepare(
         if lay is None:
             continue
         kind, out_f, in_f = lay
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        if nn.parameter.is_lazy(module.weight):
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name}.weight is uninitialized (a lazy module): run a "
+                "forward pass first, so its input dim is known, or leave it out with filter_fn "
+                "(nothing was changed)"
+            )
         if filter_fn is not None:
-            if not filter_fn(name, module):
-                continue
             if in_f % _M != 0:
                 raise ValueError(
                     f"cast_ext.cast.prepare: {name}.weight has input dim {in_f} (stored "
@@ -1701,13 +1734,13 @@ def train(
             follows AdamS's own ``total_steps``).
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning; it runs in eval mode
-            (no dropout in the targets) and gets its own mode back at the end.
+            (no dropout in the targets). Both models get their own modes back at the end.
         eta, temperature: see :func:`distill_loss`.
         grad_clip: max total grad norm, or None (default). Clipping rescales the gradients
             that AdamS's ``lam`` competes with, so a clipped run decays sooner than
             :func:`decay_budget` (which reads unclipped gradients) predicts.
-        eval_fn: ``model -> {metric: value}``; called in eval mode under ``no_grad`` by the
-            caller's code (e.g. :func:`perplexity`).
+        eval_fn: ``model -> {metric: value}`` (e.g. from :func:`perplexity`), called with the
+            model in eval mode under ``no_grad``.
         eval_every: steps between evaluations (0: only at the end).
         health_every: steps between health records (0: never).
         after_step: called with the completed step count after each optimizer step (e.g. to
@@ -1721,7 +1754,9 @@ def train(
             ``batches`` yields the batches from ``start_step`` on. The schedule's base is
             each group's ``initial_lr`` (LambdaLR's key, saved in the optimizer's state dict;
             with ``torch.distributed.checkpoint`` set it on the groups before loading, since
-            ``dcp.load`` fills only keys the target has), else the group's ``lr``.
+            ``dcp.load`` fills only keys the target has), else the group's ``lr``. A model
+            with dropout resumes bit for bit only if the RNG state was saved with the
+            checkpoint and restored (this function does neither).
         stop_step: end the loop after this step (default ``total_steps``), e.g. to fit a job's
             time limit; the schedule and ``alpha`` stay those of ``total_steps``.
         start_tokens: the tokens of the steps before ``start_step`` (a resumed run's records
@@ -1804,11 +1839,14 @@ def train(
         if eval_fn is None:
             return
         t0 = time.perf_counter()
-        metrics = eval_fn(model)
+        model.eval()
+        with torch.no_grad():
+            metrics = eval_fn(model)
         result.eval_time_s += time.perf_counter() - t0
         record("eval", {"step": step, "tokens": result.tokens, **metrics})
 
     bar = _progress(total_steps, run_name, progress)
+    student_was_training = model.training
     teacher_was_training = teacher is not None and teacher.training
     if teacher is not None:
         teacher.eval()
@@ -1889,6 +1927,7 @@ def train(
             health(stop)
         evaluate(stop)
     finally:
+        model.train(student_was_training)
         if teacher is not None:
             teacher.train(teacher_was_training)
         if bar is not None:

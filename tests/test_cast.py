@@ -1461,3 +1461,72 @@ def test_demo_joins_texts_with_the_models_eos_not_the_tokenizers():
     assert demo.eos_id(model, tok) == 7
     model.config.eos_token_id = None
     assert demo.eos_id(model, tok) == 1
+
+
+def test_train_runs_eval_fn_in_eval_mode_and_restores_the_model_mode():
+    """train left the student in train mode (the teacher got its mode back) and called eval_fn
+    with dropout on and autograd recording, while its docstring promised eval mode and
+    no_grad."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=2)
+    seen = []
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        seen.append((m.training, torch.is_grad_enabled()))
+        return {"x": 1.0}
+
+    model.eval()
+    kw = dict(total_steps=2, eval_fn=eval_fn, eval_every=1, health_every=0, progress=False)
+    cast.train(model, opt, (ids(seed=s) for s in range(2)), **kw)
+    assert seen == [(False, False), (False, False)]
+    assert not model.training
+    model.train()
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=2)
+    cast.train(model, opt, (ids(seed=s) for s in range(2)), **kw)
+    assert model.training
+
+
+def test_a_parametrization_added_after_prepare_is_refused():
+    """A second parametrization on a prepared layer made sparse_layers skip it: the layer
+    trained as a plain dense weight (param_groups put it in "dense") and finalize left it
+    dense, all silently."""
+
+    class Ident(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    cast.prepare(model)
+    nn.utils.parametrize.register_parametrization(model[0], "weight", Ident())
+    for call in (cast.sparse_layers, cast.param_groups, cast.finalize):
+        with pytest.raises(ValueError, match=r"0\.weight has parametrizations"):
+            call(model)
+
+
+def test_prepare_refuses_a_lazy_layer_before_changing_anything():
+    """An uninitialized LazyLinear (in_features 0, a multiple of 4) was chosen and failed
+    mid-way: the layers before it stayed prepared, and prepare refused a second try."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(8))
+    with pytest.raises(ValueError, match="uninitialized"):
+        cast.prepare(model)
+    assert cast.sparse_layers(model) == []
+    model(torch.randn(2, 8))
+    assert len(cast.prepare(model)) == 2
+
+
+def test_the_scales_stay_fp32_when_the_model_is_cast():
+    """model.bfloat16() after prepare made the scales bf16 (steps of 0.4-0.8% near 1)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    cast.prepare(model)
+    scale = model[0].parametrizations.weight[0].scale
+    with torch.no_grad():
+        scale.mul_(1.001)
+    want = scale.detach().clone()
+    model.bfloat16()
+    assert scale.dtype == torch.float32 and torch.equal(scale, want)
+    assert model[0].parametrizations.weight.original.dtype == torch.bfloat16
+    model(torch.randn(2, 16, dtype=torch.bfloat16)).sum().backward()
+    assert scale.grad is not None and scale.grad.dtype == torch.float32
+    model.double()  # a wider cast applies
+    assert model[0].parametrizations.weight[0].scale.dtype == torch.float64
