@@ -25,7 +25,7 @@ at::Tensor decompress_weight(const char* op, const at::Tensor& values_in, const 
   auto oshape = values.sizes().vec();
   oshape.back() = k;
   auto out = at::empty(oshape, values.options());
-  DeviceFlag flag(values, check_meta);
+  DeviceFlag flag(values, check_meta && values.numel() > 0);  // empty: no launch, no sync
   check_launch(
       op, cuda::sparse24_decompress(to_cuda_dtype(values.scalar_type()), values.const_data_ptr(),
                                     meta.const_data_ptr<uint8_t>(), rows, k, out.data_ptr(),
@@ -45,7 +45,7 @@ std::vector<at::Tensor> nm_select_cuda(const char* op, cuda::MaskOut mode, const
   if (reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 != 0) w = w.clone();
   const int64_t k = w.size(-1);
   const int64_t rows = k == 0 ? 0 : w.numel() / k;
-  DeviceFlag flag(w, true);
+  DeviceFlag flag(w, w.numel() > 0);  // empty: nothing to check, no sync
   std::vector<at::Tensor> outs;
   bool* mask = nullptr;
   void* values = nullptr;
