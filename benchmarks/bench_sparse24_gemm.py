@@ -36,6 +36,7 @@ Run: ``python -m benchmarks.bench_sparse24_gemm`` (CAST_EXT_BENCH_QUICK=1: 2 sha
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -175,8 +176,41 @@ def _impls(
     return impls
 
 
-def run(reps: int = 30) -> list[Row]:
-    """Time every (weight, M) and return the rows."""
+def _setup(n: int, k: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, int]]:
+    """The pruned weight, its compressed forms and SparseLinear (None where building one
+    failed: the error instead), and the bytes each path reads for the weight."""
+    lin = nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE)
+    w = ops.sparse24_prune(lin.weight.detach())
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    built: dict[str, Any] = {}
+    for name, make in (
+        ("wc", lambda: ops.cslt_compress(w)),
+        ("wc_torch", lambda: torch._cslt_compress(w)),
+        ("layer", lambda: SparseLinear.from_dense(lin, mode="auto", warn=False)),
+    ):
+        try:
+            built[name] = make()
+        except Exception as e:  # first contact with the GPU: record it, time the others
+            built[name] = None
+            built[name + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"N={n} K={k}: {name} failed: {built[name + '_error']}", flush=True)
+    half = w.numel()  # bytes of a 2:4 bf16 weight's kept values
+    weight_bytes = {
+        "dense": w.numel() * 2,
+        "cast_ext_cslt": built["wc"].numel() * 2 if built["wc"] is not None else half,
+        "torch_cslt": built["wc_torch"].numel() * 2 if built["wc_torch"] is not None else half,
+        "packed": half + w.numel() // 8,
+    }
+    weight_bytes["torch_cslt_searched"] = weight_bytes["torch_cslt"]
+    weight_bytes["sparse"] = weight_bytes["cast_ext_cslt"]
+    return w, built, weight_bytes
+
+
+def run(rows: list[Row], reps: int = 30) -> None:
+    """Time every (weight, M), appending the rows to ``rows`` and writing them after every M
+    (a run stopped by a time limit keeps what it measured). An implementation that raises (this
+    is the wrapper's first contact with a GPU) gets a row with its error; the others go on."""
     shapes: dict[tuple[int, int], list[str]] = {}
     for model, layers in MODELS.items():
         for nk in layers:
@@ -185,7 +219,6 @@ def run(reps: int = 30) -> list[Row]:
     if quick():
         shapes = dict(list(shapes.items())[:2])
         tokens = [1, 128, 4096]
-    rows: list[Row] = []
     device = torch.cuda.get_device_name()
     flush = l2_flusher()
     copy_gbps = measure_copy_gbps()
@@ -194,48 +227,46 @@ def run(reps: int = 30) -> list[Row]:
         f"{device}: device copy {copy_gbps:.0f} GB/s, bf16 mm {mm_tflops:.0f} TFLOP/s", flush=True
     )
     for (n, k), models in shapes.items():
-        lin = nn.Linear(k, n, bias=False, device="cuda", dtype=DTYPE)
-        w = ops.sparse24_prune(lin.weight.detach())
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        wc = ops.cslt_compress(w)
-        wc_torch = torch._cslt_compress(w)
-        layer = SparseLinear.from_dense(lin, mode="auto", warn=False)
-        weight_bytes = {
-            "dense": w.numel() * 2,
-            "cast_ext_cslt": wc.numel() * 2,
-            "torch_cslt": wc_torch.numel() * 2,
-            "torch_cslt_searched": wc_torch.numel() * 2,
-            "packed": layer.values.numel() * 2 + layer.metadata.numel(),
-        }
-        weight_bytes["sparse"] = weight_bytes["cast_ext_cslt"]
+        w, built, weight_bytes = _setup(n, k)
+        wc, wc_torch, layer = built["wc"], built["wc_torch"], built["layer"]
         for m in tokens:
             xs = [torch.randn(m, k, device="cuda", dtype=DTYPE) for _ in range(2)]
             ref = F.linear(xs[0], w)
             impls = _impls(xs, w, wc, wc_torch, layer)
-            times: dict[str, tuple[float, float, float]] = {}
+            times: dict[str, float] = {}
+            first = len(rows)
             with torch.no_grad():
                 for name, fn in impls.items():
-                    path = _settle(layer, xs, flush) if name == "sparse_linear" else name
-                    # after the dispatch settled: the path timed is the one checked
-                    correct = _ok(fn(0), ref)  # also: plan, search
-                    med, p20, p80 = cuda_time_us(fn, n_inputs=2, warmup=5, reps=reps, flush=flush)
-                    times[name] = (med, p20, p80)
+                    row: Row = {
+                        "op": "sparse24_gemm",
+                        "impl": name,
+                        "device": device,
+                        "dtype": "bfloat16",
+                        "shape": f"x[{m},{k}] @ W[{n},{k}]^T",
+                        "m": m,
+                        "n": n,
+                        "k": k,
+                        "models": models,
+                    }
+                    try:
+                        path = _settle(layer, xs, flush) if name == "sparse_linear" else name
+                        # after the dispatch settled: the path timed is the one checked
+                        correct = _ok(fn(0), ref)  # also: plan, search
+                        med, p20, p80 = cuda_time_us(
+                            fn, n_inputs=2, warmup=5, reps=reps, flush=flush
+                        )
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        rows.append(row)
+                        print(f"N={n} K={k} M={m} {name}: {row['error']}", flush=True)
+                        continue
+                    times[name] = med
                     tflops = 2 * m * n * k / (med * 1e-6) / 1e12
                     peak = peak_tflops(device, path)
                     gbps = moved_bytes(path, m, n, k, weight_bytes) / (med * 1e-6) / 1e9
-                    rows.append(
+                    row.update(
                         {
-                            "op": "sparse24_gemm",
-                            "impl": name,
                             "path": path,
-                            "device": device,
-                            "dtype": "bfloat16",
-                            "shape": f"x[{m},{k}] @ W[{n},{k}]^T",
-                            "m": m,
-                            "n": n,
-                            "k": k,
-                            "models": models,
                             "median_us": round(med, 2),
                             "p20_us": round(p20, 2),
                             "p80_us": round(p80, 2),
@@ -251,19 +282,21 @@ def run(reps: int = 30) -> list[Row]:
                             "fraction_of_hbm_peak": _harness.hbm_fraction(gbps),
                         }
                     )
-            dense_us, torch_us = times["dense"][0], times["torch_cslt"][0]
-            for row in rows[-len(impls) :]:
+                    rows.append(row)
+            timed = [r for r in rows[first:] if "median_us" in r]
+            for row in timed:
                 row["baseline"] = "dense F.linear (cuBLAS)"
-                row["speedup_vs_dense"] = round(dense_us / row["median_us"], 3)
-                row["speedup_vs_torch_cslt"] = round(torch_us / row["median_us"], 3)
+                for key, base in (("dense", "dense"), ("torch_cslt", "torch_cslt")):
+                    if base in times:
+                        row[f"speedup_vs_{key}"] = round(times[base] / row["median_us"], 3)
             summary = (
-                f"{r['impl']}={r['median_us']:.1f}us/{r['speedup_vs_dense']:.2f}x"
-                for r in rows[-len(impls) :]
+                f"{r['impl']}={r['median_us']:.1f}us/{r.get('speedup_vs_dense', math.nan):.2f}x"
+                for r in timed
             )
             print(f"N={n:5d} K={k:5d} M={m:5d}  " + "  ".join(summary), flush=True)
+            write_rows("sparse24_gemm", rows)
+        del w, wc, wc_torch, layer, built
         torch.cuda.empty_cache()
-        write_rows("sparse24_gemm", rows)  # so far: a run stopped by a time limit keeps these
-    return rows
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -286,7 +319,7 @@ def _plot(rows: list[Row], path: Path) -> None:
             pts = sorted(
                 (r["m"], r["speedup_vs_dense"])
                 for r in rows
-                if (r["n"], r["k"], r["impl"]) == (n, k, impl)
+                if (r["n"], r["k"], r["impl"]) == (n, k, impl) and "speedup_vs_dense" in r
             )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
@@ -307,10 +340,13 @@ def main() -> None:
     if not torch.cuda.is_available() or not cast_ext.cusparselt_available():
         print("bench_sparse24_gemm: needs a CUDA GPU and cast_ext built with cuSPARSELt; skipped")
         return
-    rows = run(reps=10 if quick() else 30)
-    path = write_rows("sparse24_gemm", rows)
-    print(f"rows: {path}")
-    _plot(rows, path.with_suffix(".png"))
+    rows: list[Row] = []
+    try:
+        run(rows, reps=10 if quick() else 30)
+    finally:  # also when stopped (SIGINT at the suite's time limit): what was measured stays
+        path = write_rows("sparse24_gemm", rows)
+        print(f"rows: {path}")
+        _plot(rows, path.with_suffix(".png"))
     print("dispatch decisions:", dispatch_decisions())
     info = cast_ext.nn.cslt_cache_info()
     print(f"cuSPARSELt plan cache: plans={info['plans']} hits={info['hits']} "

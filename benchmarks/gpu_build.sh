@@ -27,7 +27,8 @@ BUILD_STAMP=build/gpu_build.stamp
 # True when an earlier call built these sources and cast_ext imports with its CUDA kernels.
 gpu_build_current() {
   [[ -f $BUILD_STAMP && "$(cat "$BUILD_STAMP")" == "$SOURCES_HASH" ]] &&
-    "$PY" -c "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null
+    timeout -s INT --kill-after=5 60 "$PY" -c \
+      "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null
 }
 
 gpu_build_stamp() {

@@ -22,20 +22,25 @@
 #
 # On the device machine (no .git there), pass the commit: CAST_EXT_GIT_SHA=<sha> bash ...
 #
-# Each call keeps to SUITE_BUDGET seconds (default 540, inside a 600 s device call): each stage
-# gets at most its own cap and what is left of the budget; a stage that runs out is killed and
-# reported, the next one still runs, and stages the budget never reached are listed as skipped.
-# Every benchmark writes its JSON as it goes, so one killed at its limit keeps what it measured.
+# Each call keeps to SUITE_BUDGET whole seconds (default: core 450, bench 270, all 540; a value
+# that is not a number stops the script before anything runs): each stage gets at most its own
+# cap and what is left of the budget; a stage that runs out is stopped (SIGINT first, so pytest
+# writes its report and a benchmark its JSON; SIGKILL 15 s later) and reported, the next one
+# still runs, and stages the budget never reached are listed as skipped (and fail the call).
+# Every benchmark writes its JSON as it goes, so one stopped at its limit keeps what it measured.
+# Python steps outside the stages (imports, checks) have a 60 s limit each: a hung CUDA start
+# cannot eat the call.
 # The device tool's 15 minutes count the machine's start (1-2 min) too, so the two calls do not
 # both get 540: run core with SUITE_BUDGET=450, then bench with SUITE_BUDGET = the status'
 # budget_left_s - 60 (about 300).
-# core's caps after the build: tests 160 + mask 45 + AdamS 60 + memcheck 90 = 355 s; with about
-# 20 s of checks between the stages, a build of up to about 75 s (one arch) leaves every cap
-# whole in 450, and a longer one shortens the memcheck, which runs last. bench's caps: distill
+# core's caps after the build: tests 160 + mask 45 + AdamS 60 + memcheck 60 (cast_ext's kernels)
+# + 60 (the cuSPARSELt GEMM) = 385 s; with about 20 s of checks between the stages, a build of up
+# to about 45 s (one arch) leaves every cap whole in 450, and a longer one shortens the last. bench's caps: distill
 # 45 + CAST step 60 before the GEMM benchmark (cap 240), which takes the rest: at least about
 # 175 s of 300 when the build is kept, more when the short stages finish early.
-# Tests run without -x (every failure is reported) and with a per-test timeout where
-# pytest-timeout is installed. The exit status is 1 if a stage failed.
+# Tests run without -x (every failure is reported), kernel tests first and the slow subprocess
+# tests (resume in a fresh process, the demo, the FSDP2 example) last, with a per-test timeout
+# where pytest-timeout is installed. The exit status is 1 if a stage failed or was skipped.
 #
 # Output (at most 8 files per call, the device tool's limit): suite.log (build, info, tests,
 # benchmark output, a timing line per stage), tests.xml, one JSON per benchmark, the GEMM plot.
@@ -54,10 +59,20 @@ mkdir -p "$OUT_DIR"
 export OUT="$OUT_DIR"
 LOG="$OUT_DIR/suite.log"
 PY="${PYTHON:-python3}"
-BUDGET="${SUITE_BUDGET:-540}"
+case "$PART" in
+  core) BUDGET="${SUITE_BUDGET:-450}" ;;
+  bench) BUDGET="${SUITE_BUDGET:-270}" ;;
+  *) BUDGET="${SUITE_BUDGET:-540}" ;;
+esac
+BUDGET="${BUDGET%%.*}" # 287.4 -> 287
+if ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
+  echo "gpu_suite.sh: SUITE_BUDGET must be whole seconds, got '${SUITE_BUDGET:-}'" >&2
+  exit 2
+fi
 # shellcheck source=benchmarks/gpu_build.sh
 source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the build stamp
 export PYTHONUNBUFFERED=1 CAST_EXT_EXPECT_CUDA=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 # no network there: fail at once, not after retries
 status=0
 skipped=()
 START=$SECONDS
@@ -67,7 +82,8 @@ allow() {
   local left=$((BUDGET - (SECONDS - START)))
   echo $(($1 < left ? $1 : left))
 }
-# run_stage NAME CAP CMD...: runs CMD under the stage's time limit, logging its output.
+# run_stage NAME CAP CMD...: runs CMD under the stage's time limit, logging its output; returns
+# 0 when it succeeded, 1 when it failed or was skipped.
 run_stage() {
   local name="$1" limit
   limit="$(allow "$2")"
@@ -75,18 +91,21 @@ run_stage() {
   if ((limit < 20)); then
     step "$name SKIPPED (budget spent)"
     skipped+=("$name")
-    return
+    status=1
+    return 1
   fi
   step "$name (limit ${limit}s)"
   local t0=$SECONDS rc=0
-  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
+  timeout -s INT --kill-after=15 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
   if ((rc != 0)); then
     status=1
     step "$name FAILED (rc $rc$( ((rc == 124 || rc == 137)) && echo ', time limit'), $((SECONDS - t0))s)"
-  else
-    step "$name ok ($((SECONDS - t0))s)"
+    return 1
   fi
+  step "$name ok ($((SECONDS - t0))s)"
 }
+# A Python step outside the stages (no CUDA start may hang the call).
+py60() { timeout -s INT --kill-after=5 60 "$PY" "$@"; }
 
 step "part $PART: build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST, budget ${BUDGET}s)"
 "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1 | tee -a "$LOG"
@@ -95,20 +114,19 @@ step "part $PART: build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST, budget
 if gpu_build_current; then
   step "build: up to date (sources $SOURCES_HASH built by an earlier call)"
 else
-  run_stage build 300 env CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace
-  ((status == 0)) && gpu_build_stamp
+  run_stage build 300 env CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace && gpu_build_stamp
 fi
-if ! "$PY" -c "import cast_ext" >>"$LOG" 2>&1; then
+if ! py60 -c "import cast_ext" >>"$LOG" 2>&1; then
   step "BUILD FAILED: cast_ext does not import"
   tail -60 "$LOG"
   exit 1
 fi
-"$PY" -m cast_ext info 2>&1 | tee -a "$LOG"
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
+py60 -m cast_ext info 2>&1 | tee -a "$LOG"
+timeout 30 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
 # Without a visible GPU every CUDA test skips and every stage would read "ok": stop instead
 # (SUITE_ALLOW_NO_GPU=1 runs the script's own flow on a CPU machine).
 if [[ "${SUITE_ALLOW_NO_GPU:-0}" != 1 ]] &&
-  ! "$PY" -c "import sys, torch, cast_ext; sys.exit(not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()))" >>"$LOG" 2>&1; then
+  ! py60 -c "import sys, torch, cast_ext; sys.exit(not (torch.cuda.is_available() and cast_ext.cuda_kernels_available()))" >>"$LOG" 2>&1; then
   step "NO GPU: torch sees no CUDA device, or cast_ext has no CUDA kernels; nothing run"
   tail -30 "$LOG"
   exit 1
@@ -116,16 +134,26 @@ fi
 # Built without cuSPARSELt (its header not found), the GEMM tests skip and its benchmark says
 # "skipped": the run goes on, but fails, so that this cannot pass for a full one.
 if [[ "${SUITE_ALLOW_NO_GPU:-0}" != 1 ]] &&
-  ! "$PY" -c "import sys, cast_ext; sys.exit(not cast_ext.cusparselt_available())" >>"$LOG" 2>&1; then
+  ! py60 -c "import sys, cast_ext; sys.exit(not cast_ext.cusparselt_available())" >>"$LOG" 2>&1; then
   status=1
   step "cuSPARSELt NOT BUILT: the sparse GEMM tests and benchmark cannot run (see the build log)"
 fi
 
 if [[ "$PART" != bench ]]; then
   timeout_flag=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 90)
-  # -v: a test per line, so a stage killed at its limit shows where it was
-  run_stage tests_cuda 160 "$PY" -m pytest tests -m cuda -v -rfEs -p no:cacheprovider \
+  py60 -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
+  # The kernels' tests first (cuSPARSELt's among them), the slow subprocess tests last.
+  first=(masks adams distill sparse24_gemm nn optim hostile determinism memory cupy)
+  last=(resume demo_gpu_path examples)
+  files=()
+  for f in "${first[@]}"; do files+=("tests/test_$f.py"); done
+  for f in tests/test_*.py; do
+    n="${f#tests/test_}"
+    [[ " ${first[*]} ${last[*]} " == *" ${n%.py} "* ]] || files+=("$f")
+  done
+  for f in "${last[@]}"; do files+=("tests/test_$f.py"); done
+  # -v: a test per line, so a stage stopped at its limit shows where it was
+  run_stage tests_cuda 160 "$PY" -m pytest "${files[@]}" -m cuda -v -rfEs -p no:cacheprovider \
     "${timeout_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
   grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
   # The issues' benchmarks before the memcheck: on a first call the build leaves the least
@@ -135,15 +163,19 @@ if [[ "$PART" != bench ]]; then
   SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
   if [[ -x $SANITIZER ]]; then
     before=$status lines=$(wc -l <"$LOG")
-    run_stage memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAST_EXT_CSLT_SEARCH=0 \
-      "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" -m benchmarks.cuda_smoke
-    # The gVisor runtime refuses compute-sanitizer ("Device not supported", device tool's
-    # KINDS.md): that machine cannot run the stage, which is no failure of the code.
-    if tail -n +"$((lines + 1))" "$LOG" | grep -q "Device not supported"; then
-      status=$before
-      step "memcheck SKIPPED (compute-sanitizer: device not supported on this runtime)"
-      skipped+=(memcheck)
-    fi
+    # cast_ext's kernels, then the cuSPARSELt GEMM (its large kernels instrument slowly) last
+    for part in kernels cslt; do
+      run_stage "memcheck_$part" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 CAST_EXT_CSLT_SEARCH=0 \
+        "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" -m benchmarks.cuda_smoke --part "$part"
+      # The gVisor runtime refuses compute-sanitizer ("Device not supported", device tool's
+      # KINDS.md): that machine cannot run the stage, which is no failure of the code.
+      if tail -n +"$((lines + 1))" "$LOG" | grep -q "Device not supported"; then
+        status=$before
+        step "memcheck SKIPPED (compute-sanitizer: device not supported on this runtime)"
+        skipped+=(memcheck)
+        break
+      fi
+    done
   else
     step "memcheck SKIPPED (no compute-sanitizer)"
     skipped+=(memcheck)

@@ -354,3 +354,39 @@ def test_bench_sparse24_gemm_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, 
         assert r["peak_tflops"] is None or r["fraction_of_peak"] is not None
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "sparse24_gemm.png").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:cast_ext.nn.SparseLinear. cuSPARSELt failed")
+def test_bench_sparse24_gemm_keeps_going_past_a_failing_implementation(
+    shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """The wrapper's first contact with a GPU may raise: that implementation gets a row with
+    its error and the others are timed (one exception ended the run, and the first weight's
+    rows were never written); the JSON is written after every M."""
+    mod = _bench("bench_sparse24_gemm", monkeypatch)
+    monkeypatch.setattr(mod, "MODELS", {"a": [(64, 128)]})
+    monkeypatch.delenv("CAST_EXT_BENCH_QUICK")
+    monkeypatch.setattr(mod, "TOKENS", [1, 64])
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("cast_ext.cslt_linear: a cuSPARSELt failure")
+
+    monkeypatch.setattr(mod.ops, "cslt_linear", broken)
+    written: list[int] = []
+    write_rows = mod.write_rows
+
+    def counting(name: str, rows: list[Any]) -> Path:
+        written.append(len(rows))
+        return write_rows(name, rows)
+
+    monkeypatch.setattr(mod, "write_rows", counting)
+    mod.main()
+    rows = _rows(tmp_path / "sparse24_gemm.json")
+    failed = [r for r in rows if "error" in r]
+    assert {(r["impl"], r["m"]) for r in failed} == {("cast_ext_cslt", 1), ("cast_ext_cslt", 64)}
+    assert all("a cuSPARSELt failure" in r["error"] for r in failed)
+    timed = [r for r in rows if "error" not in r]
+    assert {r["impl"] for r in timed} >= {"dense", "torch_cslt", "sparse_linear"}
+    for r in timed:
+        _finite(r, ("median_us", "speedup_vs_dense", "speedup_vs_torch_cslt"))
+    assert written[:2] == [len([r for r in rows if r["m"] == 1]), len(rows)]

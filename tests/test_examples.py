@@ -186,6 +186,7 @@ def test_cast_fsdp2_example_on_gpt2(tmp_path: Path) -> None:
 
 
 @requires_cuda
+@pytest.mark.timeout(150)  # torchrun, NCCL's start and a short run: over the suite's 60 s
 def test_cast_fsdp2_example_on_cuda(tmp_path: Path) -> None:
     """One rank on the GPU: nccl, bf16 compute with fp32 masters, a bf16 teacher."""
     data = tmp_path / "data"
