@@ -79,6 +79,8 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
   const float inv_scale = args.grad_scale != nullptr ? __fdiv_rn(1.f, *args.grad_scale) : 1.f;
   const int64_t total_chunks = args.chunk_end[args.ntensors - 1];
   __shared__ AdamsCoeffs shared_c;
+  AdamsCoeffs c{};
+  int c_of = -1;  // the tensor whose coefficients c holds
   for (int64_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     // First tensor whose inclusive chunk_end exceeds `chunk`.
     int lo = 0, hi = args.ntensors - 1;
@@ -98,12 +100,17 @@ __global__ void __launch_bounds__(kThreads) adams_kernel(const UpdateArgs args) 
     const int64_t k = args.k[ti];
     const int64_t kb = (k + 7) / 8;
     const bool vec_ok = args.vec[ti] != 0;
-    // One thread derives the tensor's coefficients (two double pows) for the whole block. The
-    // chunk loop is uniform across the block, so the barriers are reached by every thread.
-    if (threadIdx.x == 0) shared_c = adams_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
-    __syncthreads();
-    const AdamsCoeffs c = shared_c;
-    __syncthreads();  // everyone has its copy before thread 0 overwrites it for the next chunk
+    // One thread derives the tensor's coefficients (two double pows) for the whole block, once
+    // per run of chunks of one tensor (a block's next chunk is mostly of the same tensor). The
+    // chunk loop and ti are uniform across the block, so the barriers are reached by every
+    // thread.
+    if (ti != c_of) {
+      if (threadIdx.x == 0) shared_c = adams_coeffs(args.h, int64_t(*args.step[ti]), kSparse);
+      __syncthreads();
+      c = shared_c;
+      c_of = ti;
+      __syncthreads();  // everyone has its copy before thread 0 overwrites it for another tensor
+    }
     T* __restrict__ pp = static_cast<T*>(args.p[ti]);
     const T* __restrict__ gp = static_cast<const T*>(args.g[ti]);
     float* __restrict__ mup = args.mu[ti];
