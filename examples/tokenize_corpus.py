@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("files", nargs="+", type=Path, help="text files, one document each")
     args = p.parse_args(argv)
     ids = tokenize(args.model, args.files)
-    np.save(args.out, ids)
-    print(f"{args.out}: {len(ids):,} tokens ({ids.dtype}) from {len(args.files)} files")
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"  # as np.save names it
+    np.save(out, ids)
+    print(f"{out}: {len(ids):,} tokens ({ids.dtype}) from {len(args.files)} files")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # Set up a fresh machine for cast_ext: a virtual environment in .venv with the pinned
 # dependencies, then the extension built in place (CPU kernels always; CUDA kernels and
 # cuSPARSELt when torch is a CUDA build and nvcc is found; see setup.py for the flags).
-# Idempotent: a second run only rebuilds what changed. Source it or run it.
+# Idempotent: a second run only rebuilds what changed. Run it (`bash scripts/setup.sh`; sourced,
+# its `set -euo pipefail` and `cd` would stay in your shell), then `. .venv/bin/activate`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then

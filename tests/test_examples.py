@@ -195,3 +195,47 @@ def test_cast_fsdp2_example_on_cuda(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "final_report.json").read_text())
     assert report["exactly_24_layers"] == "14/14"
     assert math.isfinite(report["val_ppl_after_prune"])
+
+
+def _example_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cast_fsdp2", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cast_fsdp2_example_checks_its_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    """--seq 0 / --batch 0 / --device cuda without a GPU ended in tracebacks on every rank."""
+    example = _example_module()
+    base = ["--model", "m", "--train", "t.npy", "--out", "o", "--steps", "4"]
+    bad = [["--seq", "1"], ["--batch", "0"], ["--grad-accum", "0"], ["--stop-after", "0"]]
+    bad += [["--steps", "0"], ["--timeout-min", "0"]]
+    if not torch.cuda.is_available():
+        bad.append(["--device", "cuda"])
+    for extra in bad:
+        with pytest.raises(SystemExit) as info:
+            example.parse_args([*base, *extra])
+        assert info.value.code == 2, extra
+    err = capsys.readouterr().err
+    assert "--seq must be >= 2, got 1" in err and "--batch must be >= 1, got 0" in err
+
+
+def test_cast_fsdp2_example_log_of_a_finished_run_resumed(tmp_path: Path) -> None:
+    """--resume of a finished run records its last health and evaluation again: the stopped
+    run's records of that step go, so the log holds each once (it held them twice)."""
+    example = _example_module()
+    log = tmp_path / "log.jsonl"
+    records = [
+        {"kind": "train", "step": 4},
+        {"kind": "health", "step": 4},
+        {"kind": "eval", "step": 4},
+        {"kind": "train", "step": 5},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    example.trim_log(log, 4)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == records[:3]
+    example.trim_log(log, 4, done=True)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == records[:1]
