@@ -263,6 +263,11 @@ class AdamS(torch.optim.Optimizer):
     ``grad_scale`` / ``found_inf`` on the optimizer and the kernel unscales the gradients and
     skips the whole step (params, state, step counts) on an inf.
 
+    ``step`` runs under ``torch.compile``. The fused op takes the hyperparameters as Python
+    numbers, which Dynamo specializes on: an lr that changes every step (a scheduler) recompiles
+    the step each time until Dynamo's cache limit, after which it runs eager (the same results;
+    the compile buys nothing there: the step is one fused kernel call per group either way).
+
     Args:
         params: iterable of tensors or of param-group dicts.
         lr: learning rate.
