@@ -596,16 +596,28 @@ def _reference_fwd(
     parts = [
         reference.distill_fwd(student[i : i + chunk], _rows(teacher, i, chunk),
                               labels[i : i + chunk], t_, ignore)
-        for i in range(0, max(student.shape[0], 1), chunk)  # one (empty) chunk for 0 rows
+        for i in _chunks(student.shape[0], chunk)
     ]  # fmt: skip
     kl, ce, lse = (torch.cat(p) for p in zip(*parts, strict=True))
     return kl, ce, lse
 
 
+def _fp32_rows(t: Tensor | None, i: int, chunk: int) -> Tensor | None:
+    """Rows ``i .. i + chunk`` of ``t`` in fp32 (a view where ``t`` is fp32 already)."""
+    rows = _rows(t, i, chunk)
+    return None if rows is None else rows.float().contiguous()
+
+
+def _chunks(n: int, chunk: int) -> range:
+    return range(0, max(n, 1), chunk)  # one (empty) chunk for 0 rows
+
+
 class _DistillLoss(torch.autograd.Function):
     """KL + CE from per-row terms; the backward rebuilds the softmaxes from the saved
     log-sum-exps instead of saving probabilities. Fused ops on CPU/CUDA, else the reference in
-    chunks of rows."""
+    chunks of rows. Fused with a teacher of another dtype than the student's: both in fp32, in
+    chunks of rows (neither is rounded to the other's dtype, and no fp32 copy of a whole
+    tensor is made)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -620,7 +632,16 @@ class _DistillLoss(torch.autograd.Function):
         impl: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         fused = _fused_distill(student, impl)
-        if fused:
+        mixed = fused and teacher is not None and teacher.dtype != student.dtype
+        if mixed:
+            parts = [
+                ops.distill_fwd(_fp32_rows(student, i, chunk), _fp32_rows(teacher, i, chunk),
+                                labels[i : i + chunk], temperature=temperature,
+                                ignore_index=ignore_index)
+                for i in _chunks(student.shape[0], chunk)
+            ]  # fmt: skip
+            kl, ce, lse = (torch.cat(p) for p in zip(*parts, strict=True))
+        elif fused:
             kl, ce, lse = ops.distill_fwd(
                 student, teacher, labels, temperature=temperature, ignore_index=ignore_index
             )
@@ -632,7 +653,7 @@ class _DistillLoss(torch.autograd.Function):
         ce_mean = (ce.sum(dtype=torch.float64) / denom).float()
         loss = eta * kl_mean + (1.0 - eta) * ce_mean
         ctx.save_for_backward(student, teacher, labels, lse, denom)
-        ctx.params = (eta, temperature, ignore_index, chunk, fused)
+        ctx.params = (eta, temperature, ignore_index, chunk, fused, mixed)
         ctx.mark_non_differentiable(kl_mean, ce_mean)
         return loss, kl_mean, ce_mean
 
@@ -640,11 +661,18 @@ class _DistillLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # a double backward raises, never wrong
     def backward(ctx: Any, g_loss: Tensor, _g_kl: Tensor, _g_ce: Tensor):  # type: ignore[override]
         student, teacher, labels, lse, denom = ctx.saved_tensors
-        eta, t_, ignore_index, chunk, fused = ctx.params
+        eta, t_, ignore_index, chunk, fused, mixed = ctx.params
         scale = (g_loss / denom).float().reshape(())
         if eta == 0.0:
             teacher = None  # its term has weight 0: skip reading it
-        if fused:
+        if mixed and teacher is not None:
+            grad = torch.cat([
+                ops.distill_bwd(_fp32_rows(student, i, chunk), _fp32_rows(teacher, i, chunk),
+                                labels[i : i + chunk], lse[i : i + chunk], scale, eta=eta,
+                                temperature=t_, ignore_index=ignore_index).to(student.dtype)
+                for i in _chunks(student.shape[0], chunk)
+            ])  # fmt: skip
+        elif fused:
             grad = ops.distill_bwd(
                 student, teacher, labels, lse, scale, eta=eta, temperature=t_,
                 ignore_index=ignore_index,
@@ -654,7 +682,7 @@ class _DistillLoss(torch.autograd.Function):
                 reference.distill_bwd(student[i : i + chunk], _rows(teacher, i, chunk),
                                       labels[i : i + chunk], lse[i : i + chunk], scale, eta, t_,
                                       ignore_index)
-                for i in range(0, max(student.shape[0], 1), chunk)
+                for i in _chunks(student.shape[0], chunk)
             ])  # fmt: skip
         return grad, None, None, None, None, None, None, None
 
@@ -691,9 +719,11 @@ def distill_loss(
     teacher mass where the student's logit is -inf makes the KL +inf.
     Elsewhere (other devices, float64, ``impl="reference"``) the same terms come from
     :func:`cast_ext.reference.distill_fwd` in chunks of ``chunk_size`` tokens, so no fp32
-    ``[tokens, vocab]`` temporary outlives its chunk. The teacher is treated as a constant (cast
-    to the student's dtype if it differs). Nothing syncs with the device, except that on CUDA a
-    label outside ``[0, vocab)`` is looked for (see :func:`cast_ext.set_cuda_value_checks`).
+    ``[tokens, vocab]`` temporary outlives its chunk. The teacher is treated as a constant; one
+    of another dtype than the student's is not rounded to it (nor copied whole to fp32): such a
+    pair runs in fp32, in chunks of ``chunk_size`` tokens. Nothing syncs with the device, except
+    that on CUDA a label outside ``[0, vocab)`` is looked for (see
+    :func:`cast_ext.set_cuda_value_checks`).
 
     Args:
         student_logits: ``[..., vocab]``, requires grad.
@@ -702,7 +732,8 @@ def distill_loss(
         eta: weight of the KL term (paper: 1/3 for LLaMA).
         temperature: distillation temperature (paper: 1).
         ignore_index: label value that marks positions to skip.
-        chunk_size: tokens per chunk of the reference path.
+        chunk_size: tokens per chunk of the reference path (and of a teacher and student of
+            different dtypes).
         return_parts: also return the (detached) KL and CE means.
         impl: ``"auto"`` (the fused ops where they run) or ``"reference"``.
 
@@ -751,8 +782,6 @@ def distill_loss(
             f"cast_ext.cast.distill_loss: impl must be 'auto' or 'reference', got {impl!r}"
         )
     student = student_logits.reshape(-1, vocab)
-    if teacher is not None and teacher.dtype != student.dtype:
-        teacher = teacher.to(student.dtype)
     fused = _fused_distill(student, impl)
     loss, kl, ce = _DistillLoss.apply(
         student.contiguous() if fused else student,
