@@ -182,6 +182,18 @@ def distill_inputs(
     return s.to(device), t.to(device), y.to(device)
 
 
+def distill_peaked_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 rows of 64 fp32 logits, the student's and the teacher's each peaked near 1e3 at a
+    column of its own (the largest softmax entries, where a backward that rounds s / T unlike
+    the forward's log-sum-exp is off), and labels."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(8, 64, generator=gen)
+    t = torch.randn(8, 64, generator=gen)
+    s[:, 5] += 1000.0
+    t[:, 9] += 1000.0
+    return s, t, torch.randint(0, 64, (8,), generator=gen)
+
+
 def distill_inf_inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 logits ``[6, 40]`` with +inf entries: a student +inf off the label (row 0) and at it
     (row 2), an ignored row (1), a teacher +inf (3), two student +infs (4); row 5 finite."""

@@ -60,6 +60,7 @@ from conftest import (
     clone_lists,
     distill_inf_inputs,
     distill_inputs,
+    distill_peaked_inputs,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1280,12 +1281,7 @@ def test_distill_gradient_of_peaked_rows(emu: Emu, temp: float) -> None:
     assert rc == CUDA_SUCCESS
     rc, grad = run_distill_bwd(emu, one, -2 * one, y, got[2], 1.0, 0.5, temp)
     assert rc == CUDA_SUCCESS and float(grad.abs().max()) == 0.0
-    gen = torch.Generator().manual_seed(3)
-    s = torch.randn(8, 64, generator=gen)
-    t = torch.randn(8, 64, generator=gen)
-    s[:, 5] += 1000.0
-    t[:, 9] += 1000.0
-    y = torch.randint(0, 64, (8,), generator=gen)
+    s, t, y = distill_peaked_inputs()
     want = reference.distill_bwd(
         s, t, y, reference.distill_fwd(s, t, y, temp)[2], torch.tensor(1.0), 0.5, temp
     )
