@@ -99,6 +99,9 @@ class DispatchDecision:
 
 
 _DECISIONS: dict[tuple[Any, ...], DispatchDecision] = {}
+# (device, dtype, n, k, bias) -> buckets decided: a compiled call looks a bucket up only where
+# one was (a lookup specialises the graph on M's bucket: a dynamic M would compile per bucket)
+_DECIDED_LAYERS: dict[tuple[Any, ...], int] = {}
 # Guards the trial bookkeeping (_TRIALS and each _Trial) when threads share a shape bucket; the
 # timed calls themselves run outside it. Bumped by clear_dispatch_decisions: layers then forget
 # which paths the old decisions sent them down.
@@ -125,6 +128,7 @@ def clear_dispatch_decisions() -> None:
     """Forget every choice: the next call of each shape bucket measures again."""
     with _LOCK:
         _DECISIONS.clear()
+        _DECIDED_LAYERS.clear()
         _TRIALS.clear()
         _GENERATION[0] += 1
 
@@ -201,14 +205,23 @@ class _Trial:
 _TRIALS: dict[tuple[Any, ...], _Trial] = {}
 
 
+def _save_frozen(ctx: Any, values: Tensor, meta: Tensor) -> None:
+    """Save the layer's buffers where the backward uses the weight (a gradient for x), so that
+    writing them in place before it raises, as a Linear's weight does. Inference tensors (a
+    layer built under ``torch.inference_mode``) cannot be saved, nor written in place outside
+    it: not saved."""
+    if ctx.needs_input_grad[0] and not (values.is_inference() or meta.is_inference()):
+        ctx.save_for_backward(values, meta)
+
+
 def _frozen_weight_backward(
     ctx: Any, grad: Tensor, inputs: int, bias_at: int
 ) -> tuple[Tensor | None, ...]:
     """The backward of a linear layer whose weight (``ctx.weight()``, dense) is frozen: grads for
     x (input 0) and the bias (input ``bias_at``) of the autograd Functions below, none for the
-    rest. The layer's ``values``/``metadata`` were saved by the forward: written in place since,
-    they raise autograd's error here, as a Linear's weight does (``ctx.weight()`` would be
-    built from the new ones)."""
+    rest. The layer's ``values``/``metadata`` were saved by the forward (``_save_frozen``):
+    written in place since, they raise autograd's error here, as a Linear's weight does
+    (``ctx.weight()`` would be built from the new ones)."""
     _ = ctx.saved_tensors
     grad_x = grad @ ctx.weight() if ctx.needs_input_grad[0] else None
     grad_b = None
@@ -236,7 +249,7 @@ class _CsltLinearFn(torch.autograd.Function):
     ) -> Tensor:
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(values, meta)
+        _save_frozen(ctx, values, meta)
         return ops.cslt_linear(x, w_compressed, n, k, bias)
 
     @staticmethod
@@ -260,7 +273,7 @@ class _PackedLinearFn(torch.autograd.Function):
     ) -> Tensor:
         ctx.weight = layer._backward_weight
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(values, meta)
+        _save_frozen(ctx, values, meta)
         return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check)
 
     @staticmethod
@@ -368,7 +381,8 @@ class SparseLinear(nn.Module):
         )
         # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
         # `values` they were built from, so in-place loads and moves invalidate them.
-        self._derived: dict[str, tuple[_BufTag, Tensor]] = {}
+        # name -> (the buffers' tag, the derived weight, the buffers it was built from)
+        self._derived: dict[str, tuple[_BufTag, Tensor, tuple[Tensor, Tensor]]] = {}
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down, and
         # "backward" once a backward needed the dense weight; a measurement builds both weights,
         # then the one nothing uses is released. Reset when the decisions are cleared
@@ -473,10 +487,12 @@ class SparseLinear(nn.Module):
     def _current(self, name: str) -> Tensor | None:
         """The cached derived weight ``name`` if it was built from the current buffers.
 
-        Under torch.compile data pointers cannot be traced, so there is no staleness check: the
-        weight the last eager call built is used. ``load_state_dict`` drops the derived
-        weights; after writing ``values``/``metadata`` in place otherwise, call the layer once
-        eagerly before a compiled call. Writes that bypass the tensors' version counter
+        Under torch.compile data pointers and versions cannot be traced: the weight the last
+        eager call built is used if the buffers are the tensors it was built from (buffers
+        assigned since, or swapped in by ``torch.func.functional_call``, are not: the weight is
+        derived in the graph then). ``load_state_dict`` drops the derived weights; after
+        writing ``values``/``metadata`` in place otherwise, call the layer once eagerly before a
+        compiled call. Writes that bypass the tensors' version counter
         (through ``.data`` or a NumPy view), and in-place writes to buffers that are inference
         tensors (a layer built under ``torch.inference_mode``: they have no version counter),
         are not seen at all: follow them with ``load_state_dict`` or a ``.to()``.
@@ -486,9 +502,12 @@ class SparseLinear(nn.Module):
         if torch.compiler.is_exporting():
             return None
         hit = self._derived.get(name)
-        if hit is not None and (torch.compiler.is_compiling() or hit[0] == self._tag()):
-            return hit[1]
-        return None
+        if hit is None:
+            return None
+        if torch.compiler.is_compiling():  # identity: Dynamo guards it
+            b = self._buffers
+            return hit[1] if hit[2][0] is b["values"] and hit[2][1] is b["metadata"] else None
+        return hit[1] if hit[0] == self._tag() else None
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
         t = self._current(name)
@@ -501,7 +520,8 @@ class SparseLinear(nn.Module):
         # trained on the layer, after an evaluation under inference_mode).
         with torch.inference_mode(False), torch.no_grad():
             t = build()
-        self._derived[name] = (self._tag(), t)
+        b = self._buffers
+        self._derived[name] = (self._tag(), t, (b["values"], b["metadata"]))
         return t
 
     def _dense_cached(self) -> Tensor:
@@ -519,7 +539,7 @@ class SparseLinear(nn.Module):
 
     def derived_bytes(self) -> int:
         """Bytes held by the derived weights (dense copy, cuSPARSELt buffer) besides the buffers."""
-        return sum(t.numel() * t.element_size() for _, t in self._derived.values())
+        return sum(t.numel() * t.element_size() for _, t, _ in self._derived.values())
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
@@ -588,9 +608,14 @@ class SparseLinear(nn.Module):
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse", None
-        if torch.compiler.is_exporting():
-            # One graph for every M (a bucket would specialise a dynamic batch dim): dense,
-            # derived in the graph from values/metadata (see _current).
+        layer = (str(x.device), x.dtype, n, k, self.bias is not None)
+        if torch.compiler.is_exporting() or (
+            torch.compiler.is_compiling() and _DECIDED_LAYERS.get(layer) is None
+        ):
+            # One graph for every M (a bucket would specialise a dynamic batch dim: a graph per
+            # power of two): dense (exported: derived in the graph from values/metadata, see
+            # _current). Compiled after eager calls decided buckets of this layer's shape: a
+            # graph per bucket, each taking its decision.
             return "dense", None
         m = x.numel() // k
         key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
@@ -627,6 +652,8 @@ class SparseLinear(nn.Module):
             if trial.generation != _GENERATION[0]:
                 return  # cleared while it was measured: the next call measures again
             _DECISIONS[key] = decision
+            layer = (key[0], key[1], key[3], key[4], key[5])
+            _DECIDED_LAYERS[layer] = _DECIDED_LAYERS.get(layer, 0) + 1
         self._use(choice)
 
     def _run(self, path: str, x: Tensor) -> Tensor:

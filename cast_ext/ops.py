@@ -417,7 +417,12 @@ def _gemm_setup_context(
 ) -> None:
     x, values, meta, bias = inputs
     needs = getattr(ctx, "needs_input_grad", (True, True, False, True))
-    ctx.save_for_backward(x if needs[1] else None, values, meta)
+    # values and meta only where a gradient uses them (x's or values'): a bias-only gradient
+    # saves nothing (the layer's buffers may be inference tensors, which cannot be saved)
+    weight = needs[0] or needs[1]
+    ctx.save_for_backward(
+        x if needs[1] else None, values if weight else None, meta if weight else None
+    )
     ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
 
@@ -426,7 +431,7 @@ def _gemm_backward(
     ctx: torch.autograd.function.FunctionCtx, grad: Tensor
 ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
     x, values, meta = ctx.saved_tensors
-    n, k = values.shape[0], values.shape[1] * 2
+    n, k = grad.shape[-1], ctx.x_shape[-1]
     rows = math.prod(grad.shape[:-1])  # x's rows (not -1: n or k may be 0)
     g2 = grad.reshape(rows, n)
     grad_x = grad_values = grad_bias = None

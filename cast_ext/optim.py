@@ -72,8 +72,11 @@ def _fit_master(p: Tensor, state: dict[str, Any]) -> None:
 
 def _take_written(master: Tensor, param: Tensor, chunk: int = 1 << 18) -> None:
     """``master <- param`` where ``param`` is not ``master`` rounded to its dtype (both
-    contiguous), a chunk at a time: no full-size temporaries."""
+    contiguous), a chunk at a time: no full-size temporaries. Compiled, in one piece (the
+    compiler fuses it into one pass; chunks would put thousands of ops in the graph)."""
     m, q = master.view(-1), param.view(-1)
+    if torch.compiler.is_compiling():
+        chunk = max(m.numel(), 1)
     for i in range(0, m.numel(), chunk):
         a, b = m[i : i + chunk], q[i : i + chunk]
         a.copy_(torch.where(a.to(b.dtype) == b, a, b.float()))
@@ -267,6 +270,8 @@ class AdamS(torch.optim.Optimizer):
     numbers, which Dynamo specializes on: an lr that changes every step (a scheduler) recompiles
     the step each time until Dynamo's cache limit, after which it runs eager (the same results;
     the compile buys nothing there: the step is one fused kernel call per group either way).
+    Compiled, a step also compares each fp16/bf16 param with its fp32 master (writes between
+    steps cannot be seen there otherwise): one more pass over both.
 
     Args:
         params: iterable of tensors or of param-group dicts.
@@ -723,10 +728,10 @@ class AdamS(torch.optim.Optimizer):
         the param is not its master rounded: there the param, not its stale fp32 master, is the
         weight to go on from; elsewhere the master keeps the precision the param lacks (a write
         of the same values, such as loading the model's own state dict, loses nothing, and a
-        fresh process that loaded both goes on bit for bit). (Eager only: compile does not
-        trace versions.)"""
+        fresh process that loaded both goes on bit for bit). (Compiled, where versions cannot be
+        traced, every step compares.)"""
         state = self.state[p]
-        if "master" in state and p.dtype == torch.float32 and not torch.compiler.is_compiling():
+        if "master" in state and p.dtype == torch.float32:
             _take_master(_local(p), _local(state["master"]))
         _fit_master(p, state)
         if not sparse:
@@ -738,10 +743,12 @@ class AdamS(torch.optim.Optimizer):
             shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
             state["mask"] = _state_like(p, packed, shape)
             state["prev_mask"] = _state_like(p, packed.clone(), shape)
-        if "master" not in state or torch.compiler.is_compiling():
+        if "master" not in state:
             return
         lp = _local(p)
-        if self._versions.get(id(p)) != _written(lp):
+        # Compiled: versions cannot be traced, so every step compares (a pass over the param and
+        # its master; where nothing was written, the master stays as it is).
+        if torch.compiler.is_compiling() or self._versions.get(id(p)) != _written(lp):
             _take_written(_local(state["master"]), lp.contiguous())
 
     def sync_masters(self) -> None:

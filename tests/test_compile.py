@@ -208,3 +208,81 @@ def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(device):
         model.state_dict().items(), eager_model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_adams_takes_writes_between_steps_into_the_masters():
+    """A compiled step skipped the master catch-up for bf16 params (versions cannot be traced):
+    weights loaded between compiled steps were undone by the stale fp32 masters."""
+
+    def run(compiled: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(16, 32).bfloat16()
+        opt = cast_ext.AdamS(lin.parameters(), lr=1e-3, total_steps=10)
+        step = torch.compile(opt.step, backend=BACKEND, fullgraph=True) if compiled else opt.step
+        new = {k: torch.randn_like(v) for k, v in lin.state_dict().items()}
+        for s in range(4):
+            if s == 2:
+                lin.load_state_dict(new)
+            lin.zero_grad()
+            lin(torch.ones(4, 16, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+            step()
+        return lin.weight.detach()
+
+    eager = run(False)
+    assert torch.equal(run(True), eager)
+
+
+def test_compiled_sparse_linear_with_other_buffers_derives_their_weight():
+    """Compiled, the cached dense weight was used whatever the buffers were: after assigning new
+    ones, or with torch.func.functional_call swapping them in, the old layer's weight."""
+    from cast_ext.nn import SparseLinear
+
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32), mode="dense", warn=False)
+    other = SparseLinear.from_dense(torch.nn.Linear(64, 32), mode="dense", warn=False)
+    x = torch.randn(5, 64)
+    layer(x)  # an eager call caches the dense weight
+    swapped = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+    call = torch.compile(
+        lambda sd, x: torch.func.functional_call(layer, sd, (x,)), backend=BACKEND, fullgraph=True
+    )
+    assert torch.equal(call(swapped, x), other(x))
+    compiled = torch.compile(layer, backend=BACKEND, fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))
+    layer.values, layer.metadata, layer.bias = other.values, other.metadata, other.bias
+    assert torch.equal(compiled(x), other(x))
+
+
+def test_auto_mode_compiles_one_graph_for_a_dynamic_batch():
+    """mode="auto" looked its shape bucket up in the compiled graph: a graph per power of two
+    of M with dynamic shapes (fullgraph failed at the recompile limit). Without decisions for
+    the layer's shape it takes the dense path in one graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from cast_ext.nn import SparseLinear
+
+    cast_ext.nn.clear_dispatch_decisions()
+    layer = SparseLinear.from_dense(torch.nn.Linear(64, 32), warn=False)
+    counter = CompileCounterWithBackend(BACKEND)
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    for m in (2, 3, 5, 9, 17, 33, 65, 129, 257, 513):
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(compiled(x), layer.to_dense()(x))
+    assert counter.frame_count == 1
+
+
+def test_a_layer_built_under_inference_mode_runs_outside_it():
+    """A packed-path layer built under torch.inference_mode failed when called outside it (its
+    bias needs a gradient, and the forward saved the inference-tensor buffers for it)."""
+    from cast_ext.nn import SparseLinear
+
+    with torch.inference_mode():
+        layer = SparseLinear.from_dense(torch.nn.Linear(64, 32), mode="sparse", warn=False)
+    x = torch.randn(3, 64)
+    for fn in (layer, torch.compile(layer, backend=BACKEND, fullgraph=True)):
+        fn(x).sum().backward()
+        assert layer.bias.grad is not None
+    b = torch.randn(32, requires_grad=True)
+    values, meta = cast_ext.sparse24_compress(cast_ext.sparse24_prune(torch.randn(32, 64)))
+    torch.ops.cast_ext.sparse24_gemm(x, values, meta, b).sum().backward()  # bias only
+    torch.testing.assert_close(b.grad, torch.full((32,), 3.0))

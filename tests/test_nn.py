@@ -88,7 +88,7 @@ def test_recorded_calls_after_inference_mode_calls(mode: str) -> None:
     with torch.inference_mode():
         for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
             sl(torch.randn(5, 32))
-    assert all(not t.is_inference() for _, t in sl._derived.values())
+    assert all(not t.is_inference() for _, t, _ in sl._derived.values())
     x = torch.randn(5, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     sl(x).sum().backward()
