@@ -1212,7 +1212,12 @@ def _layer_mask(layer: SparseLayer, optimizer: Any) -> tuple[Tensor, str]:
     mask = _optimizer_mask(optimizer, layer.weight)
     if mask is not None:
         return mask.to(w.device), "optimizer"
-    return ops.sparse24_mask(w), "magnitude"
+    mask = ops.sparse24_mask(w)
+    if isinstance(w, DTensor) and mask.placements != w.placements:
+        # A weight of fewer rows than the mesh has ranks: the mask op's sharding rule made the
+        # mask Replicate; laid out like the weight, the callers' local shards match.
+        mask = mask.redistribute(w.device_mesh, w.placements)
+    return mask, "magnitude"
 
 
 def _warn_magnitude_fallback(
