@@ -1736,6 +1736,7 @@ def train(
     eval_every: int = 0,
     health_every: int = 10,
     after_step: Callable[[int], None] | None = None,
+    checkpoint: Callable[[int], None] | None = None,
     log_path: str | Path | None = None,
     run_name: str = "train",
     progress: bool = True,
@@ -1778,7 +1779,11 @@ def train(
         eval_every: steps between evaluations (0: only at the end).
         health_every: steps between health records (0: never).
         after_step: called with the completed step count after each optimizer step (e.g. to
-            re-apply a fixed mask).
+            re-apply a fixed mask), before the step's records.
+        checkpoint: called with the completed step count once the step's records (train,
+            health, eval) are written: save a checkpoint here, so that a run resumed from it
+            (``start_step``) has every record up to it and repeats none (saved from
+            ``after_step``, a kill before the records lost them).
         log_path: JSON-lines file to append to.
         run_name: written into every record.
         progress: show a tqdm bar (if tqdm is installed).
@@ -1957,9 +1962,13 @@ def train(
                 health(step + 1)
             if eval_every > 0 and (step + 1) % eval_every == 0 and step + 1 < stop:
                 evaluate(step + 1)
+            if checkpoint is not None and step + 1 < stop:
+                checkpoint(step + 1)
         if stop > start_step:  # else recorded before the (empty) loop
             health(stop)
         evaluate(stop)
+        if checkpoint is not None and stop > start_step:
+            checkpoint(stop)
     finally:
         model.train(student_was_training)
         if teacher is not None:

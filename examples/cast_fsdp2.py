@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_fn=evaluate if val is not None else None,
         eval_every=args.eval_every,
         health_every=args.health_every,
-        after_step=save,
+        checkpoint=save,  # after the step's records: a resumed run has them all
         log_path=log_path if rank == 0 else None,
         run_name="cast",
         progress=rank == 0,

@@ -1601,3 +1601,38 @@ def test_the_scales_stay_fp32_when_the_model_is_cast():
     assert scale.grad is not None and scale.grad.dtype == torch.float32
     model.double()  # a wider cast applies
     assert model[0].parametrizations.weight[0].scale.dtype == torch.float64
+
+
+def test_train_checkpoint_comes_after_the_step_s_records(tmp_path):
+    """A checkpoint saved from after_step came before the step's records: a run killed between
+    the two and resumed from that checkpoint lost them. checkpoint(step) is called once the
+    step's train, health and eval records are written."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=4)
+    log = tmp_path / "log.jsonl"
+    seen = []
+
+    def checkpoint(step: int) -> None:
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        seen.append((step, sorted({(r["kind"], r["step"]) for r in records if r["step"] == step})))
+
+    cast.train(
+        model,
+        opt,
+        (ids(seed=s) for s in range(4)),
+        total_steps=4,
+        health_every=2,
+        eval_fn=lambda m: {"x": 1.0},
+        eval_every=2,
+        checkpoint=checkpoint,
+        log_path=log,
+        progress=False,
+    )
+    every = [("eval", 2), ("health", 2), ("train", 2)]
+    assert seen == [
+        (1, [("train", 1)]),
+        (2, every),
+        (3, [("train", 3)]),
+        (4, [("eval", 4), ("health", 4), ("train", 4)]),
+    ]
