@@ -108,8 +108,8 @@ class WeightScale(nn.Module):
         # near 1, where it lives (see _HalfTimesScale). Devices and other casts apply as usual.
         def keep_fp32(t: Tensor) -> Tensor:
             new = fn(t)
-            if new.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32:
-                return t.to(device=new.device)
+            if new.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
+                return t.to(device=new.device, dtype=torch.float32)
             return new
 
         return super()._apply(keep_fp32, recurse)

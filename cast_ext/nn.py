@@ -99,9 +99,10 @@ class DispatchDecision:
 
 
 _DECISIONS: dict[tuple[Any, ...], DispatchDecision] = {}
-# (device, dtype, n, k, bias) -> buckets decided: a compiled call looks a bucket up only where
-# one was (a lookup specialises the graph on M's bucket: a dynamic M would compile per bucket)
-_DECIDED_LAYERS: dict[tuple[Any, ...], int] = {}
+# (device, dtype, n, k, bias) -> True once a bucket of it is decided: a compiled call looks a
+# bucket up only where one was (a lookup specialises the graph on M's bucket: a dynamic M would
+# compile per bucket)
+_DECIDED_LAYERS: dict[tuple[Any, ...], bool] = {}
 # Guards the trial bookkeeping (_TRIALS and each _Trial) when threads share a shape bucket; the
 # timed calls themselves run outside it. Bumped by clear_dispatch_decisions: layers then forget
 # which paths the old decisions sent them down.
@@ -381,8 +382,7 @@ class SparseLinear(nn.Module):
         )
         # Derived weights, never saved: {"dense"|"cslt": (tag, tensor)}; the tag is the state of
         # `values` they were built from, so in-place loads and moves invalidate them.
-        # name -> (the buffers' tag, the derived weight, the buffers it was built from)
-        self._derived: dict[str, tuple[_BufTag, Tensor, tuple[Tensor, Tensor]]] = {}
+        self._derived: dict[str, tuple[_BufTag, Tensor]] = {}
         # Paths ("sparse"/"dense") that a dispatch decision has sent this layer's inputs down, and
         # "backward" once a backward needed the dense weight; a measurement builds both weights,
         # then the one nothing uses is released. Reset when the decisions are cleared
@@ -504,9 +504,9 @@ class SparseLinear(nn.Module):
         hit = self._derived.get(name)
         if hit is None:
             return None
-        if torch.compiler.is_compiling():  # identity: Dynamo guards it
-            b = self._buffers
-            return hit[1] if hit[2][0] is b["values"] and hit[2][1] is b["metadata"] else None
+        if torch.compiler.is_compiling():  # the tag's (weak) identities: Dynamo guards them
+            b, refs = self._buffers, hit[0].refs
+            return hit[1] if refs[0]() is b["values"] and refs[1]() is b["metadata"] else None
         return hit[1] if hit[0] == self._tag() else None
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
@@ -520,8 +520,7 @@ class SparseLinear(nn.Module):
         # trained on the layer, after an evaluation under inference_mode).
         with torch.inference_mode(False), torch.no_grad():
             t = build()
-        b = self._buffers
-        self._derived[name] = (self._tag(), t, (b["values"], b["metadata"]))
+        self._derived[name] = (self._tag(), t)
         return t
 
     def _dense_cached(self) -> Tensor:
@@ -539,7 +538,7 @@ class SparseLinear(nn.Module):
 
     def derived_bytes(self) -> int:
         """Bytes held by the derived weights (dense copy, cuSPARSELt buffer) besides the buffers."""
-        return sum(t.numel() * t.element_size() for _, t, _ in self._derived.values())
+        return sum(t.numel() * t.element_size() for _, t in self._derived.values())
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         self._derived.clear()  # rebuilt lazily on the new device/dtype
@@ -653,7 +652,8 @@ class SparseLinear(nn.Module):
                 return  # cleared while it was measured: the next call measures again
             _DECISIONS[key] = decision
             layer = (key[0], key[1], key[3], key[4], key[5])
-            _DECIDED_LAYERS[layer] = _DECIDED_LAYERS.get(layer, 0) + 1
+            _DECIDED_LAYERS[layer] = True  # a flag, not a count: a compiled graph's guard on it
+            # holds while more buckets are decided
         self._use(choice)
 
     def _run(self, path: str, x: Tensor) -> Tensor:

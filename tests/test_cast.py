@@ -1601,6 +1601,8 @@ def test_the_scales_stay_fp32_when_the_model_is_cast():
     assert scale.grad is not None and scale.grad.dtype == torch.float32
     model.double()  # a wider cast applies
     assert model[0].parametrizations.weight[0].scale.dtype == torch.float64
+    model.half()  # and a 16-bit one after it gives fp32
+    assert model[0].parametrizations.weight[0].scale.dtype == torch.float32
 
 
 def test_train_checkpoint_comes_after_the_step_s_records(tmp_path):

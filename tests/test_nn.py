@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -88,7 +90,7 @@ def test_recorded_calls_after_inference_mode_calls(mode: str) -> None:
     with torch.inference_mode():
         for _ in range(2 * (cast_ext.nn._TRIAL_WARMUP + cast_ext.nn._TRIAL_SAMPLES)):
             sl(torch.randn(5, 32))
-    assert all(not t.is_inference() for _, t, _ in sl._derived.values())
+    assert all(not t.is_inference() for _, t in sl._derived.values())
     x = torch.randn(5, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     sl(x).sum().backward()
@@ -931,3 +933,21 @@ def test_a_decision_measured_across_a_clear_is_not_kept(monkeypatch: pytest.Monk
 def test_from_dense_names_what_it_expected() -> None:
     with pytest.raises(TypeError, match=r"from_dense: expected an nn.Linear .* got Conv2d"):
         SparseLinear.from_dense(nn.Conv2d(4, 8, 3))
+
+
+def test_the_derived_weight_cache_keeps_no_replaced_buffers_alive() -> None:
+    """The cache holds the buffers it was built from weakly: replaced ones (assigned, or
+    swapped in by functional_call) are freed, as before the compile-time identity check."""
+    sl = SparseLinear.from_dense(linear(16, 8), mode="dense", warn=False)
+    x = torch.randn(2, 16)
+    sl(x)
+    old = weakref.ref(sl.values)
+    sl.values = sl.values.clone()
+    gc.collect()
+    assert old() is None
+    swapped = sl.values.clone()
+    torch.func.functional_call(sl, {"values": swapped}, (x,))
+    ref = weakref.ref(swapped)
+    del swapped
+    gc.collect()
+    assert ref() is None
