@@ -658,8 +658,16 @@ class _DistillLoss(torch.autograd.Function):
         return loss, kl_mean, ce_mean
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises, never wrong
     def backward(ctx: Any, g_loss: Tensor, _g_kl: Tensor, _g_ce: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient would be a constant to a second backward (the
+            # kernels' backward is not differentiable), and a penalty built on it would add
+            # nothing, silently (once_differentiable raises only where the incoming gradient
+            # itself requires grad)
+            raise RuntimeError(
+                "cast_ext.cast.distill_loss: a double backward (create_graph=True) is not "
+                "supported: its gradient is not differentiable"
+            )
         student, teacher, labels, lse, denom = ctx.saved_tensors
         eta, t_, ignore_index, chunk, fused, mixed = ctx.params
         scale = (g_loss / denom).float().reshape(())

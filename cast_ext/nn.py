@@ -15,12 +15,14 @@ whichever the dispatch picked for this shape.
 
 Dispatch (``mode="auto"``, CPU and CUDA): for each (device, dtype, bucket of M = next power of two
 of the token count, N, K, bias) the candidate paths are timed and the fastest is used from then
-on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be picked, so a layer is never
-measurably slower than the dense one it replaced. The first calls of a bucket (6 per path, from
-any layers of that shape) alternate the paths and are timed where they run, inside the model:
+on; a sparse path must beat dense by ``SPARSE_MARGIN`` to be picked, so a sparse path is kept
+only where it measured faster (a layer that chose dense still pays the dispatch's lookup: on
+the CPU runs in benchmarks/results, up to 1.17x dense's time at M = 16). The first calls of a
+bucket (6 per path, from any layers of that shape) alternate the paths and are timed where they
+run, inside the model:
 with ``time.perf_counter`` on the CPU, with CUDA events on the GPU (no sync but one, when the
-last sample is in). An isolated measurement keeps the weight in cache (the CPU's, or an H200's
-60 MB L2), which flatters dense when the model's weights do not fit. A layer drops the derived
+last sample is in). An isolated measurement keeps the weight in cache (the CPU's, or a GPU's
+L2), which flatters dense when the model's weights do not fit. A layer drops the derived
 weight (dense copy or cuSPARSELt buffer) that none of its decisions uses. The packed CUDA
 kernel's check of the meta costs a sync, so a layer checks its meta once per weight (at its
 first packed call after ``values`` or ``metadata`` change) and then runs the kernel unchecked. The
