@@ -1638,3 +1638,16 @@ def test_train_checkpoint_comes_after_the_step_s_records(tmp_path):
         (3, [("train", 3)]),
         (4, [("eval", 4), ("health", 4), ("train", 4)]),
     ]
+
+
+def test_train_health_alpha_stays_at_one_past_the_optimizer_s_total_steps():
+    """A run longer than AdamS's total_steps: its alpha is 1 from then on (SPEC §2), as the
+    health records must say (not step / T above 1)."""
+    model = tiny_llama()
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=2)
+    res = cast.train(
+        model, opt, (ids(seed=s) for s in range(4)), total_steps=4, health_every=2,
+        progress=False,
+    )  # fmt: skip
+    assert [(r["step"], r["alpha"]) for r in res.health] == [(0, 0.0), (2, 1.0), (4, 1.0)]

@@ -847,11 +847,13 @@ def test_a_write_of_the_same_values_keeps_the_fp32_master() -> None:
     assert float(master[0].abs().max()) < 2e-3 < 2e-2 < float(master[1:].abs().mean())
 
 
-def test_a_model_cast_to_fp32_takes_its_masters() -> None:
-    """model.float() after bf16 steps: the fp32 params hold the masters rounded to bf16; the
-    next step takes the masters (the more precise weights) instead of dropping them."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_model_cast_to_fp32_takes_its_masters(dtype: torch.dtype) -> None:
+    """model.float() after 16-bit steps: the fp32 params hold the masters rounded to that
+    dtype; the next step takes the masters (the more precise weights) instead of dropping
+    them."""
     torch.manual_seed(0)
-    lin = nn.Linear(64, 32, bias=False).bfloat16()
+    lin = nn.Linear(64, 32, bias=False).to(dtype)
     opt = AdamS(lin.parameters(), lr=1e-4, total_steps=1000)
     for _ in range(5):
         lin.weight.grad = torch.full_like(lin.weight, 1e-3)
@@ -973,3 +975,43 @@ def test_adams_follows_an_independent_numpy_reading_of_the_spec(impl: str) -> No
         w_want, mask_want = want[t]
         assert np.array_equal(opt.mask(p).numpy(), mask_want), f"mask at step {t}"
         np.testing.assert_allclose(p.detach().numpy(), w_want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_spec_defaults() -> None:
+    """The paper's / SPEC's defaults, pinned (a changed default changes every run that relies
+    on it): T1 = 10, betas (0.9, 0.95), eps 1e-8, lam 4e-7, 2:4, no weight decay; eta 1/3."""
+    import inspect
+
+    d = {k: v.default for k, v in inspect.signature(AdamS.__init__).parameters.items()}
+    assert (d["mask_interval"], d["betas"], d["eps"], d["decay"]) == (10, (0.9, 0.95), 1e-8, 4e-7)
+    assert (d["n"], d["m"], d["weight_decay"]) == (2, 4, 0.0)
+    eta = inspect.signature(cast_ext.cast.distill_loss).parameters["eta"].default
+    assert eta == 1.0 / 3.0
+
+
+def test_a_nan_in_a_later_bucket_refuses_the_whole_step_under_a_scaler() -> None:
+    """With GradScaler's found_inf set and 0 (a normal step), every sparse bucket is still
+    checked before any steps: a NaN in the bf16 bucket leaves the fp32 one unstepped."""
+    a = nn.Parameter(torch.randn(8, 16))
+    b = nn.Parameter(torch.randn(8, 16).bfloat16())
+    opt = AdamS([a, b], lr=1e-2, total_steps=10, mask_interval=1)
+    with torch.no_grad():
+        b[0, 0] = float("nan")
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    before = a.detach().clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and not opt.state.get(a)
+
+
+def test_reference_refuses_beta2_of_one() -> None:
+    """beta2 = 1 makes the bias correction 1 - beta2^(t+1) zero: inf/NaN weights."""
+    w = torch.randn(4, 8)
+    state = [torch.zeros_like(w)], [torch.zeros_like(w)], [], [torch.zeros(())], []
+    args = ([w], [torch.ones_like(w)], *state)
+    with pytest.raises(RuntimeError, match=r"beta2 must be in \[0, 1\), got 1.0"):
+        cast_ext.reference.adams_step_(
+            *args, lr=1e-3, beta1=0.9, beta2=1.0, eps=1e-8, weight_decay=0.0, decay=0.0,
+            total_steps=10, mask_interval=10, n=2, m=4,
+        )  # fmt: skip
