@@ -735,6 +735,8 @@ def test_decay_budget_predicts_simulated_run(total, lr, lam, tol):
     budget, measured = _simulate(total, lr, lam, sigma=1e-3)
     assert abs(budget.predicted_ratio - measured) < tol, (budget.predicted_ratio, measured)
     assert budget.momentum_source == "the current gradients"
+    # the stationary rms of a momentum of white-noise gradients: sigma sqrt((1-b1)/(1+b1))
+    assert budget.momentum == pytest.approx(1e-3 * math.sqrt(0.1 / 1.9), rel=0.05)
 
 
 def test_decay_budget_verdicts():
