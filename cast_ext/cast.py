@@ -589,27 +589,57 @@ def _rows(t: Tensor | None, i: int, chunk: int) -> Tensor | None:
     return None if t is None else t[i : i + chunk]
 
 
-def _reference_fwd(
-    student: Tensor, teacher: Tensor | None, labels: Tensor, t_: float, ignore: int, chunk: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """reference.distill_fwd in chunks of ``chunk`` rows (bounded fp32 temporaries)."""
+def _chunks(n: int, chunk: int) -> range:
+    return range(0, max(n, 1), chunk)  # one (empty) chunk for 0 rows
+
+
+def _fwd_in_chunks(
+    fwd: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    student: Tensor, teacher: Tensor | None, labels: Tensor, t_: float, ignore: int, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``fwd(student, teacher, labels, T, ignore_index)`` (reference.distill_fwd's arguments)
+    in chunks of ``chunk`` rows (bounded fp32 temporaries), its results concatenated."""
     parts = [
-        reference.distill_fwd(student[i : i + chunk], _rows(teacher, i, chunk),
-                              labels[i : i + chunk], t_, ignore)
+        fwd(student[i : i + chunk], _rows(teacher, i, chunk), labels[i : i + chunk], t_, ignore)
         for i in _chunks(student.shape[0], chunk)
-    ]  # fmt: skip
+    ]
     kl, ce, lse = (torch.cat(p) for p in zip(*parts, strict=True))
     return kl, ce, lse
 
 
-def _fp32_rows(t: Tensor | None, i: int, chunk: int) -> Tensor | None:
-    """Rows ``i .. i + chunk`` of ``t`` in fp32 (a view where ``t`` is fp32 already)."""
-    rows = _rows(t, i, chunk)
-    return None if rows is None else rows.float().contiguous()
+def _bwd_in_chunks(
+    bwd: Callable[..., Tensor],
+    student: Tensor, teacher: Tensor | None, labels: Tensor, lse: Tensor, scale: Tensor,
+    eta: float, t_: float, ignore: int, chunk: int,
+) -> Tensor:  # fmt: skip
+    """``bwd(student, teacher, labels, lse, scale, eta, T, ignore_index)`` (reference.
+    distill_bwd's arguments) in chunks of ``chunk`` rows, the gradients concatenated."""
+    return torch.cat([
+        bwd(student[i : i + chunk], _rows(teacher, i, chunk), labels[i : i + chunk],
+            lse[i : i + chunk], scale, eta, t_, ignore)
+        for i in _chunks(student.shape[0], chunk)
+    ])  # fmt: skip
 
 
-def _chunks(n: int, chunk: int) -> range:
-    return range(0, max(n, 1), chunk)  # one (empty) chunk for 0 rows
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float().contiguous()  # a view where t is fp32 already
+
+
+def _fused_fp32_fwd(
+    s: Tensor, t: Tensor | None, y: Tensor, t_: float, ignore: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused forward on rows of a student and teacher of different dtypes, both in fp32."""
+    return ops.distill_fwd(_fp32(s), _fp32(t), y, temperature=t_, ignore_index=ignore)
+
+
+def _fused_fp32_bwd(
+    s: Tensor, t: Tensor | None, y: Tensor, lse: Tensor, scale: Tensor, eta: float, t_: float,
+    ignore: int,
+) -> Tensor:  # fmt: skip
+    """The fused backward on such rows, the gradient in the student's dtype."""
+    g = ops.distill_bwd(_fp32(s), _fp32(t), y, lse, scale, eta=eta, temperature=t_,
+                        ignore_index=ignore)  # fmt: skip
+    return g.to(s.dtype)
 
 
 class _DistillLoss(torch.autograd.Function):
@@ -633,20 +663,15 @@ class _DistillLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         fused = _fused_distill(student, impl)
         mixed = fused and teacher is not None and teacher.dtype != student.dtype
+        args = (student, teacher, labels, temperature, ignore_index, chunk)
         if mixed:
-            parts = [
-                ops.distill_fwd(_fp32_rows(student, i, chunk), _fp32_rows(teacher, i, chunk),
-                                labels[i : i + chunk], temperature=temperature,
-                                ignore_index=ignore_index)
-                for i in _chunks(student.shape[0], chunk)
-            ]  # fmt: skip
-            kl, ce, lse = (torch.cat(p) for p in zip(*parts, strict=True))
+            kl, ce, lse = _fwd_in_chunks(_fused_fp32_fwd, *args)
         elif fused:
             kl, ce, lse = ops.distill_fwd(
                 student, teacher, labels, temperature=temperature, ignore_index=ignore_index
             )
         else:
-            kl, ce, lse = _reference_fwd(student, teacher, labels, temperature, ignore_index, chunk)
+            kl, ce, lse = _fwd_in_chunks(reference.distill_fwd, *args)
         # a tensor, so nothing syncs with the device
         denom = (labels != ignore_index).sum().clamp_min(1).to(torch.float64)
         kl_mean = (kl.sum(dtype=torch.float64) / denom).float()
@@ -673,25 +698,16 @@ class _DistillLoss(torch.autograd.Function):
         scale = (g_loss / denom).float().reshape(())
         if eta == 0.0:
             teacher = None  # its term has weight 0: skip reading it
+        args = (student, teacher, labels, lse, scale, eta, t_, ignore_index, chunk)
         if mixed and teacher is not None:
-            grad = torch.cat([
-                ops.distill_bwd(_fp32_rows(student, i, chunk), _fp32_rows(teacher, i, chunk),
-                                labels[i : i + chunk], lse[i : i + chunk], scale, eta=eta,
-                                temperature=t_, ignore_index=ignore_index).to(student.dtype)
-                for i in _chunks(student.shape[0], chunk)
-            ])  # fmt: skip
+            grad = _bwd_in_chunks(_fused_fp32_bwd, *args)
         elif fused:
             grad = ops.distill_bwd(
                 student, teacher, labels, lse, scale, eta=eta, temperature=t_,
                 ignore_index=ignore_index,
             )  # fmt: skip
         else:
-            grad = torch.cat([
-                reference.distill_bwd(student[i : i + chunk], _rows(teacher, i, chunk),
-                                      labels[i : i + chunk], lse[i : i + chunk], scale, eta, t_,
-                                      ignore_index)
-                for i in _chunks(student.shape[0], chunk)
-            ])  # fmt: skip
+            grad = _bwd_in_chunks(reference.distill_bwd, *args)
         return grad, None, None, None, None, None, None, None
 
 

@@ -70,28 +70,36 @@ def _fit_master(p: Tensor, state: dict[str, Any]) -> None:
         state["master"] = _state_like(p, _local(p).detach().float().contiguous(), list(p.shape))
 
 
-def _take_written(master: Tensor, param: Tensor, chunk: int = 1 << 18) -> None:
-    """``master <- param`` where ``param`` is not ``master`` rounded to its dtype (both
-    contiguous), a chunk at a time: no full-size temporaries. Compiled, in one piece (the
-    compiler fuses it into one pass; chunks would put thousands of ops in the graph)."""
-    m, q = master.view(-1), param.view(-1)
+def _merge_chunks(
+    dst: Tensor, src: Tensor, merged: Callable[[Tensor, Tensor], Tensor], chunk: int = 1 << 18
+) -> None:
+    """``dst <- merged(dst, src)`` elementwise over the flat views of two contiguous tensors,
+    a chunk at a time: no full-size temporaries. Compiled, in one piece (the compiler fuses it
+    into one pass; chunks would put thousands of ops in the graph)."""
+    d, s = dst.view(-1), src.view(-1)
     if torch.compiler.is_compiling():
-        chunk = max(m.numel(), 1)
-    for i in range(0, m.numel(), chunk):
-        a, b = m[i : i + chunk], q[i : i + chunk]
-        a.copy_(torch.where(a.to(b.dtype) == b, a, b.float()))
+        chunk = max(d.numel(), 1)
+    for i in range(0, d.numel(), chunk):
+        a = d[i : i + chunk]
+        a.copy_(merged(a, s[i : i + chunk]))
 
 
-def _take_master(param: Tensor, master: Tensor, chunk: int = 1 << 18) -> None:
+def _take_written(master: Tensor, param: Tensor) -> None:
+    """``master <- param`` where ``param`` is not ``master`` rounded to its dtype (both
+    contiguous)."""
+    _merge_chunks(master, param, lambda m, p: torch.where(m.to(p.dtype) == p, m, p.float()))
+
+
+def _take_master(param: Tensor, master: Tensor) -> None:
     """``param <- master`` where the fp32 ``param`` is ``master`` rounded to bf16 or fp16 (the
-    model was cast to fp32 since the last step: the master is the more precise weight), a chunk
-    at a time."""
+    model was cast to fp32 since the last step: the master is the more precise weight)."""
+
+    def merged(p: Tensor, m: Tensor) -> Tensor:
+        rounded = (p == m.to(torch.bfloat16).float()) | (p == m.to(torch.float16).float())
+        return torch.where(rounded, m, p)
+
     q = param if param.is_contiguous() else param.contiguous()
-    a, m = q.view(-1), master.view(-1)
-    for i in range(0, a.numel(), chunk):
-        x, y = a[i : i + chunk], m[i : i + chunk]
-        rounded = (x == y.to(torch.bfloat16).float()) | (x == y.to(torch.float16).float())
-        x.copy_(torch.where(rounded, y, x))
+    _merge_chunks(q, master, merged)
     if q is not param:
         param.copy_(q)
 
