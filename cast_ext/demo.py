@@ -887,26 +887,24 @@ def write_outputs(results: dict[str, Any], out_dir: Path, say: Callable[[str], N
 # --------------------------------------------------------------------------------------------
 
 
-def _seed(text: str) -> int:
-    """argparse type: a seed torch.manual_seed takes (0 <= seed < 2**64)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**64), got {text!r}")
-    return value
+def _int_in(low: int, high: int | None, expected: str) -> Callable[[str], int]:
+    """An argparse type: an int in ``[low, high)`` (no upper bound for None), else an error
+    saying ``expected``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+_positive = _int_in(1, None, "must be an integer >= 1")
+_seed = _int_in(0, 2**64, "expected an int in [0, 2**64)")  # what torch.manual_seed takes
 
 
 def _device(text: str) -> torch.device:
