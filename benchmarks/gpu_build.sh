@@ -1,6 +1,6 @@
 # Sourced by benchmarks/gpu_suite.sh and benchmarks/gpu_demo.sh (bash, from the repo root, with
-# $PY set): the build settings of a GPU machine and the stamp that lets a later call on the same
-# warm machine skip the build.
+# $PY set): the build settings of a GPU machine, the stamp that lets a later call on the same
+# warm machine skip the build, and py60.
 #
 # CUDA_HOME: /usr/local/cuda, else wherever nvcc is. TORCH_CUDA_ARCH_LIST, when unset: the first
 # GPU's compute capability from nvidia-smi, +PTX (half the device code of 8.0;9.0+PTX to build),
@@ -24,11 +24,14 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 SOURCES_HASH="$(find csrc setup.py cast_ext/_build.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
 BUILD_STAMP=build/gpu_build.stamp
 
+# $PY with a 60 s limit: a Python step outside the timed stages (a hung CUDA start cannot eat
+# the device call).
+py60() { timeout -s INT --kill-after=5 60 "$PY" "$@"; }
+
 # True when an earlier call built these sources and cast_ext imports with its CUDA kernels.
 gpu_build_current() {
   [[ -f $BUILD_STAMP && "$(cat "$BUILD_STAMP")" == "$SOURCES_HASH" ]] &&
-    timeout -s INT --kill-after=5 60 "$PY" -c \
-      "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null
+    py60 -c "import cast_ext, sys; sys.exit(not cast_ext.cuda_kernels_available())" 2>/dev/null
 }
 
 gpu_build_stamp() {

@@ -35,9 +35,10 @@
 # budget_left_s - 60 (about 300).
 # core's caps after the build: tests 160 + mask 45 + AdamS 60 + memcheck 60 (cast_ext's kernels)
 # + 60 (the cuSPARSELt GEMM) = 385 s; with about 20 s of checks between the stages, a build of up
-# to about 45 s (one arch) leaves every cap whole in 450, and a longer one shortens the last. bench's caps: distill
-# 45 + CAST step 60 before the GEMM benchmark (cap 240), which takes the rest: at least about
-# 175 s of 300 when the build is kept, more when the short stages finish early.
+# to about 45 s (one arch) leaves every cap whole in 450, and a longer one shortens the last.
+# bench's caps: distill 45 + CAST step 60 before the GEMM benchmark (cap 240), which takes the
+# rest: at least about 175 s of 300 when the build is kept, more when the short stages finish
+# early.
 # Tests run without -x (every failure is reported), kernel tests first and the slow subprocess
 # tests (resume in a fresh process, the demo, the FSDP2 example) last, with a per-test timeout
 # where pytest-timeout is installed. The exit status is 1 if a stage failed or the budget
@@ -72,7 +73,7 @@ if ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
 fi
 BUDGET=$((10#$BUDGET)) # 0450 is 450 (not octal)
 # shellcheck source=benchmarks/gpu_build.sh
-source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the build stamp
+source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the stamp, py60
 export PYTHONUNBUFFERED=1 CAST_EXT_EXPECT_CUDA=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 # no network there: fail at once, not after retries
 status=0
@@ -106,8 +107,6 @@ run_stage() {
   fi
   step "$name ok ($((SECONDS - t0))s)"
 }
-# A Python step outside the stages (no CUDA start may hang the call).
-py60() { timeout -s INT --kill-after=5 60 "$PY" "$@"; }
 
 step "part $PART: build (MAX_JOBS=$MAX_JOBS, archs $TORCH_CUDA_ARCH_LIST, budget ${BUDGET}s)"
 "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1 | tee -a "$LOG"
