@@ -447,9 +447,9 @@ def units(rows: int, k: int) -> int:
     return rows * ((k + 7) // 8)
 
 
-def grid_for(work: int) -> int:
-    """The launchers' grid: one thread per unit, at most 65535 * 8 blocks."""
-    return max(1, min(-(-work // THREADS), 65535 * 8))
+def grid_for(work: int, cap: int = 65535 * 8) -> int:
+    """The launchers' grid: one thread per unit, at most ``cap`` blocks."""
+    return max(1, min(-(-work // THREADS), cap))
 
 
 def run_nm_select(
@@ -718,8 +718,7 @@ def test_pack_unpack(emu: Emu, max_grid: int) -> None:
 def flips_grid(nbytes: int, aligned: bool) -> int:
     """mask_flips' grid: a thread per 16-byte unit (per byte where a pointer is not 16-byte
     aligned), at most 4096 blocks."""
-    work = -(-nbytes // 16) if aligned else nbytes
-    return max(1, min(-(-work // THREADS), 4096))
+    return grid_for(-(-nbytes // 16) if aligned else nbytes, cap=4096)
 
 
 @pytest.mark.parametrize("m", [4, 8])

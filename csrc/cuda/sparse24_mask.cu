@@ -23,6 +23,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// flips_kernel's cap: still 132 SMs x 8 resident blocks several times over, and few enough
+// that its one atomic per block costs nothing.
 constexpr int kFlipsMaxBlocks = 4096;
 
 // Elements a thread owns: 8, or 4 at the end of a row whose length is 4 mod 8.
@@ -232,17 +234,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks of flips_kernel for `units` units: enough to fill any current GPU several times over
-// (132 SMs x 8 resident blocks), few enough that the one atomic per block costs nothing.
-int flips_grid(int64_t units) {
-  const int64_t blocks = (units + kThreads - 1) / kThreads;
-  return int(blocks < kFlipsMaxBlocks ? (blocks > 0 ? blocks : 1) : kFlipsMaxBlocks);
-}
-
-int grid_for(int64_t work) {
-  // Enough blocks to fill any current GPU several times over; the loops stride past the rest.
+// One thread per unit of `work`, at most `cap` blocks: enough to fill any current GPU several
+// times over; the loops stride past the rest.
+int grid_for(int64_t work, int64_t cap = 65535 * 8) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return int(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+  return int(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 template <typename T>
@@ -339,9 +335,11 @@ cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m
   if (nbytes == 0) return cudaSuccess;
   auto* o = reinterpret_cast<unsigned long long*>(out);
   if (reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0) {
-    flips_kernel<true><<<flips_grid((nbytes + 15) / 16), kThreads, 0, stream>>>(a, b, nbytes, m, o);
+    flips_kernel<true><<<grid_for((nbytes + 15) / 16, kFlipsMaxBlocks), kThreads, 0, stream>>>(
+        a, b, nbytes, m, o);
   } else {
-    flips_kernel<false><<<flips_grid(nbytes), kThreads, 0, stream>>>(a, b, nbytes, m, o);
+    flips_kernel<false>
+        <<<grid_for(nbytes, kFlipsMaxBlocks), kThreads, 0, stream>>>(a, b, nbytes, m, o);
   }
   return cudaGetLastError();
 }
