@@ -619,7 +619,7 @@ class SparseLinear(nn.Module):
             # graph per bucket, each taking its decision.
             return "dense", None
         m = x.numel() // k
-        key = (str(x.device), x.dtype, _bucket(m), n, k, self.bias is not None)
+        key = (*layer[:2], _bucket(m), *layer[2:])
         hit = _DECISIONS.get(key)
         if hit is not None:  # the per-call path: nothing below runs once a bucket is decided
             self._use(hit.choice)
@@ -653,9 +653,9 @@ class SparseLinear(nn.Module):
             if trial.generation != _GENERATION[0]:
                 return  # cleared while it was measured: the next call measures again
             _DECISIONS[key] = decision
-            layer = (key[0], key[1], key[3], key[4], key[5])
-            _DECIDED_LAYERS[layer] = True  # a flag, not a count: a compiled graph's guard on it
-            # holds while more buckets are decided
+            # the key less its bucket; a flag, not a count: a compiled graph's guard on it holds
+            # while more buckets are decided
+            _DECIDED_LAYERS[key[:2] + key[3:]] = True
         self._use(choice)
 
     def _run(self, path: str, x: Tensor) -> Tensor:
