@@ -742,22 +742,21 @@ class AdamS(torch.optim.Optimizer):
         if "master" in state and p.dtype == torch.float32:
             _take_master(_local(p), _local(state["master"]))
         _fit_master(p, state)
+        if "master" in state:
+            lp = _local(p)
+            # Compiled: versions cannot be traced, so every step compares (a pass over the param
+            # and its master; where nothing was written, the master stays as it is).
+            if torch.compiler.is_compiling() or self._versions.get(id(p)) != _written(lp):
+                _take_written(_local(state["master"]), lp.contiguous())
         if not sparse:
             state.pop("mask", None)  # stepped dense now: no mask to save or refresh
             state.pop("prev_mask", None)
-        elif "mask" not in state:
+        elif "mask" not in state:  # from the master that took the writes since the last step
             w = _local(state.get("master", p)).detach()
             packed = ops.pack_mask(ops.nm_mask(w, int(group["n"]), int(group["m"])))
             shape = [*p.shape[:-1], (p.shape[-1] + 7) // 8]
             state["mask"] = _state_like(p, packed, shape)
             state["prev_mask"] = _state_like(p, packed.clone(), shape)
-        if "master" not in state:
-            return
-        lp = _local(p)
-        # Compiled: versions cannot be traced, so every step compares (a pass over the param and
-        # its master; where nothing was written, the master stays as it is).
-        if torch.compiler.is_compiling() or self._versions.get(id(p)) != _written(lp):
-            _take_written(_local(state["master"]), lp.contiguous())
 
     def sync_masters(self) -> None:
         """Take the fp16/bf16 params' current values into their fp32 masters, where a param is

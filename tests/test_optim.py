@@ -708,6 +708,28 @@ def test_a_group_made_sparse_after_steps_gets_a_mask_and_one_made_dense_drops_it
     dense.load_state_dict(opt.state_dict())
 
 
+def test_a_bf16_group_made_sparse_takes_its_mask_from_the_master_after_writes() -> None:
+    """bf16 params with fp32 masters, sparsity switched on after dense steps: the new mask ranks
+    the fp32 masters (1.0001, 1.0002, 1.0003 all round to bf16 1.0, whose tie rule would keep
+    the first two), and a weight written between the steps counts as written (the mask was
+    taken from the master before the master took the write)."""
+    w = nn.Parameter(torch.randn(2, 8).bfloat16())
+    opt = AdamS([{"params": [w], "sparse": False}], lr=1e-3, total_steps=20, mask_interval=10)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    master = torch.tensor([[1.0001, 1.0002, 0.5, 1.0003] * 2, [0.1, 0.2, 0.3, 0.4] * 2])
+    opt.state[w]["master"].copy_(master)
+    with torch.no_grad():
+        w.copy_(master.bfloat16())  # the master rounded: nothing new written
+        w[1, 4] = 2.0  # a write: the second row's second group keeps 4 and 7, not 6 and 7
+    expected = cast_ext.sparse24_mask(torch.where(w.float() == 2.0, 2.0, master))
+    opt.param_groups[0]["sparse"] = True
+    w.grad = torch.zeros_like(w)
+    opt.step()  # step 1: not a refresh; the mask is the weights' at the start of the step
+    assert torch.equal(opt.mask(w), expected)
+    assert torch.equal(expected[0, :4], torch.tensor([False, True, False, True]))
+
+
 def test_load_state_dict_refuses_a_state_missing_its_tensors() -> None:
     """A state without a moment or a mask (hand-made, or another optimizer's) is refused at load,
     before anything changes (it loaded, then the step raised KeyError); a plain-number step,
