@@ -45,7 +45,8 @@
 # skipped one (a memcheck this machine cannot run is skipped without failing the call).
 #
 # Output (at most 8 files per call, the device tool's limit): suite.log (build, info, tests,
-# benchmark output, a timing line per stage), tests.xml, one JSON per benchmark, the GEMM plot.
+# benchmark output, a timing line per stage, the issues' targets checked by
+# benchmarks/targets.py), tests.xml, one JSON per benchmark, the GEMM plot.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PART="${1:-}"
@@ -189,5 +190,8 @@ if [[ "$PART" != core ]]; then
   run_stage bench_cast_step 60 "$PY" -m benchmarks.bench_cast_step
   run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
 fi
+# The issues' speed targets against every result in the folder (this call's and an earlier
+# call's into the same folder): met, NOT met or not measured, a table to paste into a report.
+py60 -m benchmarks.targets "$OUT_DIR" 2>&1 | tee -a "$LOG"
 step "done (part $PART, status $status${skipped[*]:+, skipped: ${skipped[*]}})"
 exit "$status"

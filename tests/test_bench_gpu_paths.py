@@ -35,6 +35,7 @@ from cast_ext import ops
 ROOT = Path(__file__).resolve().parents[1]
 if not (ROOT / "benchmarks" / "bench_sparse24_gemm.py").is_file():
     pytest.skip("no benchmarks/ beside tests/ (an installed package)", allow_module_level=True)
+targets = importlib.import_module("benchmarks.targets")
 
 
 def _cpu(d: Any) -> Any:
@@ -223,6 +224,19 @@ def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     return mod
 
 
+def _targets_measured(folder: Path, issue: int, count: int, skip: str = "") -> list[Any]:
+    """benchmarks/targets.py's checks of ``issue`` against the rows a benchmark wrote: ``count``
+    of them, each measured (a renamed field would leave a target "not measured")."""
+    checks = [
+        c
+        for c in targets.check_all(folder)
+        if c.issue == issue and (not skip or skip not in c.what)
+    ]
+    assert len(checks) == count, checks
+    assert all(c.verdict in ("met", "NOT met", "reported") for c in checks), checks
+    return checks
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     data = json.loads(path.read_text())
     assert data["env"]["gpu"] == "NVIDIA H200", data["env"]
@@ -261,6 +275,7 @@ def test_bench_sparse24_mask_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, 
             assert "speedup_vs" not in r or not r["speedup_vs"], r
     impls = {r["impl"] for r in rows if r["op"] == "sparse24_compress"}
     assert impls == {"cast_ext", "cast_ext[no-check]"}
+    _targets_measured(tmp_path, issue=3, count=5)
 
 
 def test_bench_adams_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -282,6 +297,7 @@ def test_bench_adams_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path
         assert r["baseline"] == "torch.optim.AdamW(fused=True)" and r["timing"], r
         assert r["device"] == "NVIDIA H200"
         assert r["fraction_of_hbm_peak"] is not None
+    _targets_measured(tmp_path, issue=4, count=2)
 
 
 def test_bench_distill_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -354,6 +370,9 @@ def test_bench_sparse24_gemm_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, 
         assert r["peak_tflops"] is None or r["fraction_of_peak"] is not None
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "sparse24_gemm.png").is_file()
+    # no MLP weight at M >= 4096 here: that target's logic is test_targets_verdicts'
+    checks = _targets_measured(tmp_path, issue=5, count=3, skip="MLP")
+    assert "(6 rows)" in checks[0].measured, checks[0]  # SparseLinear: 2 weights x 3 M
 
 
 @pytest.mark.filterwarnings("ignore:cast_ext.nn.SparseLinear. cuSPARSELt failed")
@@ -390,3 +409,57 @@ def test_bench_sparse24_gemm_keeps_going_past_a_failing_implementation(
     for r in timed:
         _finite(r, ("median_us", "speedup_vs_dense", "speedup_vs_torch_cslt"))
     assert written[:2] == [len([r for r in rows if r["m"] == 1]), len(rows)]
+    vs_torch = [c for c in targets.check_all(tmp_path) if "`cast_ext_cslt`'s speedup" in c.what]
+    assert [(c.verdict, c.measured) for c in vs_torch] == [("NOT met", "2 row(s) failed")]
+
+
+def test_targets_verdicts(tmp_path: Path) -> None:
+    """benchmarks/targets.py on hand-made rows: a floor met exactly and missed, a ceiling, the
+    GEMM's MLP-and-M filter, a failed row counting against its targets, a missing file."""
+    env = {"gpu": "NVIDIA H200", "git_sha": "abc1234"}
+
+    def write(name: str, rows: list[dict[str, Any]]) -> None:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"env": env, "rows": rows}))
+
+    def mask(op: str, frac: float, **extra: Any) -> dict[str, Any]:
+        return {"op": op, "impl": "cast_ext", "dtype": "bfloat16", "shape": "s",
+                "fraction_of_clone_gbps": frac, **extra}  # fmt: skip
+
+    tile = {"torch._sparse_semi_structured_tile": 1.5, "torch._cslt_compress": 0.9}
+    write("sparse24_mask", [
+        mask("sparse24_mask", 0.80), mask("sparse24_mask", 0.95),
+        mask("sparse24_prune", 0.79), mask("sparse24_compress", 0.9, speedup_vs=tile),
+        {**mask("sparse24_mask", 0.1), "impl": "cast_ext[no-check]"},  # not the default op
+    ])  # fmt: skip
+    amortized = "cast_ext.adams_step_ (refresh every 10, amortized)"
+    write("adams", [{"impl": amortized, "frac_of_copy": 0.91, "time_vs_baseline": 1.01}])
+
+    def gemm(impl: str, m: int, n: int, k: int, vs_dense: float, **extra: Any) -> dict[str, Any]:
+        return {"op": "sparse24_gemm", "impl": impl, "m": m, "n": n, "k": k, "correct": True,
+                "speedup_vs_dense": vs_dense, "speedup_vs_torch_cslt": 1.2, **extra}  # fmt: skip
+
+    write("sparse24_gemm", [
+        gemm("cast_ext_cslt", 4096, 11008, 4096, 1.31),
+        gemm("cast_ext_cslt", 16384, 4096, 14336, 1.4),
+        gemm("cast_ext_cslt", 1024, 11008, 4096, 0.9),  # M < 4096: not in the 1.3x target
+        gemm("cast_ext_cslt", 4096, 4096, 4096, 1.0),  # attention: not in it either
+        gemm("sparse_linear", 1, 4096, 4096, 0.99),
+        {**gemm("sparse_linear", 16, 4096, 4096, 2.0), "correct": False},
+    ])  # fmt: skip
+    got = {
+        c.what.split(" ")[0] + f" {c.target}": (c.verdict, c.measured)
+        for c in targets.check_all(tmp_path)
+    }
+    assert got["`sparse24_mask` >= 0.80"] == ("met", "worst 0.80 at bfloat16 s (2 rows)")
+    assert got["`sparse24_prune` >= 0.80"][0] == "NOT met"
+    assert got["`sparse24_compress` >= 1.00x"] == ("met", "worst 1.50x at bfloat16 s (1 row)")
+    assert got["`sparse24_compress` -"] == ("reported", "0.90x")
+    assert got["AdamS >= 0.90"][0] == "met" and got["AdamS <= 1.00x"][0] == "NOT met"
+    assert got["our >= 1.30x"] == ("met", "worst 1.31x at ? ? (2 rows)")
+    assert got["dispatched >= 0.98x"] == ("NOT met", "worst 0.99x at ? ? (1 row); 1 row(s) failed")
+    assert not any(v[0] == "not measured" for v in got.values()), got
+    (tmp_path / "adams.json").unlink()
+    lines = targets.report(tmp_path)
+    assert "gpu NVIDIA H200" in lines[0] and "git_sha abc1234" in lines[0]
+    assert sum("| not measured |" in line for line in lines) == 2
+    assert targets.main([str(tmp_path / "missing")]) == 1
