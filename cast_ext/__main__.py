@@ -22,6 +22,18 @@ import cast_ext
 __all__ = ["info_lines", "main"]
 
 
+def _cslt_runtime() -> str:
+    """The cuSPARSELt the process runs (torch's copy when torch loaded one first: one soname),
+    which need not be the header version the kernels were built against."""
+    fn = getattr(cast_ext._C, "cslt_runtime_version", None)
+    if fn is None:
+        return "unknown"
+    try:
+        return str(fn())
+    except RuntimeError as e:
+        return f"unknown ({e})"
+
+
 def info_lines() -> list[str]:
     """The lines ``python -m cast_ext info`` prints."""
     b = cast_ext.build_info()
@@ -43,7 +55,11 @@ def info_lines() -> list[str]:
         f"with_cuda: {b['with_cuda']}"
         + (f" (CUDA {b['cuda_version']}, archs {b['cuda_archs']})" if b["with_cuda"] else ""),
         f"with_cusparselt: {b['with_cusparselt']}"
-        + (f" (cuSPARSELt {b['cusparselt_version']})" if b["with_cusparselt"] else ""),
+        + (
+            f" (built against cuSPARSELt {b['cusparselt_version']}, loaded {_cslt_runtime()})"
+            if b["with_cusparselt"]
+            else ""
+        ),
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

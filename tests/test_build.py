@@ -248,3 +248,15 @@ def test_a_missing_extension_in_a_checkout_says_how_to_build_it_in_place() -> No
         assert "pip install --no-build-isolation -e ." in proc.stderr and str(ROOT) in proc.stderr
     else:  # the package without its checkout (CI's CMake leg): the plain install
         assert "`pip install --no-build-isolation .`." in proc.stderr
+
+
+def test_info_reports_the_loaded_cusparselt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header version the kernels were built against is not the library the process loaded
+    (torch preloads its own libcusparseLt.so.0): info names both."""
+    from cast_ext import __main__ as cli
+
+    info = dict(cast_ext.build_info(), with_cusparselt=True, cusparselt_version="0.8.1")
+    monkeypatch.setattr(cast_ext, "build_info", lambda: info)
+    monkeypatch.setattr(cast_ext._C, "cslt_runtime_version", lambda: "0.8.0", raising=False)
+    line = next(x for x in cli.info_lines() if x.startswith("with_cusparselt"))
+    assert "built against cuSPARSELt 0.8.1" in line and "loaded 0.8.0" in line

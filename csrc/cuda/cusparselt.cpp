@@ -482,18 +482,31 @@ std::unique_ptr<Plan> search_plan(const char* op, cusparseLtHandle_t* h, const P
     g_algs[akey] = fresh->cfg;
     return fresh;
   };
-  at::Generator gen =
-      at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
-  gen.set_current_seed(0x2a4);
-  const at::Tensor x = at::randn({p.mp, p.k}, gen, opts);
-  at::Tensor y = at::empty({p.mp, p.n}, opts);
-  matmul_locked(op, h, *pl, p, wc, x, y, stream);
-  const at::Tensor want = y.to(at::kFloat);
-  // The tolerance scales with the product alone: y at x = 0 is act(bias), which a large bias
-  // would otherwise let swamp an O(1) error of the product. (A bias far larger than the product
-  // can then fail a good winner on the output's rounding: the safe side, the default is kept.)
-  matmul_locked(op, h, *pl, p, wc, at::zeros_like(x), y, stream);
-  const float scale = (want - y.to(at::kFloat)).abs().max().item<float>();
+  // The probe needs several times the caller's x and y (fp32 copies): at a row block near the
+  // 2^31-element limit, tens of GiB. Running out of memory here must not fail the caller's call,
+  // which needs none of it: the plan then keeps the default algorithm, unsearched.
+  at::Tensor x, y, want;
+  float scale = 0.f;
+  try {
+    at::Generator gen =
+        at::cuda::detail::createCUDAGenerator(static_cast<c10::DeviceIndex>(p.device));
+    gen.set_current_seed(0x2a4);
+    x = at::randn({p.mp, p.k}, gen, opts);
+    y = at::empty({p.mp, p.n}, opts);
+    matmul_locked(op, h, *pl, p, wc, x, y, stream);
+    want = y.to(at::kFloat);
+    // The tolerance scales with the product alone: y at x = 0 is act(bias), which a large bias
+    // would otherwise let swamp an O(1) error of the product. (A bias far larger than the
+    // product can then fail a good winner on the output's rounding: the safe side, the default
+    // is kept.)
+    matmul_locked(op, h, *pl, p, wc, at::zeros_like(x), y, stream);
+    scale = (want - y.to(at::kFloat)).abs().max().item<float>();
+  } catch (const c10::OutOfMemoryError& e) {
+    ++g_search_failures;
+    TORCH_WARN("cast_ext.", op, ": no memory for cuSPARSELt's algorithm search probe for ", what,
+               "; using the default algorithm. ", e.what_without_backtrace());
+    return pl;
+  }
   if (!(scale > 0.f) || !std::isfinite(scale)) return pl;
   size_t dflt_bytes = 0, bytes = 0;
   try {
