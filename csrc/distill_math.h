@@ -25,8 +25,10 @@ CAST_HD float lse_of(float max, float sum) {
 // zt >= 1 (the max's own term), so the ratio neither overflows nor divides by 0. Infinite or NaN
 // maxima take the log-sum-exps' path: (a / zt + mt - ms) / T - ltt + lst.
 CAST_HD float kl_of(float a, float zs, float zt, float ms, float mt, float it, float t2) {
+  // Both maxima finite: the first form, which does not use ms - mt (that difference overflows
+  // to inf for finite maxima of opposite signs beyond 1.7e38, and the second form gave -inf).
+  if (ms - ms == 0.f && mt - mt == 0.f) return t2 * (a * it / zt + log1pf((zs - zt) / zt));
   const float d = ms - mt;
-  if (d - d == 0.f) return t2 * (a * it / zt + log1pf((zs - zt) / zt));
   return t2 * ((a / zt - d) * it - lse_of(mt * it, zt) + lse_of(ms * it, zs));
 }
 

@@ -1331,6 +1331,20 @@ def test_distill_bad_label_and_same_logits(emu: Emu) -> None:
             torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"T={temp}")
 
 
+def test_distill_finite_maxima_whose_difference_overflows(emu: Emu) -> None:
+    """Finite row maxima of opposite signs whose difference overflows fp32 (3e38 and -3e38) took
+    kl_of's infinite-maxima path and gave KL = -inf (distill_math.h, the CPU kernel's code too);
+    a teacher finfo.min entry below a teacher max of 1e32 adds nothing. As the reference."""
+    low = torch.finfo(torch.float32).min
+    y = torch.tensor([0])
+    for s, t in (([[3e38]], [[-3e38]]), ([[3e38, 0.0]], [[-1e38, -2e38]]),
+                 ([[0.0, 0.0, 0.0]], [[1e32, 0.0, low]])):  # fmt: skip
+        s, t = torch.tensor(s), torch.tensor(t)
+        rc, got, _ = run_distill_fwd(emu, s, t, y, 1.0)
+        assert rc == CUDA_SUCCESS
+        torch.testing.assert_close(got[0], reference.distill_fwd(s, t, y)[0], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_distill_teacher_masked_alone_with_finfo_min(emu: Emu, dtype: torch.dtype) -> None:
     """A teacher masked with finfo.min where the student is not: a thread (or a merged pair)

@@ -518,3 +518,23 @@ def test_distill_loss_double_backward_raises_rather_than_lie(impl: str) -> None:
         torch.autograd.grad(loss, s, create_graph=True)
     (g,) = torch.autograd.grad(cast_ext.cast.distill_loss(s, t, y, impl=impl), s)
     assert not g.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kl_of_finite_maxima_whose_difference_overflows(device: str) -> None:
+    """Finite row maxima of opposite signs whose difference overflows fp32 took kl_of's
+    infinite-maxima path and gave KL = -inf; a teacher's finfo.min entry below a teacher max of
+    1e32 gave NaN (finfo.min - max overflowed to -inf, times e = 0). The reference and float64
+    give 0, 0 and log(3)."""
+    f = torch.finfo(torch.float32)
+    cases = [
+        ([[3e38]], [[-3e38]]),
+        ([[3e38, 0.0]], [[-1e38, -2e38]]),
+        ([[0.0, 0.0, 0.0]], [[1e32, 0.0, f.min]]),
+    ]
+    y = torch.tensor([0], device=device)
+    for s, t in cases:
+        s, t = torch.tensor(s, device=device), torch.tensor(t, device=device)
+        got = ops.distill_fwd(s, t, y)[0]
+        want = reference.distill_fwd(s, t, y)[0]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -115,7 +115,11 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
       const float e = exp_lane((tv - mt) * it);
       zt[j] += e;
       const float ds = sv - ms;  // NaN where both are -inf: the lowest float too
-      a[j] += tv == -kInf ? 0.f : e * ((tv - mt) - (ds > kLowest ? ds : kLowest));
+      // tv - mt overflows to -inf for a finite tv (finfo.min) below a max >= ~1e31: e is 0
+      // there, and 0 * -inf would be NaN; clamped, the difference stays finite
+      const float dt = tv - mt;
+      a[j] +=
+          tv == -kInf ? 0.f : e * ((dt > kLowest ? dt : kLowest) - (ds > kLowest ? ds : kLowest));
       sinf[j] += sv == -kInf ? e : 0.f;
     }
   };
