@@ -250,6 +250,27 @@ def test_a_missing_extension_in_a_checkout_says_how_to_build_it_in_place() -> No
         assert "`pip install --no-build-isolation .`." in proc.stderr
 
 
+def test_a_checkout_shadowing_an_installed_cast_ext_says_so(tmp_path: Path) -> None:
+    """Run in a checkout's root after a plain install (README's `python -m cast_ext info` right
+    after `pip install .`), Python imports the checkout's cast_ext, which has no _C: the error
+    names the installed copy it shadows and says to run elsewhere."""
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("not run from a source checkout")
+    installed = tmp_path / "site" / "cast_ext"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    code = "import sys; sys.modules['cast_ext._C'] = None; import cast_ext"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert (
+        f"cast_ext is installed at {installed}" in proc.stderr
+        and "another directory" in proc.stderr
+    )
+
+
 def test_info_reports_the_loaded_cusparselt(monkeypatch: pytest.MonkeyPatch) -> None:
     """The header version the kernels were built against is not the library the process loaded
     (torch preloads its own libcusparseLt.so.0): info names both."""
