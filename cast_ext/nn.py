@@ -343,6 +343,12 @@ class SparseLinear(nn.Module):
 
     values: Tensor
     metadata: Tensor
+    # Set by from_dense / to_sparse (class defaults for layers built directly and for pickles of
+    # earlier revisions): the Hugging Face Conv1D class a layer was made from, which
+    # nn.to_dense gives back (a transformers checkpoint of GPT-2 stores Conv1D's [in, out]
+    # weights), and whether the dense weight was trainable.
+    _conv1d_cls: type[nn.Module] | None = None
+    _weight_requires_grad: bool = True
 
     def __init__(
         self,
@@ -453,6 +459,9 @@ class SparseLinear(nn.Module):
                 layer.bias.copy_(linear.bias.detach())
         if layer.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
+        layer._weight_requires_grad = bool(linear.weight.requires_grad)
+        if _is_conv1d(linear):
+            layer._conv1d_cls = next(c for c in type(linear).__mro__ if c.__name__ == "Conv1D")
         layer.train(linear.training)
         return layer, dense_groups
 
@@ -461,7 +470,8 @@ class SparseLinear(nn.Module):
         return ops.sparse24_decompress(self.values, self.metadata)
 
     def to_dense(self) -> nn.Linear:
-        """An equivalent ``nn.Linear`` (same device and dtype) holding the 2:4 weight."""
+        """An equivalent ``nn.Linear`` (same device and dtype) holding the 2:4 weight (trainable
+        if the layer :meth:`from_dense` converted was)."""
         lin = nn.Linear(
             self.in_features,
             self.out_features,
@@ -473,6 +483,7 @@ class SparseLinear(nn.Module):
             lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias.detach())
+        lin.weight.requires_grad_(self._weight_requires_grad)
         if self.bias is not None:
             lin.bias.requires_grad_(self.bias.requires_grad)
         lin.train(self.training)
@@ -923,7 +934,7 @@ def to_sparse(
             return None
         try:
             layer, dense_groups = SparseLinear._build(m, mode)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError: NaN/Inf weights
             raise type(e)(f"cast_ext.nn.to_sparse: layer {name or '(the model)'!r}: {e}") from e
         shared = by_weight.get(id(m.weight))
         if shared is not None:  # one weight, one pair of buffers (built by the first layer)
@@ -966,18 +977,21 @@ def to_sparse(
 
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``
-    (one made from a GPT-2 ``Conv1D`` comes back as the ``nn.Linear`` computing the same).
+    (one made from a GPT-2 ``Conv1D`` comes back as a ``Conv1D``, its weight ``[in, out]``
+    again, so that ``save_pretrained`` writes a checkpoint ``transformers`` loads).
     Layers that share their ``values`` buffer share one weight Parameter again (and a shared
     bias stays one Parameter). Returns
     ``model``, or its replacement if ``model`` is a :class:`SparseLinear` itself."""
-    by_values: dict[int, tuple[Tensor, nn.Linear]] = {}  # values id -> (values, its Linear)
-    by_bias: dict[int, tuple[Tensor, nn.Linear]] = {}  # bias id -> (bias, its Linear)
+    by_values: dict[int, tuple[Tensor, nn.Module]] = {}  # values id -> (values, its Linear)
+    by_bias: dict[int, tuple[Tensor, nn.Module]] = {}  # bias id -> (bias, its Linear)
 
     def pick(_: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, SparseLinear):
             return None
         shared = by_values.get(id(m.values))
-        lin = m.to_dense()
+        lin: nn.Module = m.to_dense()
+        if m._conv1d_cls is not None:
+            lin = _as_conv1d(m._conv1d_cls, lin)  # type: ignore[arg-type]
         if shared is not None:
             lin.weight = shared[1].weight
         else:
@@ -987,6 +1001,18 @@ def to_dense(model: nn.Module) -> nn.Module:
         return lin
 
     return _swap(model, pick)
+
+
+def _as_conv1d(cls: type[nn.Module], lin: nn.Linear) -> nn.Module:
+    """A Hugging Face ``Conv1D`` of class ``cls`` computing what ``lin`` does (its weight
+    ``[in, out]``): built on the meta device, then given ``lin``'s tensors."""
+    with torch.device("meta"):
+        conv = cls(lin.out_features, lin.in_features)  # Conv1D(nf=out, nx=in)
+    weight = lin.weight.detach().t().contiguous()
+    conv.weight = nn.Parameter(weight, requires_grad=lin.weight.requires_grad)
+    conv.bias = lin.bias
+    conv.train(lin.training)
+    return conv
 
 
 # ---- cuSPARSELt plan cache and algorithm table -----------------------------------------------

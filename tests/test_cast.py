@@ -581,7 +581,7 @@ def test_finalize_a_deepcopy_leaves_the_original_prepared():
 def test_to_sparse_conversion_of_finalized_model(arch):
     """prepare -> finalize -> to_sparse with the default rule: every prepared layer (GPT-2's
     Conv1D too) becomes a SparseLinear with no pruning, the head stays dense and tied, the
-    logits stay; to_dense gives the same model back (Conv1D as nn.Linear)."""
+    logits stay; to_dense gives the same model back (GPT-2's layers as Conv1D again)."""
     model = MODELS[arch]()
     layers = cast.prepare(model)
     cast.finalize(model)
@@ -600,6 +600,26 @@ def test_to_sparse_conversion_of_finalized_model(arch):
     cast_ext.nn.to_dense(converted)
     assert not any(isinstance(m, cast_ext.nn.SparseLinear) for m in converted.modules())
     torch.testing.assert_close(converted(x).logits, expected, rtol=1e-4, atol=1e-4)
+    for layer in layers:  # each back in its own class, weight in its own layout
+        back = dict(converted.named_modules())[layer.name]
+        assert type(back).__name__ == ("Conv1D" if arch == "gpt2" else "Linear")
+        w = back.weight.detach()
+        assert is_24(w.t() if arch == "gpt2" else w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_to_dense_model_saves_a_checkpoint_transformers_loads(arch, tmp_path):
+    """README: for a checkpoint transformers loads, to_dense first, then save_pretrained. GPT-2's
+    Conv1D layers came back as nn.Linear ([out, in] weights), which GPT2LMHeadModel refused."""
+    model = MODELS[arch]()
+    cast.prepare(model)
+    cast.finalize(model)
+    x = ids(seed=3)
+    expected = model(x).logits
+    cast_ext.nn.to_dense(cast_ext.nn.to_sparse(model))
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(x).logits, expected, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -565,14 +565,22 @@ def test_conversions_keep_requires_grad_and_training() -> None:
     assert not any(p.requires_grad for p in model.parameters())
     assert not any(m.training for m in model.modules())
     to_dense(model)
-    assert not any(p.bias.requires_grad for p in (model[0], model[2]))
+    assert not any(p.requires_grad for p in model.parameters())  # weights too
     assert not any(m.training for m in model.modules())
+    trainable = linear(16, 8)
+    with pytest.warns(UserWarning, match="pruned"):
+        assert to_dense(to_sparse(trainable)).weight.requires_grad
 
 
 def test_to_sparse_refuses_before_changing_anything() -> None:
     """A layer that cannot be converted raises an error naming it, and no layer was swapped."""
     model = nn.Sequential(linear(16, 8), nn.ReLU(), nn.Linear(8, 4).double())
     with pytest.raises(TypeError, match=r"to_sparse: layer '2'.*float64"):
+        to_sparse(model)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    with torch.no_grad():
+        model[2].double().float().weight[1, 2] = float("nan")  # the kernel's own error
+    with pytest.raises(RuntimeError, match=r"to_sparse: layer '2': .*NaN or Inf"):
         to_sparse(model)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
     with pytest.raises(ValueError, match=r"out_features=0 must be positive"):
