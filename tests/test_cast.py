@@ -535,6 +535,28 @@ def test_finalize_without_optimizer_uses_magnitude_masks():
         torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_finalize_report_share_of_magnitude_pruned_is_exact(arch):
+    """The report's pruned_magnitude_share is sum |A * W| at the pruned positions over sum
+    |A * W|, with the optimizer's masks (issue 7: "share of magnitude pruned"); the range check
+    of test_train_then_finalize_is_exact_24_and_same_logits (0 < share < 0.5) also passes a
+    pruned/kept ratio or a share of the unscaled W."""
+    model = MODELS[arch]()
+    cast.prepare(model)
+    opt = _train_few(model)
+    want = {}
+    for layer in cast.sparse_layers(model):
+        with torch.no_grad():
+            layer.scale.uniform_(0.5, 1.5)  # a scale far from 1: A * W, not W
+            a = layer.scale[:, torch.arange(layer.in_features) // (layer.in_features // 2)]
+            aw = (a * layer.weight.detach()).abs().double()  # [out, in], Conv1D's too
+            want[layer.name] = float(aw[~opt.mask(layer.weight)].sum() / aw.sum())
+    reports = cast.finalize(model, opt)
+    assert {r.name for r in reports} == set(want)
+    for r in reports:
+        assert r.pruned_magnitude_share == pytest.approx(want[r.name], rel=1e-5), r.name
+
+
 def test_state_dicts_of_a_layer_reachable_under_two_names():
     """A module shared by two parents (layer sharing) is in state_dict under both names:
     export_state_dict and prepared_state_dict re-key both, so each loads strictly."""

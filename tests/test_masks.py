@@ -404,3 +404,27 @@ def test_prune_backward_is_zero_at_pruned_elements_whatever_the_upstream(device)
     (g,) = torch.autograd.grad(cast_ext.sparse24_prune(w), w, up)
     (g_ref,) = torch.autograd.grad(ref.sparse24_prune(w), w, up)
     assert g.tolist() == g_ref.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("w", "rule"),
+    [
+        (torch.randint(0, 5, (3, 8)), "has dtype Long; expected float32, float16 or bfloat16"),
+        (torch.tensor([[1.0, float("nan"), 0.0, 2.0]] * 3), "contains NaN or Inf"),
+        (torch.tensor([[1.0, 0.0, float("-inf"), 2.0]] * 3).bfloat16(), "contains NaN or Inf"),
+        (torch.randn(3, 6), "last dim must be a multiple of 4"),
+    ],
+    ids=["int", "nan", "bf16-inf", "last-dim"],
+)
+@pytest.mark.parametrize(
+    "op", ["sparse24_mask", "sparse24_prune", "sparse24_compress", "nm_mask"], ids=str
+)
+def test_bad_weight_errors_name_op_shape_and_rule(device, w, rule, op):
+    """Issue 3's bad input: the error names the op, the tensor's shape and the rule (the
+    catalogue above matches the op and the rule only)."""
+    w = w.to(device)
+    args = (w, 2, 4) if op == "nm_mask" else (w,)
+    shape = r"\[" + ", ".join(map(str, w.shape)) + r"\]"
+    with pytest.raises(RuntimeError, match=rf"cast_ext\.{op}: w of shape {shape}\W.*{rule}"):
+        getattr(cast_ext, op)(*args)

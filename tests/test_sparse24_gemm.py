@@ -415,3 +415,36 @@ def test_cslt_each_algorithm_on_the_compressed_weight(dtype: torch.dtype) -> Non
     )
     assert 0 not in wrong and 0 not in unbuildable
     cast_ext._C.cslt_cache_clear(True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_16bit_output_is_rounded_once_to_nearest(
+    device: str, dtype: torch.dtype, shape: tuple, with_bias: bool
+) -> None:
+    """fp32 accumulation (bias included) rounded once, to nearest, to the 16-bit dtype: each
+    element within half an ulp of the fp64 result plus the fp32 accumulation bound. gemm_tol's
+    16-bit bound (1.6e-2 bf16, 1e-3 fp16 of the GEMM's scale) is several ulps wide, so a
+    truncating conversion or a second rounding (the bias added after rounding) passes it."""
+    lead, n, k = shape
+    gen = torch.Generator().manual_seed(7)
+    w = ops.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype)).to(device)
+    x = torch.randn(*lead, k, generator=gen).to(dtype).to(device)
+    b = (torch.randn(n, generator=gen) * 4).to(dtype).to(device) if with_bias else None
+    values, meta = ops.sparse24_compress(w)
+    y = cast_ext.sparse24_gemm(x, values, meta, b).double().cpu()
+    x64, w64 = x.double().cpu(), w.double().cpu()
+    b64 = None if b is None else b.double().cpu()
+    want = F.linear(x64, w64, b64)
+    scale = F.linear(x64.abs(), w64.abs(), None if b64 is None else b64.abs())
+    acc = 2.0 * (k + 1) * 2.0**-24 * scale  # fp32 accumulation, any order
+    bits = {torch.float16: 11, torch.bfloat16: 8}[dtype]
+    _, e = torch.frexp(want.abs() + acc)
+    ulp = torch.ldexp(torch.ones_like(want), e - bits)
+    if dtype == torch.float16:
+        ulp = ulp.clamp_min(2.0**-24)  # subnormal spacing
+    err = (y - want).abs()
+    bound = 0.5 * ulp + acc
+    assert bool((err <= bound).all()), float((err / bound).max())
