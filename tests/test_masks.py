@@ -337,20 +337,38 @@ def test_reference_decompress_refuses_an_invalid_meta():
     groups=st.integers(1, 6),
     nm=st.sampled_from(NM),
     levels=st.integers(1, 9),
+    dtype=st.sampled_from(DTYPES),
+    strided=st.booleans(),
     data=st.data(),
 )
-def test_property_masks_match_reference(rows, groups, nm, levels, data):
+def test_property_masks_match_reference(rows, groups, nm, levels, dtype, strided, data):
+    """Quarter-integer weights (exact in every dtype, ties everywhere), contiguous or a column
+    slice of a wider tensor (rows not adjacent): every mask op against the reference, the mask
+    also against NumPy."""
     n, m = nm
     k = groups * m
     ints = data.draw(st.lists(st.integers(-levels, levels), min_size=rows * k, max_size=rows * k))
-    w = torch.tensor(ints, dtype=torch.float32).reshape(rows, k) / 4
+    w = (torch.tensor(ints, dtype=torch.float32).reshape(rows, k) / 4).to(dtype)
+    want = ref.nm_mask(w, n, m)
+    assert np.array_equal(want.numpy(), numpy_nm_mask(w.float().numpy(), n, m))
     for device in DEVICES:
-        got = cast_ext.nm_mask(w.to(device), n, m).cpu()
-        assert torch.equal(got, ref.nm_mask(w, n, m))
-        assert np.array_equal(got.numpy(), numpy_nm_mask(w.numpy(), n, m))
-        if (n, m) == (2, 4):
-            v, meta = cast_ext.sparse24_compress(w.to(device))
-            assert torch.equal(cast_ext.sparse24_decompress(v, meta).cpu(), ref.sparse24_prune(w))
+        x = w.to(device)
+        if strided:
+            x = torch.cat([x, torch.zeros_like(x[:, :m])], 1)[:, :k]
+        got = cast_ext.nm_mask(x, n, m).cpu()
+        assert torch.equal(got, want)
+        if (n, m) != (2, 4):
+            continue
+        assert torch.equal(cast_ext.sparse24_mask(x).cpu(), want)
+        assert torch.equal(cast_ext.sparse24_prune(x).cpu(), ref.sparse24_prune(w))
+        v, meta = cast_ext.sparse24_compress(x)
+        assert torch.equal(cast_ext.sparse24_decompress(v, meta).cpu(), ref.sparse24_prune(w))
+        packed = cast_ext.pack_mask(got.to(device))
+        assert torch.equal(cast_ext.unpack_mask(packed, k).cpu(), want)
+        flipped = cast_ext.pack_mask(cast_ext.sparse24_mask(-x.abs().flip(-1)))
+        assert int(cast_ext.mask_flips(packed, flipped)) == int(
+            (ref.sparse24_mask(-w.abs().flip(-1)) != want).reshape(rows, groups, m).any(-1).sum()
+        )
 
 
 @pytest.mark.cuda  # every device in DEVICES
