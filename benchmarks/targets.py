@@ -154,56 +154,27 @@ def _adams_checks(rows: list[Row]) -> list[Check]:
 
 
 def _gemm_checks(rows: list[Row]) -> list[Check]:
-    def impl(name: str, keep: Callable[[Row], bool] = lambda r: True) -> tuple[list[Row], int]:
-        mine = [r for r in rows if r.get("impl") == name and keep(r)]
-        failed = sum(1 for r in mine if "error" in r or r.get("correct") is False)
-        return [r for r in mine if "error" not in r and r.get("correct") is not False], failed
-
     def big_mlp(r: Row) -> bool:
         return r.get("m", 0) >= 4096 and bool(MLP_DIMS & {r.get("n"), r.get("k")})
 
+    vs_torch = "speedup over `torch._cslt_sparse_mm` (default algorithm), every weight and M"
+    targets = (  # impl, which rows, what, the row's ratio, the floor
+        ("cast_ext_cslt", big_mlp, "our sparse GEMM's speedup over dense cuBLAS, MLP weights, "
+         "M >= 4096", "speedup_vs_dense", 1.3),
+        ("sparse_linear", None, "dispatched `SparseLinear`'s speedup over dense, every weight "
+         "and M", "speedup_vs_dense", 0.98),
+        ("cast_ext_cslt", None, f"`cast_ext_cslt`'s {vs_torch}", "speedup_vs_torch_cslt", 1.0),
+        ("sparse_linear", None, f"`sparse_linear`'s {vs_torch}", "speedup_vs_torch_cslt", 1.0),
+    )  # fmt: skip
     out = []
-    ok_rows, failed = impl("cast_ext_cslt", big_mlp)
-    out.append(
-        _bound(
-            5,
-            "our sparse GEMM's speedup over dense cuBLAS, MLP weights, M >= 4096",
-            ok_rows,
-            lambda r: r.get("speedup_vs_dense"),
-            1.3,
-            at_least=True,
-            fmt="{:.2f}x",
-            failed=failed,
-        )
-    )
-    ok_rows, failed = impl("sparse_linear")
-    out.append(
-        _bound(
-            5,
-            "dispatched `SparseLinear`'s speedup over dense, every weight and M",
-            ok_rows,
-            lambda r: r.get("speedup_vs_dense"),
-            0.98,
-            at_least=True,
-            fmt="{:.2f}x",
-            failed=failed,
-        )
-    )
-    for name in ("cast_ext_cslt", "sparse_linear"):
-        ok_rows, failed = impl(name)
+    for name, keep, what, ratio, floor in targets:
+        mine = [r for r in rows if r.get("impl") == name and (keep is None or keep(r))]
+        bad = [r for r in mine if "error" in r or r.get("correct") is False]
+        good = [r for r in mine if r not in bad]
         out.append(
-            _bound(
-                5,
-                f"`{name}`'s speedup over `torch._cslt_sparse_mm` (default algorithm), every "
-                "weight and M",
-                ok_rows,
-                lambda r: r.get("speedup_vs_torch_cslt"),
-                1.0,
-                at_least=True,
-                fmt="{:.2f}x",
-                failed=failed,
-            )
-        )
+            _bound(5, what, good, lambda r, k=ratio: r.get(k), floor, at_least=True,
+                   fmt="{:.2f}x", failed=len(bad))
+        )  # fmt: skip
     return out
 
 
