@@ -1088,6 +1088,65 @@ def test_adams_step_many_tensors(emu: Emu) -> None:
     assert all(float(s) == i % 5 + 2 for i, s in enumerate(emu_d["steps"]))
 
 
+def test_adams_step_zero_weights_decay_by_sign_zero(emu: Emu) -> None:
+    """Weights exactly ±0 (zero-initialised layers, pruned entries that reached 0): a pruned
+    zero's decayed moment is (1 - alpha) mu + alpha decay sign(0) with sign(0) = 0, as torch.sign
+    and the CPU kernel have it (a sign of +1 at 0, ``w >= 0 ? 1 : -1``, passed every other test:
+    their random weights are never 0). Bit for bit against the CPU kernel, fp32 and bf16-master,
+    at steps past 0 (alpha > 0) with and without a refresh."""
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
+        hp = {**HP, "n": 2, "m": 4, "decay": 1e-2}
+        shapes = [(4, 24), (3, 12), (2, 16)]
+        d = make_adams_lists(shapes, dtype, True, master, seed=17)
+        d = {key: [t.contiguous() for t in ts] for key, ts in d.items()}
+        for i, p in enumerate(d["params"]):
+            zero = torch.zeros(p.shape, dtype=torch.bool)
+            zero.view(-1)[i % 2 :: 2] = True  # every other weight 0, half of them -0.0
+            signed = torch.where(torch.rand(p.shape) < 0.5, -0.0, 0.0)
+            p.copy_(torch.where(zero, signed.to(dtype), p))
+            if master:
+                d["masters"][i].copy_(torch.where(zero, signed, d["masters"][i]))
+            d["steps"][i].fill_(float(i + 1))  # 1, 2, 3: alpha > 0; step 3 refreshes
+        cpu_d = clone_lists(d)
+        for it in range(2):
+            rc = run_emu_adams(emu, d, hp, None, None, num_sms=1)
+            assert rc == CUDA_SUCCESS
+            call_adams(cast_ext.ops.adams_step_, cpu_d, hp)
+            for key in ADAMS_LIST_KEYS:
+                for i, (x, y) in enumerate(zip(d[key], cpu_d[key], strict=True)):
+                    assert_bits_equal(x, y, f"{dtype} step {it}: {key}[{i}] vs CPU kernel")
+
+
+def test_adams_step_writes_nothing_past_a_tensor(emu: Emu) -> None:
+    """Every param, moment and master of a step lives in a guarded buffer: tensors whose last unit
+    is short (a dense tensor of 7, 12 or 41 elements, rows of 12 or 20) take vector access for the
+    full units only, and nothing is written past any tensor's end. (A vector store of the short
+    last unit wrote past it and only crashed the test process now and then, by heap corruption.)"""
+    for sparse, shapes in (
+        (False, [(7,), (12,), (41,), (3, 5)]),
+        (True, [(1, 12), (2, 20), (3, 12)]),
+    ):
+        for dtype, master in ((torch.float32, False), (torch.float16, True)):
+            hp = {**HP, "n": 2, "m": 4}
+            d = make_adams_lists(shapes, dtype, sparse, master, seed=23)
+            guards: list[tuple[str, Guarded]] = []
+            for key in ("params", "exp_avgs", "exp_avg_sqs", "masters", "masks", "prev"):
+                for i, t in enumerate(d[key]):
+                    g = Guarded(tuple(t.shape), t.dtype)
+                    g.t.copy_(t)
+                    d[key][i] = g.t
+                    guards.append((f"{key}[{i}]", g))
+            cpu_d = clone_lists(d)
+            for _ in range(2):
+                assert run_emu_adams(emu, d, hp, None, None, num_sms=1) == CUDA_SUCCESS
+                call_adams(cast_ext.ops.adams_step_, cpu_d, hp)
+                for what, g in guards:
+                    g.check(f"{dtype} sparse={sparse} {what}")
+                for key in ADAMS_LIST_KEYS:
+                    for i, (x, y) in enumerate(zip(d[key], cpu_d[key], strict=True)):
+                        assert_bits_equal(x, y, f"{key}[{i}] vs CPU kernel")
+
+
 # ---- sparse24_gemv (the packed small-M GEMM) ---------------------------------------------------
 
 GEMV_SHAPES = [(1, 8, 16), (3, 24, 64), (16, 12, 1040), (5, 9, 32), (2, 1, 16), (7, 33, 528)]
@@ -1202,6 +1261,73 @@ def test_sparse24_gemv_refuses_what_it_cannot_run(emu: Emu) -> None:
     assert run_gemv(emu, shifted, values, meta, None)[0] == CUDA_INVALID_VALUE
     rc, _, bad = run_gemv(emu, torch.randn(0, 32), values, meta, None)
     assert (rc, bad, emu.stats()["launches"]) == (CUDA_SUCCESS, 0, 0)
+
+
+def test_sparse24_gemv_rounds_once_with_bias(emu: Emu) -> None:
+    """Small-integer x and W make every fp32 partial sum exact in any order, so y must equal
+    (x @ W^T + b) rounded once to T, bit for bit; biases of k + 0.5 put the exact result halfway
+    or off-halfway where a rounding of x @ W^T before the bias is added lands elsewhere (257 + 0.5
+    in bf16: 258 once, 256 twice). assert_gemm_close's tolerance let such a double rounding pass."""
+    gen = torch.Generator().manual_seed(24)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for m, n, k in ((1, 16, 1040), (5, 24, 64), (16, 9, 528)):
+            w = torch.randint(-3, 4, (n, k), generator=gen).to(dtype)
+            w = reference.sparse24_prune(w)
+            values, meta = reference.sparse24_compress(w)
+            x = torch.randint(-3, 4, (m, k), generator=gen).to(dtype)
+            acc = x.double() @ w.double().t()
+            b = (torch.randint(-40, 41, (n,), generator=gen).double() + 0.5).to(dtype)
+            for bias in (None, b):
+                exact = acc if bias is None else acc + bias.double()
+                rc, y, bad = run_gemv(emu, x, values, meta, bias)
+                assert (rc, bad) == (CUDA_SUCCESS, 0)
+                assert_bits_equal(y, exact.to(dtype), f"{dtype} [{m}x{k}] @ [{n}x{k}]^T")
+    # the halfway case itself: 257 + 0.5 = 257.5 -> 258 in bf16 (257 alone rounds to even 256)
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    x[0, 0], x[0, 1] = 256.0, 1.0
+    w = torch.zeros(1, 16, dtype=torch.bfloat16)
+    w[0, 0] = w[0, 1] = 1.0
+    values, meta = reference.sparse24_compress(w)
+    rc, y, _ = run_gemv(emu, x, values, meta, torch.tensor([0.5], dtype=torch.bfloat16))
+    assert rc == CUDA_SUCCESS and float(y) == 258.0, float(y)
+
+
+def test_sparse24_gemv_refuses_misaligned_operands(emu: Emu) -> None:
+    """Every alignment sparse24_gemv_supported demands is checked before a launch: values (16
+    bytes, fp16 and fp32), meta (2 bytes: the kernel reads two meta bytes as one uint16), bias
+    and y (2 bytes). The emulator faults only on misaligned 8/16-byte vectors, so a dropped meta,
+    bias or y check ran here unnoticed, and the device would fault on the uint16 meta load."""
+    for dtype in (torch.float16, torch.float32):
+        n, k, m = 8, 32, 2
+        w = reference.sparse24_prune(torch.randn(n, k).to(dtype))
+        values, meta = reference.sparse24_compress(w)
+        x = torch.randn(m, k).to(dtype)
+        bias = torch.randn(n).to(dtype)
+
+        def shifted(t: Tensor, nbytes: int) -> Tensor:  # a byte copy of t, nbytes past 64
+            raw = torch.zeros(t.numel() * t.element_size() + 64 + nbytes, dtype=torch.uint8)
+            out = raw[64 + nbytes : 64 + nbytes + t.numel() * t.element_size()]
+            out.copy_(t.contiguous().view(-1).view(torch.uint8))
+            return out
+
+        y = torch.empty(m * n * dtype.itemsize + 65, dtype=torch.uint8)
+        ok = (values.data_ptr(), meta.data_ptr(), bias.data_ptr(), y.data_ptr() + 64)
+        bad = {
+            "values": shifted(values, dtype.itemsize).data_ptr(),
+            "meta": shifted(meta, 1).data_ptr(),
+            "bias": shifted(bias, 1).data_ptr(),
+            "y": y.data_ptr() + 65,
+        }
+        for name in (None, *bad):
+            v, mt, b, yp = (
+                bad.get(key, p) if key == name else p
+                for key, p in zip(("values", "meta", "bias", "y"), ok, strict=True)
+            )
+            flag = torch.zeros(1, dtype=torch.int32)
+            args = (DTYPE_CODE[dtype], x.data_ptr(), v, mt, b, m, n, k, yp, flag.data_ptr())
+            rc = emu.call("emu_sparse24_gemv", *args)
+            want = CUDA_SUCCESS if name is None else CUDA_INVALID_VALUE
+            assert (rc, emu.stats()["launches"]) == (want, int(name is None)), (dtype, name)
 
 
 # ---- distill_fwd / distill_bwd -----------------------------------------------------------------
@@ -1479,6 +1605,34 @@ def test_distill_infinite_logits(emu: Emu) -> None:
             want_g = reference.distill_bwd(s, teacher, y, want[2], torch.tensor(0.7), eta, temp)
             assert rc == CUDA_SUCCESS
             torch.testing.assert_close(grad, want_g, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_distill_ignored_rows_and_row_ends(emu: Emu, temp: float) -> None:
+    """Rows of 1000 logits (a thread's later load lands exactly on the row end: j == V must read
+    nothing, not the next row's first logit) and of 2600 (two chunks a thread) whose student and
+    teacher logits grow along the row, so the running maxima move at a thread's second chunk
+    (the rescale of sum exp(s - max) at T != 1 uses 1, not 1 / T): forward and gradient as the
+    reference. The ignored row's
+    outputs are exactly +0 (the guarded buffers' fill, 0xA5A5A5A5 = -2.9e-16, is within any
+    tolerance, so an unwritten CE or log-sum-exp passed test_distill)."""
+    for vocab in (1000, 2600):
+        s, t, y = distill_inputs(3, vocab, torch.float32, seed=vocab)
+        if vocab > 2048:  # a ramp of 12 (the row's lse stays small: fp32 tolerances hold)
+            ramp = torch.linspace(0.0, 12.0, vocab)
+            s, t = s + ramp, t + 0.5 * ramp
+        assert int(y[1]) == -100
+        want = reference.distill_fwd(s, t, y, temp)
+        rc, got, bad = run_distill_fwd(emu, s, t, y, temp)
+        assert (rc, bad) == (CUDA_SUCCESS, 0)
+        for name, g, w in zip(("kl", "ce", "lse"), got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5, msg=f"V={vocab} {name}")
+            assert_bits_equal(g[1], torch.zeros_like(g[1]), f"V={vocab} ignored row {name}")
+        want_g = reference.distill_bwd(s, t, y, want[2], torch.tensor(0.7), 0.3, temp)
+        rc, grad = run_distill_bwd(emu, s, t, y, got[2], 0.7, 0.3, temp)
+        assert rc == CUDA_SUCCESS
+        torch.testing.assert_close(grad, want_g, atol=1e-6, rtol=1e-5, msg=f"V={vocab}")
+        assert_bits_equal(grad[1], torch.zeros_like(grad[1]), f"V={vocab} ignored row grad")
 
 
 # ---- null flags ------------------------------------------------------------------------------
