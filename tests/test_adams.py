@@ -372,3 +372,53 @@ def test_reference_refuses_bad_tensors_before_any_work() -> None:
         reference.adams_step_(
             p, **d, master_params=[], lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, m=16
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_low_precision_params_are_their_masters_rounded_to_nearest(
+    dtype: torch.dtype, sparse: bool
+) -> None:
+    """After every step a bf16/fp16 param holds exactly its fp32 master rounded to nearest even
+    (test_matches_reference compares 16-bit params only to their dtype's tolerance, which a
+    write-back that truncates, or rounds the other way at a tie, passes)."""
+    torch.manual_seed(1)
+    # Rows ending inside a 16-lane vector and spanning tiles; a half-byte row for 2:4.
+    d = make_lists([(3, 264), (5, 12), (2, 40)], dtype, "cpu", sparse=sparse, master=True)
+    for it in range(6):
+        for g in d["grads"]:
+            g.copy_((torch.randn(g.shape) * 1e-3).to(dtype))
+        extra = {"grad_scale": torch.tensor([512.0])} if it % 2 else {}
+        call(cast_ext.ops.adams_step_, d, **extra)
+        for i, (p, w) in enumerate(zip(d["params"], d["masters"], strict=True)):
+            assert torch.equal(p, w.to(dtype)), (it, i)
+
+
+def test_decay_sign_comes_from_the_fp32_master() -> None:
+    """SPEC §2's sign(w) is the master's: an fp16 param whose pruned weights are below fp16
+    resolution (the param holds 0, the master +-1e-9) is still pushed by decay * sign(master).
+    (A sign read from the 16-bit param gives 0 there, and the pruned weights stop moving.)"""
+    shape = (4, 32)
+    torch.manual_seed(2)
+    big = torch.rand(shape) + 0.5
+    signs = torch.where(torch.rand(shape) < 0.5, -1.0, 1.0)
+    pos = torch.arange(shape[1]) % 4
+    w = torch.where(pos < 2, big, 1e-9) * signs  # kept: the first two of each group
+    a: dict[str, list[Tensor]] = {
+        "params": [w.to(torch.float16)],
+        "grads": [torch.zeros(shape, dtype=torch.float16)],
+        "exp_avgs": [torch.zeros(shape)],
+        "exp_avg_sqs": [torch.zeros(shape)],
+        "masks": [torch.zeros((4, 4), dtype=torch.uint8)],
+        "steps": [torch.tensor(9.0)],  # a refresh (interval 3), alpha = 1 (T = 7)
+        "masters": [w.clone()],
+        "prev": [torch.zeros((4, 4), dtype=torch.uint8)],
+    }
+    assert torch.equal(a["params"][0][:, 2::4], torch.zeros(4, 8, dtype=torch.float16))
+    b = clone_lists(a)
+    call(cast_ext.ops.adams_step_, a, weight_decay=0.0)
+    call(reference.adams_step_, b, weight_decay=0.0)
+    assert_adams_state_close(a, b)
+    pruned = a["masters"][0][:, 2::4]
+    # alpha = 1: mu_eff = decay * sign(w), so each pruned weight moves by about lr against its sign
+    assert bool((pruned * signs[:, 2::4] < -0.5e-3).all())

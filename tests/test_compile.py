@@ -286,3 +286,24 @@ def test_a_layer_built_under_inference_mode_runs_outside_it():
     values, meta = cast_ext.sparse24_compress(cast_ext.sparse24_prune(torch.randn(32, 64)))
     torch.ops.cast_ext.sparse24_gemm(x, values, meta, b).sum().backward()  # bias only
     torch.testing.assert_close(b.grad, torch.full((32,), 3.0))
+
+
+def test_a_compiled_step_refused_by_a_later_sparse_param_leaves_earlier_dense_ones():
+    """Compiled, the host-side NaN pre-check is skipped and each kernel call checks its own
+    weights; the sparse buckets run first so that a refusal (a NaN at a refresh) comes before
+    any dense bucket is stepped. With the dense param listed first in the group, a step order
+    following the group's order stepped it and then raised."""
+    torch.manual_seed(0)
+    bias = torch.nn.Parameter(torch.randn(8))  # dense, listed first
+    w = torch.nn.Parameter(torch.randn(8, 16))  # sparse by shape
+    opt = cast_ext.AdamS([bias, w], lr=1e-2, total_steps=10, mask_interval=1)
+    # backend "eager": Dynamo without AOT functionalization, so the kernel calls' in-place
+    # writes land in call order (aot_eager/inductor defer them past the raising call)
+    step = torch.compile(opt.step, backend="eager")
+    with torch.no_grad():
+        w[0, 0] = float("nan")
+    bias.grad, w.grad = torch.ones(8), torch.ones(8, 16)
+    before = bias.detach().clone()
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        step()
+    assert torch.equal(bias.detach(), before)

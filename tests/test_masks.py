@@ -446,3 +446,20 @@ def test_bad_weight_errors_name_op_shape_and_rule(device, w, rule, op):
     shape = r"\[" + ", ".join(map(str, w.shape)) + r"\]"
     with pytest.raises(RuntimeError, match=rf"cast_ext\.{op}: w of shape {shape}\W.*{rule}"):
         getattr(cast_ext, op)(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 4), (3, 12), (2, 20)])
+def test_decompress_refuses_a_set_padding_nibble(device, shape):
+    """A row of 4 mod 8 elements ends in a half-used meta byte whose high nibble is padding and
+    must be zero: the kernel refuses a meta that sets it, as the reference does (only the
+    reference's refusal was tested)."""
+    w = torch.randn(shape, device=device)
+    values, meta = cast_ext.sparse24_compress(w)
+    assert torch.equal(cast_ext.sparse24_decompress(values, meta), cast_ext.sparse24_prune(w))
+    bad = meta.clone()
+    bad[-1, -1] |= 0x30  # a "valid-looking" 2-of-4 pattern in the padding
+    with pytest.raises(RuntimeError, match=r"sparse24_decompress: meta of shape .* not a valid"):
+        cast_ext.sparse24_decompress(values, bad)
+    with pytest.raises(RuntimeError, match=r"not a valid 2:4 mask"):
+        ref.sparse24_decompress(values.cpu(), bad.cpu())

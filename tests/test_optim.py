@@ -1037,3 +1037,22 @@ def test_reference_refuses_beta2_of_one() -> None:
             *args, lr=1e-3, beta1=0.9, beta2=1.0, eps=1e-8, weight_decay=0.0, decay=0.0,
             total_steps=10, mask_interval=10, n=2, m=4,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 4), (3, 4), (2, 8)])
+def test_stats_pruned_over_kept_for_other_n_of_m(n: int, m: int) -> None:
+    """pruned_over_kept is mean |pruned| / mean |kept| also where the kept and pruned counts
+    differ (n != m / 2): test_stats_against_independent_figures uses 2:4 only, where dividing
+    the pruned sum by the kept count gives the same figure."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.rand(8, 32) + 0.5)
+    opt = AdamS([w], lr=1e-3, decay=1e-3, total_steps=10, mask_interval=3, n=n, m=m)
+    for _ in range(2):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    kept = opt.mask(w)
+    assert int(kept.sum()) == w.numel() * n // m
+    ratio = float(w.detach()[~kept].abs().mean() / w.detach()[kept].abs().mean())
+    st = opt.sparsity_stats()[w]
+    assert st["pruned_over_kept"] == pytest.approx(ratio, rel=1e-6)
+    assert st["alpha"] == pytest.approx(0.2) and st["step"] == 2 and st["mask_flips"] is None
