@@ -7,6 +7,7 @@ floating results (optimizer states, GEMM outputs), never by skipping an assertio
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -143,6 +144,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_kept() -> Iterator[None]:
+    """Every test leaves autograd's grad mode as it found it (the suite runs in one process: a
+    test that left it off made dozens of later ones fail far from the cause)."""
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    torch.set_grad_enabled(before)
+    assert after == before, f"the test left grad mode {after} (was {before})"
 
 
 def dtype_id(dtype: torch.dtype) -> str:

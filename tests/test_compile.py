@@ -305,5 +305,8 @@ def test_a_compiled_step_refused_by_a_later_sparse_param_leaves_earlier_dense_on
     bias.grad, w.grad = torch.ones(8), torch.ones(8, 16)
     before = bias.detach().clone()
     with pytest.raises(RuntimeError, match="NaN or Inf"):
-        step()
+        try:
+            step()
+        finally:  # torch 2.14: a compiled no_grad region that raises leaves grad mode off
+            torch.set_grad_enabled(True)
     assert torch.equal(bias.detach(), before)
