@@ -460,8 +460,7 @@ class SparseLinear(nn.Module):
         if layer.bias is not None:
             layer.bias.requires_grad_(linear.bias.requires_grad)
         layer._weight_requires_grad = bool(linear.weight.requires_grad)
-        if _is_conv1d(linear):
-            layer._conv1d_cls = next(c for c in type(linear).__mro__ if c.__name__ == "Conv1D")
+        layer._conv1d_cls = _conv1d_class(linear)
         layer.train(linear.training)
         return layer, dense_groups
 
@@ -820,11 +819,16 @@ class SparseLinear(nn.Module):
 # ---- model swaps -----------------------------------------------------------------------------
 
 
+def _conv1d_class(module: nn.Module) -> type[nn.Module] | None:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` class if ``module`` is one, found
+    without importing transformers (through the MRO: a parametrized module's class is a
+    generated subclass)."""
+    cls = next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"), None)
+    return cls if hasattr(module, "nf") and hasattr(module, "weight") else None
+
+
 def _is_conv1d(module: nn.Module) -> bool:
-    # Hugging Face's transformers.pytorch_utils.Conv1D, detected without importing transformers
-    # (through the MRO: a parametrized module's class is a generated subclass).
-    is_conv = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
-    return is_conv and hasattr(module, "nf") and hasattr(module, "weight")
+    return _conv1d_class(module) is not None
 
 
 def _param_holders(model: nn.Module) -> dict[int, dict[int, tuple[str, nn.Module]]]:

@@ -108,6 +108,8 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
   constexpr float kInf = std::numeric_limits<float>::infinity();
   constexpr float kLowest = std::numeric_limits<float>::lowest();
   float zs[kLanes] = {}, zt[kLanes] = {}, a[kLanes] = {}, z1[kLanes] = {}, sinf[kLanes] = {};
+  // a difference from a row max, -inf or NaN taken as the lowest finite float
+  const auto finite = [](float d) { return d > kLowest ? d : kLowest; };
   auto body = [&](int j, float sv, float tv) {
     zs[j] += exp_lane((sv - ms) * it);
     if (!kT1) z1[j] += exp_lane(sv - ms);
@@ -118,8 +120,7 @@ __attribute__((always_inline)) inline void row_sums(const float* s, const float*
       // tv - mt overflows to -inf for a finite tv (finfo.min) below a max >= ~1e31: e is 0
       // there, and 0 * -inf would be NaN; clamped, the difference stays finite
       const float dt = tv - mt;
-      a[j] +=
-          tv == -kInf ? 0.f : e * ((dt > kLowest ? dt : kLowest) - (ds > kLowest ? ds : kLowest));
+      a[j] += tv == -kInf ? 0.f : e * (finite(dt) - finite(ds));
       sinf[j] += sv == -kInf ? e : 0.f;
     }
   };
