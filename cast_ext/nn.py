@@ -901,7 +901,8 @@ def to_sparse(
     Face GPT-2 ``Conv1D``, with an input dim divisible by 4; by default not the output head or
     a weight shared with an embedding (the layers :func:`cast_ext.cast.prepare` leaves dense: a
     2:4 head would change the logits, and a tied one would come untied), or, with
-    ``filter_fn``, those for which ``filter_fn(qualified_name, module)`` is true instead.
+    ``filter_fn``, those for which ``filter_fn(qualified_name, module)`` is true instead (a
+    chosen layer whose input dim is not a multiple of 4 is an error, as in ``cast.prepare``).
     Weights that are not already 2:4 are pruned by magnitude, with one warning listing how many
     layers were.
 
@@ -932,9 +933,16 @@ def to_sparse(
         if type(m) is not nn.Linear and not conv1d:
             return None
         in_features = m.weight.shape[0 if conv1d else 1]  # Conv1D stores [in, out]
-        if in_features % 4 != 0 or id(m.weight) in excluded:
-            return None
-        if filter_fn is not None and not filter_fn(name, m):
+        if filter_fn is not None:
+            if not filter_fn(name, m):
+                return None
+            if in_features % 4 != 0:  # chosen by name: refused, as cast.prepare does
+                raise ValueError(
+                    f"cast_ext.nn.to_sparse: layer {name or '(the model)'!r} has input dim "
+                    f"{in_features} (weight {list(m.weight.shape)}); 2:4 sparsity needs a "
+                    "multiple of 4 (nothing was replaced)"
+                )
+        elif in_features % 4 != 0 or id(m.weight) in excluded:
             return None
         try:
             layer, dense_groups = SparseLinear._build(m, mode)

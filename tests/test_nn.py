@@ -185,10 +185,15 @@ def test_to_sparse_and_back() -> None:
     )
     model.add_module("head", nn.Linear(8, 8))
     ref = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
-    with pytest.warns(UserWarning, match=r"2 layer\(s\) were not 2:4"):
+    # filter_fn choosing Linear(30, 8) (30 % 4 != 0): refused, nothing replaced (it was skipped
+    # silently, and the caller believed it 2:4)
+    with pytest.raises(ValueError, match=r"layer '4' has input dim 30 \(weight \[8, 30\]\)"):
         to_sparse(model, filter_fn=lambda name, m: name != "head")
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) were not 2:4"):
+        to_sparse(model, filter_fn=lambda name, m: name not in ("4", "head"))
     kinds = [type(m).__name__ for m in model]
-    # Linear(30, 8) stays dense (30 % 4 != 0); "head" is filtered out.
+    # Linear(30, 8) and "head" are filtered out.
     assert kinds == ["SparseLinear", "ReLU", "SparseLinear", "ReLU", "Linear", "Linear"]
     x = torch.randn(5, 32)
     y_sparse = model(x)
