@@ -215,8 +215,9 @@ def load_smollm2(
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise RuntimeError(
-            "cast_ext demo needs the packages in requirements-demo.txt: "
-            "`pip install -r requirements-demo.txt`"
+            "cast_ext demo needs transformers and the other packages of its `demo` extra: "
+            "`pip install 'cast_ext[demo]'` (in a checkout: `pip install -r "
+            "requirements-demo.txt`)"
         ) from e
     transformers.logging.set_verbosity_error()
     if not progress:

@@ -216,6 +216,19 @@ def test_sdist_holds_every_source(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], "build outputs in the sdist"
 
 
+@pytest.mark.skipif(not (ROOT / "pyproject.toml").is_file(), reason="not a source checkout")
+def test_the_demo_extra_pins_what_requirements_demo_pins() -> None:
+    """``pip install 'cast_ext[demo]'`` (the demo from an installed copy, which has no
+    requirements file; the demo's import error names the extra) installs the pins of
+    requirements-demo.txt, which scripts/setup.sh installs."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = extra["optional-dependencies"]["demo"]
+    lines = (ROOT / "requirements-demo.txt").read_text().splitlines()
+    pins = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    assert extra == pins
+
+
 @pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="not a source checkout")
 @pytest.mark.parametrize("command", ["--version", "bdist_wheel"])
 def test_setup_without_torch(command: str) -> None:

