@@ -41,7 +41,6 @@ gradient on any path.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
@@ -112,12 +111,17 @@ _LOCK = threading.Lock()
 _GENERATION = [0]
 
 
+# The paths that need each derived weight (SparseLinear._derived's keys).
+_DERIVED_FOR = {"dense": ("dense", "backward"), "cslt": ("sparse",)}
+
+
 def _round(us: float | None) -> float | None:
     return None if us is None else round(us, 2)
 
 
 def _bucket(m: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(m, 1))))
+    """The power of two at or above ``m`` (1 for m <= 1)."""
+    return 1 << (max(m, 1) - 1).bit_length()
 
 
 def dispatch_decisions() -> list[dict[str, Any]]:
@@ -298,12 +302,26 @@ class _BufTag:
 
     def __init__(self, values: Tensor, metadata: Tensor) -> None:
         self.refs = (weakref.ref(values), weakref.ref(metadata))
+        self.key = _BufTag._key(values, metadata)
+
+    @staticmethod
+    def _key(values: Tensor, metadata: Tensor) -> tuple[Any, ...]:
         versions = (
             (None, None)
             if values.is_inference() or metadata.is_inference()
             else (values._version, metadata._version)
         )
-        self.key = (values.device, values.dtype, values.data_ptr(), metadata.data_ptr(), *versions)
+        return (values.device, values.dtype, values.data_ptr(), metadata.data_ptr(), *versions)
+
+    def matches(self, values: Tensor, metadata: Tensor) -> bool:
+        """Whether ``values``/``metadata`` are in this state (what ``== _BufTag(values,
+        metadata)`` says, without building a tag: the per-call check of the derived weights)."""
+        refs = self.refs
+        return (
+            refs[0]() is values
+            and refs[1]() is metadata
+            and self.key == _BufTag._key(values, metadata)
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _BufTag) or self.key != other.key:
@@ -519,7 +537,8 @@ class SparseLinear(nn.Module):
         if torch.compiler.is_compiling():  # the tag's (weak) identities: Dynamo guards them
             b, refs = self._buffers, hit[0].refs
             return hit[1] if refs[0]() is b["values"] and refs[1]() is b["metadata"] else None
-        return hit[1] if hit[0] == self._tag() else None
+        b = self._buffers
+        return hit[1] if hit[0].matches(b["values"], b["metadata"]) else None  # type: ignore[arg-type]
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
         t = self._current(name)
@@ -544,9 +563,8 @@ class SparseLinear(nn.Module):
     def _release_unused(self) -> None:
         """Drop the derived weight of a path no decision uses (the 2:4 weight stays in ``values``
         and ``metadata``): a layer dispatched one way holds one extra copy, not two."""
-        for paths, name in ((("dense", "backward"), "dense"), (("sparse",), "cslt")):
-            if not self._uses.intersection(paths):  # "packed" needs neither
-                self._derived.pop(name, None)
+        for name in [d for d in self._derived if self._uses.isdisjoint(_DERIVED_FOR[d])]:
+            del self._derived[name]  # "packed" needs neither
 
     def derived_bytes(self) -> int:
         """Bytes held by the derived weights (dense copy, cuSPARSELt buffer) besides the buffers."""
@@ -686,7 +704,11 @@ class SparseLinear(nn.Module):
             return True
         if torch.compiler.is_compiling():
             return self._meta_checked is None
-        return self._meta_checked != self._tag()
+        b = self._buffers
+        return self._meta_checked is None or not self._meta_checked.matches(
+            b["values"],
+            b["metadata"],  # type: ignore[arg-type]
+        )
 
     def _packed(self, x: Tensor) -> Tensor:
         check = self._meta_unchecked(x)
