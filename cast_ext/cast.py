@@ -354,8 +354,10 @@ def prepare(
 
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
     a multiple of 4, except the output head and any weight shared with an embedding. The head
-    is found by the model's ``get_output_embeddings()`` (Hugging Face models have one); for
-    another model an untied head is a Linear like any other: leave it out with ``filter_fn``.
+    is found by the model's ``get_output_embeddings()`` (Hugging Face language models have
+    one; for a Hugging Face classifier, which has none, the head is everything outside its
+    ``base_model``); for another model an untied head is a Linear like any other: leave it out
+    with ``filter_fn``.
     Each chosen layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the
     model's outputs are unchanged); the layer stays an ordinary module of its class. Layers
     that share one weight (ALBERT-style) share one :class:`WeightScale`, hence one ``A``: the
@@ -413,6 +415,20 @@ def prepare(
             continue
         chosen.append((name, module, kind, out_f, in_f))
     _refuse_unscalable(model, chosen)
+    experts = [
+        f"{mname}.{pname}".lstrip(".")
+        for mname, module in model.named_modules()
+        if "expert" in type(module).__name__.lower()
+        for pname, p in module.named_parameters(recurse=False)
+        if p.dim() == 3
+    ]
+    if experts:
+        warnings.warn(
+            f"cast_ext.cast.prepare: {len(experts)} MoE expert weight(s) stored as one 3-D "
+            f"tensor per layer stay dense ({experts[:3]}): CAST here sparsifies Linear layers "
+            "only",
+            stacklevel=2,
+        )
 
     changed = []
     shared: dict[int, WeightScale] = {}  # weight id -> its scaling, for every layer holding it

@@ -40,8 +40,10 @@ gradient on any path.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import threading
 import time
 import warnings
@@ -866,14 +868,56 @@ def _param_holders(model: nn.Module) -> dict[int, dict[int, tuple[str, nn.Module
 
 
 def _excluded_weights(model: nn.Module) -> set[int]:
-    """ids of weights that must stay dense: embeddings and the output head (tied or not)."""
+    """ids of weights that must stay dense: embeddings and the output head (tied or not). The
+    head is ``get_output_embeddings()``; a Hugging Face model without one (a sequence or token
+    classifier, question answering) has its task head outside ``base_model``: all of it."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        head = get_out()
-        if head is not None and getattr(head, "weight", None) is not None:
-            ids.add(id(head.weight))
+    head = get_out() if callable(get_out) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        ids.add(id(head.weight))
+    base = getattr(model, "base_model", None)
+    if head is None and callable(get_out) and isinstance(base, nn.Module) and base is not model:
+        inside = {id(p) for p in base.parameters()}
+        ids.update(id(p) for p in model.parameters() if id(p) not in inside)
     return ids
+
+
+_READS_WEIGHT: dict[tuple[type, str], bool] = {}
+
+
+def _reads_child_weight(cls: type, child: str) -> bool:
+    """Whether the source of ``cls`` (or of a base class below ``nn.Module``) reads
+    ``.<child>.weight``: T5's MLP reads ``self.wo.weight.dtype``, ``nn.MultiheadAttention``
+    hands ``self.out_proj.weight`` to its functional form; a :class:`SparseLinear` there has no
+    ``weight``. Classes without source (built-ins, made at run time) are taken as not reading."""
+    key = (cls, child)
+    if key not in _READS_WEIGHT:
+        pattern = re.compile(rf"\.{re.escape(child)}\.weight\b")
+        found = False
+        for c in cls.__mro__:
+            if c is nn.Module or c is object:
+                break
+            try:
+                source = inspect.getsource(c)
+            except (OSError, TypeError):
+                continue
+            if pattern.search(source):
+                found = True
+                break
+        _READS_WEIGHT[key] = found
+    return _READS_WEIGHT[key]
+
+
+def _weight_readers(model: nn.Module) -> dict[int, str]:
+    """id of each submodule whose owner's code reads its ``.weight`` -> ``"Owner reads
+    .child.weight"`` (see :func:`_reads_child_weight`)."""
+    readers: dict[int, str] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None and _reads_child_weight(type(parent), child_name):
+                readers.setdefault(id(child), f"{type(parent).__name__} reads .{child_name}.weight")
+    return readers
 
 
 def _swap(
@@ -919,12 +963,18 @@ def to_sparse(
 ) -> nn.Module:
     """Replace every eligible linear layer of ``model`` (in place) by a :class:`SparseLinear`.
 
-    Eligible: exactly ``nn.Linear`` (subclasses such as adapters are left alone) or a Hugging
-    Face GPT-2 ``Conv1D``, with an input dim divisible by 4; by default not the output head or
-    a weight shared with an embedding (the layers :func:`cast_ext.cast.prepare` leaves dense: a
-    2:4 head would change the logits, and a tied one would come untied), or, with
-    ``filter_fn``, those for which ``filter_fn(qualified_name, module)`` is true instead (a
-    chosen layer whose input dim is not a multiple of 4 is an error, as in ``cast.prepare``).
+    Eligible: ``nn.Linear`` layers and Hugging Face GPT-2 ``Conv1D`` ones with an input dim
+    divisible by 4; by default not the output head (a classifier's whole task head, outside
+    ``base_model``) or a weight shared with an embedding (the layers
+    :func:`cast_ext.cast.prepare` leaves dense: a 2:4 head would change the logits, and a tied
+    one would come untied), and, with a warning naming them, not the layers a
+    :class:`SparseLinear` (no ``.weight``; ``x W^T + b``) may not stand in for: a subclass of
+    ``nn.Linear`` (an adapter's own forward would be lost) and a layer whose owner's code reads
+    its ``.weight`` (T5's ``wo``, ``nn.MultiheadAttention``'s ``out_proj``,
+    ``nn.TransformerEncoderLayer``'s ``linear1``: found in the owner's source). With
+    ``filter_fn``, the layers for which ``filter_fn(qualified_name, module)`` is true instead
+    (a chosen layer whose input dim is not a multiple of 4 is an error, as in
+    ``cast.prepare``; a chosen one of the kinds above is converted, with a warning).
     Weights that are not already 2:4 are pruned by magnitude, with one warning listing how many
     layers were.
 
@@ -946,15 +996,25 @@ def to_sparse(
     """
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
+    readers = _weight_readers(model)
+    left_dense: list[str] = []  # by the default rule: a subclass, or its owner reads .weight
+    risky: list[str] = []  # chosen by filter_fn all the same
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
     chosen: dict[int, tuple[str, dict[str, Tensor]]] = {}  # id of a layer converted -> name, params
     by_bias: dict[int, tuple[Tensor, SparseLinear]] = {}  # bias id -> (bias, its layer)
 
     def pick(name: str, m: nn.Module) -> nn.Module | None:
         conv1d = _is_conv1d(m)
-        if type(m) is not nn.Linear and not conv1d:
+        if not isinstance(m, nn.Linear) and not conv1d:
             return None
         in_features = m.weight.shape[0 if conv1d else 1]  # Conv1D stores [in, out]
+        # A subclass's own forward is not kept (an adapter's would be lost); code of the owner
+        # that reads the layer's .weight finds none.
+        why = []
+        if not conv1d and type(m) is not nn.Linear:
+            why.append(f"a {type(m).__name__}, whose own forward is not kept")
+        if id(m) in readers:
+            why.append(readers[id(m)])
         if filter_fn is not None:
             if not filter_fn(name, m):
                 return None
@@ -964,7 +1024,12 @@ def to_sparse(
                     f"{in_features} (weight {list(m.weight.shape)}); 2:4 sparsity needs a "
                     "multiple of 4 (nothing was replaced)"
                 )
+            if why:
+                risky.append(f"{name} ({'; '.join(why)})")
         elif in_features % 4 != 0 or id(m.weight) in excluded:
+            return None
+        elif why:
+            left_dense.append(f"{name} ({'; '.join(why)})")
             return None
         try:
             layer, dense_groups = SparseLinear._build(m, mode)
@@ -1000,6 +1065,19 @@ def to_sparse(
                     )
 
     model = _swap(model, pick, keep_ties)
+    if left_dense:
+        warnings.warn(
+            f"cast_ext.nn.to_sparse: {len(left_dense)} linear layer(s) stay dense (a "
+            f"SparseLinear has no .weight and computes x W^T + b): {left_dense[:3]}; choose "
+            "them with filter_fn where that is safe",
+            stacklevel=2,
+        )
+    if risky:
+        warnings.warn(
+            f"cast_ext.nn.to_sparse: filter_fn chose {len(risky)} layer(s) that a SparseLinear "
+            f"(no .weight; x W^T + b) may not stand in for: {risky[:3]}",
+            stacklevel=2,
+        )
     if pruned:
         warnings.warn(
             f"cast_ext.nn.to_sparse: {len(pruned)} layer(s) were not 2:4 sparse and were pruned to "

@@ -824,6 +824,64 @@ def test_to_sparse_keeps_shared_biases_shared_and_refuses_to_untie_one() -> None
     assert model[0].bias is model[2].bias and model[0].weight is not model[2].weight
 
 
+def test_to_sparse_leaves_dense_what_a_sparse_linear_cannot_stand_in_for() -> None:
+    """By default a Linear whose owner's code reads its .weight (nn.TransformerEncoderLayer's
+    inference fast path reads linear1.weight; MultiheadAttention hands out_proj.weight to its
+    functional form) and a subclass of nn.Linear (its own forward would be lost) stay dense,
+    with a warning naming them: converted, the encoder layer raised AttributeError in eval under
+    no_grad. filter_fn can still choose them, with a warning."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = layer(x)
+    with pytest.warns(UserWarning, match=r"3 linear layer\(s\) stay dense") as record:
+        to_sparse(layer)
+    message = str(record[0].message)
+    assert "TransformerEncoderLayer reads .linear1.weight" in message
+    assert "a NonDynamicallyQuantizableLinear, whose own forward is not kept" in message
+    assert "MultiheadAttention reads .out_proj.weight" in message
+    assert not any(isinstance(m, SparseLinear) for m in layer.modules())
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+
+    class Scaled(nn.Linear):  # computes x W^T + b: safe to replace, as its author knows
+        pass
+
+    model = nn.Sequential(linear(16, 8))
+    model[0].__class__ = Scaled
+    with torch.no_grad():
+        model[0].weight.copy_(ops.sparse24_prune(model[0].weight))
+    with pytest.warns(UserWarning, match=r"stay dense.*'0 \(a Scaled, whose own forward"):
+        to_sparse(model)
+    assert type(model[0]) is Scaled
+    with pytest.warns(UserWarning, match=r"filter_fn chose 1 layer\(s\) that a SparseLinear"):
+        to_sparse(model, filter_fn=lambda name, m: True)
+    assert type(model[0]) is SparseLinear
+
+
+def test_to_sparse_and_prepare_leave_a_classifier_head_dense() -> None:
+    """A Hugging Face classifier has no output embeddings: its task head, the modules outside
+    base_model, stays dense by default (the score layer was made 2:4)."""
+    transformers = pytest.importorskip("transformers")
+    from cast_ext import cast
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(cfg).eval()
+    assert model.get_output_embeddings() is None
+    names = [layer.name for layer in cast.prepare(copy.deepcopy(model))]
+    assert len(names) == 7 and not any(n.startswith("score") for n in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not 2:4, pruned"
+        to_sparse(model)
+    assert type(model.score) is nn.Linear
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 7
+
+
 def test_to_sparse_converts_a_layer_pruned_with_torch_nn_utils_prune() -> None:
     """A Linear under torch.nn.utils.prune (its weight a plain tensor, weight_orig the
     Parameter) converts, with the pruned weight: the tie check raised a KeyError."""
