@@ -510,6 +510,12 @@ class SparseLinear(nn.Module):
 
     # -- derived weights --
 
+    def _bias(self) -> Tensor | None:
+        """``self.bias`` without ``nn.Module.__getattr__`` on the per-call path (a parametrized
+        bias is a property: read as such)."""
+        b = self._parameters.get("bias")
+        return b if b is not None else self.bias
+
     def _tag(self) -> _BufTag:
         b = self._buffers  # not self.values: nn.Module.__getattr__ is slow on a per-call path
         v, mt = b["values"], b["metadata"]
@@ -629,17 +635,17 @@ class SparseLinear(nn.Module):
         """The path for input ``x``: 'sparse', 'packed' or 'dense', and the key of the trial this
         call belongs to (None once the bucket is decided, or where nothing is measured)."""
         n, k = self.out_features, self.in_features
-        cuda = x.device.type == "cuda"
+        cuda = x.is_cuda
         if self.mode == "dense":
             return "dense", None
-        if (self.mode == "sparse" and not cuda) or x.device.type not in ("cpu", "cuda"):
+        if (self.mode == "sparse" and not cuda) or not (cuda or x.is_cpu):
             return "packed", None  # on meta: shapes only, nothing to measure or record
         if self.mode == "sparse":
             reason = _cslt_reason(n, k, x.dtype, x.device)
             if reason is not None:
                 raise RuntimeError(f"cast_ext.nn.SparseLinear: mode='sparse' but {reason}")
             return "sparse", None
-        layer = (str(x.device), x.dtype, n, k, self.bias is not None)
+        layer = (str(x.device), x.dtype, n, k, self._bias() is not None)
         if torch.compiler.is_exporting() or (
             torch.compiler.is_compiling() and _DECIDED_LAYERS.get(layer) is None
         ):
@@ -690,19 +696,19 @@ class SparseLinear(nn.Module):
 
     def _run(self, path: str, x: Tensor) -> Tensor:
         if path == "dense":
-            return F.linear(x, self._dense_cached(), self.bias)
+            return F.linear(x, self._dense_cached(), self._bias())
         if path == "packed":
             return self._packed(x)
         return _CsltLinearFn.apply(
             x, self._cslt_buffer(), self.values.detach(), self.metadata, self._backward_weight,
-            self.bias, self.out_features, self.in_features,
+            self._bias(), self.out_features, self.in_features,
         )  # fmt: skip
 
     def _meta_unchecked(self, x: Tensor) -> bool:
         """Whether a packed call on ``x`` must check ``metadata``: on CUDA once per weight (the
         check is a sync), until a checked call of the current buffers succeeded; on the CPU always
         (it is free)."""
-        if x.device.type != "cuda":
+        if not x.is_cuda:
             return True
         if torch.compiler.is_compiling():
             return self._meta_checked is None
@@ -717,10 +723,10 @@ class SparseLinear(nn.Module):
         values = self.values.detach()  # a frozen buffer: no gradient on any path
         if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
             # The op's own backward would decompress the weight in every step.
-            y = _PackedLinearFn.apply(x, values, self.metadata, self.bias, check, self)
+            y = _PackedLinearFn.apply(x, values, self.metadata, self._bias(), check, self)
         else:
             y = torch.ops.cast_ext.sparse24_gemm(
-                x, values, self.metadata, self.bias, check_meta=check
+                x, values, self.metadata, self._bias(), check_meta=check
             )
         self._meta_passed(x, check)
         return y
@@ -728,7 +734,7 @@ class SparseLinear(nn.Module):
     def _meta_passed(self, x: Tensor, checked: bool) -> None:
         """After a packed call on ``x`` returned: if it checked the meta on CUDA, the current
         buffers need no further check (see :meth:`_meta_unchecked`)."""
-        if checked and x.device.type == "cuda" and not torch.compiler.is_compiling():
+        if checked and x.is_cuda and not torch.compiler.is_compiling():
             self._meta_checked = self._tag()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -744,7 +750,8 @@ class SparseLinear(nn.Module):
                 f"cast_ext.nn.SparseLinear: input of shape {list(x.shape)}: last dim must be "
                 f"in_features = {self.in_features}"
             )
-        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+        autocast = device_type is not None and torch.is_autocast_enabled(device_type)
         if autocast and x.is_floating_point():
             # As nn.Linear under autocast: computed, and returned, in the autocast dtype.
             dt = torch.get_autocast_dtype(x.device.type)
