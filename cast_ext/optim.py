@@ -301,7 +301,9 @@ class AdamS(torch.optim.Optimizer):
             ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
             multiple of ``m`` (the message names the param by shape and the rule); a DTensor
             param with a ``Partial`` placement, or a sparse one whose last dim is sharded into
-            parts that cut groups of ``m`` or mask bytes.
+            parts that cut groups of ``m`` or mask bytes. At a step, the same for a group
+            whose settings were changed since (a value construction refuses): nothing is
+            stepped.
 
     DTensor params (FSDP2, tensor parallel) are stepped on their local shards; their state
     entries are DTensors laid out like the param (``step`` stays a plain 0-d tensor), so
@@ -361,35 +363,38 @@ class AdamS(torch.optim.Optimizer):
     # ---- construction ------------------------------------------------------------------------
 
     @staticmethod
-    def _check_hparams(g: dict[str, Any], whole: bool = True) -> None:
+    def _check_hparams(g: dict[str, Any], whole: bool = True, where: str = "") -> None:
         """Check a group's settings (``whole``: a group's, merged with the defaults; else the
-        defaults alone, where ``total_steps`` may be left to the groups)."""
+        defaults alone, where ``total_steps`` may be left to the groups). ``where`` starts the
+        message (``"group 1: "``)."""
         lr = float(g["lr"])
         if not (lr >= 0.0 and math.isfinite(lr)):
-            raise _err(f"lr must be finite and >= 0, got {lr}")
+            raise _err(f"{where}lr must be finite and >= 0, got {lr}")
         betas = g["betas"]
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-            raise _err(f"betas must be two values in [0, 1), got {betas}")
+            raise _err(f"{where}betas must be two values in [0, 1), got {betas}")
         for key in ("eps", "weight_decay", "decay"):
             val = float(g[key])
             if not (val >= 0.0 and math.isfinite(val)):
-                raise _err(f"{key} must be finite and >= 0, got {g[key]}")
+                raise _err(f"{where}{key} must be finite and >= 0, got {g[key]}")
         ts = g["total_steps"]
         if ts is None and whole:
-            raise _err("total_steps is required (the planned length T of the alpha ramp)")
+            raise _err(f"{where}total_steps is required (the planned length T of the alpha ramp)")
         if ts is not None and (not _is_int(ts) or ts < 1):
-            raise _err(f"total_steps must be an int >= 1, got {ts!r}")
+            raise _err(f"{where}total_steps must be an int >= 1, got {ts!r}")
         mi = g["mask_interval"]
         if not _is_int(mi) or mi < 1:
-            raise _err(f"mask_interval must be an int >= 1, got {mi!r}")
+            raise _err(f"{where}mask_interval must be an int >= 1, got {mi!r}")
         n, m = g["n"], g["m"]
         if m not in (4, 8) or not (_is_int(n) and 0 < n <= m):
-            raise _err(f"need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
-        unsupported = [key for key in _TORCH_ONLY if g.get(key)]
+            raise _err(f"{where}need m in (4, 8) and 0 < n <= m, got n={n}, m={m}")
+        # Dynamo's tracing of an optimizer step shows every group with capturable=True
+        traced = ("capturable",) if torch.compiler.is_compiling() else ()
+        unsupported = [key for key in _TORCH_ONLY if g.get(key) and key not in traced]
         if unsupported:
             raise _err(
-                f"a group sets {unsupported}: options of torch's Adam that AdamS does not have "
-                "(it would ignore them)"
+                f"{where}a group sets {unsupported}: options of torch's Adam that AdamS does not "
+                "have (it would ignore them)"
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -407,7 +412,8 @@ class AdamS(torch.optim.Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"cast_ext.AdamS: params must be Tensors, got {type(p).__name__}")
         merged = {**self.defaults, **param_group, "params": params}
-        self._check_hparams(merged)
+        gi = len(self.param_groups)  # the group's index once added
+        self._check_hparams(merged, where=f"group {gi}: ")
         for i, p in enumerate(params):
             if any(q is p for q in params[:i]):
                 raise _err(
@@ -441,7 +447,6 @@ class AdamS(torch.optim.Optimizer):
         # Shape-decided sparsity uses the global shape: a DTensor's layout never makes a param
         # dense (a bad layout is refused instead). Named by the group's future index.
         merged["sparse"] = sparse
-        gi = len(self.param_groups)
         for i, p in enumerate(params):
             _check_placements(p, _param_is_sparse(p, merged), merged["m"], f"{i} of group {gi} ")
         super().add_param_group(group)
@@ -621,6 +626,10 @@ class AdamS(torch.optim.Optimizer):
 
         Returns:
             the closure's loss, or None.
+
+        Raises:
+            ValueError: a group with gradients holds settings the constructor refuses (changed
+                since it was added); nothing is stepped.
         """
         loss = None
         if closure is not None:
@@ -657,6 +666,11 @@ class AdamS(torch.optim.Optimizer):
         # Every param is checked before any is stepped: a bad one leaves all unchanged.
         work: list[tuple[dict[str, Any], torch.device, bool, list[Tensor]]] = []
         for gi, group in enumerate(self.param_groups):
+            if all(p.grad is None for p in group["params"]):
+                continue
+            # A group's settings may have changed since add_param_group checked them (a
+            # scheduler's, a user's edit): checked again as there, before anything is stepped.
+            self._check_hparams(group, where=f"group {gi}: ")
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:

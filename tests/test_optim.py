@@ -464,6 +464,56 @@ def test_group_settings_and_params_are_checked_like_torch() -> None:
         AdamS([p], total_steps=5, n=True)
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts' states equal, tensor for tensor."""
+    assert a["state"].keys() == b["state"].keys()
+    for i, st in a["state"].items():
+        assert st.keys() == b["state"][i].keys(), i
+        for key, val in st.items():
+            assert torch.equal(val, b["state"][i][key]), (i, key)
+
+
+@pytest.mark.parametrize(
+    ("gi", "key", "value", "needle"),
+    [
+        (1, "lr", -1.0, "lr must be finite and >= 0, got -1.0"),
+        (1, "lr", float("nan"), "lr must be finite"),
+        (1, "total_steps", None, "total_steps is required"),
+        (1, "betas", (0.9, 1.5), r"betas must be two values in \[0, 1\)"),
+        (1, "eps", -1.0, "eps must be"),
+        (0, "mask_interval", 2.5, "mask_interval must be an int >= 1, got 2.5"),
+        (0, "total_steps", 5.5, "total_steps must be an int >= 1, got 5.5"),
+        (0, "n", 5, r"need m in \(4, 8\) and 0 < n <= m, got n=5"),
+        (0, "amsgrad", True, r"a group sets \['amsgrad'\]"),
+    ],
+)
+def test_a_group_changed_to_bad_settings_is_refused_before_any_group_steps(
+    gi: int, key: str, value: object, needle: str
+) -> None:
+    """A group's settings changed after construction are checked as the constructor checks
+    them, at the start of the step: the constructor's ValueError naming the group, no param or
+    state of any group changed (the kernels checked them one call at a time: the sparse group
+    had stepped, and int() truncated a float total_steps or mask_interval, amsgrad was ignored).
+    The changed value put back, the step goes on; a 0-d tensor lr (as schedulers may set) steps."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8))
+    opt = AdamS([{"params": [w]}, {"params": [b], "sparse": False}], lr=1e-2, total_steps=10)
+    for p in (w, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in (w, b)], copy.deepcopy(opt.state_dict())
+    old = opt.param_groups[gi].get(key)
+    opt.param_groups[gi][key] = value
+    with pytest.raises(ValueError, match=rf"cast_ext.AdamS: group {gi}: {needle}"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip((w, b), before[0], strict=True))
+    assert_same_state(opt.state_dict(), before[1])
+    opt.param_groups[gi][key] = old
+    opt.param_groups[1]["lr"] = torch.tensor(1e-2)
+    opt.step()
+    assert float(opt.state[w]["step"]) == float(opt.state[b]["step"]) == 2
+
+
 def test_per_group_weight_decay_and_3d_params_step_as_adamw() -> None:
     """Dense groups are AdamW with each group's own weight_decay (not the default's); a 3-D
     param in a group without the flag is dense (no mask), as AdamW steps it."""
