@@ -215,6 +215,27 @@ def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
         )
 
 
+def _check_sparse(sparse: Any, params: Sequence[Tensor], m: int, gi: int) -> None:
+    """Refuse group ``gi``'s ``sparse`` flag where it is neither None nor a bool, and, where it
+    is True, a param that is not 2-D or whose last dim is not a multiple of ``m``."""
+    if sparse is None:
+        return
+    if not isinstance(sparse, bool):
+        raise _err(f"group {gi}: a group's sparse must be a bool, got {sparse!r}")
+    for pi, p in enumerate(params if sparse else ()):
+        where = f"{pi} of group {gi} "
+        if p.dim() != 2:
+            raise _err(
+                f"{_describe(p, where)} is in a sparse group but is not 2-D: N:M sparsity "
+                "applies to [out, in] weight matrices"
+            )
+        if p.shape[-1] % m != 0:
+            raise _err(
+                f"{_describe(p, where)} is in a sparse group: its last dim must be a multiple "
+                f"of m={m}"
+            )
+
+
 def _state_like(p: Tensor, local: Tensor, shape: list[int]) -> Tensor:
     """``local`` (built on ``p``'s local shard) as a DTensor laid out like ``p``, else itself.
 
@@ -299,11 +320,11 @@ class AdamS(torch.optim.Optimizer):
     Raises:
         ValueError: at construction, for hyperparameters out of range, a missing
             ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
-            multiple of ``m`` (the message names the param by shape and the rule); a DTensor
-            param with a ``Partial`` placement, or a sparse one whose last dim is sharded into
-            parts that cut groups of ``m`` or mask bytes. At a step, the same for a group
-            whose settings were changed since (a value construction refuses): nothing is
-            stepped.
+            multiple of ``m`` (the message names the param by group, index and shape, and the
+            rule); a DTensor param with a ``Partial`` placement, or a sparse one whose last dim
+            is sharded into parts that cut groups of ``m`` or mask bytes. At a step, the same
+            for a group whose settings were changed since (a value construction refuses):
+            nothing is stepped.
 
     DTensor params (FSDP2, tensor parallel) are stepped on their local shards; their state
     entries are DTensors laid out like the param (``step`` stays a plain 0-d tensor), so
@@ -427,22 +448,7 @@ class AdamS(torch.optim.Optimizer):
                     "expected float32, float16 or bfloat16"
                 )
         sparse = param_group.get("sparse")  # None: each param by its shape
-        if sparse is not None:
-            if not isinstance(sparse, bool):
-                raise _err(f"a group's sparse must be a bool, got {sparse!r}")
-            if sparse:
-                m = merged["m"]
-                for p in params:
-                    if p.dim() != 2:
-                        raise _err(
-                            f"param of shape {list(p.shape)} is in a sparse group but is not "
-                            "2-D: N:M sparsity applies to [out, in] weight matrices"
-                        )
-                    if p.shape[-1] % m != 0:
-                        raise _err(
-                            f"param of shape {list(p.shape)} is in a sparse group: its last "
-                            f"dim must be a multiple of m={m}"
-                        )
+        _check_sparse(sparse, params, merged["m"], gi)
         group = {**param_group, "params": entries, "sparse": sparse}
         # Shape-decided sparsity uses the global shape: a DTensor's layout never makes a param
         # dense (a bad layout is refused instead). Named by the group's future index.
@@ -669,8 +675,10 @@ class AdamS(torch.optim.Optimizer):
             if all(p.grad is None for p in group["params"]):
                 continue
             # A group's settings may have changed since add_param_group checked them (a
-            # scheduler's, a user's edit): checked again as there, before anything is stepped.
+            # scheduler's, a user's edit): checked again as there, before anything is stepped
+            # (its params without gradients too, as there).
             self._check_hparams(group, where=f"group {gi}: ")
+            _check_sparse(group["sparse"], group["params"], group["m"], gi)
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:

@@ -514,6 +514,41 @@ def test_a_group_changed_to_bad_settings_is_refused_before_any_group_steps(
     assert float(opt.state[w]["step"]) == float(opt.state[b]["step"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("gi", "sparse", "needle"),
+    [
+        (0, "yes", "group 0: a group's sparse must be a bool, got 'yes'"),
+        (1, True, r"param 0 of group 1 of shape \[8\] is in a sparse group but is not 2-D"),
+        (2, True, r"param 1 of group 2 of shape \[4, 6\] is in a sparse group: its last dim must"),
+    ],
+)
+def test_a_group_made_sparse_against_the_rules_is_refused_before_any_group_steps(
+    gi: int, sparse: object, needle: str
+) -> None:
+    """A group's ``sparse`` changed after construction is checked as add_param_group checks
+    it, for every param of the group, at the start of the step: the constructor's ValueError
+    naming the param, nothing changed (a truthy non-bool counted as True, a 1-D param got a
+    mask, and a [4, 6] one failed inside nm_mask naming neither group nor param)."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8))
+    v, c = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(4, 6))
+    groups = [
+        {"params": [w]},
+        {"params": [b], "sparse": False},
+        {"params": [v, c], "sparse": False},
+    ]
+    opt = AdamS(groups, lr=1e-2, total_steps=10)
+    for p in (w, b, v, c):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in (w, b, v, c)], copy.deepcopy(opt.state_dict())
+    opt.param_groups[gi]["sparse"] = sparse
+    with pytest.raises(ValueError, match=rf"cast_ext.AdamS: {needle}"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip((w, b, v, c), before[0], strict=True))
+    assert_same_state(opt.state_dict(), before[1])
+
+
 def test_per_group_weight_decay_and_3d_params_step_as_adamw() -> None:
     """Dense groups are AdamW with each group's own weight_decay (not the default's); a 3-D
     param in a group without the flag is dense (no mask), as AdamW steps it."""
