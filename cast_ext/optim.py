@@ -867,8 +867,10 @@ class AdamS(torch.optim.Optimizer):
         Returns:
             per param a dict: ``pruned_over_kept`` (mean |pruned w| / mean |kept w|, on the fp32
             weights), ``mask_flips`` (groups whose kept set changed at the last refresh; None
-            before the second refresh), ``flip_rate`` (``mask_flips`` / groups), ``alpha`` (the
-            ramp weight the next step applies, ``min(step / total_steps, 1)``) and ``step``.
+            before the second refresh, while ``prev_mask`` holds no mask: all its bits are 0,
+            where a mask keeps ``n`` of every group; so also None for a param with no groups),
+            ``flip_rate`` (``mask_flips`` / groups), ``alpha`` (the ramp weight the next step
+            applies, ``min(step / total_steps, 1)``) and ``step``.
             For DTensor params the figures are the whole param's, summed over its shards: then
             the call is a collective (every rank calls it, as for ``full_tensor()``). One
             read-back for all params.
@@ -888,7 +890,9 @@ class AdamS(torch.optim.Optimizer):
                 kept_sum = w.masked_fill_(~kept, 0.0).sum(dtype=torch.float64)
                 n_kept = kept.sum(dtype=torch.float64)
                 figures = [kept_sum, n_kept, total - kept_sum, w.numel() - n_kept, flips]
-                figures.append(w.numel() // group["m"])
+                # prev_mask has a bit set once a refresh saved a mask there (the second
+                # refresh), whatever mask_interval is now and through a state dict
+                figures += [w.numel() // group["m"], _local(state["prev_mask"]).any()]
                 local = torch.stack([torch.as_tensor(f).to(total) for f in figures])
                 row = _over_shards(local, p).sum(0)  # a DTensor's shards (collective)
                 rows.append(torch.cat([row, state["step"].to(total).view(1)]))
@@ -897,15 +901,13 @@ class AdamS(torch.optim.Optimizer):
         table = torch.stack([r.to(home) for r in rows]).tolist() if rows else []
         out: dict[Tensor, dict[str, float | int | None]] = {}
         for (p, group), row in zip(params, table, strict=True):
-            kept_sum, n_kept, pruned_sum, n_pruned, flips, groups, step = row
+            kept_sum, n_kept, pruned_sum, n_pruned, flips, groups, has_prev, step = row
             t = int(step)
             if t == 0:  # no mask yet (a skipped or refused first step made the state)
                 continue
             kept_mean = kept_sum / n_kept if n_kept else math.nan
             pruned_mean = pruned_sum / n_pruned if n_pruned else math.nan
-            refreshes = (t - 1) // group["mask_interval"] + 1
-            # before the second refresh there is no previous mask to compare with
-            n_flips = int(flips) if refreshes >= 2 else None
+            n_flips = int(flips) if has_prev else None
             out[p] = {
                 "pruned_over_kept": pruned_mean / kept_mean if kept_mean else math.nan,
                 "mask_flips": n_flips,

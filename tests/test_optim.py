@@ -1124,6 +1124,32 @@ def test_reference_refuses_beta2_of_one() -> None:
         )  # fmt: skip
 
 
+def test_stats_count_refreshes_from_the_masks_not_from_mask_interval() -> None:
+    """Whether a second refresh happened is read from prev_mask (0 until a refresh saves a mask
+    there), not from step // mask_interval: mask_interval 10 changed to 2 after 5 steps (one
+    refresh, t = 0) reported 8 of 8 groups flipped against the initial zeros; 3 changed to 10
+    after 4 steps (refreshes at 0 and 3) reported None. A loaded state dict gives the same."""
+    torch.manual_seed(0)
+    for before, after, steps, second in ((10, 2, 5, False), (3, 10, 4, True)):
+        w = nn.Parameter(torch.randn(4, 8))
+        opt = AdamS([w], lr=1e-2, decay=1e-2, total_steps=20, mask_interval=before)
+        for _ in range(steps):
+            w.grad = torch.randn_like(w)
+            opt.step()
+        opt.param_groups[0]["mask_interval"] = after
+        loaded = AdamS([w], lr=1e-2, decay=1e-2, total_steps=20, mask_interval=after)
+        loaded.load_state_dict(opt.state_dict())
+        flips = int(cast_ext.mask_flips(opt.state[w]["prev_mask"], opt.state[w]["mask"]))
+        for o in (opt, loaded):
+            st = o.sparsity_stats()[w]
+            want = flips if second else None
+            assert st["mask_flips"] == want and st["step"] == steps, (before, st)
+            assert st["flip_rate"] == (None if want is None else want / 8)
+    w.grad = torch.randn_like(w)
+    opt.step()  # t = 4, not a refresh of mask_interval 10: the same previous mask
+    assert opt.sparsity_stats()[w]["mask_flips"] == flips
+
+
 @pytest.mark.parametrize(("n", "m"), [(1, 4), (3, 4), (2, 8)])
 def test_stats_pruned_over_kept_for_other_n_of_m(n: int, m: int) -> None:
     """pruned_over_kept is mean |pruned| / mean |kept| also where the kept and pruned counts
