@@ -60,13 +60,12 @@ _STATE_DTYPES = {
 }
 
 
-def _fit_master(p: Tensor, state: dict[str, Any]) -> None:
-    """Give ``state`` an fp32 master exactly when ``p`` is not fp32: started from ``p`` (the
-    model was cast, or a state dict saved with other param dtypes loaded); fp32 params are their
-    own masters."""
-    if p.dtype == torch.float32:
-        state.pop("master", None)
-    elif "master" not in state:
+def _add_master(p: Tensor, state: dict[str, Any]) -> None:
+    """Give ``state`` an fp32 master where ``p`` is not fp32 and it has none: started from ``p``
+    (the model was cast, or a state dict saved with fp32 params loaded). fp32 params are their
+    own masters: the master of one cast from bf16/fp16 (or loaded from such a run) is taken and
+    dropped at its next step (:meth:`AdamS._sync_state`)."""
+    if p.dtype != torch.float32 and "master" not in state:
         state["master"] = _state_like(p, _local(p).detach().float().contiguous(), list(p.shape))
 
 
@@ -489,7 +488,10 @@ class AdamS(torch.optim.Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
         param's dtype (which would round bf16 params' fp32 moments and masters) and the masks to
-        a float dtype; this override restores them from ``state_dict`` exactly. Hooks run as
+        a float dtype; this override restores them from ``state_dict`` exactly. Masters saved
+        for bf16/fp16 params and loaded for fp32 ones stay until the params' next step, which
+        gives each param its master's value where it holds that value rounded, as after casting
+        the live model to fp32 (the run goes on bit for bit either way). Hooks run as
         torch's do: the pre-hooks first (a dict one returns is the one loaded, and checked), the
         post-hooks last (their changes stay). A group saved without ``sparse`` (an edited or
         foreign dict) keeps this optimizer's setting.
@@ -540,7 +542,7 @@ class AdamS(torch.optim.Optimizer):
                 )
                 for key, val in st.items()
             }
-            _fit_master(p, state)  # a run saved with other param dtypes
+            _add_master(p, state)  # a run saved with fp32 params
             self.state[p] = state
         for hook in post.values():
             hook(self)
@@ -749,21 +751,22 @@ class AdamS(torch.optim.Optimizer):
 
     def _sync_state(self, p: Tensor, group: dict[str, Any], sparse: bool) -> None:
         """Bring the existing state of ``p`` up to date before a step: an fp32 master exactly
-        for a non-fp32 param (the model was cast since the last step; a param cast to fp32
-        takes its master's value where it holds that value rounded); masks exactly for a
-        sparse param (a group made sparse after some steps gets the N:M mask of its current
-        weights, as a refresh would); and the master takes a param written outside the step
-        since the last one (a mask applied in place, weights loaded, ``p.data = ...``; at the
-        first step since construction or load_state_dict, whether or not it was written) where
-        the param is not its master rounded: there the param, not its stale fp32 master, is the
-        weight to go on from; elsewhere the master keeps the precision the param lacks (a write
-        of the same values, such as loading the model's own state dict, loses nothing, and a
-        fresh process that loaded both goes on bit for bit). (Compiled, where versions cannot be
-        traced, every step compares.)"""
+        for a non-fp32 param (the model was cast since the last step; a param cast to fp32, or
+        loaded into an fp32 model with a bf16/fp16 run's state, takes its master's value where
+        it holds that value rounded); masks exactly for a sparse param (a group made sparse
+        after some steps gets the N:M mask of its current weights, as a refresh would); and the
+        master takes a param written outside the step since the last one (a mask applied in
+        place, weights loaded, ``p.data = ...``; at the first step since construction or
+        load_state_dict, whether or not it was written) where the param is not its master
+        rounded: there the param, not its stale fp32 master, is the weight to go on from;
+        elsewhere the master keeps the precision the param lacks (a write of the same values,
+        such as loading the model's own state dict, loses nothing, and a fresh process that
+        loaded both goes on bit for bit). (Compiled, where versions cannot be traced, every step
+        compares.)"""
         state = self.state[p]
         if "master" in state and p.dtype == torch.float32:
-            _take_master(_local(p), _local(state["master"]))
-        _fit_master(p, state)
+            _take_master(_local(p), _local(state.pop("master")))
+        _add_master(p, state)
         if "master" in state:
             lp = _local(p)
             # Compiled: versions cannot be traced, so every step compares (a pass over the param
@@ -792,7 +795,9 @@ class AdamS(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if state and "master" in state:
+                # an fp32 param's master (cast or loaded since the last step) is its next
+                # step's to take
+                if state and "master" in state and p.dtype != torch.float32:
                     _take_written(_local(state["master"]), _local(p).contiguous())
 
     def _check_refresh_weights(self, work: list[Any], found_inf: Tensor | None) -> None:

@@ -207,7 +207,8 @@ def test_pickle_named_params_and_foreign_state_dicts() -> None:
     assert named.param_groups[0]["params"] == list(model.parameters())
     named.step()
 
-    # fp32 run -> bf16 params: masters made from the params; bf16 run -> fp32: masters dropped
+    # fp32 run -> bf16 params: masters made from the params; bf16 run -> fp32: masters taken
+    # (where the params hold them rounded) and dropped at the next step
     fp32 = nn.ParameterList([nn.Parameter(p.detach().float()) for p in model])
     o32 = AdamS(fp32.parameters(), **HP)
     set_grads(fp32, gen)
@@ -218,9 +219,10 @@ def test_pickle_named_params_and_foreign_state_dicts() -> None:
     set_grads(model, gen)
     o16.step()
     o32.load_state_dict(o16.state_dict())
-    assert "master" not in o32.state[fp32[5]]
+    assert torch.equal(o32.state[fp32[5]]["master"], o16.state[model[5]]["master"])
     set_grads(fp32, gen)
     o32.step()
+    assert "master" not in o32.state[fp32[5]]
 
     adamw = torch.optim.AdamW(model.parameters())
     adamw.step()
@@ -414,6 +416,41 @@ def test_model_cast_after_steps_gets_or_drops_masters() -> None:
         p.grad = torch.randn(8, 16)
     opt.step()
     assert "master" not in opt.state[a] and "master" not in opt.state[b]
+
+
+def test_a_bf16_runs_state_loaded_into_an_fp32_model_goes_on_as_the_cast_model() -> None:
+    """A bf16 run's model and optimizer state dicts loaded into a fresh fp32 model and AdamS go
+    on bit for bit as the live model cast to fp32 does: the params take their masters' values
+    at the next step (load_state_dict dropped fp32 params' masters, so the run went on from
+    their bf16 rounding, ~1e-3 off). A sync_masters call between leaves the masters alone."""
+
+    def make(dtype: torch.dtype) -> tuple[nn.Linear, AdamS]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 8).to(dtype)
+        return model, AdamS(model.parameters(), lr=1e-3, decay=1e-3, total_steps=20)
+
+    def steps(model: nn.Linear, opt: AdamS, k: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(k):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+
+    live, live_opt = make(torch.bfloat16)
+    steps(live, live_opt, 4, 1)
+    saved = copy.deepcopy((live.state_dict(), live_opt.state_dict()))
+    live.float()
+    model, opt = make(torch.float32)
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    opt.sync_masters()
+    steps(live, live_opt, 3, 2)
+    steps(model, opt, 3, 2)
+    for p, q in zip(live.parameters(), model.parameters(), strict=True):
+        assert q.dtype == torch.float32 and torch.equal(p, q)
+        assert live_opt.state[p].keys() == opt.state[q].keys() and "master" not in opt.state[q]
+        for key, val in live_opt.state[p].items():
+            assert torch.equal(val, opt.state[q][key]), key
 
 
 def test_a_refused_step_changes_no_group_and_impl_survives_load() -> None:
