@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .nn import _excluded_weights, _is_conv1d, _param_holders
+from .nn import _adapter_modules, _excluded_weights, _is_conv1d, _param_holders
 from .optim import DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
@@ -353,7 +353,8 @@ def prepare(
     """Pick the layers to sparsify and attach CAST's learnable weight scaling to each.
 
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
-    a multiple of 4, except the output head and any weight shared with an embedding. The head
+    a multiple of 4, except the output head, any weight shared with an embedding and the layers
+    of PEFT adapters (LoRA's ``lora_A``/``lora_B``; their ``base_layer`` counts). The head
     is found by the model's ``get_output_embeddings()`` (Hugging Face language models have
     one; for a Hugging Face classifier, which has none, the head is everything outside its
     ``base_model``); for another model an untied head is a Linear like any other: leave it out
@@ -391,6 +392,7 @@ def prepare(
     if sparse_layers(model):
         raise ValueError("cast_ext.cast.prepare: model already has CAST weight scaling attached")
     excluded = _excluded_weights(model)
+    adapters = _adapter_modules(model)
     chosen: list[tuple[str, nn.Module, str, int, int]] = []
     for name, module in model.named_modules():
         lay = _layout(module)
@@ -411,7 +413,7 @@ def prepare(
                     f"cast_ext.cast.prepare: {name}.weight has input dim {in_f} (stored "
                     f"[{out_f}, {in_f}]); 2:4 sparsity needs a multiple of {_M}"
                 )
-        elif in_f % _M != 0 or id(module.weight) in excluded:
+        elif in_f % _M != 0 or id(module.weight) in excluded or id(module) in adapters:
             continue
         chosen.append((name, module, kind, out_f, in_f))
     _refuse_unscalable(model, chosen)
@@ -569,7 +571,13 @@ def param_groups(
         group("scales", scales, False, scale_lr if scale_lr is not None else lr, False),
         group("dense", dense, False, lr, True),
     ]
-    if not sparse:
+    if not sparse and layers:
+        warnings.warn(
+            f"cast_ext.cast.param_groups: the weights of all {len(layers)} prepared layers are "
+            "frozen (requires_grad=False; a PEFT model freezes its base layers): no sparse group",
+            stacklevel=2,
+        )
+    elif not sparse:
         warnings.warn(
             "cast_ext.cast.param_groups: no sparse weights found; call prepare(model) first",
             stacklevel=2,

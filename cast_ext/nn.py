@@ -890,6 +890,19 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     return ids
 
 
+def _adapter_modules(model: nn.Module) -> set[int]:
+    """ids of the modules of PEFT adapters: inside a PEFT tuner layer (a ``BaseTunerLayer``,
+    found by class name: peft is not imported), outside its ``base_layer`` (LoRA's
+    ``lora_A``/``lora_B``: trained, not part of the frozen base)."""
+    ids: set[int] = set()
+    for mod in model.modules():
+        if any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__):
+            base = mod._modules.get("base_layer")
+            keep = {id(q) for q in base.modules()} if base is not None else set()
+            ids.update(id(q) for q in mod.modules() if q is not mod and id(q) not in keep)
+    return ids
+
+
 _READS_WEIGHT: dict[tuple[type, str], bool] = {}
 
 
@@ -978,7 +991,8 @@ def to_sparse(
     :class:`SparseLinear` (no ``.weight``; ``x W^T + b``) may not stand in for: a subclass of
     ``nn.Linear`` (an adapter's own forward would be lost) and a layer whose owner's code reads
     its ``.weight`` (T5's ``wo``, ``nn.MultiheadAttention``'s ``out_proj``,
-    ``nn.TransformerEncoderLayer``'s ``linear1``: found in the owner's source). With
+    ``nn.TransformerEncoderLayer``'s ``linear1``: found in the owner's source), and a layer
+    of a PEFT adapter (LoRA's ``lora_A``/``lora_B``; its ``base_layer`` counts). With
     ``filter_fn``, the layers for which ``filter_fn(qualified_name, module)`` is true instead
     (a chosen layer whose input dim is not a multiple of 4 is an error, as in
     ``cast.prepare``; a chosen one of the kinds above is converted, with a warning).
@@ -1004,6 +1018,7 @@ def to_sparse(
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
     readers = _weight_readers(model)
+    adapters = _adapter_modules(model)
     left_dense: list[str] = []  # by the default rule: a subclass, or its owner reads .weight
     risky: list[str] = []  # chosen by filter_fn all the same
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
@@ -1022,6 +1037,8 @@ def to_sparse(
             why.append(f"a {type(m).__name__}, whose own forward is not kept")
         if id(m) in readers:
             why.append(readers[id(m)])
+        if id(m) in adapters:
+            why.append("a PEFT adapter's layer, trained, not part of the frozen base")
         if filter_fn is not None:
             if not filter_fn(name, m):
                 return None

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DTYPES, dtype_id, gemm_tol, requires_cusparselt
-from torch import nn
+from torch import Tensor, nn
 
 import cast_ext
 from cast_ext import ops
@@ -858,6 +858,53 @@ def test_to_sparse_leaves_dense_what_a_sparse_linear_cannot_stand_in_for() -> No
     with pytest.warns(UserWarning, match=r"filter_fn chose 1 layer\(s\) that a SparseLinear"):
         to_sparse(model, filter_fn=lambda name, m: True)
     assert type(model[0]) is SparseLinear
+
+
+class BaseTunerLayer:  # PEFT's adapter-layer mixin, by name (peft is not a test dependency)
+    pass
+
+
+class LoraLinear(nn.Module, BaseTunerLayer):
+    """PEFT's lora.Linear, in its shape: a base layer and adapter Linears in ModuleDicts."""
+
+    def __init__(self, base: nn.Linear, r: int = 4) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
+    """A PEFT-wrapped model: to_sparse converts the base layers only; LoRA's A and B (plain
+    Linears, trainable) were pruned to 2:4 and frozen into buffers. prepare leaves them out
+    too (AdamS 2:4-decayed the adapters), and param_groups says why it finds no sparse weight
+    when the prepared base layers are frozen, as PEFT leaves them."""
+    from cast_ext import cast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LoraLinear(linear(16, 16)), nn.ReLU(), linear(16, 8))
+    with torch.no_grad():
+        for base in (model[0].base_layer, model[2]):
+            base.weight.copy_(ops.sparse24_prune(base.weight))
+    converted = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) stay dense.*PEFT adapter"):
+        to_sparse(converted)
+    assert type(converted[0].base_layer) is SparseLinear and type(converted[2]) is SparseLinear
+    assert type(converted[0].lora_A["default"]) is nn.Linear
+    assert type(converted[0].lora_B["default"]) is nn.Linear
+
+    names = [layer.name for layer in cast.prepare(model)]
+    assert names == ["0.base_layer", "2"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for lora in (model[0].lora_A, model[0].lora_B):
+        lora["default"].weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"all 2 prepared layers are frozen"):
+        groups = cast.param_groups(model)
+    assert [(g["name"], len(g["params"])) for g in groups] == [("dense", 2)]
 
 
 def test_to_sparse_and_prepare_leave_a_classifier_head_dense() -> None:
