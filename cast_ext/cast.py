@@ -1796,6 +1796,7 @@ def train(
     stop_step: int | None = None,
     grad_accum: int = 1,
     start_tokens: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> TrainResult:
     """A reference CAST training loop; copy it and adapt.
 
@@ -1860,6 +1861,11 @@ def train(
             weigh each loss by its token count in a copy of this loop). Under DDP the gradients
             are all-reduced once per step (``no_sync`` for the others); FSDP2 reduce-scatters
             every micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
+        autocast: run the forwards and the loss under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16``), the backward and the step outside it, as torch advises. A call
+            made inside a caching autocast block is refused: autocast keeps its low-precision
+            copy of each plain weight (the head) for the whole block, so the forwards would not
+            see the optimizer's updates to it.
 
     Under DDP / FSDP2 (a ``DistributedDataParallel`` model, or DTensor params) each rank passes
     its own batches, and the loss, CE and KL recorded are their means over the ranks (DDP's
@@ -1875,6 +1881,7 @@ def train(
             step's ``optimizer.step()``, so the weights and the optimizer state are those of
             the step before (the gradients are left for inspection; the next call clears them).
         ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``;
+            a call inside ``torch.autocast`` (with its weight cache; pass ``autocast=``);
             health records asked for while the optimizer's groups of sparse weights have
             different ``total_steps`` (no one ``alpha`` to record).
     """
@@ -1888,6 +1895,13 @@ def train(
             f"start_step={start_step}, stop_step={stop_step}, total_steps={total_steps}"
         )
     device = next(model.parameters()).device
+    if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled():
+        raise ValueError(
+            "cast_ext.cast.train: called inside torch.autocast, whose cache keeps the first "
+            "low-precision copy of each plain weight (the head) for the whole block: the "
+            "forwards would not see the optimizer's updates to it. Pass autocast=<dtype> "
+            "instead (forwards and loss under autocast, backward and step outside)"
+        )
     sched = None
     if lr_lambda is not None:
         # Resuming, LambdaLR reads each group's "initial_lr" (in a state dict saved while a
@@ -1906,6 +1920,11 @@ def train(
     packed_step: int | None = None  # the step of the masks in packed
     data_parallel, dp_group = _data_parallel(model)
     no_sync = getattr(model, "no_sync", None)  # DDP: all-reduce on the last micro-batch only
+
+    def forward_ctx() -> contextlib.AbstractContextManager[Any]:
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast)
 
     def record(kind: str, rec: dict[str, Any]) -> None:
         rec = {"run": run_name, "kind": kind, **rec}
@@ -1963,19 +1982,20 @@ def train(
                 # DDP decides in the forward whether the backward all-reduces: both inside.
                 skip = no_sync is not None and micro < grad_accum - 1
                 with no_sync() if skip else contextlib.nullcontext():
-                    logits = _logits(model(ids))
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = _logits(teacher(ids))
-                    loss, kl, ce = distill_loss(
-                        logits,
-                        t_logits,
-                        shift_labels(ids),
-                        eta=eta if teacher is not None else 0.0,
-                        temperature=temperature,
-                        return_parts=True,
-                    )
+                    with forward_ctx():
+                        logits = _logits(model(ids))
+                        t_logits = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                t_logits = _logits(teacher(ids))
+                        loss, kl, ce = distill_loss(
+                            logits,
+                            t_logits,
+                            shift_labels(ids),
+                            eta=eta if teacher is not None else 0.0,
+                            temperature=temperature,
+                            return_parts=True,
+                        )
                     del logits, t_logits
                     (loss / grad_accum).backward()  # exact for grad_accum = 1
                 parts += torch.stack([loss.detach(), kl, ce])

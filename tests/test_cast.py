@@ -951,6 +951,49 @@ def test_train_stops_before_a_non_finite_step_and_when_batches_run_out():
         cast.train(model, opt, [good, good], **kw)
 
 
+def test_train_autocast_runs_the_forwards_under_it_and_refuses_an_outer_block():
+    """cast.train(autocast=bf16) equals a loop that puts only the forwards and the loss under
+    autocast (bit for bit). Called inside a caching autocast block, the forwards used the first
+    bf16 copy of the plain weights (the tied head) for the whole run, not the updated ones
+    (params 3.6e-2 off in 8 steps): refused, nothing changed."""
+
+    def make():
+        torch.manual_seed(0)
+        model = tiny_llama().train()
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        cast.prepare(model)
+        groups = cast.param_groups(model)
+        return model, teacher, cast_ext.AdamS(groups, lr=1e-2, total_steps=6, mask_interval=2)
+
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, VOCAB, (2, 12), generator=g) for _ in range(6)]
+    model, teacher, opt = make()
+    for ids in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            t_logits = teacher(ids).logits
+            loss = cast.distill_loss(model(ids).logits, t_logits, cast.shift_labels(ids))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, teacher, opt = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        pytest.raises(ValueError, match=r"called inside torch\.autocast.*autocast=<dtype>"),
+    ):
+        cast.train(model, opt, batches, total_steps=6, teacher=teacher, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not opt.state
+    cast.train(
+        model, opt, batches, total_steps=6, teacher=teacher, progress=False, health_every=0,
+        autocast=torch.bfloat16,
+    )  # fmt: skip
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 def test_train_leaves_non_finite_gradients_for_inspection():
     """An inf gradient: FloatingPointError before the step, every gradient as the backward
     left it (clipping by an inf norm would have made them all NaN), with or without clipping."""
