@@ -392,7 +392,7 @@ def prepare(
     if sparse_layers(model):
         raise ValueError("cast_ext.cast.prepare: model already has CAST weight scaling attached")
     excluded = _excluded_weights(model)
-    adapters = _adapter_modules(model)
+    adapters, _ = _adapter_modules(model)
     chosen: list[tuple[str, nn.Module, str, int, int]] = []
     for name, module in model.named_modules():
         lay = _layout(module)
@@ -1862,10 +1862,11 @@ def train(
             are all-reduced once per step (``no_sync`` for the others); FSDP2 reduce-scatters
             every micro-batch (its no-sync mode would keep whole unsharded gradients per rank).
         autocast: run the forwards and the loss under ``torch.autocast`` with this dtype (e.g.
-            ``torch.bfloat16``), the backward and the step outside it, as torch advises. A call
-            made inside a caching autocast block is refused: autocast keeps its low-precision
-            copy of each plain weight (the head) for the whole block, so the forwards would not
-            see the optimizer's updates to it.
+            ``torch.bfloat16``), the backward and the step outside it, as torch advises. (A
+            call made inside an autocast block also works: each step clears autocast's cache
+            of low-precision weight copies, which otherwise lives as long as the outermost
+            block and would hide the step's updates to a plain weight, the head, from the
+            next forwards.)
 
     Under DDP / FSDP2 (a ``DistributedDataParallel`` model, or DTensor params) each rank passes
     its own batches, and the loss, CE and KL recorded are their means over the ranks (DDP's
@@ -1881,7 +1882,6 @@ def train(
             step's ``optimizer.step()``, so the weights and the optimizer state are those of
             the step before (the gradients are left for inspection; the next call clears them).
         ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``;
-            a call inside ``torch.autocast`` (with its weight cache; pass ``autocast=``);
             health records asked for while the optimizer's groups of sparse weights have
             different ``total_steps`` (no one ``alpha`` to record).
     """
@@ -1895,13 +1895,6 @@ def train(
             f"start_step={start_step}, stop_step={stop_step}, total_steps={total_steps}"
         )
     device = next(model.parameters()).device
-    if torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled():
-        raise ValueError(
-            "cast_ext.cast.train: called inside torch.autocast, whose cache keeps the first "
-            "low-precision copy of each plain weight (the head) for the whole block: the "
-            "forwards would not see the optimizer's updates to it. Pass autocast=<dtype> "
-            "instead (forwards and loss under autocast, backward and step outside)"
-        )
     sched = None
     if lr_lambda is not None:
         # Resuming, LambdaLR reads each group's "initial_lr" (in a state dict saved while a
@@ -2014,6 +2007,10 @@ def train(
                 )
             lr = float(optimizer.param_groups[0]["lr"])  # a Tensor lr changes in place
             optimizer.step()
+            # Autocast keeps its low-precision copies of the weights until the outermost
+            # autocast block exits, one around this call included (even with enabled=False):
+            # the next forwards would not see this step's updates to a plain weight (the head).
+            torch.clear_autocast_cache()
             optimizer.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()

@@ -879,6 +879,9 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     head is ``get_output_embeddings()``; a Hugging Face model without one (a sequence or token
     classifier, question answering) has its task head outside ``base_model``: all of it."""
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get_base = getattr(model, "get_base_model", None)  # a PEFT wrapper: the model it wraps
+    if callable(get_base) and isinstance(inner := get_base(), nn.Module):
+        model = inner
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if head is not None and getattr(head, "weight", None) is not None:
@@ -890,20 +893,26 @@ def _excluded_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def _adapter_modules(model: nn.Module) -> set[int]:
-    """ids of the modules of PEFT adapters: inside a PEFT tuner layer (a ``BaseTunerLayer``,
+def _adapter_modules(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of the modules of PEFT adapters (inside a PEFT tuner layer, a ``BaseTunerLayer``
     found by class name: peft is not imported), outside its ``base_layer`` (LoRA's
-    ``lora_A``/``lora_B``: trained, not part of the frozen base)."""
+    ``lora_A``/``lora_B``: trained, not part of the frozen base), and ids of the base layers
+    themselves (PEFT reads their ``.weight``: merges, DoRA)."""
     ids: set[int] = set()
+    bases: set[int] = set()
     for mod in model.modules():
         if any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__):
             base = mod._modules.get("base_layer")
             keep = {id(q) for q in base.modules()} if base is not None else set()
             ids.update(id(q) for q in mod.modules() if q is not mod and id(q) not in keep)
-    return ids
+            if base is not None:
+                bases.add(id(base))
+    return ids, bases
 
 
-_READS_WEIGHT: dict[tuple[type, str], bool] = {}
+# class -> {child name -> reads .<child>.weight}; weak: parametrize and torch.fx make classes
+# at run time, which a plain dict would keep alive
+_READS_WEIGHT: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 def _reads_child_weight(cls: type, child: str) -> bool:
@@ -911,8 +920,8 @@ def _reads_child_weight(cls: type, child: str) -> bool:
     ``.<child>.weight``: T5's MLP reads ``self.wo.weight.dtype``, ``nn.MultiheadAttention``
     hands ``self.out_proj.weight`` to its functional form; a :class:`SparseLinear` there has no
     ``weight``. Classes without source (built-ins, made at run time) are taken as not reading."""
-    key = (cls, child)
-    if key not in _READS_WEIGHT:
+    known = _READS_WEIGHT.setdefault(cls, {})
+    if child not in known:
         pattern = re.compile(rf"\.{re.escape(child)}\.weight\b")
         found = False
         for c in cls.__mro__:
@@ -925,8 +934,8 @@ def _reads_child_weight(cls: type, child: str) -> bool:
             if pattern.search(source):
                 found = True
                 break
-        _READS_WEIGHT[key] = found
-    return _READS_WEIGHT[key]
+        known[child] = found
+    return known[child]
 
 
 def _weight_readers(model: nn.Module) -> dict[int, str]:
@@ -991,8 +1000,10 @@ def to_sparse(
     :class:`SparseLinear` (no ``.weight``; ``x W^T + b``) may not stand in for: a subclass of
     ``nn.Linear`` (an adapter's own forward would be lost) and a layer whose owner's code reads
     its ``.weight`` (T5's ``wo``, ``nn.MultiheadAttention``'s ``out_proj``,
-    ``nn.TransformerEncoderLayer``'s ``linear1``: found in the owner's source), and a layer
-    of a PEFT adapter (LoRA's ``lora_A``/``lora_B``; its ``base_layer`` counts). With
+    ``nn.TransformerEncoderLayer``'s ``linear1``: found in the owner's source), and the
+    layers of a PEFT adapter (LoRA's ``lora_A``/``lora_B``, and its ``base_layer``, whose
+    ``.weight`` PEFT reads to merge and for DoRA). An uninitialized lazy layer is left alone
+    (chosen by ``filter_fn``: an error). With
     ``filter_fn``, the layers for which ``filter_fn(qualified_name, module)`` is true instead
     (a chosen layer whose input dim is not a multiple of 4 is an error, as in
     ``cast.prepare``; a chosen one of the kinds above is converted, with a warning).
@@ -1018,7 +1029,7 @@ def to_sparse(
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
     readers = _weight_readers(model)
-    adapters = _adapter_modules(model)
+    adapters, adapted = _adapter_modules(model)
     left_dense: list[str] = []  # by the default rule: a subclass, or its owner reads .weight
     risky: list[str] = []  # chosen by filter_fn all the same
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
@@ -1028,6 +1039,13 @@ def to_sparse(
     def pick(name: str, m: nn.Module) -> nn.Module | None:
         conv1d = _is_conv1d(m)
         if not isinstance(m, nn.Linear) and not conv1d:
+            return None
+        if nn.parameter.is_lazy(m.weight):  # no shape yet (an uninitialized LazyLinear)
+            if filter_fn is not None and filter_fn(name, m):
+                raise ValueError(
+                    f"cast_ext.nn.to_sparse: layer {name or '(the model)'!r} is uninitialized "
+                    "(a lazy module): run a forward pass first (nothing was replaced)"
+                )
             return None
         in_features = m.weight.shape[0 if conv1d else 1]  # Conv1D stores [in, out]
         # A subclass's own forward is not kept (an adapter's would be lost); code of the owner
@@ -1039,6 +1057,8 @@ def to_sparse(
             why.append(readers[id(m)])
         if id(m) in adapters:
             why.append("a PEFT adapter's layer, trained, not part of the frozen base")
+        if id(m) in adapted:
+            why.append("the base layer of a PEFT adapter, which reads its .weight (merges, DoRA)")
         if filter_fn is not None:
             if not filter_fn(name, m):
                 return None

@@ -878,10 +878,12 @@ class LoraLinear(nn.Module, BaseTunerLayer):
 
 
 def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
-    """A PEFT-wrapped model: to_sparse converts the base layers only; LoRA's A and B (plain
-    Linears, trainable) were pruned to 2:4 and frozen into buffers. prepare leaves them out
-    too (AdamS 2:4-decayed the adapters), and param_groups says why it finds no sparse weight
-    when the prepared base layers are frozen, as PEFT leaves them."""
+    """A PEFT-wrapped model: LoRA's A and B (plain Linears, trainable) were pruned to 2:4 and
+    frozen into buffers by to_sparse; they stay dense now, and so does their base layer by
+    default (PEFT reads its .weight to merge and for DoRA; filter_fn may choose it). prepare
+    leaves A and B out (AdamS 2:4-decayed the adapters) and scales the base; param_groups says
+    why it finds no sparse weight when the prepared base layers are frozen, as PEFT leaves
+    them."""
     from cast_ext import cast
 
     torch.manual_seed(0)
@@ -890,11 +892,14 @@ def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
         for base in (model[0].base_layer, model[2]):
             base.weight.copy_(ops.sparse24_prune(base.weight))
     converted = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) stay dense.*PEFT adapter"):
+    with pytest.warns(UserWarning, match=r"3 linear layer\(s\) stay dense.*PEFT adapter"):
         to_sparse(converted)
-    assert type(converted[0].base_layer) is SparseLinear and type(converted[2]) is SparseLinear
+    assert type(converted[0].base_layer) is nn.Linear and type(converted[2]) is SparseLinear
     assert type(converted[0].lora_A["default"]) is nn.Linear
     assert type(converted[0].lora_B["default"]) is nn.Linear
+    with pytest.warns(UserWarning, match=r"filter_fn chose 1 layer.*base layer of a PEFT"):
+        to_sparse(converted, filter_fn=lambda name, m: name == "0.base_layer")
+    assert type(converted[0].base_layer) is SparseLinear
 
     names = [layer.name for layer in cast.prepare(model)]
     assert names == ["0.base_layer", "2"]
@@ -905,6 +910,40 @@ def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
     with pytest.warns(UserWarning, match=r"all 2 prepared layers are frozen"):
         groups = cast.param_groups(model)
     assert [(g["name"], len(g["params"])) for g in groups] == [("dense", 2)]
+
+
+def test_to_sparse_leaves_an_uninitialized_lazy_layer_alone() -> None:
+    """An uninitialized LazyLinear is left as it is (reading its weight's shape raised);
+    chosen by filter_fn, a clear error, nothing replaced."""
+    model = nn.Sequential(linear(8, 16), nn.ReLU(), nn.LazyLinear(16))
+    with torch.no_grad():
+        model[0].weight.copy_(ops.sparse24_prune(model[0].weight))
+    chosen = copy.deepcopy(model)
+    to_sparse(model)
+    assert [type(m).__name__ for m in model] == ["SparseLinear", "ReLU", "LazyLinear"]
+    with pytest.raises(ValueError, match=r"layer '2' is uninitialized \(a lazy module\)"):
+        to_sparse(chosen, filter_fn=lambda name, m: True)
+    assert type(chosen[0]) is nn.Linear
+
+
+def test_the_owner_source_cache_does_not_keep_classes_alive() -> None:
+    """Parametrized modules and fx GraphModules get a class each; the cache of which owners
+    read a child's .weight held every such class (and its source lookups) forever."""
+    from cast_ext.nn import _READS_WEIGHT
+
+    def classes() -> int:
+        return sum(1 for c in list(_READS_WEIGHT.keys()) if c.__module__ == "torch.fx.graph_module")
+
+    before = classes()
+    for _ in range(3):
+        model = torch.fx.symbolic_trace(nn.Sequential(linear(8, 8)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not 2:4, pruned"
+            to_sparse(model)
+        assert classes() == before + 1
+        del model
+        gc.collect()
+        assert classes() == before
 
 
 def test_to_sparse_and_prepare_leave_a_classifier_head_dense() -> None:
@@ -922,6 +961,17 @@ def test_to_sparse_and_prepare_leave_a_classifier_head_dense() -> None:
     assert model.get_output_embeddings() is None
     names = [layer.name for layer in cast.prepare(copy.deepcopy(model))]
     assert len(names) == 7 and not any(n.startswith("score") for n in names)
+
+    class PeftLike(nn.Module):  # PeftModel's shape: base_model holds it all; get_base_model
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.base_model = model
+
+        def get_base_model(self) -> nn.Module:
+            return self.base_model
+
+    names = [layer.name for layer in cast.prepare(PeftLike(copy.deepcopy(model)))]
+    assert len(names) == 7 and not any(n.startswith("base_model.score") for n in names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "not 2:4, pruned"
         to_sparse(model)
