@@ -725,6 +725,7 @@ class SparseLinear(nn.Module):
             # The op's own backward would decompress the weight in every step.
             y = _PackedLinearFn.apply(x, values, self.metadata, self._bias(), check, self)
         else:
+            ops._no_forward_ad("nn.SparseLinear", x, self._bias())
             y = torch.ops.cast_ext.sparse24_gemm(
                 x, values, self.metadata, self._bias(), check_meta=check
             )

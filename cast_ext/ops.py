@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
@@ -31,6 +32,21 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _no_forward_ad(op: str, *tensors: Tensor | None) -> None:
+    """Refuse forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``): torch hands
+    a custom op a dual input and drops its tangent, a derivative of 0 without an error (the
+    ops' autograd is reverse mode only). One attribute read outside forward-mode AD."""
+    if fwAD._current_level < 0:
+        return
+    for t in tensors:
+        if t is not None and fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(
+                f"cast_ext.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+                "is not supported: the op has a reverse-mode derivative only, and torch would "
+                "give a tangent of 0; use reverse mode (backward, torch.func.vjp)"
+            )
 
 
 def _check_weight(op: str, w: Tensor, m: int) -> None:
@@ -178,6 +194,7 @@ def nm_mask(w: Tensor, n: int, m: int) -> Tensor:
 
 def sparse24_prune(w: Tensor) -> Tensor:
     """``w * sparse24_mask(w)`` in one pass, without materialising the mask."""
+    _no_forward_ad("sparse24_prune", w)
     return torch.ops.cast_ext.sparse24_prune(w)
 
 
@@ -191,12 +208,14 @@ def sparse24_compress(w: Tensor) -> tuple[Tensor, Tensor]:
     Shape:
         ``[..., k]`` -> ``([..., k/2], [..., ceil(k/8)])``.
     """
+    _no_forward_ad("sparse24_compress", w)
     values, meta = torch.ops.cast_ext.sparse24_compress(w)
     return values, meta
 
 
 def sparse24_decompress(values: Tensor, meta: Tensor) -> Tensor:
     """Inverse of :func:`sparse24_compress` (zeros at the pruned positions)."""
+    _no_forward_ad("sparse24_decompress", values)
     return torch.ops.cast_ext.sparse24_decompress(values, meta)
 
 
@@ -528,6 +547,7 @@ def sparse24_gemm(
     Shape:
         ``[..., K] x [N, K/2] -> [..., N]``.
     """
+    _no_forward_ad("sparse24_gemm", x, values, bias)
     return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check_meta)
 
 
@@ -572,6 +592,7 @@ def cslt_linear(
     Returns:
         ``y`` of shape ``[..., n]``.
     """
+    _no_forward_ad("cslt_linear", x, bias)
     return torch.ops.cast_ext.cslt_linear(x, w_compressed, n, k, bias, activation)
 
 

@@ -195,6 +195,46 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
             assert torch.equal(t, t0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's import
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_ad_is_refused_not_zero(device: str) -> None:
+    """torch.func.jvp and torch.autograd.forward_ad through the differentiable ops (and
+    SparseLinear's packed path) gave a tangent of 0 without an error: torch drops a custom op's
+    tangent. Refused now; vmap (torch's fallback) still matches a loop, and a dense-path
+    SparseLinear still gives the right tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, device=device)
+    values, meta = cast_ext.sparse24_compress(w)
+    x = torch.randn(2, 16, device=device)
+    calls = {
+        "sparse24_gemm": (lambda x: cast_ext.sparse24_gemm(x, values, meta), x),
+        "sparse24_prune": (cast_ext.sparse24_prune, w),
+        "sparse24_compress": (lambda w: cast_ext.sparse24_compress(w)[0], w),
+        "sparse24_decompress": (lambda v: cast_ext.sparse24_decompress(v, meta), values),
+        "nn.SparseLinear": (cast_ext.nn.SparseLinear.from_dense(
+            torch.nn.Linear(16, 8), mode="sparse", warn=False).to(device), x),
+    }  # fmt: skip
+    if device == "cuda":
+        calls.pop("nn.SparseLinear")  # mode="sparse" is cuSPARSELt there, an autograd.Function
+    for op, (f, arg) in calls.items():
+        with pytest.raises(RuntimeError, match=rf"cast_ext\.{op}: forward-mode AD"):
+            torch.func.jvp(f, (arg,), (torch.ones_like(arg),))
+        with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+            f(fwAD.make_dual(arg, torch.ones_like(arg)))
+    xs = torch.randn(3, 2, 16, device=device)
+    batched = torch.func.vmap(lambda x: cast_ext.sparse24_gemm(x, values, meta))(xs)
+    torch.testing.assert_close(
+        batched, torch.stack([x @ ops.sparse24_decompress(values, meta).T for x in xs])
+    )
+    dense = cast_ext.nn.SparseLinear.from_dense(torch.nn.Linear(16, 8), mode="dense", warn=False)
+    dense = dense.to(device)
+    dx = torch.randn_like(x)
+    _, tangent = torch.func.jvp(dense, (x,), (dx,))
+    torch.testing.assert_close(tangent, F.linear(dx, dense.dense_weight()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_check_meta_false_skips_only_the_check(device: str) -> None:
     """check_meta=False gives the same bits on valid meta. With an invalid group, the CPU still
