@@ -354,7 +354,8 @@ def prepare(
 
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
     a multiple of 4, except the output head, any weight shared with an embedding and the layers
-    of PEFT adapters (LoRA's ``lora_A``/``lora_B``; their ``base_layer`` counts). The head
+    of PEFT adapters (LoRA's ``lora_A``/``lora_B``; the ``base_layer`` they wrap is chosen as
+    any other Linear). The head
     is found by the model's ``get_output_embeddings()`` (Hugging Face language models have
     one; for a Hugging Face classifier, which has none, the head is everything outside its
     ``base_model``); for another model an untied head is a Linear like any other: leave it out
