@@ -45,7 +45,7 @@ def _no_forward_ad(op: str, *tensors: Tensor | None) -> None:
             raise RuntimeError(
                 f"cast_ext.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
                 "is not supported: the op has a reverse-mode derivative only, and torch would "
-                "give a tangent of 0; use reverse mode (backward, torch.func.vjp)"
+                "give a tangent of 0; use .backward() or torch.autograd.grad"
             )
 
 
@@ -899,6 +899,7 @@ def distill_fwd(
     Returns:
         ``(kl [N], ce [N], lse [N, 3])`` in fp32.
     """
+    _no_forward_ad("distill_fwd", student)
     return torch.ops.cast_ext.distill_fwd(student, teacher, labels, temperature, ignore_index)
 
 
@@ -924,6 +925,7 @@ def distill_bwd(
     Returns:
         The gradient, ``student``'s shape and dtype.
     """
+    _no_forward_ad("distill_bwd", student, lse, grad_scale)
     return torch.ops.cast_ext.distill_bwd(
         student, teacher, labels, lse, grad_scale, eta, temperature, ignore_index
     )

@@ -213,6 +213,8 @@ def test_forward_mode_ad_is_refused_not_zero(device: str) -> None:
         "sparse24_prune": (cast_ext.sparse24_prune, w),
         "sparse24_compress": (lambda w: cast_ext.sparse24_compress(w)[0], w),
         "sparse24_decompress": (lambda v: cast_ext.sparse24_decompress(v, meta), values),
+        "distill_fwd": (lambda s: ops.distill_fwd(s, None, torch.zeros(2, dtype=torch.long,
+            device=device))[1], x),
         "nn.SparseLinear": (cast_ext.nn.SparseLinear.from_dense(
             torch.nn.Linear(16, 8), mode="sparse", warn=False).to(device), x),
     }  # fmt: skip
