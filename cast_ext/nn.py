@@ -315,24 +315,16 @@ class _BufTag:
         )
         return (values.device, values.dtype, values.data_ptr(), metadata.data_ptr(), *versions)
 
-    def matches(self, values: Tensor, metadata: Tensor) -> bool:
-        """Whether ``values``/``metadata`` are in this state (what ``== _BufTag(values,
-        metadata)`` says, without building a tag: the per-call check of the derived weights)."""
+    def holds(self, values: Tensor, metadata: Tensor) -> bool:
+        """Whether the tag is of these very tensors (identities only, which Dynamo can guard
+        where addresses and versions cannot be traced)."""
         refs = self.refs
-        return (
-            refs[0]() is values
-            and refs[1]() is metadata
-            and self.key == _BufTag._key(values, metadata)
-        )
+        return refs[0]() is values and refs[1]() is metadata
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _BufTag) or self.key != other.key:
-            return False
-        return all(
-            a() is not None and a() is b() for a, b in zip(self.refs, other.refs, strict=True)
-        )
-
-    __hash__ = None  # type: ignore[assignment]
+    def matches(self, values: Tensor, metadata: Tensor) -> bool:
+        """Whether ``values``/``metadata`` are these tensors in the state tagged (addresses,
+        versions), without building a tag: the per-call check of the derived weights."""
+        return self.holds(values, metadata) and self.key == _BufTag._key(values, metadata)
 
 
 def _default_meta(out_features: int, in_features: int, device: Any) -> Tensor:
@@ -522,6 +514,14 @@ class SparseLinear(nn.Module):
         assert v is not None and mt is not None
         return _BufTag(v, mt)
 
+    def _is_tagged(self, tag: _BufTag) -> bool:
+        """Whether the buffers are in the state ``tag`` recorded; compiled, whether they are
+        the tensors it recorded (see :meth:`_current`)."""
+        b = self._buffers
+        v, mt = b["values"], b["metadata"]
+        assert v is not None and mt is not None
+        return tag.holds(v, mt) if torch.compiler.is_compiling() else tag.matches(v, mt)
+
     def _current(self, name: str) -> Tensor | None:
         """The cached derived weight ``name`` if it was built from the current buffers.
 
@@ -542,11 +542,7 @@ class SparseLinear(nn.Module):
         hit = self._derived.get(name)
         if hit is None:
             return None
-        if torch.compiler.is_compiling():  # the tag's (weak) identities: Dynamo guards them
-            b, refs = self._buffers, hit[0].refs
-            return hit[1] if refs[0]() is b["values"] and refs[1]() is b["metadata"] else None
-        b = self._buffers
-        return hit[1] if hit[0].matches(b["values"], b["metadata"]) else None  # type: ignore[arg-type]
+        return hit[1] if self._is_tagged(hit[0]) else None
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
         t = self._current(name)
@@ -712,23 +708,18 @@ class SparseLinear(nn.Module):
             return True
         if torch.compiler.is_compiling():
             return self._meta_checked is None
-        b = self._buffers
-        return self._meta_checked is None or not self._meta_checked.matches(
-            b["values"],
-            b["metadata"],  # type: ignore[arg-type]
-        )
+        return self._meta_checked is None or not self._is_tagged(self._meta_checked)
 
     def _packed(self, x: Tensor) -> Tensor:
         check = self._meta_unchecked(x)
         values = self.values.detach()  # a frozen buffer: no gradient on any path
+        bias = self._bias()
         if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
             # The op's own backward would decompress the weight in every step.
-            y = _PackedLinearFn.apply(x, values, self.metadata, self._bias(), check, self)
+            y = _PackedLinearFn.apply(x, values, self.metadata, bias, check, self)
         else:
-            ops._no_forward_ad("nn.SparseLinear", x, self._bias())
-            y = torch.ops.cast_ext.sparse24_gemm(
-                x, values, self.metadata, self._bias(), check_meta=check
-            )
+            ops._no_forward_ad("nn.SparseLinear", x, bias)
+            y = torch.ops.cast_ext.sparse24_gemm(x, values, self.metadata, bias, check_meta=check)
         self._meta_passed(x, check)
         return y
 
@@ -851,11 +842,15 @@ class SparseLinear(nn.Module):
 # ---- model swaps -----------------------------------------------------------------------------
 
 
+def _class_named(module: nn.Module, name: str) -> type | None:
+    """The class called ``name`` in ``module``'s MRO, if any: a library's class found without
+    importing the library (a parametrized module's class is a generated subclass)."""
+    return next((c for c in type(module).__mro__ if c.__name__ == name), None)
+
+
 def _conv1d_class(module: nn.Module) -> type[nn.Module] | None:
-    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` class if ``module`` is one, found
-    without importing transformers (through the MRO: a parametrized module's class is a
-    generated subclass)."""
-    cls = next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"), None)
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` class if ``module`` is one."""
+    cls = _class_named(module, "Conv1D")
     return cls if hasattr(module, "nf") and hasattr(module, "weight") else None
 
 
@@ -902,7 +897,7 @@ def _adapter_modules(model: nn.Module) -> tuple[set[int], set[int]]:
     ids: set[int] = set()
     bases: set[int] = set()
     for mod in model.modules():
-        if any(c.__name__ == "BaseTunerLayer" for c in type(mod).__mro__):
+        if _class_named(mod, "BaseTunerLayer") is not None:
             base = mod._modules.get("base_layer")
             keep = {id(q) for q in base.modules()} if base is not None else set()
             ids.update(id(q) for q in mod.modules() if q is not mod and id(q) not in keep)
