@@ -30,6 +30,14 @@ def linear(k: int, n: int, bias: bool = True, dtype: torch.dtype = torch.float32
     return nn.Linear(k, n, bias=bias).to(dtype)
 
 
+def linear24(k: int, n: int) -> nn.Linear:
+    """``linear(k, n)`` with its weight pruned to 2:4: to_sparse converts it without a warning."""
+    lin = linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(ops.sparse24_prune(lin.weight))
+    return lin
+
+
 def test_from_dense_prunes_and_warns() -> None:
     lin = linear(32, 16)
     before = lin.weight.detach().clone()
@@ -848,10 +856,8 @@ def test_to_sparse_leaves_dense_what_a_sparse_linear_cannot_stand_in_for() -> No
     class Scaled(nn.Linear):  # computes x W^T + b: safe to replace, as its author knows
         pass
 
-    model = nn.Sequential(linear(16, 8))
+    model = nn.Sequential(linear24(16, 8))
     model[0].__class__ = Scaled
-    with torch.no_grad():
-        model[0].weight.copy_(ops.sparse24_prune(model[0].weight))
     with pytest.warns(UserWarning, match=r"stay dense.*'0 \(a Scaled, whose own forward"):
         to_sparse(model)
     assert type(model[0]) is Scaled
@@ -887,10 +893,7 @@ def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
     from cast_ext import cast
 
     torch.manual_seed(0)
-    model = nn.Sequential(LoraLinear(linear(16, 16)), nn.ReLU(), linear(16, 8))
-    with torch.no_grad():
-        for base in (model[0].base_layer, model[2]):
-            base.weight.copy_(ops.sparse24_prune(base.weight))
+    model = nn.Sequential(LoraLinear(linear24(16, 16)), nn.ReLU(), linear24(16, 8))
     converted = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"3 linear layer\(s\) stay dense.*PEFT adapter"):
         to_sparse(converted)
@@ -915,9 +918,7 @@ def test_to_sparse_and_prepare_leave_peft_adapters_alone() -> None:
 def test_to_sparse_leaves_an_uninitialized_lazy_layer_alone() -> None:
     """An uninitialized LazyLinear is left as it is (reading its weight's shape raised);
     chosen by filter_fn, a clear error, nothing replaced."""
-    model = nn.Sequential(linear(8, 16), nn.ReLU(), nn.LazyLinear(16))
-    with torch.no_grad():
-        model[0].weight.copy_(ops.sparse24_prune(model[0].weight))
+    model = nn.Sequential(linear24(8, 16), nn.ReLU(), nn.LazyLinear(16))
     chosen = copy.deepcopy(model)
     to_sparse(model)
     assert [type(m).__name__ for m in model] == ["SparseLinear", "ReLU", "LazyLinear"]
