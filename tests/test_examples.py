@@ -32,6 +32,7 @@ def run_example(
 ) -> str:
     """Run the example; assert it succeeded (or, ``ok=False``, failed); return its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--log-dir", str(out.parent / "torchrun-logs")]  # not a torchelastic_* dir in /tmp
     cmd += [f"--nproc_per_node={ranks}", str(SCRIPT), "--device", device]
     cmd += ["--model", str(data / "model"), "--out", str(out)]
     cmd += ["--train", str(data / "train.npy"), "--val", str(data / "val.npy")]
