@@ -9,6 +9,11 @@
 
 namespace cast_ext {
 
+// max(a, b), NaN where either is NaN (as torch.max and torch.logsumexp): a row's max then
+// carries a NaN logit into its log-sum-exps, which lse_of would otherwise set to an infinite max
+// that the NaN sits beside (fmaxf and a plain compare drop NaN).
+CAST_HD float nan_max(float a, float b) { return a > b || a != a ? a : b; }
+
 // log-sum-exp from the max and the sum of exp(x - max): the max itself when it is infinite, as
 // torch.logsumexp gives (the sum is NaN there, from exp(inf - inf), or 0 for a row of -inf).
 CAST_HD float lse_of(float max, float sum) {

@@ -207,10 +207,13 @@ def distill_peaked_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def distill_inf_inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 logits ``[6, 40]`` with +inf entries: a student +inf off the label (row 0) and at it
-    (row 2), an ignored row (1), a teacher +inf (3), two student +infs (4); row 5 finite."""
-    s, t, y = distill_inputs(6, 40, torch.float32, seed=5)
-    inf = float("inf")
+    """fp32 logits ``[8, 40]`` with +inf entries: a student +inf off the label (row 0) and at it
+    (row 2), an ignored row (1), a teacher +inf (3), two student +infs (4); row 5 finite; a NaN
+    beside a +inf, the student's (6) and the teacher's (7), each on both sides of the +inf."""
+    s, t, y = distill_inputs(8, 40, torch.float32, seed=5)
+    inf, nan = float("inf"), float("nan")
     s[0, 3] = s[1, 0] = s[2, 7] = s[4, 1] = s[4, 2] = t[3, 11] = inf
+    s[6, 20] = t[7, 30] = inf
+    s[6, 5] = s[6, 33] = t[7, 2] = t[7, 38] = nan
     y[0], y[2], y[4] = 0, 7, 9
     return s.to(device), t.to(device), y.to(device)

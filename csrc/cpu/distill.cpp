@@ -80,16 +80,16 @@ __attribute__((always_inline)) inline float lane_sum(const float* a) {
   return h[0];
 }
 
-// max over x[0, n) (NaN ignored here; the sums see it).
+// max over x[0, n), NaN if any is NaN.
 __attribute__((always_inline)) inline float row_max(const float* x, int64_t n) {
   float m[kLanes];
   for (int j = 0; j < kLanes; ++j) m[j] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-  for (int j = 0; i + j < n; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    for (int j = 0; j < kLanes; ++j) m[j] = nan_max(x[i + j], m[j]);
+  for (int j = 0; i + j < n; ++j) m[j] = nan_max(x[i + j], m[j]);
   float r = m[0];
-  for (int j = 1; j < kLanes; ++j) r = m[j] > r ? m[j] : r;
+  for (int j = 1; j < kLanes; ++j) r = nan_max(m[j], r);
   return r;
 }
 

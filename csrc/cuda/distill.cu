@@ -85,7 +85,7 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
   const float ms0 = st.ms;
   float ms = st.ms;
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) ms = fmaxf(ms, sv[u]);  // fmaxf ignores NaN; the sums don't
+  for (int u = 0; u < kUnroll; ++u) ms = nan_max(sv[u], ms);
   float zs = 0.f, z1 = 0.f;
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -98,7 +98,7 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
   if (kTeacher) {
     float mt = st.mt;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) mt = fmaxf(mt, tv[u]);
+    for (int u = 0; u < kUnroll; ++u) mt = nan_max(tv[u], mt);
     float zt = 0.f, a = 0.f;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -121,12 +121,12 @@ __device__ __forceinline__ void push(RowState& st, const float (&sv)[kUnroll],
 template <bool kTeacher, bool kT1>
 __device__ __forceinline__ void merge(RowState& x, const RowState& y, float k, float k1) {
   const float xms = x.ms;
-  const float ms = fmaxf(x.ms, y.ms);
+  const float ms = nan_max(x.ms, y.ms);
   x.zs = x.zs * exp_rel(x.ms, ms, k) + y.zs * exp_rel(y.ms, ms, k);
   if (!kT1) x.z1 = x.z1 * exp_rel(x.ms, ms, k1) + y.z1 * exp_rel(y.ms, ms, k1);
   x.ms = ms;
   if (kTeacher) {
-    const float mt = fmaxf(x.mt, y.mt);
+    const float mt = nan_max(x.mt, y.mt);
     const float dx = exp_rel(x.mt, mt, k), dy = exp_rel(y.mt, mt, k);
     x.a = rebase(x.a, x.zt, dx, gap(x.mt, mt) + gap(ms, xms)) +
           rebase(y.a, y.zt, dy, gap(y.mt, mt) + gap(ms, y.ms));
