@@ -23,6 +23,7 @@ failure to guard against.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections import OrderedDict, defaultdict
@@ -212,6 +213,78 @@ def _check_placements(p: Tensor, sparse: bool, m: int, where: str = "") -> None:
             f"lcm(8, m) * shards = {unit}); shard dim 0 instead, or make the param dense with "
             "sparse=False"
         )
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one gap-free range of its storage, each once (contiguous in
+    some dim order: a transpose, channels_last)."""
+    size = 1
+    for stride, n in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
+        if stride != size:
+            return False
+        size *= n
+    return True
+
+
+def _offsets(t: Tensor) -> Tensor:
+    """The storage offsets of ``t``'s elements, in elements (int64 on the CPU, ``t``'s shape)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    first = t.storage_offset()
+    return torch.arange(first, first + last + 1).as_strided(t.shape, t.stride())
+
+
+@functools.lru_cache(maxsize=256)
+def _self_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a view of this shape and stride has two elements at one address."""
+    t = torch.empty(0, device="meta").as_strided(shape, stride)
+    return not _dense(t) and _offsets(t).unique().numel() < t.numel()
+
+
+def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
+    """Refuse, before anything is written, a param the step cannot update in place: one whose
+    elements overlap (an ``expand()`` ed or zero-stride view), or two that share elements. The
+    kernel refuses contiguous tensors that share memory within its call, but it steps a
+    non-contiguous param through a contiguous copy, and each (device, dtype) bucket is its own
+    call. ``params``: (the param, its local tensor, where it is) for every param to be stepped."""
+    by_storage: dict[tuple[torch.device, int], list[tuple[int, int, Tensor, Tensor, str]]] = (
+        defaultdict(list)
+    )
+    for p, t, where in params:
+        if t.numel() == 0:
+            continue
+        contiguous = t.is_contiguous()
+        if not contiguous and _self_overlapping(tuple(t.shape), t.stride()):
+            raise RuntimeError(
+                f"cast_ext.AdamS: {_describe(p, where)} has elements that share memory (an "
+                "expand()ed or zero-stride view): an in-place step would write one element "
+                "several times; nothing was stepped"
+            )
+        n = t.element_size()
+        if contiguous:
+            last = t.numel() - 1
+        else:
+            last = sum((k - 1) * st for k, st in zip(t.shape, t.stride(), strict=True))
+        begin = t.storage_offset() * n
+        key = (t.device, t.data_ptr() - begin)  # the storage's address
+        by_storage[key].append((begin, begin + (last + 1) * n, p, t, where))
+    for spans in by_storage.values():
+        if len(spans) < 2:
+            continue
+        spans.sort(key=lambda s: s[0])
+        active: list[tuple[int, int, Tensor, Tensor, str]] = []
+        for begin, end, p, t, where in spans:
+            active = [a for a in active if a[1] > begin]
+            for _, _, q, u, qwhere in active:
+                # The byte ranges meet. Dense tensors fill theirs, so they share memory;
+                # otherwise (gaps: interleaved views) compare their elements.
+                elementwise = t.dtype == u.dtype and not (_dense(t) and _dense(u))
+                if not elementwise or bool(torch.isin(_offsets(t), _offsets(u)).any()):
+                    raise RuntimeError(
+                        f"cast_ext.AdamS: {_describe(p, where)} shares memory with "
+                        f"{_describe(q, qwhere)}: each param the step writes must have memory "
+                        "of its own; nothing was stepped"
+                    )
+            active.append((begin, end, p, t, where))
 
 
 def _check_sparse(sparse: Any, params: Sequence[Tensor], m: int, gi: int) -> None:
@@ -691,6 +764,15 @@ class AdamS(torch.optim.Optimizer):
                 _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 buckets[(p.device, p.dtype, sparse)].append(p)
             work += [(group, device, sparse, ps) for (device, _, sparse), ps in buckets.items()]
+        if not torch.compiler.is_compiling():  # addresses: none while tracing
+            _check_param_memory(
+                [
+                    (p, _local(p), f"{pi} of group {gi} ")
+                    for gi, group in enumerate(self.param_groups)
+                    for pi, p in enumerate(group["params"])
+                    if p.grad is not None
+                ]
+            )
         # A kernel call refuses (all its tensors unchanged) a sparse param whose weight has a
         # NaN or Inf at a mask refresh; the calls before it would have stepped. So the sparse
         # buckets go first, and those after the first are checked before any call.

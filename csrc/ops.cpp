@@ -2,7 +2,13 @@
 // still knows each op and the dispatcher can name it in errors. Kernels register their impls
 // beside themselves (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fakes live in cast_ext/ops.py; the
 // semantics are cast_ext/reference.py.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
+
+#include <vector>
 
 TORCH_LIBRARY(cast_ext, m) {
   // N:M masks, pruning and the packed 2:4 format (reference: nm_mask ... sparse24_decompress).
@@ -47,4 +53,46 @@ TORCH_LIBRARY(cast_ext, m) {
   m.def(
       "distill_bwd(Tensor student, Tensor? teacher, Tensor labels, Tensor lse, Tensor grad_scale, "
       "float eta, float temperature=1.0, int ignore_index=-100) -> Tensor");
+}
+
+namespace {
+
+// adams_step_ above autograd: written in place as torch's own in-place ops are. Refused, before
+// anything is written, with grad mode on for a tensor that requires grad (the step is not
+// differentiable; torch.optim steps under no_grad), and for an inference tensor outside
+// inference mode; afterwards the version counter of every tensor written moves, so autograd
+// refuses a backward through a weight the step changed, as after torch.optim.Adam's step.
+void adams_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                         torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t start = stack->size() - args.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::List<at::Tensor> list = (*stack)[start + i].toTensorList();
+    for (size_t j = 0; j < list.size(); ++j) {
+      const at::Tensor t = list.get(j);
+      TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()),
+                  "cast_ext.adams_step_: ", args[i].name(), "[", j,
+                  "] requires grad and would be written in place with grad ",
+                  "mode on; call it under torch.no_grad() (AdamS.step does)");
+      TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
+                  "cast_ext.adams_step_: ", args[i].name(), "[", j,
+                  "] is an inference tensor, which cannot be written in ",
+                  "place outside torch.inference_mode()");
+      written.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cast_ext, Autograd, m) {
+  m.impl("adams_step_", torch::CppFunction::makeFromBoxedFunction<&adams_step_autograd>());
 }

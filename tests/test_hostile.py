@@ -279,6 +279,27 @@ def optim_overlapping_params() -> Made:
     return opt.step, [p, q, p.grad, q.grad]
 
 
+def optim_interleaved_params() -> Made:
+    """Two params interleaved in one buffer (even and odd columns) share no element: they step
+    as their contiguous twins do, bit for bit."""
+    buf = torch.randn(8, 32)
+    ps = [nn.Parameter(buf[:, 0::2]), nn.Parameter(buf[:, 1::2])]
+    twins = [nn.Parameter(p.detach().clone()) for p in ps]
+    opts = [AdamS(x, lr=1e-2, decay=1e-2, total_steps=10) for x in (ps, twins)]
+    for a, b in zip(ps, twins, strict=True):
+        a.grad = torch.randn(a.shape)
+        b.grad = a.grad.clone()
+
+    def run() -> None:
+        for _ in range(3):
+            for o in opts:
+                o.step()
+        for a, b in zip(ps, twins, strict=True):
+            assert torch.equal(a, b)
+
+    return run, []
+
+
 def optim_noncontiguous_grad() -> Made:
     models = [nn.Linear(16, 8) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -454,8 +475,11 @@ CASES: dict[str, Case] = {
         optim_sparse_grad_in_group_1, r"cast_ext\.AdamS does not support sparse gradients"
     ),
     "optim-overlapping-params": Case(
-        optim_overlapping_params, OP + r"params\[1\] shares memory with params\[0\]"
+        optim_overlapping_params,
+        r"cast_ext\.AdamS: param 1 of group 0 of shape \[8, 16\] shares memory with param 0 of "
+        r"group 0 of shape \[8, 16\]: each param the step writes must have memory of its own",
     ),
+    "optim-interleaved-params-ok": Case(optim_interleaved_params),
     "optim-noncontiguous-grad-ok": Case(optim_noncontiguous_grad),
     # GEMM (its argument rules are in test_sparse24_gemm.py): what it accepts, and devices
     "gemm-x-nan-propagates": Case(gemm_x_nan, check=check_like_linear),
@@ -515,3 +539,90 @@ def test_reference_refuses_them_too(name: str, monkeypatch: pytest.MonkeyPatch) 
         fn()
     for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
         assert torch.equal(bits(t), b), f"tensor {i} of shape {list(t.shape)} changed"
+
+
+def _shared_layouts() -> dict[str, tuple[list[list[Tensor]], str]]:
+    """Param groups the step cannot write in place, and the refusal's message."""
+    one, buf, flat = torch.randn(1, 16), torch.randn(8, 16), torch.randn(160)
+    zero_stride = torch.randn(16).as_strided((8, 16), (0, 1))
+    return {
+        "expanded": ([[one.expand(8, 16)]], r"param 0 of group 0 of shape \[8, 16\] has elements"),
+        "zero-stride": ([[zero_stride]], r"param 0 of group 0 .* has elements that share memory"),
+        "strided-overlap": (
+            [[buf[:, :8], buf[:, 4:12]]],  # columns 4..7 in both
+            r"param 1 of group 0 of shape \[8, 8\] shares memory with param 0 of group 0",
+        ),
+        "across-groups": (
+            [[flat[:128].view(8, 16)], [flat[120:]]],  # a sparse and a dense group's param
+            r"param 0 of group 1 of shape \[40\] shares memory with param 0 of group 0",
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_shared_layouts()))
+def test_params_sharing_memory_are_refused_before_any_state_is_made(layout: str) -> None:
+    """AdamS steps a non-contiguous param through a contiguous copy and each (device, dtype,
+    sparse) bucket in its own kernel call, so the kernel's overlap check saw neither case: an
+    expanded param raised torch's own error from the copy back after its state had stepped, and
+    overlapping strided params or params of two buckets stepped with no error (the shared
+    elements kept whichever copy came last). Now refused up front: no state, params unchanged."""
+    groups, needle = _shared_layouts()[layout]
+    params = [[nn.Parameter(t) for t in g] for g in groups]
+    opt = AdamS([{"params": g} for g in params], lr=1e-2, total_steps=10)
+    flat = [p for g in params for p in g]
+    for p in flat:
+        p.grad = torch.randn(p.shape)
+    before = [bits(p) for p in flat]
+    with pytest.raises(RuntimeError, match=r"cast_ext\.AdamS: " + needle):
+        opt.step()
+    assert not opt.state
+    assert all(torch.equal(bits(p), b) for p, b in zip(flat, before, strict=True))
+
+
+def test_a_param_added_over_a_stepped_one_leaves_its_state_unchanged() -> None:
+    buf = torch.randn(8, 16)
+    p = nn.Parameter(buf[:, :8])
+    opt = AdamS([p], lr=1e-2, total_steps=10)
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    state = {k: bits(v) for k, v in opt.state[p].items()}
+    q = nn.Parameter(buf[:, 6:14])
+    opt.add_param_group({"params": [q]})
+    q.grad = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match=r"param 0 of group 1 .* shares memory with param 0"):
+        opt.step()
+    assert q not in opt.state
+    assert all(torch.equal(bits(opt.state[p][k]), b) for k, b in state.items())
+
+
+def test_the_fused_step_moves_version_counters_like_torch_optimizers() -> None:
+    """adams_step_ writes in place as torch's in-place ops do: every tensor it writes gets a new
+    version (it had none: a backward through a weight the step changed ran on the new values,
+    where torch.optim.Adam's step makes autograd refuse), and outside no_grad a tensor that
+    requires grad is refused before anything is written."""
+    for make in (AdamS, torch.optim.Adam):
+        lin = nn.Linear(8, 4, bias=False)
+        opt = make(lin.parameters(), lr=0.1, **({"total_steps": 10} if make is AdamS else {}))
+        x = torch.randn(3, 8, requires_grad=True)
+        loss = (lin(x) ** 2).sum()
+        lin.weight.grad = torch.ones_like(lin.weight)
+        before = lin.weight._version
+        opt.step()
+        assert lin.weight._version > before, make
+        assert all(t._version > 0 for t in opt.state[lin.weight].values() if torch.is_tensor(t))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    d = lists()
+    d["params"][1].requires_grad_(True)
+    tensors = [t for v in d.values() for t in v]
+    before = [bits(t) for t in tensors]
+    with pytest.raises(RuntimeError, match=OP + r"params\[1\] requires grad .* torch\.no_grad"):
+        call(torch.ops.cast_ext.adams_step_, d)
+    assert all(torch.equal(bits(t), b) for t, b in zip(tensors, before, strict=True))
+    with torch.no_grad():
+        call(torch.ops.cast_ext.adams_step_, d)
+    assert all(t._version > 0 for k in ("params", "exp_avgs", "masks", "steps") for t in d[k])
+    with torch.inference_mode():
+        d["params"][0] = torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match=OP + r"params\[0\] is an inference tensor"):
+        call(torch.ops.cast_ext.adams_step_, d)
