@@ -118,7 +118,8 @@ class WeightScale(nn.Module):
         if isinstance(w, DTensor):
             return _scaled_shards(w, self.scale, self.blocks, inverse)
         grouped = w.reshape(self.out_features, self.blocks, self.in_features // self.blocks)
-        return _times_scale(grouped, self.scale, inverse).reshape(self.out_features, -1)
+        scaled = _times_scale(grouped, self.scale, inverse)
+        return scaled.reshape(self.out_features, self.in_features)
 
     def forward(self, w: Tensor) -> Tensor:
         used = self._scaled(w)
@@ -416,6 +417,11 @@ def prepare(
                 )
         elif in_f % _M != 0 or id(module.weight) in excluded or id(module) in adapters:
             continue
+        if kind == "conv1d" and isinstance(module.weight, DTensor):
+            raise ValueError(
+                f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; tensor "
+                "parallel layers must be nn.Linear (nothing was changed)"
+            )
         chosen.append((name, module, kind, out_f, in_f))
     _refuse_unscalable(model, chosen)
     experts = [
@@ -442,11 +448,6 @@ def prepare(
             p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
             p.to(device=module.weight.device)
             if isinstance(module.weight, DTensor):  # tensor parallel: the scale follows the rows
-                if kind == "conv1d":
-                    raise ValueError(
-                        f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; "
-                        "tensor parallel layers must be nn.Linear"
-                    )
                 p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
             shared[id(module.weight)] = p
         requires_grad = module.weight.requires_grad
@@ -1576,6 +1577,15 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
                 "optimizer) instead (DTensors laid out like the params; full_tensor() gathers "
                 "each) and load it into the unsharded model"
             )
+    # Every layer's mask first, so that a refusal (a NaN weight without an optimizer mask, an
+    # optimizer mask of the wrong shape) names its layer and leaves the whole model unchanged.
+    for layer in _one_per_weight(layers):
+        try:
+            _layer_mask(layer, optimizer)
+        except (RuntimeError, ValueError) as e:
+            raise type(e)(
+                f"cast_ext.cast.finalize: layer {layer.name!r}: {e} (nothing was changed)"
+            ) from e
     reports = []
     # per stored weight (kept alive, so that its id stays its own): the new Parameter every
     # layer holding it gets, and the report's figures

@@ -551,6 +551,38 @@ def test_finalize_without_optimizer_uses_magnitude_masks():
         torch.testing.assert_close(mods[r.name].weight.t(), expected[r.name], rtol=0, atol=0)
 
 
+def test_finalize_refuses_a_later_layer_before_changing_an_earlier_one():
+    """A NaN weight in the last prepared layer (no optimizer: a magnitude mask) used to raise
+    from the mask op after the first layer had been pruned, scaled and unparametrized."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    cast.prepare(model, filter_fn=lambda name, _: name in ("0", "2"))
+    with torch.no_grad():
+        model[2].parametrizations.weight.original[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=r"cast\.finalize: layer '2': .*NaN or Inf.*nothing"):
+        cast.finalize(model)
+    assert all(hasattr(model[i], "parametrizations") for i in (0, 2))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_prepare_train_and_finalize_a_layer_of_no_outputs():
+    """``nn.Linear(8, 0)``: prepare raised torch's reshape error after attaching the scaling to
+    the layers before it (so a retry said "already prepared")."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0))
+    assert [layer.name for layer in cast.prepare(model)] == ["0", "1"]
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-2, total_steps=4)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    reports = cast.finalize(model, opt)
+    assert [(r.name, r.shape, r.exactly_24) for r in reports] == [
+        ("0", [8, 8], True),
+        ("1", [0, 8], True),
+    ]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_finalize_report_share_of_magnitude_pruned_is_exact(arch):
     """The report's pruned_magnitude_share is sum |A * W| at the pruned positions over sum
