@@ -480,6 +480,14 @@ class SparseLinear(nn.Module):
         """The 2:4 weight ``[N, K]`` as a dense tensor (zeros at the pruned positions)."""
         return ops.sparse24_decompress(self.values, self.metadata)
 
+    @property
+    def qweight(self) -> Tensor:
+        """``values``, under the name PEFT gives a packed weight (GPTQ's ``qweight``): PEFT finds
+        a layer's device and dtype there when a LoRA adapter (:mod:`cast_ext.peft`) wraps a layer
+        with no ``.weight`` (without a bias, nothing else would tell it), and its LoRA layer
+        answers ``.weight`` with it, as for GPTQ."""
+        return self.values
+
     def to_dense(self) -> nn.Linear:
         """An equivalent ``nn.Linear`` (same device and dtype) holding the 2:4 weight (trainable
         if the layer :meth:`from_dense` converted was)."""

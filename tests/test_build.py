@@ -231,6 +231,18 @@ def test_the_demo_extra_pins_what_requirements_demo_pins() -> None:
     assert extra == pins
 
 
+@pytest.mark.skipif(
+    not (ROOT / "requirements-dev.txt").is_file(), reason="not a source checkout"
+)  # as above
+def test_the_peft_extra_pins_what_requirements_dev_pins() -> None:
+    """``pip install 'cast_ext[peft]'`` (cast_ext.peft; its import error names the extra)
+    installs the peft that requirements-dev.txt pins for tests/test_peft.py."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
+    assert extra["optional-dependencies"]["peft"] == [ln for ln in lines if ln.startswith("peft")]
+
+
 @pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="not a source checkout")
 @pytest.mark.parametrize("command", ["--version", "bdist_wheel"])
 def test_setup_without_torch(command: str) -> None:
