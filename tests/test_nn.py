@@ -866,7 +866,7 @@ def test_to_sparse_leaves_dense_what_a_sparse_linear_cannot_stand_in_for() -> No
     assert type(model[0]) is SparseLinear
 
 
-class BaseTunerLayer:  # PEFT's adapter-layer mixin, by name (peft is not a test dependency)
+class BaseTunerLayer:  # PEFT's adapter-layer mixin, by name (cast_ext.nn never imports peft)
     pass
 
 
