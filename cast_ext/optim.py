@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import ops, reference
 
@@ -226,18 +227,34 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def _offsets(t: Tensor) -> Tensor:
-    """The storage offsets of ``t``'s elements, in elements (int64 on the CPU, ``t``'s shape)."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
-    first = t.storage_offset()
-    return torch.arange(first, first + last + 1).as_strided(t.shape, t.stride())
+def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements from a view's first to its last, both included (non-empty views)."""
+    return sum((n - 1) * st for n, st in zip(shape, stride, strict=True)) + 1
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _self_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """Whether a view of this shape and stride has two elements at one address."""
-    t = torch.empty(0, device="meta").as_strided(shape, stride)
-    return not _dense(t) and _offsets(t).unique().numel() < t.numel()
+    """Whether a (non-empty) view of this shape and stride has two elements at one address."""
+    reach = 0  # the furthest offset the dims of smaller strides reach
+    for st, n in sorted((st, n) for n, st in zip(shape, stride, strict=True) if n != 1):
+        if st <= reach:  # not nested (a zero stride, or a dim inside another's steps): count
+            marker = torch.zeros(_extent(shape, stride), dtype=torch.bool)
+            marker.as_strided(shape, stride).fill_(True)
+            return int(marker.sum()) < math.prod(shape)
+        reach += (n - 1) * st
+    return False  # each stride passes all that the smaller ones reach: one address each
+
+
+@functools.lru_cache(maxsize=4096)
+def _share_elements(
+    a: tuple[int, tuple[int, ...], tuple[int, ...]], b: tuple[int, tuple[int, ...], tuple[int, ...]]
+) -> bool:
+    """Whether two views of one storage and dtype, ``(offset, shape, stride)`` in elements, have
+    an element in common (a bool per element of their span: no index tensors)."""
+    lo = min(a[0], b[0])
+    marker = torch.zeros(max(v[0] + _extent(v[1], v[2]) for v in (a, b)) - lo, dtype=torch.bool)
+    marker.as_strided(a[1], a[2], a[0] - lo).fill_(True)
+    return bool(marker.as_strided(b[1], b[2], b[0] - lo).any())
 
 
 def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
@@ -245,13 +262,14 @@ def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
     elements overlap (an ``expand()`` ed or zero-stride view), or two that share elements. The
     kernel refuses contiguous tensors that share memory within its call, but it steps a
     non-contiguous param through a contiguous copy, and each (device, dtype) bucket is its own
-    call. ``params``: (the param, its local tensor, where it is) for every param to be stepped."""
+    call. ``params``: (the param, its local tensor, where it is) for every param to be stepped.
+    Layouts only (shapes, strides, offsets; results cached): no data is read."""
     by_storage: dict[tuple[torch.device, int], list[tuple[int, int, Tensor, Tensor, str]]] = (
         defaultdict(list)
     )
     for p, t, where in params:
-        if t.numel() == 0:
-            continue
+        if t.numel() == 0 or t.device.type == "meta" or isinstance(t, FakeTensor):
+            continue  # no memory
         contiguous = t.is_contiguous()
         if not contiguous and _self_overlapping(tuple(t.shape), t.stride()):
             raise RuntimeError(
@@ -260,13 +278,10 @@ def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
                 "several times; nothing was stepped"
             )
         n = t.element_size()
-        if contiguous:
-            last = t.numel() - 1
-        else:
-            last = sum((k - 1) * st for k, st in zip(t.shape, t.stride(), strict=True))
         begin = t.storage_offset() * n
+        end = begin + (t.numel() if contiguous else _extent(tuple(t.shape), t.stride())) * n
         key = (t.device, t.data_ptr() - begin)  # the storage's address
-        by_storage[key].append((begin, begin + (last + 1) * n, p, t, where))
+        by_storage[key].append((begin, end, p, t, where))
     for spans in by_storage.values():
         if len(spans) < 2:
             continue
@@ -276,9 +291,14 @@ def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
             active = [a for a in active if a[1] > begin]
             for _, _, q, u, qwhere in active:
                 # The byte ranges meet. Dense tensors fill theirs, so they share memory;
-                # otherwise (gaps: interleaved views) compare their elements.
-                elementwise = t.dtype == u.dtype and not (_dense(t) and _dense(u))
-                if not elementwise or bool(torch.isin(_offsets(t), _offsets(u)).any()):
+                # otherwise (gaps: views interleaved) their elements are compared.
+                shared = t.dtype != u.dtype or (_dense(t) and _dense(u))
+                if not shared:
+                    shared = _share_elements(
+                        (t.storage_offset(), tuple(t.shape), t.stride()),
+                        (u.storage_offset(), tuple(u.shape), u.stride()),
+                    )
+                if shared:
                     raise RuntimeError(
                         f"cast_ext.AdamS: {_describe(p, where)} shares memory with "
                         f"{_describe(q, qwhere)}: each param the step writes must have memory "
@@ -568,6 +588,10 @@ class AdamS(torch.optim.Optimizer):
         torch's do: the pre-hooks first (a dict one returns is the one loaded, and checked), the
         post-hooks last (their changes stay). A group saved without ``sparse`` (an edited or
         foreign dict) keeps this optimizer's setting.
+
+        As with torch's optimizers, each group takes the saved settings (``lr``,
+        ``total_steps``, ``mask_interval``, ``decay``, ...), not the ones this optimizer was
+        built with: to lengthen a resumed run, set ``group["total_steps"]`` after loading.
         """
         state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -760,6 +784,11 @@ class AdamS(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
+                if p.dtype not in ops._FLOATS:  # cast since add_param_group checked it
+                    raise _err(
+                        f"{_describe(p, f'{pi} of group {gi} ')} has dtype {p.dtype}; expected "
+                        "float32, float16 or bfloat16; nothing was stepped"
+                    )
                 sparse = _param_is_sparse(p, group)
                 _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 buckets[(p.device, p.dtype, sparse)].append(p)
@@ -828,6 +857,9 @@ class AdamS(torch.optim.Optimizer):
             for p, lp, fl in zip(ps, params, flat, strict=True):
                 if fl is not lp:
                     lp.copy_(fl)
+                if p is not lp and not torch.compiler.is_compiling():
+                    # a DTensor: the op moved its local tensor's version, autograd reads its own
+                    torch.autograd.graph.increment_version(p)
                 if track:
                     self._versions[id(p)] = _written(lp)
 

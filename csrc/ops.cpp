@@ -8,6 +8,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
+#include <string>
+#include <utility>
 #include <vector>
 
 TORCH_LIBRARY(cast_ext, m) {
@@ -57,42 +59,62 @@ TORCH_LIBRARY(cast_ext, m) {
 
 namespace {
 
-// adams_step_ above autograd: written in place as torch's own in-place ops are. Refused, before
-// anything is written, with grad mode on for a tensor that requires grad (the step is not
-// differentiable; torch.optim steps under no_grad), and for an inference tensor outside
-// inference mode; afterwards the version counter of every tensor written moves, so autograd
-// refuses a backward through a weight the step changed, as after torch.optim.Adam's step.
-void adams_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
-                         torch::jit::Stack* stack) {
+// The tensors adams_step_ writes (its Tensor(x!)[] arguments), each with its name for errors.
+std::vector<std::pair<std::string, at::Tensor>> written_tensors(const c10::OperatorHandle& op,
+                                                                const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
-  const size_t start = stack->size() - args.size();
-  std::vector<at::Tensor> written;
+  const size_t start = stack.size() - args.size();
+  std::vector<std::pair<std::string, at::Tensor>> out;
   for (size_t i = 0; i < args.size(); ++i) {
     const c10::AliasInfo* alias = args[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::List<at::Tensor> list = (*stack)[start + i].toTensorList();
-    for (size_t j = 0; j < list.size(); ++j) {
-      const at::Tensor t = list.get(j);
-      TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()),
-                  "cast_ext.adams_step_: ", args[i].name(), "[", j,
-                  "] requires grad and would be written in place with grad ",
-                  "mode on; call it under torch.no_grad() (AdamS.step does)");
-      TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
-                  "cast_ext.adams_step_: ", args[i].name(), "[", j,
-                  "] is an inference tensor, which cannot be written in ",
-                  "place outside torch.inference_mode()");
-      written.push_back(t);
-    }
+    const c10::List<at::Tensor> list = stack[start + i].toTensorList();
+    for (size_t j = 0; j < list.size(); ++j)
+      out.emplace_back(args[i].name() + "[" + std::to_string(j) + "]", list.get(j));
   }
+  return out;
+}
+
+// adams_step_ writes its tensors in place as torch's own in-place ops do. Autograd key: with
+// grad mode on, a tensor that requires grad is refused before anything is written (the step is
+// not differentiable; torch.optim steps under no_grad).
+void adams_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                         torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    for (const auto& [name, t] : written_tensors(op, *stack))
+      TORCH_CHECK(!t.requires_grad(), "cast_ext.adams_step_: ", name,
+                  " requires grad and would be written in place with grad mode on; call it "
+                  "under torch.no_grad() (AdamS.step does)");
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView key (reached inside inference mode too, for normal tensors, and outside it
+// for inference tensors alone): an inference tensor outside inference mode is refused before
+// anything is written; afterwards every tensor written gets a new version, so autograd refuses
+// a backward through a weight the step changed, as after torch.optim.Adam's step.
+void adams_step_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                        torch::jit::Stack* stack) {
+  const auto written = written_tensors(op, *stack);
+  const bool inference = c10::InferenceMode::is_enabled();
+  for (const auto& [name, t] : written)
+    TORCH_CHECK(!t.is_inference() || inference, "cast_ext.adams_step_: ", name,
+                " is an inference tensor, which cannot be written in place outside "
+                "torch.inference_mode()");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+  for (const auto& [name, t] : written)
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cast_ext, Autograd, m) {
   m.impl("adams_step_", torch::CppFunction::makeFromBoxedFunction<&adams_step_autograd>());
+}
+TORCH_LIBRARY_IMPL(cast_ext, ADInplaceOrView, m) {
+  m.impl("adams_step_", torch::CppFunction::makeFromBoxedFunction<&adams_step_inplace>());
 }

@@ -68,7 +68,12 @@ def train(model: nn.Module, opt: AdamS, steps: range, rank: int = 0, world: int 
         rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
         opt.zero_grad()
         nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        versions = [p._version for p in model.parameters()]
         opt.step()
+        # every param stepped has a new version, a DTensor's too (not only its local shard's)
+        assert all(
+            p._version > v for p, v in zip(model.parameters(), versions, strict=True)
+        ) or not isinstance(opt, AdamS)
 
 
 def snapshot(model: nn.Module, opt: AdamS) -> dict[str, dict[str, Tensor]]:

@@ -10,6 +10,7 @@ of another model, and the GEMM's non-finite and empty operands.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -622,7 +623,79 @@ def test_the_fused_step_moves_version_counters_like_torch_optimizers() -> None:
     with torch.no_grad():
         call(torch.ops.cast_ext.adams_step_, d)
     assert all(t._version > 0 for k in ("params", "exp_avgs", "masks", "steps") for t in d[k])
+    d["params"][1].requires_grad_(False)
     with torch.inference_mode():
         d["params"][0] = torch.randn(8, 32)
     with pytest.raises(RuntimeError, match=OP + r"params\[0\] is an inference tensor"):
         call(torch.ops.cast_ext.adams_step_, d)
+    with torch.inference_mode():  # every tensor an inference one: no Autograd key to reach
+        d = {k: [t.clone() for t in v] for k, v in lists().items()}
+    with pytest.raises(RuntimeError, match=OP + r"params\[0\] is an inference tensor"):
+        call(torch.ops.cast_ext.adams_step_, d)
+    # a step inside inference_mode moves the versions too (autograd then refuses the backward)
+    lin = nn.Linear(8, 4, bias=False)
+    opt = AdamS(lin.parameters(), lr=0.1, total_steps=10)
+    loss = (lin(torch.randn(3, 8, requires_grad=True)) ** 2).sum()
+    lin.weight.grad = torch.ones_like(lin.weight)
+    with torch.inference_mode():
+        opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_params_on_meta_or_fake_tensors_step_as_shapes() -> None:
+    """Meta and fake tensors have no memory (a data pointer of 0 each): the memory check skips
+    them, as memory estimation under FakeTensorMode needs (they all read as one address)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ps = [nn.Parameter(torch.empty(8, 16, device="meta")) for _ in range(2)]
+    for p in ps:
+        p.grad = torch.empty_like(p)
+    AdamS(ps, lr=1e-2, total_steps=10).step()
+    with FakeTensorMode():
+        ps = [nn.Parameter(torch.empty(8, 16)) for _ in range(2)]
+        for p in ps:
+            p.grad = torch.randn(8, 16)
+        AdamS(ps, lr=1e-2, total_steps=10).step()
+
+
+def test_the_layout_checks_agree_with_element_sets() -> None:
+    """optim._self_overlapping and _share_elements (markers over the views' span) against the
+    offsets of every element, on random strided views of one buffer."""
+    from cast_ext import optim
+
+    def offsets(off: int, shape: tuple[int, ...], stride: tuple[int, ...]) -> set[int]:
+        idx = torch.arange(off + optim._extent(shape, stride)).as_strided(shape, stride, off)
+        return set(idx.reshape(-1).tolist())
+
+    gen = torch.Generator().manual_seed(0)
+
+    def view() -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        dims = int(torch.randint(1, 4, (1,), generator=gen))
+        shape = tuple(int(v) for v in torch.randint(1, 5, (dims,), generator=gen))
+        stride = tuple(int(v) for v in torch.randint(0, 9, (dims,), generator=gen))
+        return int(torch.randint(0, 12, (1,), generator=gen)), shape, stride
+
+    seen = {True: 0, False: 0}
+    for _ in range(400):
+        a, b = view(), view()
+        elems = offsets(*a)
+        assert optim._self_overlapping(a[1], a[2]) == (len(elems) < math.prod(a[1]))
+        shared = bool(elems & offsets(*b))
+        assert optim._share_elements(a, b) == shared, (a, b)
+        seen[shared] += 1
+    assert min(seen.values()) > 50
+
+
+def test_a_param_cast_to_float64_after_construction_is_refused_before_any_bucket() -> None:
+    """The fused op refused the float64 bucket after the fp32 one had stepped, naming the
+    param's index in its bucket (params[0]) rather than in the optimizer."""
+    a, b = nn.Linear(16, 8), nn.Linear(16, 8)
+    opt = AdamS([a.weight, b.weight], lr=1e-2, total_steps=10)
+    b.double()
+    a.weight.grad, b.weight.grad = torch.randn(8, 16), torch.randn(8, 16, dtype=torch.float64)
+    before = [bits(a.weight), bits(b.weight)]
+    with pytest.raises(ValueError, match=r"AdamS: param 1 of group 0 of shape \[8, 16\] has dtype"):
+        opt.step()
+    assert not opt.state
+    assert all(torch.equal(bits(p), x) for p, x in zip((a.weight, b.weight), before, strict=True))
