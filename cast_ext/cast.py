@@ -423,6 +423,23 @@ def prepare(
                 "parallel layers must be nn.Linear (nothing was changed)"
             )
         chosen.append((name, module, kind, out_f, in_f))
+    if not chosen:
+        frozen = any(type(m).__name__ == "SparseLinear" for m in model.modules())
+        warnings.warn(
+            "cast_ext.cast.prepare: no layer was chosen"
+            + (
+                " (filter_fn chose none)"
+                if filter_fn is not None
+                else ": no nn.Linear or Conv1D with an input dim that is a multiple of 4, "
+                "outside the head, the embeddings and PEFT adapters"
+            )
+            + (
+                "; its SparseLinear layers (nn.to_sparse) are 2:4 and frozen already"
+                if frozen
+                else ""
+            ),
+            stacklevel=2,
+        )
     _refuse_unscalable(model, chosen)
     experts = [
         f"{mname}.{pname}".lstrip(".")
@@ -441,20 +458,23 @@ def prepare(
 
     changed = []
     shared: dict[int, WeightScale] = {}  # weight id -> its scaling, for every layer holding it
-    for name, module, kind, out_f, in_f in chosen:
-        blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
-        p = shared.get(id(module.weight))  # still the plain Parameter under a later holder
-        if p is None:
-            p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
-            p.to(device=module.weight.device)
-            if isinstance(module.weight, DTensor):  # tensor parallel: the scale follows the rows
-                p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
-            shared[id(module.weight)] = p
-        requires_grad = module.weight.requires_grad
-        parametrize.register_parametrization(module, "weight", p)
-        module.parametrizations.weight.original.requires_grad_(requires_grad)
-        p.scale.requires_grad_(bool(requires_grad))  # a frozen layer's scale does not train either
-        changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
+    # the scales and stored weights it makes are trained: never inference tensors
+    with torch.inference_mode(False):
+        for name, module, kind, out_f, in_f in chosen:
+            blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
+            p = shared.get(id(module.weight))  # still the plain Parameter under a later holder
+            if p is None:
+                p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
+                p.to(device=module.weight.device)
+                if isinstance(module.weight, DTensor):  # tensor parallel: scale follows rows
+                    p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
+                shared[id(module.weight)] = p
+            requires_grad = module.weight.requires_grad
+            parametrize.register_parametrization(module, "weight", p)
+            module.parametrizations.weight.original.requires_grad_(requires_grad)
+            # a frozen layer's scale does not train either
+            p.scale.requires_grad_(bool(requires_grad))
+            changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
     return changed
 
 
@@ -807,7 +827,12 @@ def distill_loss(
         raise ValueError(
             f"cast_ext.cast.distill_loss: chunk_size must be an int >= 1, got {chunk_size!r}"
         )
-    vocab = student_logits.shape[-1]
+    vocab = student_logits.shape[-1] if student_logits.dim() else 0
+    if vocab == 0:
+        raise ValueError(
+            f"cast_ext.cast.distill_loss: student_logits of shape {list(student_logits.shape)} "
+            "has no vocabulary (its last dim, the classes, must be >= 1)"
+        )
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"cast_ext.cast.distill_loss: labels of shape {list(labels.shape)} do not match "
@@ -995,6 +1020,20 @@ class DecayBudget:
 
 
 def _lr_values(lr_schedule: float | Callable[[int], float] | Sequence[float], total: int) -> Tensor:
+    lrs = _lr_list(lr_schedule, total)
+    bad = ~(torch.isfinite(lrs) & (lrs >= 0))
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0])
+        raise ValueError(
+            f"cast_ext.cast.decay_budget: the lr of step {t} is {float(lrs[t])}; lrs must be "
+            "finite and >= 0"
+        )
+    return lrs
+
+
+def _lr_list(lr_schedule: float | Callable[[int], float] | Sequence[float], total: int) -> Tensor:
+    if isinstance(lr_schedule, Tensor) and lr_schedule.dim() == 0:  # AdamS takes a tensor lr
+        lr_schedule = float(lr_schedule)
     if isinstance(lr_schedule, (int, float)):
         return torch.full((total,), float(lr_schedule), dtype=torch.float64)
     if isinstance(lr_schedule, WarmupCosine):
@@ -1111,7 +1150,9 @@ def decay_budget(
         A :class:`DecayBudget`; print it for the verdict in plain words.
 
     Raises:
-        ValueError: ``total_steps`` < 1, or a model without prepared layers.
+        ValueError: ``total_steps`` < 1, a model without prepared layers or no weights, an lr
+            that is negative or not finite, or a setting outside AdamS's rules (``decay`` or
+            ``eps`` < 0, a beta outside [0, 1), NaN).
         TypeError: ``lr_schedule`` is none of the above (a torch LR scheduler, say).
     """
     if not (isinstance(total_steps, int) and total_steps >= 1):
@@ -1135,14 +1176,26 @@ def decay_budget(
             f"cast_ext.cast.decay_budget: lr_schedule must be {accepted}, got "
             f"{type(lr_schedule).__name__}"
         )
+    fn = "cast_ext.cast.decay_budget"
+    b1, b2 = betas
+    for what, val, ok, rule in (
+        ("decay", decay, decay >= 0.0, ">= 0"),
+        ("betas[0]", b1, 0.0 <= b1 < 1.0, "in [0, 1)"),
+        ("betas[1]", b2, 0.0 <= b2 < 1.0, "in [0, 1)"),
+        ("eps", eps, eps >= 0.0, ">= 0"),
+        ("target_ratio", target_ratio, target_ratio > 0.0, "> 0"),
+        ("grad_rms", grad_rms, grad_rms is None or grad_rms >= 0.0, ">= 0"),
+    ):  # AdamS's own rules; a NaN fails every comparison
+        if not (ok and (val is None or math.isfinite(val))):
+            raise ValueError(f"{fn}: {what} must be finite and {rule}, got {val!r}")
     if isinstance(model_or_params, nn.Module):
         params = [layer.weight for layer in _one_per_weight(sparse_layers(model_or_params))]
         if not params:
-            raise ValueError(
-                "cast_ext.cast.decay_budget: the model has no sparse layers; prepare() it first"
-            )
+            raise ValueError(f"{fn}: the model has no sparse layers; prepare() it first")
     else:
         params = list(model_or_params)
+        if not params:
+            raise ValueError(f"{fn}: no weights given (a prepared model's are its sparse layers')")
     gen = torch.Generator().manual_seed(0)
     rate = min(1.0, 2 * sample / max((p.numel() for p in params), default=1))
     pruned_parts: list[Tensor] = []
@@ -1432,6 +1485,20 @@ def _named_layers(model: nn.Module) -> list[tuple[SparseLayer, str]]:
 
 
 @torch.no_grad()
+def _require_prepared(fn: str, model: nn.Module) -> list[SparseLayer]:
+    """``model``'s prepared layers; a ValueError where it has none (never prepared, or already
+    finalized), which :func:`finalize` and :func:`export_state_dict` would pass over without a
+    word (an AdamS over the plain model holds masks they would never apply)."""
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError(
+            f"cast_ext.cast.{fn}: the model has no prepared layers (cast.prepare was not called, "
+            "or the model is already finalized). To prune a plain model trained with AdamS, "
+            "multiply each sparse weight by optimizer.mask(weight)"
+        )
+    return layers
+
+
 def export_state_dict(
     model: nn.Module, optimizer: Any = None, *, prune: bool = True
 ) -> dict[str, Tensor]:
@@ -1461,7 +1528,11 @@ def export_state_dict(
     Warns:
         UserWarning: ``prune`` and an ``optimizer`` that has no mask for some layers (which then
             get magnitude masks), as :func:`finalize` warns.
+
+    Raises:
+        ValueError: ``model`` has no prepared layers.
     """
+    _require_prepared("export_state_dict", model)
     renamed: dict[str, tuple[str, Tensor]] = {}
     dropped: set[str] = set()
     stored: dict[int, tuple[Tensor, str]] = {}  # per weight, once: the tensor, its mask's source
@@ -1566,8 +1637,13 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
     Warns:
         UserWarning: ``optimizer`` was given but has no mask for some layers (which then get
             magnitude masks); some layers are not exactly 2:4 (the optimizer's masks are not).
+
+    Raises:
+        ValueError: ``model`` has no prepared layers (never prepared, or finalized already), a
+            layer's weight is a DTensor, or a layer's mask cannot be taken (a NaN weight without
+            an optimizer mask, say; the layer is named and nothing is changed).
     """
-    layers = sparse_layers(model)
+    layers = _require_prepared("finalize", model)
     for layer in layers:
         if isinstance(layer.weight, DTensor):
             raise ValueError(
@@ -1582,8 +1658,11 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
     for layer in _one_per_weight(layers):
         try:
             _layer_mask(layer, optimizer)
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, ValueError) as e:
-            raise type(e)(
+            kind = ValueError if isinstance(e, ValueError) else RuntimeError
+            raise kind(
                 f"cast_ext.cast.finalize: layer {layer.name!r}: {e} (nothing was changed)"
             ) from e
     reports = []
@@ -1594,7 +1673,8 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
         module = layer.module
         if id(layer.weight) not in done:
             mask, source = _layer_mask(layer, optimizer)
-            with torch.no_grad():
+            # the new weight may be trained on: never an inference tensor
+            with torch.inference_mode(False), torch.no_grad():  # in this order: no grad
                 final = _scaled_weight(layer)
                 a = final.abs()
                 total = float(a.sum())
@@ -1608,7 +1688,7 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
                     "mask_source": source,
                 }
                 del a
-            stored = _as_stored(layer, final)
+                stored = _as_stored(layer, final)
             new = nn.Parameter(stored, requires_grad=layer.weight.requires_grad)
             done[id(layer.weight)] = (layer.weight, new, figures)
         _, new, figures = done[id(layer.weight)]
@@ -1784,6 +1864,56 @@ def _alpha_total_steps(layers: list[SparseLayer], optimizer: Any, total_steps: i
     return found.pop() if found else total_steps
 
 
+def _check_train_setup(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teacher: nn.Module | None,
+    lr_lambda: Any,
+    start_step: int,
+    layers: list[SparseLayer],
+) -> None:
+    """:func:`train`'s refusals of a setup that would train something other than asked, each
+    silent before: the student as its own teacher (a KL of 0), an optimizer that holds none of
+    the model's params or misses its prepared weights and scales (one built before
+    :func:`prepare` steps the replaced weights, and the scales never train), a schedule object
+    where a multiplier is expected, and prepared weights whose step counts are not
+    ``start_step`` (a resume without the optimizer's state)."""
+    fn = "cast_ext.cast.train"
+    if teacher is not None and teacher is model:
+        raise ValueError(f"{fn}: teacher is the model itself; pass a frozen copy (copy.deepcopy)")
+    if isinstance(lr_lambda, WarmupCosine):
+        raise ValueError(
+            f"{fn}: lr_lambda is a multiplier of each group's lr; a WarmupCosine gives lrs: "
+            "pass sched.factor"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    if not any(id(p) in held for p in params.values()):
+        raise ValueError(f"{fn}: the optimizer holds none of the model's parameters")
+    missing = [
+        name
+        for name, p in params.items()
+        if p.requires_grad and id(p) not in held and ".parametrizations.weight." in f".{name}"
+    ]
+    if missing:
+        raise ValueError(
+            f"{fn}: the optimizer lacks {len(missing)} prepared weight(s) or scale(s) that "
+            f"require grad ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+            "build it after cast.prepare, from cast.param_groups(model)"
+        )
+    steps = {  # the prepared weights' (every step gives them gradients)
+        int(_full(s["step"]) if isinstance(s["step"], Tensor) else s["step"])
+        for layer in _one_per_weight(layers)
+        if "step" in (s := optimizer.state.get(layer.weight, {}))
+    }
+    if steps - {start_step} or (start_step > 0 and not steps and layers):
+        raise ValueError(
+            f"{fn}: start_step={start_step}, but the optimizer's states have taken "
+            f"{sorted(steps) or 'no'} steps: resume with the optimizer state saved at that step "
+            "(or start_step equal to its steps)"
+        )
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -1905,6 +2035,8 @@ def train(
             f"total_steps >= 1, got "
             f"start_step={start_step}, stop_step={stop_step}, total_steps={total_steps}"
         )
+    layers = sparse_layers(model)
+    _check_train_setup(model, optimizer, teacher, lr_lambda, start_step, layers)
     device = next(model.parameters()).device
     sched = None
     if lr_lambda is not None:
@@ -1913,7 +2045,6 @@ def train(
         for group in optimizer.param_groups if start_step else ():
             group.setdefault("initial_lr", group["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda, last_epoch=start_step - 1)
-    layers = sparse_layers(model)
     prepared = bool(layers)
     ramp = (
         _alpha_total_steps(layers, optimizer, total_steps) if prepared and health_every > 0 else 1
@@ -1981,6 +2112,16 @@ def train(
                     raise ValueError(
                         f"cast_ext.cast.train: batches ran out at step {step} (micro-batch "
                         f"{micro}) of {stop}: it must yield grad_accum = {grad_accum} a step"
+                    )
+                if not (isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+                    what = (
+                        f"{ids.dtype} of shape {list(ids.shape)}"
+                        if isinstance(ids, Tensor)
+                        else type(ids).__name__
+                    )
+                    raise ValueError(
+                        f"cast_ext.cast.train: micro-batch {micro} of step {step} is {what}; "
+                        "batches must yield [B, L] integer input_ids"
                     )
                 ids = ids.to(device)
                 # DDP decides in the forward whether the backward all-reduces: both inside.

@@ -1030,6 +1030,21 @@ def to_sparse(
         ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
         linear layer itself.
     """
+    scaled = [  # cast.prepare's WeightScale (cast_ext.cast imports this module: by name)
+        name or "(the model)"
+        for name, m in model.named_modules()
+        if any(
+            type(p).__name__ == "WeightScale"
+            for p in getattr(getattr(m, "parametrizations", None), "weight", ())
+        )
+    ]
+    if scaled:
+        raise ValueError(
+            f"cast_ext.nn.to_sparse: {len(scaled)} layer(s) ({', '.join(map(repr, scaled[:3]))}"
+            f"{', ...' if len(scaled) > 3 else ''}) carry CAST's weight scaling (cast.prepare): "
+            "call cast.finalize(model, optimizer) first, which prunes them with the optimizer's "
+            "masks and folds the scales in (nothing was replaced)"
+        )
     pruned: list[str] = []
     excluded = _excluded_weights(model) if filter_fn is None else set()
     readers = _weight_readers(model)

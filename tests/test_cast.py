@@ -568,6 +568,76 @@ def test_finalize_refuses_a_later_layer_before_changing_an_earlier_one():
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
 
 
+def test_finalize_and_export_refuse_a_model_with_no_prepared_layers():
+    """An unprepared model (an AdamS over it holds masks) or one finalized already: both
+    returned nothing to do without a word, the weights left dense."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    opt = cast_ext.AdamS(model.parameters(), lr=1e-2, decay=1e-3, total_steps=10)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    for fn in (cast.finalize, cast.export_state_dict):
+        with pytest.raises(ValueError, match=rf"cast\.{fn.__name__}: the model has no prepared"):
+            fn(model, opt)
+    prepared = nn.Sequential(nn.Linear(16, 8))
+    cast.prepare(prepared)
+    cast.finalize(prepared)
+    with pytest.raises(ValueError, match=r"or the model is already finalized"):
+        cast.finalize(prepared)
+
+
+def test_prepare_and_finalize_under_inference_mode_make_trainable_tensors():
+    """Under torch.inference_mode the scales, stored weights and final weights were inference
+    tensors, which autograd then refused deep inside torch."""
+    model = nn.Sequential(nn.Linear(16, 8))
+    with torch.inference_mode():
+        cast.prepare(model)
+    assert not any(p.is_inference() for p in model.parameters())
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-2, total_steps=4)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    with torch.inference_mode():
+        cast.finalize(model, opt)
+    assert not model[0].weight.is_inference()
+    model(torch.randn(2, 16)).sum().backward()
+
+
+def test_prepare_warns_when_it_chooses_nothing():
+    model = cast_ext.nn.to_sparse(nn.Sequential(nn.Linear(16, 8)))
+    with pytest.warns(UserWarning, match=r"prepare: no layer was chosen.*SparseLinear layers"):
+        assert cast.prepare(model) == []
+
+
+def test_decay_budget_refuses_settings_adams_would():
+    """A negative lr or decay, NaN, a beta of 1 or no weights gave verdicts (of 164%, "nan%",
+    or "OK" for no weights at all); a 0-d tensor lr (AdamS takes one) raised inside torch."""
+    model = nn.Sequential(nn.Linear(16, 32))
+    cast.prepare(model)
+    bad = [
+        ({"lr_schedule": -3e-4}, r"the lr of step 0 is -0\.0003"),
+        ({"lr_schedule": [3e-4] * 5 + [math.nan] * 5}, r"the lr of step 5 is nan"),
+        ({"decay": -1e-3}, r"decay must be finite and >= 0"),
+        ({"decay": math.nan}, r"decay must be finite and >= 0, got nan"),
+        ({"betas": (1.0, 0.95)}, r"betas\[0\] must be finite and in \[0, 1\)"),
+        ({"model_or_params": []}, r"no weights given"),
+    ]
+    base = {"model_or_params": model, "lr_schedule": 3e-4, "decay": 1e-3}
+    for kw, needle in bad:
+        with pytest.raises(ValueError, match=r"cast_ext\.cast\.decay_budget: " + needle):
+            cast.decay_budget(**{**base, **kw}, total_steps=10, warn=False)
+    lr = torch.tensor(3e-4)
+    tensor_lr = cast.decay_budget(model, lr, 10, decay=1e-3, warn=False)
+    assert tensor_lr == cast.decay_budget(model, float(lr), 10, decay=1e-3, warn=False)
+
+
+def test_distill_loss_and_train_refuse_malformed_inputs_clearly():
+    with pytest.raises(ValueError, match=r"distill_loss: student_logits of shape \[2, 3, 0\]"):
+        cast.distill_loss(torch.randn(2, 3, 0), None, torch.zeros(2, 3, dtype=torch.long), eta=0)
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"train: micro-batch 0 of step 0 is torch\.int64 of"):
+        cast.train(model, opt, [ids(seed=1)[0]], total_steps=1, progress=False)
+
+
 def test_prepare_train_and_finalize_a_layer_of_no_outputs():
     """``nn.Linear(8, 0)``: prepare raised torch's reshape error after attaching the scaling to
     the layers before it (so a retry said "already prepared")."""
@@ -981,7 +1051,39 @@ def test_train_stops_before_a_non_finite_step_and_when_batches_run_out():
     assert float(opt.state[w]["step"]) == 1.0
     assert all(bool(torch.isfinite(t).all()) for t in before)
     with pytest.raises(ValueError, match=r"batches ran out at step 2 \(micro-batch 0\) of 4"):
-        cast.train(model, opt, [good, good], **kw)
+        cast.train(model, opt, [good], start_step=1, **kw)
+
+
+def test_train_refuses_a_setup_that_would_train_something_else():
+    """Each of these ran without a word: the student as its own teacher (KL 0), a WarmupCosine
+    as lr_lambda (lr squared), an optimizer over another model (the student never moved) or
+    built before prepare (the replaced weights stepped, the scales never), and a resume whose
+    optimizer had not taken start_step steps (alpha recorded from start_step, the ramp
+    restarted). Refused before the schedule touches the optimizer's lr."""
+    model = tiny_llama()
+    early = cast_ext.AdamS(model.parameters(), lr=1e-3, total_steps=4)  # before prepare
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-3, total_steps=4)
+    other = cast_ext.AdamS(tiny_llama().parameters(), lr=1e-3, total_steps=4)
+    sched = cast.warmup_cosine(1e-3, 4, warmup_steps=1)
+    kw = {"total_steps": 4, "progress": False, "health_every": 0}
+    cases = [
+        ({"optimizer": opt, "teacher": model}, r"teacher is the model itself"),
+        ({"optimizer": opt, "lr_lambda": sched}, r"WarmupCosine gives lrs: pass sched\.factor"),
+        ({"optimizer": other}, r"holds none of the model's parameters"),
+        ({"optimizer": early}, r"lacks \d+ prepared weight\(s\) or scale\(s\) .*param_groups"),
+        ({"optimizer": opt, "start_step": 2}, r"start_step=2, but .* taken no steps"),
+    ]
+    for extra, needle in cases:
+        lrs = [g["lr"] for g in extra["optimizer"].param_groups]
+        with pytest.raises(ValueError, match=r"cast_ext\.cast\.train: .*" + needle):
+            cast.train(model, batches=[ids(seed=1)] * 4, **extra, **kw)
+        assert [g["lr"] for g in extra["optimizer"].param_groups] == lrs
+        assert not extra["optimizer"].state
+    cast.train(model, opt, [ids(seed=1)], stop_step=1, **kw)
+    with pytest.raises(ValueError, match=r"start_step=0, but .* taken \[1\] steps"):
+        cast.train(model, opt, [ids(seed=1)] * 4, **kw)
+    cast.train(model, opt, [ids(seed=1)] * 3, start_step=1, **kw)
 
 
 def test_train_autocast_runs_the_forwards_under_it_also_inside_an_outer_block():
@@ -1104,9 +1206,11 @@ def test_train_without_steps_records_health_once(tmp_path):
     model = tiny_llama()
     cast.prepare(model)
     opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=4)
+    kw = {"total_steps": 4, "stop_step": 2, "progress": False}
+    cast.train(model, opt, [ids(seed=1)] * 2, health_every=0, **kw)  # the optimizer at step 2
     log = tmp_path / "log.jsonl"
     res = cast.train(
-        model, opt, [], total_steps=4, start_step=2, stop_step=2, progress=False,
+        model, opt, [], start_step=2, **kw,
         eval_fn=lambda m: {"x": 1.0}, log_path=log,
     )  # fmt: skip
     assert [r["step"] for r in res.health] == [2] and [r["step"] for r in res.evals] == [2]

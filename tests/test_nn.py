@@ -1120,3 +1120,17 @@ def test_the_derived_weight_cache_keeps_no_replaced_buffers_alive() -> None:
     del swapped
     gc.collect()
     assert ref() is None
+
+
+def test_to_sparse_refuses_a_prepared_model_before_finalize() -> None:
+    """A prepared (not finalized) model: the default rule left every layer dense with a warning
+    that named the wrong reason, and a filter_fn made fresh magnitude masks of A * W, not the
+    optimizer's."""
+    from cast_ext import cast
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 8))
+    cast.prepare(model)
+    for kw in ({}, {"filter_fn": lambda name, m: True}):
+        with pytest.raises(ValueError, match=r"2 layer\(s\) \('0', '2'\) carry CAST's weight"):
+            to_sparse(model, **kw)
+        assert all(hasattr(model[i], "parametrizations") for i in (0, 2))
