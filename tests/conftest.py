@@ -217,3 +217,21 @@ def distill_inf_inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor,
     s[6, 5] = s[6, 33] = t[7, 2] = t[7, 38] = nan
     y[0], y[2], y[4] = 0, 7, 9
     return s.to(device), t.to(device), y.to(device)
+
+
+def tiny_llama(vocab: int, tied: bool = True) -> torch.nn.Module:
+    """A random 2-layer LLaMA (hidden 32, MLP 64, 4 heads, 2 KV heads) in eval mode; needs
+    transformers."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()

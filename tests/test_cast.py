@@ -17,6 +17,7 @@ import tarfile
 import warnings
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from conftest import requires_cuda
@@ -32,17 +33,7 @@ VOCAB = 96
 
 
 def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return conftest.tiny_llama(VOCAB)
 
 
 def tiny_gpt2() -> nn.Module:

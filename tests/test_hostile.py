@@ -239,6 +239,21 @@ def optim_nan_weight_at_refresh() -> Made:
     return opt.step, opt_tensors(model, opt)
 
 
+def stepped_like_twins(ps: list[nn.Parameter], twins: list[nn.Parameter]) -> list[AdamS]:
+    """Three AdamS steps of ``ps`` and of ``twins`` (their contiguous copies) on the same
+    gradients; then the two must be equal bit for bit. Returns the two optimizers."""
+    opts = [AdamS(x, lr=1e-2, decay=1e-2, total_steps=10) for x in (ps, twins)]
+    for a, b in zip(ps, twins, strict=True):
+        a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.dim()))
+        b.grad = a.grad.clone()
+    for _ in range(3):
+        for o in opts:
+            o.step()
+    for a, b in zip(ps, twins, strict=True):
+        assert torch.equal(a, b)
+    return opts
+
+
 def optim_noncontiguous_param() -> Made:
     """A column-major sparse param and a channels_last conv weight step as their contiguous
     twins do (a contiguous copy stepped and copied back), bit for bit."""
@@ -247,17 +262,9 @@ def optim_noncontiguous_param() -> Made:
     ps = [nn.Parameter(w.clone()), nn.Parameter(conv.to(memory_format=torch.channels_last))]
     twins = [nn.Parameter(w.contiguous()), nn.Parameter(conv.clone())]
     assert not ps[0].is_contiguous() and not ps[1].is_contiguous()
-    opts = [AdamS(x, lr=1e-2, decay=1e-2, total_steps=10) for x in (ps, twins)]
-    for a, b in zip(ps, twins, strict=True):
-        a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.dim()))
-        b.grad = a.grad.clone()
 
     def run() -> None:
-        for _ in range(3):
-            for o in opts:
-                o.step()
-        for a, b in zip(ps, twins, strict=True):
-            assert torch.equal(a, b)
+        opts = stepped_like_twins(ps, twins)
         assert ps[1].is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(opts[0].mask(ps[0]), opts[1].mask(twins[0]))
 
@@ -286,19 +293,7 @@ def optim_interleaved_params() -> Made:
     buf = torch.randn(8, 32)
     ps = [nn.Parameter(buf[:, 0::2]), nn.Parameter(buf[:, 1::2])]
     twins = [nn.Parameter(p.detach().clone()) for p in ps]
-    opts = [AdamS(x, lr=1e-2, decay=1e-2, total_steps=10) for x in (ps, twins)]
-    for a, b in zip(ps, twins, strict=True):
-        a.grad = torch.randn(a.shape)
-        b.grad = a.grad.clone()
-
-    def run() -> None:
-        for _ in range(3):
-            for o in opts:
-                o.step()
-        for a, b in zip(ps, twins, strict=True):
-            assert torch.equal(a, b)
-
-    return run, []
+    return lambda: stepped_like_twins(ps, twins), []
 
 
 def optim_noncontiguous_grad() -> Made:

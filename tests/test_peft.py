@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tol
+from conftest import tiny_llama, tol
 from torch import Tensor, nn
 
 from cast_ext import ops
@@ -332,18 +332,8 @@ def test_tiny_llama() -> None:
     """A LLaMA after to_sparse: LoRA on its 14 SparseLinear projections and on the lm_head that
     to_sparse left dense; at init the sparse model's logits; then loss and gradients as PEFT's
     LoRA on the dense twin, and training lowers the loss."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    pytest.importorskip("transformers")
+    model = tiny_llama(64, tied=False)
     with torch.no_grad():
         for name, lin in model.named_modules():
             if isinstance(lin, nn.Linear) and name != "lm_head":
