@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
 from .nn import _adapter_modules, _excluded_weights, _is_conv1d, _param_holders
-from .optim import DTensor, _assemble, _local, _over_shards, _shard_dim
+from .optim import AdamS, DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
     "DecayBudget",
@@ -441,6 +441,13 @@ def prepare(
             stacklevel=2,
         )
     _refuse_unscalable(model, chosen)
+    built_in_inference = [name for name, module, *_ in chosen if module.weight.is_inference()]
+    if built_in_inference:
+        raise ValueError(
+            f"cast_ext.cast.prepare: {built_in_inference[0]}.weight is an inference tensor (the "
+            "model was built or loaded under torch.inference_mode), which cannot be trained: "
+            "build it outside inference mode (nothing was changed)"
+        )
     experts = [
         f"{mname}.{pname}".lstrip(".")
         for mname, module in model.named_modules()
@@ -1484,7 +1491,6 @@ def _named_layers(model: nn.Module) -> list[tuple[SparseLayer, str]]:
     ]
 
 
-@torch.no_grad()
 def _require_prepared(fn: str, model: nn.Module) -> list[SparseLayer]:
     """``model``'s prepared layers; a ValueError where it has none (never prepared, or already
     finalized), which :func:`finalize` and :func:`export_state_dict` would pass over without a
@@ -1499,6 +1505,7 @@ def _require_prepared(fn: str, model: nn.Module) -> list[SparseLayer]:
     return layers
 
 
+@torch.no_grad()
 def export_state_dict(
     model: nn.Module, optimizer: Any = None, *, prune: bool = True
 ) -> dict[str, Tensor]:
@@ -1876,41 +1883,40 @@ def _check_train_setup(
     silent before: the student as its own teacher (a KL of 0), an optimizer that holds none of
     the model's params or misses its prepared weights and scales (one built before
     :func:`prepare` steps the replaced weights, and the scales never train), a schedule object
-    where a multiplier is expected, and prepared weights whose step counts are not
-    ``start_step`` (a resume without the optimizer's state)."""
+    of lrs where a multiplier is expected, and a resume (``start_step`` > 0) with an AdamS that
+    has no state for the prepared weights (its state not loaded: the decay ramp would restart)."""
     fn = "cast_ext.cast.train"
-    if teacher is not None and teacher is model:
+    if teacher is not None and teacher in (model, getattr(model, "module", None)):
         raise ValueError(f"{fn}: teacher is the model itself; pass a frozen copy (copy.deepcopy)")
-    if isinstance(lr_lambda, WarmupCosine):
+    if isinstance(lr_lambda, WarmupCosine) and lr_lambda.peak_lr != 1.0:
         raise ValueError(
             f"{fn}: lr_lambda is a multiplier of each group's lr; a WarmupCosine gives lrs: "
             "pass sched.factor"
         )
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    params = dict(model.named_parameters())
-    if not any(id(p) in held for p in params.values()):
+    if not any(id(p) in held for p in model.parameters()):
         raise ValueError(f"{fn}: the optimizer holds none of the model's parameters")
     missing = [
-        name
-        for name, p in params.items()
-        if p.requires_grad and id(p) not in held and ".parametrizations.weight." in f".{name}"
+        layer.name
+        for layer in layers
+        if any(t.requires_grad and id(t) not in held for t in (layer.weight, layer.scale))
     ]
     if missing:
         raise ValueError(
-            f"{fn}: the optimizer lacks {len(missing)} prepared weight(s) or scale(s) that "
-            f"require grad ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): "
+            f"{fn}: the optimizer lacks the weight or scale of {len(missing)} prepared layer(s) "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}) that require grad: "
             "build it after cast.prepare, from cast.param_groups(model)"
         )
-    steps = {  # the prepared weights' (every step gives them gradients)
-        int(_full(s["step"]) if isinstance(s["step"], Tensor) else s["step"])
-        for layer in _one_per_weight(layers)
-        if "step" in (s := optimizer.state.get(layer.weight, {}))
-    }
-    if steps - {start_step} or (start_step > 0 and not steps and layers):
+    if (
+        start_step > 0
+        and layers
+        and isinstance(optimizer, AdamS)
+        and not any(optimizer.state.get(layer.weight) for layer in layers)
+    ):
         raise ValueError(
-            f"{fn}: start_step={start_step}, but the optimizer's states have taken "
-            f"{sorted(steps) or 'no'} steps: resume with the optimizer state saved at that step "
-            "(or start_step equal to its steps)"
+            f"{fn}: start_step={start_step}, but the AdamS holds no state for the prepared "
+            "weights: load the optimizer state saved with the checkpoint first (a fresh one "
+            "would restart the decay ramp)"
         )
 
 
@@ -2022,9 +2028,14 @@ def train(
         FloatingPointError: a step's loss or gradient norm is not finite; raised before that
             step's ``optimizer.step()``, so the weights and the optimizer state are those of
             the step before (the gradients are left for inspection; the next call clears them).
-        ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``;
-            health records asked for while the optimizer's groups of sparse weights have
-            different ``total_steps`` (no one ``alpha`` to record).
+        ValueError: bad step bounds or ``grad_accum``; ``batches`` ran out before ``stop_step``
+            or yielded something other than ``[B, L]`` integer ids; health records asked for
+            while the optimizer's groups of sparse weights have different ``total_steps`` (no
+            one ``alpha`` to record); before anything changes, a setup that would train
+            something else: ``teacher`` is the model, ``lr_lambda`` a :class:`WarmupCosine`
+            of lrs (pass its ``factor``), an optimizer holding none of the model's params or
+            missing prepared weights or scales that require grad, or a resume
+            (``start_step`` > 0) with an AdamS holding no state for the prepared weights.
     """
     if grad_accum < 1:
         raise ValueError(f"cast_ext.cast.train: grad_accum must be >= 1, got {grad_accum}")
