@@ -1160,7 +1160,8 @@ def decay_budget(
         ValueError: ``total_steps`` < 1, a model without prepared layers or no weights, an lr
             that is negative or not finite, or a setting outside AdamS's rules (``decay`` or
             ``eps`` < 0, a beta outside [0, 1), NaN).
-        TypeError: ``lr_schedule`` is none of the above (a torch LR scheduler, say).
+        TypeError: ``lr_schedule`` is none of the above (a torch LR scheduler, say), or a
+            setting is not a number.
     """
     if not (isinstance(total_steps, int) and total_steps >= 1):
         raise ValueError(
@@ -1184,7 +1185,14 @@ def decay_budget(
             f"{type(lr_schedule).__name__}"
         )
     fn = "cast_ext.cast.decay_budget"
-    b1, b2 = betas
+    try:
+        b1, b2 = (float(b) for b in betas)
+        decay, eps, target_ratio = float(decay), float(eps), float(target_ratio)
+        grad_rms = None if grad_rms is None else float(grad_rms)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{fn}: decay, betas (two), eps, target_ratio and grad_rms must be numbers ({e})"
+        ) from e
     for what, val, ok, rule in (
         ("decay", decay, decay >= 0.0, ">= 0"),
         ("betas[0]", b1, 0.0 <= b1 < 1.0, "in [0, 1)"),

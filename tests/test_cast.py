@@ -636,6 +636,8 @@ def test_decay_budget_refuses_settings_adams_would():
     for kw, needle in bad:
         with pytest.raises(ValueError, match=r"cast_ext\.cast\.decay_budget: " + needle):
             cast.decay_budget(**{**base, **kw}, total_steps=10, warn=False)
+    with pytest.raises(TypeError, match=r"decay_budget: decay, betas \(two\), eps, .* numbers"):
+        cast.decay_budget(**{**base, "decay": None}, total_steps=10, warn=False)
     lr = torch.tensor(3e-4)
     tensor_lr = cast.decay_budget(model, lr, 10, decay=1e-3, warn=False)
     assert tensor_lr == cast.decay_budget(model, float(lr), 10, decay=1e-3, warn=False)
