@@ -328,6 +328,8 @@ def test_register_takes_lora_configs_only() -> None:
         register(peft.IA3Config(target_modules=["up"]))
 
 
+# peft 0.21.2 calls transformers 5's deprecated is_gradient_checkpointing
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_tiny_llama() -> None:
     """A LLaMA after to_sparse: LoRA on its 14 SparseLinear projections and on the lm_head that
     to_sparse left dense; at init the sparse model's logits; then loss and gradients as PEFT's
