@@ -1030,14 +1030,9 @@ def to_sparse(
         ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
         linear layer itself.
     """
-    scaled = [  # cast.prepare's WeightScale (cast_ext.cast imports this module: by name)
-        name or "(the model)"
-        for name, m in model.named_modules()
-        if any(
-            type(p).__name__ == "WeightScale"
-            for p in getattr(getattr(m, "parametrizations", None), "weight", ())
-        )
-    ]
+    from .cast import sparse_layers  # here: cast_ext.cast imports this module
+
+    scaled = [layer.name or "(the model)" for layer in sparse_layers(model)]
     if scaled:
         raise ValueError(
             f"cast_ext.nn.to_sparse: {len(scaled)} layer(s) ({', '.join(map(repr, scaled[:3]))}"
