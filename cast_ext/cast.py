@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .nn import _adapter_modules, _excluded_weights, _is_conv1d, _param_holders
+from .nn import SparseLinear, _adapter_modules, _excluded_weights, _is_conv1d, _param_holders
 from .optim import AdamS, DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
@@ -424,7 +424,7 @@ def prepare(
             )
         chosen.append((name, module, kind, out_f, in_f))
     if not chosen:
-        frozen = any(type(m).__name__ == "SparseLinear" for m in model.modules())
+        frozen = any(isinstance(m, SparseLinear) for m in model.modules())
         warnings.warn(
             "cast_ext.cast.prepare: no layer was chosen"
             + (
@@ -1668,11 +1668,14 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
                 "optimizer) instead (DTensors laid out like the params; full_tensor() gathers "
                 "each) and load it into the unsharded model"
             )
-    # Every layer's mask first, so that a refusal (a NaN weight without an optimizer mask, an
-    # optimizer mask of the wrong shape) names its layer and leaves the whole model unchanged.
+    # Per stored weight, every new weight is made before any layer changes, so that a refusal
+    # (a NaN weight without an optimizer mask, an optimizer mask of the wrong shape) names its
+    # layer and leaves the whole model unchanged: the old weight (kept alive, so that its id
+    # stays its own), the new Parameter every layer holding it gets, and the report's figures.
+    done: dict[int, tuple[Tensor, nn.Parameter, dict[str, Any]]] = {}
     for layer in _one_per_weight(layers):
         try:
-            _layer_mask(layer, optimizer)
+            mask, source = _layer_mask(layer, optimizer)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError) as e:
@@ -1680,32 +1683,27 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
             raise kind(
                 f"cast_ext.cast.finalize: layer {layer.name!r}: {e} (nothing was changed)"
             ) from e
+        # the new weight may be trained on: never an inference tensor
+        with torch.inference_mode(False), torch.no_grad():  # in this order: no grad
+            final = _scaled_weight(layer)
+            a = final.abs()
+            total = float(a.sum())
+            removed = float(a.masked_fill_(mask, 0.0).sum())
+            final.masked_fill_(~mask, 0.0)
+            nnz_per_group = (final != 0).reshape(-1, _M).sum(-1)
+            figures = {
+                "exactly_24": bool((nnz_per_group <= _N).all()),
+                "nonzero_share": float(nnz_per_group.sum()) / max(final.numel(), 1),
+                "pruned_magnitude_share": removed / total if total else 0.0,
+                "mask_source": source,
+            }
+            del a, mask
+            stored = _as_stored(layer, final)
+        new = nn.Parameter(stored, requires_grad=layer.weight.requires_grad)
+        done[id(layer.weight)] = (layer.weight, new, figures)
     reports = []
-    # per stored weight (kept alive, so that its id stays its own): the new Parameter every
-    # layer holding it gets, and the report's figures
-    done: dict[int, tuple[Tensor, nn.Parameter, dict[str, Any]]] = {}
     for layer in layers:
         module = layer.module
-        if id(layer.weight) not in done:
-            mask, source = _layer_mask(layer, optimizer)
-            # the new weight may be trained on: never an inference tensor
-            with torch.inference_mode(False), torch.no_grad():  # in this order: no grad
-                final = _scaled_weight(layer)
-                a = final.abs()
-                total = float(a.sum())
-                removed = float(a.masked_fill_(mask, 0.0).sum())
-                final.masked_fill_(~mask, 0.0)
-                nnz_per_group = (final != 0).reshape(-1, _M).sum(-1)
-                figures = {
-                    "exactly_24": bool((nnz_per_group <= _N).all()),
-                    "nonzero_share": float(nnz_per_group.sum()) / max(final.numel(), 1),
-                    "pruned_magnitude_share": removed / total if total else 0.0,
-                    "mask_source": source,
-                }
-                del a
-                stored = _as_stored(layer, final)
-            new = nn.Parameter(stored, requires_grad=layer.weight.requires_grad)
-            done[id(layer.weight)] = (layer.weight, new, figures)
         _, new, figures = done[id(layer.weight)]
         # parametrize keeps the weight's property on the module's generated class, which a
         # deepcopy of the model shares: removing it there would strip the copy (or the
