@@ -257,23 +257,28 @@ def _share_elements(
     return bool(marker.as_strided(b[1], b[2], b[0] - lo).any())
 
 
-def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
+def _check_param_memory(params: list[tuple[Tensor, int, int]]) -> None:
     """Refuse, before anything is written, a param the step cannot update in place: one whose
     elements overlap (an ``expand()`` ed or zero-stride view), or two that share elements. The
     kernel refuses contiguous tensors that share memory within its call, but it steps a
     non-contiguous param through a contiguous copy, and each (device, dtype) bucket is its own
-    call. ``params``: (the param, its local tensor, where it is) for every param to be stepped.
-    Layouts only (shapes, strides, offsets; results cached): no data is read."""
-    by_storage: dict[tuple[torch.device, int], list[tuple[int, int, Tensor, Tensor, str]]] = (
+    call. ``params``: (the param, its group's index, its index there) for every param to be
+    stepped. Layouts only (shapes, strides, offsets; results cached): no data is read."""
+
+    def describe(p: Tensor, gi: int, pi: int) -> str:
+        return _describe(p, f"{pi} of group {gi} ")
+
+    by_storage: dict[tuple[torch.device, int], list[tuple[int, int, Tensor, Tensor, int, int]]] = (
         defaultdict(list)
     )
-    for p, t, where in params:
+    for p, gi, pi in params:
+        t = _local(p)
         if t.numel() == 0 or t.device.type == "meta" or isinstance(t, FakeTensor):
             continue  # no memory
         contiguous = t.is_contiguous()
         if not contiguous and _self_overlapping(tuple(t.shape), t.stride()):
             raise RuntimeError(
-                f"cast_ext.AdamS: {_describe(p, where)} has elements that share memory (an "
+                f"cast_ext.AdamS: {describe(p, gi, pi)} has elements that share memory (an "
                 "expand()ed or zero-stride view): an in-place step would write one element "
                 "several times; nothing was stepped"
             )
@@ -281,15 +286,15 @@ def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
         begin = t.storage_offset() * n
         end = begin + (t.numel() if contiguous else _extent(tuple(t.shape), t.stride())) * n
         key = (t.device, t.data_ptr() - begin)  # the storage's address
-        by_storage[key].append((begin, end, p, t, where))
+        by_storage[key].append((begin, end, p, t, gi, pi))
     for spans in by_storage.values():
         if len(spans) < 2:
             continue
         spans.sort(key=lambda s: s[0])
-        active: list[tuple[int, int, Tensor, Tensor, str]] = []
-        for begin, end, p, t, where in spans:
+        active: list[tuple[int, int, Tensor, Tensor, int, int]] = []
+        for begin, end, p, t, gi, pi in spans:
             active = [a for a in active if a[1] > begin]
-            for _, _, q, u, qwhere in active:
+            for _, _, q, u, qgi, qpi in active:
                 # The byte ranges meet. Dense tensors fill theirs, so they share memory;
                 # otherwise (gaps: views interleaved) their elements are compared.
                 shared = t.dtype != u.dtype or (_dense(t) and _dense(u))
@@ -300,11 +305,11 @@ def _check_param_memory(params: list[tuple[Tensor, Tensor, str]]) -> None:
                     )
                 if shared:
                     raise RuntimeError(
-                        f"cast_ext.AdamS: {_describe(p, where)} shares memory with "
-                        f"{_describe(q, qwhere)}: each param the step writes must have memory "
+                        f"cast_ext.AdamS: {describe(p, gi, pi)} shares memory with "
+                        f"{describe(q, qgi, qpi)}: each param the step writes must have memory "
                         "of its own; nothing was stepped"
                     )
-            active.append((begin, end, p, t, where))
+            active.append((begin, end, p, t, gi, pi))
 
 
 def _check_sparse(sparse: Any, params: Sequence[Tensor], m: int, gi: int) -> None:
@@ -770,6 +775,7 @@ class AdamS(torch.optim.Optimizer):
         fn = reference.adams_step_ if self.impl == "reference" else ops.adams_step_
         # Every param is checked before any is stepped: a bad one leaves all unchanged.
         work: list[tuple[dict[str, Any], torch.device, bool, list[Tensor]]] = []
+        stepped: list[tuple[Tensor, int, int]] = []  # (param, group, index) for the memory check
         for gi, group in enumerate(self.param_groups):
             if all(p.grad is None for p in group["params"]):
                 continue
@@ -792,16 +798,10 @@ class AdamS(torch.optim.Optimizer):
                 sparse = _param_is_sparse(p, group)
                 _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 buckets[(p.device, p.dtype, sparse)].append(p)
+                stepped.append((p, gi, pi))
             work += [(group, device, sparse, ps) for (device, _, sparse), ps in buckets.items()]
         if not torch.compiler.is_compiling():  # addresses: none while tracing
-            _check_param_memory(
-                [
-                    (p, _local(p), f"{pi} of group {gi} ")
-                    for gi, group in enumerate(self.param_groups)
-                    for pi, p in enumerate(group["params"])
-                    if p.grad is not None
-                ]
-            )
+            _check_param_memory(stepped)
         # A kernel call refuses (all its tensors unchanged) a sparse param whose weight has a
         # NaN or Inf at a mask refresh; the calls before it would have stepped. So the sparse
         # buckets go first, and those after the first are checked before any call.

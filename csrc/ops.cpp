@@ -8,8 +8,6 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
-#include <string>
-#include <utility>
 #include <vector>
 
 TORCH_LIBRARY(cast_ext, m) {
@@ -59,18 +57,24 @@ TORCH_LIBRARY(cast_ext, m) {
 
 namespace {
 
-// The tensors adams_step_ writes (its Tensor(x!)[] arguments), each with its name for errors.
-std::vector<std::pair<std::string, at::Tensor>> written_tensors(const c10::OperatorHandle& op,
-                                                                const torch::jit::Stack& stack) {
+// A tensor adams_step_ writes (one of its Tensor(x!)[] arguments): the argument and the index
+// there name it in errors (built only when one is raised: a step reads no string).
+struct Written {
+  const c10::Argument* arg;
+  size_t index;
+  at::Tensor tensor;
+};
+
+std::vector<Written> written_tensors(const c10::OperatorHandle& op,
+                                     const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
   const size_t start = stack.size() - args.size();
-  std::vector<std::pair<std::string, at::Tensor>> out;
+  std::vector<Written> out;
   for (size_t i = 0; i < args.size(); ++i) {
     const c10::AliasInfo* alias = args[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
     const c10::List<at::Tensor> list = stack[start + i].toTensorList();
-    for (size_t j = 0; j < list.size(); ++j)
-      out.emplace_back(args[i].name() + "[" + std::to_string(j) + "]", list.get(j));
+    for (size_t j = 0; j < list.size(); ++j) out.push_back({&args[i], j, list.get(j)});
   }
   return out;
 }
@@ -81,9 +85,9 @@ std::vector<std::pair<std::string, at::Tensor>> written_tensors(const c10::Opera
 void adams_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                          torch::jit::Stack* stack) {
   if (c10::GradMode::is_enabled()) {
-    for (const auto& [name, t] : written_tensors(op, *stack))
-      TORCH_CHECK(!t.requires_grad(), "cast_ext.adams_step_: ", name,
-                  " requires grad and would be written in place with grad mode on; call it "
+    for (const Written& w : written_tensors(op, *stack))
+      TORCH_CHECK(!w.tensor.requires_grad(), "cast_ext.adams_step_: ", w.arg->name(), "[", w.index,
+                  "] requires grad and would be written in place with grad mode on; call it "
                   "under torch.no_grad() (AdamS.step does)");
   }
   at::AutoDispatchBelowAutograd guard;
@@ -96,18 +100,19 @@ void adams_step_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
 // a backward through a weight the step changed, as after torch.optim.Adam's step.
 void adams_step_inplace(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
                         torch::jit::Stack* stack) {
-  const auto written = written_tensors(op, *stack);
+  const std::vector<Written> written = written_tensors(op, *stack);
   const bool inference = c10::InferenceMode::is_enabled();
-  for (const auto& [name, t] : written)
-    TORCH_CHECK(!t.is_inference() || inference, "cast_ext.adams_step_: ", name,
-                " is an inference tensor, which cannot be written in place outside "
+  for (const Written& w : written)
+    TORCH_CHECK(!w.tensor.is_inference() || inference, "cast_ext.adams_step_: ", w.arg->name(), "[",
+                w.index,
+                "] is an inference tensor, which cannot be written in place outside "
                 "torch.inference_mode()");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const auto& [name, t] : written)
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const Written& w : written)
+    if (!w.tensor.is_inference()) w.tensor.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
