@@ -19,6 +19,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -177,6 +178,64 @@ def _extensions():
     ]
 
 
+def elf_needed(path: str) -> list[str] | None:
+    """The DT_NEEDED entries (shared libraries) of a 64-bit little-endian ELF file, or None when
+    the file is not one (another platform's format)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+    ]
+    needed = []
+    for _, kind, _, _, offset, size, link, _, _, _ in sections:
+        if kind != 6:  # SHT_DYNAMIC; its sh_link is the string table of the names
+            continue
+        strtab = sections[link][4]
+        for tag, value in struct.iter_unpack("<qQ", data[offset : offset + size]):
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab + value)
+                needed.append(data[strtab + value : end].decode())
+    return needed
+
+
+def check_shared_libstdcxx(path: str) -> None:
+    """Exit with the reason when the built extension holds its own copy of libstdc++.
+
+    A toolchain that links libstdc++ statically (the H200 image's /opt/gcc does) builds an
+    extension that imports and computes, then crashes the process at the first error message
+    or stream it formats: a second C++ runtime beside the one torch loaded (a segfault in
+    std::ostream inside _C.so, 2026-11-30).
+    """
+    needed = elf_needed(path)
+    if needed is None or any(n.startswith("libstdc++.so") for n in needed):
+        return
+    cxx = os.environ.get("CXX", "c++")
+    Path(path).unlink()
+    sys.exit(
+        f"setup.py: the C++ compiler ({cxx}) linked libstdc++ statically into {Path(path).name} "
+        "(it needs no libstdc++.so): its own copy of the C++ runtime beside torch's crashes the "
+        "process at the first error message it formats. Build with a compiler that links "
+        "libstdc++ as a shared library, for example CC=/usr/bin/gcc CXX=/usr/bin/g++ (set both: "
+        "nvcc's host compiler follows CC). The file was removed."
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        def build_extension(self, ext) -> None:
+            super().build_extension(ext)
+            check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+
+    return Build.with_options(use_ninja=True)
+
+
 # Commands that only write metadata or a source archive: no compiler, no torch needed.
 _METADATA_ONLY = {"sdist", "egg_info", "dist_info", "--name", "--version", "--help", "clean"}
 
@@ -187,7 +246,7 @@ def main() -> None:
     ext: dict = {}
     if not _METADATA_ONLY.intersection(sys.argv[1:]):
         try:
-            from torch.utils.cpp_extension import BuildExtension
+            import torch.utils.cpp_extension  # noqa: F401
         except ImportError:
             sys.exit(
                 "setup.py: cast_ext builds against the torch you run: install torch first (a CUDA "
@@ -196,7 +255,7 @@ def main() -> None:
             )
         ext = {
             "ext_modules": _extensions(),
-            "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)},
+            "cmdclass": {"build_ext": _build_ext()},
         }
     setup(
         name="cast_ext",

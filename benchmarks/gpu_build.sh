@@ -4,7 +4,10 @@
 #
 # CUDA_HOME: /usr/local/cuda, else wherever nvcc is. TORCH_CUDA_ARCH_LIST, when unset: the first
 # GPU's compute capability from nvidia-smi, +PTX (half the device code of 8.0;9.0+PTX to build),
-# 8.0;9.0+PTX where nvidia-smi cannot tell. MAX_JOBS: every core.
+# 8.0;9.0+PTX where nvidia-smi cannot tell. MAX_JOBS: every core. CC/CXX: kept, unless $CXX links
+# libstdc++ statically (the H200 image sets CC/CXX to such an /opt/gcc, whose build crashed at its
+# first error message and which setup.py refuses): then the system's gcc/g++ where it links it as
+# a shared library.
 if [[ -z "${CUDA_HOME:-}" ]]; then
   CUDA_HOME=/usr/local/cuda
   [[ -x $CUDA_HOME/bin/nvcc ]] || CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")"
@@ -20,6 +23,23 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
 fi
 export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+# True when C++ compiler $1 links libstdc++ as a shared library (a tiny shared object that
+# formats a number, then ldd).
+links_shared_libstdcxx() {
+  local dir rc
+  dir="$(mktemp -d)"
+  printf '#include <sstream>\n#include <string>\nstd::string f(long i) { std::ostringstream s; s << i; return s.str(); }\n' >"$dir/s.cpp"
+  "$1" -shared -fPIC "$dir/s.cpp" -o "$dir/s.so" 2>/dev/null && ldd "$dir/s.so" | grep -q 'libstdc++'
+  rc=$?
+  rm -rf "$dir"
+  return $rc
+}
+if ! links_shared_libstdcxx "${CXX:-c++}" && [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]] &&
+  links_shared_libstdcxx /usr/bin/g++; then
+  echo "gpu_build.sh: ${CXX:-c++} links libstdc++ statically; building with /usr/bin/gcc and /usr/bin/g++" >&2
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
 # The sources' hash, stamped after a build (gpu_build_stamp).
 SOURCES_HASH="$(find csrc setup.py cast_ext/_build.py -type f | sort | xargs sha256sum | sha256sum | cut -c1-16)"
 BUILD_STAMP=build/gpu_build.stamp

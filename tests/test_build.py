@@ -308,3 +308,30 @@ def test_info_reports_the_loaded_cusparselt(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(cast_ext._C, "cslt_runtime_version", lambda: "0.8.0", raising=False)
     line = next(x for x in cli.info_lines() if x.startswith("with_cusparselt"))
     assert "built against cuSPARSELt 0.8.1" in line and "loaded 0.8.0" in line
+
+
+def test_setup_refuses_an_extension_with_its_own_libstdcxx(tmp_path: Path) -> None:
+    """The H200 image's /opt/gcc linked libstdc++ statically into _C.so, which then crashed at
+    its first error message: setup.py reads the built file's shared libraries and refuses it."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no g++")
+    spec = importlib.util.spec_from_file_location("cast_ext_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    src = tmp_path / "s.cpp"
+    src.write_text(
+        "#include <sstream>\n#include <string>\n"
+        "std::string f(long i) { std::ostringstream s; s << i; return s.str(); }\n"
+    )
+    shared, static = tmp_path / "shared.so", tmp_path / "static.so"
+    subprocess.run([cxx, "-shared", "-fPIC", src, "-o", shared], check=True)
+    subprocess.run([cxx, "-shared", "-fPIC", "-static-libstdc++", src, "-o", static], check=True)
+    assert "libstdc++.so.6" in setup.elf_needed(str(shared))
+    assert "libstdc++.so.6" in setup.elf_needed(str(next(ROOT.glob("cast_ext/_C*.so"))))
+    setup.check_shared_libstdcxx(str(shared))
+    assert shared.exists()
+    with pytest.raises(SystemExit, match=r"linked libstdc\+\+ statically into static\.so"):
+        setup.check_shared_libstdcxx(str(static))
+    assert not static.exists()
+    assert setup.elf_needed(str(src)) is None

@@ -338,3 +338,20 @@ def test_gpu_build_sh_builds_for_the_visible_gpu(tmp_path: Path, answer: str):
     env["TORCH_CUDA_ARCH_LIST"] = "8.6"
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "8.6"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/g++").exists(), reason="no /usr/bin/g++")
+def test_gpu_build_sh_replaces_a_compiler_that_links_libstdcxx_statically(tmp_path: Path):
+    """The H200 image's CC/CXX (/opt/gcc) link libstdc++ statically, and that build crashed at its
+    first error message: the GPU scripts then build with the system's gcc/g++; a compiler that
+    links it as a shared library is kept."""
+    static = tmp_path / "static-g++"
+    static.write_text('#!/bin/sh\nexec g++ -static-libstdc++ "$@"\n')
+    static.chmod(0o755)
+    script = "PY=true; source benchmarks/gpu_build.sh; echo $CC $CXX"
+    for cxx, want in ((static, "/usr/bin/gcc /usr/bin/g++"), ("g++", "mycc g++")):
+        env = dict(os.environ, CC="mycc", CXX=str(cxx))
+        out = subprocess.run(
+            ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert out.stdout.strip() == want, out.stderr
