@@ -41,7 +41,9 @@
 # early.
 # Tests run without -x (every failure is reported), kernel tests first and the slow subprocess
 # tests (resume in a fresh process, the demo, the FSDP2 example) last, with a per-test timeout
-# where pytest-timeout is installed. The exit status is 1 if a stage failed or the budget
+# where pytest-timeout is installed, in 8 pytest-xdist workers where it is installed: a test that
+# crashes its process, or leaves a CUDA fault (sticky: tests/conftest.py's _cuda_context_kept
+# then ends the worker), costs one worker, which is replaced, not the rest of the stage. The exit status is 1 if a stage failed or the budget
 # skipped one (a memcheck this machine cannot run is skipped without failing the call).
 #
 # Output (at most 8 files per call, the device tool's limit): suite.log (build, info, tests,
@@ -142,8 +144,9 @@ if [[ "${SUITE_ALLOW_NO_GPU:-0}" != 1 ]] &&
 fi
 
 if [[ "$PART" != bench ]]; then
-  timeout_flag=()
+  timeout_flag=() xdist_flag=()
   py60 -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
+  py60 -c "import xdist" 2>/dev/null && xdist_flag=(-n 8 --max-worker-restart 16)
   # The kernels' tests first (cuSPARSELt's among them), the slow subprocess tests last.
   first=(masks adams distill sparse24_gemm nn optim hostile determinism memory cupy)
   last=(resume demo_gpu_path examples)
@@ -156,7 +159,7 @@ if [[ "$PART" != bench ]]; then
   for f in "${last[@]}"; do files+=("tests/test_$f.py"); done
   # -v: a test per line, so a stage stopped at its limit shows where it was
   run_stage tests_cuda 160 "$PY" -m pytest "${files[@]}" -m cuda -v -rfEs -p no:cacheprovider \
-    "${timeout_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
+    "${timeout_flag[@]}" "${xdist_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
   grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
   # The issues' benchmarks before the memcheck: on a first call the build leaves the least
   # time for the last stage.

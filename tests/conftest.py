@@ -7,6 +7,7 @@ floating results (optimizer states, GEMM outputs), never by skipping an assertio
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -155,6 +156,26 @@ def _grad_mode_kept() -> Iterator[None]:
     after = torch.is_grad_enabled()
     torch.set_grad_enabled(before)
     assert after == before, f"the test left grad mode {after} (was {before})"
+
+
+@pytest.fixture(autouse=True)
+def _cuda_context_kept(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A CUDA fault (an illegal instruction, say) is sticky: every later CUDA call of the process
+    fails. On the H200 (2026-11-30) one fault in a cuSPARSELt call became 43 errors in later tests.
+    After each test, a failed synchronize ends the process: a pytest-xdist worker exits (the
+    test is reported as having crashed it, and a new worker takes the remaining tests); a plain
+    run stops and names the test."""
+    yield
+    if not (CUDA_OK and torch.cuda.is_initialized()):
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # torch.AcceleratorError
+        msg = f"CUDA context broken after {request.node.nodeid}: {str(e).splitlines()[0]}"
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(msg, file=sys.stderr, flush=True)
+            os._exit(3)
+        pytest.exit(msg, returncode=3)
 
 
 def dtype_id(dtype: torch.dtype) -> str:
