@@ -122,7 +122,24 @@ def _adams() -> None:
 
 def _packed_gemm() -> None:
     """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback; each
-    with the meta check and without (no flag: the kernels get nullptr)."""
+    with the meta check and without (no flag: the kernels get nullptr). The fallback is
+    F.linear's cuBLAS call: with torch's default reduced-precision reductions it was 0.5 off the
+    fp32-accumulated reference (H200, [17, 1040] bf16), so they are off here."""
+    matmul = torch.backends.cuda.matmul
+    kept = (
+        matmul.allow_bf16_reduced_precision_reduction,
+        matmul.allow_fp16_reduced_precision_reduction,
+    )
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        _packed_gemm_checks()
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = kept[0]
+        matmul.allow_fp16_reduced_precision_reduction = kept[1]
+
+
+def _packed_gemm_checks() -> None:
     for dt in DTYPES:
         for n, k in ((24, 64), (12, 1040)):
             w = reference.sparse24_prune(torch.randn(n, k, dtype=dt))

@@ -529,8 +529,11 @@ def sparse24_gemm(
     products straight from the packed format; else the weight expanded tile by tile, then dot
     products or torch's GEMM. CUDA: a packed small-M kernel for at most 16 rows and
     ``K % 16 == 0``, else decompress + cuBLAS (the fast CUDA path for large M is
-    :func:`cslt_linear`). NaN/Inf in ``x`` propagate as in ``F.linear`` on the decompressed
-    weight (``0 * NaN`` included).
+    :func:`cslt_linear`). That cuBLAS call is ``F.linear``'s and follows its settings:
+    ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (and the fp16 one),
+    on by default, let cuBLAS add split-K partial sums in 16 bits (H200, x [17, 1040] bf16:
+    0.5 off the fp32-accumulated result, exact with the setting off). NaN/Inf in ``x``
+    propagate as in ``F.linear`` on the decompressed weight (``0 * NaN`` included).
 
     Args:
         x: ``[..., K]``, float32/float16/bfloat16.

@@ -469,14 +469,27 @@ def test_16bit_output_is_rounded_once_to_nearest(
     """fp32 accumulation (bias included) rounded once, to nearest, to the 16-bit dtype: each
     element within half an ulp of the fp64 result plus the fp32 accumulation bound. gemm_tol's
     16-bit bound (1.6e-2 bf16, 1e-3 fp16 of the GEMM's scale) is several ulps wide, so a
-    truncating conversion or a second rounding (the bias added after rounding) passes it."""
+    truncating conversion or a second rounding (the bias added after rounding) passes it. On
+    CUDA more than 16 rows go through F.linear's cuBLAS call, which rounds once only with torch's
+    reduced-precision reductions off (see ops.sparse24_gemm)."""
     lead, n, k = shape
     gen = torch.Generator().manual_seed(7)
     w = ops.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype)).to(device)
     x = torch.randn(*lead, k, generator=gen).to(dtype).to(device)
     b = (torch.randn(n, generator=gen) * 4).to(dtype).to(device) if with_bias else None
     values, meta = ops.sparse24_compress(w)
-    y = cast_ext.sparse24_gemm(x, values, meta, b).double().cpu()
+    matmul = torch.backends.cuda.matmul
+    kept = (
+        matmul.allow_bf16_reduced_precision_reduction,
+        matmul.allow_fp16_reduced_precision_reduction,
+    )
+    matmul.allow_bf16_reduced_precision_reduction = False
+    matmul.allow_fp16_reduced_precision_reduction = False
+    try:
+        y = cast_ext.sparse24_gemm(x, values, meta, b).double().cpu()
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = kept[0]
+        matmul.allow_fp16_reduced_precision_reduction = kept[1]
     x64, w64 = x.double().cpu(), w.double().cpu()
     b64 = None if b is None else b.double().cpu()
     want = F.linear(x64, w64, b64)
