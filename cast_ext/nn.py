@@ -142,6 +142,13 @@ def clear_dispatch_decisions() -> None:
         _GENERATION[0] += 1
 
 
+@torch.compiler.assume_constant_result  # a pybind11 call: torch.compile takes its result as is
+def _cslt_fp16_refusal(index: int) -> str:
+    """Why cuSPARSELt float16 is refused on CUDA device ``index`` ("" where it runs): sm_90 with
+    cuSPARSELt <= 0.8.0 faulted the GPU (csrc/cuda/cusparselt.cpp, fp16_refusal)."""
+    return _C.cslt_fp16_refusal(index)
+
+
 def _cslt_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why cuSPARSELt cannot run an ``[n, k]`` layer of ``dtype`` on ``device`` (None if it can)."""
     if device.type != "cuda":
@@ -150,6 +157,12 @@ def _cslt_reason(n: int, k: int, dtype: torch.dtype, device: torch.device) -> st
         return "this cast_ext was built without cuSPARSELt (CAST_EXT_CUSPARSELT)"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"cuSPARSELt's 2:4 GEMM takes float16/bfloat16, not {dtype}"
+    if dtype == torch.float16:
+        why = _cslt_fp16_refusal(
+            torch.cuda.current_device() if device.index is None else device.index
+        )
+        if why:
+            return why
     if n % 16 or k % 16:
         return f"cuSPARSELt needs in/out features that are multiples of 16, got [{n}, {k}]"
     if n * k > 2**31 - 1:

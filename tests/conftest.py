@@ -189,6 +189,12 @@ requires_cusparselt = pytest.mark.skipif(
 )
 
 
+def cslt_fp16_refusal() -> str:
+    """Why cuSPARSELt float16 is refused on this GPU ("" where it runs: sm_90 with cuSPARSELt
+    <= 0.8.0 faulted the H200, csrc/cuda/cusparselt.cpp's fp16_refusal)."""
+    return cast_ext._C.cslt_fp16_refusal(0) if CUSPARSELT_OK else ""
+
+
 def gemm_tol(dtype: torch.dtype, k: int) -> float:
     """Error bound of a GEMM with fp32 accumulation over k terms, relative to sum |x_i w_i|.
 

@@ -335,3 +335,16 @@ def test_setup_refuses_an_extension_with_its_own_libstdcxx(tmp_path: Path) -> No
         setup.check_shared_libstdcxx(str(static))
     assert not static.exists()
     assert setup.elf_needed(str(src)) is None
+
+
+def test_cslt_fp16_probe_reports_a_failing_case_as_a_row() -> None:
+    """The GPU suite's probe of cuSPARSELt float16 faults: without a GPU it says so; a case whose
+    process fails (here: no CUDA) is a row of the report, never an exception of the probe."""
+    from benchmarks import cslt_fp16_probe as probe
+
+    if not torch.cuda.is_available():
+        assert probe.main([]) == 0
+    row = probe._child("bf16-small-search")
+    assert row["case"] == "bf16-small-search"
+    if not torch.cuda.is_available():
+        assert row["result"] == "error (rc 1)" and row["message"], row

@@ -777,10 +777,10 @@ def test_cuda_packed_layer_checks_its_meta_once_per_weight() -> None:
 
 @requires_cusparselt
 def test_cuda_state_dict_from_cpu_and_cache_rebuild() -> None:
-    sl = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
-    other = SparseLinear.from_dense(linear(64, 32, dtype=torch.float16), mode="sparse", warn=False)
+    sl = SparseLinear.from_dense(linear(64, 32, dtype=torch.bfloat16), mode="sparse", warn=False)
+    other = SparseLinear.from_dense(linear(64, 32, dtype=torch.bfloat16), mode="sparse", warn=False)
     gpu = other.cuda()
-    x = torch.randn(16, 64, device="cuda").half()
+    x = torch.randn(16, 64, device="cuda").bfloat16()
     gpu(x)  # builds the cuSPARSELt buffer of `other`'s weight
     gpu.load_state_dict(sl.state_dict())  # must rebuild it from the loaded values
     close_to_linear(gpu(x), x, sl.dense_weight().cuda(), sl.bias.detach().cuda())

@@ -10,10 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, DTYPES, dtype_id, gemm_tol, requires_cusparselt
+from conftest import (
+    DEVICES,
+    DTYPES,
+    cslt_fp16_refusal,
+    dtype_id,
+    gemm_tol,
+    requires_cusparselt,
+)
+from torch import nn
 
 import cast_ext
 from cast_ext import ops, reference
+from cast_ext.nn import SparseLinear
 
 SHAPES = [  # (leading dims of x, N, K)
     ((1,), 8, 16),
@@ -308,6 +317,20 @@ def test_cslt_ops_on_cpu_say_what_to_use() -> None:
 CSLT_SHAPES = [((1,), 64, 128), ((7,), 128, 64), ((3, 100), 256, 512), ((64,), 32, 64)]
 
 
+def fp16_refused(w: torch.Tensor, x: torch.Tensor) -> bool:
+    """True where this GPU refuses cuSPARSELt float16 and ``w`` is float16, after checking that
+    both ops refuse it before any work, naming the op, the cause and the way out."""
+    if w.dtype != torch.float16 or not cslt_fp16_refusal():
+        return False
+    refused = r"float16 is refused on sm_90 with cuSPARSELt .*CAST_EXT_CSLT_FP16=1"
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_compress: " + refused):
+        ops.cslt_compress(w)
+    fake = torch.zeros(16, dtype=torch.float16, device="cuda")  # never read: refused first
+    with pytest.raises(RuntimeError, match=r"cast_ext\.cslt_linear: " + refused):
+        ops.cslt_linear(x, fake, w.shape[0], w.shape[1])
+    return True
+
+
 @requires_cusparselt
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("shape", CSLT_SHAPES, ids=str)
@@ -317,8 +340,34 @@ def test_cslt_matches_linear(dtype: torch.dtype, shape: tuple, with_bias: bool) 
     w = make_weight(n, k, dtype, "cuda")
     x = torch.randn(*lead, k, device="cuda").to(dtype)
     b = torch.randn(n, device="cuda").to(dtype) if with_bias else None
+    if fp16_refused(w, x):
+        return
     wc = ops.cslt_compress(w)
     check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
+
+
+@requires_cusparselt
+def test_cslt_fp16_refusal_is_sm90_with_cusparselt_up_to_0_8_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the H200 (sm_90, cuSPARSELt 0.8.0) fp16 cslt_linear faulted the GPU: refused there,
+    with CAST_EXT_CSLT_FP16=1 to run it anyway; SparseLinear then keeps fp16 off cuSPARSELt."""
+    version = tuple(int(v) for v in cast_ext._C.cslt_runtime_version().split("."))
+    want = torch.cuda.get_device_capability(0)[0] == 9 and version <= (0, 8, 0)
+    assert bool(cslt_fp16_refusal()) == want
+    if want:
+        layer = SparseLinear.from_dense(nn.Linear(64, 32).half(), mode="sparse", warn=False).cuda()
+        x = torch.randn(16, 64, device="cuda").half()
+        with pytest.raises(RuntimeError, match=r"mode='sparse' but float16 is refused on sm_90"):
+            layer(x)
+        layer.mode = "auto"
+        cast_ext.nn.clear_dispatch_decisions()
+        for _ in range(12):  # every trial, then the decision: never cuSPARSELt
+            check_close(layer(x), x, layer.dense_weight(), layer.bias.detach())
+        assert all(d.choice != "sparse" for d in cast_ext.nn.dispatch_decisions())
+        cast_ext.nn.clear_dispatch_decisions()
+    monkeypatch.setenv("CAST_EXT_CSLT_FP16", "1")
+    assert cslt_fp16_refusal() == ""
 
 
 @requires_cusparselt
@@ -341,10 +390,10 @@ def test_cslt_relu_epilogue_and_no_gelu() -> None:
 def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
     cast_ext._C.cslt_cache_clear(True)
     n, k = 128, 256
-    w = make_weight(n, k, torch.float16, "cuda")
+    w = make_weight(n, k, torch.bfloat16, "cuda")
     wc = ops.cslt_compress(w)
-    x = torch.randn(40, k, device="cuda").half()
-    biases = [torch.randn(n, device="cuda").half() for _ in range(3)]
+    x = torch.randn(40, k, device="cuda").bfloat16()
+    biases = [torch.randn(n, device="cuda").bfloat16() for _ in range(3)]
     for b in biases:  # each bias tensor: its own plan (the bias is fixed in a plan), one search
         check_close(ops.cslt_linear(x, wc, n, k, b), x, w, b)
     info = cast_ext.nn.cslt_cache_info()
@@ -355,7 +404,7 @@ def test_cslt_plan_cache_reuse_and_bias_pointer() -> None:
     info = cast_ext.nn.cslt_cache_info()
     assert (info["plans"], info["hits"], info["searches"]) == (3, 1, 1)
     # Another M in the same bucket (40 -> 64): a new plan, the bucket's algorithm, no search.
-    x2 = torch.randn(60, k, device="cuda").half()
+    x2 = torch.randn(60, k, device="cuda").bfloat16()
     check_close(ops.cslt_linear(x2, wc, n, k, b), x2, w, b)
     info = cast_ext.nn.cslt_cache_info()
     assert (info["plans"], info["misses"], info["searches"]) == (4, 4, 1)
@@ -369,9 +418,9 @@ def test_cslt_plan_built_under_graph_capture_is_searched_at_the_next_eager_call(
     plan is retired, not destroyed)."""
     cast_ext._C.cslt_cache_clear(True)
     n, k = 128, 256
-    w = make_weight(n, k, torch.float16, "cuda")
+    w = make_weight(n, k, torch.bfloat16, "cuda")
     wc = ops.cslt_compress(w)
-    x = torch.randn(32, k, device="cuda").half()
+    x = torch.randn(32, k, device="cuda").bfloat16()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = ops.cslt_linear(x, wc, n, k)
@@ -433,8 +482,10 @@ def test_cslt_each_algorithm_on_the_compressed_weight(dtype: torch.dtype) -> Non
     of every test after it."""
     n, k, m = 256, 512, 64
     w = make_weight(n, k, dtype, "cuda")
-    wc = ops.cslt_compress(w)
     x = torch.randn(m, k, device="cuda").to(dtype)
+    if fp16_refused(w, x):
+        return
+    wc = ops.cslt_compress(w)
     cast_ext._C.cslt_cache_clear(True)
     check_close(ops.cslt_linear(x, wc, n, k), x, w, None)  # the searched (checked) winner
     info = cast_ext.nn.cslt_cache_info()

@@ -47,6 +47,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
@@ -203,6 +204,39 @@ void check_dims(const char* op, int64_t n, int64_t k) {
              " (use the packed cast_ext.sparse24_gemm, or a dense layer, for other shapes)");
   CAST_CHECK(n <= kMaxElems / k, op, "a weight [", n, ", ", k, "] has more elements than ",
              "cuSPARSELt's limit of 2^31-1 per matrix (16-bit types); split the layer");
+}
+
+// Why fp16 is refused on `device` ("" where it runs). cuSPARSELt 0.8.0 on sm_90 (the H200,
+// 2026-11-30): fp16 cslt_linear faulted the GPU (an illegal instruction during
+// cusparseLtMatmulSearch; every later CUDA call of the process then failed) on shapes where bf16
+// ran. Refused on sm_90 with cuSPARSELt <= 0.8.0 until a run isolates the fault;
+// CAST_EXT_CSLT_FP16=1 lets it run (benchmarks/cslt_fp16_probe.py sets it, one case per process).
+std::string fp16_refusal(int device) {
+  const int count = c10::cuda::device_count();
+  CAST_CHECK(device >= 0 && device < count, "cslt_fp16_refusal", "device ", device,
+             " is not a visible CUDA device (", count, " visible)");
+  const char* env = std::getenv("CAST_EXT_CSLT_FP16");
+  if (env != nullptr && std::string(env) == "1") return "";
+  if (at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->major != 9) return "";
+  int major = 0, minor = 0, patch = 0;
+  if (cusparseLtGetProperty(MAJOR_VERSION, &major) != CUSPARSE_STATUS_SUCCESS ||
+      cusparseLtGetProperty(MINOR_VERSION, &minor) != CUSPARSE_STATUS_SUCCESS ||
+      cusparseLtGetProperty(PATCH_LEVEL, &patch) != CUSPARSE_STATUS_SUCCESS ||
+      major * 1000 + minor * 100 + patch > 800) {
+    return "";
+  }
+  return "float16 is refused on sm_90 with cuSPARSELt " + std::to_string(major) + "." +
+         std::to_string(minor) + "." + std::to_string(patch) +
+         ": there (an H200, 2026-11-30) an fp16 cslt_linear faulted the GPU, an illegal "
+         "instruction in cuSPARSELt's algorithm search after which every CUDA call of the "
+         "process failed, where bfloat16 ran. Use bfloat16 (or the packed "
+         "cast_ext.sparse24_gemm), or set CAST_EXT_CSLT_FP16=1 to run it anyway";
+}
+
+void check_fp16(const char* op, cudaDataType t, int device) {
+  if (t != CUDA_R_16F) return;
+  const std::string why = fp16_refusal(device);
+  CAST_CHECK(why.empty(), op, why);
 }
 
 // ---- plans -----------------------------------------------------------------------------------
@@ -653,6 +687,7 @@ at::Tensor cslt_compress_cuda(const at::Tensor& w_in) {
                "prune it first (cast_ext.sparse24_prune)");
   }
   const int device = w.get_device();
+  check_fp16(op, t, device);
   std::lock_guard<std::mutex> lk(g_mu);  // the sizes cache and the handle (see cslt_linear_cuda)
   const auto sz = sizes_locked(op, device, n, k, t);
   cusparseLtHandle_t* h = handle_for(op, device);
@@ -696,6 +731,7 @@ at::Tensor cslt_linear_cuda(const at::Tensor& x_in, const at::Tensor& wc_in, int
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int device = x_in.get_device();
+  check_fp16(op, t, device);
   cusparseLtHandle_t* h;
   size_t wc_bytes = 0;  // what cslt_compress wrote
   {
@@ -787,6 +823,9 @@ struct PlanInfo {
 
 void bind(pybind11::module& m) {
   namespace py = pybind11;
+  m.def(
+      "cslt_fp16_refusal", [](int device) { return fp16_refusal(device); }, py::arg("device"),
+      "Why cslt_compress/cslt_linear refuse float16 on this CUDA device (\"\" where they run).");
   m.def(
       "_cslt_compressed_size",
       [](int64_t n, int64_t k, const std::string& dtype, int device) -> int64_t {
