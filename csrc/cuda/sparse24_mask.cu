@@ -27,6 +27,32 @@ constexpr int kThreads = 256;
 // that its one atomic per block costs nothing.
 constexpr int kFlipsMaxBlocks = 4096;
 
+// Index j of a thread's 8 elements -> (row, byte in row) for rows of kb bytes of packed mask.
+// A 64-bit division is a long software routine on the GPU, and the kernels below split every
+// thread's index. Where every index is below 2^31 (tensors of fewer than 2^34 elements) it is a
+// multiply-high, an add and a shift by a magic number made on the host (Granlund & Montgomery,
+// the form of PyTorch's IntDivider: exact for dividends below 2^31); else the plain division.
+struct RowSplit {
+  int64_t kb;
+  uint32_t magic, shift;
+  bool fast;
+
+  static RowSplit make(int64_t kb, int64_t total) {
+    RowSplit rs{kb, 0, 0, kb > 0 && total < (int64_t(1) << 31)};
+    if (rs.fast) {
+      while ((int64_t(1) << rs.shift) < kb) ++rs.shift;
+      const uint64_t one = 1;
+      rs.magic = uint32_t(((one << 32) * ((one << rs.shift) - uint64_t(kb))) / uint64_t(kb) + 1);
+    }
+    return rs;
+  }
+  __device__ __forceinline__ int64_t row(int64_t j) const {
+    if (!fast) return j / kb;
+    const uint32_t n = uint32_t(j);
+    return int64_t((__umulhi(n, magic) + n) >> shift);
+  }
+};
+
 // Elements a thread owns: 8, or 4 at the end of a row whose length is 4 mod 8.
 __device__ __forceinline__ int count8(int64_t k, int64_t col) {
   return k - col < 8 ? int(k - col) : 8;
@@ -62,7 +88,7 @@ struct alignas(4 * sizeof(T)) Kept4 {
 
 template <typename T, int M, MaskOut MODE>
 __global__ void __launch_bounds__(kThreads)
-    nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, int n,
+    nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, RowSplit split, int n,
                      bool* __restrict__ mask_out, T* __restrict__ values_out,
                      uint8_t* __restrict__ meta_out, int* __restrict__ bad_flag) {
   const int64_t kb = (k + 7) / 8;
@@ -73,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
   bool bad = false;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = j / kb;
+    const int64_t r = split.row(j);
     const int64_t col = (j - r * kb) * 8;
     const int count = count8(k, col);
     const int64_t off = r * k + col;
@@ -121,13 +147,13 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     decompress_kernel(const T* __restrict__ values, const uint8_t* __restrict__ meta, int64_t rows,
-                      int64_t k, T* __restrict__ out, int* __restrict__ bad_meta) {
+                      int64_t k, RowSplit split, T* __restrict__ out, int* __restrict__ bad_meta) {
   const int64_t kb = (k + 7) / 8;
   const int64_t total = rows * kb;
   const bool aligned_rows = (k % 8) == 0;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = j / kb;
+    const int64_t r = split.row(j);
     const int64_t col = (j - r * kb) * 8;
     const int count = count8(k, col);
     const uint32_t bits = meta[j];
@@ -154,13 +180,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void __launch_bounds__(kThreads) pack_kernel(const bool* __restrict__ mask, int64_t rows,
-                                                        int64_t k, uint8_t* __restrict__ packed) {
+__global__ void __launch_bounds__(kThreads)
+    pack_kernel(const bool* __restrict__ mask, int64_t rows, int64_t k, RowSplit split,
+                uint8_t* __restrict__ packed) {
   const int64_t kb = (k + 7) / 8;
   const int64_t total = rows * kb;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = j / kb;
+    const int64_t r = split.row(j);
     const int64_t col = (j - r * kb) * 8;
     const int count = count8(k, col);
     // Bytes, not bools: a bool whose byte is neither 0 nor 1 (a uint8 tensor viewed as bool)
@@ -173,13 +200,13 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const bool* __restrict__
 }
 
 __global__ void __launch_bounds__(kThreads)
-    unpack_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t k,
+    unpack_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t k, RowSplit split,
                   bool* __restrict__ mask) {
   const int64_t kb = (k + 7) / 8;
   const int64_t total = rows * kb;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = j / kb;
+    const int64_t r = split.row(j);
     const int64_t col = (j - r * kb) * 8;
     const int count = count8(k, col);
     const uint32_t bits = packed[j];
@@ -245,10 +272,12 @@ template <typename T>
 cudaError_t nm_select_t(MaskOut mode, const T* w, int64_t rows, int64_t k, int n, int m,
                         bool* mask_out, T* values_out, uint8_t* meta_out, int* bad,
                         cudaStream_t s) {
-  const int grid = grid_for(rows * ((k + 7) / 8));
+  const int64_t kb = (k + 7) / 8;
+  const int grid = grid_for(rows * kb);
+  const RowSplit split = RowSplit::make(kb, rows * kb);
 #define CAST_LAUNCH(M, MODE)   \
   nm_select_kernel<T, M, MODE> \
-      <<<grid, kThreads, 0, s>>>(w, rows, k, n, mask_out, values_out, meta_out, bad)
+      <<<grid, kThreads, 0, s>>>(w, rows, k, split, n, mask_out, values_out, meta_out, bad)
   if (m == 8) {
     switch (mode) {
       case MaskOut::Mask: CAST_LAUNCH(8, MaskOut::Mask); break;
@@ -297,19 +326,23 @@ cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* met
   if (rows * k == 0) return cudaSuccess;
   // Rows of a multiple of 8 are written with 16-byte stores (store8): `out` must allow them.
   if (k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 != 0) return cudaErrorMisalignedAddress;
-  const int grid = grid_for(rows * ((k + 7) / 8));
+  const int64_t kb = (k + 7) / 8;
+  const int grid = grid_for(rows * kb);
+  const RowSplit split = RowSplit::make(kb, rows * kb);
   switch (dt) {
     case DType::F32:
       decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(values), meta,
-                                                       rows, k, static_cast<float*>(out), bad_meta);
+                                                       rows, k, split, static_cast<float*>(out),
+                                                       bad_meta);
       break;
     case DType::F16:
-      decompress_kernel<<<grid, kThreads, 0, stream>>>(
-          static_cast<const __half*>(values), meta, rows, k, static_cast<__half*>(out), bad_meta);
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(values), meta,
+                                                       rows, k, split, static_cast<__half*>(out),
+                                                       bad_meta);
       break;
     case DType::BF16:
       decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(values),
-                                                       meta, rows, k,
+                                                       meta, rows, k, split,
                                                        static_cast<__nv_bfloat16*>(out), bad_meta);
       break;
   }
@@ -319,14 +352,18 @@ cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* met
 cudaError_t pack_mask(const bool* mask, int64_t rows, int64_t k, uint8_t* packed,
                       cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
-  pack_kernel<<<grid_for(rows * ((k + 7) / 8)), kThreads, 0, stream>>>(mask, rows, k, packed);
+  const int64_t kb = (k + 7) / 8;
+  pack_kernel<<<grid_for(rows * kb), kThreads, 0, stream>>>(mask, rows, k,
+                                                            RowSplit::make(kb, rows * kb), packed);
   return cudaGetLastError();
 }
 
 cudaError_t unpack_mask(const uint8_t* packed, int64_t rows, int64_t k, bool* mask,
                         cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
-  unpack_kernel<<<grid_for(rows * ((k + 7) / 8)), kThreads, 0, stream>>>(packed, rows, k, mask);
+  const int64_t kb = (k + 7) / 8;
+  unpack_kernel<<<grid_for(rows * kb), kThreads, 0, stream>>>(packed, rows, k,
+                                                              RowSplit::make(kb, rows * kb), mask);
   return cudaGetLastError();
 }
 

@@ -223,6 +223,9 @@ inline float atomicAdd(float* p, float v) { return cuda_emu_atomic_add(p, v); }
 // ---- integer and fp32 intrinsics ---------------------------------------------------------------
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return (unsigned int)(((unsigned long long)a * b) >> 32);
+}
 // Correctly rounded IEEE operations, never contracted into an FMA with their neighbours (the
 // emulation compiles with -ffp-contract=fast, as nvcc contracts plain a * b + c): the result
 // passes through an empty asm statement, which the compiler cannot see into.
