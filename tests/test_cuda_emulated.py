@@ -1149,9 +1149,18 @@ def test_adams_step_writes_nothing_past_a_tensor(emu: Emu) -> None:
 
 # ---- sparse24_gemv (the packed small-M GEMM) ---------------------------------------------------
 
-GEMV_SHAPES = [(1, 8, 16), (3, 24, 64), (16, 12, 1040), (5, 9, 32), (2, 1, 16), (7, 33, 528)]
+GEMV_SHAPES = [
+    (1, 8, 16),
+    (3, 24, 64),
+    (16, 12, 1040),
+    (5, 9, 32),
+    (2, 1, 16),
+    (7, 33, 528),
+    (2, 5, 4800),
+]
 """(M, N, K): one chunk per row; several; 65 chunks (uneven across the 32 lanes) with the largest
-M; N not a multiple of the 8 rows a block takes; a single row; 33 chunks."""
+M; N not a multiple of the 8 rows a block takes; a single row; 33 chunks; 300 chunks (three
+passes of a lane's 4-chunk batches, the last one partial)."""
 
 
 def run_gemv(
@@ -1200,7 +1209,7 @@ def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
 @given(
     m=st.integers(1, 16),
     n=st.integers(1, 40),
-    chunks=st.integers(1, 70),
+    chunks=st.integers(1, 300),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),

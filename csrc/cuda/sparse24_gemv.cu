@@ -6,7 +6,8 @@
 // the bytes for fp16/bf16. cuSPARSELt is slower than dense there (plan and tile overheads), and
 // the portable path (decompress, then cuBLAS) reads the weight three times over.
 // Algorithm: one warp per output row. Each lane takes chunks of 16 dense columns (8 values,
-// one 16-byte load for fp16/bf16; 2 meta bytes, one 2-byte load), expands the 4 groups in
+// one 16-byte load for fp16/bf16; 2 meta bytes, one 2-byte load; both streaming loads, and 4
+// chunks' loads issued before the first is used), expands the 4 groups in
 // registers with selects (no indexing by data: the first kept position gets the group's first
 // value, the second its second; an invalid nibble, not exactly 2 bits, contributes zeros and
 // sets `bad_meta`), and accumulates against the same 16 columns of every token of x (16-byte
@@ -28,6 +29,17 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / 32;
+constexpr int kBatch = 4;  // chunks of 16 columns per lane whose loads are in flight together
+
+// A chunk's 8 values with streaming (evict-first) 16-byte loads: the weight is read once, and
+// must not push x, which every warp reads again, out of L1.
+template <typename T>
+__device__ __forceinline__ void load8_streaming(const T* p, Pack8<T>& out) {
+  const uint4* src = reinterpret_cast<const uint4*>(p);
+  uint4* dst = reinterpret_cast<uint4*>(&out);
+#pragma unroll
+  for (int i = 0; i < int(sizeof(Pack8<T>) / 16); ++i) dst[i] = __ldcs(src + i);
+}
 
 // The 16 dense weights of one chunk from its 8 values and 16 meta bits.
 template <typename T>
@@ -62,23 +74,36 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t] = 0.f;
   bool bad = false;
-#pragma unroll 2
-  for (int64_t c = lane; c < chunks; c += 32) {
-    Pack8<T> v;
-    load8(vrow + c * 8, 8, true, v);
-    const uint32_t bits = *reinterpret_cast<const uint16_t*>(mrow + c * 2);
-    float w[16];
-    expand16(v, bits, w, bad);
+  // kBatch chunks per lane per pass, all their weight loads issued before any is used: a warp
+  // holds 4 x 18 bytes per lane in flight, not one chunk's.
+  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
+    Pack8<T> v[kBatch];
+    uint32_t bits[kBatch];
 #pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      if (t < m) {
-        Pack8<T> xa, xb;
-        load8(x + t * k + c * 16, 8, true, xa);
-        load8(x + t * k + c * 16 + 8, 8, true, xb);
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c < chunks) {
+        load8_streaming(vrow + c * 8, v[u]);
+        bits[u] = __ldcs(reinterpret_cast<const unsigned short*>(mrow + c * 2));
+      }
+    }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          acc[t] = fmaf(Conv<T>::to(xa.v[i]), w[i], acc[t]);
-          acc[t] = fmaf(Conv<T>::to(xb.v[i]), w[8 + i], acc[t]);
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + 32 * u;
+      if (c >= chunks) break;
+      float w[16];
+      expand16(v[u], bits[u], w, bad);
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        if (t < m) {
+          Pack8<T> xa, xb;
+          load8(x + t * k + c * 16, 8, true, xa);
+          load8(x + t * k + c * 16 + 8, 8, true, xb);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            acc[t] = fmaf(Conv<T>::to(xa.v[i]), w[i], acc[t]);
+            acc[t] = fmaf(Conv<T>::to(xb.v[i]), w[8 + i], acc[t]);
+          }
         }
       }
     }

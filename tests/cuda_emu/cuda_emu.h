@@ -223,6 +223,11 @@ inline float atomicAdd(float* p, float v) { return cuda_emu_atomic_add(p, v); }
 // ---- integer and fp32 intrinsics ---------------------------------------------------------------
 inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+// Cache-hinted loads: a plain load here (a uint2/uint4 copy checks its alignment).
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return (unsigned int)(((unsigned long long)a * b) >> 32);
 }
