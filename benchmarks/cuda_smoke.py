@@ -11,14 +11,16 @@ Run: ``python -m benchmarks.cuda_smoke``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
 
 import cast_ext
 from cast_ext import ops, reference
 
-__all__ = ["main"]
+__all__ = ["fp32_reductions", "main"]
 
 DEV = "cuda"  # --device cpu runs the same checks on the CPU kernels (to test this script)
 SHAPES = [(1, 4), (3, 12), (5, 36), (2, 8), (7, 64)]
@@ -120,11 +122,10 @@ def _adams() -> None:
     print("adams ok")
 
 
-def _packed_gemm() -> None:
-    """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback; each
-    with the meta check and without (no flag: the kernels get nullptr). The fallback is
-    F.linear's cuBLAS call: with torch's default reduced-precision reductions it was 0.5 off the
-    fp32-accumulated reference (H200, [17, 1040] bf16), so they are off here."""
+@contextlib.contextmanager
+def fp32_reductions() -> Iterator[None]:
+    """torch's reduced-precision reductions off for the block: cuBLAS (F.linear, and
+    sparse24_gemm's path for more than 16 rows on CUDA) then adds split-K partial sums in fp32."""
     matmul = torch.backends.cuda.matmul
     kept = (
         matmul.allow_bf16_reduced_precision_reduction,
@@ -133,10 +134,19 @@ def _packed_gemm() -> None:
     matmul.allow_bf16_reduced_precision_reduction = False
     matmul.allow_fp16_reduced_precision_reduction = False
     try:
-        _packed_gemm_checks()
+        yield
     finally:
         matmul.allow_bf16_reduced_precision_reduction = kept[0]
         matmul.allow_fp16_reduced_precision_reduction = kept[1]
+
+
+def _packed_gemm() -> None:
+    """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback; each
+    with the meta check and without (no flag: the kernels get nullptr). The fallback is
+    F.linear's cuBLAS call: with torch's default reduced-precision reductions it was 0.5 off the
+    fp32-accumulated reference (H200, [17, 1040] bf16), so they are off here."""
+    with fp32_reductions():
+        _packed_gemm_checks()
 
 
 def _packed_gemm_checks() -> None:

@@ -21,6 +21,7 @@ from conftest import (
 from torch import nn
 
 import cast_ext
+from benchmarks.cuda_smoke import fp32_reductions
 from cast_ext import ops, reference
 from cast_ext.nn import SparseLinear
 
@@ -529,18 +530,8 @@ def test_16bit_output_is_rounded_once_to_nearest(
     x = torch.randn(*lead, k, generator=gen).to(dtype).to(device)
     b = (torch.randn(n, generator=gen) * 4).to(dtype).to(device) if with_bias else None
     values, meta = ops.sparse24_compress(w)
-    matmul = torch.backends.cuda.matmul
-    kept = (
-        matmul.allow_bf16_reduced_precision_reduction,
-        matmul.allow_fp16_reduced_precision_reduction,
-    )
-    matmul.allow_bf16_reduced_precision_reduction = False
-    matmul.allow_fp16_reduced_precision_reduction = False
-    try:
+    with fp32_reductions():
         y = cast_ext.sparse24_gemm(x, values, meta, b).double().cpu()
-    finally:
-        matmul.allow_bf16_reduced_precision_reduction = kept[0]
-        matmul.allow_fp16_reduced_precision_reduction = kept[1]
     x64, w64 = x.double().cpu(), w.double().cpu()
     b64 = None if b is None else b.double().cpu()
     want = F.linear(x64, w64, b64)
