@@ -452,6 +452,12 @@ def grid_for(work: int, cap: int = 65535 * 8) -> int:
     return max(1, min(-(-work // THREADS), cap))
 
 
+def select_grid(rows: int, k: int, dtype: torch.dtype) -> int:
+    """nm_select's grid: a thread takes 2 units of fp16/bf16 (kSelectUnits), 1 of fp32."""
+    per_thread = 1 if dtype == torch.float32 else 2
+    return grid_for(-(-units(rows, k) // per_thread))
+
+
 def run_nm_select(
     emu: Emu, w: Tensor, mode: int, n: int, m: int, out_offset: int = 0, null_flag: bool = False
 ) -> tuple[int, dict[str, Tensor], int]:
@@ -508,7 +514,7 @@ def test_nm_select(emu: Emu, dtype: torch.dtype, nm: tuple[int, int]) -> None:
     for shape in SHAPES_M4 if m == 4 else SHAPES_M8:
         w = make_weights(shape, dtype, gen)
         what = f"{dtype} {n}:{m} {list(shape)}"
-        check_nm_select(emu, w, n, m, what, grid_for(units(*shape)))
+        check_nm_select(emu, w, n, m, what, select_grid(*shape, dtype))
         if units(*shape) > THREADS:
             emu.configure(max_grid=2)
             check_nm_select(emu, w, n, m, f"{what} grid 2", 2)
@@ -589,8 +595,8 @@ def test_nm_select_property(
     n, m = nm
     emu_lib.configure(schedule=schedule, seed=seed, max_grid=max_grid)
     w = make_weights((rows, groups * m), dtype, torch.Generator().manual_seed(seed))
-    work = units(rows, groups * m)
-    grid = grid_for(work) if max_grid == 0 else min(max_grid, grid_for(work))
+    want = select_grid(rows, groups * m, dtype)
+    grid = want if max_grid == 0 else min(max_grid, want)
     check_nm_select(emu_lib, w, n, m, f"{dtype} {n}:{m} {list(w.shape)}", grid)
     emu_lib.configure()
 

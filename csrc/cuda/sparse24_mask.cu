@@ -1,8 +1,9 @@
 // N:M mask selection, pruning, 2:4 compression and packed-mask kernels (CUDA, no torch headers).
 //
-// Algorithm: each thread owns one byte of the packed mask, i.e. 8 consecutive elements of a row
+// Algorithm: a thread's unit is one byte of the packed mask, i.e. 8 consecutive elements of a row
 // (two 2:4 groups or one 8-wide group; 4 elements at the end of a row whose length is 4 mod 8).
-// It loads them (one 16-byte load for fp16/bf16, two for fp32, when rows are 8-aligned), ranks
+// It loads them (one 16-byte load for fp16/bf16, two for fp32, when rows are 8-aligned; the
+// selection kernel loads two units per thread for fp16/bf16 before ranking either), ranks
 // each group in registers with the branch-free count of csrc/nm_select.h (shared with the CPU
 // kernels, so both agree bit for bit) and writes its outputs: 8 bools, 8 pruned values, or 4
 // kept values plus one metadata byte.
@@ -86,59 +87,91 @@ struct alignas(4 * sizeof(T)) Kept4 {
   T v[4];
 };
 
+// Units (8 elements each) a thread of nm_select_kernel loads before it ranks the first: 32 bytes
+// of w in flight per thread (one 16-byte load per unit of fp16/bf16, two of fp32).
+template <typename T>
+constexpr int kSelectUnits = sizeof(T) == 4 ? 1 : 2;
+
+// One unit's outputs: 8 bools, 8 pruned values, or 4 kept values and one metadata byte.
+template <typename T, MaskOut MODE>
+__device__ __forceinline__ void write_unit(const Pack8<T>& x, uint32_t bits, int64_t j, int64_t r,
+                                           int64_t col, int count, int64_t k, bool aligned_rows,
+                                           bool* __restrict__ mask_out, T* __restrict__ values_out,
+                                           uint8_t* __restrict__ meta_out) {
+  const int64_t off = r * k + col;
+  if (MODE == MaskOut::Mask) {
+    Pack8<bool> mk;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) mk.v[i] = (bits >> i) & 1u;
+    if (aligned_rows) {
+      *reinterpret_cast<uint2*>(mask_out + off) = *reinterpret_cast<const uint2*>(&mk);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (i < count) mask_out[off + i] = mk.v[i];
+    }
+  } else if (MODE == MaskOut::Prune) {
+    Pack8<T> y;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::from(0.f);
+    store8(values_out + off, count, aligned_rows, y);
+  } else {  // Compress (2:4): the 2 kept values of each group in ascending position.
+    Kept4<T> kp;
+    kept_pair(x.v, bits & 0xFu, kp.v);
+    if (count == 8) kept_pair(x.v + 4, bits >> 4, kp.v + 2);
+    T* dst = values_out + r * (k / 2) + col / 2;
+    if (aligned_rows) {  // k % 8 == 0: dst is 4-element aligned within an aligned buffer
+      if constexpr (sizeof(T) == 4) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&kp);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(&kp);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (i < count / 2) dst[i] = kp.v[i];
+    }
+    meta_out[j] = uint8_t(bits);
+  }
+}
+
+// A block takes kSelectUnits<T> * blockDim.x consecutive units per pass (unit u of a thread is
+// blockDim.x units after its unit u - 1, so each load instruction of a warp stays coalesced),
+// loads all of a thread's units, then ranks and writes them.
 template <typename T, int M, MaskOut MODE>
 __global__ void __launch_bounds__(kThreads)
     nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, RowSplit split, int n,
                      bool* __restrict__ mask_out, T* __restrict__ values_out,
                      uint8_t* __restrict__ meta_out, int* __restrict__ bad_flag) {
+  constexpr int U = kSelectUnits<T>;
   const int64_t kb = (k + 7) / 8;
   const int64_t total = rows * kb;
   // Vector loads need every thread's 8 elements contiguous and 16-byte aligned: k % 8 == 0 and
   // (checked by the launcher) an aligned base pointer.
   const bool aligned_rows = (k % 8) == 0;
+  const int64_t tile = int64_t(blockDim.x) * U;
   bool bad = false;
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
-       j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = split.row(j);
-    const int64_t col = (j - r * kb) * 8;
-    const int count = count8(k, col);
-    const int64_t off = r * k + col;
-    Pack8<T> x;
-    load8(w + off, count, aligned_rows, x);
-    const uint32_t bits = select_bits<T, M>(x, count, n, bad);
-    if (MODE == MaskOut::Mask) {
-      Pack8<bool> mk;
+  for (int64_t base = blockIdx.x * tile + threadIdx.x; base < total;
+       base += int64_t(gridDim.x) * tile) {
+    Pack8<T> x[U];
+    int64_t r[U], col[U];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) mk.v[i] = (bits >> i) & 1u;
-      if (aligned_rows) {
-        *reinterpret_cast<uint2*>(mask_out + off) = *reinterpret_cast<const uint2*>(&mk);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (i < count) mask_out[off + i] = mk.v[i];
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + int64_t(u) * blockDim.x;
+      if (j < total) {
+        r[u] = split.row(j);
+        col[u] = (j - r[u] * kb) * 8;
+        load8(w + r[u] * k + col[u], count8(k, col[u]), aligned_rows, x[u]);
       }
-    } else if (MODE == MaskOut::Prune) {
-      Pack8<T> y;
+    }
 #pragma unroll
-      for (int i = 0; i < 8; ++i) y.v[i] = ((bits >> i) & 1u) ? x.v[i] : Conv<T>::from(0.f);
-      store8(values_out + off, count, aligned_rows, y);
-    } else {  // Compress (2:4): the 2 kept values of each group in ascending position.
-      Kept4<T> kp;
-      kept_pair(x.v, bits & 0xFu, kp.v);
-      if (count == 8) kept_pair(x.v + 4, bits >> 4, kp.v + 2);
-      T* dst = values_out + r * (k / 2) + col / 2;
-      if (aligned_rows) {  // k % 8 == 0: dst is 4-element aligned within an aligned buffer
-        if constexpr (sizeof(T) == 4) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&kp);
-        } else {
-          *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(&kp);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (i < count / 2) dst[i] = kp.v[i];
-      }
-      meta_out[j] = uint8_t(bits);
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + int64_t(u) * blockDim.x;
+      if (j >= total) break;
+      const int count = count8(k, col[u]);
+      const uint32_t bits = select_bits<T, M>(x[u], count, n, bad);
+      write_unit<T, MODE>(x[u], bits, j, r[u], col[u], count, k, aligned_rows, mask_out, values_out,
+                          meta_out);
     }
   }
   if (bad && bad_flag != nullptr) atomicOr(bad_flag, 1);
@@ -273,7 +306,7 @@ cudaError_t nm_select_t(MaskOut mode, const T* w, int64_t rows, int64_t k, int n
                         bool* mask_out, T* values_out, uint8_t* meta_out, int* bad,
                         cudaStream_t s) {
   const int64_t kb = (k + 7) / 8;
-  const int grid = grid_for(rows * kb);
+  const int grid = grid_for((rows * kb + kSelectUnits<T> - 1) / kSelectUnits<T>);
   const RowSplit split = RowSplit::make(kb, rows * kb);
 #define CAST_LAUNCH(M, MODE)   \
   nm_select_kernel<T, M, MODE> \
