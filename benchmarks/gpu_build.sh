@@ -24,19 +24,22 @@ fi
 export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-# True when C++ compiler $1 links libstdc++ as a shared library (a tiny shared object that
-# formats a number, then ldd).
-links_shared_libstdcxx() {
-  local dir rc
+# How C++ compiler $1 (words: "ccache g++" too) links libstdc++: "shared", "static" (ldd shows
+# none in a tiny shared object that formats a number), or "fail" (it could not build that; left
+# for setup.py to report).
+libstdcxx_link() {
+  local dir how=fail cxx
+  read -ra cxx <<<"$1"
   dir="$(mktemp -d)"
   printf '#include <sstream>\n#include <string>\nstd::string f(long i) { std::ostringstream s; s << i; return s.str(); }\n' >"$dir/s.cpp"
-  "$1" -shared -fPIC "$dir/s.cpp" -o "$dir/s.so" 2>/dev/null && ldd "$dir/s.so" | grep -q 'libstdc++'
-  rc=$?
+  if "${cxx[@]}" -shared -fPIC "$dir/s.cpp" -o "$dir/s.so" 2>/dev/null; then
+    if ldd "$dir/s.so" | grep -q 'libstdc++'; then how=shared; else how=static; fi
+  fi
   rm -rf "$dir"
-  return $rc
+  echo "$how"
 }
-if ! links_shared_libstdcxx "${CXX:-c++}" && [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]] &&
-  links_shared_libstdcxx /usr/bin/g++; then
+if [[ "$(libstdcxx_link "${CXX:-c++}")" == static && -x /usr/bin/gcc &&
+  "$(libstdcxx_link /usr/bin/g++)" == shared ]]; then
   echo "gpu_build.sh: ${CXX:-c++} links libstdc++ statically; building with /usr/bin/gcc and /usr/bin/g++" >&2
   export CC=/usr/bin/gcc CXX=/usr/bin/g++
 fi

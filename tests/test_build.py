@@ -310,6 +310,7 @@ def test_info_reports_the_loaded_cusparselt(monkeypatch: pytest.MonkeyPatch) -> 
     assert "built against cuSPARSELt 0.8.1" in line and "loaded 0.8.0" in line
 
 
+@pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="not a source checkout")
 def test_setup_refuses_an_extension_with_its_own_libstdcxx(tmp_path: Path) -> None:
     """The H200 image's /opt/gcc linked libstdc++ statically into _C.so, which then crashed at
     its first error message: setup.py reads the built file's shared libraries and refuses it."""
@@ -337,14 +338,31 @@ def test_setup_refuses_an_extension_with_its_own_libstdcxx(tmp_path: Path) -> No
     assert setup.elf_needed(str(src)) is None
 
 
-def test_cslt_fp16_probe_reports_a_failing_case_as_a_row() -> None:
+def test_cslt_fp16_probe_reports_a_failing_case_as_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The GPU suite's probe of cuSPARSELt float16 faults: without a GPU it says so; a case whose
-    process fails (here: no CUDA) is a row of the report, never an exception of the probe."""
+    process fails (here: no CUDA) is a row of the report, never an exception of the probe; with
+    a (stand-in) GPU every case's row is written to $OUT/cslt_fp16_probe.json as it comes in."""
+    import json
+
     from benchmarks import cslt_fp16_probe as probe
 
     if not torch.cuda.is_available():
         assert probe.main([]) == 0
     row = probe._child("bf16-small-search")
     assert row["case"] == "bf16-small-search"
-    if not torch.cuda.is_available():
-        assert row["result"] == "error (rc 1)" and row["message"], row
+    if torch.cuda.is_available():
+        return
+    assert row["result"] == "error (rc 1)" and row["message"], row
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(cast_ext, "cusparselt_available", lambda: True)
+    monkeypatch.setattr(_C, "cslt_runtime_version", lambda: "0.8.0", raising=False)
+    monkeypatch.setattr(probe, "_child", lambda name: {"case": name, "result": "ok"})
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert probe.main([]) == 0
+    report = json.loads((tmp_path / "cslt_fp16_probe.json").read_text())
+    assert sorted(r["case"] for r in report["results"]) == sorted(probe.CASES)
+    assert report["cusparselt"] == "0.8.0" and report["capability"] == [9, 0]

@@ -350,12 +350,19 @@ def test_gpu_build_sh_builds_for_the_visible_gpu(tmp_path: Path, answer: str):
 def test_gpu_build_sh_replaces_a_compiler_that_links_libstdcxx_statically(tmp_path: Path):
     """The H200 image's CC/CXX (/opt/gcc) link libstdc++ statically, and that build crashed at its
     first error message: the GPU scripts then build with the system's gcc/g++; a compiler that
-    links it as a shared library is kept."""
+    links it as a shared library, or that cannot build at all, is kept."""
     static = tmp_path / "static-g++"
     static.write_text('#!/bin/sh\nexec g++ -static-libstdc++ "$@"\n')
     static.chmod(0o755)
     script = "PY=true; source benchmarks/gpu_build.sh; echo $CC $CXX"
-    for cxx, want in ((static, "/usr/bin/gcc /usr/bin/g++"), ("g++", "mycc g++")):
+    cases = (
+        (static, "/usr/bin/gcc /usr/bin/g++"),
+        (f"env {static}", "/usr/bin/gcc /usr/bin/g++"),  # a command of several words
+        ("g++", "mycc g++"),
+        ("env g++", "mycc env g++"),
+        ("no-such-compiler", "mycc no-such-compiler"),  # cannot build: left to setup.py
+    )
+    for cxx, want in cases:
         env = dict(os.environ, CC="mycc", CXX=str(cxx))
         out = subprocess.run(
             ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True

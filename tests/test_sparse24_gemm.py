@@ -353,6 +353,7 @@ def test_cslt_fp16_refusal_is_sm90_with_cusparselt_up_to_0_8_0(
 ) -> None:
     """On the H200 (sm_90, cuSPARSELt 0.8.0) fp16 cslt_linear faulted the GPU: refused there,
     with CAST_EXT_CSLT_FP16=1 to run it anyway; SparseLinear then keeps fp16 off cuSPARSELt."""
+    monkeypatch.delenv("CAST_EXT_CSLT_FP16", raising=False)
     version = tuple(int(v) for v in cast_ext._C.cslt_runtime_version().split("."))
     want = torch.cuda.get_device_capability(0)[0] == 9 and version <= (0, 8, 0)
     assert bool(cslt_fp16_refusal()) == want
@@ -365,7 +366,8 @@ def test_cslt_fp16_refusal_is_sm90_with_cusparselt_up_to_0_8_0(
         cast_ext.nn.clear_dispatch_decisions()
         for _ in range(12):  # every trial, then the decision: never cuSPARSELt
             check_close(layer(x), x, layer.dense_weight(), layer.bias.detach())
-        assert all(d.choice != "sparse" for d in cast_ext.nn.dispatch_decisions())
+        decisions = cast_ext.nn.dispatch_decisions()
+        assert decisions and all(d["choice"] != "sparse" for d in decisions), decisions
         cast_ext.nn.clear_dispatch_decisions()
     monkeypatch.setenv("CAST_EXT_CSLT_FP16", "1")
     assert cslt_fp16_refusal() == ""
