@@ -187,6 +187,19 @@ def _pick(us: dict[str, float]) -> str:
 _TRIAL_WARMUP = 1  # untimed calls per path (first-call costs: cuSPARSELt's plan and search)
 _TRIAL_SAMPLES = 5  # timed calls per path; their median decides
 
+# CUDA samples are device time: before a trial call the stream spins (torch.cuda._sleep) so that
+# the host queues the whole call before the GPU reaches its start event. Without it the events
+# also timed the host's Python between them: on an H200 (session 18) trial calls of an M = 1
+# layer read 82-118 us where the kernels took 16-37 us, and the dispatch chose the packed kernel
+# on host time, where it was 0.89x dense on the device. A sample whose start event had already
+# passed when the call was queued timed the host too: it is not counted, and the spin doubles
+# (up to _HOST_AHEAD_MAX cycles: about 8 ms at 2 GHz), for at most _TRIAL_MAX_UNCOVERED such
+# calls per path (a call that syncs inside is uncovered however long the spin; its samples
+# then count as they are).
+_HOST_AHEAD = [1 << 17]  # GPU clock cycles; grows while samples come back uncovered
+_HOST_AHEAD_MAX = 1 << 24
+_TRIAL_MAX_UNCOVERED = 4
+
 # A sample: microseconds (CPU), or the pair of CUDA events recorded around the call, read once
 # all samples are in (reading one needs its work done: a sync).
 _Sample = float | tuple[Any, Any]
@@ -207,15 +220,20 @@ class _Trial:
     generation: int = field(default_factory=lambda: _GENERATION[0])
     calls: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[_Sample]] = field(default_factory=dict)
+    uncovered: dict[str, int] = field(default_factory=dict)  # samples left out, per path
 
     def next_path(self) -> str:
-        return min(self.paths, key=lambda p: self.calls.get(p, 0))
+        return min(self.paths, key=lambda p: self.calls.get(p, 0) - self.uncovered.get(p, 0))
 
-    def add(self, path: str, sample: _Sample) -> bool:
-        """Count a call of ``path``; True once every path has its samples."""
+    def add(self, path: str, sample: _Sample, covered: bool = True) -> bool:
+        """Count a call of ``path``; True once every path has its samples. An uncovered sample
+        (one that timed the host too) is left out, up to _TRIAL_MAX_UNCOVERED per path."""
         self.calls[path] = self.calls.get(path, 0) + 1
         if self.calls[path] > _TRIAL_WARMUP:
-            self.samples.setdefault(path, []).append(sample)
+            if covered or self.uncovered.get(path, 0) >= _TRIAL_MAX_UNCOVERED:
+                self.samples.setdefault(path, []).append(sample)
+            else:
+                self.uncovered[path] = self.uncovered.get(path, 0) + 1
         return all(len(self.samples.get(p, ())) >= _TRIAL_SAMPLES for p in self.paths)
 
     def medians(self) -> dict[str, float]:
@@ -225,6 +243,27 @@ class _Trial:
 
 
 _TRIALS: dict[tuple[Any, ...], _Trial] = {}
+
+
+def _timed_on_device(
+    device: torch.device, call: Callable[[], Tensor]
+) -> tuple[Tensor, _Sample, bool]:
+    """``call()``'s output, its sample (a pair of CUDA events on ``device``'s current stream,
+    unread) and whether it is covered: whether the GPU was still spinning ahead of the start
+    event once the call was queued (see _HOST_AHEAD), so that the events time the device only."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream()  # where x's kernels run
+        torch.cuda._sleep(_HOST_AHEAD[0])
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        y = call()
+        end.record(stream)
+        covered = not start.query()
+    if not covered:
+        with _LOCK:
+            _HOST_AHEAD[0] = min(2 * _HOST_AHEAD[0], _HOST_AHEAD_MAX)
+    return y, (start, end), covered
 
 
 def _save_frozen(ctx: Any, values: Tensor, meta: Tensor) -> None:
@@ -806,14 +845,9 @@ class SparseLinear(nn.Module):
             elif x.device.type == "cuda" and self._meta_unchecked(x):
                 # This weight's meta check (a sync) on one row of x, outside the timed call.
                 self._packed(x.reshape(-1, self.in_features)[:1])
+            covered = True
             if x.device.type == "cuda":
-                stream = torch.cuda.current_stream(x.device)  # where x's kernels run
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                y = self._run(path, x)
-                end.record(stream)
-                sample = (start, end)
+                y, sample, covered = _timed_on_device(x.device, lambda: self._run(path, x))
             else:
                 t0 = time.perf_counter()
                 y = self._run(path, x)
@@ -834,7 +868,7 @@ class SparseLinear(nn.Module):
             self._derived.pop("cslt", None)
             return self.forward(x)  # not self(x): the module's hooks have run for this call
         with _LOCK:  # the thread whose sample completes the trial decides, once
-            done = trial.add(path, sample) and _TRIALS.pop(trial_key, None) is trial
+            done = trial.add(path, sample, covered) and _TRIALS.pop(trial_key, None) is trial
         if done:
             self._decide(trial_key, trial)
         return y
