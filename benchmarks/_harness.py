@@ -145,6 +145,44 @@ def cuda_time_us(
     return _stats(times)
 
 
+def cuda_time_interleaved(
+    fns: dict[str, Callable[[int], Any]],
+    n_inputs: int = 1,
+    warmup: int = 5,
+    reps: int = 30,
+    flush: Callable[[], Any] | None = None,
+    host_ahead_cycles: int = 200_000,
+) -> dict[str, tuple[float, float, float]]:
+    """:func:`cuda_time_us` of several callables in one loop: each of ``reps`` rounds times every
+    callable once, starting one further along the list each round. Whatever drifts during a
+    run (clocks, temperature, another process) then falls on every callable alike, where timing
+    them one after the other charged it to whichever ran at the time: on the H200, a
+    ``SparseLinear`` that had chosen dense, the very cuBLAS call of the baseline, read 0.96x to
+    1.01x of it. Returns each name's (median, 20th, 80th percentile) in microseconds."""
+    names = list(fns)
+    for i in range(warmup):
+        for name in names:
+            fns[name](i % n_inputs)
+    torch.cuda.synchronize()
+    pairs: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
+    for r in range(reps):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(host_ahead_cycles)
+            if flush is not None:
+                flush()
+            start.record()
+            fns[name](r % n_inputs)
+            end.record()
+            pairs[name].append((start, end))
+    torch.cuda.synchronize()
+    return {
+        name: _stats(sorted(s.elapsed_time(e) * 1e3 for s, e in ps)) for name, ps in pairs.items()
+    }
+
+
 def cpu_time_us(fn: Callable[[], Any], warmup: int = 2, reps: int = 10) -> tuple[float, ...]:
     """Median, 20th and 80th percentile wall time of ``fn()`` in microseconds."""
     for _ in range(warmup):

@@ -20,6 +20,8 @@ Every timed call, and every trial call of the dispatch, starts with the L2 cache
 the timed window): in a model larger than the L2 each layer reads its weight from HBM, and a
 weight that stays in the H200's 60 MB L2 from call to call would flatter the small-M rows.
 Search, compression and the dispatch's trial calls happen before timing and are not counted.
+The implementations of one (weight, M) are timed in rounds, each round calling every one of them
+once (``_harness.cuda_time_interleaved``), so that drift during the run falls on all alike.
 Each output is checked against the dense one first. Rows: ``speedup_vs_dense`` = dense time /
 impl time (> 1 is faster than dense), ``speedup_vs_torch_cslt`` = torch_cslt time / impl time;
 TFLOP/s counting the dense 2*M*N*K, its fraction of the TFLOP/s of one 8192^3 bf16 ``torch.mm``
@@ -53,6 +55,7 @@ from cast_ext.nn import SparseLinear, dispatch_decisions
 from . import _harness
 from ._harness import (
     Row,
+    cuda_time_interleaved,
     cuda_time_us,
     l2_flusher,
     measure_copy_gbps,
@@ -141,6 +144,12 @@ def _settle(layer: SparseLinear, xs: list[torch.Tensor], flush: Callable[[], Any
         flush()
         layer(xs[i % len(xs)])
     raise RuntimeError(f"bench_sparse24_gemm: no dispatch decision after 100 calls of {layer}")
+
+
+def _failed(rows: list[Row], row: Row, e: Exception) -> None:
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+    print(f"{row['shape']} {row['impl']}: {row['error']}", flush=True)
 
 
 def _ok(y: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -233,9 +242,9 @@ def run(rows: list[Row], reps: int = 30) -> None:
             xs = [torch.randn(m, k, device="cuda", dtype=DTYPE) for _ in range(2)]
             ref = F.linear(xs[0], w)
             impls = _impls(xs, w, wc, wc_torch, layer)
-            times: dict[str, float] = {}
             first = len(rows)
             with torch.no_grad():
+                ready: dict[str, tuple[Row, str, bool]] = {}  # name -> (row, path, correct)
                 for name, fn in impls.items():
                     row: Row = {
                         "op": "sparse24_gemm",
@@ -251,16 +260,25 @@ def run(rows: list[Row], reps: int = 30) -> None:
                     try:
                         path = _settle(layer, xs, flush) if name == "sparse_linear" else name
                         # after the dispatch settled: the path timed is the one checked
-                        correct = _ok(fn(0), ref)  # also: plan, search
-                        med, p20, p80 = cuda_time_us(
-                            fn, n_inputs=2, warmup=5, reps=reps, flush=flush
-                        )
+                        ready[name] = (row, path, _ok(fn(0), ref))  # also: plan, search
                     except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                        rows.append(row)
-                        print(f"N={n} K={k} M={m} {name}: {row['error']}", flush=True)
-                        continue
-                    times[name] = med
+                        _failed(rows, row, e)
+                try:
+                    stats = cuda_time_interleaved(
+                        {name: impls[name] for name in ready}, n_inputs=2, reps=reps, flush=flush
+                    )
+                except Exception:  # one of them failed while timed: time each alone
+                    stats = {}
+                    for name, (row, _, _) in ready.items():
+                        try:
+                            stats[name] = cuda_time_us(
+                                impls[name], n_inputs=2, warmup=5, reps=reps, flush=flush
+                            )
+                        except Exception as e:
+                            _failed(rows, row, e)
+                times = {name: t[0] for name, t in stats.items()}
+                for name, (med, p20, p80) in stats.items():
+                    row, path, correct = ready[name]
                     tflops = 2 * m * n * k / (med * 1e-6) / 1e12
                     peak = peak_tflops(device, path)
                     gbps = moved_bytes(path, m, n, k, weight_bytes) / (med * 1e-6) / 1e9

@@ -413,6 +413,48 @@ def test_bench_sparse24_gemm_keeps_going_past_a_failing_implementation(
     assert [(c.verdict, c.measured) for c in vs_torch] == [("NOT met", "2 row(s) failed")]
 
 
+def test_interleaved_timing_rotates_the_order_each_round(shim: _Shim) -> None:
+    """Every round calls each implementation once, starting one further along the list, with
+    the flush before every timed call; each name gets ``reps`` samples."""
+    harness = importlib.import_module("benchmarks._harness")
+    calls: list[str] = []
+    flushes: list[int] = []
+    fns = {name: (lambda i, name=name: calls.append(name)) for name in ("a", "b", "c")}
+    stats = harness.cuda_time_interleaved(
+        fns, warmup=1, reps=4, flush=lambda: flushes.append(len(calls))
+    )
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up round
+    timed = calls[3:]
+    assert [timed[3 * r] for r in range(4)] == ["a", "b", "c", "a"]
+    assert all(sorted(timed[3 * r : 3 * r + 3]) == ["a", "b", "c"] for r in range(4))
+    assert flushes == list(range(3, 15))  # one before each timed call
+    assert set(stats) == {"a", "b", "c"} and all(len(t) == 3 for t in stats.values())
+
+
+def test_bench_sparse24_gemm_times_each_alone_if_the_rounds_fail(
+    shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """An implementation that raises while the rounds run: each is then timed alone, so that
+    the others still get their rows."""
+    mod = _bench("bench_sparse24_gemm", monkeypatch)
+    monkeypatch.setattr(mod, "MODELS", {"a": [(64, 128)]})
+    monkeypatch.delenv("CAST_EXT_BENCH_QUICK")
+    monkeypatch.setattr(mod, "TOKENS", [1])
+
+    def fails(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("an implementation failed in a round")
+
+    monkeypatch.setattr(mod, "cuda_time_interleaved", fails)
+    mod.main()
+    rows = _rows(tmp_path / "sparse24_gemm.json")
+    assert {r["impl"] for r in rows} == {
+        "dense", "cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse_linear", "packed"
+    }  # fmt: skip
+    for r in rows:
+        assert "error" not in r, r
+        _finite(r, ("median_us", "speedup_vs_dense"))
+
+
 def test_targets_verdicts(tmp_path: Path) -> None:
     """benchmarks/targets.py on hand-made rows: a floor met exactly and missed, a ceiling, the
     GEMM's MLP-and-M filter, a failed row counting against its targets, a missing file."""
