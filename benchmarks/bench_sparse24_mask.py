@@ -6,7 +6,8 @@ clone's GB/s, with and without the value check (one sync per call); time against
 ``torch._sparse_semi_structured_tile`` (xFormers' one-pass sparsifier, which writes W and W^T
 compressed; with its ``largest_abs_values_greedy`` rule, keeping the largest |w| as ours does)
 and ``torch._cslt_compress`` (cuSPARSELt's compressor; needs a pruned input), both against
-``sparse24_compress``, the op that also writes a compressed weight.
+``sparse24_compress``, the op that also writes a compressed weight. All of one shape are timed in
+rounds (each round calls every op once), so that drift falls on the clone and the ops alike.
 Target (issue 3): >= 80% of the clone's bandwidth.
 
 Run: ``python -m benchmarks.bench_sparse24_mask`` (writes ``sparse24_mask.json`` after every
@@ -15,11 +16,20 @@ shape, so a run stopped by a time limit keeps the shapes it finished).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 import cast_ext
 from benchmarks import _harness
-from benchmarks._harness import Row, cuda_time_us, measure_copy_gbps, quick, write_rows
+from benchmarks._harness import (
+    Row,
+    cuda_time_interleaved,
+    measure_copy_gbps,
+    quick,
+    write_rows,
+)
 
 # torch's tile sparsifier ranking |w| (LargestValuesGreedy<AbsOp>), as cast_ext's 2:4 rule does.
 TILE_ALGORITHM = "largest_abs_values_greedy"
@@ -31,6 +41,19 @@ SHAPES = {
     "llama2-13b.up": (13824, 5120),
     "llama3-8b.up": (14336, 4096),
 }
+
+
+def _unchecked(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+    """``fn`` with the CUDA value checks off for the call (host work, outside the timing)."""
+
+    def call(i: int) -> Any:
+        cast_ext.set_cuda_value_checks(False)
+        try:
+            return fn(i)
+        finally:
+            cast_ext.set_cuda_value_checks(True)
+
+    return call
 
 
 def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: float) -> list[Row]:
@@ -49,15 +72,11 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
         "sparse24_prune": lambda i: cast_ext.sparse24_prune(ws[i]),
         "sparse24_compress": lambda i: cast_ext.sparse24_compress(ws[i]),
     }
-    times: dict[str, tuple[float, float, float]] = {}
-    for checks in (True, False):
-        cast_ext.set_cuda_value_checks(checks)
-        for op, fn in fns.items():
-            key = op if checks or op == "clone" else f"{op}[no-check]"
-            if key not in times:
-                times[key] = cuda_time_us(fn, n_inputs=n_inputs, reps=50)
-    cast_ext.set_cuda_value_checks(True)
-    baselines = {}
+    timed: dict[str, Callable[[int], Any]] = dict(fns)
+    for op, fn in fns.items():
+        if op != "clone":
+            timed[f"{op}[no-check]"] = _unchecked(fn)
+    baselines: set[str] = set()
     if dtype in (torch.float16, torch.bfloat16):  # torch's 2:4 paths are 16-bit only
         pruned = [cast_ext.sparse24_prune(w) for w in ws]
         candidates = {
@@ -70,12 +89,17 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
         }
         for name_, fn in candidates.items():
             try:  # a baseline this torch build lacks or refuses must not cost the other rows
-                baselines[name_] = cuda_time_us(fn, n_inputs, reps=50)
+                fn(0)
             except (RuntimeError, AttributeError, NotImplementedError) as e:
                 print(f"{name_}: not measured ({type(e).__name__}: {str(e)[:200]})")
+                continue
+            timed[name_] = fn
+            baselines.add(name_)
+    # one loop of rounds, each timing every op once: drift falls on the clone and the ops alike
+    times = cuda_time_interleaved(timed, n_inputs=n_inputs, reps=50)
     clone_us = times["clone"][0]
     rows = []
-    for key, (med, p20, p80) in {**times, **baselines}.items():
+    for key, (med, p20, p80) in times.items():
         op = key.split("[")[0]
         moved = numel * esize + out_bytes.get(op, 0)
         gbps = moved / (med * 1e-6) / 1e9 if op in out_bytes else None
@@ -104,7 +128,7 @@ def _rows_for(name: str, shape: tuple[int, int], dtype: torch.dtype, copy_gbps: 
         # compressed weight (values + metadata), as sparse24_compress does; sparse24_mask writes
         # a bool mask and sparse24_prune a dense pruned copy, which neither torch op makes.
         if op == "sparse24_compress" and rows[-1]["impl"].startswith("cast_ext"):
-            rows[-1]["speedup_vs"] = {b: round(t[0] / med, 3) for b, t in baselines.items()}
+            rows[-1]["speedup_vs"] = {b: round(times[b][0] / med, 3) for b in sorted(baselines)}
     return rows
 
 
