@@ -219,13 +219,17 @@ def measure_mm_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> flo
     return 2 * n**3 / (med * 1e-6) / 1e12
 
 
-def write_rows(name: str, rows: list[Row], out_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write ``rows`` with the environment to ``<out_dir>/<name>.json`` and return the path.
-
-    ``out_dir`` defaults to ``$OUT`` when set (the GPU machine), else ``benchmarks/results``.
-    """
+def results_dir(out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``out_dir``, else ``$OUT`` when set (the GPU machine), else ``benchmarks/results``;
+    created if missing."""
     out = Path(out_dir or os.environ.get("OUT") or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    return out
+
+
+def write_rows(name: str, rows: list[Row], out_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``rows`` with the environment to ``<results_dir(out_dir)>/<name>.json`` and return
+    the path."""
+    path = results_dir(out_dir) / f"{name}.json"
     path.write_text(json.dumps({"env": env_info(), "rows": rows}, indent=1) + "\n")
     return path

@@ -11,6 +11,10 @@ values, and nothing needs to be downloaded or converted.
 Rows go to ``benchmarks/results/cast_step.json`` (or ``$OUT``), written after each measurement
 (a run stopped by a time limit keeps what it finished). The optimizer-alone rows time each
 optimizer's step on the gradients of one more forward + backward (never on zeroed gradients).
+Then the CAST step's parts, each alone: the dense and the student forward + loss + backward (the
+student's with the teacher's logits computed beforehand) and the teacher's forward. On CUDA each
+row also has ``host_us``, the host's time per call: near the device time, the host set the pace.
+``--profile`` also writes ``cast_step_profile.txt``: torch.profiler's table of each step's ops.
 ``CAST_EXT_BENCH_QUICK=1``: a 2-layer model, few repeats.
 """
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +31,7 @@ import torch
 import cast_ext
 from cast_ext import cast
 
-from ._harness import Row, cpu_time_us, cuda_time_us, quick, write_rows
+from ._harness import Row, cpu_time_us, cuda_time_us, quick, results_dir, write_rows
 
 VOCAB = 49152  # SmolLM2's vocabulary
 
@@ -52,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="also write cast_step_profile.txt")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     if not hasattr(cast_ext, "AdamS"):
@@ -95,9 +102,20 @@ def main(argv: list[str] | None = None) -> None:
         adams.step()
         adams.zero_grad(set_to_none=False)
 
-    def timed(fn) -> tuple[float, float, float]:
+    host: list[float] = []  # the host's time in each call of the last timing (CUDA)
+
+    def timed(fn, reps: int = 30) -> tuple[float, float, float]:
         if dev.type == "cuda":
-            return cuda_time_us(fn, n_inputs=3, warmup=5, reps=10 if quick() else 30)
+
+            def clocked(i: int) -> None:
+                t0 = time.perf_counter()
+                fn(i)
+                host.append((time.perf_counter() - t0) * 1e6)
+
+            host.clear()
+            t = cuda_time_us(clocked, n_inputs=3, warmup=5, reps=10 if quick() else reps)
+            del host[:5]  # the warm-up calls
+            return t
         return cpu_time_us(lambda: fn(0), warmup=1, reps=2 if quick() else 5)
 
     tokens = batch * seq
@@ -107,11 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{shape} on {dev}:", flush=True)
 
     def record(op: str, impl: str, t: tuple[float, float, float], baseline: str, vs: float) -> Path:
-        rows.append(
-            {**base, "op": op, "impl": impl, "median_us": t[0], "p20_us": t[1], "p80_us": t[2],
-             "baseline": baseline, "time_vs_baseline": t[0] / vs}
-        )  # fmt: skip
-        print(f"  {op:<15} {impl:<12} {t[0] / 1e3:9.2f} ms  {t[0] / vs:6.3f}x {baseline}",
+        row: Row = {**base, "op": op, "impl": impl, "median_us": t[0], "p20_us": t[1],
+                    "p80_us": t[2], "baseline": baseline,
+                    "time_vs_baseline": t[0] / vs}  # fmt: skip
+        note = ""
+        if host:  # CUDA: a device time near the host's means the host set the pace
+            row["host_us"] = statistics.median(host)
+            note = f"  (host {row['host_us'] / 1e3:.2f} ms)"
+        rows.append(row)
+        print(f"  {op:<15} {impl:<15} {t[0] / 1e3:9.2f} ms  {t[0] / vs:6.3f}x {baseline}{note}",
               flush=True)  # fmt: skip
         return write_rows("cast_step", rows)  # after each row: a run stopped by a limit keeps them
 
@@ -128,12 +150,57 @@ def main(argv: list[str] | None = None) -> None:
     cast_grads(0)
     t_adams = timed(lambda i: adams.step())
     path = record("optimizer_step", "adams", t_adams, "train_step cast", t_cast[0])
+    # Where the rest of the CAST step goes: its parts, each timed alone (10 calls).
+    with torch.no_grad():
+        t_logits = [teacher(x).logits for x in ids]
+
+    def student_grads(i: int) -> None:
+        loss = cast.distill_loss(student(ids[i % 3]).logits, t_logits[i % 3], labels[i % 3])
+        loss.backward()
+
+    def teacher_forward(i: int) -> None:
+        with torch.no_grad():
+            teacher(ids[i % 3])
+
+    for op, impl, fn in (
+        ("fwd_bwd", "dense", dense_grads),
+        ("fwd_bwd", "cast_student", student_grads),
+        ("forward", "cast_teacher", teacher_forward),
+    ):
+        path = record(op, impl, timed(fn, reps=10), "train_step cast", t_cast[0])
+    adams.zero_grad(set_to_none=False)
+    adamw.zero_grad(set_to_none=False)
+    if args.profile:
+        on_cuda = next(dense.parameters()).is_cuda
+        _profile(on_cuda, {"dense_adamw": dense_step, "cast": cast_step})
     ms = {k: v[0] / 1e3 for k, v in [("d", t_dense), ("c", t_cast), ("w", t_adamw), ("s", t_adams)]}
     print(f"  dense AdamW step {ms['d']:9.2f} ms (optimizer {ms['w']:.2f} ms, "
           f"{100 * ms['w'] / ms['d']:.1f}%)")  # fmt: skip
     print(f"  CAST step        {ms['c']:9.2f} ms (AdamS {ms['s']:.2f} ms, "
           f"{100 * ms['s'] / ms['c']:.1f}%), {ms['c'] / ms['d']:.2f}x the dense step")  # fmt: skip
     print(f"  wrote {path}")
+
+
+def _profile(on_cuda: bool, steps: dict) -> Path:
+    """torch.profiler over 2 calls of each step (after a warm-up call): the ops taking the most
+    device time (CPU: host time), one table per step, in ``cast_step_profile.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    out = [f"torch.profiler, 2 calls per step after a warm-up call, sorted by {key}"]
+    for name, fn in steps.items():
+        fn(0)
+        with profile(activities=activities) as prof:
+            for i in range(2):
+                fn(i)
+            if on_cuda:
+                torch.cuda.synchronize()
+        out += [f"\n== {name}", prof.key_averages().table(sort_by=key, row_limit=25)]
+    path = results_dir() / "cast_step_profile.txt"
+    path.write_text("\n".join(out) + "\n")
+    print(f"  profile: {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ if [[ "$PART" != core ]]; then
   # The short stages first; the GEMM benchmark last, with what is left of the budget: it writes
   # its JSON after every weight shape, so a stage cut short still leaves the shapes it finished.
   run_stage bench_distill 45 "$PY" -m benchmarks.bench_distill
-  run_stage bench_cast_step 60 "$PY" -m benchmarks.bench_cast_step
+  run_stage bench_cast_step 90 "$PY" -m benchmarks.bench_cast_step --profile
   run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
 fi
 # The issues' speed targets against every result in the folder (this call's and an earlier

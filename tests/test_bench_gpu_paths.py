@@ -330,17 +330,22 @@ def test_bench_cast_step_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_
         return step(self, *a, **kw)
 
     monkeypatch.setattr(cast_ext.AdamS, "step", recording_step)
-    mod.main(["--device", "cuda"])
+    mod.main(["--device", "cuda", "--profile"])
     rows = _rows(tmp_path / "cast_step.json")
     assert [(r["op"], r["impl"]) for r in rows] == [
         ("train_step", "dense_adamw"),
         ("train_step", "cast"),
         ("optimizer_step", "adamw"),
         ("optimizer_step", "adams"),
+        ("fwd_bwd", "dense"),
+        ("fwd_bwd", "cast_student"),
+        ("forward", "cast_teacher"),
     ]
     for r in rows:
-        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_baseline"))
+        _finite(r, ("median_us", "p20_us", "p80_us", "time_vs_baseline", "host_us"))
         assert r["device"] == "cuda"
+    profile = (tmp_path / "cast_step_profile.txt").read_text()
+    assert "== dense_adamw" in profile and "== cast" in profile and "aten::" in profile
     assert seen and min(seen) > 0, seen
 
 
