@@ -260,9 +260,6 @@ def _timed_on_device(
         y = call()
         end.record(stream)
         covered = not start.query()
-    if not covered:
-        with _LOCK:
-            _HOST_AHEAD[0] = min(2 * _HOST_AHEAD[0], _HOST_AHEAD_MAX)
     return y, (start, end), covered
 
 
@@ -869,6 +866,8 @@ class SparseLinear(nn.Module):
             return self.forward(x)  # not self(x): the module's hooks have run for this call
         with _LOCK:  # the thread whose sample completes the trial decides, once
             done = trial.add(path, sample, covered) and _TRIALS.pop(trial_key, None) is trial
+            if not covered and trial.calls[path] > _TRIAL_WARMUP:  # (a warm-up call may search)
+                _HOST_AHEAD[0] = min(2 * _HOST_AHEAD[0], _HOST_AHEAD_MAX)
         if done:
             self._decide(trial_key, trial)
         return y
