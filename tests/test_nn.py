@@ -464,6 +464,53 @@ def test_trial_leaves_out_uncovered_samples_up_to_a_limit() -> None:
     assert trial.medians() == {"dense": 10.0, "packed": 8.0}
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_timed_on_device_spins_before_the_start_event(
+    monkeypatch: pytest.MonkeyPatch, spinning: bool
+) -> None:
+    """The GPU spin is queued before the start event, the call between the events, and the
+    sample is covered iff the start event is still pending once the call is queued (on fakes of
+    torch.cuda: the order of what is queued)."""
+    queued: list[str] = []
+    made: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.name = ("start", "end")[len(made)]
+            made.append(self.name)
+
+        def record(self, stream: object) -> None:
+            assert stream == "stream"
+            queued.append(self.name)
+
+        def query(self) -> bool:
+            assert self.name == "start" and queued[-1] == "end"
+            return not spinning
+
+    class Device:
+        def __init__(self, device: torch.device) -> None:
+            assert device == torch.device("cuda", 1)
+
+        def __enter__(self) -> None:
+            queued.append("enter")
+
+        def __exit__(self, *exc: object) -> None:
+            queued.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: "stream")
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: queued.append(f"sleep {cycles}"))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    y = torch.ones(2)
+    out, (start, end), covered = cast_ext.nn._timed_on_device(
+        torch.device("cuda", 1), lambda: queued.append("call") or y
+    )
+    assert out is y and (start.name, end.name) == ("start", "end") and covered == spinning
+    assert queued == ["enter", f"sleep {cast_ext.nn._HOST_AHEAD[0]}", "start", "call", "end",
+                      "exit"]  # fmt: skip
+
+
 def test_a_failing_cusparselt_trial_drops_that_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """If cuSPARSELt raises during a trial call, the call is served by another path, a warning
     says why, and the bucket is decided among the others (here on the CPU, with cuSPARSELt
