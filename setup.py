@@ -203,7 +203,7 @@ def elf_needed(path: str) -> list[str] | None:
     return needed
 
 
-def check_shared_libstdcxx(path: str) -> None:
+def check_shared_libstdcxx(path: str, cxx: str | None = None) -> None:
     """Exit with the reason when the built extension holds its own copy of libstdc++.
 
     A toolchain that links libstdc++ statically (the H200 image's /opt/gcc does) builds an
@@ -214,14 +214,15 @@ def check_shared_libstdcxx(path: str) -> None:
     needed = elf_needed(path)
     if needed is None or any(n.startswith("libstdc++.so") for n in needed):
         return
-    cxx = os.environ.get("CXX", "c++")
+    cxx = cxx or os.environ.get("CXX", "c++")
     Path(path).unlink()
     sys.exit(
         f"setup.py: the C++ compiler ({cxx}) linked libstdc++ statically into {Path(path).name} "
         "(it needs no libstdc++.so): its own copy of the C++ runtime beside torch's crashes the "
         "process at the first error message it formats. Build with a compiler that links "
         "libstdc++ as a shared library, for example CC=/usr/bin/gcc CXX=/usr/bin/g++ (set both: "
-        "nvcc's host compiler follows CC). The file was removed."
+        "nvcc's host compiler follows CC; CMake reads them in a fresh build folder). The file "
+        "was removed."
     )
 
 
@@ -268,4 +269,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--check-libstdcxx"]:  # CMakeLists.txt's post-build check: FILE [CXX]
+        check_shared_libstdcxx(*sys.argv[2:4])
+    else:
+        main()

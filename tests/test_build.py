@@ -336,6 +336,14 @@ def test_setup_refuses_an_extension_with_its_own_libstdcxx(tmp_path: Path) -> No
         setup.check_shared_libstdcxx(str(static))
     assert not static.exists()
     assert setup.elf_needed(str(src)) is None
+    # The command line CMakeLists.txt runs after it links _C: FILE [CXX]
+    subprocess.run([cxx, "-shared", "-fPIC", "-static-libstdc++", src, "-o", static], check=True)
+    for path, rc in ((shared, 0), (static, 1)):
+        cmd = [sys.executable, ROOT / "setup.py", "--check-libstdcxx", path, "/opt/gcc/bin/g++"]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == rc, run.stderr
+        assert path.exists() == (rc == 0)
+    assert "compiler (/opt/gcc/bin/g++) linked libstdc++ statically into static.so" in run.stderr
 
 
 def test_cslt_fp16_probe_reports_a_failing_case_as_a_row(
