@@ -4,14 +4,14 @@
 # scripts/gpu_demo_bundle.py, whose `pack` makes .gpu_bundle/a and .gpu_bundle/b here first):
 #
 #   call 1, carry [".gpu_bundle/a"]:   bash benchmarks/gpu_demo.sh stage
-#   call 2, carry [".gpu_bundle/b"]:   bash benchmarks/gpu_demo.sh run [demo args]  (~590 s)
+#   call 2, carry [".gpu_bundle/b"]:   bash benchmarks/gpu_demo.sh run [demo args]  (timeout_s 590)
 #
 # (prefix each with CAST_EXT_GIT_SHA=<sha>: results.json records it, and the machine has no .git)
 # Start call 2 at once: a machine stays warm for 30 s, and a fresh one has no staged part a.
 # `stage` also builds the extension (as gpu_suite.sh does, stamped, so neither script builds it
 # again on that machine): call 2's 600 s are the demo's. Call 1 can be
 # `bash benchmarks/gpu_demo.sh stage && bash benchmarks/gpu_suite.sh core`. Demo args after
-# `run` go to `python -m cast_ext demo` (e.g. --cast-steps 1500 for a shorter run); the demo runs
+# `run` go to `python -m cast_ext demo` (e.g. --cast-steps 800 for a shorter run); the demo runs
 # with --no-progress (the log keeps the evaluations, not 4,000 bar updates).
 #
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and

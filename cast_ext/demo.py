@@ -143,17 +143,23 @@ PRESETS: dict[str, Preset] = {
     # About 5-7 minutes on 2 CPU cores (15 under load): 20,480 training tokens per run. Too short
     # for CAST's decay to finish (SPEC §6); the demo says so.
     "cpu": Preset(name="cpu"),
-    # Sized for about 5 minutes on one H200 (not yet run there): 4.1M training tokens per run,
-    # 2,000 CAST steps.
+    # Sized for one device call on an H200 (not yet run there): 2.5M training tokens per run,
+    # 1,200 CAST steps. The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, 2,048
+    # tokens a step) took 221 ms a CAST step and 117 ms a dense AdamW step, about 10 TFLOP/s:
+    # set by the host, not the GPU, so steps cost about the same at any batch this size. At
+    # those rates the runs take about 7 minutes (CAST 265 s, each fine-tune 70-80 s) where 2,000
+    # steps (the first sizing) would have taken 12, past the device tool's 10-minute call.
+    # decay_budget on the first batch predicts the pruned weights at 3% of their size by the
+    # end at lr 3e-4 (11% at 2e-4).
     "gpu": Preset(
         name="gpu",
         eval_every=250,
         curve_windows=16,
-        ft_steps=1000,
+        ft_steps=600,
         ft_batch=16,
-        cast_steps=2000,
+        cast_steps=1200,
         cast_batch=8,
-        cast_lr=2e-4,
+        cast_lr=3e-4,
         warmup=50,
         dense_finetune=True,
         eval_batch=32,
