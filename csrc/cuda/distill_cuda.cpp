@@ -1,9 +1,9 @@
 // Torch glue for the fused distillation loss on CUDA (csrc/cuda/distill.cu): the shared argument
 // checks (csrc/distill.h), device guard, current stream, allocation, launch checks. A label out
-// of range is reported through a device flag read back after the forward kernel (one small copy
-// and a sync), skipped while a CUDA graph is captured and when the user turned the value checks
-// off (cast_ext.set_cuda_value_checks); the backward reads grad_scale on the device and never
-// syncs.
+// of range is reported through an error flag read after the forward kernel (glue.h's DeviceFlag:
+// pinned host memory and a sync), skipped while a CUDA graph is captured and when the user turned
+// the value checks off (cast_ext.set_cuda_value_checks); the backward reads grad_scale on the
+// device and never syncs.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

@@ -17,9 +17,10 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 // ---- sparse24_mask.cu (reference: nm_mask, sparse24_prune, sparse24_compress, ...) ----------
 // All views are rows x k, row-major, contiguous; groups of m along k; packed masks rows x
-// ceil(k/8) bytes. `bad` (device int, zeroed by the caller) is set if any weight is non-finite.
-// Every error flag of these kernels may be nullptr: the check is then skipped, the outputs are
-// the same.
+// ceil(k/8) bytes. `bad` (an int the device can write, zeroed by the caller) is set if any weight
+// is non-finite. Every error flag of these kernels may be nullptr: the check is then skipped, the
+// outputs are the same. A flag is set with plain stores (all of the value 1), never read or
+// combined on the device: DeviceFlag (glue.h) puts it in pinned host memory.
 enum class MaskOut : int { Mask = 0, Prune = 1, Compress = 2 };
 
 cudaError_t nm_select(DType dt, MaskOut mode, const void* w, int64_t rows, int64_t k, int n, int m,
@@ -44,8 +45,8 @@ cudaError_t mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m
 
 // ---- sparse24_gemv.cu (reference: sparse24_gemm, for M <= kGemv24MaxM) ---------------------
 // y [m, n] = x [m, k] @ W^T (+ bias) from values [n, k/2] + meta [n, k/8]; bias may be nullptr.
-// `bad_meta` (device int, zeroed by the caller, or nullptr) is set if a nibble does not have
-// exactly 2 bits.
+// `bad_meta` (an int the device can write, zeroed by the caller, or nullptr) is set if a nibble
+// does not have exactly 2 bits.
 namespace cast_ext {
 namespace cuda {
 
@@ -92,9 +93,10 @@ cudaError_t adams_step(DType dt, bool master, bool sparse, const AdamsTensorArgs
 
 // ---- distill.cu (reference: distill_fwd, distill_bwd) ----------------------------------------
 // Logits [rows, vocab] row-major (teacher nullptr: no KL term, eta must be 0 in the backward),
-// labels [rows] int64, lse [rows, 3] fp32. `bad_label` (device int zeroed by the caller, or
-// nullptr) is set if a label that is not ignore_index lies outside [0, vocab). grad_scale: a
-// device fp32 read by the kernel. num_sms and threads_per_sm (the device's) size the grid.
+// labels [rows] int64, lse [rows, 3] fp32. `bad_label` (an int the device can write, zeroed by the
+// caller, or nullptr) is set if a label that is not ignore_index lies outside [0, vocab).
+// grad_scale: a device fp32 read by the kernel. num_sms and threads_per_sm (the device's) size the
+// grid.
 namespace cast_ext {
 namespace cuda {
 

@@ -3,8 +3,8 @@
 //   (csrc/cuda/sparse24_gemv.cu), which reads the 2:4 weight once in its packed form (56% of a
 //   dense fp16/bf16 weight's bytes);
 // * otherwise: the mask file's decompress kernel, then a dense cuBLAS GEMM with fused bias.
-// Both accumulate in fp32 and round once. Invalid meta is reported through a device flag read
-// back like the mask ops' (a sync); check_meta=False skips it, for callers that checked the meta
+// Both accumulate in fp32 and round once. Invalid meta is reported through an error flag read
+// like the mask ops' (a sync); check_meta=False skips it, for callers that checked the meta
 // once (cast_ext.nn.SparseLinear does, per weight), as do graph capture and the value checks off.
 // The cuSPARSELt path (cslt_linear, csrc/cuda/cusparselt.cpp) is the fast one at large M; it
 // needs the library's own compressed buffer, which cast_ext.nn.SparseLinear keeps.

@@ -1,8 +1,8 @@
 // Torch glue for the CUDA mask kernels (csrc/cuda/sparse24_mask.cu): argument checks, device
 // guard, current stream, allocation, launch-error checks. Non-finite weights and invalid meta
-// are reported through a device flag that is read back after the kernel (one small copy and a
-// sync); the read is skipped while a CUDA graph is being captured, where a sync is not allowed,
-// and when the user turned the checks off (cast_ext.set_cuda_value_checks).
+// are reported through an error flag read after the kernel (glue.h's DeviceFlag: pinned host
+// memory and a sync); the read is skipped while a CUDA graph is being captured, where a sync is not
+// allowed, and when the user turned the checks off (cast_ext.set_cuda_value_checks).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
