@@ -5,7 +5,7 @@
 # 8.0;9.0+PTX where nvidia-smi cannot tell), then run the stages of a part and write logs + JSON
 # to the output folder: $2, else $OUT, else benchmarks/results/gpu-<date>.
 #
-#   bash benchmarks/gpu_suite.sh core|bench|all [OUT_DIR]
+#   bash benchmarks/gpu_suite.sh core|bench|verify|all [OUT_DIR]
 #
 # core:  the tests that run CUDA code (`-m cuda`, marked in tests/conftest.py), the mask and
 #        AdamS benchmarks, the probe of cuSPARSELt float16 faults (benchmarks/cslt_fp16_probe.py),
@@ -15,7 +15,10 @@
 # bench: the distillation loss benchmark and the CAST step benchmark (short), then the GEMM
 #        benchmark (every LLaMA shape and M), which gets what is left of the budget and writes
 #        its JSON after every weight shape;
-# all:   both (a machine without the device tool's 10-minute call limit).
+# verify: what the open issues still need measured, in one call that leaves the rest of a
+#        15-minute device session to the demo's GPU preset (benchmarks/gpu_demo.sh): the CUDA
+#        tests, the mask benchmark, the CAST step benchmark, the GEMM benchmark;
+# all:   core and bench (a machine without the device tool's 10-minute call limit).
 # The device tool runs `core`, then `bench` in a second call started at once (a machine stays
 # warm for 30 s): the build is kept between calls, and a stamp of the sources' hash lets the
 # second call skip it. A fresh machine builds again. The CPU-only tests are not run here: CI runs
@@ -55,9 +58,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PART="${1:-}"
 case "$PART" in
-  core | bench | all) ;;
+  core | bench | verify | all) ;;
   *)
-    echo "usage: bash benchmarks/gpu_suite.sh core|bench|all [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_suite.sh core|bench|verify|all [OUT_DIR]" >&2
     exit 2
     ;;
 esac
@@ -69,8 +72,17 @@ PY="${PYTHON:-python3}"
 case "$PART" in
   core) BUDGET="${SUITE_BUDGET:-450}" ;;
   bench) BUDGET="${SUITE_BUDGET:-270}" ;;
+  verify) BUDGET="${SUITE_BUDGET:-330}" ;;
   *) BUDGET="${SUITE_BUDGET:-540}" ;;
 esac
+# The stages of each part, run in the order of the code below.
+case "$PART" in
+  core) STAGES="tests mask adams probe memcheck" ;;
+  bench) STAGES="distill cast_step gemm" ;;
+  verify) STAGES="tests mask cast_step gemm" ;;
+  *) STAGES="tests mask adams probe memcheck distill cast_step gemm" ;;
+esac
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
 BUDGET="${BUDGET%%.*}" # 287.4 -> 287
 if ! [[ $BUDGET =~ ^[0-9]+$ ]]; then
   echo "gpu_suite.sh: SUITE_BUDGET must be whole seconds, got '${SUITE_BUDGET:-}'" >&2
@@ -145,7 +157,7 @@ if [[ "${SUITE_ALLOW_NO_GPU:-0}" != 1 ]] &&
   step "cuSPARSELt NOT BUILT: the sparse GEMM tests and benchmark cannot run (see the build log)"
 fi
 
-if [[ "$PART" != bench ]]; then
+if wants tests; then
   timeout_flag=() xdist_flag=()
   py60 -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
   py60 -c "import xdist" 2>/dev/null && xdist_flag=(-n 8 --max-worker-restart 16)
@@ -163,13 +175,15 @@ if [[ "$PART" != bench ]]; then
   run_stage tests_cuda 160 "$PY" -m pytest "${files[@]}" -m cuda -v -rfEs -p no:cacheprovider \
     "${timeout_flag[@]}" "${xdist_flag[@]}" --durations=10 --junitxml="$OUT_DIR/tests.xml"
   grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
-  # The issues' benchmarks before the memcheck: on a first call the build leaves the least
-  # time for the last stage.
-  run_stage bench_sparse24_mask 45 "$PY" -m benchmarks.bench_sparse24_mask
-  run_stage bench_adams 60 "$PY" -m benchmarks.bench_adams
-  # Which float16 cuSPARSELt calls fault the GPU (refused on sm_90 with cuSPARSELt <= 0.8.0
-  # since the H200 run of 2026-11-30), one case per process.
-  run_stage cslt_fp16_probe 90 "$PY" -m benchmarks.cslt_fp16_probe
+fi
+# The issues' benchmarks before the memcheck: on a first call the build leaves the least time
+# for the last stage.
+wants mask && run_stage bench_sparse24_mask 45 "$PY" -m benchmarks.bench_sparse24_mask
+wants adams && run_stage bench_adams 60 "$PY" -m benchmarks.bench_adams
+# Which float16 cuSPARSELt calls fault the GPU (refused on sm_90 with cuSPARSELt <= 0.8.0 since
+# the H200 run of 2026-11-30), one case per process.
+wants probe && run_stage cslt_fp16_probe 90 "$PY" -m benchmarks.cslt_fp16_probe
+if wants memcheck; then
   SANITIZER="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
   if [[ -x $SANITIZER ]]; then
     before=$status lines=$(wc -l <"$LOG")
@@ -191,13 +205,11 @@ if [[ "$PART" != bench ]]; then
     skipped+=(memcheck)
   fi
 fi
-if [[ "$PART" != core ]]; then
-  # The short stages first; the GEMM benchmark last, with what is left of the budget: it writes
-  # its JSON after every weight shape, so a stage cut short still leaves the shapes it finished.
-  run_stage bench_distill 45 "$PY" -m benchmarks.bench_distill
-  run_stage bench_cast_step 90 "$PY" -m benchmarks.bench_cast_step --profile
-  run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
-fi
+# The short stages first; the GEMM benchmark last, with what is left of the budget: it writes its
+# JSON after every weight shape, so a stage cut short still leaves the shapes it finished.
+wants distill && run_stage bench_distill 45 "$PY" -m benchmarks.bench_distill
+wants cast_step && run_stage bench_cast_step 90 "$PY" -m benchmarks.bench_cast_step --profile
+wants gemm && run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
 # The issues' speed targets against every result in the folder (this call's and an earlier
 # call's into the same folder): met, NOT met or not measured, a table to paste into a report.
 py60 -m benchmarks.targets "$OUT_DIR" 2>&1 | tee -a "$LOG"
