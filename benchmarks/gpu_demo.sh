@@ -10,7 +10,9 @@
 # Start call 2 at once: a machine stays warm for 30 s, and a fresh one has no staged part a.
 # `stage` also builds the extension (as gpu_suite.sh does, stamped, so neither script builds it
 # again on that machine): call 2's 600 s are the demo's. Call 1 can be
-# `bash benchmarks/gpu_demo.sh stage && bash benchmarks/gpu_suite.sh core`. Demo args after
+# `bash benchmarks/gpu_demo.sh stage && SUITE_BUDGET=240 bash benchmarks/gpu_suite.sh verify`
+# (the build is shared), which leaves one 15-minute device session about 8 minutes for the demo
+# (about 7 by the H200's step times, the model's conversion and the evaluations). Demo args after
 # `run` go to `python -m cast_ext demo` (e.g. --cast-steps 800 for a shorter run); the demo runs
 # with --no-progress (the log keeps the evaluations, not 4,000 bar updates).
 #
