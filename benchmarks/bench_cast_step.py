@@ -187,7 +187,7 @@ def _profile(on_cuda: bool, steps: dict) -> Path:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    key = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     out = [f"torch.profiler, 2 calls per step after a warm-up call, sorted by {key}"]
     for name, fn in steps.items():
         fn(0)
