@@ -128,21 +128,7 @@ def cuda_time_us(
             function: every call then reads its operands from HBM, as a layer of a model
             larger than the L2 does).
     """
-    for i in range(warmup):
-        fn(i % n_inputs)
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        torch.cuda._sleep(host_ahead_cycles)
-        if flush is not None:
-            flush()
-        starts[i].record()
-        fn(i % n_inputs)
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True))
-    return _stats(times)
+    return cuda_time_interleaved({"fn": fn}, n_inputs, warmup, reps, flush, host_ahead_cycles)["fn"]
 
 
 def cuda_time_interleaved(
