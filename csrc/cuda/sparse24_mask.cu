@@ -28,18 +28,20 @@ constexpr int kThreads = 256;
 // that its one atomic per block costs nothing.
 constexpr int kFlipsMaxBlocks = 4096;
 
-// Index j of a thread's 8 elements -> (row, byte in row) for rows of kb bytes of packed mask.
-// A 64-bit division is a long software routine on the GPU, and the kernels below split every
-// thread's index. Where every index is below 2^31 (tensors of fewer than 2^34 elements) it is a
-// multiply-high, an add and a shift by a magic number made on the host (Granlund & Montgomery,
-// the form of PyTorch's IntDivider: exact for dividends below 2^31); else the plain division.
+// A rows x k tensor's units (8 elements: a byte of packed mask): kb per row, total in all, and
+// index j of a unit -> (row, byte in row). A 64-bit division is a long software routine on the
+// GPU, and the kernels below split every thread's index. Where every index is below 2^31
+// (tensors of fewer than 2^34 elements) it is a multiply-high, an add and a shift by a magic
+// number made on the host (Granlund & Montgomery, the form of PyTorch's IntDivider: exact for
+// dividends below 2^31); else the plain division.
 struct RowSplit {
-  int64_t kb;
+  int64_t kb, total;
   uint32_t magic, shift;
   bool fast;
 
-  static RowSplit make(int64_t kb, int64_t total) {
-    RowSplit rs{kb, 0, 0, kb > 0 && total < (int64_t(1) << 31)};
+  static RowSplit make(int64_t rows, int64_t k) {
+    const int64_t kb = (k + 7) / 8, total = rows * kb;
+    RowSplit rs{kb, total, 0, 0, kb > 0 && total < (int64_t(1) << 31)};
     if (rs.fast) {
       while ((int64_t(1) << rs.shift) < kb) ++rs.shift;
       const uint64_t one = 1;
@@ -140,12 +142,11 @@ __device__ __forceinline__ void write_unit(const Pack8<T>& x, uint32_t bits, int
 // loads all of a thread's units, then ranks and writes them.
 template <typename T, int M, MaskOut MODE>
 __global__ void __launch_bounds__(kThreads)
-    nm_select_kernel(const T* __restrict__ w, int64_t rows, int64_t k, RowSplit split, int n,
+    nm_select_kernel(const T* __restrict__ w, int64_t k, RowSplit split, int n,
                      bool* __restrict__ mask_out, T* __restrict__ values_out,
                      uint8_t* __restrict__ meta_out, int* __restrict__ bad_flag) {
   constexpr int U = kSelectUnits<T>;
-  const int64_t kb = (k + 7) / 8;
-  const int64_t total = rows * kb;
+  const int64_t kb = split.kb, total = split.total;
   // Vector loads need every thread's 8 elements contiguous and 16-byte aligned: k % 8 == 0 and
   // (checked by the launcher) an aligned base pointer.
   const bool aligned_rows = (k % 8) == 0;
@@ -179,10 +180,9 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    decompress_kernel(const T* __restrict__ values, const uint8_t* __restrict__ meta, int64_t rows,
-                      int64_t k, RowSplit split, T* __restrict__ out, int* __restrict__ bad_meta) {
-  const int64_t kb = (k + 7) / 8;
-  const int64_t total = rows * kb;
+    decompress_kernel(const T* __restrict__ values, const uint8_t* __restrict__ meta, int64_t k,
+                      RowSplit split, T* __restrict__ out, int* __restrict__ bad_meta) {
+  const int64_t kb = split.kb, total = split.total;
   const bool aligned_rows = (k % 8) == 0;
   bool bad = false;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
@@ -216,10 +216,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    pack_kernel(const bool* __restrict__ mask, int64_t rows, int64_t k, RowSplit split,
+    pack_kernel(const bool* __restrict__ mask, int64_t k, RowSplit split,
                 uint8_t* __restrict__ packed) {
-  const int64_t kb = (k + 7) / 8;
-  const int64_t total = rows * kb;
+  const int64_t kb = split.kb, total = split.total;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = split.row(j);
@@ -235,10 +234,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    unpack_kernel(const uint8_t* __restrict__ packed, int64_t rows, int64_t k, RowSplit split,
+    unpack_kernel(const uint8_t* __restrict__ packed, int64_t k, RowSplit split,
                   bool* __restrict__ mask) {
-  const int64_t kb = (k + 7) / 8;
-  const int64_t total = rows * kb;
+  const int64_t kb = split.kb, total = split.total;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < total;
        j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = split.row(j);
@@ -307,12 +305,11 @@ template <typename T>
 cudaError_t nm_select_t(MaskOut mode, const T* w, int64_t rows, int64_t k, int n, int m,
                         bool* mask_out, T* values_out, uint8_t* meta_out, int* bad,
                         cudaStream_t s) {
-  const int64_t kb = (k + 7) / 8;
-  const int grid = grid_for((rows * kb + kSelectUnits<T> - 1) / kSelectUnits<T>);
-  const RowSplit split = RowSplit::make(kb, rows * kb);
+  const RowSplit split = RowSplit::make(rows, k);
+  const int grid = grid_for((split.total + kSelectUnits<T> - 1) / kSelectUnits<T>);
 #define CAST_LAUNCH(M, MODE)   \
   nm_select_kernel<T, M, MODE> \
-      <<<grid, kThreads, 0, s>>>(w, rows, k, split, n, mask_out, values_out, meta_out, bad)
+      <<<grid, kThreads, 0, s>>>(w, k, split, n, mask_out, values_out, meta_out, bad)
   if (m == 8) {
     switch (mode) {
       case MaskOut::Mask: CAST_LAUNCH(8, MaskOut::Mask); break;
@@ -361,23 +358,20 @@ cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* met
   if (rows * k == 0) return cudaSuccess;
   // Rows of a multiple of 8 are written with 16-byte stores (store8): `out` must allow them.
   if (k % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 != 0) return cudaErrorMisalignedAddress;
-  const int64_t kb = (k + 7) / 8;
-  const int grid = grid_for(rows * kb);
-  const RowSplit split = RowSplit::make(kb, rows * kb);
+  const RowSplit split = RowSplit::make(rows, k);
+  const int grid = grid_for(split.total);
   switch (dt) {
     case DType::F32:
-      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(values), meta,
-                                                       rows, k, split, static_cast<float*>(out),
-                                                       bad_meta);
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(values), meta, k,
+                                                       split, static_cast<float*>(out), bad_meta);
       break;
     case DType::F16:
-      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(values), meta,
-                                                       rows, k, split, static_cast<__half*>(out),
-                                                       bad_meta);
+      decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(values), meta, k,
+                                                       split, static_cast<__half*>(out), bad_meta);
       break;
     case DType::BF16:
       decompress_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(values),
-                                                       meta, rows, k, split,
+                                                       meta, k, split,
                                                        static_cast<__nv_bfloat16*>(out), bad_meta);
       break;
   }
@@ -387,18 +381,16 @@ cudaError_t sparse24_decompress(DType dt, const void* values, const uint8_t* met
 cudaError_t pack_mask(const bool* mask, int64_t rows, int64_t k, uint8_t* packed,
                       cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
-  const int64_t kb = (k + 7) / 8;
-  pack_kernel<<<grid_for(rows * kb), kThreads, 0, stream>>>(mask, rows, k,
-                                                            RowSplit::make(kb, rows * kb), packed);
+  const RowSplit split = RowSplit::make(rows, k);
+  pack_kernel<<<grid_for(split.total), kThreads, 0, stream>>>(mask, k, split, packed);
   return cudaGetLastError();
 }
 
 cudaError_t unpack_mask(const uint8_t* packed, int64_t rows, int64_t k, bool* mask,
                         cudaStream_t stream) {
   if (rows * k == 0) return cudaSuccess;
-  const int64_t kb = (k + 7) / 8;
-  unpack_kernel<<<grid_for(rows * kb), kThreads, 0, stream>>>(packed, rows, k,
-                                                              RowSplit::make(kb, rows * kb), mask);
+  const RowSplit split = RowSplit::make(rows, k);
+  unpack_kernel<<<grid_for(split.total), kThreads, 0, stream>>>(packed, k, split, mask);
   return cudaGetLastError();
 }
 
