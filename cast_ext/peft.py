@@ -7,6 +7,9 @@ to :class:`SparseLoraLinear`::
     model = cast_ext.nn.to_sparse(model)
     model = peft.get_peft_model(model, cast_ext.peft.lora_config(r=16, target_modules=[...]))
 
+``target_modules="all-linear"`` needs the model (PEFT's own expansion lists ``nn.Linear`` and
+``Conv1D`` layers only): ``lora_config(model=model, target_modules="all-linear", ...)``.
+
 Saved adapters are plain LoRA adapters; to load one onto a ``to_sparse`` model, register the
 saved config::
 
@@ -25,9 +28,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch import nn
+
 try:
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from peft.tuners.lora import Linear as _LoraLinear
+    from peft.tuners.tuners_utils import (
+        BaseTuner,
+        BaseTunerLayer,
+        _maybe_include_all_linear_layers,
+    )
+    from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TaskType
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 except ModuleNotFoundError as e:
     if e.name != "peft":
         raise
@@ -35,6 +47,8 @@ except ModuleNotFoundError as e:
         "cast_ext.peft needs peft: pip install peft (or pip install 'cast_ext[peft]': "
         "peft==0.21.2, the version tested)"
     ) from e
+
+from transformers import PreTrainedModel
 
 from .nn import SparseLinear
 
@@ -113,7 +127,40 @@ class SparseLoraLinear(_LoraLinear):
         return f"cast_ext.peft.SparseLoraLinear: layer {self.target_name!r}"
 
 
-def register(config: LoraConfig) -> LoraConfig:
+def _asks_all_linear(config: LoraConfig) -> bool:
+    t = config.target_modules
+    return isinstance(t, str) and t.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def _expand_all_linear(config: LoraConfig, model: nn.Module) -> None:
+    """Set ``config.target_modules`` to PEFT's expansion of ``"all-linear"`` (its ``nn.Linear``,
+    ``Conv1D`` and adapter layers) plus the ``SparseLinear`` layers, which PEFT does not list,
+    left out by PEFT's rules: the output head of a ``transformers`` model (a sequence
+    classifier's ``score``/``classifier`` where it has none) and the layers inside adapters.
+    A ``PeftModel`` (for ``add_adapter``) is named from the model it wraps, as PEFT does."""
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    sparse = {name for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    sparse -= {
+        f"{prefix}.{suffix}"
+        for prefix, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer)
+        for suffix, _ in m.named_modules()
+        if suffix
+    }
+    if isinstance(model, PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and config.task_type == TaskType.SEQ_CLS:
+            heads = (getattr(model, n, None) for n in SEQ_CLS_HEAD_NAMES)
+            head = next((h for h in heads if h is not None), None)
+        sparse -= {name for name, m in model.named_modules() if m is head}
+    _maybe_include_all_linear_layers(config, model)
+    config.target_modules = set(config.target_modules) | sparse
+
+
+def register(config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
     """Map ``SparseLinear`` targets of ``config`` to :class:`SparseLoraLinear` (in place).
 
     For a config built elsewhere: one loaded with ``LoraConfig.from_pretrained`` for
@@ -121,26 +168,46 @@ def register(config: LoraConfig) -> LoraConfig:
     ``get_peft_model`` / ``add_adapter``. Other targets (dense ``nn.Linear`` layers that
     ``to_sparse`` left dense) get PEFT's own LoRA layers.
 
+    Args:
+        config: the ``peft.LoraConfig``.
+        model: the model the adapter goes on; needed for ``target_modules="all-linear"``, which
+            becomes the names of its ``SparseLinear`` layers besides those PEFT lists (its
+            ``nn.Linear`` and ``Conv1D`` layers), all but the output head.
+
     Returns:
         ``config``.
 
     Raises:
-        TypeError: ``config`` is not a ``peft.LoraConfig``.
+        TypeError: ``config`` is not a ``peft.LoraConfig``, or ``model`` not an ``nn.Module``.
         ValueError: it asks for what :class:`SparseLoraLinear` refuses (DoRA or another LoRA
-            variant, ``lora_bias``, an initialisation that reads the base weight).
+            variant, ``lora_bias``, an initialisation that reads the base weight), or for
+            ``"all-linear"`` without ``model``. ``config`` is left unchanged.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(
             f"cast_ext.peft.register: expected a peft.LoraConfig, got {type(config).__name__}"
         )
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"cast_ext.peft.register: model must be an nn.Module, got {type(model).__name__}"
+        )
     why = _refusal(config)
     if why is not None:
         raise ValueError(f"cast_ext.peft.register: {why} on a SparseLinear")
+    if _asks_all_linear(config):
+        if model is None:
+            raise ValueError(
+                f"cast_ext.peft.register: target_modules={config.target_modules!r} needs the "
+                "model (register(config, model) or lora_config(model=model, ...)): PEFT expands "
+                "it to nn.Linear and Conv1D layers only, so no SparseLinear would get an adapter"
+            )
+        _expand_all_linear(config, model)
     config._register_custom_module({SparseLinear: SparseLoraLinear})
     return config
 
 
-def lora_config(**kwargs: Any) -> LoraConfig:
+def lora_config(*, model: nn.Module | None = None, **kwargs: Any) -> LoraConfig:
     """``peft.LoraConfig(**kwargs)`` with ``SparseLinear`` targets mapped to
-    :class:`SparseLoraLinear` (see :func:`register`)."""
-    return register(LoraConfig(**kwargs))
+    :class:`SparseLoraLinear`; ``model`` is needed for ``target_modules="all-linear"`` (see
+    :func:`register`)."""
+    return register(LoraConfig(**kwargs), model)

@@ -372,3 +372,47 @@ def test_tiny_llama() -> None:
         loss.backward()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def _lora_layers(model: nn.Module, adapter: str) -> dict[str, type]:
+    """{qualified name: layer class} of the layers holding ``adapter``."""
+    return {
+        n: type(m)
+        for n, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer) and adapter in m.lora_A
+    }
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*were not 2.4 sparse and were pruned")
+@pytest.mark.parametrize("spelling", ["all-linear", "ALL-Linear"])
+def test_all_linear(spelling: str) -> None:
+    """``target_modules="all-linear"`` with the model: the layers PEFT's "all-linear" finds on
+    the dense model (every projection, not the head), SparseLinear ones wrapped in
+    SparseLoraLinear; a second adapter through the PeftModel lands on the same layers (not on
+    the SparseLinear inside a SparseLoraLinear); without the model, a clear refusal."""
+    pytest.importorskip("transformers")
+    model = to_sparse(tiny_llama(64, tied=False), mode="sparse")
+    dense = get_peft_model(to_dense(copy.deepcopy(model)), LoraConfig(r=4, target_modules=spelling))
+    want = {n: LoraLinear for n in _lora_layers(dense, "default")}
+    assert len(want) == 14 and not any(n.endswith("lm_head") for n in want)
+    config = LoraConfig(r=4, target_modules=spelling)
+    with pytest.raises(
+        ValueError,
+        match=rf"^cast_ext\.peft\.register: target_modules='{spelling}' needs the model "
+        r"\(register\(config, model\) or lora_config\(model=model, \.\.\.\)\)",
+    ):
+        register(config)
+    assert config.target_modules == spelling and not config._custom_modules
+    with pytest.raises(TypeError, match=r"^cast_ext\.peft\.register: model must be an nn\.Module"):
+        register(config, model={"up": None})
+    p = get_peft_model(model, lora_config(model=model, r=4, target_modules=spelling))
+    assert _lora_layers(p, "default") == {n: SparseLoraLinear for n in want}
+    p.add_adapter("two", lora_config(model=p, r=2, target_modules=spelling))
+    assert _lora_layers(p, "two") == _lora_layers(p, "default")
+    # a to_sparse that left some layers dense: those get PEFT's LoRA, the others SparseLoraLinear
+    mixed = to_sparse(tiny_llama(64, tied=False), lambda n, _: "mlp" in n, mode="sparse")
+    p = get_peft_model(mixed, lora_config(model=mixed, r=4, target_modules=spelling))
+    got = _lora_layers(p, "default")
+    assert got.keys() == want.keys()
+    assert all((got[n] is SparseLoraLinear) == (".mlp." in n) for n in got)
