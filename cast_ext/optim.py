@@ -314,17 +314,18 @@ def _check_param_memory(params: list[tuple[Tensor, int, int]]) -> None:
 
 def _check_sparse(sparse: Any, params: Sequence[Tensor], m: int, gi: int) -> None:
     """Refuse group ``gi``'s ``sparse`` flag where it is neither None nor a bool, and, where it
-    is True, a param that is not 2-D or whose last dim is not a multiple of ``m``."""
+    is True, a param with fewer than 2 dims or whose last dim is not a multiple of ``m``."""
     if sparse is None:
         return
     if not isinstance(sparse, bool):
         raise _err(f"group {gi}: a group's sparse must be a bool, got {sparse!r}")
     for pi, p in enumerate(params if sparse else ()):
         where = f"{pi} of group {gi} "
-        if p.dim() != 2:
+        if p.dim() < 2:
             raise _err(
-                f"{_describe(p, where)} is in a sparse group but is not 2-D: N:M sparsity "
-                "applies to [out, in] weight matrices"
+                f"{_describe(p, where)} is in a sparse group but has fewer than 2 dims: N:M "
+                "sparsity applies to [out, in] weight matrices (or stacks of them, such as "
+                "[experts, out, in])"
             )
         if p.shape[-1] % m != 0:
             raise _err(
@@ -368,7 +369,9 @@ class AdamS(torch.optim.Optimizer):
     Per param group ``sparse`` selects AdamS (True) or plain Adam/AdamW (False) for all of its
     params. Without it (``sparse=None``) each param of the group is sparse by its shape: the 2-D
     ones whose last dim is a multiple of ``m`` step as AdamS, the others (norms, biases, scales,
-    odd shapes) as Adam/AdamW. Groups stay the ones given, one for one (LR schedulers with
+    odd shapes, and 3-D or higher: a stack of weight matrices such as MoE experts
+    ``[experts, out, in]`` is sparse in a ``sparse=True`` group, its groups of ``m`` along the
+    last dim) as Adam/AdamW. Groups stay the ones given, one for one (LR schedulers with
     per-group values and ``ZeroRedundancyOptimizer`` rely on that).
 
     State per param (names as in ``torch.optim.Adam``): ``step`` (fp32 0-d tensor, completed
@@ -416,7 +419,7 @@ class AdamS(torch.optim.Optimizer):
 
     Raises:
         ValueError: at construction, for hyperparameters out of range, a missing
-            ``total_steps``, or a sparse param that is not 2-D or whose last dim is not a
+            ``total_steps``, or a sparse param with fewer than 2 dims or whose last dim is not a
             multiple of ``m`` (the message names the param by group, index and shape, and the
             rule); a DTensor param with a ``Partial`` placement, or a sparse one whose last dim
             is sharded into parts that cut groups of ``m`` or mask bytes. At a step, the same

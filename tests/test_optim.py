@@ -555,7 +555,7 @@ def test_a_group_changed_to_bad_settings_is_refused_before_any_group_steps(
     ("gi", "sparse", "needle"),
     [
         (0, "yes", "group 0: a group's sparse must be a bool, got 'yes'"),
-        (1, True, r"param 0 of group 1 of shape \[8\] is in a sparse group but is not 2-D"),
+        (1, True, r"param 0 of group 1 of shape \[8\] is in a sparse group but has fewer "),
         (2, True, r"param 1 of group 2 of shape \[4, 6\] is in a sparse group: its last dim must"),
     ],
 )
@@ -692,7 +692,11 @@ def test_construction_errors(kwargs: dict, needle: str) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "needle"),
-    [((4, 6), r"\[4, 6\].*multiple of m=4"), ((8,), r"\[8\].*not 2-D"), ((2, 4, 8), "not 2-D")],
+    [
+        ((4, 6), r"\[4, 6\].*multiple of m=4"),
+        ((8,), r"\[8\].*fewer than 2 dims"),
+        ((2, 4, 6), "m=4"),
+    ],
 )
 def test_sparse_group_shape_errors(shape: tuple[int, ...], needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -1204,3 +1208,39 @@ def test_stats_pruned_over_kept_for_other_n_of_m(n: int, m: int) -> None:
     st = opt.sparsity_stats()[w]
     assert st["pruned_over_kept"] == pytest.approx(ratio, rel=1e-6)
     assert st["alpha"] == pytest.approx(0.2) and st["step"] == 2 and st["mask_flips"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stacked_sparse_param_steps_as_its_matrices(dtype: torch.dtype) -> None:
+    """A 3-D param in a sparse group (MoE experts [experts, out, in]) steps bit for bit as the
+    same weights as one [experts * out, in] matrix: N:M groups along the last dim, masks of
+    its shape, refreshes included; the reference steps it alike; without ``sparse`` it is dense
+    by shape."""
+    gen = torch.Generator().manual_seed(11)
+    w0 = (torch.randn(3, 8, 16, generator=gen) * 0.05).to(dtype)
+    stacked, flat = nn.Parameter(w0.clone()), nn.Parameter(w0.reshape(24, 16).clone())
+    ref = nn.Parameter(w0.clone())
+    hp = {**HP, "mask_interval": 3}
+    o3 = AdamS([{"params": [stacked], "sparse": True}], **hp)
+    o2 = AdamS([{"params": [flat], "sparse": True}], **hp)
+    o_ref = AdamS([{"params": [ref], "sparse": True}], **hp, impl="reference")
+    for _ in range(7):
+        g = (torch.randn(3, 8, 16, generator=gen) * 1e-3).to(dtype)
+        stacked.grad, flat.grad, ref.grad = g.clone(), g.reshape(24, 16).clone(), g.clone()
+        for opt in (o3, o2, o_ref):
+            opt.step()
+    assert torch.equal(stacked.detach().reshape(24, 16), flat.detach())
+    assert_close_scaled(stacked.detach(), ref.detach())
+    assert torch.equal(o3.mask(stacked), o_ref.mask(ref))
+    for key, val in o2.state[flat].items():
+        got = o3.state[stacked][key]
+        assert list(got.shape) == ([*stacked.shape[:-1], val.shape[-1]] if val.dim() else [])
+        assert torch.equal(got.reshape(val.shape), val), key
+    mask = o3.mask(stacked)
+    assert mask.shape == stacked.shape and torch.equal(mask.reshape(24, 16), o2.mask(flat))
+    assert int(mask.sum()) == stacked.numel() // 2
+    stats3, stats2 = o3.sparsity_stats()[stacked], o2.sparsity_stats()[flat]
+    assert stats3 == stats2
+    auto = AdamS([nn.Parameter(w0.clone())], **hp)
+    with pytest.raises(ValueError, match=r"shape \[3, 8, 16\] is not stepped as sparse"):
+        auto.mask(auto.param_groups[0]["params"][0])
