@@ -2,7 +2,8 @@
 
 CAST step: teacher forward (no grad) + student forward with the weight scales + chunked
 distillation loss + backward + ``cast_ext.AdamS.step``. Baseline: forward + CE + backward +
-``torch.optim.AdamW(fused=True)`` (foreach on CPU) on the same dense model. The model has
+``torch.optim.AdamW(fused=True)`` (foreach on CPU) on the same dense model. Every forward has
+``use_cache=False``, as in ``cast.train``. The model has
 SmolLM2-135M's shapes (the demo's model) with random weights: timing does not depend on the
 values, and nothing needs to be downloaded or converted.
 
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     labels = [cast.shift_labels(x) for x in ids]
 
     def dense_grads(i: int) -> None:
-        loss = cast.distill_loss(dense(ids[i % 3]).logits, None, labels[i % 3], eta=0.0)
+        loss = cast.distill_loss(
+            dense(ids[i % 3], use_cache=False).logits, None, labels[i % 3], eta=0.0
+        )
         loss.backward()
 
     def dense_step(i: int) -> None:
@@ -93,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def cast_grads(i: int) -> None:
         with torch.no_grad():
-            t_logits = teacher(ids[i % 3]).logits
-        loss = cast.distill_loss(student(ids[i % 3]).logits, t_logits, labels[i % 3])
+            t_logits = teacher(ids[i % 3], use_cache=False).logits
+        loss = cast.distill_loss(
+            student(ids[i % 3], use_cache=False).logits, t_logits, labels[i % 3]
+        )
         loss.backward()
 
     def cast_step(i: int) -> None:
@@ -152,15 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     path = record("optimizer_step", "adams", t_adams, "train_step cast", t_cast[0])
     # Where the rest of the CAST step goes: its parts, each timed alone (10 calls).
     with torch.no_grad():
-        t_logits = [teacher(x).logits for x in ids]
+        t_logits = [teacher(x, use_cache=False).logits for x in ids]
 
     def student_grads(i: int) -> None:
-        loss = cast.distill_loss(student(ids[i % 3]).logits, t_logits[i % 3], labels[i % 3])
+        loss = cast.distill_loss(
+            student(ids[i % 3], use_cache=False).logits, t_logits[i % 3], labels[i % 3]
+        )
         loss.backward()
 
     def teacher_forward(i: int) -> None:
         with torch.no_grad():
-            teacher(ids[i % 3])
+            teacher(ids[i % 3], use_cache=False)
 
     for op, impl, fn in (
         ("fwd_bwd", "dense", dense_grads),

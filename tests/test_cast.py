@@ -1917,3 +1917,52 @@ def test_train_health_alpha_stays_at_one_past_the_optimizer_s_total_steps():
         progress=False,
     )  # fmt: skip
     assert [(r["step"], r["alpha"]) for r in res.health] == [(0, 0.0), (2, 1.0), (4, 1.0)]
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_train_and_perplexity_run_hf_models_without_a_kv_cache(arch):
+    """Hugging Face forwards (student, teacher, perplexity's) get use_cache=False: no key/value
+    cache is built (the same logits; less host time). A model whose forward has no use_cache
+    (a plain module, a wrapper that passes kwargs on) is called with the ids alone."""
+    model = MODELS[arch]()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    calls: list[tuple[str, dict]] = []
+    for who, m in (("student", model), ("teacher", teacher)):
+        m.register_forward_pre_hook(
+            lambda _, args, kwargs, who=who: calls.append((who, dict(kwargs))), with_kwargs=True
+        )
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=2)
+    cast.train(
+        model,
+        opt,
+        (ids(seed=s) for s in range(2)),
+        total_steps=2,
+        teacher=teacher,
+        health_every=0,
+        progress=False,
+    )
+    assert sorted({who for who, _ in calls}) == ["student", "teacher"] and len(calls) == 4
+    assert all(kw == {"use_cache": False} for _, kw in calls)
+    val = ids(3, 16, seed=5)
+    calls.clear()
+    ppl = cast.perplexity(model, val, batch_size=2)
+    assert [kw for _, kw in calls] == [{"use_cache": False}] * 2
+    with torch.no_grad():
+        assert len(model(val).keys()) > 1  # the default returns a cache beside the logits
+    plain = _Plain(model)  # calls model(ids): a cache, the same logits
+    assert cast.perplexity(plain, val, batch_size=2) == pytest.approx(ppl, rel=1e-6)
+    assert plain.kwargs == [{}, {}]
+
+
+class _Plain(nn.Module):
+    """A model whose forward takes the ids only (and records its kwargs)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.kwargs: list[dict] = []
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        self.kwargs.append(kwargs)
+        return self.inner(input_ids).logits
