@@ -1966,3 +1966,24 @@ class _Plain(nn.Module):
     def forward(self, input_ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
         self.kwargs.append(kwargs)
         return self.inner(input_ids).logits
+
+
+@pytest.mark.parametrize("hook", ["eval_fn", "after_step", "checkpoint"])
+def test_train_steps_in_train_mode_after_code_that_changed_the_modes(hook):
+    """The student runs every training forward in train mode: from eval mode at the call, and
+    after an evaluation or a callback put it in eval mode (dropout on where the model has it)."""
+    model = tiny_llama().eval()
+    modes: list[bool] = []
+    model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, total_steps=4)
+
+    def to_eval(*_: object) -> dict[str, float]:
+        model.eval()
+        return {"x": 1.0}
+
+    kw = {"eval_fn": to_eval, "eval_every": 1} if hook == "eval_fn" else {hook: to_eval}
+    batches = (ids(seed=s) for s in range(4))
+    cast.train(model, opt, batches, total_steps=4, health_every=0, progress=False, **kw)
+    assert modes == [True] * 4
+    assert not model.training  # its mode at the call, given back
