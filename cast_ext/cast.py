@@ -2194,10 +2194,9 @@ def train(
             if data_parallel:  # the group's ranks step in lockstep: the mean over them
                 torch.distributed.all_reduce(parts, group=dp_group)
                 parts /= torch.distributed.get_world_size(dp_group)
-            loss, kl, ce = parts / grad_accum
+            loss_f, kl_f, ce_f = (parts / grad_accum).tolist()  # one read-back for the three
             max_norm = grad_clip if grad_clip is not None else math.inf  # inf: measure only
             gnorm = _clip_grad_norm(params, max_norm)
-            loss_f = float(loss)
             if not (math.isfinite(loss_f) and math.isfinite(gnorm)):
                 # before the step: the weights and the optimizer state stay those of step - 1
                 raise FloatingPointError(
@@ -2217,9 +2216,9 @@ def train(
             result.train_time_s += time.perf_counter() - t0
             result.steps = step + 1
             rec = {"step": step + 1, "tokens": result.tokens, "loss": loss_f, "lr": lr}
-            rec.update({"ce": float(ce), "grad_norm": gnorm})
+            rec.update({"ce": ce_f, "grad_norm": gnorm})
             if teacher is not None:
-                rec["kl"] = float(kl)
+                rec["kl"] = kl_f
             rec["time_s"] = result.train_time_s
             record("train", rec)
             if bar is not None:
