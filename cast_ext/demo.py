@@ -550,10 +550,11 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
     for w, mask in pairs:
         w.register_hook(lambda g, mask=mask: g * mask)
 
+    weights, weight_masks = [w for w, _ in pairs], [mask for _, mask in pairs]
+
     def remask(_step: int) -> None:
         with torch.no_grad():
-            for w, mask in pairs:
-                w.mul_(mask)
+            torch._foreach_mul_(weights, weight_masks)  # one call for every layer
 
     hist = _adamw_finetune(model, data, preset, "finetune", after_step=remask, **kw)
     ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
