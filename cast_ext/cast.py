@@ -1400,9 +1400,17 @@ def sparsity_health(
         ``flip_rate`` (groups whose kept pair changed since ``previous``, count and share; NaN
         without ``previous``), ``scale_min`` / ``scale_max`` (range of the learnable scales).
     """
+    return _health(sparse_layers(model), optimizer, previous)
+
+
+def _health(
+    layers: list[SparseLayer], optimizer: Any, previous: dict[str, Tensor] | None
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """:func:`sparsity_health` of the prepared ``layers`` (:func:`train` lists them once)."""
     packed_all: dict[str, Tensor] = {}
     rows: list[Tensor] = []  # per layer, per shard: the figures below
-    for layer in _one_per_weight(sparse_layers(model)):
+    numel = groups = 0  # global counts: Python ints (no tensor per layer to sum)
+    for layer in _one_per_weight(layers):
         mask, _ = _layer_mask(layer, optimizer)
         w = layer.weight.detach()
         # This rank's shard (the whole layer for a plain tensor); for a DTensor the per-rank
@@ -1410,27 +1418,30 @@ def sparsity_health(
         local_mask, aw = _local(mask), _local(w).abs().float()
         packed = ops.pack_mask(local_mask)
         packed_all[layer.name] = packed
-        seen = previous is not None and layer.name in previous
         sc = _local(layer.scale.detach()).float()
+        f64 = torch.float64
         figures = [
-            aw.sum(dtype=torch.float64),
-            aw.masked_fill_(~local_mask, 0.0).sum(dtype=torch.float64),
-            local_mask.sum(dtype=torch.float64),
-            aw.numel(),
-            ops.mask_flips(previous[layer.name], packed) if seen else 0,
-            local_mask.numel() // _M if seen else 0,
-            -sc.min() if sc.numel() else -math.inf,
-            sc.max() if sc.numel() else -math.inf,
+            aw.sum(dtype=f64),
+            aw.masked_fill_(~local_mask, 0.0).sum(dtype=f64),
+            local_mask.sum(dtype=f64),
         ]
-        dev = aw.device
-        local = torch.stack([torch.as_tensor(f, dtype=torch.float64, device=dev) for f in figures])
-        rows.append(_over_shards(local, w))
+        numel += w.numel()
+        if previous is not None and layer.name in previous:
+            figures.append(ops.mask_flips(previous[layer.name], packed).to(f64))
+            groups += w.numel() // _M
+        else:
+            figures.append(figures[2] * 0)  # no flips to count: a 0 on the device, no copy
+        if sc.numel():
+            figures += [-sc.min().to(f64), sc.max().to(f64)]
+        else:
+            figures += [torch.full((2,), -math.inf, dtype=f64, device=aw.device)]
+        rows.append(_over_shards(torch.cat([f.view(-1) for f in figures]), w))
     # Every layer's figures in one tensor, read back once (one sync, not one per figure).
     home = rows[0].device if rows else torch.device("cpu")
-    empty = torch.tensor([[0, 0, 0, 0, 0, 0, -math.inf, -math.inf]], dtype=torch.float64)
+    empty = torch.tensor([[0, 0, 0, 0, -math.inf, -math.inf]], dtype=torch.float64)
     table = torch.cat([empty.to(home), *(r.to(home) for r in rows)])
-    sums, highs = table[:, :6].sum(0).tolist(), table[:, 6:].amax(0).tolist()
-    total, kept_sum, kept_n, numel, flips, groups = sums
+    sums, highs = table[:, :4].sum(0).tolist(), table[:, 4:].amax(0).tolist()
+    total, kept_sum, kept_n, flips = sums
     pruned_sum, pruned_n = total - kept_sum, numel - kept_n
     s_min, s_max = -highs[0], highs[1]
     mean_pruned = pruned_sum / max(pruned_n, 1)
@@ -2113,7 +2124,7 @@ def train(
         nonlocal packed, packed_step
         if not prepared or health_every <= 0:
             return
-        metrics, packed = sparsity_health(model, optimizer, packed)
+        metrics, packed = _health(layers, optimizer, packed)
         if keep:
             rec = {"step": step, "alpha": min(step / ramp, 1.0), **metrics}
             record("health", {**rec, "flips_since": packed_step})
