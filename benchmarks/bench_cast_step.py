@@ -15,7 +15,9 @@ optimizer's step on the gradients of one more forward + backward (never on zeroe
 Then the CAST step's parts, each alone: the dense and the student forward + loss + backward (the
 student's with the teacher's logits computed beforehand) and the teacher's forward. On CUDA each
 row also has ``host_us``, the host's time per call: near the device time, the host set the pace.
-``--profile`` also writes ``cast_step_profile.txt``: torch.profiler's table of each step's ops.
+On CUDA a last row times the CAST step with the teacher wrapped in ``cast.CudaGraphTeacher``
+(one graph replay per forward). ``--profile`` also writes ``cast_step_profile.txt``:
+torch.profiler's table of each step's ops.
 ``CAST_EXT_BENCH_QUICK=1``: a 2-layer model, few repeats.
 """
 
@@ -175,6 +177,23 @@ def main(argv: list[str] | None = None) -> None:
         ("forward", "cast_teacher", teacher_forward),
     ):
         path = record(op, impl, timed(fn, reps=10), "train_step cast", t_cast[0])
+    if dev.type == "cuda":  # last: a capture that fails or differs warns, and runs eagerly
+        graphed = cast.CudaGraphTeacher(teacher)
+
+        def cast_graphed_step(i: int) -> None:
+            with torch.no_grad():
+                t_logits = graphed(ids[i % 3])
+            loss = cast.distill_loss(
+                student(ids[i % 3], use_cache=False).logits, t_logits, labels[i % 3]
+            )
+            loss.backward()
+            adams.step()
+            adams.zero_grad(set_to_none=False)
+
+        t_graphed = timed(cast_graphed_step, reps=10)
+        path = record("train_step", "cast_graphed_teacher", t_graphed, "train_step cast", t_cast[0])
+        captured = sum(entry is not None for entry in graphed._graphs.values())
+        print(f"  teacher graphs captured: {captured} of {len(graphed._graphs)} shapes")
     adams.zero_grad(set_to_none=False)
     adamw.zero_grad(set_to_none=False)
     if args.profile:

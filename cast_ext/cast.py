@@ -44,6 +44,7 @@ from .nn import SparseLinear, _adapter_modules, _excluded_weights, _is_conv1d, _
 from .optim import AdamS, DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
+    "CudaGraphTeacher",
     "DecayBudget",
     "LayerReport",
     "SparseLayer",
@@ -1803,6 +1804,106 @@ def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 8) -> float:
         count += n
     model.train(was_training)
     return math.exp(total / count) if count else math.nan
+
+
+class CudaGraphTeacher(nn.Module):
+    """A frozen teacher whose forward is one CUDA graph replay per input shape.
+
+    CAST runs the teacher once a step, without gradients, on batches of one shape: on a GPU
+    that a model's host time sets the pace of (a 30-layer model launches thousands of
+    kernels a forward), the graph turns those launches into one. The first call of a shape
+    captures it (after two warm-up forwards on a side stream), replays it and compares the
+    replay's logits with an eager forward's on the same ids: a capture that fails or whose
+    logits differ in any bit warns, and that shape stays eager. Eager too: CPU inputs, grad
+    mode or autocast on, the teacher in train mode, and shapes past ``max_graphs``.
+
+    The graph reads the teacher's weights where they are when it is captured: wrap the teacher
+    after moving it to its device and dtype (weights changed in place are seen; weights moved
+    are not). Each captured shape holds its own memory pool (the activations of one forward
+    and its logits).
+
+    Args:
+        teacher: the model; called as ``teacher(input_ids)`` (with ``use_cache=False`` where
+            its forward takes it), returning logits or an output with ``.logits``.
+        max_graphs: shapes to capture at most.
+
+    Shape:
+        ``forward(input_ids)``: ``[B, L]`` int64 ids -> the logits (a new tensor each call).
+    """
+
+    def __init__(self, teacher: nn.Module, max_graphs: int = 4) -> None:
+        super().__init__()
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 0:
+            raise ValueError(
+                f"cast_ext.cast.CudaGraphTeacher: max_graphs must be an int >= 0, got "
+                f"{max_graphs!r}"
+            )
+        self.teacher = teacher
+        self.max_graphs = max_graphs
+        self._kw = _no_cache(teacher)
+        # per (shape, dtype, device): (graph, static ids, static logits), or None (eager)
+        self._graphs: dict[tuple[Any, ...], tuple[Any, Tensor, Tensor] | None] = {}
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if not self._graphable(input_ids):
+            return _logits(self.teacher(input_ids, **self._kw))
+        key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device)
+        if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                return _logits(self.teacher(input_ids, **self._kw))
+            self._graphs[key] = self._capture(input_ids)
+        entry = self._graphs[key]
+        if entry is None:
+            return _logits(self.teacher(input_ids, **self._kw))
+        graph, static_ids, static_logits = entry
+        static_ids.copy_(input_ids)
+        graph.replay()
+        return static_logits.clone()  # the next replay overwrites the static logits
+
+    def _graphable(self, ids: Tensor) -> bool:
+        return (
+            ids.is_cuda
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(ids.device.type)
+            and not self.teacher.training
+            and not torch.compiler.is_compiling()
+        )
+
+    def _capture(self, ids: Tensor) -> tuple[Any, Tensor, Tensor] | None:
+        """Capture, replay once and check against an eager forward; None to stay eager."""
+        device = ids.device
+        static_ids = ids.clone()
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # lazy initialisations (cuBLAS handles, workspaces) first
+                    self.teacher(static_ids, **self._kw)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_logits = _logits(self.teacher(static_ids, **self._kw))
+            graph.replay()
+            got = static_logits.clone()
+        except Exception as e:  # any failure to capture: this shape stays eager
+            warnings.warn(
+                f"cast_ext.cast.CudaGraphTeacher: capturing the teacher for input_ids of shape "
+                f"{list(ids.shape)} failed ({type(e).__name__}: {str(e)[:200]}); that shape "
+                "runs eagerly",
+                stacklevel=3,
+            )
+            return None
+        want = _logits(self.teacher(ids, **self._kw))
+        if not torch.equal(got, want):
+            diff = float((got.float() - want.float()).abs().nan_to_num(math.inf).max())
+            warnings.warn(
+                f"cast_ext.cast.CudaGraphTeacher: the captured teacher's logits for input_ids of "
+                f"shape {list(ids.shape)} differ from an eager forward's (max |difference| "
+                f"{diff:.3g}); that shape runs eagerly",
+                stacklevel=3,
+            )
+            return None
+        return graph, static_ids, static_logits
 
 
 @dataclass

@@ -1987,3 +1987,87 @@ def test_train_steps_in_train_mode_after_code_that_changed_the_modes(hook):
     cast.train(model, opt, batches, total_steps=4, health_every=0, progress=False, **kw)
     assert modes == [True] * 4
     assert not model.training  # its mode at the call, given back
+
+
+def _train_students(teacher_of, device: str = "cpu", steps: int = 3) -> list[torch.Tensor]:
+    """The student's weights after ``steps`` CAST steps with ``teacher_of(dense teacher)``."""
+    torch.manual_seed(0)
+    model = tiny_llama().to(device)
+    teacher = teacher_of(copy.deepcopy(model).requires_grad_(False))
+    cast.prepare(model)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=1e-3, decay=1e-2, total_steps=steps)
+    batches = (ids(seed=s).to(device) for s in range(steps))
+    cast.train(
+        model, opt, batches, total_steps=steps, teacher=teacher, health_every=0, progress=False
+    )
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+def test_cuda_graph_teacher_off_cuda_is_the_teacher():
+    """On the CPU (no graphs) the wrapper is the teacher: its logits, the same training, the
+    same modes; a bad max_graphs is refused."""
+    teacher = tiny_llama()
+    wrapped = cast.CudaGraphTeacher(teacher)
+    x = ids(seed=3)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), teacher(x).logits)
+    assert not wrapped._graphs
+    plain = _train_students(lambda t: t)
+    graphed = _train_students(cast.CudaGraphTeacher)
+    assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
+    with pytest.raises(ValueError, match=r"CudaGraphTeacher: max_graphs must be an int >= 0"):
+        cast.CudaGraphTeacher(teacher, max_graphs=-1)
+
+
+@requires_cuda
+def test_cuda_graph_teacher_replays_the_teachers_logits():
+    """On CUDA: one graph per shape, logits bit for bit the eager teacher's (a weight changed in
+    place is seen), a new tensor per call; training with it equals training with the teacher;
+    past max_graphs, with grad on or in train mode, the teacher runs eagerly."""
+    teacher = tiny_llama().cuda().requires_grad_(False)
+    wrapped = cast.CudaGraphTeacher(teacher, max_graphs=2)
+    with torch.no_grad():
+        for shape in [(2, 16), (3, 8), (2, 16)]:
+            x = torch.randint(0, VOCAB, shape, device="cuda")
+            assert torch.equal(wrapped(x), teacher(x, use_cache=False).logits)
+        assert len(wrapped._graphs) == 2 and all(wrapped._graphs.values())
+        x = torch.randint(0, VOCAB, (2, 16), device="cuda")
+        first = wrapped(x)
+        teacher.lm_head.weight.mul_(2.0)  # in place: the graph reads the same memory
+        second = wrapped(x)
+        assert torch.equal(second, teacher(x, use_cache=False).logits)
+        assert not torch.equal(first, second)  # the first call's tensor was not overwritten
+        z = torch.zeros(1, 4, dtype=torch.long, device="cuda")
+        assert torch.equal(wrapped(z), teacher(z).logits)
+        assert len(wrapped._graphs) == 2  # a third shape: eager
+    plain = _train_students(lambda t: t, "cuda")
+    graphed = _train_students(cast.CudaGraphTeacher, "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
+
+
+class _SyncingTeacher(nn.Module):
+    """A teacher whose forward reads a value back (a sync, which a graph capture refuses)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(input_ids).logits
+        return logits * float(logits.abs().max() > 0)
+
+
+@requires_cuda
+def test_cuda_graph_teacher_that_cannot_be_captured_stays_eager():
+    teacher = _SyncingTeacher(tiny_llama().cuda().requires_grad_(False))
+    wrapped = cast.CudaGraphTeacher(teacher)
+    x = torch.randint(0, VOCAB, (2, 16), device="cuda")
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"capturing the teacher for input_ids of shape"):
+            got = wrapped(x)
+        assert torch.equal(got, teacher(x)) and wrapped._graphs == {
+            ((2, 16), x.dtype, x.device): None
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(wrapped(x), teacher(x))  # eager from then on, no new warning
