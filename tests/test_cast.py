@@ -2021,28 +2021,33 @@ def test_cuda_graph_teacher_off_cuda_is_the_teacher():
 
 @requires_cuda
 def test_cuda_graph_teacher_replays_the_teachers_logits():
-    """On CUDA: one graph per shape, logits bit for bit the eager teacher's (a weight changed in
-    place is seen), a new tensor per call; training with it equals training with the teacher;
-    past max_graphs, with grad on or in train mode, the teacher runs eagerly."""
+    """On CUDA: one graph per shape, logits those of the eager teacher (within the capture
+    check's 1e-3: another attention kernel may run), a weight changed in place seen, a new
+    tensor per call; training with it is training with the teacher; past max_graphs, eager."""
     teacher = tiny_llama().cuda().requires_grad_(False)
     wrapped = cast.CudaGraphTeacher(teacher, max_graphs=2)
     with torch.no_grad():
         for shape in [(2, 16), (3, 8), (2, 16)]:
             x = torch.randint(0, VOCAB, shape, device="cuda")
-            assert torch.equal(wrapped(x), teacher(x, use_cache=False).logits)
+            close(wrapped(x), teacher(x, use_cache=False).logits)
         assert len(wrapped._graphs) == 2 and all(wrapped._graphs.values())
         x = torch.randint(0, VOCAB, (2, 16), device="cuda")
         first = wrapped(x)
         teacher.lm_head.weight.mul_(2.0)  # in place: the graph reads the same memory
         second = wrapped(x)
-        assert torch.equal(second, teacher(x, use_cache=False).logits)
-        assert not torch.equal(first, second)  # the first call's tensor was not overwritten
+        close(second, teacher(x, use_cache=False).logits)
+        assert not torch.allclose(first, second)  # the first call's tensor was not overwritten
         z = torch.zeros(1, 4, dtype=torch.long, device="cuda")
-        assert torch.equal(wrapped(z), teacher(z).logits)
-        assert len(wrapped._graphs) == 2  # a third shape: eager
+        assert torch.equal(wrapped(z), teacher(z).logits)  # a third shape: eager
+        assert len(wrapped._graphs) == 2
     plain = _train_students(lambda t: t, "cuda")
     graphed = _train_students(cast.CudaGraphTeacher, "cuda")
-    assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
+    for a, b in zip(plain, graphed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 class _SyncingTeacher(nn.Module):
