@@ -2114,7 +2114,8 @@ def train(
             follows AdamS's own ``total_steps``).
         lr_lambda: multiplier of each group's initial lr per step (e.g. ``sched.factor``).
         teacher: the frozen dense model, or None for plain fine-tuning; it runs in eval mode
-            (no dropout in the targets). Both models get their own modes back at the end.
+            (no dropout in the targets). Both models get their own modes back at the end. On
+            a GPU, :class:`CudaGraphTeacher` ``(teacher)`` runs its forward as a CUDA graph.
         eta, temperature: see :func:`distill_loss`.
         grad_clip: max total grad norm, or None (default). Clipping rescales the gradients
             that AdamS's ``lam`` competes with, so a clipped run decays sooner than
