@@ -27,6 +27,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -96,16 +97,19 @@ def main(argv: list[str] | None = None) -> None:
         adamw.step()
         adamw.zero_grad(set_to_none=False)
 
-    def cast_grads(i: int) -> None:
+    def eager_teacher(x: torch.Tensor) -> torch.Tensor:
+        return teacher(x, use_cache=False).logits
+
+    def cast_grads(i: int, teach: Callable[[torch.Tensor], torch.Tensor] = eager_teacher) -> None:
         with torch.no_grad():
-            t_logits = teacher(ids[i % 3], use_cache=False).logits
+            t_logits = teach(ids[i % 3])
         loss = cast.distill_loss(
             student(ids[i % 3], use_cache=False).logits, t_logits, labels[i % 3]
         )
         loss.backward()
 
-    def cast_step(i: int) -> None:
-        cast_grads(i)
+    def cast_step(i: int, teach: Callable[[torch.Tensor], torch.Tensor] = eager_teacher) -> None:
+        cast_grads(i, teach)
         adams.step()
         adams.zero_grad(set_to_none=False)
 
@@ -159,17 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     path = record("optimizer_step", "adams", t_adams, "train_step cast", t_cast[0])
     # Where the rest of the CAST step goes: its parts, each timed alone (10 calls).
     with torch.no_grad():
-        t_logits = [teacher(x, use_cache=False).logits for x in ids]
+        t_logits = [eager_teacher(x) for x in ids]
 
-    def student_grads(i: int) -> None:
-        loss = cast.distill_loss(
-            student(ids[i % 3], use_cache=False).logits, t_logits[i % 3], labels[i % 3]
-        )
-        loss.backward()
+    def student_grads(i: int) -> None:  # the teacher's logits computed beforehand
+        cast_grads(i, lambda _: t_logits[i % 3])
 
     def teacher_forward(i: int) -> None:
         with torch.no_grad():
-            teacher(ids[i % 3], use_cache=False)
+            eager_teacher(ids[i % 3])
 
     for op, impl, fn in (
         ("fwd_bwd", "dense", dense_grads),
@@ -179,18 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         path = record(op, impl, timed(fn, reps=10), "train_step cast", t_cast[0])
     if dev.type == "cuda":  # last: a capture that fails or differs warns, and runs eagerly
         graphed = cast.CudaGraphTeacher(teacher)
-
-        def cast_graphed_step(i: int) -> None:
-            with torch.no_grad():
-                t_logits = graphed(ids[i % 3])
-            loss = cast.distill_loss(
-                student(ids[i % 3], use_cache=False).logits, t_logits, labels[i % 3]
-            )
-            loss.backward()
-            adams.step()
-            adams.zero_grad(set_to_none=False)
-
-        t_graphed = timed(cast_graphed_step, reps=10)
+        t_graphed = timed(lambda i: cast_step(i, graphed), reps=10)
         path = record("train_step", "cast_graphed_teacher", t_graphed, "train_step cast", t_cast[0])
         captured = sum(entry is not None for entry in graphed._graphs.values())
         print(f"  teacher graphs captured: {captured} of {len(graphed._graphs)} shapes")

@@ -1431,7 +1431,7 @@ def _health(
             figures.append(ops.mask_flips(previous[layer.name], packed).to(f64))
             groups += w.numel() // _M
         else:
-            figures.append(figures[2] * 0)  # no flips to count: a 0 on the device, no copy
+            figures.append(aw.new_zeros((), dtype=f64))  # no flips to count (a fill, no copy)
         if sc.numel():
             figures += [-sc.min().to(f64), sc.max().to(f64)]
         else:
@@ -1849,19 +1849,22 @@ class CudaGraphTeacher(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         if not self._graphable(input_ids):
-            return _logits(self.teacher(input_ids, **self._kw))
+            return self._eager(input_ids)
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device)
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
-                return _logits(self.teacher(input_ids, **self._kw))
+                return self._eager(input_ids)
             self._graphs[key] = self._capture(input_ids)
         entry = self._graphs[key]
         if entry is None:
-            return _logits(self.teacher(input_ids, **self._kw))
+            return self._eager(input_ids)
         graph, static_ids, static_logits = entry
         static_ids.copy_(input_ids)
         graph.replay()
         return static_logits.clone()  # the next replay overwrites the static logits
+
+    def _eager(self, ids: Tensor) -> Tensor:
+        return _logits(self.teacher(ids, **self._kw))
 
     def _graphable(self, ids: Tensor) -> bool:
         return (
@@ -1881,11 +1884,11 @@ class CudaGraphTeacher(nn.Module):
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):  # lazy initialisations (cuBLAS handles, workspaces) first
-                    self.teacher(static_ids, **self._kw)
+                    self._eager(static_ids)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_logits = _logits(self.teacher(static_ids, **self._kw))
+                static_logits = self._eager(static_ids)
             graph.replay()
             got = static_logits.clone()
         except Exception as e:  # any failure to capture: this shape stays eager
@@ -1896,7 +1899,7 @@ class CudaGraphTeacher(nn.Module):
                 stacklevel=3,
             )
             return None
-        want = _logits(self.teacher(ids, **self._kw))
+        want = self._eager(ids)
         if not (got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-3)):
             diff = (
                 float((got.float() - want.float()).abs().nan_to_num(math.inf).max())
