@@ -18,7 +18,10 @@ Layouts. A sparsified weight is always seen by the optimizer as ``[out, in]`` wi
 along ``in`` (SPEC §1). ``nn.Linear`` stores exactly that. Hugging Face's GPT-2 ``Conv1D`` stores
 ``[in, out]``; :func:`prepare` re-stores it transposed behind the parametrization, so its
 ``parametrizations.weight.original`` is ``[out, in]`` like a Linear's, and the module still sees
-its ``[in, out]`` weight.
+its ``[in, out]`` weight. A mixture-of-experts layer whose experts are one 3-D Parameter per
+projection (transformers 5's experts modules: Mixtral, Qwen3-MoE, gpt-oss, ...) is sparsified
+per stack: ``parametrizations.gate_up_proj.original`` is ``[experts, out, in]`` (a stack the
+module stores as ``[experts, in, out]``, ``is_transposed``, re-stored transposed the same way).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import contextlib
 import inspect
 import json
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,22 +81,28 @@ class WeightScale(nn.Module):
     """Parametrization ``W_used[r, c] = A[r, c // (in / blocks)] * W[r, c]`` (paper Eq. 11-12).
 
     Registered with :func:`torch.nn.utils.parametrize.register_parametrization` on a layer's
-    ``weight``. The stored tensor (``parametrizations.weight.original``) is always ``[out, in]``;
-    for a ``transposed`` layer (GPT-2 ``Conv1D``) the module gets ``W_used.t()``.
+    ``weight`` (or on each stacked weight of a MoE experts module, then per expert:
+    ``W_used[e, r, c] = A[e, r, c // (in / blocks)] * W[e, r, c]``). The stored tensor
+    (``parametrizations.weight.original``) is always ``[out, in]`` (``[experts, out, in]``);
+    for a ``transposed`` layer (GPT-2 ``Conv1D``, an ``is_transposed`` experts module) the module
+    gets ``W_used`` with its last two dims swapped.
 
     Args:
         out_features: rows of the stored weight.
         in_features: columns of the stored weight (the 2:4 group axis).
         blocks: column blocks per row, each sharing one scale; ``in_features / blocks`` must be a
             multiple of 4 so that a scale never changes which 2 of a group are largest.
-        transposed: the module stores its weight as ``[in, out]``.
+        transposed: the module stores its weight as ``[in, out]`` (``[experts, in, out]``).
+        experts: the stack's leading dim (a MoE experts weight), or 0 for a plain matrix.
 
     Shape:
-        ``scale``: ``[out_features, blocks]``, fp32 (also after ``model.half()`` or
-        ``model.bfloat16()``), initialised to ones.
+        ``scale``: ``[out_features, blocks]`` (``[experts, out_features, blocks]``), fp32 (also
+        after ``model.half()`` or ``model.bfloat16()``), initialised to ones.
     """
 
-    def __init__(self, out_features: int, in_features: int, blocks: int, transposed: bool) -> None:
+    def __init__(
+        self, out_features: int, in_features: int, blocks: int, transposed: bool, experts: int = 0
+    ) -> None:
         super().__init__()
         if blocks < 1 or in_features % (blocks * _M) != 0:
             raise ValueError(
@@ -103,7 +113,9 @@ class WeightScale(nn.Module):
         self.in_features = in_features
         self.blocks = blocks
         self.transposed = transposed
-        self.scale = nn.Parameter(torch.ones(out_features, blocks, dtype=torch.float32))
+        self.experts = experts
+        lead = (experts,) if experts else ()
+        self.scale = nn.Parameter(torch.ones(*lead, out_features, blocks, dtype=torch.float32))
 
     def _apply(self, fn: Any, recurse: bool = True) -> WeightScale:
         # model.half() / .bfloat16() leave the scale fp32: a 16-bit A moves in steps of 0.4-0.8%
@@ -119,32 +131,37 @@ class WeightScale(nn.Module):
     def _scaled(self, w: Tensor, inverse: bool = False) -> Tensor:
         if isinstance(w, DTensor):
             return _scaled_shards(w, self.scale, self.blocks, inverse)
-        grouped = w.reshape(self.out_features, self.blocks, self.in_features // self.blocks)
+        lead = (self.experts,) if self.experts else ()
+        g = self.in_features // self.blocks
+        grouped = w.reshape(*lead, self.out_features, self.blocks, g)
         scaled = _times_scale(grouped, self.scale, inverse)
-        return scaled.reshape(self.out_features, self.in_features)
+        return scaled.reshape(*lead, self.out_features, self.in_features)
 
     def forward(self, w: Tensor) -> Tensor:
         used = self._scaled(w)
-        return used.t() if self.transposed else used
+        return used.transpose(-2, -1) if self.transposed else used
 
     def right_inverse(self, weight: Tensor) -> Tensor:
         # Called on registration (A = 1) and when a user assigns `module.weight = X`: store the
         # W with A * W = X, in the [out, in] layout.
-        w = weight.t() if self.transposed else weight
+        w = weight.transpose(-2, -1) if self.transposed else weight
         with torch.no_grad():
             return self._scaled(w.contiguous(), inverse=True).contiguous()
 
     def extra_repr(self) -> str:
-        return f"out={self.out_features}, in={self.in_features}, blocks={self.blocks}, " + (
+        experts = f"experts={self.experts}, " if self.experts else ""
+        return (
+            f"{experts}out={self.out_features}, in={self.in_features}, blocks={self.blocks}, "
             f"transposed={self.transposed}"
         )
 
 
 class _HalfTimesScale(torch.autograd.Function):
-    """``W * A`` for a 16-bit ``W`` ``[rows, blocks, g]`` and a scale ``A`` ``[rows, blocks]``:
-    the product in fp32, rounded once. (``A`` rounded to bf16 first moves in steps of 0.4-0.8%
-    near 1, where a scale lives, so small changes of ``A`` would change nothing and others
-    jump.) Saves ``W`` and ``A``, not an fp32 copy of ``W``; the gradients are fp32 sums."""
+    """``W * A`` for a 16-bit ``W`` ``[..., rows, blocks, g]`` and a scale ``A``
+    ``[..., rows, blocks]``: the product in fp32, rounded once. (``A`` rounded to bf16 first
+    moves in steps of 0.4-0.8% near 1, where a scale lives, so small changes of ``A`` would
+    change nothing and others jump.) Saves ``W`` and ``A``, not an fp32 copy of ``W``; the
+    gradients are fp32 sums."""
 
     @staticmethod
     def forward(ctx: Any, grouped: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
@@ -159,12 +176,12 @@ class _HalfTimesScale(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dw = (g32 * scale.unsqueeze(-1)).to(grouped.dtype)
         if ctx.needs_input_grad[1]:
-            ds = torch.einsum("rbg,rbg->rb", g32, grouped.float()).to(scale.dtype)
+            ds = torch.einsum("...bg,...bg->...b", g32, grouped.float()).to(scale.dtype)
         return dw, ds
 
 
 def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
-    """``grouped * A`` (or ``/ A``, no gradient) with ``A`` ``[rows, blocks]`` broadcast over
+    """``grouped * A`` (or ``/ A``, no gradient) with ``A`` ``[..., rows, blocks]`` broadcast over
     the last dim: in ``W``'s dtype for fp32/fp64, in fp32 rounded once for fp16/bf16."""
     if grouped.dtype in (torch.float16, torch.bfloat16):
         if inverse:
@@ -175,11 +192,15 @@ def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
 
 
 def _scale_placements(weight: DTensor) -> list[Any]:
-    """The scale's layout for a DTensor weight: its rows sharded like the weight's, replicated
-    over mesh dims that shard the weight's columns (or replicate it)."""
+    """The scale's layout for a DTensor weight: its rows (and experts) sharded like the
+    weight's, replicated over mesh dims that shard the weight's columns (or replicate it)."""
     from torch.distributed.tensor import Replicate
 
-    return [pl if _shard_dim(pl) in (0, -2) else Replicate() for pl in weight.placements]
+    def columns(pl: Any) -> bool:
+        dim = _shard_dim(pl)
+        return dim is None or dim % weight.dim() == weight.dim() - 1
+
+    return [Replicate() if columns(pl) else pl for pl in weight.placements]
 
 
 def _ones_like_rows(shape: torch.Size, weight: DTensor) -> DTensor:
@@ -223,8 +244,8 @@ class _ScaleShard(torch.autograd.Function):
 
 
 def _scaled_shards(w: DTensor, scale: Tensor, blocks: int, inverse: bool) -> DTensor:
-    """``A * W`` (or ``W / A``) for a DTensor ``W`` ``[out, in]`` (tensor parallel), computed on
-    the local shard with no communication in the forward.
+    """``A * W`` (or ``W / A``) for a DTensor ``W`` ``[out, in]`` (tensor parallel; or
+    ``[experts, out, in]``), computed on the local shard with no communication in the forward.
 
     The local columns ``[c0, c0 + k)`` are cut into segments of ``g = gcd(k, in / blocks, c0)``
     columns, none of which straddles a scale block, and each segment is multiplied by its
@@ -242,12 +263,12 @@ def _scaled_shards(w: DTensor, scale: Tensor, blocks: int, inverse: bool) -> DTe
 
     _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
     local = w.to_local()
-    rows, k = local.shape
-    width = w.shape[1] // blocks
-    g = math.gcd(k, width, offset[1])
-    block = torch.arange(offset[1], offset[1] + k, g, device=local.device) // width
-    s = _ScaleShard.apply(scale, list(w.placements))[:, block]
-    out = _times_scale(local.reshape(rows, k // g, g), s, inverse).reshape(rows, k)
+    *rows, k = local.shape
+    width = w.shape[-1] // blocks
+    g = math.gcd(k, width, offset[-1])
+    block = torch.arange(offset[-1], offset[-1] + k, g, device=local.device) // width
+    s = _ScaleShard.apply(scale, list(w.placements))[..., block]
+    out = _times_scale(local.reshape(*rows, k // g, g), s, inverse).reshape(*rows, k)
     return DTensor.from_local(
         out, w.device_mesh, w.placements, run_check=False, shape=w.shape, stride=w.stride()
     )
@@ -255,14 +276,18 @@ def _scaled_shards(w: DTensor, scale: Tensor, blocks: int, inverse: bool) -> DTe
 
 @dataclass
 class SparseLayer:
-    """A layer :func:`prepare` sparsified.
+    """A layer :func:`prepare` sparsified: a Linear-like module's weight, or one stacked weight
+    of a MoE experts module.
 
     Attributes:
-        name: qualified module name in the model.
-        module: the module (still an ``nn.Linear`` / ``Conv1D``, parametrized).
-        kind: ``"linear"`` or ``"conv1d"``.
-        out_features, in_features: the stored ``[out, in]`` weight shape.
+        name: qualified module name in the model; for an expert stack, the stack's own name
+            (``<experts module>.gate_up_proj``).
+        module: the module (still an ``nn.Linear`` / ``Conv1D`` / experts module, parametrized).
+        kind: ``"linear"``, ``"conv1d"`` or ``"experts"``.
+        out_features, in_features: the stored ``[out, in]`` weight shape (per expert).
         blocks: scale blocks per row.
+        param: the module's attribute the layer scales (``"weight"``, ``"gate_up_proj"``, ...).
+        experts: the stack's leading dim (``kind == "experts"``), else 0.
     """
 
     name: str
@@ -271,26 +296,44 @@ class SparseLayer:
     out_features: int
     in_features: int
     blocks: int
+    param: str = "weight"
+    experts: int = 0
 
     @property
     def weight(self) -> Tensor:
-        """The stored ``[out, in]`` weight the optimizer trains (a leaf ``nn.Parameter``)."""
-        return self.module.parametrizations.weight.original
+        """The stored ``[out, in]`` (``[experts, out, in]``) weight the optimizer trains (a
+        leaf ``nn.Parameter``)."""
+        return self.module.parametrizations[self.param].original
 
     @property
     def scale(self) -> Tensor:
-        """The learnable scale ``A``, ``[out, blocks]`` (one tensor for the layers that share a
-        weight)."""
+        """The learnable scale ``A``, ``[out, blocks]`` (``[experts, out, blocks]``; one tensor
+        for the layers that share a weight)."""
         return self._param().scale
 
+    @property
+    def transposed(self) -> bool:
+        """The module holds the weight with its last two dims swapped (``Conv1D``, an
+        ``is_transposed`` experts module)."""
+        return self._param().transposed
+
+    @property
+    def weight_name(self) -> str:
+        """The weight's qualified name in the plain model (before :func:`prepare`, after
+        :func:`finalize`): ``<module>.weight``, ``<experts module>.gate_up_proj``."""
+        return self.name if self.experts else _join(self.name, self.param)
+
     def _param(self) -> WeightScale:
-        return self.module.parametrizations.weight[0]
+        return self.module.parametrizations[self.param][0]
 
     def __repr__(self) -> str:
-        return (
-            f"SparseLayer({self.name!r}, {self.kind}, [{self.out_features}, {self.in_features}], "
-            f"blocks={self.blocks})"
-        )
+        shape = [self.experts] if self.experts else []
+        shape += [self.out_features, self.in_features]
+        return f"SparseLayer({self.name!r}, {self.kind}, {shape}, blocks={self.blocks})"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _layout(module: nn.Module) -> tuple[str, int, int] | None:
@@ -310,8 +353,35 @@ def _layout(module: nn.Module) -> tuple[str, int, int] | None:
     return None
 
 
+def _expert_stacks(module: nn.Module) -> list[tuple[str, int, int, int]]:
+    """``(param, experts, out, in)`` per stacked weight of a MoE experts module whose layout is
+    known, else ``[]``.
+
+    transformers 5 stores a MoE layer's experts as one 3-D Parameter per projection
+    (``gate_up_proj``, ``down_proj``) in a module its ``use_experts_implementation`` decorator
+    gives ``is_transposed``: ``[experts, out, in]`` (Mixtral, Qwen3-MoE, ...) or, when True,
+    ``[experts, in, out]`` (gpt-oss). A module of another library says its layout by that
+    attribute too (set it before :func:`prepare`). A stack that already has a parametrization is
+    listed too (by its original's shape), so that :func:`prepare` refuses it by name.
+    """
+    transposed = getattr(module, "is_transposed", None)
+    if not isinstance(transposed, bool):
+        return []
+    found = {k: p for k, p in module._parameters.items() if p is not None}
+    if parametrize.is_parametrized(module):
+        for k, plist in module.parametrizations.items():
+            found[k] = getattr(plist, "original", None)
+    out = []
+    for k, p in found.items():
+        if isinstance(p, Tensor) and p.dim() == 3:
+            e, a, b = (int(n) for n in p.shape)
+            out.append((k, e, b, a) if transposed else (k, e, a, b))
+    return out
+
+
 def sparse_layers(model: nn.Module) -> list[SparseLayer]:
-    """The layers of ``model`` that :func:`prepare` has parametrized, in module order.
+    """The layers of ``model`` that :func:`prepare` has parametrized, in module order (an
+    experts module's stacks in its parameters' order).
 
     Raises:
         ValueError: a layer's weight has CAST's scaling and another parametrization (added
@@ -319,32 +389,88 @@ def sparse_layers(model: nn.Module) -> list[SparseLayer]:
     """
     out = []
     for name, module in model.named_modules():
-        if not parametrize.is_parametrized(module, "weight"):
+        if not parametrize.is_parametrized(module):
             continue
-        plist = module.parametrizations.weight
-        if len(plist) != 1 and any(isinstance(q, WeightScale) for q in plist):
-            found = [type(q).__name__ for q in plist]
-            raise ValueError(
-                f"cast_ext.cast: {name or 'the model'}.weight has parametrizations {found}: "
-                "CAST's WeightScale must be its only one (a layer with another would train as "
-                "a plain dense weight and stay dense at finalize); remove the others "
-                "(torch.nn.utils.parametrize.remove_parametrizations), or add them after "
-                "finalize"
+        for pname, plist in module.parametrizations.items():
+            if len(plist) != 1 and any(isinstance(q, WeightScale) for q in plist):
+                found = [type(q).__name__ for q in plist]
+                raise ValueError(
+                    f"cast_ext.cast: {_join(name, pname) or 'the model'} has parametrizations "
+                    f"{found}: CAST's WeightScale must be its only one (a layer with another "
+                    "would train as a plain dense weight and stay dense at finalize); remove the "
+                    "others (torch.nn.utils.parametrize.remove_parametrizations), or add them "
+                    "after finalize"
+                )
+            p = plist[0]
+            if not isinstance(p, WeightScale):
+                continue
+            if p.experts:
+                kind, lname = "experts", _join(name, pname)
+            else:
+                kind, lname = ("conv1d" if p.transposed else "linear"), name
+            out.append(
+                SparseLayer(
+                    lname, module, kind, p.out_features, p.in_features, p.blocks, pname, p.experts
+                )
             )
-        if not isinstance(plist[0], WeightScale):
-            continue
-        p = plist[0]
-        out.append(
-            SparseLayer(
-                name,
-                module,
-                "conv1d" if p.transposed else "linear",
-                p.out_features,
-                p.in_features,
-                p.blocks,
-            )
-        )
     return out
+
+
+@dataclass
+class _Choice:
+    """A weight :func:`prepare` chose: ``module``'s attribute ``param``, ``[experts,] out, in``
+    as stored for the optimizer, and whether the module holds it transposed."""
+
+    name: str  # the module's
+    module: nn.Module
+    param: str
+    kind: str
+    out_f: int
+    in_f: int
+    experts: int
+    transposed: bool
+
+    @property
+    def where(self) -> str:
+        return _join(self.name, self.param)
+
+    @property
+    def tensor(self) -> Tensor:
+        return getattr(self.module, self.param)
+
+
+# The cache of each experts module's forward: the eager experts loop reads its stacks once per
+# routed expert, and a scaled stack would otherwise be computed again at every read.
+_cache_stacks = threading.local()
+
+
+def _cache_enter(module: nn.Module, args: Any) -> None:
+    ctx = parametrize.cached()
+    ctx.__enter__()
+    stack = getattr(_cache_stacks, "stack", None)
+    if stack is None:
+        stack = _cache_stacks.stack = []
+    stack.append(ctx)
+
+
+def _cache_exit(module: nn.Module, args: Any, output: Any) -> None:
+    stack = getattr(_cache_stacks, "stack", None)
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def _cache_hooks(module: nn.Module, on: bool) -> None:
+    """Adds (or removes) the hooks that run ``module``'s forward under
+    :func:`torch.nn.utils.parametrize.cached`: each scaled stack once per forward. The exit hook
+    runs if the forward raises too. Found by identity, so a deepcopy's hooks are its own."""
+    if on:
+        module.register_forward_pre_hook(_cache_enter)
+        module.register_forward_hook(_cache_exit, always_call=True)
+        return
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_cache_enter, _cache_exit)]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def prepare(
@@ -358,36 +484,45 @@ def prepare(
     Default selection: every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose input dimension is
     a multiple of 4, except the output head, any weight shared with an embedding and the layers
     of PEFT adapters (LoRA's ``lora_A``/``lora_B``; the ``base_layer`` they wrap is chosen as
-    any other Linear). The head
+    any other Linear); and every stacked weight of a mixture-of-experts module that says its
+    layout (transformers 5's experts modules, by their ``is_transposed``: Mixtral, Qwen3-MoE,
+    gpt-oss, ...), each expert 2:4 along its own input dim. The head
     is found by the model's ``get_output_embeddings()`` (Hugging Face language models have
     one; for a Hugging Face classifier, which has none, the head is everything outside its
     ``base_model``); for another model an untied head is a Linear like any other: leave it out
-    with ``filter_fn``.
+    with ``filter_fn``. MoE routers are not Linears, and stay dense.
     Each chosen layer gets a :class:`WeightScale` parametrization with ``A = 1`` (so the
     model's outputs are unchanged); the layer stays an ordinary module of its class. Layers
     that share one weight (ALBERT-style) share one :class:`WeightScale`, hence one ``A``: the
     weight they compute with, ``A * W``, stays one tensor, and :func:`finalize` keeps them tied.
-    Build the optimizer afterwards: the trainable weight is now
-    ``<layer>.parametrizations.weight.original``.
+    An experts module also gets forward hooks that compute each scaled stack once per forward
+    (the eager experts loop reads it once per expert). Build the optimizer afterwards: the
+    trainable weight is now ``<layer>.parametrizations.weight.original`` (an experts module's
+    ``parametrizations.gate_up_proj.original``, ``[experts, out, in]``).
 
     Args:
         model: the model, modified in place.
-        filter_fn: ``(name, module) -> bool`` choosing among Linear-like modules instead of the
-            default rule. A chosen layer whose input dim is not a multiple of 4 is an error, and
-            so is one whose weight another module holds that is not chosen (an input embedding
-            tied to the head, say).
+        filter_fn: ``(name, module) -> bool`` choosing among Linear-like modules and experts
+            modules (all of an experts module's stacks, or none) instead of the default rule. A
+            chosen layer whose input dim is not a multiple of 4 is an error, and so is one whose
+            weight another module holds that is not chosen (an input embedding tied to the
+            head, say).
         scale_blocks: ``n`` of SPEC §3 (paper: 2). A layer whose input dim is not a multiple of
             ``4 * scale_blocks`` gets one block per row instead (recorded in its ``blocks``).
 
     Returns:
         The :class:`SparseLayer` s changed, in module order.
 
+    Warns:
+        UserWarning: no layer was chosen; an experts module of 3-D weights that does not say
+            its layout (no ``is_transposed``) stays dense.
+
     Raises:
         ValueError: a chosen layer has an input dim that is not a multiple of 4 or a weight it
             cannot scale (one a module not chosen holds too, such as a tied embedding; a shared
             ``Conv1D`` weight; a weight with another parametrization; an uninitialized lazy
-            one), ``model`` has already been prepared, or ``scale_blocks`` < 1 (nothing is
-            changed).
+            one; a DTensor expert stack), ``model`` has already been prepared, or
+            ``scale_blocks`` < 1 (nothing is changed).
     """
     if isinstance(scale_blocks, bool) or not (isinstance(scale_blocks, int) and scale_blocks >= 1):
         raise ValueError(
@@ -397,34 +532,48 @@ def prepare(
         raise ValueError("cast_ext.cast.prepare: model already has CAST weight scaling attached")
     excluded = _excluded_weights(model)
     adapters, _ = _adapter_modules(model)
-    chosen: list[tuple[str, nn.Module, str, int, int]] = []
+    chosen: list[_Choice] = []
     for name, module in model.named_modules():
         lay = _layout(module)
-        if lay is None:
+        if lay is not None:
+            kind, out_f, in_f = lay
+            found = [_Choice(name, module, "weight", kind, out_f, in_f, 0, kind == "conv1d")]
+        else:
+            found = [
+                _Choice(name, module, pname, "experts", out_f, in_f, experts, module.is_transposed)
+                for pname, experts, out_f, in_f in _expert_stacks(module)
+            ]
+        if not found or (filter_fn is not None and not filter_fn(name, module)):
             continue
-        kind, out_f, in_f = lay
-        if filter_fn is not None and not filter_fn(name, module):
-            continue
-        if nn.parameter.is_lazy(module.weight):
-            raise ValueError(
-                f"cast_ext.cast.prepare: {name}.weight is uninitialized (a lazy module): run a "
-                "forward pass first, so its input dim is known, or leave it out with filter_fn "
-                "(nothing was changed)"
-            )
-        if filter_fn is not None:
-            if in_f % _M != 0:
+        for c in found:
+            if nn.parameter.is_lazy(c.tensor):
                 raise ValueError(
-                    f"cast_ext.cast.prepare: {name}.weight has input dim {in_f} (stored "
-                    f"[{out_f}, {in_f}]); 2:4 sparsity needs a multiple of {_M}"
+                    f"cast_ext.cast.prepare: {c.where} is uninitialized (a lazy module): run a "
+                    "forward pass first, so its input dim is known, or leave it out with "
+                    "filter_fn (nothing was changed)"
                 )
-        elif in_f % _M != 0 or id(module.weight) in excluded or id(module) in adapters:
-            continue
-        if kind == "conv1d" and isinstance(module.weight, DTensor):
-            raise ValueError(
-                f"cast_ext.cast.prepare: {name} is a Conv1D with a DTensor weight; tensor "
-                "parallel layers must be nn.Linear (nothing was changed)"
-            )
-        chosen.append((name, module, kind, out_f, in_f))
+            shape = f"[{c.experts}, {c.out_f}, {c.in_f}]" if c.experts else f"[{c.out_f}, {c.in_f}]"
+            if filter_fn is not None:
+                if c.in_f % _M != 0:
+                    raise ValueError(
+                        f"cast_ext.cast.prepare: {c.where} has input dim {c.in_f} (stored "
+                        f"{shape}); 2:4 sparsity needs a multiple of {_M}"
+                    )
+            elif c.in_f % _M != 0 or id(c.tensor) in excluded or id(module) in adapters:
+                continue
+            if c.transposed and isinstance(c.tensor, DTensor):
+                raise ValueError(
+                    f"cast_ext.cast.prepare: {c.where} is a {type(module).__name__} weight stored "
+                    f"transposed, as a DTensor; tensor parallel layers must be nn.Linear "
+                    "(nothing was changed)"
+                )
+            if c.experts and isinstance(c.tensor, DTensor):
+                raise ValueError(
+                    f"cast_ext.cast.prepare: {c.where} is an expert stack {shape} that is already "
+                    "a DTensor (expert or tensor parallel): prepare the model before sharding "
+                    "it (FSDP2's fully_shard after prepare is supported; nothing was changed)"
+                )
+            chosen.append(c)
     if not chosen:
         frozen = any(isinstance(m, SparseLinear) for m in model.modules())
         warnings.warn(
@@ -443,74 +592,84 @@ def prepare(
             stacklevel=2,
         )
     _refuse_unscalable(model, chosen)
-    built_in_inference = [name for name, module, *_ in chosen if module.weight.is_inference()]
+    built_in_inference = [c.where for c in chosen if c.tensor.is_inference()]
     if built_in_inference:
         raise ValueError(
-            f"cast_ext.cast.prepare: {built_in_inference[0]}.weight is an inference tensor (the "
+            f"cast_ext.cast.prepare: {built_in_inference[0]} is an inference tensor (the "
             "model was built or loaded under torch.inference_mode), which cannot be trained: "
             "build it outside inference mode (nothing was changed)"
         )
-    experts = [
-        f"{mname}.{pname}".lstrip(".")
+    unknown = [
+        _join(mname, pname)
         for mname, module in model.named_modules()
-        if "expert" in type(module).__name__.lower()
+        if "expert" in type(module).__name__.lower() and not _expert_stacks(module)
         for pname, p in module.named_parameters(recurse=False)
         if p.dim() == 3
     ]
-    if experts:
+    if unknown:
         warnings.warn(
-            f"cast_ext.cast.prepare: {len(experts)} MoE expert weight(s) stored as one 3-D "
-            f"tensor per layer stay dense ({experts[:3]}): CAST here sparsifies Linear layers "
-            "only",
+            f"cast_ext.cast.prepare: {len(unknown)} MoE expert weight(s) stored as one 3-D "
+            f"tensor per layer stay dense ({unknown[:3]}): their module does not say whether "
+            "a stack is [experts, out, in] or [experts, in, out]; set its is_transposed "
+            "attribute (False for the first) before prepare to have them sparsified",
             stacklevel=2,
         )
 
     changed = []
     shared: dict[int, WeightScale] = {}  # weight id -> its scaling, for every layer holding it
+    hooked: set[int] = set()  # experts modules given the cache hooks
     # the scales and stored weights it makes are trained: never inference tensors
     with torch.inference_mode(False):
-        for name, module, kind, out_f, in_f in chosen:
-            blocks = scale_blocks if in_f % (scale_blocks * _M) == 0 else 1
-            p = shared.get(id(module.weight))  # still the plain Parameter under a later holder
+        for c in chosen:
+            w = c.tensor
+            blocks = scale_blocks if c.in_f % (scale_blocks * _M) == 0 else 1
+            p = shared.get(id(w))  # still the plain Parameter under a later holder
             if p is None:
-                p = WeightScale(out_f, in_f, blocks, transposed=(kind == "conv1d"))
-                p.to(device=module.weight.device)
-                if isinstance(module.weight, DTensor):  # tensor parallel: scale follows rows
-                    p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, module.weight))
-                shared[id(module.weight)] = p
-            requires_grad = module.weight.requires_grad
-            parametrize.register_parametrization(module, "weight", p)
-            module.parametrizations.weight.original.requires_grad_(requires_grad)
+                p = WeightScale(c.out_f, c.in_f, blocks, c.transposed, c.experts)
+                p.to(device=w.device)
+                if isinstance(w, DTensor):  # tensor parallel: scale follows rows
+                    p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, w))
+                shared[id(w)] = p
+            requires_grad = w.requires_grad
+            parametrize.register_parametrization(c.module, c.param, p)
+            c.module.parametrizations[c.param].original.requires_grad_(requires_grad)
             # a frozen layer's scale does not train either
             p.scale.requires_grad_(bool(requires_grad))
-            changed.append(SparseLayer(name, module, kind, out_f, in_f, blocks))
+            if c.experts and id(c.module) not in hooked:
+                _cache_hooks(c.module, on=True)
+                hooked.add(id(c.module))
+            lname = c.where if c.experts else c.name
+            changed.append(
+                SparseLayer(lname, c.module, c.kind, c.out_f, c.in_f, blocks, c.param, c.experts)
+            )
     return changed
 
 
-def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str, int, int]]):
+def _refuse_unscalable(model: nn.Module, chosen: list[_Choice]) -> None:
     """Raise, before :func:`prepare` changes anything, for a chosen layer it cannot scale: one
     whose weight already has a parametrization (CAST's scaling must be the only one: the layer
-    would train dense, unseen by :func:`sparse_layers`), a ``Conv1D`` whose weight another
-    module shares (its ``[in, out]`` weight is re-stored as ``[out, in]``, under the other), and
-    one whose weight a module not chosen holds (an embedding tied to the head: that module
-    would use the 2:4-decayed ``W`` without ``A``, and :func:`finalize` would untie the two).
-    Chosen layers sharing one weight are fine: they share one scale."""
+    would train dense, unseen by :func:`sparse_layers`), a transposed weight (``Conv1D``) that
+    another module shares (its ``[in, out]`` weight is re-stored as ``[out, in]``, under the
+    other), and one whose weight a module not chosen holds (an embedding tied to the head: that
+    module would use the 2:4-decayed ``W`` without ``A``, and :func:`finalize` would untie the
+    two). Chosen layers sharing one weight are fine: they share one scale."""
     users = _param_holders(model)
-    chosen_ids = {id(module) for _, module, _, _, _ in chosen}
-    for name, module, kind, _, _ in chosen:
-        if parametrize.is_parametrized(module, "weight"):
-            found = [type(q).__name__ for q in module.parametrizations.weight]
+    chosen_ids = {id(c.module) for c in chosen}
+    for c in chosen:
+        if parametrize.is_parametrized(c.module, c.param):
+            found = [type(q).__name__ for q in c.module.parametrizations[c.param]]
             raise ValueError(
-                f"cast_ext.cast.prepare: {name}.weight already has parametrizations {found}; "
+                f"cast_ext.cast.prepare: {c.where} already has parametrizations {found}; "
                 "CAST's weight scaling must be its only one: remove them "
                 "(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out "
                 "with filter_fn (nothing was changed)"
             )
-        holders = users.get(id(module.weight), {})
-        if kind == "conv1d" and len(holders) > 1:
+        holders = users.get(id(c.tensor), {})
+        if c.transposed and len(holders) > 1:
             raise ValueError(
-                f"cast_ext.cast.prepare: {name} is a Conv1D whose weight is shared "
-                f"({', '.join(k for k, _ in holders.values())}); prepared, it is stored as "
+                f"cast_ext.cast.prepare: {c.name} is a {type(c.module).__name__} whose "
+                f"{c.param} is shared ({', '.join(k for k, _ in holders.values())}); stored "
+                "transposed, prepared, it is stored as "
                 "[out, in] under every holder: untie it or leave it out with filter_fn (nothing "
                 "was changed)"
             )
@@ -518,14 +677,14 @@ def _refuse_unscalable(model: nn.Module, chosen: list[tuple[str, nn.Module, str,
         embeddings = [k for k, m in others if isinstance(m, nn.Embedding)]
         if embeddings:
             raise ValueError(
-                f"cast_ext.cast.prepare: {name}.weight is the embedding {embeddings[0]} (tied); "
+                f"cast_ext.cast.prepare: {c.where} is the embedding {embeddings[0]} (tied); "
                 "AdamS would 2:4-decay the embedding and finalize would untie the two: untie "
-                f"it first ({name}.weight = nn.Parameter({name}.weight.detach().clone()), or "
+                f"it first ({c.where} = nn.Parameter({c.where}.detach().clone()), or "
                 "tie_word_embeddings=False) or leave it out with filter_fn (nothing was changed)"
             )
         if others:
             raise ValueError(
-                f"cast_ext.cast.prepare: {name}.weight is shared with "
+                f"cast_ext.cast.prepare: {c.where} is shared with "
                 f"{', '.join(k for k, _ in others)}, which prepare does not sparsify: that module "
                 "would use W without the scale A, and finalize would untie them: choose every "
                 "layer that holds it, untie it, or leave it out with filter_fn (nothing was "
@@ -545,7 +704,8 @@ def param_groups(
     """AdamS parameter groups for a prepared model.
 
     Three groups (empty ones are left out), each with a ``name`` and an explicit ``sparse`` flag:
-    ``"sparse"`` (the stored ``[out, in]`` weights of the prepared layers, ``sparse=True``),
+    ``"sparse"`` (the stored ``[out, in]`` weights of the prepared layers, expert stacks
+    ``[experts, out, in]``, ``sparse=True``),
     ``"scales"`` (the ``A`` tensors, ``sparse=False``) and ``"dense"`` (every other trainable
     parameter: biases, norms, embeddings, the head; ``sparse=False``).
 
@@ -1464,7 +1624,7 @@ class LayerReport:
     """Per-layer result of :func:`finalize`.
 
     Attributes:
-        name: module name.
+        name: module name (an expert stack's name, ``<experts module>.gate_up_proj``).
         shape: the module's weight shape after finalize (``[in, out]`` for ``Conv1D``).
         exactly_24: every group of 4 along the input dim has at most 2 nonzeros.
         nonzero_share: nonzeros / elements (0.5 unless weights were already 0).
@@ -1486,29 +1646,32 @@ def _scaled_weight(layer: SparseLayer) -> Tensor:
 
 
 def _as_stored(layer: SparseLayer, w: Tensor) -> Tensor:
-    """An ``[out, in]`` weight in the module's own layout (``[in, out]`` for ``Conv1D``)."""
-    return w.t().contiguous() if layer.kind == "conv1d" else w.contiguous()
+    """An ``[out, in]`` (``[experts, out, in]``) weight in the module's own layout (the last
+    two dims swapped for ``Conv1D`` and an ``is_transposed`` experts module)."""
+    return w.transpose(-2, -1).contiguous() if layer.transposed else w.contiguous()
 
 
-def _state_keys(name: str) -> tuple[str, str, str]:
-    """A layer's state-dict keys under module name ``name``: its plain ``weight``, and the
-    prepared stored weight and scale that replace it."""
+def _state_keys(name: str, param: str) -> tuple[str, str, str]:
+    """A layer's state-dict keys under module name ``name``: its plain weight ``param``, and
+    the prepared stored weight and scale that replace it."""
     prefix = f"{name}." if name else ""
     return (
-        prefix + "weight",
-        prefix + "parametrizations.weight.original",
-        prefix + "parametrizations.weight.0.scale",
+        prefix + param,
+        prefix + f"parametrizations.{param}.original",
+        prefix + f"parametrizations.{param}.0.scale",
     )
 
 
 def _named_layers(model: nn.Module) -> list[tuple[SparseLayer, str]]:
-    """Each prepared layer under every name it has, as ``state_dict`` lists it (a module
+    """Each prepared layer under every module name it has, as ``state_dict`` lists it (a module
     shared by two parents has two)."""
-    by_module = {id(layer.module): layer for layer in sparse_layers(model)}
+    by_module: dict[int, list[SparseLayer]] = {}
+    for layer in sparse_layers(model):
+        by_module.setdefault(id(layer.module), []).append(layer)
     return [
-        (by_module[id(m)], name)
+        (layer, name)
         for name, m in model.named_modules(remove_duplicate=False)
-        if id(m) in by_module
+        for layer in by_module.get(id(m), ())
     ]
 
 
@@ -1534,7 +1697,8 @@ def export_state_dict(
     ``model``: a checkpoint to save mid-training that loads without cast_ext.
 
     Each prepared layer's ``parametrizations.weight.original`` and scale entries become one
-    ``weight`` entry in the module's own layout: ``A * W`` masked with the optimizer's current
+    ``weight`` entry (an expert stack's, one ``gate_up_proj`` entry, say) in the module's own
+    layout: ``A * W`` masked with the optimizer's current
     mask (as :func:`finalize` does; a fresh 2:4 magnitude mask without one), or with
     ``prune=False`` the dense ``A * W`` the model computes with now (the student before the final
     prune). Layers sharing one weight (and so one scale, see :func:`prepare`) export one tensor
@@ -1564,9 +1728,10 @@ def export_state_dict(
     renamed: dict[str, tuple[str, Tensor]] = {}
     dropped: set[str] = set()
     stored: dict[int, tuple[Tensor, str]] = {}  # per weight, once: the tensor, its mask's source
-    sources: dict[int, tuple[str, str]] = {}  # per layer (once, whatever its number of names)
+    # per layer (once, whatever its number of names)
+    sources: dict[tuple[int, str], tuple[str, str]] = {}
     for layer, name in _named_layers(model):
-        weight_key, original_key, scale_key = _state_keys(name)
+        weight_key, original_key, scale_key = _state_keys(name, layer.param)
         if id(layer.weight) not in stored:
             w, source = _scaled_weight(layer), "dense"
             if prune:
@@ -1574,7 +1739,7 @@ def export_state_dict(
                 w.masked_fill_(~mask, 0.0)
             stored[id(layer.weight)] = (_as_stored(layer, w), source)
         exported, source = stored[id(layer.weight)]
-        sources[id(layer.module)] = (layer.name, source)
+        sources[(id(layer.module), layer.param)] = (layer.name, source)
         renamed[original_key] = (weight_key, exported)
         dropped.add(scale_key)
     # user -> torch.no_grad's wrapper -> here
@@ -1596,7 +1761,8 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
     That is the large-model path: build on the meta device, ``prepare``, ``fully_shard``,
     ``to_empty``, then load. Each prepared layer's ``weight`` entry becomes
     ``parametrizations.weight.original`` (``[out, in]``: a GPT-2 ``Conv1D`` weight is
-    transposed) and gets a ``parametrizations.weight.0.scale`` of ones (``A = 1``, as
+    transposed; an expert stack's entry, ``gate_up_proj`` say, likewise) and gets a
+    ``parametrizations.weight.0.scale`` of ones (``A = 1``, as
     :func:`prepare` sets it; a DTensor laid out like the model's scale when the weight is a
     DTensor, as :func:`export_state_dict` gives them under FSDP2), so the model then computes
     exactly what the plain one did. Every other entry passes through unchanged (entries already
@@ -1620,19 +1786,21 @@ def prepared_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> dict
     """
     out = dict(state_dict)
     for layer, name in _named_layers(model):
-        weight_key, original_key, scale_key = _state_keys(name)
+        weight_key, original_key, scale_key = _state_keys(name, layer.param)
         w = out.pop(weight_key, None)
         if w is None:
             continue
-        conv1d = layer.kind == "conv1d"  # the module stores [in, out]
         out_in = [layer.out_features, layer.in_features]
-        want = out_in[::-1] if conv1d else out_in
+        # the module holds [in, out] (Conv1D, an is_transposed experts module)
+        want = ([layer.experts] if layer.experts else []) + (
+            out_in[::-1] if layer.transposed else out_in
+        )
         if list(w.shape) != want:
             raise ValueError(
                 f"cast_ext.cast.prepared_state_dict: {weight_key} has shape {list(w.shape)}; "
                 f"the prepared {type(layer.module).__name__} {layer.name!r} stores {want}"
             )
-        out[original_key] = w.t().contiguous() if conv1d else w
+        out[original_key] = w.transpose(-2, -1).contiguous() if layer.transposed else w
         scale = layer.scale.detach()
         out[scale_key] = (
             torch.ones_like(scale)  # laid out like the model's (sharded) scale
@@ -1647,7 +1815,8 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
 
     ``W <- (A * W) * mask`` per prepared layer, with ``mask`` the optimizer's current mask
     (``optimizer.mask(p)``, the one AdamS decayed toward) or, without one, a fresh 2:4 magnitude
-    mask of ``W``. Afterwards each layer is a plain ``nn.Linear`` / ``Conv1D`` whose weight
+    mask of ``W``. Afterwards each layer is a plain ``nn.Linear`` / ``Conv1D`` (experts module,
+    its stacks plain Parameters again, each expert pruned along its own input dim) whose weight
     follows that mask along the input dim: exactly 2:4 with AdamS's default ``n=2, m=4`` (or a
     magnitude mask); with another N:M (``n=4, m=8``, say) it is N:M but in general not 2:4, and
     a warning names the layers (their :class:`LayerReport` has ``exactly_24=False``). Layers
@@ -1724,8 +1893,10 @@ def finalize(model: nn.Module, optimizer: Any = None) -> list[LayerReport]:
         cls = type(module)
         attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
         module.__class__ = type(cls.__name__, cls.__bases__, attrs)
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-        module.weight = new  # one Parameter for all the layers that shared the weight
+        parametrize.remove_parametrizations(module, layer.param, leave_parametrized=False)
+        setattr(module, layer.param, new)  # one Parameter for all the layers that shared it
+        if layer.experts and not parametrize.is_parametrized(module):
+            _cache_hooks(module, on=False)
         reports.append(LayerReport(name=layer.name, shape=list(new.shape), **figures))
     _warn_magnitude_fallback("finalize", optimizer, [(r.name, r.mask_source) for r in reports], 2)
     not_24 = [r.name for r in reports if not r.exactly_24]

@@ -450,13 +450,14 @@ def _freeze_embeddings_and_norms(model: nn.Module) -> None:
 def magnitude_prune(model: nn.Module) -> tuple[list[cast.LayerReport], dict[str, Tensor]]:
     """One-shot 2:4 magnitude pruning of the layers :func:`cast.prepare` picks.
 
-    Returns the finalize report and the kept-masks in each module's own weight layout.
+    Returns the finalize report and the kept-masks, by the weights' qualified names, in each
+    module's own weight layout.
     """
     cast.prepare(model)
     masks = {}
     for layer in cast.sparse_layers(model):
         mask = ops.sparse24_mask(layer.weight.detach())
-        masks[layer.name] = mask.t().contiguous() if layer.kind == "conv1d" else mask
+        masks[layer.weight_name] = mask.transpose(-2, -1).contiguous() if layer.transposed else mask
     return cast.finalize(model), masks
 
 
@@ -542,11 +543,8 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
     model = copy.deepcopy(base)
     reports, masks = magnitude_prune(model)
     _freeze_embeddings_and_norms(model)
-    modules = dict(model.named_modules())
     # Masks in the weights' dtype: multiplying by a bool mask converts it at every use.
-    pairs = [
-        (modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()
-    ]
+    pairs = [(w := model.get_parameter(name), mask.to(w.dtype)) for name, mask in masks.items()]
     for w, mask in pairs:
         w.register_hook(lambda g, mask=mask: g * mask)
 

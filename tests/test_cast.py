@@ -167,20 +167,6 @@ def test_a_frozen_layer_gets_a_frozen_scale_and_scales_never_decay():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1]
 
 
-def test_prepare_says_that_fused_moe_experts_stay_dense():
-    """transformers 5 stores a MoE layer's experts as 3-D Parameters, not Linears: prepare
-    cannot sparsify them, and says so (they were left dense without a word)."""
-    cfg = transformers.MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=64,
-    )  # fmt: skip
-    model = transformers.MixtralForCausalLM(cfg)
-    with pytest.warns(UserWarning, match=r"4 MoE expert weight\(s\) .*experts\.gate_up_proj"):
-        changed = cast.prepare(model)
-    assert len(changed) == 8  # the attention projections
-
-
 def test_prepare_filter_fn_and_block_fallback():
     class Net(nn.Module):
         def __init__(self):

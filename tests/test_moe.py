@@ -1,0 +1,305 @@
+"""CAST on mixture-of-experts models whose experts are stacked 3-D weights (transformers 5's
+experts modules): tiny random Mixtral ([experts, out, in]), Qwen3-MoE and gpt-oss ([experts,
+in, out], ``is_transposed``), built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import cast_ext
+from cast_ext import cast
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 64
+ARCHS = ["mixtral", "qwen3_moe", "gpt_oss"]
+
+
+def tiny_moe(arch: str, experts_implementation: str = "grouped_mm") -> nn.Module:
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **common)
+        cls = transformers.MixtralForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=48, moe_intermediate_size=24, num_experts=4, head_dim=8, **common
+        )
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.GptOssConfig(
+            intermediate_size=48, num_local_experts=4, head_dim=8,
+            layer_types=["sliding_attention", "full_attention"], **common,
+        )  # fmt: skip
+        cls = transformers.GptOssForCausalLM
+    cfg._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # spread the router, so that every expert gets tokens
+        for m in model.modules():
+            if "Router" in type(m).__name__:
+                m.weight.normal_(0, 1)
+    return model
+
+
+def ids(seed: int = 1, batch: int = 2, length: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def experts_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+
+
+def in_out(layer_tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A stack as the module holds it, made ``[experts, out, in]``."""
+    return layer_tensor.transpose(-2, -1) if transposed else layer_tensor
+
+
+def is_24(w: torch.Tensor) -> bool:
+    return bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepare_scales_every_expert_stack_and_keeps_outputs(arch):
+    model = tiny_moe(arch)
+    x = ids()
+    before = model(x).logits
+    plain = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    layers = cast.prepare(model)
+    stacks = [layer for layer in layers if layer.kind == "experts"]
+    # gate_up_proj and down_proj of 2 layers; the routers (not Linears) stay dense
+    assert [layer.param for layer in stacks] == ["gate_up_proj", "down_proj"] * 2
+    assert not any("router" in layer.name or "gate." in layer.name for layer in layers)
+    assert len(layers) == 8 + 4  # q, k, v, o per layer and the 4 stacks
+    for layer in stacks:
+        assert layer.name == layer.weight_name == f"{cast_ext.cast._join(layer.name, '')}"[:-1]
+        assert layer.transposed == (arch == "gpt_oss")
+        e, out_f, in_f = layer.experts, layer.out_features, layer.in_features
+        assert layer.weight.shape == (e, out_f, in_f)  # the optimizer's layout
+        assert layer.scale.shape == (e, out_f, 2) and layer.scale.dtype == torch.float32
+        held = getattr(layer.module, layer.param)  # the module's own layout, as before
+        assert tuple(held.shape) == plain[layer.name]
+        torch.testing.assert_close(in_out(held, layer.transposed), layer.weight, rtol=0, atol=0)
+        # W_used[e, r, c] = A[e, r, c // (in / 2)] * W[e, r, c]
+        with torch.no_grad():
+            layer.scale.copy_(torch.rand_like(layer.scale) + 0.5)
+        cols = torch.arange(in_f) // (in_f // 2)
+        want = layer.scale.detach()[:, :, cols] * layer.weight.detach()
+        got = in_out(getattr(layer.module, layer.param), layer.transposed)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with torch.no_grad():
+            layer.scale.fill_(1.0)
+    # gpt-oss computes with the transposed view of the re-stored stack: its sums may round
+    # in another order
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-6, atol=1e-6)
+    groups = {g["name"]: g for g in cast.param_groups(model)}
+    sparse = {id(p) for p in groups["sparse"]["params"]}
+    assert all(id(layer.weight) in sparse for layer in stacks)
+    assert {id(layer.scale) for layer in stacks} <= {id(p) for p in groups["scales"]["params"]}
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cast_train_then_finalize_gives_exactly_24_experts_and_the_masked_logits(
+    arch, impl, tmp_path
+):
+    model = tiny_moe(arch, impl)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    plain_keys = sorted(model.state_dict())
+    cls = {id(m): type(m) for m in experts_modules(model)}
+    cast.prepare(model)
+    groups = cast.param_groups(model, freeze_embeddings=True, freeze_norms=True)
+    opt = cast_ext.AdamS(groups, lr=3e-3, decay=1e-2, total_steps=6, mask_interval=2)
+    hist = cast.train(
+        model, opt, (ids(seed=10 + s) for s in range(6)), total_steps=6, teacher=teacher,
+        health_every=3, progress=False,
+    )  # fmt: skip
+    assert hist.steps == 6 and all(math.isfinite(r["loss"]) for r in hist.train)
+    health = hist.health[-1]
+    assert 0 < health["pruned_kept_ratio"] < 1 and health["mask_flips"] >= 0
+    layers = cast.sparse_layers(model)
+    stacks = [layer for layer in layers if layer.experts]
+    assert all(float((layer.scale.detach() - 1).abs().max()) > 0 for layer in stacks)
+    masks = {layer.name: opt.mask(layer.weight) for layer in layers}
+    transposed = {layer.name: layer.transposed for layer in stacks}
+    assert all(masks[layer.name].shape == layer.weight.shape for layer in stacks)
+    x = ids(seed=99)
+    pruned = cast.export_state_dict(model, opt)
+    assert sorted(pruned) == plain_keys
+    masked = copy.deepcopy(teacher)
+    masked.load_state_dict(pruned)  # strict: the plain model's keys and layouts
+    with torch.no_grad():
+        expected = masked(x).logits
+        dense = model(x).logits
+    reports = cast.finalize(model, opt)
+    assert not cast.sparse_layers(model)
+    by_name = {r.name: r for r in reports}
+    for layer in stacks:
+        r = by_name[layer.name]
+        assert r.exactly_24 and r.mask_source == "optimizer" and 0 < r.pruned_magnitude_share < 0.5
+        module = layer.module
+        assert type(module) is cls[id(module)]  # the transformers class again, no hooks left
+        assert not parametrize.is_parametrized(module) and not module._forward_hooks
+        assert not module._forward_pre_hooks
+        w = getattr(module, layer.param)
+        assert isinstance(w, nn.Parameter) and w.requires_grad and list(w.shape) == r.shape
+        w_oi = in_out(w.detach(), transposed[layer.name])  # [experts, out, in]: 2:4 along in
+        assert is_24(w_oi) and bool((w_oi[~masks[layer.name]] == 0).all())
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, dense, atol=1e-4)  # the prune did something
+    assert sorted(model.state_dict()) == plain_keys
+
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    final = model.state_dict()  # transformers reloads every tensor bit for bit, still 2:4
+    assert all(torch.equal(v, final[k]) for k, v in reloaded.state_dict().items())
+    with torch.no_grad():  # (it picks its default experts implementation, not the eager loop)
+        torch.testing.assert_close(reloaded(x).logits, got, rtol=1e-6, atol=1e-6)
+
+
+def test_the_eager_experts_loop_scales_each_stack_once_per_forward(monkeypatch):
+    """The eager experts forward reads a stack once per routed expert; prepare's hooks run it
+    under parametrize.cached(), so each scaled stack is computed once (4 experts: 4x fewer),
+    the gradients are the same, and the cache is off again after a forward that raised."""
+    calls = []
+    real = cast.WeightScale.forward
+
+    def counted(self, w):
+        calls.append(self.experts)
+        return real(self, w)
+
+    model = tiny_moe("mixtral", "eager")
+    reference = copy.deepcopy(model)
+    cast.prepare(model)
+    monkeypatch.setattr(cast.WeightScale, "forward", counted)
+    x = ids()
+    model(x).logits.sum().backward()
+    assert calls.count(4) == 4  # 2 layers x (gate_up_proj, down_proj), each once
+    assert calls.count(0) == 8  # the attention projections
+    # the same gradients as the plain model (A = 1): the cached stack sums its uses' grads
+    reference(x).logits.sum().backward()
+    for layer in cast.sparse_layers(model):
+        if layer.experts:
+            g = getattr(reference.get_submodule(layer.name.rsplit(".", 1)[0]), layer.param).grad
+            torch.testing.assert_close(layer.weight.grad, g, rtol=1e-5, atol=1e-6)
+
+    experts = experts_modules(model)[0]
+
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(experts, "act_fn", Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        model(x)
+    assert parametrize._cache_enabled == 0 and not parametrize._cache
+    monkeypatch.undo()
+    # a deepcopy has hooks of its own: finalizing it leaves the original's
+    twin = copy.deepcopy(model)
+    cast.finalize(twin)
+    assert not experts_modules(twin)[0]._forward_hooks and experts._forward_hooks
+
+
+def test_prepared_state_dict_loads_a_plain_moe_checkpoint_into_a_meta_built_model():
+    dense = tiny_moe("gpt_oss")
+    plain = dense.state_dict()
+    with torch.device("meta"):
+        model = tiny_moe("gpt_oss")
+    layers = cast.prepare(model)
+    model.to_empty(device="cpu")
+    model.load_state_dict(cast.prepared_state_dict(model, plain))  # strict
+    with torch.no_grad():
+        for name, buf in dense.named_buffers():
+            model.get_buffer(name).copy_(buf)
+        torch.testing.assert_close(model(ids()).logits, dense(ids()).logits, rtol=1e-6, atol=1e-6)
+    back = cast.export_state_dict(model, prune=False)
+    assert all(torch.equal(back[k], v) for k, v in plain.items())
+    stack = next(layer for layer in layers if layer.experts)
+    bad = {**plain, stack.name: plain[stack.name][:, :4]}
+    with pytest.raises(ValueError, match=f"{stack.name} has shape .* stores \\[4, 32, 96\\]"):
+        cast.prepared_state_dict(model, bad)
+
+
+class StackedExperts(nn.Module):
+    """Experts of another library: one [experts, out, in] stack, a token routed to expert 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 8, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w[0].t()
+
+
+def test_experts_that_do_not_say_their_layout_stay_dense_until_they_do():
+    net = nn.Sequential(nn.Linear(16, 16), StackedExperts())
+    with pytest.warns(UserWarning, match=r"1 MoE expert weight\(s\) .*1\.w.*is_transposed"):
+        assert [layer.name for layer in cast.prepare(net)] == ["0"]
+    net = nn.Sequential(nn.Linear(16, 16), StackedExperts())
+    net[1].is_transposed = False
+    x = torch.randn(2, 16)
+    before = net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = cast.prepare(net)
+    assert [(layer.name, layer.kind, layer.experts) for layer in layers] == [
+        ("0", "linear", 0),
+        ("1.w", "experts", 3),
+    ]
+    assert torch.equal(net(x), before)
+    # filter_fn chooses the experts module as a whole; one it leaves out gets no hooks
+    net = nn.Sequential(nn.Linear(16, 16), StackedExperts())
+    net[1].is_transposed = False
+    assert len(cast.prepare(net, filter_fn=lambda name, m: name == "0")) == 1
+    assert not net[1]._forward_pre_hooks
+    # a stack whose input dim is not a multiple of 4, chosen by filter_fn: named
+    odd = StackedExperts()
+    odd.w = nn.Parameter(torch.randn(3, 8, 6))
+    odd.is_transposed = False
+    with pytest.raises(ValueError, match=r"w has input dim 6 \(stored \[3, 8, 6\]\)"):
+        cast.prepare(nn.Sequential(odd), filter_fn=lambda name, m: True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_expert_stacks_scale_in_fp32_per_expert(dtype):
+    net = nn.Sequential(StackedExperts())
+    net[0].is_transposed = False
+    net.to(dtype)
+    (layer,) = cast.prepare(net)
+    assert layer.scale.dtype == torch.float32
+    with torch.no_grad():
+        layer.scale.copy_(1 + 0.003 * torch.rand_like(layer.scale))
+    w, a = layer.weight.detach(), layer.scale.detach()
+    cols = torch.arange(16) // 8
+    assert torch.equal(net[0].w, (w.float() * a[:, :, cols]).to(dtype))
+    g = torch.randn(3, 8, 16).to(dtype)
+    net[0].w.backward(g)
+    want = (g.float() * w.float()).reshape(3, 8, 2, 8).sum(-1)
+    torch.testing.assert_close(layer.scale.grad, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.weight.grad, (g.float() * a[:, :, cols]).to(dtype))
+
+
+def test_the_demo_s_magnitude_prune_keys_its_masks_by_weight_name():
+    """The demo's fixed-mask fine-tune finds each pruned weight by name, expert stacks too."""
+    from cast_ext import demo
+
+    model = tiny_moe("gpt_oss")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    reports, masks = demo.magnitude_prune(model)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in masks and len(masks) == len(reports)
+    for name, mask in masks.items():
+        w = model.get_parameter(name)  # [experts, in, out] for gpt-oss, as the module holds it
+        assert mask.shape == w.shape and torch.equal(w, before[name] * mask), name
