@@ -913,6 +913,20 @@ def _refusals_worker(rank: int, tmp: str) -> dict[str, Any]:
         opt.step()
     assert not opt.state[bad]
     assert torch.equal(bad.full_tensor(), w)
+
+    # An expert stack that is a DTensor already (expert parallel): prepare refuses it by name,
+    # before it changes anything.
+    class Experts(nn.Module):
+        is_transposed = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(distribute_tensor(torch.randn(2, 8, 16), one_rank, [Shard(0)]))
+
+    net = nn.Sequential(nn.Linear(16, 16), Experts())
+    with pytest.raises(ValueError, match=r"1\.w is an expert stack \[2, 8, 16\] that is already"):
+        cast.prepare(net)
+    assert not cast.sparse_layers(net) and not net[1]._forward_pre_hooks
     return {}
 
 

@@ -303,3 +303,16 @@ def test_the_demo_s_magnitude_prune_keys_its_masks_by_weight_name():
     for name, mask in masks.items():
         w = model.get_parameter(name)  # [experts, in, out] for gpt-oss, as the module holds it
         assert mask.shape == w.shape and torch.equal(w, before[name] * mask), name
+
+
+def test_an_expert_stack_with_a_parametrization_of_its_own_is_refused_by_name():
+    class Identity(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w
+
+    net = nn.Sequential(nn.Linear(16, 16), StackedExperts())
+    net[1].is_transposed = False
+    parametrize.register_parametrization(net[1], "w", Identity())
+    with pytest.raises(ValueError, match=r"1\.w already has parametrizations \['Identity'\]"):
+        cast.prepare(net)
+    assert not parametrize.is_parametrized(net[0]) and not net[1]._forward_pre_hooks
