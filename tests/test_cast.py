@@ -20,6 +20,7 @@ from pathlib import Path
 import conftest
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import requires_cuda
 from torch import nn
 
@@ -132,6 +133,81 @@ def test_weight_scaling_of_16_bit_weights_is_one_fp32_product(dtype):
     want = (g.float() * w.float()).reshape(8, 2, 16).sum(-1)
     torch.testing.assert_close(layer.scale.grad, want, rtol=1e-6, atol=1e-6)
     assert torch.equal(layer.weight.grad, (g.float() * a[:, cols]).to(dtype))
+
+
+def _linear_grads(lin: nn.Linear, x: torch.Tensor, g: torch.Tensor, fused: bool, **autocast):
+    """The output and the gradients of x, W, A and the bias for the upstream gradient g: by the
+    prepared layer's own forward (fused) or by F.linear on its parametrized weight."""
+    (layer,) = cast.sparse_layers(nn.Sequential(lin))
+    leaves = [t for t in (x, layer.weight, layer.scale, lin.bias) if t is not None]
+    for t in leaves:
+        t.grad = None
+    with torch.autocast("cpu", **autocast) if autocast else contextlib.nullcontext():
+        y = lin(x) if fused else F.linear(x, lin.weight, lin.bias)
+    y.backward(g.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, bias, autocast",
+    [
+        (torch.float32, (5, 32), True, None),
+        (torch.float32, (2, 3, 32), False, None),
+        (torch.float32, (32,), True, None),
+        (torch.float32, (0, 32), True, None),
+        (torch.float64, (4, 32), True, None),
+        (torch.bfloat16, (2, 3, 32), True, None),
+        (torch.float16, (6, 32), False, None),
+        (torch.float32, (2, 3, 32), True, torch.bfloat16),
+    ],
+)
+def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
+    dtype, shape, bias, autocast, monkeypatch
+):
+    """A prepared nn.Linear's forward is F.linear(x, A * W, bias) that saves x, W and A, not
+    the product A * W (a tensor of the weight's size per layer, from the forward to the
+    backward: under FSDP2 an unsharded one); its output and gradients are those of F.linear on
+    the parametrized weight, bit for bit, the backward under the forward's autocast too."""
+    torch.manual_seed(0)
+    small = nn.Linear(32, 16)
+    cast.prepare(nn.Sequential(small))
+    assert type(small).forward is nn.Linear.forward  # below the size: the parametrized path
+    monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 32 * 16)
+    lin = nn.Linear(32, 16, bias=bias).to(dtype)
+    cast.prepare(nn.Sequential(lin))
+    assert type(lin).forward is cast._scaled_linear_forward
+    (layer,) = cast.sparse_layers(nn.Sequential(lin))
+    with torch.no_grad():
+        layer.scale.copy_(1 + 0.1 * torch.rand_like(layer.scale))
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    g = torch.randn(*shape[:-1], 16, dtype=torch.float64)
+    kw = {"dtype": autocast} if autocast else {}
+    fused, plain = (_linear_grads(lin, x, g, f, **kw) for f in (True, False))
+    assert fused[0].dtype == plain[0].dtype == (autocast or dtype)
+    for got, want, what in zip(fused, plain, ["y", "x", "W", "A", "bias"], strict=False):
+        assert got.dtype == want.dtype, what
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=what)
+
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr():
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lin(x)
+    assert sum(saved) < layer.weight.numel() // 2, saved  # x and the scale, not A * W
+    # a frozen base (LoRA) with a grad-free input: no gradient asked, none computed; no_grad:
+    # the plain product
+    layer.weight.grad = layer.scale.grad = None
+    layer.weight.requires_grad_(False)
+    layer.scale.requires_grad_(False)
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    y = lin(x.detach().requires_grad_())
+    y.sum().backward()
+    assert layer.weight.grad is None and layer.scale.grad is None
 
 
 def test_prepare_refuses_what_it_cannot_scale_and_changes_nothing():

@@ -166,21 +166,28 @@ def test_distill_loss_compiles_fullgraph_and_matches_eager(device):
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused_linear", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(device):
+def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(
+    device, fused_linear, monkeypatch
+):
     """A CAST step with the model's forward and the loss compiled (prepare's scale
-    parametrizations, the teacher, the fused distillation loss: one graph) and AdamS eager
-    gives the losses and weights of the eager step."""
+    parametrizations, or the one-node scaled linear of large layers; the teacher, the fused
+    distillation loss: one graph) and AdamS eager gives the losses and weights of the eager
+    step."""
     import copy
 
     from cast_ext import cast
 
+    if fused_linear:  # these small layers take the large layers' forward
+        monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 0)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 40)
     ).to(device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     cast.prepare(model, filter_fn=lambda name, module: True)
+    assert (type(model[0]).forward is cast._scaled_linear_forward) == fused_linear
     eager_model = copy.deepcopy(model)
 
     def loss(m, x, y):
