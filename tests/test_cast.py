@@ -1372,6 +1372,40 @@ def test_finalize_warns_of_layers_an_n_m_optimizer_left_not_24():
                 assert all(r.exactly_24 for r in cast.finalize(net, opt))
 
 
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_cast_train_with_activation_checkpointing_is_the_plain_run(fused_linear, monkeypatch):
+    """Hugging Face activation checkpointing (the forward of each decoder layer run again in the
+    backward: the scaled weights computed again) trains bit for bit as without it, on the
+    parametrized path and on the large layers' one-node scaled linear."""
+    if fused_linear:
+        monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 0)
+
+    def run(checkpointing: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = tiny_llama().train()
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        cast.prepare(model)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        calls = []  # (forward hooks do not run again when the checkpoint recomputes)
+        mlp = model.model.layers[0].mlp
+        mlp_forward = mlp.forward
+        mlp.forward = lambda *a, **k: (calls.append(1), mlp_forward(*a, **k))[1]
+        opt = cast_ext.AdamS(
+            cast.param_groups(model), lr=1e-3, decay=1e-2, total_steps=4, mask_interval=2
+        )
+        batches = [ids(seed=s) for s in range(4)]
+        hist = cast.train(
+            model, opt, batches, total_steps=4, teacher=teacher, progress=False, health_every=0
+        )
+        assert len(calls) == (8 if checkpointing else 4)  # recomputed in each backward
+        return [r["loss"] for r in hist.train], model.state_dict()
+
+    (plain_losses, plain), (ckpt_losses, ckpt) = run(False), run(True)
+    assert ckpt_losses == plain_losses
+    assert all(torch.equal(ckpt[k], v) for k, v in plain.items())
+
+
 def test_train_grad_accum_equals_the_whole_batch():
     """Two micro-batches of one row a step give the gradients of the two-row batch (each
     micro-batch's loss over grad_accum), so the same training up to rounding."""
