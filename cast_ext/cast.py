@@ -166,18 +166,29 @@ class _HalfTimesScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, grouped: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(grouped, scale)
-        return (grouped.float() * scale.unsqueeze(-1)).to(grouped.dtype)
+        return _half_times(grouped, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         grouped, scale = ctx.saved_tensors
-        g32 = grad.float()
-        dw = ds = None
-        if ctx.needs_input_grad[0]:
-            dw = (g32 * scale.unsqueeze(-1)).to(grouped.dtype)
-        if ctx.needs_input_grad[1]:
-            ds = torch.einsum("...bg,...bg->...b", g32, grouped.float()).to(scale.dtype)
-        return dw, ds
+        return _half_times_grads(grad, grouped, scale, *ctx.needs_input_grad)
+
+
+def _half_times(grouped: Tensor, scale: Tensor) -> Tensor:
+    """A 16-bit ``W`` ``[..., rows, blocks, g]`` times ``A`` ``[..., rows, blocks]`` in fp32,
+    rounded once to ``W``'s dtype."""
+    return (grouped.float() * scale.unsqueeze(-1)).to(grouped.dtype)
+
+
+def _half_times_grads(
+    grad: Tensor, grouped: Tensor, scale: Tensor, need_w: bool, need_s: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of :func:`_half_times` for the gradient ``grad`` of its product: ``A *
+    grad`` rounded once to ``W``'s dtype, and the fp32 sums of ``grad * W`` per block."""
+    g32 = grad.float()
+    dw = (g32 * scale.unsqueeze(-1)).to(grouped.dtype) if need_w else None
+    ds = torch.einsum("...bg,...bg->...b", g32, grouped.float()).to(scale.dtype) if need_s else None
+    return dw, ds
 
 
 def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
@@ -197,7 +208,7 @@ def _scale_product(w: Tensor, scale: Tensor, blocks: int) -> Tensor:
     out_f, in_f = w.shape
     grouped = w.reshape(out_f, blocks, in_f // blocks)
     if w.dtype in (torch.float16, torch.bfloat16):
-        used = (grouped.float() * scale.unsqueeze(-1)).to(w.dtype)
+        used = _half_times(grouped, scale)
     else:
         used = grouped * scale.to(w.dtype).unsqueeze(-1)
     return used.reshape(out_f, in_f)
@@ -247,11 +258,8 @@ class _ScaledLinear(torch.autograd.Function):
             gg = g_used.reshape(out_f, ctx.blocks, in_f // ctx.blocks)
             grouped = w.reshape(gg.shape)
             if w.dtype in (torch.float16, torch.bfloat16):
-                g32 = gg.float()
-                if need_w:
-                    gw = (g32 * scale.unsqueeze(-1)).to(w.dtype).reshape(out_f, in_f)
-                if need_s:
-                    gs = torch.einsum("...bg,...bg->...b", g32, grouped.float()).to(scale.dtype)
+                gw, gs = _half_times_grads(gg, grouped, scale, need_w, need_s)
+                gw = gw.reshape(out_f, in_f) if gw is not None else None
             else:
                 if need_w:
                     s = scale if scale.dtype == w.dtype else scale.to(w.dtype)
