@@ -142,7 +142,8 @@ def _linear_grads(lin: nn.Linear, x: torch.Tensor, g: torch.Tensor, fused: bool,
     leaves = [t for t in (x, layer.weight, layer.scale, lin.bias) if t is not None]
     for t in leaves:
         t.grad = None
-    with torch.autocast("cpu", **autocast) if autocast else contextlib.nullcontext():
+    amp = torch.autocast(x.device.type, **autocast) if autocast else contextlib.nullcontext()
+    with amp:
         y = lin(x) if fused else F.linear(x, lin.weight, lin.bias)
     y.backward(g.to(y.dtype))
     return [y.detach()] + [t.grad for t in leaves]
@@ -161,8 +162,9 @@ def _linear_grads(lin: nn.Linear, x: torch.Tensor, g: torch.Tensor, fused: bool,
         (torch.float32, (2, 3, 32), True, torch.bfloat16),
     ],
 )
+@pytest.mark.parametrize("device", conftest.DEVICES)
 def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
-    dtype, shape, bias, autocast, monkeypatch
+    device, dtype, shape, bias, autocast, monkeypatch
 ):
     """A prepared nn.Linear's forward is F.linear(x, A * W, bias) that saves x, W and A, not
     the product A * W (a tensor of the weight's size per layer, from the forward to the
@@ -173,14 +175,14 @@ def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
     cast.prepare(nn.Sequential(small))
     assert type(small).forward is nn.Linear.forward  # below the size: the parametrized path
     monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 32 * 16)
-    lin = nn.Linear(32, 16, bias=bias).to(dtype)
+    lin = nn.Linear(32, 16, bias=bias).to(device, dtype)
     cast.prepare(nn.Sequential(lin))
     assert type(lin).forward is cast._scaled_linear_forward
     (layer,) = cast.sparse_layers(nn.Sequential(lin))
     with torch.no_grad():
         layer.scale.copy_(1 + 0.1 * torch.rand_like(layer.scale))
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
-    g = torch.randn(*shape[:-1], 16, dtype=torch.float64)
+    x = torch.randn(shape, dtype=dtype).to(device).requires_grad_()
+    g = torch.randn(*shape[:-1], 16, dtype=torch.float64).to(device)
     kw = {"dtype": autocast} if autocast else {}
     fused, plain = (_linear_grads(lin, x, g, f, **kw) for f in (True, False))
     assert fused[0].dtype == plain[0].dtype == (autocast or dtype)

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -316,3 +317,35 @@ def test_an_expert_stack_with_a_parametrization_of_its_own_is_refused_by_name():
     with pytest.raises(ValueError, match=r"1\.w already has parametrizations \['Identity'\]"):
         cast.prepare(net)
     assert not parametrize.is_parametrized(net[0]) and not net[1]._forward_pre_hooks
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_moe_cast_on_cuda_in_bf16(impl):
+    """The recipe on the GPU in bf16 (grouped_mm wants 16-bit stacks): prepare keeps the
+    logits, AdamS trains the stacks as sparse params, finalize leaves each expert exactly 2:4
+    and the logits of the exported state."""
+    model = tiny_moe("mixtral", impl).cuda().bfloat16()
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    x = ids().cuda()
+    with torch.no_grad():
+        before = model(x).logits
+    cast.prepare(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+    opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-3, decay=1e-2, total_steps=4)
+    for s in range(4):
+        batch = ids(seed=10 + s).cuda()
+        with torch.no_grad():
+            t = teacher(batch).logits
+        cast.distill_loss(model(batch).logits, t, cast.shift_labels(batch)).backward()
+        opt.step()
+        opt.zero_grad()
+    masked = copy.deepcopy(teacher)
+    masked.load_state_dict(cast.export_state_dict(model, opt))
+    reports = cast.finalize(model, opt)
+    assert all(r.exactly_24 for r in reports) and any("experts" in r.name for r in reports)
+    for m in experts_modules(model):
+        assert is_24(m.gate_up_proj) and is_24(m.down_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, masked(x).logits, rtol=0, atol=0)
