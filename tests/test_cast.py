@@ -171,13 +171,12 @@ def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
     backward: under FSDP2 an unsharded one); its output and gradients are those of F.linear on
     the parametrized weight, bit for bit, the backward under the forward's autocast too."""
     torch.manual_seed(0)
-    small = nn.Linear(32, 16)
-    cast.prepare(nn.Sequential(small))
-    assert type(small).forward is nn.Linear.forward  # below the size: the parametrized path
+    small = nn.Linear(32, 16)  # below the size: the parametrization's product, saved
+    (small_layer,) = cast.prepare(nn.Sequential(small))
+    assert type(small).forward is cast._scaled_linear_forward
     monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 32 * 16)
     lin = nn.Linear(32, 16, bias=bias).to(device, dtype)
     cast.prepare(nn.Sequential(lin))
-    assert type(lin).forward is cast._scaled_linear_forward
     (layer,) = cast.sparse_layers(nn.Sequential(lin))
     with torch.no_grad():
         layer.scale.copy_(1 + 0.1 * torch.rand_like(layer.scale))
@@ -200,6 +199,10 @@ def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lin(x)
     assert sum(saved) < layer.weight.numel() // 2, saved  # x and the scale, not A * W
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        small(torch.randn(32, requires_grad=True))
+    assert sum(saved) >= small_layer.weight.numel(), saved
     # a frozen base (LoRA) with a grad-free input: no gradient asked, none computed; no_grad:
     # the plain product
     layer.weight.grad = layer.scale.grad = None

@@ -187,7 +187,6 @@ def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(
     ).to(device)
     teacher = copy.deepcopy(model).requires_grad_(False)
     cast.prepare(model, filter_fn=lambda name, module: True)
-    assert (type(model[0]).forward is cast._scaled_linear_forward) == fused_linear
     eager_model = copy.deepcopy(model)
 
     def loss(m, x, y):
