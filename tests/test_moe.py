@@ -350,3 +350,29 @@ def test_moe_cast_on_cuda_in_bf16(impl):
         assert is_24(m.gate_up_proj) and is_24(m.down_proj)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, masked(x).logits, rtol=0, atol=0)
+
+
+def test_eager_experts_under_activation_checkpointing_train_as_without_it():
+    """A checkpoint's recomputation stops once it has what the backward needs (an exception
+    inside the experts forward): the cache hooks' exit still runs (always_call), so the cache
+    is off after every step, and training is bit for bit the run without checkpointing."""
+
+    def run(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_moe("mixtral", "eager").train()
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        cast.prepare(model)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-3, decay=1e-2, total_steps=3)
+        for s in range(3):
+            x = ids(seed=20 + s)
+            with torch.no_grad():
+                t = teacher(x).logits
+            cast.distill_loss(model(x, use_cache=False).logits, t, cast.shift_labels(x)).backward()
+            assert parametrize._cache_enabled == 0 and not parametrize._cache
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+
+    plain, ckpt = run(False), run(True)
+    assert all(torch.equal(ckpt[k], v) for k, v in plain.items())
