@@ -84,7 +84,9 @@ def test_prepare_scales_every_expert_stack_and_keeps_outputs(arch):
     assert not any("router" in layer.name or "gate." in layer.name for layer in layers)
     assert len(layers) == 8 + 4  # q, k, v, o per layer and the 4 stacks
     for layer in stacks:
-        assert layer.name == layer.weight_name == f"{cast_ext.cast._join(layer.name, '')}"[:-1]
+        module_name = next(n for n, m in model.named_modules() if m is layer.module)
+        assert layer.name == layer.weight_name == f"{module_name}.{layer.param}"
+        assert module_name.endswith("mlp.experts")
         assert layer.transposed == (arch == "gpt_oss")
         e, out_f, in_f = layer.experts, layer.out_features, layer.in_features
         assert layer.weight.shape == (e, out_f, in_f)  # the optimizer's layout
