@@ -422,8 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             say("no tokenizer in --model: the final checkpoint has none")
         exact = 0
         for layer in layers:
-            w = final[f"{layer.name}.weight"]
-            w = w.t() if layer.kind == "conv1d" else w  # groups run along the input dim
+            w = final[layer.weight_name]  # an expert stack's too
+            w = w.transpose(-2, -1) if layer.transposed else w  # groups run along the input dim
             exact += bool(((w.reshape(-1, 4) != 0).sum(-1) <= 2).all())
         report["exactly_24_layers"] = f"{exact}/{len(layers)}"
         (out / "final_report.json").write_text(json.dumps(report, indent=2))

@@ -186,6 +186,35 @@ def test_cast_fsdp2_example_on_gpt2(tmp_path: Path) -> None:
     assert ppl == pytest.approx(report["val_ppl_after_prune"], rel=1e-4)
 
 
+def tiny_mixtral() -> torch.nn.Module:
+    cfg = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def test_cast_fsdp2_example_on_a_mixture_of_experts(tmp_path: Path) -> None:
+    """A Mixtral (experts as 3-D stacks): prepared, sharded and trained by the example, written
+    as a Hugging Face checkpoint whose attention projections and every expert are exactly 2:4
+    along their input dim."""
+    data = tmp_path / "data"
+    val = make_data(data, tiny_mixtral)
+    run_example(tmp_path / "out", data, "--save-every", "0")
+    report = json.loads((tmp_path / "out" / "final_report.json").read_text())
+    assert report["exactly_24_layers"] == "12/12"  # q, k, v, o and 2 stacks, in 2 layers
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    experts = [m for n, m in model.named_modules() if n.endswith("experts")]
+    assert len(experts) == 2
+    for m in experts:  # [experts, out, in]
+        for w in (m.gate_up_proj, m.down_proj):
+            assert ((w.reshape(-1, 4) != 0).sum(-1) == 2).all()
+    windows = torch.from_numpy(val.astype(np.int64)).reshape(-1, SEQ)[:16]
+    ppl = cast.perplexity(model, windows, batch_size=2)
+    assert ppl == pytest.approx(report["val_ppl_after_prune"], rel=1e-4)
+
+
 @requires_cuda
 @pytest.mark.timeout(150)  # torchrun, NCCL's start and a short run: over the suite's 60 s
 def test_cast_fsdp2_example_on_cuda(tmp_path: Path) -> None:
