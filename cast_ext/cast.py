@@ -282,18 +282,18 @@ _FUSED_MIN_NUMEL = 1 << 20
 def _scaled_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     """The forward a prepared ``nn.Linear`` gets (on the class parametrize made for it): a
     large layer trains through :class:`_ScaledLinear`, which keeps no weight-sized product from
-    the forward to the backward; a small one computes ``A * W`` as its parametrization does,
-    without the property's machinery (2-3 ms of host time per step of a 30-layer model, 210
-    layers, on the CPU). A DTensor weight (tensor parallel) takes the parametrized weight."""
+    the forward to the backward; a small one, and any without gradients, computes ``A * W`` as
+    its parametrization does, without the property's machinery (2-3 ms of host time per step of
+    a 30-layer model, 210 layers, on the CPU). A DTensor weight (tensor parallel) takes the
+    parametrized weight."""
     plist = self.parametrizations.weight
     w, p = plist.original, plist[0]
     if isinstance(w, DTensor) or len(plist) != 1:
         return F.linear(x, self.weight, self.bias)
-    if w.numel() < _FUSED_MIN_NUMEL:
-        return F.linear(x, p._scaled(w), self.bias)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or p.scale.requires_grad):
+    needs_grad = x.requires_grad or w.requires_grad or p.scale.requires_grad
+    if torch.is_grad_enabled() and needs_grad and w.numel() >= _FUSED_MIN_NUMEL:
         return _ScaledLinear.apply(x, w, p.scale, self.bias, p.blocks)
-    return F.linear(x, _scale_product(w, p.scale, p.blocks), self.bias)
+    return F.linear(x, p._scaled(w), self.bias)
 
 
 def _scale_placements(weight: DTensor) -> list[Any]:
@@ -506,19 +506,22 @@ def sparse_layers(model: nn.Module) -> list[SparseLayer]:
                     "others (torch.nn.utils.parametrize.remove_parametrizations), or add them "
                     "after finalize"
                 )
-            p = plist[0]
-            if not isinstance(p, WeightScale):
-                continue
-            if p.experts:
-                kind, lname = "experts", _join(name, pname)
-            else:
-                kind, lname = ("conv1d" if p.transposed else "linear"), name
-            out.append(
-                SparseLayer(
-                    lname, module, kind, p.out_features, p.in_features, p.blocks, pname, p.experts
-                )
-            )
+            if isinstance(plist[0], WeightScale):
+                out.append(_sparse_layer(name, module, pname, plist[0]))
     return out
+
+
+def _sparse_layer(name: str, module: nn.Module, param: str, p: WeightScale) -> SparseLayer:
+    """The :class:`SparseLayer` of ``module``'s attribute ``param`` (module name ``name``)
+    scaled by ``p``: an expert stack is named by its own name, a Linear-like layer by its
+    module's."""
+    if p.experts:
+        kind, lname = "experts", _join(name, param)
+    else:
+        kind, lname = ("conv1d" if p.transposed else "linear"), name
+    return SparseLayer(
+        lname, module, kind, p.out_features, p.in_features, p.blocks, param, p.experts
+    )
 
 
 @dataclass
@@ -746,10 +749,7 @@ def prepare(
             if c.experts and id(c.module) not in hooked:
                 _cache_hooks(c.module, on=True)
                 hooked.add(id(c.module))
-            lname = c.where if c.experts else c.name
-            changed.append(
-                SparseLayer(lname, c.module, c.kind, c.out_f, c.in_f, blocks, c.param, c.experts)
-            )
+            changed.append(_sparse_layer(c.name, c.module, c.param, p))
     return changed
 
 

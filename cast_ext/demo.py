@@ -457,7 +457,7 @@ def magnitude_prune(model: nn.Module) -> tuple[list[cast.LayerReport], dict[str,
     masks = {}
     for layer in cast.sparse_layers(model):
         mask = ops.sparse24_mask(layer.weight.detach())
-        masks[layer.weight_name] = mask.transpose(-2, -1).contiguous() if layer.transposed else mask
+        masks[layer.weight_name] = cast._as_stored(layer, mask)
     return cast.finalize(model), masks
 
 
