@@ -11,7 +11,8 @@ device. Its forward runs one of
   packed-format kernel, any token count);
 * ``"dense"``: ``F.linear`` (cuBLAS, or the CPU BLAS) on the decompressed weight, cached,
 
-whichever the dispatch picked for this shape.
+whichever the dispatch picked for this shape. A MoE experts module becomes a
+:class:`SparseExperts`: one :class:`SparseLinear` per expert and projection.
 
 Dispatch (``mode="auto"``, CPU and CUDA): for each (device, dtype, bucket of M = next power of two
 of the token count, N, K, bias) the candidate paths are timed and the fastest is used from then
@@ -63,6 +64,7 @@ from ._build import cusparselt_available
 __all__ = [
     "SPARSE_MARGIN",
     "DispatchDecision",
+    "SparseExperts",
     "SparseLinear",
     "clear_dispatch_decisions",
     "cslt_cache_info",
@@ -501,13 +503,18 @@ class SparseLinear(nn.Module):
         w = linear.weight.detach()
         if _is_conv1d(linear):
             w = w.t()  # [out, in]: the 2:4 groups run along in, as for a Linear
+        layer, dense_groups = cls._from_weight(w, linear.bias, mode)
+        layer._weight_requires_grad = bool(linear.weight.requires_grad)
+        layer._conv1d_cls = _conv1d_class(linear)
+        layer.train(linear.training)
+        return layer, dense_groups
+
+    @classmethod
+    def _from_weight(cls, w: Tensor, bias: Tensor | None, mode: Mode) -> tuple[SparseLinear, int]:
+        """A layer holding ``w`` ``[out, in]`` (pruned to 2:4 by magnitude where it is not) and a
+        copy of ``bias``, and how many groups of 4 had more than 2 nonzeros."""
         layer = cls(
-            w.shape[1],
-            w.shape[0],
-            linear.bias is not None,
-            mode=mode,
-            device=w.device,
-            dtype=w.dtype,
+            w.shape[1], w.shape[0], bias is not None, mode=mode, device=w.device, dtype=w.dtype
         )
         dense_groups = 0 if w.is_meta else int((w != 0).reshape(-1, 4).sum(-1).gt(2).sum())
         if dense_groups:
@@ -516,13 +523,10 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             layer.values.copy_(values)
             layer.metadata.copy_(meta)
-            if linear.bias is not None and layer.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
-        if layer.bias is not None:
-            layer.bias.requires_grad_(linear.bias.requires_grad)
-        layer._weight_requires_grad = bool(linear.weight.requires_grad)
-        layer._conv1d_cls = _conv1d_class(linear)
-        layer.train(linear.training)
+            if bias is not None and layer.bias is not None:
+                layer.bias.copy_(bias.detach())
+        if layer.bias is not None and bias is not None:
+            layer.bias.requires_grad_(bias.requires_grad)
         return layer, dense_groups
 
     def dense_weight(self) -> Tensor:
@@ -1039,6 +1043,7 @@ def to_sparse(
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     *,
     mode: Mode = "auto",
+    experts: bool = False,
 ) -> nn.Module:
     """Replace every eligible linear layer of ``model`` (in place) by a :class:`SparseLinear`.
 
@@ -1060,10 +1065,21 @@ def to_sparse(
     Weights that are not already 2:4 are pruned by magnitude, with one warning listing how many
     layers were.
 
+    MoE experts (transformers 5's experts modules: 3-D stacks) stay dense unless ``experts``
+    is True (a warning says how many there are): then each becomes a :class:`SparseExperts`
+    where every stack's input dim is a multiple of 4, and ``filter_fn`` (if given) sees the
+    experts module, not its stacks. Its experts run one by one (no grouped 2:4 GEMM), each call
+    dispatched on its own, so the 2:4 experts take 56% of the memory but are not measured
+    against transformers' grouped forward: time them (``benchmarks/bench_experts.py``). An
+    experts module whose forward :class:`SparseExperts` does not know (no ``has_gate``,
+    ``has_bias``, ...; other stacks than ``gate_up_proj``/``up_proj`` and ``down_proj``) stays
+    dense with a warning, and is refused when ``filter_fn`` chooses it.
+
     Args:
         model: the model to convert.
         filter_fn: optional predicate on (qualified name, layer), replacing the default rule.
         mode: the :class:`SparseLinear` mode of every new layer.
+        experts: also convert MoE experts modules (see above).
 
     Linears that share one weight (``b.weight = a.weight``) get layers that share one
     ``values``/``metadata`` pair (and a shared bias stays one Parameter), and :func:`to_dense`
@@ -1076,7 +1092,7 @@ def to_sparse(
         ``model`` itself (converted in place), or its replacement if ``model`` is an eligible
         linear layer itself.
     """
-    from .cast import sparse_layers  # here: cast_ext.cast imports this module
+    from .cast import _expert_stacks, sparse_layers  # here: cast_ext.cast imports this module
 
     scaled = [layer.name or "(the model)" for layer in sparse_layers(model)]
     if scaled:
@@ -1091,12 +1107,48 @@ def to_sparse(
     readers = _weight_readers(model)
     adapters, adapted = _adapter_modules(model)
     left_dense: list[str] = []  # by the default rule: a subclass, or its owner reads .weight
+    experts_dense: list[str] = []  # experts modules whose forward SparseExperts does not know
+    experts_kept: list[str] = []  # experts modules left dense because experts=False
     risky: list[str] = []  # chosen by filter_fn all the same
     by_weight: dict[int, tuple[Tensor, SparseLinear]] = {}  # weight id -> (weight, its layer)
     chosen: dict[int, tuple[str, dict[str, Tensor]]] = {}  # id of a layer converted -> name, params
     by_bias: dict[int, tuple[Tensor, SparseLinear]] = {}  # bias id -> (bias, its layer)
 
+    def pick_experts(
+        name: str, m: nn.Module, stacks: list[tuple[str, int, int, int]]
+    ) -> nn.Module | None:
+        if filter_fn is not None and not filter_fn(name, m):
+            return None
+        why = _experts_refusal(m, stacks)
+        short = [f"{p} (input dim {in_f})" for p, _, _, in_f in stacks if in_f % 4]
+        if why is None and short:
+            why = f"2:4 sparsity needs input dims that are multiples of 4: {short}"
+        if why is not None:
+            if filter_fn is not None:
+                raise ValueError(
+                    f"cast_ext.nn.to_sparse: experts module {name or '(the model)'!r} cannot be "
+                    f"converted: {why} (nothing was replaced)"
+                )
+            if not short:
+                experts_dense.append(f"{name} ({why})")
+            return None
+        try:
+            new, stacks_pruned = _sparse_experts(m, stacks, mode)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(
+                f"cast_ext.nn.to_sparse: experts module {name or '(the model)'!r}: {e}"
+            ) from e
+        pruned.extend(f"{name}.{p}" if name else p for p in stacks_pruned)
+        chosen[id(m)] = (name, {p: m._parameters[p] for p, *_ in stacks})  # type: ignore[misc]
+        return new
+
     def pick(name: str, m: nn.Module) -> nn.Module | None:
+        stacks = [] if isinstance(m, SparseExperts) else _expert_stacks(m)
+        if stacks and not experts:
+            experts_kept.append(name)
+            return None
+        if stacks:
+            return pick_experts(name, m, stacks)
         conv1d = _is_conv1d(m)
         if not isinstance(m, nn.Linear) and not conv1d:
             return None
@@ -1176,6 +1228,19 @@ def to_sparse(
             "them with filter_fn where that is safe",
             stacklevel=2,
         )
+    if experts_kept:
+        warnings.warn(
+            f"cast_ext.nn.to_sparse: {len(experts_kept)} MoE experts module(s) stay dense "
+            f"({experts_kept[:3]}): pass experts=True to run their 2:4 weights as SparseExperts "
+            "(56% of the memory; its experts run one by one, not in one grouped GEMM)",
+            stacklevel=2,
+        )
+    if experts_dense:
+        warnings.warn(
+            f"cast_ext.nn.to_sparse: {len(experts_dense)} MoE experts module(s) stay dense: "
+            f"{experts_dense[:3]}",
+            stacklevel=2,
+        )
     if risky:
         warnings.warn(
             f"cast_ext.nn.to_sparse: filter_fn chose {len(risky)} layer(s) that a SparseLinear "
@@ -1194,7 +1259,9 @@ def to_sparse(
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every :class:`SparseLinear` of ``model`` (in place) by an equal ``nn.Linear``
     (one made from a GPT-2 ``Conv1D`` comes back as a ``Conv1D``, its weight ``[in, out]``
-    again, so that ``save_pretrained`` writes a checkpoint ``transformers`` loads).
+    again, so that ``save_pretrained`` writes a checkpoint ``transformers`` loads), and every
+    :class:`SparseExperts` by its experts class with 3-D stacks (the 2:4 weights, in the layout
+    and parameter order it had).
     Layers that share their ``values`` buffer share one weight Parameter again (and a shared
     bias stays one Parameter). Returns
     ``model``, or its replacement if ``model`` is a :class:`SparseLinear` itself."""
@@ -1202,6 +1269,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     by_bias: dict[int, tuple[Tensor, nn.Module]] = {}  # bias id -> (bias, its Linear)
 
     def pick(_: str, m: nn.Module) -> nn.Module | None:
+        if isinstance(m, SparseExperts):
+            return _dense_experts(m)
         if not isinstance(m, SparseLinear):
             return None
         shared = by_values.get(id(m.values))
@@ -1229,6 +1298,211 @@ def _as_conv1d(cls: type[nn.Module], lin: nn.Linear) -> nn.Module:
     conv.bias = lin.bias
     conv.train(lin.training)
     return conv
+
+
+# ---- MoE experts -----------------------------------------------------------------------------
+
+# What transformers 5's use_experts_implementation decorator gives an experts module; the forward
+# below follows them as transformers' own experts forwards do.
+_EXPERTS_FLAGS = ("is_transposed", "has_gate", "has_bias", "has_post_expert_norm")
+_SPARSE_EXPERTS_CLASSES: dict[type, type] = {}
+
+
+class SparseExperts(nn.Module):
+    """A transformers 5 MoE experts module whose stacked expert weights run as 2:4
+    :class:`SparseLinear` layers, one per expert and projection.
+
+    :func:`to_sparse` makes one from an experts module (Mixtral, Qwen3-MoE, gpt-oss, ...: one
+    3-D Parameter per projection, ``gate_up_proj`` or ``up_proj``, and ``down_proj``, in the
+    layout its ``is_transposed`` says). The module keeps its class (this one is mixed in before
+    it), its attributes, its biases and its activation or gate; each stack becomes an
+    ``nn.ModuleList`` of :class:`SparseLinear` under the stack's name, so the state dict holds
+    ``<stack>.<expert>.values`` / ``.metadata``. :func:`to_dense` gives back the original class
+    with the 3-D Parameters (the 2:4 weights).
+
+    The forward groups the ``[tokens, k]`` routed (token, expert) pairs by expert (one read-back
+    of the per-expert counts), runs each expert that got tokens through its layers (each layer's
+    dispatch picks the 2:4 or the dense kernel for that token count, shared by the experts of
+    one shape), applies the routing weights and sums a token's ``k`` outputs, as transformers'
+    grouped forward does. Experts with no tokens launch nothing. Expert ids at or past the
+    number of experts (expert parallel's sentinels) contribute zero. It launches a few kernels
+    per expert hit: there is no grouped 2:4 GEMM.
+    """
+
+    _dense_cls: type[nn.Module]
+    _signature: inspect.Signature
+    _stacks: tuple[str, ...]
+    _param_order: tuple[str, ...]
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # The class is made per experts class: pickles name that class instead.
+        return (_new_sparse_experts, (self._dense_cls,), self.__getstate__())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if len(args) == 3 and not kwargs:  # as transformers' MoE blocks call it
+            hidden, index, weights = args
+        else:
+            bound = self._signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            hidden, index, weights = list(bound.arguments.values())[1:4]
+        if not (isinstance(hidden, Tensor) and hidden.dim() == 2):
+            raise RuntimeError(
+                f"cast_ext.nn.SparseExperts: hidden_states must be [tokens, hidden], got "
+                f"{list(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__}"
+            )
+        if not (
+            isinstance(index, Tensor)
+            and isinstance(weights, Tensor)
+            and index.dim() == 2
+            and index.shape == weights.shape
+            and index.shape[0] == hidden.shape[0]
+            and not index.is_floating_point()
+        ):
+            raise RuntimeError(
+                "cast_ext.nn.SparseExperts: the routing must be integer expert ids and weights, "
+                f"both [tokens, k] with tokens = {hidden.shape[0]}; got "
+                f"{[list(t.shape) if isinstance(t, Tensor) else t for t in (index, weights)]}"
+            )
+        up = self._modules[self._stacks[0]]
+        down = self._modules[self._stacks[1]]
+        assert isinstance(up, nn.ModuleList) and isinstance(down, nn.ModuleList)
+        tokens, k = index.shape
+        experts = len(up)
+        ids = index.reshape(-1)
+        order = torch.argsort(ids, stable=True)  # by expert; sentinels (>= experts) last
+        counts = torch.bincount(ids, minlength=experts)[:experts].tolist()
+        x = hidden[order // k].to(_values_dtype(up))  # as grouped_mm: in the weights' dtype
+        up_bias = getattr(self, f"{self._stacks[0]}_bias", None)
+        down_bias = getattr(self, "down_proj_bias", None)
+        outs = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            h = up[e](x[start : start + count])
+            start += count
+            if self.has_bias:
+                h = h + up_bias[e]
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            y = down[e](h)
+            if self.has_bias:
+                y = y + down_bias[e]
+            outs.append(y)
+        y = torch.cat(outs) if outs else x.new_zeros(0, hidden.shape[1])
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        routed = order[:start]
+        y = y * weights.reshape(-1)[routed].unsqueeze(-1)
+        out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, routed, y)
+        return out.view(tokens, k, y.shape[-1]).sum(1).to(hidden.dtype)
+
+
+def _values_dtype(layers: nn.ModuleList) -> torch.dtype:
+    """The dtype of the first :class:`SparseLinear` in ``layers`` (one an adapter wraps too)."""
+    first = layers[0]
+    if not isinstance(first, SparseLinear):
+        first = next(m for m in first.modules() if isinstance(m, SparseLinear))
+    return first._buffers["values"].dtype  # type: ignore[union-attr]
+
+
+def _sparse_experts_class(dense_cls: type[nn.Module]) -> type[SparseExperts]:
+    """The class of a :class:`SparseExperts` made from a ``dense_cls`` module (one per class)."""
+    cls = _SPARSE_EXPERTS_CLASSES.get(dense_cls)
+    if cls is None:
+        attrs = {
+            "_dense_cls": dense_cls,
+            # transformers' decorator wraps the forward (functools.wraps): the model's own
+            # parameter names, which callers may pass by keyword
+            "_signature": inspect.signature(dense_cls.forward),
+            "__module__": __name__,
+        }
+        made = type(f"Sparse{dense_cls.__name__}", (SparseExperts, dense_cls), attrs)
+        with _LOCK:
+            cls = _SPARSE_EXPERTS_CLASSES.setdefault(dense_cls, made)
+    return cls  # type: ignore[return-value]
+
+
+def _new_sparse_experts(dense_cls: type[nn.Module]) -> SparseExperts:
+    """An empty :class:`SparseExperts` of ``dense_cls`` for pickle and deepcopy to fill."""
+    cls = _sparse_experts_class(dense_cls)
+    return cls.__new__(cls)
+
+
+def _clone_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A module of class ``cls`` holding what ``module`` holds, in containers of its own (its
+    parameters, submodules, buffers, hooks), so that changing them leaves ``module`` as it is."""
+    new = cls.__new__(cls)
+    new.__dict__.update(
+        {k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in module.__dict__.items()}
+    )
+    return new
+
+
+def _experts_refusal(module: nn.Module, stacks: list[tuple[str, int, int, int]]) -> str | None:
+    """Why :class:`SparseExperts` cannot run the experts module ``module`` (None if it can)."""
+    missing = [f for f in _EXPERTS_FLAGS if not isinstance(getattr(module, f, None), bool)]
+    if missing:
+        return (
+            f"it lacks {missing} (set by transformers' use_experts_implementation): its forward "
+            "is not known"
+        )
+    names = sorted(name for name, *_ in stacks)
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    if names != sorted([up, "down_proj"]):
+        return f"its stacks are {names}, not {up} and down_proj"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "a stack has a parametrization"
+    return None
+
+
+def _sparse_experts(
+    module: nn.Module, stacks: list[tuple[str, int, int, int]], mode: Mode
+) -> tuple[SparseExperts, list[str]]:
+    """A :class:`SparseExperts` made from ``module`` (left unchanged), and the stacks whose
+    weights had to be pruned to 2:4."""
+    new = _clone_as(module, _sparse_experts_class(type(module)))
+    assert isinstance(new, SparseExperts)
+    new._param_order = tuple(module._parameters)
+    pruned = []
+    for name, *_ in stacks:
+        p = new._parameters.pop(name)
+        assert p is not None
+        w = p.detach()
+        if module.is_transposed:
+            w = w.transpose(1, 2)  # [experts, out, in]: 2:4 along each expert's input dim
+        layers = nn.ModuleList()
+        dense_groups = 0
+        for e in range(w.shape[0]):
+            layer, groups = SparseLinear._from_weight(w[e].contiguous(), None, mode)
+            layer._weight_requires_grad = p.requires_grad
+            layers.append(layer)
+            dense_groups += groups
+        new._modules[name] = layers.train(module.training)
+        if dense_groups:
+            pruned.append(name)
+    up = "gate_up_proj" if module.has_gate else "up_proj"
+    new._stacks = (up, "down_proj")
+    return new, pruned
+
+
+def _dense_experts(module: SparseExperts) -> nn.Module:
+    """The experts module of :class:`SparseExperts` ``module``'s original class, each stack a 3-D
+    Parameter again (the 2:4 weights), in the layout and parameter order it had."""
+    new = _clone_as(module, module._dense_cls)
+    stacks = {}
+    for name in module._stacks:
+        layers = new._modules.pop(name)
+        assert isinstance(layers, nn.ModuleList)
+        w = torch.stack([layer.dense_weight() for layer in layers])
+        if module.is_transposed:
+            w = w.transpose(1, 2).contiguous()
+        stacks[name] = nn.Parameter(w, requires_grad=layers[0]._weight_requires_grad)
+    params = {**new._parameters, **stacks}
+    new._parameters.clear()
+    new._parameters.update((name, params[name]) for name in module._param_order)
+    for name in ("_stacks", "_param_order"):
+        new.__dict__.pop(name)
+    return new
 
 
 # ---- cuSPARSELt plan cache and algorithm table -----------------------------------------------

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import requires_cuda
 from torch import nn
 from torch.nn.utils import parametrize
@@ -378,3 +379,311 @@ def test_eager_experts_under_activation_checkpointing_train_as_without_it():
 
     plain, ckpt = run(False), run(True)
     assert all(torch.equal(ckpt[k], v) for k, v in plain.items())
+
+
+# ---- nn.to_sparse: finalized experts on 2:4 kernels --------------------------------------------
+
+
+def finalized_moe(arch: str, impl: str = "grouped_mm", dtype=torch.float32) -> nn.Module:
+    """A tiny MoE with every prepared layer (expert stacks included) pruned to 2:4 by
+    cast.finalize (fresh magnitude masks)."""
+    model = tiny_moe(arch, impl).to(dtype)
+    cast.prepare(model)
+    cast.finalize(model)
+    return model
+
+
+def sparse_experts(model: nn.Module) -> list[cast_ext.nn.SparseExperts]:
+    return [m for m in model.modules() if isinstance(m, cast_ext.nn.SparseExperts)]
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for m in model.modules():
+        if isinstance(m, cast_ext.nn.SparseLinear):
+            m.mode = mode
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_to_sparse_runs_each_expert_on_24_layers_with_the_finalized_logits(arch, impl):
+    model = finalized_moe(arch, impl)
+    x = ids(seed=5)
+    with torch.no_grad():
+        expected = model(x).logits
+    dense_cls = {type(m) for m in experts_modules(model)}
+    stacks = {
+        name: (getattr(m, name).detach(), m.is_transposed)
+        for m in experts_modules(model)[:1]
+        for name in ("gate_up_proj", "down_proj")
+    }
+    sparse = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already 2:4: nothing pruned, nothing left dense
+        cast_ext.nn.to_sparse(sparse, experts=True)
+    converted = sparse_experts(sparse)
+    assert len(converted) == 2 and all(type(m).__mro__[2] in dense_cls for m in converted)
+    first = converted[0]
+    for name, (w, transposed) in stacks.items():
+        layers = first._modules[name]
+        assert isinstance(layers, nn.ModuleList) and len(layers) == 4
+        assert not isinstance(getattr(type(first), name, None), nn.Parameter)
+        assert name not in first._parameters
+        w_oi = in_out(w, transposed)
+        for e, layer in enumerate(layers):  # expert e's weight [out, in], compressed
+            assert isinstance(layer, cast_ext.nn.SparseLinear) and layer.bias is None
+            assert torch.equal(layer.dense_weight(), w_oi[e])
+    keys = sparse.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj.3.values" in keys
+    assert "model.layers.0.mlp.experts.down_proj.0.metadata" in keys
+    assert ("model.layers.0.mlp.experts.gate_up_proj_bias" in keys) == (arch == "gpt_oss")
+    for mode in ("sparse", "dense", "auto"):  # the packed 2:4 kernel, the dense one, dispatched
+        set_mode(sparse, mode)
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_to_dense_gives_back_the_experts_class_and_its_stacks_bit_for_bit(arch, tmp_path):
+    model = finalized_moe(arch)
+    order = [list(m._parameters) for m in experts_modules(model)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), experts=True)
+    back = cast_ext.nn.to_dense(sparse)
+    assert {type(m) for m in experts_modules(back)} == {type(m) for m in experts_modules(model)}
+    assert not sparse_experts(back)
+    assert [list(m._parameters) for m in experts_modules(back)] == order  # in their order
+    assert all(torch.equal(v, state[k]) for k, v in back.state_dict().items())
+    assert sorted(back.state_dict()) == sorted(state)
+    assert all(p.requires_grad for p in back.parameters())
+    back.save_pretrained(tmp_path)  # a checkpoint transformers loads
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_sparse_experts_pickle_deepcopy_and_state_dict_round_trip(tmp_path):
+    model = cast_ext.nn.to_sparse(
+        finalized_moe("gpt_oss"), mode="sparse", experts=True
+    )  # one path: bitwise
+    x = ids(seed=6)
+    with torch.no_grad():
+        expected = model(x).logits
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    twin = copy.deepcopy(model)
+    fresh = cast_ext.nn.to_sparse(finalized_moe("gpt_oss"), mode="sparse", experts=True)
+    with torch.no_grad():
+        for experts in sparse_experts(fresh):  # other weights, until the load
+            for layer in experts.down_proj:
+                layer.values.zero_()
+        assert not torch.allclose(fresh(x).logits, expected)
+    fresh.load_state_dict(model.state_dict())
+    for m in (loaded, twin, fresh):
+        assert [type(e).__name__ for e in sparse_experts(m)] == ["SparseGptOssExperts"] * 2
+        with torch.no_grad():
+            torch.testing.assert_close(m(x).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_sparse_experts_train_what_a_frozen_24_base_trains_with_the_dense_gradients(arch):
+    """Adapters or biases trained on a frozen 2:4 base: the gradients that flow through the
+    experts (to the router, the embeddings, gpt-oss's expert biases) are the dense model's."""
+
+    def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not name.endswith(("gate_up_proj", "down_proj")))
+        model.zero_grad()
+        x = ids(seed=7)
+        F.cross_entropy(model(x).logits.flatten(0, 1), x.flatten()).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    model = finalized_moe(arch)
+    experts_only = lambda name, m: name.endswith("experts")  # noqa: E731
+    # the packed kernel forward, its dense backward
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), experts_only, mode="sparse", experts=True)
+    want, got = grads(model), grads(sparse)
+    assert "model.layers.0.mlp.router.weight" in want or "model.layers.0.mlp.gate.weight" in want
+    assert ("model.layers.1.mlp.experts.down_proj_bias" in want) == (arch == "gpt_oss")
+    assert sorted(got) == sorted(want)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_experts_skip_unrouted_experts_sentinels_and_empty_batches():
+    model = finalized_moe("mixtral")
+    dense = experts_modules(model)[0]
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(dense), experts=True)
+    assert isinstance(sparse, cast_ext.nn.SparseExperts)  # the module converted itself
+    torch.manual_seed(3)
+    h = torch.randn(5, 32)
+    index = torch.tensor(
+        [[0, 2], [2, 0], [2, 2], [0, 4], [4, 4]]
+    )  # 4: a sentinel (expert parallel)
+    weights = torch.rand(5, 2)
+    calls = []
+    for e, layer in enumerate(sparse.gate_up_proj):
+        layer.register_forward_hook(lambda m, i, o, e=e: calls.append((e, i[0].shape[0])))
+    with torch.no_grad():
+        got = sparse(h, index, weights)
+    assert calls == [(0, 3), (2, 4)]  # experts 1 and 3 got no tokens: nothing ran for them
+    expected = torch.zeros(5, 32)
+    with torch.no_grad():
+        for t in range(5):
+            for j in range(2):
+                e = int(index[t, j])
+                if e < 4:
+                    gate, up = F.linear(h[t], dense.gate_up_proj[e]).chunk(2)
+                    y = F.linear(dense.act_fn(gate) * up, dense.down_proj[e])
+                    expected[t] += weights[t, j] * y
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        empty = sparse(h[:0], index[:0], weights[:0])
+    assert empty.shape == (0, 32)
+    with pytest.raises(RuntimeError, match=r"SparseExperts: the routing .* \[tokens, k\]"):
+        sparse(h, index[:4], weights[:4])
+    with pytest.raises(
+        RuntimeError, match=r"SparseExperts: hidden_states must be \[tokens, hidden\]"
+    ):
+        sparse(h[None], index, weights)
+
+
+def test_gpt_oss_sparse_experts_take_the_model_s_keyword_names():
+    model = finalized_moe("gpt_oss")
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(experts_modules(model)[0]), experts=True)
+    h, index, weights = torch.randn(3, 32), torch.tensor([[1, 0], [3, 1], [2, 3]]), torch.rand(3, 2)
+    with torch.no_grad():
+        by_name = sparse(hidden_states=h, router_indices=index, routing_weights=weights)
+        torch.testing.assert_close(by_name, sparse(h, index, weights), rtol=0, atol=0)
+
+
+def test_to_sparse_prunes_dense_experts_and_says_which_stacks():
+    model = tiny_moe("qwen3_moe")
+    with pytest.warns(
+        UserWarning, match=r"were not 2:4 .*model\.layers\.0\.mlp\.experts\.gate_up_proj"
+    ):
+        cast_ext.nn.to_sparse(
+            model, filter_fn=lambda name, m: name.endswith("experts"), experts=True
+        )
+    assert len(sparse_experts(model)) == 2
+    assert not any(
+        isinstance(m, cast_ext.nn.SparseLinear)
+        for m in model.modules()
+        if not any(m is q for e in sparse_experts(model) for q in e.modules())
+    )
+    for experts in sparse_experts(model):
+        for layer in [*experts.gate_up_proj, *experts.down_proj]:
+            assert is_24(layer.dense_weight())
+
+
+class UnknownExperts(nn.Module):
+    """Says its layout (enough for cast.prepare), not its forward."""
+
+    is_transposed = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w[0].t()
+
+
+@pytest.mark.filterwarnings("ignore:.*were not 2.4 sparse")  # the Linear beside it
+def test_experts_whose_forward_is_unknown_stay_dense_or_are_refused_by_name():
+    net = nn.Sequential(nn.Linear(8, 8), UnknownExperts())
+    with pytest.warns(UserWarning, match=r"1 MoE experts module\(s\) stay dense: \[.1 \(it lacks"):
+        cast_ext.nn.to_sparse(net, experts=True)
+    assert isinstance(net[0], cast_ext.nn.SparseLinear) and type(net[1]) is UnknownExperts
+    net = nn.Sequential(nn.Linear(8, 8), UnknownExperts())
+    with pytest.raises(ValueError, match=r"experts module '1' cannot be converted: it lacks"):
+        cast_ext.nn.to_sparse(net, filter_fn=lambda name, m: True, experts=True)
+    assert type(net[0]) is nn.Linear  # nothing was replaced
+
+
+def test_an_expert_stack_whose_input_dim_is_not_a_multiple_of_4_is_refused_when_chosen():
+    model = tiny_moe("mixtral")
+    experts = experts_modules(model)[0]
+    experts.down_proj = nn.Parameter(torch.randn(4, 32, 46))  # in = 46
+    with pytest.raises(ValueError, match=r"multiples of 4: \['down_proj \(input dim 46\)'\]"):
+        cast_ext.nn.to_sparse(
+            model, filter_fn=lambda name, m: name.endswith("experts"), experts=True
+        )
+    assert not sparse_experts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cast_ext.nn.to_sparse(
+            model, experts=True
+        )  # the default rule leaves it dense, as a short Linear
+    assert len(sparse_experts(model)) == 1 and type(model.model.layers[0].mlp.experts) is type(
+        experts
+    )
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_bf16_sparse_experts_on_the_cpu(arch):
+    model = finalized_moe(arch, dtype=torch.bfloat16)
+    x = ids(seed=8)
+    with torch.no_grad():
+        expected = model(x).logits.float()
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), mode="sparse", experts=True)
+    with torch.no_grad():
+        got = sparse(x).logits.float()
+    assert sparse_experts(sparse)[0].gate_up_proj[0].values.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_experts_on_cuda_in_bf16(arch):
+    """Dispatched on the GPU (cuSPARSELt, the small-M kernel or cuBLAS per token count)."""
+    model = finalized_moe(arch).cuda().bfloat16()
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), experts=True)
+    for seed, length in ((9, 16), (10, 64)):
+        x = ids(seed=seed, length=length).cuda()
+        for _ in range(14):  # through the dispatch's trials, into its decisions
+            with torch.no_grad():
+                got = sparse(x).logits.float()
+        with torch.no_grad():
+            expected = model(x).logits.float()
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_all_linear_on_sparse_experts_gives_each_expert_an_adapter():
+    """On a to_sparse MoE, "all-linear" puts a SparseLoraLinear on every SparseLinear, each
+    expert's too (a rank-r adapter per expert, as PEFT's ParamWrapper gives a dense stack); the
+    forward runs through the wrapped experts, the base's outputs at the start, and the experts'
+    lora_B weights get gradients (lora_A's are 0 while lora_B is)."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from cast_ext.peft import SparseLoraLinear, lora_config
+
+    sparse = cast_ext.nn.to_sparse(finalized_moe("mixtral"), mode="sparse", experts=True)
+    x = ids(seed=11)
+    with torch.no_grad():
+        base = sparse(x).logits
+    p = peft.get_peft_model(sparse, lora_config(model=sparse, r=4, target_modules="all-linear"))
+    got = {n: type(m) for n, m in p.named_modules() if isinstance(m, BaseTunerLayer)}
+    prefix = "base_model.model.model.layers"
+    assert got.keys() == {
+        f"{prefix}.{i}.{name}"
+        for i in range(2)
+        for name in [f"self_attn.{proj}_proj" for proj in "qkvo"]
+        + [f"mlp.experts.{stack}.{e}" for stack in ("gate_up_proj", "down_proj") for e in range(4)]
+    }
+    assert set(got.values()) == {SparseLoraLinear}
+    with torch.no_grad():
+        torch.testing.assert_close(p(x).logits, base, rtol=0, atol=0)  # lora_B starts at 0
+    F.cross_entropy(p(x).logits.flatten(0, 1), x.flatten()).backward()
+    grads = [q.grad for n, q in p.named_parameters() if ".experts." in n and "lora_B" in n]
+    assert len(grads) == 16 and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_to_sparse_leaves_experts_dense_unless_asked_and_says_so():
+    model = finalized_moe("qwen3_moe")
+    stacks = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n}
+    with pytest.warns(UserWarning, match=r"2 MoE experts module\(s\) stay dense .*experts=True"):
+        cast_ext.nn.to_sparse(model)
+    assert not sparse_experts(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, cast_ext.nn.SparseLinear)
+    assert all(torch.equal(model.get_parameter(n), w) for n, w in stacks.items())
