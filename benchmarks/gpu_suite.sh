@@ -12,9 +12,9 @@
 #        a compute-sanitizer memcheck of every CUDA op
 #        (benchmarks/cuda_smoke.py, caching allocator off so an overrun cannot hide inside a
 #        pooled block);
-# bench: the distillation loss benchmark and the CAST step benchmark (short), then the GEMM
-#        benchmark (every LLaMA shape and M), which gets what is left of the budget and writes
-#        its JSON after every weight shape;
+# bench: the distillation loss benchmark, the CAST step benchmark and the MoE experts benchmark
+#        (short), then the GEMM benchmark (every LLaMA shape and M), which gets what is left of
+#        the budget and writes its JSON after every weight shape;
 # verify: what the open issues still need measured, in one call that leaves the rest of a
 #        15-minute device session to the demo's GPU preset (benchmarks/gpu_demo.sh): the CUDA
 #        tests, the mask benchmark, the CAST step benchmark, the GEMM benchmark;
@@ -41,9 +41,9 @@
 # (cast_ext's kernels) + 60 (the cuSPARSELt GEMM) = 475 s. The build took 54-71 s on the H200
 # (one arch, 16 cores) and the CUDA tests 60 s in 14 xdist workers, so in 450 the stages that
 # finish early leave the memcheck most of its caps; a stage the budget cuts short is reported.
-# bench's caps: distill 45 + CAST step 60 before the GEMM benchmark (cap 240), which takes the
-# rest: at least about 175 s of 300 when the build is kept, more when the short stages finish
-# early.
+# bench's caps: distill 45 + CAST step 90 + experts 60 before the GEMM benchmark (cap 240),
+# which takes the rest: at least about 105 s of 300 when the build is kept, more when the short
+# stages finish early.
 # Tests run without -x (every failure is reported), kernel tests first and the slow subprocess
 # tests (resume in a fresh process, the demo, the FSDP2 example) last, with a per-test timeout
 # where pytest-timeout is installed, in 8 pytest-xdist workers where it is installed: a test that
@@ -78,9 +78,9 @@ esac
 # The stages of each part, run in the order of the code below.
 case "$PART" in
   core) STAGES="tests mask adams probe memcheck" ;;
-  bench) STAGES="distill cast_step gemm" ;;
+  bench) STAGES="distill cast_step experts gemm" ;;
   verify) STAGES="tests mask cast_step gemm" ;;
-  *) STAGES="tests mask adams probe memcheck distill cast_step gemm" ;;
+  *) STAGES="tests mask adams probe memcheck distill cast_step experts gemm" ;;
 esac
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 BUDGET="${BUDGET%%.*}" # 287.4 -> 287
@@ -209,6 +209,7 @@ fi
 # JSON after every weight shape, so a stage cut short still leaves the shapes it finished.
 wants distill && run_stage bench_distill 45 "$PY" -m benchmarks.bench_distill
 wants cast_step && run_stage bench_cast_step 90 "$PY" -m benchmarks.bench_cast_step --profile
+wants experts && run_stage bench_experts 60 "$PY" -m benchmarks.bench_experts
 wants gemm && run_stage bench_sparse24_gemm 240 "$PY" -m benchmarks.bench_sparse24_gemm
 # The issues' speed targets against every result in the folder (this call's and an earlier
 # call's into the same folder): met, NOT met or not measured, a table to paste into a report.

@@ -381,6 +381,28 @@ def test_bench_sparse24_gemm_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, 
     assert "(6 rows)" in checks[0].measured, checks[0]  # SparseLinear: 2 weights x 3 M
 
 
+def test_bench_experts_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    pytest.importorskip("transformers")
+    mod = _bench("bench_experts", monkeypatch)
+    monkeypatch.setattr(mod, "QUICK_SHAPES", {"a": (4, 64, 32, 2), "b": (2, 32, 64, 1)})
+    returned = mod.main(["--device", "cuda"])
+    rows = _rows(tmp_path / "experts.json")
+    assert rows == json.loads(json.dumps(returned))
+    assert [(r["shape"], r["tokens"], r["impl"]) for r in rows] == [
+        (shape, tokens, impl)
+        for shape in ("a", "b")
+        for tokens in (1, 16, 64)
+        for impl in ("dense_grouped_mm", "sparse_experts")
+    ]
+    for r in rows:
+        assert r["correct"] is True and r["device"] == "NVIDIA H200", r
+        _finite(r, ("median_us", "device_us", "speedup_vs_dense", "device_speedup_vs_dense"))
+        _finite(r, ("gbps", "fraction_of_hbm_peak", "tflops"))
+        assert 1 <= r["experts_hit"] <= r["experts"], r
+        if r["impl"] == "dense_grouped_mm":
+            assert r["speedup_vs_dense"] == r["device_speedup_vs_dense"] == 1.0, r
+
+
 @pytest.mark.filterwarnings("ignore:cast_ext.nn.SparseLinear. cuSPARSELt failed")
 def test_bench_sparse24_gemm_keeps_going_past_a_failing_implementation(
     shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path

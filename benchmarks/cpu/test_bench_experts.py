@@ -1,0 +1,58 @@
+"""A MoE experts module on the CPU: transformers' dense experts (its grouped_mm forward) against
+the same 2:4 experts after ``nn.to_sparse`` (a ``SparseExperts``: one ``SparseLinear`` per expert
+and projection, each dispatched between the packed kernel and dense per token count), same run,
+bf16. The shapes are Qwen3-30B-A3B's (hidden 2048, expert MLP 768, 8 of the experts routed per
+token) with 16 experts instead of 128, at a decode-sized, a small and a prefill-sized batch.
+
+No speed target on the CPU: measured so that CPU users know what the swap costs or saves them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import QUICK, run
+
+import cast_ext
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, INTER, EXPERTS, TOP_K = (256, 128, 4, 2) if QUICK else (2048, 768, 16, 8)
+
+
+@pytest.fixture(scope="module")
+def modules() -> dict[str, torch.nn.Module]:
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K, num_hidden_layers=1, num_attention_heads=4,
+    )  # fmt: skip
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    experts = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.02)
+    with warnings.catch_warnings():  # random weights: pruned to 2:4 by magnitude
+        warnings.simplefilter("ignore")
+        sparse = cast_ext.nn.to_sparse(copy.deepcopy(experts).bfloat16(), experts=True)
+    dense = cast_ext.nn.to_dense(copy.deepcopy(sparse))  # the same 2:4 weights, stacked
+    return {"dense_grouped_mm": dense, "sparse_experts_auto": sparse}
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 128])
+@pytest.mark.parametrize("impl", ["dense_grouped_mm", "sparse_experts_auto"])
+def test_experts(benchmark, modules, impl, tokens):
+    benchmark.group = f"MoE experts bf16 {EXPERTS}x[{HIDDEN}, {INTER}] top-{TOP_K} T={tokens}"
+    gen = torch.Generator().manual_seed(tokens)
+    h = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
+    index = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
+    weights = torch.rand(tokens, TOP_K, generator=gen).bfloat16()
+    fn = torch.no_grad()(lambda: modules[impl](h, index, weights))
+    for _ in range(12):  # the dispatch's timed first calls (6 per path), before the timed rounds
+        fn()
+    run(benchmark, fn, rounds=10)
