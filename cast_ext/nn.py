@@ -1323,8 +1323,9 @@ class SparseExperts(nn.Module):
     The forward groups the ``[tokens, k]`` routed (token, expert) pairs by expert (one read-back
     of the per-expert counts), runs each expert that got tokens through its layers (each layer's
     dispatch picks the 2:4 or the dense kernel for that token count, shared by the experts of
-    one shape), applies the routing weights and sums a token's ``k`` outputs, as transformers'
-    grouped forward does. Experts with no tokens launch nothing. Expert ids at or past the
+    one shape) and the biases, gate or activation and norm once over all routed rows, applies
+    the routing weights and sums a token's ``k`` outputs, as transformers' grouped forward
+    does. Experts with no tokens launch nothing. Expert ids at or past the
     number of experts (expert parallel's sentinels) contribute zero. It launches a few kernels
     per expert hit: there is no grouped 2:4 GEMM.
     """
@@ -1372,26 +1373,27 @@ class SparseExperts(nn.Module):
         order = torch.argsort(ids, stable=True)  # by expert; sentinels (>= experts) last
         counts = torch.bincount(ids, minlength=experts)[:experts].tolist()
         x = hidden[order // k].to(_values_dtype(up))  # as grouped_mm: in the weights' dtype
-        up_bias = getattr(self, f"{self._stacks[0]}_bias", None)
-        down_bias = getattr(self, "down_proj_bias", None)
-        outs = []
+        # (expert, first row, rows) of each expert that got tokens, in the sorted order
+        hits = []
         start = 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            h = up[e](x[start : start + count])
-            start += count
-            if self.has_bias:
-                h = h + up_bias[e]
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            y = down[e](h)
-            if self.has_bias:
-                y = y + down_bias[e]
-            outs.append(y)
-        y = torch.cat(outs) if outs else x.new_zeros(0, hidden.shape[1])
+            if count:
+                hits.append((e, start, start + count))
+                start += count
+        routed = order[:start]
+        if not hits:
+            return hidden.new_zeros(hidden.shape)
+        # The GEMMs per expert; the rest once over all routed rows, as the grouped forward does
+        h = torch.cat([up[e](x[a:b]) for e, a, b in hits])
+        if self.has_bias:
+            expert_of_row = ids[routed]
+            h = h + getattr(self, f"{self._stacks[0]}_bias")[expert_of_row]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = torch.cat([down[e](h[a:b]) for e, a, b in hits])
+        if self.has_bias:
+            y = y + self.down_proj_bias[expert_of_row]
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
-        routed = order[:start]
         y = y * weights.reshape(-1)[routed].unsqueeze(-1)
         out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, routed, y)
         return out.view(tokens, k, y.shape[-1]).sum(1).to(hidden.dtype)
