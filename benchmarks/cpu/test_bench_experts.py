@@ -5,6 +5,11 @@ bf16. The shapes are Qwen3-30B-A3B's (hidden 2048, expert MLP 768, 8 of the expe
 token) with 16 experts instead of 128, at a decode-sized, a small and a prefill-sized batch.
 
 No speed target on the CPU: measured so that CPU users know what the swap costs or saves them.
+Beside them, the memory ceiling of the same run: ``copy_hit_weights`` copies a bf16 tensor as
+large as the dense weights of the experts the batch hits into one allocated beforehand (twice
+the bytes the dense module reads; a clone would time the fresh pages' faults too). The rows'
+``extra_info`` holds those bytes and the experts hit, for GB/s (the 2:4 ``values`` and
+``metadata`` are 9/16 of the dense bytes).
 """
 
 from __future__ import annotations
@@ -45,14 +50,22 @@ def modules() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 128])
-@pytest.mark.parametrize("impl", ["dense_grouped_mm", "sparse_experts_auto"])
+@pytest.mark.parametrize("impl", ["dense_grouped_mm", "sparse_experts_auto", "copy_hit_weights"])
 def test_experts(benchmark, modules, impl, tokens):
     benchmark.group = f"MoE experts bf16 {EXPERTS}x[{HIDDEN}, {INTER}] top-{TOP_K} T={tokens}"
     gen = torch.Generator().manual_seed(tokens)
     h = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
     index = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
     weights = torch.rand(tokens, TOP_K, generator=gen).bfloat16()
-    fn = torch.no_grad()(lambda: modules[impl](h, index, weights))
+    hit = int(index.unique().numel())
+    dense_bytes = hit * 3 * INTER * HIDDEN * 2  # gate_up [2 * inter, hidden] + down, bf16
+    benchmark.extra_info.update(experts_hit=hit, dense_weight_bytes=dense_bytes)
+    if impl == "copy_hit_weights":
+        src = torch.randn(dense_bytes // 2).bfloat16()
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    else:
+        fn = torch.no_grad()(lambda: modules[impl](h, index, weights))
     for _ in range(12):  # the dispatch's timed first calls (6 per path), before the timed rounds
         fn()
     run(benchmark, fn, rounds=10)
