@@ -687,3 +687,26 @@ def test_to_sparse_leaves_experts_dense_unless_asked_and_says_so():
     assert not sparse_experts(model)
     assert isinstance(model.model.layers[0].self_attn.q_proj, cast_ext.nn.SparseLinear)
     assert all(torch.equal(model.get_parameter(n), w) for n, w in stacks.items())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_sparse_experts_generate_and_run_under_inference_mode_and_autocast(arch):
+    """A user's flows on the converted model: greedy generation with the KV cache (one token per
+    step after the prompt), and bf16 autocast under inference_mode, as the dense model."""
+    model = finalized_moe(arch)
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), mode="sparse", experts=True)
+    prompt = ids(seed=12, batch=1, length=5)
+    kwargs = dict(
+        max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    want = model.generate(prompt, **kwargs)
+    got = sparse.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x = ids(seed=13)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x).logits
+        out = sparse(x).logits
+    assert out.dtype == expected.dtype == torch.bfloat16  # logits of at most 0.4 here
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.01)
