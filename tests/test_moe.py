@@ -710,3 +710,24 @@ def test_sparse_experts_generate_and_run_under_inference_mode_and_autocast(arch)
         out = sparse(x).logits
     assert out.dtype == expected.dtype == torch.bfloat16  # logits of at most 0.4 here
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.02, atol=0.01)
+
+
+def test_sparse_experts_of_a_meta_built_model_load_a_saved_sparse_state_dict():
+    """A large MoE's way in: build on the meta device, to_sparse(experts=True), to_empty, then
+    load the 2:4 state dict saved from a converted model."""
+    model = finalized_moe("gpt_oss")
+    sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), mode="sparse", experts=True)
+    with torch.device("meta"):
+        meta = type(model)(model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # meta weights: nothing to prune, the 2:4 count unknown
+        cast_ext.nn.to_sparse(meta, mode="sparse", experts=True)
+    assert all(b.is_meta for e in sparse_experts(meta) for b in e.buffers())
+    meta = meta.to_empty(device="cpu").eval()
+    meta.load_state_dict(sparse.state_dict())  # strict: the same keys
+    for name, buf in sparse.named_buffers():  # the rotary tables, which no state dict holds
+        if "rotary" in name:
+            meta.get_buffer(name).copy_(buf)
+    x = ids(seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(meta(x).logits, sparse(x).logits, rtol=0, atol=0)
