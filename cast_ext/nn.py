@@ -1325,9 +1325,9 @@ class SparseExperts(nn.Module):
     dispatch picks the 2:4 or the dense kernel for that token count, shared by the experts of
     one shape) and the biases, gate or activation and norm once over all routed rows, applies
     the routing weights and sums a token's ``k`` outputs, as transformers' grouped forward
-    does. Experts with no tokens launch nothing. Expert ids at or past the
-    number of experts (expert parallel's sentinels) contribute zero. It launches a few kernels
-    per expert hit: there is no grouped 2:4 GEMM.
+    does. Experts with no tokens launch nothing. Expert ids at or past the number of experts
+    (expert parallel's sentinels) contribute zero. Each expert hit costs two GEMM calls: there
+    is no grouped 2:4 GEMM.
     """
 
     _dense_cls: type[nn.Module]
@@ -1372,17 +1372,17 @@ class SparseExperts(nn.Module):
         ids = index.reshape(-1)
         order = torch.argsort(ids, stable=True)  # by expert; sentinels (>= experts) last
         counts = torch.bincount(ids, minlength=experts)[:experts].tolist()
-        x = hidden[order // k].to(_values_dtype(up))  # as grouped_mm: in the weights' dtype
-        # (expert, first row, rows) of each expert that got tokens, in the sorted order
+        # (expert, first row, end row) of each expert that got tokens, in the sorted order
         hits = []
         start = 0
         for e, count in enumerate(counts):
             if count:
                 hits.append((e, start, start + count))
                 start += count
-        routed = order[:start]
         if not hits:
             return hidden.new_zeros(hidden.shape)
+        routed = order[:start]
+        x = hidden[routed // k].to(_values_dtype(up))  # as grouped_mm: in the weights' dtype
         # The GEMMs per expert; the rest once over all routed rows, as the grouped forward does
         h = torch.cat([up[e](x[a:b]) for e, a, b in hits])
         if self.has_bias:

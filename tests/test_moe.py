@@ -599,6 +599,24 @@ def test_experts_whose_forward_is_unknown_stay_dense_or_are_refused_by_name():
     assert type(net[0]) is nn.Linear  # nothing was replaced
 
 
+def test_an_experts_module_with_a_parametrized_stack_stays_dense_or_is_refused():
+    model = finalized_moe("mixtral")
+
+    class Twice(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    experts = experts_modules(model)[0]
+    parametrize.register_parametrization(experts, "down_proj", Twice())
+    chosen = lambda name, m: name.endswith("experts")  # noqa: E731
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts' cannot be .* parametrization"):
+        cast_ext.nn.to_sparse(model, chosen, experts=True)
+    assert not sparse_experts(model)
+    with pytest.warns(UserWarning, match=r"1 MoE experts module\(s\) stay dense: .*parametriz"):
+        cast_ext.nn.to_sparse(model, experts=True)
+    assert len(sparse_experts(model)) == 1 and model.model.layers[0].mlp.experts is experts
+
+
 def test_an_expert_stack_whose_input_dim_is_not_a_multiple_of_4_is_refused_when_chosen():
     model = tiny_moe("mixtral")
     experts = experts_modules(model)[0]
