@@ -1328,8 +1328,8 @@ class SparseExperts(nn.Module):
     does. Experts with no tokens launch nothing. Expert ids at or past the number of experts
     (expert parallel's sentinels) contribute zero. Each expert hit costs two GEMM calls: there
     is no grouped 2:4 GEMM. The read-back of the counts is data-dependent: ``torch.compile``
-    breaks its graph there, and ``torch.export`` cannot trace the module (convert after
-    exporting, or export the dense model).
+    breaks its graph there, and ``torch.export`` cannot trace the module (export the dense
+    experts instead: :func:`to_dense`).
     """
 
     _dense_cls: type[nn.Module]
