@@ -386,10 +386,14 @@ def test_eager_experts_under_activation_checkpointing_train_as_without_it():
 
 def finalized_moe(arch: str, impl: str = "grouped_mm", dtype=torch.float32) -> nn.Module:
     """A tiny MoE with every prepared layer (expert stacks included) pruned to 2:4 by
-    cast.finalize (fresh magnitude masks)."""
+    cast.finalize (fresh magnitude masks), and random expert biases (gpt-oss)."""
     model = tiny_moe(arch, impl).to(dtype)
     cast.prepare(model)
     cast.finalize(model)
+    with torch.no_grad():  # gpt-oss's expert biases start at zero: give them values to carry
+        for name, p in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     return model
 
 
