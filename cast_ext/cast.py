@@ -166,7 +166,7 @@ class _HalfTimesScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, grouped: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(grouped, scale)
-        return _half_times(grouped, scale)
+        return (grouped.float() * scale.unsqueeze(-1)).to(grouped.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
@@ -174,17 +174,11 @@ class _HalfTimesScale(torch.autograd.Function):
         return _half_times_grads(grad, grouped, scale, *ctx.needs_input_grad)
 
 
-def _half_times(grouped: Tensor, scale: Tensor) -> Tensor:
-    """A 16-bit ``W`` ``[..., rows, blocks, g]`` times ``A`` ``[..., rows, blocks]`` in fp32,
-    rounded once to ``W``'s dtype."""
-    return (grouped.float() * scale.unsqueeze(-1)).to(grouped.dtype)
-
-
 def _half_times_grads(
     grad: Tensor, grouped: Tensor, scale: Tensor, need_w: bool, need_s: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients of :func:`_half_times` for the gradient ``grad`` of its product: ``A *
-    grad`` rounded once to ``W``'s dtype, and the fp32 sums of ``grad * W`` per block."""
+    """The gradients of :class:`_HalfTimesScale` for the gradient ``grad`` of its product:
+    ``A * grad`` rounded once to ``W``'s dtype, and the fp32 sums of ``grad * W`` per block."""
     g32 = grad.float()
     dw = (g32 * scale.unsqueeze(-1)).to(grouped.dtype) if need_w else None
     ds = torch.einsum("...bg,...bg->...b", g32, grouped.float()).to(scale.dtype) if need_s else None
@@ -203,15 +197,11 @@ def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
 
 
 def _scale_product(w: Tensor, scale: Tensor, blocks: int) -> Tensor:
-    """``A * W`` for a plain ``[out, in]`` ``W`` (no autograd: the products of
-    :func:`_times_scale`, bit for bit)."""
+    """``A * W`` for a plain ``[out, in]`` ``W``, as :meth:`WeightScale._scaled` forms it (from
+    the scale given, which :class:`_ScaledLinear` saved)."""
     out_f, in_f = w.shape
     grouped = w.reshape(out_f, blocks, in_f // blocks)
-    if w.dtype in (torch.float16, torch.bfloat16):
-        used = _half_times(grouped, scale)
-    else:
-        used = grouped * scale.to(w.dtype).unsqueeze(-1)
-    return used.reshape(out_f, in_f)
+    return _times_scale(grouped, scale, inverse=False).reshape(out_f, in_f)
 
 
 class _ScaledLinear(torch.autograd.Function):
