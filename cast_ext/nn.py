@@ -1334,7 +1334,6 @@ class SparseExperts(nn.Module):
 
     _dense_cls: type[nn.Module]
     _signature: inspect.Signature
-    _stacks: tuple[str, ...]
     _param_order: tuple[str, ...]
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
@@ -1366,8 +1365,8 @@ class SparseExperts(nn.Module):
                 f"both [tokens, k] with tokens = {hidden.shape[0]}; got "
                 f"{[list(t.shape) if isinstance(t, Tensor) else t for t in (index, weights)]}"
             )
-        up = self._modules[self._stacks[0]]
-        down = self._modules[self._stacks[1]]
+        up_name, down_name = _stack_names(self)
+        up, down = self._modules[up_name], self._modules[down_name]
         assert isinstance(up, nn.ModuleList) and isinstance(down, nn.ModuleList)
         tokens, k = index.shape
         experts = len(up)
@@ -1389,7 +1388,7 @@ class SparseExperts(nn.Module):
         h = torch.cat([up[e](x[a:b]) for e, a, b in hits])
         if self.has_bias:
             expert_of_row = ids[routed]
-            h = h + getattr(self, f"{self._stacks[0]}_bias")[expert_of_row]
+            h = h + getattr(self, f"{up_name}_bias")[expert_of_row]
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         y = torch.cat([down[e](h[a:b]) for e, a, b in hits])
         if self.has_bias:
@@ -1399,6 +1398,11 @@ class SparseExperts(nn.Module):
         y = y * weights.reshape(-1)[routed].unsqueeze(-1)
         out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, routed, y)
         return out.view(tokens, k, y.shape[-1]).sum(1).to(hidden.dtype)
+
+
+def _stack_names(module: nn.Module) -> tuple[str, str]:
+    """The up and down stacks of a transformers experts module, by its ``has_gate``."""
+    return ("gate_up_proj" if module.has_gate else "up_proj"), "down_proj"
 
 
 def _values_dtype(layers: nn.ModuleList) -> torch.dtype:
@@ -1451,9 +1455,8 @@ def _experts_refusal(module: nn.Module, stacks: list[tuple[str, int, int, int]])
             "is not known"
         )
     names = sorted(name for name, *_ in stacks)
-    up = "gate_up_proj" if module.has_gate else "up_proj"
-    if names != sorted([up, "down_proj"]):
-        return f"its stacks are {names}, not {up} and down_proj"
+    if names != sorted(_stack_names(module)):
+        return f"its stacks are {names}, not {' and '.join(_stack_names(module))}"
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "a stack has a parametrization"
     return None
@@ -1484,8 +1487,6 @@ def _sparse_experts(
         new._modules[name] = layers.train(module.training)
         if dense_groups:
             pruned.append(name)
-    up = "gate_up_proj" if module.has_gate else "up_proj"
-    new._stacks = (up, "down_proj")
     return new, pruned
 
 
@@ -1494,7 +1495,7 @@ def _dense_experts(module: SparseExperts) -> nn.Module:
     Parameter again (the 2:4 weights), in the layout and parameter order it had."""
     new = _clone_as(module, module._dense_cls)
     stacks = {}
-    for name in module._stacks:
+    for name in _stack_names(module):
         layers = new._modules.pop(name)
         assert isinstance(layers, nn.ModuleList)
         w = torch.stack([layer.dense_weight() for layer in layers])
@@ -1504,8 +1505,7 @@ def _dense_experts(module: SparseExperts) -> nn.Module:
     params = {**new._parameters, **stacks}
     new._parameters.clear()
     new._parameters.update((name, params[name]) for name in module._param_order)
-    for name in ("_stacks", "_param_order"):
-        new.__dict__.pop(name)
+    del new.__dict__["_param_order"]
     return new
 
 
