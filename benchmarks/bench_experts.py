@@ -64,9 +64,10 @@ def experts_pair(
     with torch.device("meta"):
         dense = Qwen3MoeExperts(cfg)
     dense = dense.to_empty(device=device).to(torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for p in dense.parameters():
-            p.normal_(0, 0.02)
+            p.normal_(0, 0.02, generator=gen)
     with warnings.catch_warnings():  # random weights: pruned to 2:4 by magnitude
         warnings.simplefilter("ignore")
         sparse = cast_ext.nn.to_sparse(copy.deepcopy(dense).requires_grad_(False), experts=True)
@@ -74,9 +75,17 @@ def experts_pair(
     return dense, sparse
 
 
+def weight_bytes(hit: int, hidden: int, inter: int) -> int:
+    """The bf16 bytes of ``hit`` experts' dense weights (``gate_up`` ``[2 inter, hidden]`` and
+    ``down`` ``[hidden, inter]``)."""
+    return hit * 3 * inter * hidden * 2
+
+
 def routing(
     tokens: int, experts: int, top_k: int, hidden: int, device: str
 ) -> tuple[torch.Tensor, ...]:
+    """Hidden states and a balanced router's choices: each token's ``top_k`` distinct experts
+    drawn at random, with softmax weights (seeded by ``tokens``)."""
     gen = torch.Generator().manual_seed(tokens)
     h = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
     index = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 else {}
             )
             hit = int(index.unique().numel())
-            dense_bytes = hit * (2 * inter * hidden + hidden * inter) * 2
+            dense_bytes = weight_bytes(hit, hidden, inter)
             flops = 2 * tokens * top_k * (2 * inter * hidden + hidden * inter)
             for impl, wall_t in wall.items():
                 dev_t = device[impl][0] if cuda else None

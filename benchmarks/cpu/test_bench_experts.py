@@ -1,8 +1,9 @@
 """A MoE experts module on the CPU: transformers' dense experts (its grouped_mm forward) against
 the same 2:4 experts after ``nn.to_sparse`` (a ``SparseExperts``: one ``SparseLinear`` per expert
 and projection, each dispatched between the packed kernel and dense per token count), same run,
-bf16. The shapes are Qwen3-30B-A3B's (hidden 2048, expert MLP 768, 8 of the experts routed per
-token) with 16 experts instead of 128, at a decode-sized, a small and a prefill-sized batch.
+bf16, both built and the routing drawn as ``benchmarks/bench_experts.py`` does on the GPU. The
+shapes are Qwen3-30B-A3B's (hidden 2048, expert MLP 768, 8 of the experts routed per token) with
+16 experts instead of 128, at a decode-sized, a small and a prefill-sized batch.
 
 No speed target on the CPU: measured so that CPU users know what the swap costs or saves them.
 Beside them, the memory ceiling of the same run: ``copy_hit_weights`` copies a bf16 tensor as
@@ -14,38 +15,20 @@ the bytes the dense module reads; a clone would time the fresh pages' faults too
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import pytest
 import torch
 from conftest import QUICK, run
 
-import cast_ext
+from benchmarks.bench_experts import experts_pair, routing, weight_bytes
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 HIDDEN, INTER, EXPERTS, TOP_K = (256, 128, 4, 2) if QUICK else (2048, 768, 16, 8)
 
 
 @pytest.fixture(scope="module")
 def modules() -> dict[str, torch.nn.Module]:
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
-
-    cfg = transformers.Qwen3MoeConfig(
-        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS,
-        num_experts_per_tok=TOP_K, num_hidden_layers=1, num_attention_heads=4,
-    )  # fmt: skip
-    cfg._experts_implementation = "grouped_mm"
-    torch.manual_seed(0)
-    experts = Qwen3MoeExperts(cfg)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.02)
-    with warnings.catch_warnings():  # random weights: pruned to 2:4 by magnitude
-        warnings.simplefilter("ignore")
-        sparse = cast_ext.nn.to_sparse(copy.deepcopy(experts).bfloat16(), experts=True)
-    dense = cast_ext.nn.to_dense(copy.deepcopy(sparse))  # the same 2:4 weights, stacked
+    dense, sparse = experts_pair(EXPERTS, HIDDEN, INTER, TOP_K, "cpu")
     return {"dense_grouped_mm": dense, "sparse_experts_auto": sparse}
 
 
@@ -53,12 +36,9 @@ def modules() -> dict[str, torch.nn.Module]:
 @pytest.mark.parametrize("impl", ["dense_grouped_mm", "sparse_experts_auto", "copy_hit_weights"])
 def test_experts(benchmark, modules, impl, tokens):
     benchmark.group = f"MoE experts bf16 {EXPERTS}x[{HIDDEN}, {INTER}] top-{TOP_K} T={tokens}"
-    gen = torch.Generator().manual_seed(tokens)
-    h = torch.randn(tokens, HIDDEN, generator=gen).bfloat16()
-    index = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(tokens)])
-    weights = torch.rand(tokens, TOP_K, generator=gen).bfloat16()
+    h, index, weights = routing(tokens, EXPERTS, TOP_K, HIDDEN, "cpu")
     hit = int(index.unique().numel())
-    dense_bytes = hit * 3 * INTER * HIDDEN * 2  # gate_up [2 * inter, hidden] + down, bf16
+    dense_bytes = weight_bytes(hit, HIDDEN, INTER)
     benchmark.extra_info.update(experts_hit=hit, dense_weight_bytes=dense_bytes)
     if impl == "copy_hit_weights":
         src = torch.randn(dense_bytes // 2).bfloat16()
