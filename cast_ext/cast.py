@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -196,94 +197,36 @@ def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
     return grouped / s if inverse else grouped * s
 
 
-def _scale_product(w: Tensor, scale: Tensor, blocks: int) -> Tensor:
-    """``A * W`` for a plain ``[out, in]`` ``W``, as :meth:`WeightScale._scaled` forms it (from
-    the scale given, which :class:`_ScaledLinear` saved)."""
-    out_f, in_f = w.shape
-    grouped = w.reshape(out_f, blocks, in_f // blocks)
-    return _times_scale(grouped, scale, inverse=False).reshape(out_f, in_f)
-
-
-class _ScaledLinear(torch.autograd.Function):
-    """``F.linear(x, A * W, bias)`` that saves ``x``, ``W`` and ``A`` for the backward, not
-    ``A * W``: the backward computes the product again (one elementwise pass over the weight).
-
-    Through the parametrization, ``F.linear`` saved the product it was given, a tensor of the
-    weight's size, from the forward to the backward of every prepared layer: the model's
-    sparsified weights once more (under FSDP2, unsharded, on every rank). The gradients are
-    autograd's of the parametrized layer: ``A * dW_used`` (fp32 products rounded once for a
-    16-bit ``W``) and the per-block sums of ``dW_used * W`` (fp32). The backward runs under the
-    forward's autocast state, so its matmuls take the forward's dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, blocks: int):  # type: ignore[override]
-        ctx.save_for_backward(x, w, scale)
-        ctx.blocks = blocks
-        dev = x.device.type
-        ctx.autocast = (
-            (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
-        )
-        return F.linear(x, _scale_product(w, scale, blocks), bias)
-
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, w, scale = ctx.saved_tensors
-        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
-        gx = gw = gs = gb = None
-        out_f, in_f = w.shape
-        rows = math.prod(x.shape[:-1])  # 1 for a 1-D x
-        amp = ctx.autocast
-        with torch.autocast(amp[0], dtype=amp[1]) if amp else contextlib.nullcontext():
-            used = _scale_product(w, scale, ctx.blocks)
-            gy2 = gy.reshape(rows, out_f)
-            if need_x:
-                gx = gy2.mm(used).view(x.shape)
-            if need_w or need_s:
-                g_used = gy2.t().mm(x.reshape(rows, in_f))
-        if amp:  # autocast's matmuls gave its dtype
-            gx = gx.to(x.dtype) if gx is not None else None
-            g_used = g_used.to(w.dtype) if need_w or need_s else None
-        if need_w or need_s:
-            gg = g_used.reshape(out_f, ctx.blocks, in_f // ctx.blocks)
-            grouped = w.reshape(gg.shape)
-            if w.dtype in (torch.float16, torch.bfloat16):
-                gw, gs = _half_times_grads(gg, grouped, scale, need_w, need_s)
-                gw = gw.reshape(out_f, in_f) if gw is not None else None
-            else:
-                if need_w:
-                    s = scale if scale.dtype == w.dtype else scale.to(w.dtype)
-                    gw = (gg * s.unsqueeze(-1)).reshape(out_f, in_f)
-                if need_s:
-                    gs = (gg * grouped).sum(-1)
-                    gs = gs if gs.dtype == scale.dtype else gs.to(scale.dtype)
-        if need_b:
-            gb = gy2.sum(0)
-        return gx, gw, gs, gb, None
-
-
-# Prepared nn.Linear layers of at least this many weights train through _ScaledLinear. Its
-# Python backward costs the host more than autograd's C++ nodes for the scaled weight (CPU, one
-# thread, a 64 x 128 layer: 180 against 147 us a forward + backward), which a large layer's
-# GEMMs hide; a small layer keeps those nodes, and its extra copy is small too.
-_FUSED_MIN_NUMEL = 1 << 20
+_SCALED_LINEAR = torch.ops.cast_ext.scaled_linear.default
 
 
 def _scaled_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    """The forward a prepared ``nn.Linear`` gets (on the class parametrize made for it): a
-    large layer trains through :class:`_ScaledLinear`, which keeps no weight-sized product from
-    the forward to the backward; a small one, and any without gradients, computes ``A * W`` as
-    its parametrization does, without the property's machinery (2-3 ms of host time per step of
-    a 30-layer model, 210 layers, on the CPU). A DTensor weight (tensor parallel) takes the
-    parametrized weight."""
-    plist = self.parametrizations.weight
-    w, p = plist.original, plist[0]
-    if isinstance(w, DTensor) or len(plist) != 1:
-        return F.linear(x, self.weight, self.bias)
-    needs_grad = x.requires_grad or w.requires_grad or p.scale.requires_grad
-    if torch.is_grad_enabled() and needs_grad and w.numel() >= _FUSED_MIN_NUMEL:
-        return _ScaledLinear.apply(x, w, p.scale, self.bias, p.blocks)
-    return F.linear(x, p._scaled(w), self.bias)
+    """The forward a prepared ``nn.Linear`` gets (on the class parametrize made for it):
+    ``F.linear(x, A * W, bias)`` as one op (``cast_ext::scaled_linear``, csrc/scaled_linear.cpp)
+    whose backward, one C++ autograd node, saves ``x``, ``W`` and ``A`` and forms ``A * W``
+    again: the parametrized weight's outputs and gradients bit for bit, without the copy of the
+    weight that ``F.linear`` on it kept for the backward, and without the property's Python
+    calls (on a 64 x 128 layer, one CPU thread: a forward + backward took 141 us through the
+    parametrization, 82 us without the scale). A DTensor weight (tensor parallel), or one with
+    further parametrizations, takes the parametrized weight, and so does a call under
+    forward-mode AD or a torch.func transform (jvp, grad, vmap: the op has a reverse-mode C++
+    backward only)."""
+    # Each attribute from its module's dict: nn.Module.__getattr__ cost 4 us a layer here (so
+    # no dict.get with it as the default, which would run it on every call).
+    plist = self._modules["parametrizations"]._modules["weight"]
+    held = plist._parameters
+    w = held["original"] if "original" in held else plist.original  # noqa: SIM401
+    own = self._parameters
+    bias = own["bias"] if "bias" in own else self.bias  # noqa: SIM401 (parametrized: the property)
+    if (
+        isinstance(w, DTensor)
+        or len(plist._modules) != 1
+        or fwAD._current_level >= 0  # the op has no forward-mode derivative (a 0 tangent)
+        or torch._C._functorch.maybe_current_level() is not None  # C++ autograd: no torch.func
+    ):
+        return F.linear(x, self.weight, bias)
+    p = plist._modules["0"]
+    return _SCALED_LINEAR(x, w, p._parameters["scale"], bias, p.blocks)
 
 
 def _scale_placements(weight: DTensor) -> list[Any]:

@@ -23,6 +23,7 @@ __all__ = [
     "mask_flips",
     "nm_mask",
     "pack_mask",
+    "scaled_linear",
     "sparse24_compress",
     "sparse24_decompress",
     "sparse24_gemm",
@@ -552,6 +553,30 @@ def sparse24_gemm(
     """
     _no_forward_ad("sparse24_gemm", x, values, bias)
     return torch.ops.cast_ext.sparse24_gemm(x, values, meta, bias, check_meta=check_meta)
+
+
+def scaled_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, blocks: int) -> Tensor:
+    """``F.linear(x, A * W, bias)``: a layer under CAST's weight scaling (SPEC §3), the forward
+    :func:`cast_ext.cast.prepare` gives an ``nn.Linear``, for your own modules.
+
+    ``A * W`` scales row ``r``'s ``blocks`` contiguous blocks of ``in / blocks`` columns by
+    ``A[r, b]``: in ``W``'s dtype for fp32/fp64, in fp32 rounded once for fp16/bf16 (``A``
+    stays fp32). One op made of ATen ops (any device; autocast as for ``F.linear``) whose C++
+    backward saves ``x``, ``W`` and ``A`` and forms ``A * W`` again, instead of keeping a copy
+    of it. Reverse-mode autograd only (no forward-mode AD or ``torch.func`` transforms).
+
+    Args:
+        x: ``[..., in]``.
+        w: ``[out, in]``.
+        scale: ``A``, ``[out, blocks]``, floating point.
+        bias: optional ``[out]``.
+        blocks: the number of column blocks (``in % blocks == 0``).
+
+    Returns:
+        ``[..., out]``, as ``F.linear`` on the scaled weight.
+    """
+    _no_forward_ad("scaled_linear", x, w, scale, bias)
+    return torch.ops.cast_ext.scaled_linear(x, w, scale, bias, blocks)
 
 
 def cslt_compress(w: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ __all__ = [
     "mask_flips",
     "nm_mask",
     "pack_mask",
+    "scaled_linear",
     "sparse24_compress",
     "sparse24_decompress",
     "sparse24_gemm",
@@ -183,6 +184,23 @@ def sparse24_gemm(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None =
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def scaled_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None, blocks: int) -> Tensor:
+    """A prepared layer's forward (SPEC §3): ``F.linear(x, W_used, bias)`` with
+    ``W_used[r, c] = A[r, c // (in / blocks)] * W[r, c]`` for ``W`` ``[out, in]`` and the scale
+    ``A`` ``[out, blocks]``.
+
+    ``W_used`` has ``W``'s dtype: for fp16/bf16 the product is formed in fp32 and rounded once
+    (``A`` stays fp32: rounded to 16 bits it would move in steps of 0.4-0.8% near 1); for
+    fp32/fp64 ``A`` is cast to ``W``'s dtype. Differentiable in ``x``, ``W``, ``A`` and ``bias``.
+    """
+    cols = scale.repeat_interleave(w.shape[1] // blocks, dim=1)  # [out, in]
+    if w.dtype in (torch.float16, torch.bfloat16):
+        used = (w.float() * cols.float()).to(w.dtype)
+    else:
+        used = w * cols.to(w.dtype)
+    return torch.nn.functional.linear(x, used, bias)
 
 
 def _adams_one(

@@ -1,6 +1,7 @@
 // CPU-only builds (CAST_EXT_CUDA=0, or no nvcc / CPU torch at build time) register a CUDA kernel
 // for every op that raises a clear error naming the build flag, instead of the dispatcher's
-// generic "could not run ... with arguments from the 'CUDA' backend".
+// generic "could not run ... with arguments from the 'CUDA' backend". (scaled_linear is made of
+// ATen ops, a CompositeExplicitAutograd kernel: it runs on CUDA in any build.)
 #ifndef CAST_EXT_WITH_CUDA
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

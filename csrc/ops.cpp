@@ -34,6 +34,10 @@ TORCH_LIBRARY(cast_ext, m) {
       "cslt_linear(Tensor x, Tensor w_compressed, int n, int k, Tensor? bias=None, "
       "str activation=\"none\") -> Tensor");
 
+  // A prepared layer's forward (reference: scaled_linear; csrc/scaled_linear.cpp):
+  // y = F.linear(x, A * W, bias), A [out, blocks] scaling each row's blocks of W [out, in].
+  m.def("scaled_linear(Tensor x, Tensor w, Tensor scale, Tensor? bias, int blocks) -> Tensor");
+
   // AdamS (reference: adams_step_; csrc/cpu/adams.cpp, csrc/cuda/adams.cu).
   // Multi-tensor, in place, like aten::_fused_adam_. prev_masks (empty, or one per mask) receives
   // the old packed mask at a refresh, so mask flips are countable without a host sync.

@@ -166,21 +166,15 @@ def test_distill_loss_compiles_fullgraph_and_matches_eager(device):
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("fused_linear", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(
-    device, fused_linear, monkeypatch
-):
-    """A CAST step with the model's forward and the loss compiled (prepare's scale
-    parametrizations, or the one-node scaled linear of large layers; the teacher, the fused
-    distillation loss: one graph) and AdamS eager gives the losses and weights of the eager
-    step."""
+def test_prepared_model_cast_step_compiles_fullgraph_and_matches_eager(device):
+    """A CAST step with the model's forward and the loss compiled (the prepared layers'
+    scaled_linear op with its C++ backward, the teacher, the fused distillation loss: one
+    graph) and AdamS eager gives the losses and weights of the eager step."""
     import copy
 
     from cast_ext import cast
 
-    if fused_linear:  # these small layers take the large layers' forward
-        monkeypatch.setattr(cast, "_FUSED_MIN_NUMEL", 0)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 40)

@@ -1,0 +1,78 @@
+"""The host's share of a CAST step: forward + backward of a prepared model on the CPU, same run.
+
+A LLaMA with SmolLM2-135M's depth (30 layers, 210 projections prepared) but a width of 64, one
+thread, 8 tokens: the math is a few microseconds a layer, so the times are the host's, which is
+what sets the pace of a small model's step on a GPU too (the H200's CAST step of SmolLM2-135M
+was host-paced: ``benchmarks/results/gpu-20261130``).
+
+* ``dense``: the model before ``cast.prepare`` (F.linear per projection).
+* ``prepared``: after it, each projection's ``F.linear(x, A * W, bias)`` one op
+  (``cast_ext::scaled_linear``) with a C++ backward.
+* ``prepared_parametrized``: the same model with ``nn.Linear.forward`` back on the prepared
+  classes, so each projection reads its weight through torch's parametrization property: the
+  product ``A * W`` as separate torch calls and autograd nodes.
+
+Each call is a forward + CE + backward; the gradients accumulate (set to None once per round).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import QUICK, run
+
+from cast_ext import cast
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_smollm2_depth() -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2 if QUICK else 30,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    dense = tiny_smollm2_depth()
+    prepared, parametrized = copy.deepcopy(dense), copy.deepcopy(dense)
+    cast.prepare(prepared)
+    # prepared separately: parametrize made each module its own class (a deepcopy of a
+    # prepared model would share them)
+    for layer in cast.prepare(parametrized):
+        type(layer.module).forward = torch.nn.Linear.forward
+    assert all(
+        type(layer.module).forward is cast._scaled_linear_forward
+        for layer in cast.sparse_layers(prepared)
+    )
+    return {"dense": dense, "prepared": prepared, "prepared_parametrized": parametrized}
+
+
+@pytest.mark.parametrize("impl", ["dense", "prepared", "prepared_parametrized"])
+def test_fwd_bwd_host_time(benchmark, models, impl):
+    benchmark.group = "prepared model fwd+bwd, 30 x LLaMA layers, width 64, 8 tokens, 1 thread"
+    model = models[impl]
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def step() -> None:
+        model(ids, labels=ids, use_cache=False).loss.backward()
+
+    try:
+        for _ in range(3):
+            step()
+        run(benchmark, step, rounds=30)
+    finally:
+        torch.set_num_threads(threads)
+        model.zero_grad(set_to_none=True)
