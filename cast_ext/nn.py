@@ -412,6 +412,8 @@ class SparseLinear(nn.Module):
     # weights), and whether the dense weight was trainable.
     _conv1d_cls: type[nn.Module] | None = None
     _weight_requires_grad: bool = True
+    # Whether a derived weight was built since _use last released the unused ones.
+    _derived_new: bool = False
 
     def __init__(
         self,
@@ -617,6 +619,7 @@ class SparseLinear(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             t = build()
         self._derived[name] = (self._tag(), t)
+        self._derived_new = True  # for _use: perhaps one no decision uses
         return t
 
     def _dense_cached(self) -> Tensor:
@@ -659,7 +662,7 @@ class SparseLinear(nn.Module):
         # pickle, torch.save(module) and deepcopy: the derived weights are rebuilt on use, so they
         # are not carried (a dense copy would add 16/9 of the buffers' bytes).
         state = super().__getstate__()
-        state.update(_derived={}, _uses=set(), _meta_checked=None)
+        state.update(_derived={}, _uses=set(), _meta_checked=None, _derived_new=False)
         return state
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -684,9 +687,12 @@ class SparseLinear(nn.Module):
         if self._uses_generation != _GENERATION[0]:  # the decisions were cleared since
             self._uses.clear()
             self._uses_generation = _GENERATION[0]
+        elif path in self._uses and not self._derived_new:
+            return  # the per-call case: nothing built since the last release, nothing to add
         self._uses.add(path)
         if self._derived:
             self._release_unused()
+        self._derived_new = False
 
     def _choose(self, x: Tensor) -> tuple[str, tuple[Any, ...] | None]:
         """The path for input ``x``: 'sparse', 'packed' or 'dense', and the key of the trial this
