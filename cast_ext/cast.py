@@ -45,7 +45,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import _build, ops, reference
-from .nn import SparseLinear, _adapter_modules, _excluded_weights, _is_conv1d, _param_holders
+from .nn import (
+    SparseLinear,
+    _adapter_modules,
+    _conv1d_class,
+    _excluded_weights,
+    _is_conv1d,
+    _param_holders,
+)
 from .optim import AdamS, DTensor, _assemble, _local, _over_shards, _shard_dim
 
 __all__ = [
@@ -200,6 +207,27 @@ def _times_scale(grouped: Tensor, scale: Tensor, inverse: bool) -> Tensor:
 _SCALED_LINEAR = torch.ops.cast_ext.scaled_linear.default
 
 
+def _scaled_operands(module: nn.Module) -> tuple[Tensor, Tensor, int] | None:
+    """``(W, A, blocks)`` of a prepared layer for :data:`_SCALED_LINEAR`, or None where it takes
+    the parametrized weight: a DTensor weight (tensor parallel), one with further
+    parametrizations, and calls under forward-mode AD or a torch.func transform (jvp, grad,
+    vmap: the op has a reverse-mode C++ backward only). Each attribute from its module's dict:
+    nn.Module.__getattr__ cost 4 us a layer here (so no dict.get with it as the default, which
+    would run it on every call)."""
+    plist = module._modules["parametrizations"]._modules["weight"]
+    held = plist._parameters
+    w = held["original"] if "original" in held else plist.original  # noqa: SIM401
+    if (
+        isinstance(w, DTensor)
+        or len(plist._modules) != 1
+        or fwAD._current_level >= 0  # the op has no forward-mode derivative (a 0 tangent)
+        or torch._C._functorch.maybe_current_level() is not None  # C++ autograd: no torch.func
+    ):
+        return None
+    p = plist._modules["0"]
+    return w, p._parameters["scale"], p.blocks
+
+
 def _scaled_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     """The forward a prepared ``nn.Linear`` gets (on the class parametrize made for it):
     ``F.linear(x, A * W, bias)`` as one op (``cast_ext::scaled_linear``, csrc/scaled_linear.cpp)
@@ -207,26 +235,30 @@ def _scaled_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
     again: the parametrized weight's outputs and gradients bit for bit, without the copy of the
     weight that ``F.linear`` on it kept for the backward, and without the property's Python
     calls (on a 64 x 128 layer, one CPU thread: a forward + backward took 141 us through the
-    parametrization, 82 us without the scale). A DTensor weight (tensor parallel), or one with
-    further parametrizations, takes the parametrized weight, and so does a call under
-    forward-mode AD or a torch.func transform (jvp, grad, vmap: the op has a reverse-mode C++
-    backward only)."""
-    # Each attribute from its module's dict: nn.Module.__getattr__ cost 4 us a layer here (so
-    # no dict.get with it as the default, which would run it on every call).
-    plist = self._modules["parametrizations"]._modules["weight"]
-    held = plist._parameters
-    w = held["original"] if "original" in held else plist.original  # noqa: SIM401
+    parametrization, 82 us without the scale). Where :func:`_scaled_operands` says so, the
+    parametrized weight."""
     own = self._parameters
     bias = own["bias"] if "bias" in own else self.bias  # noqa: SIM401 (parametrized: the property)
-    if (
-        isinstance(w, DTensor)
-        or len(plist._modules) != 1
-        or fwAD._current_level >= 0  # the op has no forward-mode derivative (a 0 tangent)
-        or torch._C._functorch.maybe_current_level() is not None  # C++ autograd: no torch.func
-    ):
+    operands = _scaled_operands(self)
+    if operands is None:
         return F.linear(x, self.weight, bias)
-    p = plist._modules["0"]
-    return _SCALED_LINEAR(x, w, p._parameters["scale"], bias, p.blocks)
+    w, scale, blocks = operands
+    return _SCALED_LINEAR(x, w, scale, bias, blocks)
+
+
+def _scaled_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """The forward a prepared Hugging Face ``Conv1D`` gets: its own computation,
+    ``addmm(bias, x.view(-1, in), W_used^T)``, through :data:`_SCALED_LINEAR` on the weight as
+    stored (``[out, in]``) with the input flattened as ``Conv1D`` does (``F.linear`` of a 2-D
+    input is that very ``addmm``): the same outputs and gradients, bit for bit, and no copy of
+    ``A * W`` kept for the backward. Where :func:`_scaled_operands` says so, ``Conv1D``'s own
+    forward on the parametrized weight."""
+    operands = _scaled_operands(self)
+    if operands is None:
+        return super(type(self), self).forward(x)  # type: ignore[misc]  # Conv1D's
+    w, scale, blocks = operands
+    y = _SCALED_LINEAR(x.view(-1, x.size(-1)), w, scale, self._parameters["bias"], blocks)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _scale_placements(weight: DTensor) -> list[Any]:
@@ -672,10 +704,19 @@ def prepare(
                     p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, w))
                 shared[id(w)] = p
             requires_grad = w.requires_grad
-            plain_linear = c.kind == "linear" and type(c.module).forward is nn.Linear.forward
+            # a layer whose forward is its library's own (not overridden) gets the op's
+            forward = type(c.module).forward
+            conv1d = _conv1d_class(c.module)
+            own = (
+                _scaled_linear_forward
+                if c.kind == "linear" and forward is nn.Linear.forward
+                else _scaled_conv1d_forward
+                if c.kind == "conv1d" and conv1d is not None and forward is conv1d.forward
+                else None
+            )
             parametrize.register_parametrization(c.module, c.param, p)
-            if plain_linear:  # on the class parametrize made for this module
-                type(c.module).forward = _scaled_linear_forward
+            if own is not None:  # on the class parametrize made for this module
+                type(c.module).forward = own
             c.module.parametrizations[c.param].original.requires_grad_(requires_grad)
             # a frozen layer's scale does not train either
             p.scale.requires_grad_(bool(requires_grad))

@@ -218,6 +218,45 @@ def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
     assert layer.weight.grad is None and layer.scale.grad is None
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 32), (5, 32), (2, 1, 2, 32)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", conftest.DEVICES)
+def test_a_prepared_conv1d_keeps_no_scaled_weight_for_its_backward(device, dtype, shape):
+    """A prepared GPT-2 Conv1D runs its own addmm on the flattened input through the op: the
+    output and the gradients of Conv1D's forward on its parametrized weight (bit for bit on the
+    CPU), and the backward saves x, W and A, not the product."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(16, 32).to(device, dtype)  # nf = 16 outputs, nx = 32 inputs: weight [32, 16]
+    with torch.no_grad():
+        conv.bias.normal_()
+    (layer,) = cast.prepare(nn.Sequential(conv), filter_fn=lambda name, module: True)
+    assert type(conv).forward is cast._scaled_conv1d_forward
+    with torch.no_grad():
+        layer.scale.copy_(1 + 0.1 * torch.rand_like(layer.scale))
+    x = torch.randn(shape, dtype=dtype).to(device).requires_grad_()
+    g = torch.randn(*shape[:-1], 16).to(device, dtype)
+    leaves = [x, layer.weight, layer.scale, conv.bias]
+    runs = []
+    for fn in (conv, lambda t: Conv1D.forward(conv, t)):  # the op; Conv1D's own forward
+        y = fn(x)
+        runs.append((y, *torch.autograd.grad(y, leaves, g)))
+    for got, want, what in zip(*runs, ["y", "x", "W", "A", "bias"], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        torch.testing.assert_close(got, want, **_same_gemms_tol(device), msg=what)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr():
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conv(x)
+    assert sum(saved) < layer.weight.numel() // 2, saved  # x and the scale, not A * W
+
+
 def _scaled_linear_args(device, dtype, shape, out_f=12, in_f=32, blocks=2, bias=True):
     gen = torch.Generator().manual_seed(0)
 
