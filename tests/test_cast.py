@@ -135,6 +135,20 @@ def test_weight_scaling_of_16_bit_weights_is_one_fp32_product(dtype):
     assert torch.equal(layer.weight.grad, (g.float() * a[:, cols]).to(dtype))
 
 
+def _saved_besides_weight(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> list[int]:
+    """The sizes of the tensors ``module(x)`` saves for its backward, but the stored weight."""
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return saved
+
+
 def _same_gemms_tol(device: str) -> dict:
     """Tolerance for a prepared layer's results against F.linear's autograd on the scaled
     weight: bit for bit on the CPU. The op's backward forms W's gradient as gy^T @ x where
@@ -196,15 +210,7 @@ def test_a_prepared_linear_keeps_no_scaled_weight_for_its_backward(
         assert got.dtype == want.dtype, what
         torch.testing.assert_close(got, want, **_same_gemms_tol(device), msg=what)
 
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr():
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lin(x)
+    saved = _saved_besides_weight(lin, x, layer.weight)
     assert sum(saved) < layer.weight.numel() // 2, saved  # x and the scale, not A * W
     # a frozen base (LoRA) with a grad-free input: no gradient asked, none computed; no_grad:
     # the plain product
@@ -245,15 +251,7 @@ def test_a_prepared_conv1d_keeps_no_scaled_weight_for_its_backward(device, dtype
     for got, want, what in zip(*runs, ["y", "x", "W", "A", "bias"], strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, what
         torch.testing.assert_close(got, want, **_same_gemms_tol(device), msg=what)
-    saved: list[int] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() != layer.weight.untyped_storage().data_ptr():
-            saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        conv(x)
+    saved = _saved_besides_weight(conv, x, layer.weight)
     assert sum(saved) < layer.weight.numel() // 2, saved  # x and the scale, not A * W
 
 
