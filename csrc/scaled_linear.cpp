@@ -8,8 +8,9 @@
 // saved the product A * W (a copy of the weight) for the backward. Here the backward is one node
 // that saves x, W and A and forms A * W again. The arithmetic is the parametrization's, op for op
 // (a 16-bit W: the product in fp32, rounded once; the scale's gradient an fp32 sum), so outputs
-// and gradients match it bit for bit, under autocast too (the backward's matmuls take the
-// forward's autocast dtype).
+// and gradients match it bit for bit on the CPU, under autocast too (the backward's matmuls take
+// the forward's autocast dtype). W's gradient is gy^T @ x where autograd forms (x^T @ gy)^T: the
+// same sums, which a GPU library may order differently.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
