@@ -13,7 +13,9 @@ Rows go to ``benchmarks/results/cast_step.json`` (or ``$OUT``), written after ea
 (a run stopped by a time limit keeps what it finished). The optimizer-alone rows time each
 optimizer's step on the gradients of one more forward + backward (never on zeroed gradients).
 Then the CAST step's parts, each alone: the dense and the student forward + loss + backward (the
-student's with the teacher's logits computed beforehand) and the teacher's forward. On CUDA each
+student's with the teacher's logits computed beforehand; also with each projection's scaled weight
+read through torch's parametrization, as before ``cast_ext::scaled_linear``) and the teacher's
+forward. On CUDA each
 row also has ``host_us``, the host's time per call: near the device time, the host set the pace.
 On CUDA a last row times the CAST step with the teacher wrapped in ``cast.CudaGraphTeacher``
 (one graph replay per forward). ``--profile`` also writes ``cast_step_profile.txt``:
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             row["host_us"] = statistics.median(host)
             note = f"  (host {row['host_us'] / 1e3:.2f} ms)"
         rows.append(row)
-        print(f"  {op:<15} {impl:<15} {t[0] / 1e3:9.2f} ms  {t[0] / vs:6.3f}x {baseline}{note}",
+        print(f"  {op:<15} {impl:<25} {t[0] / 1e3:9.2f} ms  {t[0] / vs:6.3f}x {baseline}{note}",
               flush=True)  # fmt: skip
         return write_rows("cast_step", rows)  # after each row: a run stopped by a limit keeps them
 
@@ -172,9 +174,24 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             eager_teacher(ids[i % 3])
 
+    # The student as it ran before cast_ext::scaled_linear: each projection's weight read
+    # through torch's parametrization property (prepared on its own: a deepcopy would share the
+    # classes parametrize made, whose forward this sets).
+    parametrized = copy.deepcopy(dense).train()
+    for layer in cast.prepare(parametrized):
+        type(layer.module).forward = torch.nn.Linear.forward
+    parametrized.load_state_dict(student.state_dict())
+
+    def parametrized_grads(i: int) -> None:
+        loss = cast.distill_loss(
+            parametrized(ids[i % 3], use_cache=False).logits, t_logits[i % 3], labels[i % 3]
+        )
+        loss.backward()
+
     for op, impl, fn in (
         ("fwd_bwd", "dense", dense_grads),
         ("fwd_bwd", "cast_student", student_grads),
+        ("fwd_bwd", "cast_student_parametrized", parametrized_grads),
         ("forward", "cast_teacher", teacher_forward),
     ):
         path = record(op, impl, timed(fn, reps=10), "train_step cast", t_cast[0])

@@ -339,6 +339,7 @@ def test_bench_cast_step_main(shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_
         ("optimizer_step", "adams"),
         ("fwd_bwd", "dense"),
         ("fwd_bwd", "cast_student"),
+        ("fwd_bwd", "cast_student_parametrized"),
         ("forward", "cast_teacher"),
         ("train_step", "cast_graphed_teacher"),  # eager here: the shim's tensors are on the CPU
     ]
