@@ -116,6 +116,34 @@ def test_group_without_flag_is_sparse_by_shape_and_dense_is_adam() -> None:
     assert [g["sparse"] for g in opt2.param_groups] == [False]
 
 
+def test_mask_finds_each_params_group_after_the_groups_change() -> None:
+    """AdamS.mask finds a param's group where it was last seen, and searches again when the
+    groups were edited since (a param moved to another group, one removed, one added)."""
+    a, b, c = (torch.nn.Parameter(torch.randn(8, 16)) for _ in range(3))
+    opt = AdamS([{"params": [a, b]}, {"params": [c], "sparse": False}], total_steps=5)
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.mask(b).shape == (8, 16) and opt.mask(a).shape == (8, 16)
+    with pytest.raises(ValueError, match=r"is not stepped as sparse \(its group has sparse=F"):
+        opt.mask(c)
+    # b moves to the dense group: its old position now holds nothing, a is still first
+    first, second = (g["params"] for g in opt.param_groups)
+    del first[1]  # b (list.remove would compare tensors)
+    second.append(b)
+    with pytest.raises(ValueError, match=r"is not stepped as sparse \(its group has sparse=F"):
+        opt.mask(b)
+    assert opt.mask(a).shape == (8, 16)
+    del second[1]  # b
+    with pytest.raises(ValueError, match=r"shape \[8, 16\] is not managed by this optimizer"):
+        opt.mask(b)
+    # c swaps in where b was, in the sparse group (no mask yet: it was stepped dense)
+    del second[0]  # c
+    first.append(c)
+    with pytest.raises(RuntimeError, match=r"has no mask yet"):
+        opt.mask(c)
+
+
 def test_alpha_ramp_closed_form() -> None:
     """Zero gradients: kept weights never move; a pruned weight's update follows alpha = t / T."""
     torch.manual_seed(0)
