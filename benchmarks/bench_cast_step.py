@@ -15,8 +15,8 @@ optimizer's step on the gradients of one more forward + backward (never on zeroe
 Then the CAST step's parts, each alone: the dense and the student forward + loss + backward (the
 student's with the teacher's logits computed beforehand; also with each projection's scaled weight
 read through torch's parametrization, as before ``cast_ext::scaled_linear``) and the teacher's
-forward. On CUDA each
-row also has ``host_us``, the host's time per call: near the device time, the host set the pace.
+forward. On CUDA each row also has ``host_us``, the host's time per call: near the device time,
+the host set the pace.
 On CUDA a last row times the CAST step with the teacher wrapped in ``cast.CudaGraphTeacher``
 (one graph replay per forward). ``--profile`` also writes ``cast_step_profile.txt``:
 torch.profiler's table of each step's ops.
@@ -57,6 +57,17 @@ def smollm2_like(layers: int = 30) -> torch.nn.Module:
         rope_theta=100000.0,
     )
     return LlamaForCausalLM(cfg)
+
+
+def prepare_parametrized(model: torch.nn.Module) -> torch.nn.Module:
+    """``cast.prepare(model)`` (in place), each projection then run as before
+    ``cast_ext::scaled_linear``: ``nn.Linear.forward`` on the class parametrize made for it, so
+    the weight is read through torch's parametrization property. ``model`` must not share
+    those classes with another prepared model (a deepcopy of a prepared model would): prepare
+    a copy of the unprepared one."""
+    for layer in cast.prepare(model):
+        type(layer.module).forward = torch.nn.Linear.forward
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,12 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             eager_teacher(ids[i % 3])
 
-    # The student as it ran before cast_ext::scaled_linear: each projection's weight read
-    # through torch's parametrization property (prepared on its own: a deepcopy would share the
-    # classes parametrize made, whose forward this sets).
-    parametrized = copy.deepcopy(dense).train()
-    for layer in cast.prepare(parametrized):
-        type(layer.module).forward = torch.nn.Linear.forward
+    parametrized = prepare_parametrized(copy.deepcopy(dense).train())
     parametrized.load_state_dict(student.state_dict())
 
     def parametrized_grads(i: int) -> None:

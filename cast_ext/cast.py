@@ -261,6 +261,18 @@ def _scaled_conv1d_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _op_forward(module: nn.Module, kind: str) -> Callable[..., Tensor] | None:
+    """The forward through :data:`_SCALED_LINEAR` that :func:`prepare` gives a chosen layer of
+    ``kind`` whose forward is its library's own (not overridden), else None."""
+    forward = type(module).forward
+    if kind == "linear" and forward is nn.Linear.forward:
+        return _scaled_linear_forward
+    conv1d = _conv1d_class(module) if kind == "conv1d" else None
+    if conv1d is not None and forward is conv1d.forward:
+        return _scaled_conv1d_forward
+    return None
+
+
 def _scale_placements(weight: DTensor) -> list[Any]:
     """The scale's layout for a DTensor weight: its rows (and experts) sharded like the
     weight's, replicated over mesh dims that shard the weight's columns (or replicate it)."""
@@ -704,16 +716,7 @@ def prepare(
                     p.scale = nn.Parameter(_ones_like_rows(p.scale.shape, w))
                 shared[id(w)] = p
             requires_grad = w.requires_grad
-            # a layer whose forward is its library's own (not overridden) gets the op's
-            forward = type(c.module).forward
-            conv1d = _conv1d_class(c.module)
-            own = (
-                _scaled_linear_forward
-                if c.kind == "linear" and forward is nn.Linear.forward
-                else _scaled_conv1d_forward
-                if c.kind == "conv1d" and conv1d is not None and forward is conv1d.forward
-                else None
-            )
+            own = _op_forward(c.module, c.kind)
             parametrize.register_parametrization(c.module, c.param, p)
             if own is not None:  # on the class parametrize made for this module
                 type(c.module).forward = own

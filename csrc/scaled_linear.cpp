@@ -48,6 +48,11 @@ void check_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
               has_bias ? bias->sym_sizes() : c10::SymIntArrayRef{});
 }
 
+// A in W's dtype, for an fp32/fp64 W's products.
+at::Tensor scale_as(const at::Tensor& w, const at::Tensor& scale) {
+  return scale.scalar_type() == w.scalar_type() ? scale : scale.to(w.scalar_type());
+}
+
 // A * W, [out, in]: W's dtype for fp32/fp64 (A cast to it), fp32 rounded once for fp16/bf16.
 // Sizes are SymInts throughout: torch.compile traces the op with symbolic (dynamic) shapes.
 at::Tensor scale_product(const at::Tensor& w, const at::Tensor& scale, int64_t blocks) {
@@ -57,8 +62,7 @@ at::Tensor scale_product(const at::Tensor& w, const at::Tensor& scale, int64_t b
   if (half(w)) {
     used = (grouped.to(at::kFloat) * scale.unsqueeze(-1)).to(w.scalar_type());
   } else {
-    const at::Tensor s = scale.scalar_type() == w.scalar_type() ? scale : scale.to(w.scalar_type());
-    used = grouped * s.unsqueeze(-1);
+    used = grouped * scale_as(w, scale).unsqueeze(-1);
   }
   return used.reshape_symint({out, in});
 }
@@ -129,11 +133,7 @@ struct ScaledLinearFn : torch::autograd::Function<ScaledLinearFn> {
           gs = at::einsum("...bg,...bg->...b", {g32, grouped.to(at::kFloat)})
                    .to(scale.scalar_type());
       } else {
-        if (need_w) {
-          const at::Tensor s =
-              scale.scalar_type() == w.scalar_type() ? scale : scale.to(w.scalar_type());
-          gw = (gg * s.unsqueeze(-1)).reshape_symint({out, in});
-        }
+        if (need_w) gw = (gg * scale_as(w, scale).unsqueeze(-1)).reshape_symint({out, in});
         if (need_s) {
           gs = (gg * grouped).sum(-1);
           if (gs.scalar_type() != scale.scalar_type()) gs = gs.to(scale.scalar_type());

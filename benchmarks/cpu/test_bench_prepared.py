@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import QUICK, run
 
+from benchmarks.bench_cast_step import prepare_parametrized
 from cast_ext import cast
 
 transformers = pytest.importorskip("transformers")
@@ -45,12 +46,9 @@ def tiny_smollm2_depth() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     dense = tiny_smollm2_depth()
-    prepared, parametrized = copy.deepcopy(dense), copy.deepcopy(dense)
+    prepared = copy.deepcopy(dense)
     cast.prepare(prepared)
-    # prepared separately: parametrize made each module its own class (a deepcopy of a
-    # prepared model would share them)
-    for layer in cast.prepare(parametrized):
-        type(layer.module).forward = torch.nn.Linear.forward
+    parametrized = prepare_parametrized(copy.deepcopy(dense))
     assert all(
         type(layer.module).forward is cast._scaled_linear_forward
         for layer in cast.sparse_layers(prepared)
