@@ -755,6 +755,88 @@ def test_cpu_forced_modes_measure_nothing() -> None:
     assert dispatch_decisions() == [] and cast_ext.nn._TRIALS == {}
 
 
+def decide_cpu(m_bucket: int, choice: str, n: int = 16, k: int = 32) -> None:
+    """Record a CPU fp32 decision for ``[n, k]`` layers with a bias (times made up)."""
+    key = ("cpu", torch.float32, m_bucket, n, k, True)
+    cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
+        "cpu", "float32", m_bucket, n, k, True, choice, None, 10.0, 9.0
+    )
+
+
+def test_decided_calls_follow_buckets_modes_clears_and_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer keeps the paths of the buckets it has run (the per-call lookup): each bucket its
+    own, a forced mode over them, a clear and a new decision, a move to another dtype, and an
+    in-place write to ``values`` (the dense copy rebuilt) are all followed."""
+    cast_ext.nn.clear_dispatch_decisions()
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    decide_cpu(8, "packed")
+    decide_cpu(1, "dense")
+    paths: list[str] = []
+    run = SparseLinear._run
+
+    def spy(self: SparseLinear, path: str, x: Tensor) -> Tensor:
+        paths.append(path)
+        return run(self, path, x)
+
+    monkeypatch.setattr(SparseLinear, "_run", spy)
+    x5, x1 = torch.randn(5, 32), torch.randn(1, 32)
+    b = sl.bias.detach()
+    for _ in range(3):
+        assert torch.equal(sl(x5), cast_ext.sparse24_gemm(x5, sl.values, sl.metadata, b))
+        assert torch.equal(sl(x1), F.linear(x1, sl.dense_weight(), b))
+    assert paths == ["packed", "dense"] * 3
+    assert set(sl._routes.values()) == {"packed", "dense"}
+
+    sl.mode = "dense"
+    sl(x5)
+    sl.mode = "sparse"
+    sl(x1)
+    sl.mode = "auto"
+    sl(x5)
+    assert paths[-3:] == ["dense", "packed", "packed"]
+
+    cast_ext.nn.clear_dispatch_decisions()
+    decide_cpu(8, "dense")
+    assert torch.equal(sl(x5), F.linear(x5, sl.dense_weight(), b))
+    assert paths[-1] == "dense"
+    with torch.no_grad():
+        sl.values.mul_(2.0)  # in place: the cached dense copy is stale
+    assert torch.equal(sl(x5), F.linear(x5, sl.dense_weight(), b))
+
+    sl.bfloat16()  # no decision for bfloat16: measured again
+    xb = x5.bfloat16()
+    sl(xb)
+    assert cast_ext.nn._TRIALS and (torch.bfloat16 not in {k[1] for k in sl._routes})
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+@pytest.mark.parametrize("choice", ["packed", "dense"])
+def test_calls_autograd_records_nothing_for_match_recorded_ones(choice: str) -> None:
+    """Under no_grad, or with no input that requires grad, a call skips autograd (the packed
+    op's autograd layer); its output is the recorded call's, bit for bit, and carries no graph.
+    A bias that requires grad still gets its gradient when x does not."""
+    cast_ext.nn.clear_dispatch_decisions()
+    decide_cpu(8, choice)
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    x = torch.randn(5, 32)
+    y_bias = sl(x)  # the bias requires grad: recorded
+    y_x = sl(x.clone().requires_grad_())
+    with torch.no_grad():
+        y_off = sl(x)
+    sl.bias.requires_grad_(False)
+    y_none = sl(x)
+    assert y_bias.grad_fn is not None and y_x.grad_fn is not None
+    assert y_off.grad_fn is None and y_none.grad_fn is None and not y_none.requires_grad
+    assert torch.equal(y_off, y_bias) and torch.equal(y_none, y_x)
+    sl.bias.requires_grad_(True)
+    g = torch.randn(5, 16)
+    sl(x).backward(g)
+    torch.testing.assert_close(sl.bias.grad, g.sum(0))
+    cast_ext.nn.clear_dispatch_decisions()
+
+
 # ---- CUDA ------------------------------------------------------------------------------------
 
 
