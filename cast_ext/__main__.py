@@ -49,7 +49,7 @@ def info_lines() -> list[str]:
         ),
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), threads {torch.get_num_threads()}",
-        f"CPU kernels: {b['cpu_isa']} (cap with CAST_EXT_CPU_ISA=avx512|avx2|default)",
+        f"CPU kernels: {b['cpu_isa']} (cap with CAST_EXT_CPU_ISA=avx512_bf16|avx512|avx2|default)",
         f"built against torch {b['torch_version']} with {b['compiler']}"
         + (" [debug]" if b["debug"] else ""),
         f"with_cuda: {b['with_cuda']}"

@@ -26,8 +26,9 @@ def build_info() -> dict[str, Any]:
     Returns:
         dict with keys ``torch_version``, ``with_cuda``, ``cuda_version``, ``cuda_archs``,
         ``with_cusparselt``, ``cusparselt_version``, ``compiler``, ``debug``, and ``cpu_isa``:
-        the vector instruction set the CPU AdamS kernel picked at load (``"avx512"``,
-        ``"avx2"`` or ``"default"``; the environment variable ``CAST_EXT_CPU_ISA`` caps it).
+        the vector instruction set the CPU kernels picked at load (``"avx512_bf16"``: AVX-512
+        with the bf16 GEMM's vdpbf16ps path, ``"avx512"``, ``"avx2"`` or ``"default"``; the
+        environment variable ``CAST_EXT_CPU_ISA`` caps it).
     """
     return dict(_BUILD_INFO)
 

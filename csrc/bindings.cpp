@@ -24,7 +24,7 @@ pybind11::dict build_info() {
   d["torch_version"] = std::string(TORCH_VERSION);
   d["compiler"] = std::string(__VERSION__);
   d["openmp"] = true;
-  d["cpu_isa"] = std::string(cast_ext::cpu_isa_name(cast_ext::cpu_isa()));
+  d["cpu_isa"] = std::string(cast_ext::cpu_isa_label());
 #ifdef CAST_EXT_WITH_CUDA
   d["with_cuda"] = true;
   d["cuda_version"] =

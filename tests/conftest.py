@@ -117,8 +117,9 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 requires_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the CUDA kernels")
 
 
-# The CPU kernels' instruction-set versions, lowest first (csrc/cpu/isa.h).
-CPU_ISAS = ["default", "avx2", "avx512"]
+# The CPU kernels' instruction-set versions, lowest first (csrc/cpu/isa.h; "avx512_bf16" is
+# "avx512" with the bf16 GEMM's vdpbf16ps path).
+CPU_ISAS = ["default", "avx2", "avx512", "avx512_bf16"]
 
 
 def capped_isa(cap: str) -> str:

@@ -45,7 +45,7 @@ def test_build_info_keys():
     if info["with_cusparselt"]:
         assert re.fullmatch(r"\d+\.\d+\.\d+", info["cusparselt_version"])
         assert info["with_cuda"]
-    assert info["cpu_isa"] in ("avx512", "avx2", "default")
+    assert info["cpu_isa"] in ("avx512_bf16", "avx512", "avx2", "default")
 
 
 def test_info_command_lines():

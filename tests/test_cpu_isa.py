@@ -1,8 +1,9 @@
 """The CPU kernels' lower instruction-set versions, on this machine.
 
 The mask, compression, AdamS, GEMM and distillation-loss kernels pick an x86-64-v4 (AVX-512),
-v3 (AVX2) or baseline version at load (``build_info()["cpu_isa"]``); the environment variable
-``CAST_EXT_CPU_ISA`` caps the choice.
+v3 (AVX2) or baseline version at load, and the bf16 GEMM an AVX-512 BF16 one where the CPU has
+it (``build_info()["cpu_isa"]``: "avx512_bf16"); the environment variable ``CAST_EXT_CPU_ISA``
+caps the choice.
 The machine that runs the tests usually has the best one, so the others are run here in
 subprocesses with the cap set. (AdamS's versions are also compared bit for bit in
 test_adams.py.)
@@ -29,7 +30,7 @@ def test_the_cap_took_effect() -> None:
     assert cast_ext.build_info()["cpu_isa"] == os.environ["CAST_EXT_EXPECT_ISA"]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "default"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "default"])
 def test_cpu_kernels_under_a_lower_isa(isa: str) -> None:
     env = {**os.environ, "CAST_EXT_CPU_ISA": isa, "CAST_EXT_EXPECT_ISA": capped_isa(isa)}
     args = [
@@ -61,4 +62,5 @@ def test_the_cap_is_case_blind_and_an_unknown_one_says_so(value: str) -> None:
         assert done.stdout.strip() == capped_isa("avx2") and "CAST_EXT_CPU_ISA" not in done.stderr
     else:
         assert done.stdout.strip() == native
-        assert "CAST_EXT_CPU_ISA=x86-64-v3 is not one of avx512, avx2, default" in done.stderr
+        levels = "avx512_bf16, avx512, avx2, default"
+        assert f"CAST_EXT_CPU_ISA=x86-64-v3 is not one of {levels}" in done.stderr

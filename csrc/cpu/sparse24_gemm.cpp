@@ -54,6 +54,9 @@ constexpr int64_t kTileN = 16;       // dot path: rows of W expanded at a time
 constexpr int64_t kBlasMinM = 8;     // from this many rows of x on, expanded tiles go to at::mm
 constexpr int64_t kBlasTileN = 256;  // BLAS path: rows of W per GEMM call
 constexpr int kGemvMaxM = 16;        // AVX-512 path: up to this many rows of x
+constexpr int kGemvTileRows = 8;     // AVX-512 path: rows of W that share a chunk of x in the L1
+constexpr int64_t kGemvChunkBytes = 16 * 1024;  // AVX-512 path: bytes of x (M rows) per chunk
+constexpr int kGemvCopyMinM = 4;  // AVX-512 path: above this many rows of x, chunks are copied
 
 // Dot product of two fp32 rows; 8 lanes so the compiler can keep a vector register per lane.
 inline float dot(const float* a, const float* b, int64_t k) {
@@ -201,40 +204,75 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
   const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
   __m512i flags = _mm512_setzero_si512();
   uint32_t bad_tail = 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* v = vals + r * (k / 2);
-    const uint8_t* mt = meta + r * kb;
-    __m512 acc[M];
-    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      uint32_t word;
-      std::memcpy(&word, mt + 4 * b, 4);
-      // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
-      const __m512i sel = _mm512_ternarylogic_epi32(
-          _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), quad), low4, odd16, 0xEA);
-      const __m512i pos = _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
-      flags = _mm512_or_si512(flags, pos);
-      const __m512i idx = _mm512_add_epi32(quad, pos);
-      const __m512 w = load16(v + 16 * b);
-      for (int i = 0; i < M; ++i) {
-        const float* xb = x32 + i * k + 32 * b;
-        const __m512 xs =
-            _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
-        acc[i] = _mm512_fmadd_ps(w, xs, acc[i]);
+  // Blocked for the L1: a tile of kGemvTileRows rows of W takes a chunk of the blocks at a time,
+  // every row of the tile against the same kGemvChunkBytes of x (M rows), its accumulators
+  // parked in acc_buf between chunks. Each lane accumulates its blocks in the same order as
+  // without blocking. (x whole per row of W, as before, streamed M * k * 4 bytes from the L2
+  // per row once M * k * 4 passed the L1: at M = 16, k = 4096, 256 KB a row.)
+  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 32 * int64_t(sizeof(float))));
+  __m512 acc_buf[kGemvTileRows][M];
+  alignas(64) float xbuf[kGemvChunkBytes / sizeof(float)];
+  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
+    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
+      const int64_t c1 = std::min(blocks, c0 + chunk);
+      // The chunk's rows of x, where they are (M <= kGemvCopyMinM), else copied next to each
+      // other: rows k * 4 bytes apart, a multiple of 4 KB for most model widths, fall in the
+      // same L1 sets, and more of them than the L1 has ways evicted each other (M = 16 took 4x
+      // the time of M = 8 at k = 2048).
+      const float* xc = x32 + 32 * c0;
+      int64_t ldx = k;
+      if (M > kGemvCopyMinM) {
+        ldx = 32 * (c1 - c0);
+        for (int i = 0; i < M; ++i)
+          std::memcpy(xbuf + i * ldx, x32 + i * k + 32 * c0, ldx * sizeof(float));
+        xc = xbuf;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* v = vals + (t0 + r) * (k / 2);
+        const uint8_t* mt = meta + (t0 + r) * kb;
+        __m512 acc[M];
+        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+        for (int64_t b = c0; b < c1; ++b) {
+          uint32_t word;
+          std::memcpy(&word, mt + 4 * b, 4);
+          // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
+          const __m512i sel = _mm512_ternarylogic_epi32(
+              _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), quad), low4, odd16, 0xEA);
+          const __m512i pos = _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
+          flags = _mm512_or_si512(flags, pos);
+          const __m512i idx = _mm512_add_epi32(quad, pos);
+          const __m512 w = load16(v + 16 * b);
+#pragma GCC unroll 16  // whole: acc[] stays in registers (GCC kept it in memory at M = 16)
+          for (int i = 0; i < M; ++i) {
+            const float* xb = xc + i * ldx + 32 * (b - c0);
+            const __m512 xs =
+                _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
+            acc[i] = _mm512_fmadd_ps(w, xs, acc[i]);
+          }
+        }
+        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
       }
     }
-    float tail[M] = {};
-    for (int64_t g = 8 * blocks; g < groups; ++g) {
-      const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
-      bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
-      const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
-      const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
-      for (int i = 0; i < M; ++i) {
-        const float* xg = x32 + i * k + 4 * g;
-        tail[i] += v0 * xg[p0] + v1 * xg[p1];
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* v = vals + (t0 + r) * (k / 2);
+      const uint8_t* mt = meta + (t0 + r) * kb;
+      float tail[M] = {};
+      for (int64_t g = 8 * blocks; g < groups; ++g) {
+        const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
+        bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
+        const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+        const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
+        for (int i = 0; i < M; ++i) {
+          const float* xg = x32 + i * k + 4 * g;
+          tail[i] += v0 * xg[p0] + v1 * xg[p1];
+        }
       }
+      for (int i = 0; i < M; ++i)
+        y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
     }
-    for (int i = 0; i < M; ++i) y32[i * n + r] = _mm512_reduce_add_ps(acc[i]) + tail[i];
   }
   const bool bad = _mm512_test_epi32_mask(flags, _mm512_set1_epi32(X)) != 0;
   return !bad && bad_tail == 0;
@@ -265,6 +303,145 @@ bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int6
   return all_ok;
 }
 #undef CAST_GEMV_TARGET
+
+// The same product for bf16 with AVX-512 BF16: 16 groups of a row (32 kept values, 8 meta
+// bytes) at a time, the 32 values as they are stored, their x elements gathered by one
+// two-source word permute from the 64 bf16 x elements the groups span, and one vdpbf16ps per
+// row of x: lane q adds group q's two products. Per row of x, half the instructions and half
+// the x bytes of gemv_rows_avx512's fp32 lanes. The word indices come from the dword ones of
+// gemv_rows_avx512 (two halves of 8 groups), narrowed. vdpbf16ps reads bf16 subnormals as 0
+// (it ignores MXCSR), products of bf16 are exact in fp32, and it adds them to the fp32 lane
+// rounding to nearest: within the fp32 accumulation bound of the other paths, whose order
+// it does not follow. Groups past the last multiple of 16 are done one at a time.
+#define CAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+template <int M>
+CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* vals,
+                                     const uint8_t* meta, int64_t n, int64_t k, int64_t r0,
+                                     int64_t r1, float* y32) {
+  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 16;
+  const __m512i quad = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i quad_hi = _mm512_add_epi32(quad, _mm512_set1_epi32(32));
+  constexpr int X = 256;
+  const __m512i lut_lo = _mm512_setr_epi32(X, X, X, 0, X, 0, 1, X, X, 0, 1, X, 2, X, X, X);
+  const __m512i lut_hi = _mm512_setr_epi32(X, X, X, 1, X, 2, 2, X, X, 3, 3, X, 3, X, X, X);
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+  __m512i flags = _mm512_setzero_si512();
+  uint32_t bad_tail = 0;
+  using Bf16 = c10::BFloat16;
+  // Blocked for the L1 as gemv_rows_avx512 is (blocks of 64 columns here).
+  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 64 * int64_t(sizeof(Bf16))));
+  __m512 acc_buf[kGemvTileRows][M];
+  alignas(64) Bf16 xbuf[kGemvChunkBytes / sizeof(Bf16)];
+  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
+    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
+    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
+      const int64_t c1 = std::min(blocks, c0 + chunk);
+      const Bf16* xc = x + 64 * c0;
+      int64_t ldx = k;
+      if (M > kGemvCopyMinM) {  // (see gemv_rows_avx512)
+        ldx = 64 * (c1 - c0);
+        for (int i = 0; i < M; ++i)
+          std::memcpy(xbuf + i * ldx, x + i * k + 64 * c0, ldx * sizeof(Bf16));
+        xc = xbuf;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const Bf16* v = vals + (t0 + r) * (k / 2);
+        const uint8_t* mt = meta + (t0 + r) * kb;
+        __m512 acc[M];
+        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+        for (int64_t b = c0; b < c1; ++b) {
+          uint32_t lo, hi;  // the nibbles of groups 0-7 and 8-15 of the block
+          std::memcpy(&lo, mt + 8 * b, 4);
+          std::memcpy(&hi, mt + 8 * b + 4, 4);
+          const __m512i pos_lo = _mm512_permutex2var_epi32(
+              lut_lo,
+              _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(lo)), quad), low4,
+                                        odd16, 0xEA),
+              lut_hi);
+          const __m512i pos_hi = _mm512_permutex2var_epi32(
+              lut_lo,
+              _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(hi)), quad), low4,
+                                        odd16, 0xEA),
+              lut_hi);
+          flags = _mm512_ternarylogic_epi32(flags, pos_lo, pos_hi, 0xFE);  // a | b | c
+          const __m512i idx = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_add_epi32(quad, pos_lo))),
+              _mm512_cvtepi32_epi16(_mm512_add_epi32(quad_hi, pos_hi)), 1);
+          const __m512i w = _mm512_loadu_si512(v + 32 * b);
+#pragma GCC unroll 16  // whole: acc[] stays in registers
+          for (int i = 0; i < M; ++i) {
+            const Bf16* xb = xc + i * ldx + 64 * (b - c0);
+            const __m512i xs =
+                _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), idx, _mm512_loadu_si512(xb + 32));
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w, (__m512bh)xs);
+          }
+        }
+        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const Bf16* v = vals + (t0 + r) * (k / 2);
+      const uint8_t* mt = meta + (t0 + r) * kb;
+      float tail[M] = {};
+      for (int64_t g = 16 * blocks; g < groups; ++g) {
+        const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
+        bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
+        const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+        const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
+        for (int i = 0; i < M; ++i) {
+          const Bf16* xg = x + i * k + 4 * g;
+          tail[i] += v0 * static_cast<float>(xg[p0]) + v1 * static_cast<float>(xg[p1]);
+        }
+      }
+      for (int i = 0; i < M; ++i)
+        y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
+    }
+  }
+  const bool bad = _mm512_test_epi32_mask(flags, _mm512_set1_epi32(X)) != 0;
+  return !bad && bad_tail == 0;
+}
+#undef CAST_BF16_TARGET
+
+template <int... Is>
+bool dispatch_m_bf16(std::integer_sequence<int, Is...>, int m, const c10::BFloat16* x,
+                     const c10::BFloat16* vals, const uint8_t* meta, int64_t n, int64_t k,
+                     int64_t r0, int64_t r1, float* y32) {
+  bool ok = true;
+  ((m == Is + 1 ? (ok = gemv_rows_bf16<Is + 1>(x, vals, meta, n, k, r0, r1, y32), 0) : 0), ...);
+  return ok;
+}
+
+const bool kGemvBf16 = cpu_avx512_bf16();
+
+// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvMaxM with gemv_rows_bf16.
+bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
+                    int64_t m, int64_t n, int64_t k, float* y32) {
+  std::atomic<bool> all_ok{true};
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x, vals, meta, n, k,
+                         r0, r1, y32))
+      all_ok = false;
+  });
+  return all_ok;
+}
+
+// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
+// has AVX-512 BF16, else gemv_rows_avx512.
+template <typename T>
+bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
+               int64_t n, int64_t k, float* y32) {
+  return gemm_gemv_avx512<T>(x32, vals, meta, m, n, k, y32);
+}
+template <>
+bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
+                              const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
+  return kGemvBf16 ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
+                   : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
+}
 #endif
 
 // y32 [m, n] = x32 [m, k] @ W^T through at::mm on expanded tiles of W.
@@ -338,7 +515,7 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     // position would not reach y, where F.linear on the decompressed weight (and every other
     // path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path.
     if (kGemvAvx512 && m <= kGemvMaxM && nonfinite_bits(xp, m * k) == 0u) {
-      ok = gemm_gemv_avx512<scalar_t>(xp, vals, mt, m, n, k, yp);
+      ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
     } else
 #endif
         if (m >= kBlasMinM) {
