@@ -343,10 +343,16 @@ class _PackedLinearFn(torch.autograd.Function):
 
 def _unrecorded(x: Tensor, bias: Tensor | None) -> bool:
     """Whether an eager call on ``x`` and ``bias`` (besides the layer's frozen buffers) is one
-    autograd records nothing for: grad mode off, or no input that requires grad."""
-    return not torch.compiler.is_compiling() and (
-        not torch.is_grad_enabled()
-        or not (x.requires_grad or (bias is not None and bias.requires_grad))
+    autograd records nothing for: grad mode off, or no input that requires grad. Never under a
+    torch.func transform: there ``x.requires_grad`` is the wrapper's (False under vmap), not
+    the tensor's that autograd records for."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.maybe_current_level() is None
+        and (
+            not torch.is_grad_enabled()
+            or not (x.requires_grad or (bias is not None and bias.requires_grad))
+        )
     )
 
 
@@ -436,10 +442,10 @@ class SparseLinear(nn.Module):
     _weight_requires_grad: bool = True
     # Whether a derived weight was built since _use last released the unused ones.
     _derived_new: bool = False
-    # The decided buckets' paths this layer has taken, {(device, dtype, bucket): path}: the
-    # per-call lookup of forward (see _route). Emptied with _uses; None in pickles of earlier
-    # revisions.
-    _routes: dict[tuple[torch.device, torch.dtype, int], str] | None = None
+    # The decided buckets' paths this layer has taken, {(device, dtype, bucket, bias): path}:
+    # the per-call lookup of forward (see _route). Emptied with _uses; None in pickles of
+    # earlier revisions.
+    _routes: dict[tuple[torch.device, torch.dtype, int, bool], str] | None = None
 
     def __init__(
         self,
@@ -748,13 +754,16 @@ class SparseLinear(nn.Module):
             return "dense", None
         m = x.numel() // k
         key = (*layer[:2], _bucket(m), *layer[2:])
+        generation = _GENERATION[0]
         hit = _DECISIONS.get(key)
         if hit is not None:  # nothing below runs once a bucket is decided
             self._use(hit.choice)
             if not torch.compiler.is_compiling():
-                if self._routes is None:
-                    self._routes = {}
-                self._routes[(x.device, x.dtype, key[2])] = hit.choice  # see _route
+                with _LOCK:  # not a decision that a clear in another thread voided meanwhile
+                    if _GENERATION[0] == generation == self._uses_generation:
+                        if self._routes is None:
+                            self._routes = {}
+                        self._routes[(x.device, x.dtype, key[2], key[5])] = hit.choice
             return hit.choice, None
         trial = _TRIALS.get(key)
         if trial is None:
@@ -779,16 +788,18 @@ class SparseLinear(nn.Module):
         weights last changed (the per-call case), without the work of :meth:`_choose`; None
         otherwise (then ``_choose`` decides, and records the path here once decided). Eager
         calls of mode 'auto' only."""
+        if torch.compiler.is_compiling():  # first: no guards on the eager bookkeeping below
+            return None
         routes = self._routes
         if (
             not routes
             or self._derived_new  # a weight no decision may use: _use releases it
             or self._uses_generation != _GENERATION[0]
             or self.mode != "auto"
-            or torch.compiler.is_compiling()
         ):
             return None
-        return routes.get((x.device, x.dtype, _bucket(x.numel() // self.in_features)))
+        m = x.numel() // self.in_features
+        return routes.get((x.device, x.dtype, _bucket(m), self._bias() is not None))
 
     def _decide(self, key: tuple[Any, ...], trial: _Trial) -> None:
         us = trial.medians()  # reads CUDA events: outside the lock

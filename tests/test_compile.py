@@ -271,6 +271,34 @@ def test_auto_mode_compiles_one_graph_for_a_dynamic_batch():
     assert counter.frame_count == 1
 
 
+def test_eager_calls_between_compiled_ones_recompile_nothing():
+    """A layer's eager bookkeeping of its decided paths (the routes each eager call may add)
+    is not guarded by the compiled graph: eager calls of new buckets between compiled calls
+    left one graph (the lookup once read it before asking whether it was compiling: 4)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from cast_ext.nn import SparseLinear
+
+    cast_ext.nn.clear_dispatch_decisions()
+    layer = SparseLinear.from_dense(torch.nn.Linear(32, 16), warn=False)
+    for bucket, choice in ((1, "packed"), (2, "dense"), (4, "packed")):
+        key = ("cpu", torch.float32, bucket, 16, 32, True)
+        cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
+            "cpu", "float32", bucket, 16, 32, True, choice, None, 10.0, 9.0
+        )
+        cast_ext.nn._DECIDED_LAYERS[key[:2] + key[3:]] = True
+    counter = CompileCounterWithBackend(BACKEND)
+    compiled = torch.compile(layer, backend=counter)
+    x1 = torch.randn(1, 32)
+    with torch.no_grad():
+        compiled(x1)
+        for m in (1, 2, 4):
+            layer(torch.randn(m, 32))
+            torch.testing.assert_close(compiled(x1), layer(x1))
+    assert counter.frame_count == 1
+    cast_ext.nn.clear_dispatch_decisions()
+
+
 def test_a_layer_built_under_inference_mode_runs_outside_it():
     """A packed-path layer built under torch.inference_mode failed when called outside it (its
     bias needs a gradient, and the forward saved the inference-tensor buffers for it)."""

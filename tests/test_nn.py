@@ -755,11 +755,11 @@ def test_cpu_forced_modes_measure_nothing() -> None:
     assert dispatch_decisions() == [] and cast_ext.nn._TRIALS == {}
 
 
-def decide_cpu(m_bucket: int, choice: str, n: int = 16, k: int = 32) -> None:
-    """Record a CPU fp32 decision for ``[n, k]`` layers with a bias (times made up)."""
-    key = ("cpu", torch.float32, m_bucket, n, k, True)
+def decide_cpu(m_bucket: int, choice: str, n: int = 16, k: int = 32, bias: bool = True) -> None:
+    """Record a CPU fp32 decision for ``[n, k]`` layers (times made up)."""
+    key = ("cpu", torch.float32, m_bucket, n, k, bias)
     cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
-        "cpu", "float32", m_bucket, n, k, True, choice, None, 10.0, 9.0
+        "cpu", "float32", m_bucket, n, k, bias, choice, None, 10.0, 9.0
     )
 
 
@@ -809,6 +809,65 @@ def test_decided_calls_follow_buckets_modes_clears_and_writes(
     xb = x5.bfloat16()
     sl(xb)
     assert cast_ext.nn._TRIALS and (torch.bfloat16 not in {k[1] for k in sl._routes})
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+def test_a_route_taken_across_a_clear_in_another_thread_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decision read just before another thread cleared the decisions is used for that call
+    but not kept as the layer's path: the next call measures the bucket again."""
+    cast_ext.nn.clear_dispatch_decisions()
+
+    class ClearedAfterTheLookup(dict):
+        def get(self, key, default=None):
+            hit = super().get(key, default)
+            if hit is not None:
+                cast_ext.nn.clear_dispatch_decisions()  # as another thread would
+            return hit
+
+    monkeypatch.setattr(cast_ext.nn, "_DECISIONS", ClearedAfterTheLookup())
+    decide_cpu(8, "packed")
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    x = torch.randn(5, 32)
+    sl(x)
+    assert not sl._routes
+    sl(x)  # no decision now: a trial call
+    assert cast_ext.nn._TRIALS
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+def test_a_layer_whose_bias_is_removed_takes_its_new_shape_s_decision() -> None:
+    cast_ext.nn.clear_dispatch_decisions()
+    decide_cpu(8, "packed")
+    decide_cpu(8, "dense", bias=False)
+    sl = SparseLinear.from_dense(linear(32, 16), warn=False)
+    x = torch.randn(5, 32)
+    sl(x)
+    sl.bias = None
+    assert torch.equal(sl(x), F.linear(x, sl.dense_weight()))
+    assert set(sl._routes.values()) == {"packed", "dense"}
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+@pytest.mark.parametrize("mode", ["sparse", "auto"])
+def test_gradients_flow_through_vmap(mode: str) -> None:
+    """Under torch.func.vmap ``x.requires_grad`` is the batched wrapper's (False): with no other
+    input requiring grad (no bias here) the call is still recorded, and x gets the dense
+    layer's gradient (it got none when the call skipped autograd)."""
+    cast_ext.nn.clear_dispatch_decisions()
+    decide_cpu(2, "packed", bias=False)
+    lin = linear(32, 16, bias=False)
+    sl = SparseLinear.from_dense(lin, mode=mode, warn=False)  # type: ignore[arg-type]
+    dense = sl.to_dense()
+    x = torch.randn(3, 2, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's batching fallback for the custom op
+        y = torch.func.vmap(sl)(x)
+    y.sum().backward()
+    dense(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     cast_ext.nn.clear_dispatch_decisions()
 
 

@@ -127,6 +127,18 @@ def test_nonfinite_x_at_pruned_positions_propagates_like_linear(device: str, m: 
         torch.testing.assert_close(y[: m - 1], want[: m - 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_subnormal_x_is_not_read_as_zero(device: str) -> None:
+    """The CPU's bf16 path for a few rows (vdpbf16ps) reads subnormal inputs as 0: an x with a
+    subnormal element takes the fp32 path, which does not."""
+    w = make_weight(8, 64, torch.bfloat16, device) * 1e30
+    values, meta = ops.sparse24_compress(w)
+    x = torch.full((4, 64), 1e-39, device=device).bfloat16()  # below bf16's 1.2e-38: subnormal
+    y = cast_ext.sparse24_gemm(x, values, meta)
+    assert bool((y != 0).all())
+    check_close(y, x, w, None)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_opcheck(dtype: torch.dtype) -> None:
     w = make_weight(16, 24, dtype, "cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 QUICK = os.environ.get("CAST_EXT_BENCH_QUICK", "0") == "1"
 
@@ -22,3 +23,22 @@ def run(benchmark, fn, rounds: int = 5):
 @pytest.fixture
 def quick() -> bool:
     return QUICK
+
+
+def tiny_smollm2_depth() -> torch.nn.Module:
+    """A LLaMA with SmolLM2-135M's depth (30 layers; 2 with QUICK) at a width of 64 and a
+    vocabulary of 256, random weights from seed 0: each layer's math is a few microseconds, so
+    the benchmarks that run it time the host."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2 if QUICK else 30,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)

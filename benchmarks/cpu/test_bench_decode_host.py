@@ -19,32 +19,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import QUICK, run
+from conftest import run, tiny_smollm2_depth
 
 import cast_ext
 
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_smollm2_depth() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2 if QUICK else 30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "pruned N layers to 2:4": the dense model gets them too
-        auto = cast_ext.nn.to_sparse(tiny_smollm2_depth())
+        auto = cast_ext.nn.to_sparse(tiny_smollm2_depth().eval())
     dense = cast_ext.nn.to_dense(copy.deepcopy(auto))
     packed = cast_ext.nn.to_sparse(copy.deepcopy(dense), mode="sparse")
     return {"dense": dense, "sparselinear_auto": auto, "sparselinear_packed": packed}

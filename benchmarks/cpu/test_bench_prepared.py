@@ -21,26 +21,12 @@ import copy
 
 import pytest
 import torch
-from conftest import QUICK, run
+from conftest import run, tiny_smollm2_depth
 
 from benchmarks.bench_cast_step import prepare_parametrized
 from cast_ext import cast
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_smollm2_depth() -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2 if QUICK else 30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="module")

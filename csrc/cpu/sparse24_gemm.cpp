@@ -163,6 +163,44 @@ bool gemm_dot(const float* x32, const T* vals, const uint8_t* meta, int64_t m, i
 }
 
 #if defined(__x86_64__)
+// The small-M paths' pieces below that need no vector instructions.
+
+// Rows [0, M) of x (row stride k), columns [c, c + w), for a pass over them: where they are
+// (stride k) for M <= kGemvCopyMinM, else copied side by side into buf (stride w). Rows of x
+// k * sizeof(X) bytes apart, a multiple of 4 KB at most model widths, fall in the same L1 sets,
+// and more of them than the L1 has ways evict each other (the fp32 path at M = 16 took 4x the
+// time of M = 8 at k = 2048 before the copy).
+template <int M, typename X>
+C10_ALWAYS_INLINE const X* x_chunk(const X* x, int64_t k, int64_t c, int64_t w, X* buf,
+                                   int64_t& ld) {
+  if (M <= kGemvCopyMinM) {
+    ld = k;
+    return x + c;
+  }
+  ld = w;
+  for (int i = 0; i < M; ++i) std::memcpy(buf + i * w, x + i * k + c, w * sizeof(X));
+  return buf;
+}
+
+// Groups [g0, groups) of one row of W (values v, meta mt), one at a time: tail[i] += their
+// products with row i of x (stride k). Returns nonzero on a nibble without exactly 2 bits.
+template <int M, typename T, typename X>
+C10_ALWAYS_INLINE uint32_t tail_groups(const T* v, const uint8_t* mt, const X* x, int64_t k,
+                                       int64_t g0, int64_t groups, float* tail) {
+  uint32_t bad = 0;
+  for (int64_t g = g0; g < groups; ++g) {
+    const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
+    bad |= uint32_t(__builtin_popcount(nb) != 2);
+    const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+    const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
+    for (int i = 0; i < M; ++i) {
+      const X* xg = x + i * k + 4 * g;
+      tail[i] += v0 * static_cast<float>(xg[p0]) + v1 * static_cast<float>(xg[p1]);
+    }
+  }
+  return bad;
+}
+
 // The decode-sized product straight from the packed format, AVX-512F: nothing is expanded.
 // 8 groups of a row (16 kept values, 4 meta bytes) at a time: lane j holds value j, of group
 // q = j/2, whose position in the group is the lowest set bit of the group's nibble for even j
@@ -218,18 +256,8 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
       for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
     for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
       const int64_t c1 = std::min(blocks, c0 + chunk);
-      // The chunk's rows of x, where they are (M <= kGemvCopyMinM), else copied next to each
-      // other: rows k * 4 bytes apart, a multiple of 4 KB for most model widths, fall in the
-      // same L1 sets, and more of them than the L1 has ways evicted each other (M = 16 took 4x
-      // the time of M = 8 at k = 2048).
-      const float* xc = x32 + 32 * c0;
-      int64_t ldx = k;
-      if (M > kGemvCopyMinM) {
-        ldx = 32 * (c1 - c0);
-        for (int i = 0; i < M; ++i)
-          std::memcpy(xbuf + i * ldx, x32 + i * k + 32 * c0, ldx * sizeof(float));
-        xc = xbuf;
-      }
+      int64_t ldx;
+      const float* xc = x_chunk<M>(x32, k, 32 * c0, 32 * (c1 - c0), xbuf, ldx);
       for (int64_t r = 0; r < rows; ++r) {
         const T* v = vals + (t0 + r) * (k / 2);
         const uint8_t* mt = meta + (t0 + r) * kb;
@@ -260,16 +288,7 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
       const T* v = vals + (t0 + r) * (k / 2);
       const uint8_t* mt = meta + (t0 + r) * kb;
       float tail[M] = {};
-      for (int64_t g = 8 * blocks; g < groups; ++g) {
-        const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
-        bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
-        const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
-        const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
-        for (int i = 0; i < M; ++i) {
-          const float* xg = x32 + i * k + 4 * g;
-          tail[i] += v0 * xg[p0] + v1 * xg[p1];
-        }
-      }
+      bad_tail |= tail_groups<M>(v, mt, x32, k, 8 * blocks, groups, tail);
       for (int i = 0; i < M; ++i)
         y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
     }
@@ -309,10 +328,12 @@ bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int6
 // two-source word permute from the 64 bf16 x elements the groups span, and one vdpbf16ps per
 // row of x: lane q adds group q's two products. Per row of x, half the instructions and half
 // the x bytes of gemv_rows_avx512's fp32 lanes. The word indices come from the dword ones of
-// gemv_rows_avx512 (two halves of 8 groups), narrowed. vdpbf16ps reads bf16 subnormals as 0
-// (it ignores MXCSR), products of bf16 are exact in fp32, and it adds them to the fp32 lane
-// rounding to nearest: within the fp32 accumulation bound of the other paths, whose order
-// it does not follow. Groups past the last multiple of 16 are done one at a time.
+// gemv_rows_avx512 (two halves of 8 groups), narrowed. Products of bf16 are exact in fp32, and
+// vdpbf16ps adds them to the fp32 lane rounding to nearest: within the fp32 accumulation bound
+// of the other paths, whose order it does not follow, except that it reads subnormal inputs as
+// 0 and flushes subnormal sums to 0 (it ignores MXCSR). So an x with a subnormal element takes
+// gemv_rows_avx512; subnormal weights are read as 0. Groups past the last multiple of 16 are
+// done one at a time.
 #define CAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 template <int M>
@@ -340,14 +361,8 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
       for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
     for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
       const int64_t c1 = std::min(blocks, c0 + chunk);
-      const Bf16* xc = x + 64 * c0;
-      int64_t ldx = k;
-      if (M > kGemvCopyMinM) {  // (see gemv_rows_avx512)
-        ldx = 64 * (c1 - c0);
-        for (int i = 0; i < M; ++i)
-          std::memcpy(xbuf + i * ldx, x + i * k + 64 * c0, ldx * sizeof(Bf16));
-        xc = xbuf;
-      }
+      int64_t ldx;
+      const Bf16* xc = x_chunk<M>(x, k, 64 * c0, 64 * (c1 - c0), xbuf, ldx);
       for (int64_t r = 0; r < rows; ++r) {
         const Bf16* v = vals + (t0 + r) * (k / 2);
         const uint8_t* mt = meta + (t0 + r) * kb;
@@ -387,16 +402,7 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
       const Bf16* v = vals + (t0 + r) * (k / 2);
       const uint8_t* mt = meta + (t0 + r) * kb;
       float tail[M] = {};
-      for (int64_t g = 16 * blocks; g < groups; ++g) {
-        const uint32_t nb = (uint32_t(mt[g / 2]) >> (4 * (g & 1))) & 15u;
-        bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
-        const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
-        const float v0 = static_cast<float>(v[2 * g]), v1 = static_cast<float>(v[2 * g + 1]);
-        for (int i = 0; i < M; ++i) {
-          const Bf16* xg = x + i * k + 4 * g;
-          tail[i] += v0 * static_cast<float>(xg[p0]) + v1 * static_cast<float>(xg[p1]);
-        }
-      }
+      bad_tail |= tail_groups<M>(v, mt, x, k, 16 * blocks, groups, tail);
       for (int i = 0; i < M; ++i)
         y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
     }
@@ -429,8 +435,18 @@ bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uin
   return all_ok;
 }
 
+// Whether one of x[0..cnt) is subnormal (exponent field 0, fraction not): an integer test that
+// vectorises.
+inline bool has_subnormal(const float* x, int64_t cnt) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+  uint32_t acc = 0;
+  for (int64_t i = 0; i < cnt; ++i)
+    acc |= uint32_t((u[i] & 0x7f800000u) == 0u) & uint32_t((u[i] & 0x007fffffu) != 0u);
+  return acc != 0u;
+}
+
 // The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
-// has AVX-512 BF16, else gemv_rows_avx512.
+// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512.
 template <typename T>
 bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
@@ -439,8 +455,9 @@ bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* m
 template <>
 bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
                               const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
-  return kGemvBf16 ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
-                   : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
+  return kGemvBf16 && !has_subnormal(x32, m * k)
+             ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
+             : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
 }
 #endif
 
