@@ -856,7 +856,7 @@ class SparseLinear(nn.Module):
             # The op's own backward would decompress the weight in every step. (values: a
             # frozen buffer, no gradient on any path.)
             y = _PackedLinearFn.apply(x, values.detach(), meta, bias, check, self)
-        else:  # a gradient for the bias only, or traced by torch.compile
+        else:  # a gradient for the bias only, traced by torch.compile, or under torch.func
             ops._no_forward_ad("nn.SparseLinear", x, bias)
             y = torch.ops.cast_ext.sparse24_gemm(x, values.detach(), meta, bias, check_meta=check)
         self._meta_passed(x, check)
