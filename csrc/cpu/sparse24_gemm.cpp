@@ -203,13 +203,12 @@ C10_ALWAYS_INLINE uint32_t tail_groups(const T* v, const uint8_t* mt, const X* x
 
 // The decode-sized product straight from the packed format, AVX-512F: nothing is expanded.
 // 8 groups of a row (16 kept values, 4 meta bytes) at a time: lane j holds value j, of group
-// q = j/2, whose position in the group is the lowest set bit of the group's nibble for even j
-// and the highest for odd j, looked up in a 32-entry table (one two-source permute, indexed by
-// the nibble plus 16 on odd lanes); a second two-source permute then gathers the matching x
-// elements of the 32 that the 8 groups span, and one FMA per row of x accumulates. The meta is
-// read 4 bytes at a time and the values once (56% of a dense bf16 row's bytes). A nibble whose
-// popcount is not 2 looks up a flag bit (256) that is ORed up and reported (the lane's permute
-// uses only the low 5 bits; the output is then dropped). Groups
+// q = j/2, whose position in the group kept_positions (below) looks up; a second two-source
+// permute then gathers the matching x elements of the 32 that the 8 groups span, and one FMA
+// per row of x accumulates. The meta is read 4 bytes at a time and the values once (56% of a
+// dense bf16 row's bytes). A nibble whose popcount is not 2 looks up a flag bit (kBadPos) that
+// is ORed up and reported (the lane's permute uses only the low 5 bits; the output is then
+// dropped). Groups
 // past the last multiple of 8 are done one at a time. Accumulation: fp32, 16 lanes per row of
 // x, summed at the end: the order differs from the expansion path, within the same fp32 bound.
 #define CAST_GEMV_TARGET __attribute__((target("avx512f")))
@@ -226,20 +225,42 @@ CAST_GEMV_TARGET C10_ALWAYS_INLINE __m512 load16(const T* v) {
   }
 }
 
+// What kept_positions gives a lane whose group's nibble does not have exactly 2 bits (3, 5, 6,
+// 9, 10 and 12 are the valid ones): a flag bit above the 5 bits a lane's x permute reads.
+constexpr int kBadPos = 256;
+
+// 4 * (j / 2) for lane j: the shift that brings its group's nibble down, and the offset of its
+// group's first element in the 32 x elements of 8 groups.
+CAST_GEMV_TARGET C10_ALWAYS_INLINE __m512i group_offsets() {
+  return _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+}
+
+// The position in its group of the value lane j holds, for 8 groups whose nibbles are `word`
+// (group q in bits 4q..4q+3; lane j: value j, of group j / 2): the lowest set bit of the nibble
+// for even j, the highest for odd j, looked up in a 32-entry table (one two-source permute,
+// indexed by the nibble plus 16 on odd lanes), or kBadPos.
+CAST_GEMV_TARGET C10_ALWAYS_INLINE __m512i kept_positions(uint32_t word) {
+  constexpr int X = kBadPos;
+  const __m512i lut_lo = _mm512_setr_epi32(X, X, X, 0, X, 0, 1, X, X, 0, 1, X, 2, X, X, X);
+  const __m512i lut_hi = _mm512_setr_epi32(X, X, X, 1, X, 2, 2, X, X, 3, 3, X, 3, X, X, X);
+  const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+  // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
+  const __m512i sel =
+      _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), group_offsets()),
+                                _mm512_set1_epi32(15), odd16, 0xEA);
+  return _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
+}
+
+// Whether a lane of flags (kept_positions ORed up) holds kBadPos.
+CAST_GEMV_TARGET C10_ALWAYS_INLINE bool any_bad(__m512i flags) {
+  return _mm512_test_epi32_mask(flags, _mm512_set1_epi32(kBadPos)) != 0;
+}
+
 template <typename T, int M>
 CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const uint8_t* meta,
                                        int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
   const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 8;
-  // 4 * (j / 2) for lane j: the shift that brings its group's nibble down, and the offset of
-  // its group's first element in the 32 x elements of a block.
-  const __m512i quad = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
-  // Position of the first (lo) and second (hi) kept element of a group by its nibble; 256 flags
-  // a nibble without exactly 2 bits (3, 5, 6, 9, 10 and 12 are the valid ones).
-  constexpr int X = 256;
-  const __m512i lut_lo = _mm512_setr_epi32(X, X, X, 0, X, 0, 1, X, X, 0, 1, X, 2, X, X, X);
-  const __m512i lut_hi = _mm512_setr_epi32(X, X, X, 1, X, 2, 2, X, X, 3, 3, X, 3, X, X, X);
-  const __m512i low4 = _mm512_set1_epi32(15);
-  const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
+  const __m512i quad = group_offsets();
   __m512i flags = _mm512_setzero_si512();
   uint32_t bad_tail = 0;
   // Blocked for the L1: a tile of kGemvTileRows rows of W takes a chunk of the blocks at a time,
@@ -266,10 +287,7 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
         for (int64_t b = c0; b < c1; ++b) {
           uint32_t word;
           std::memcpy(&word, mt + 4 * b, 4);
-          // (word >> 4q) & 15 | (16 on odd lanes): the table index; 0xEA is (a & b) | c.
-          const __m512i sel = _mm512_ternarylogic_epi32(
-              _mm512_srlv_epi32(_mm512_set1_epi32(int(word)), quad), low4, odd16, 0xEA);
-          const __m512i pos = _mm512_permutex2var_epi32(lut_lo, sel, lut_hi);
+          const __m512i pos = kept_positions(word);
           flags = _mm512_or_si512(flags, pos);
           const __m512i idx = _mm512_add_epi32(quad, pos);
           const __m512 w = load16(v + 16 * b);
@@ -293,8 +311,7 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
         y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
     }
   }
-  const bool bad = _mm512_test_epi32_mask(flags, _mm512_set1_epi32(X)) != 0;
-  return !bad && bad_tail == 0;
+  return !any_bad(flags) && bad_tail == 0;
 }
 
 // gemv_rows_avx512<T, M> for a run-time m in [1, kGemvMaxM].
@@ -327,8 +344,8 @@ bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int6
 // bytes) at a time, the 32 values as they are stored, their x elements gathered by one
 // two-source word permute from the 64 bf16 x elements the groups span, and one vdpbf16ps per
 // row of x: lane q adds group q's two products. Per row of x, half the instructions and half
-// the x bytes of gemv_rows_avx512's fp32 lanes. The word indices come from the dword ones of
-// gemv_rows_avx512 (two halves of 8 groups), narrowed. Products of bf16 are exact in fp32, and
+// the x bytes of gemv_rows_avx512's fp32 lanes. The word indices come from kept_positions'
+// dword ones (two halves of 8 groups), narrowed. Products of bf16 are exact in fp32, and
 // vdpbf16ps adds them to the fp32 lane rounding to nearest: within the fp32 accumulation bound
 // of the other paths, whose order it does not follow, except that it reads subnormal inputs as
 // 0 and flushes subnormal sums to 0 (it ignores MXCSR). So an x with a subnormal element takes
@@ -341,13 +358,8 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
                                      const uint8_t* meta, int64_t n, int64_t k, int64_t r0,
                                      int64_t r1, float* y32) {
   const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 16;
-  const __m512i quad = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i quad = group_offsets();
   const __m512i quad_hi = _mm512_add_epi32(quad, _mm512_set1_epi32(32));
-  constexpr int X = 256;
-  const __m512i lut_lo = _mm512_setr_epi32(X, X, X, 0, X, 0, 1, X, X, 0, 1, X, 2, X, X, X);
-  const __m512i lut_hi = _mm512_setr_epi32(X, X, X, 1, X, 2, 2, X, X, 3, 3, X, 3, X, X, X);
-  const __m512i low4 = _mm512_set1_epi32(15);
-  const __m512i odd16 = _mm512_setr_epi32(0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16, 0, 16);
   __m512i flags = _mm512_setzero_si512();
   uint32_t bad_tail = 0;
   using Bf16 = c10::BFloat16;
@@ -372,16 +384,7 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
           uint32_t lo, hi;  // the nibbles of groups 0-7 and 8-15 of the block
           std::memcpy(&lo, mt + 8 * b, 4);
           std::memcpy(&hi, mt + 8 * b + 4, 4);
-          const __m512i pos_lo = _mm512_permutex2var_epi32(
-              lut_lo,
-              _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(lo)), quad), low4,
-                                        odd16, 0xEA),
-              lut_hi);
-          const __m512i pos_hi = _mm512_permutex2var_epi32(
-              lut_lo,
-              _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(hi)), quad), low4,
-                                        odd16, 0xEA),
-              lut_hi);
+          const __m512i pos_lo = kept_positions(lo), pos_hi = kept_positions(hi);
           flags = _mm512_ternarylogic_epi32(flags, pos_lo, pos_hi, 0xFE);  // a | b | c
           const __m512i idx = _mm512_inserti64x4(
               _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_add_epi32(quad, pos_lo))),
@@ -407,8 +410,7 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
         y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
     }
   }
-  const bool bad = _mm512_test_epi32_mask(flags, _mm512_set1_epi32(X)) != 0;
-  return !bad && bad_tail == 0;
+  return !any_bad(flags) && bad_tail == 0;
 }
 #undef CAST_BF16_TARGET
 
