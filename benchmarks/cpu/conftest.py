@@ -25,6 +25,15 @@ def quick() -> bool:
     return QUICK
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the host-time benchmarks); the count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_smollm2_depth() -> torch.nn.Module:
     """A LLaMA with SmolLM2-135M's depth (30 layers; 2 with QUICK) at a width of 64 and a
     vocabulary of 256, random weights from seed 0: each layer's math is a few microseconds, so

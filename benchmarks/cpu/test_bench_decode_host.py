@@ -37,23 +37,18 @@ def models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("impl", ["dense", "sparselinear_auto", "sparselinear_packed"])
-def test_decode_step_host_time(benchmark, models, impl):
+def test_decode_step_host_time(benchmark, models, impl, one_thread):
     benchmark.group = "one-token forward, 30 x LLaMA layers, width 64, no grad, 1 thread"
     model = models[impl]
     ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     @torch.no_grad()
     def step() -> None:
         model(ids, use_cache=False)
 
-    try:
-        cast_ext.nn.clear_dispatch_decisions()
-        for _ in range(20):  # the auto model's trial calls (6 per path and bucket) and warm-up
-            step()
-        run(benchmark, step, rounds=50)
-        if impl == "sparselinear_auto":
-            benchmark.extra_info["dispatch"] = cast_ext.nn.dispatch_decisions()
-    finally:
-        torch.set_num_threads(threads)
+    cast_ext.nn.clear_dispatch_decisions()
+    for _ in range(20):  # the auto model's trial calls (6 per path and bucket) and warm-up
+        step()
+    run(benchmark, step, rounds=50)
+    if impl == "sparselinear_auto":
+        benchmark.extra_info["dispatch"] = cast_ext.nn.dispatch_decisions()

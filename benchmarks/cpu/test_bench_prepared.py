@@ -43,12 +43,10 @@ def models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("impl", ["dense", "prepared", "prepared_parametrized"])
-def test_fwd_bwd_host_time(benchmark, models, impl):
+def test_fwd_bwd_host_time(benchmark, models, impl, one_thread):
     benchmark.group = "prepared model fwd+bwd, 30 x LLaMA layers, width 64, 8 tokens, 1 thread"
     model = models[impl]
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def step() -> None:
         model(ids, labels=ids, use_cache=False).loss.backward()
@@ -58,5 +56,4 @@ def test_fwd_bwd_host_time(benchmark, models, impl):
             step()
         run(benchmark, step, rounds=30)
     finally:
-        torch.set_num_threads(threads)
         model.zero_grad(set_to_none=True)
