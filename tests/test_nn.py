@@ -361,6 +361,14 @@ def test_release_unused_keeps_only_the_used_path() -> None:
     assert sl.derived_bytes() == dense.numel() * 4 + 200
 
 
+def decide_cpu(m_bucket: int, choice: str, n: int = 16, k: int = 32, bias: bool = True) -> None:
+    """Record a CPU fp32 decision for ``[n, k]`` layers (times made up)."""
+    key = ("cpu", torch.float32, m_bucket, n, k, bias)
+    cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
+        "cpu", "float32", m_bucket, n, k, bias, choice, None, 10.0, 9.0
+    )
+
+
 def test_cpu_dispatch_times_the_first_calls_in_place() -> None:
     """The first calls of a bucket alternate packed and dense (every output right), then one
     decision holds for every layer of that shape, and each layer keeps only what it uses."""
@@ -389,13 +397,10 @@ def test_cpu_trial_dense_copy_is_dropped_by_a_packed_layer() -> None:
     cast_ext.nn.clear_dispatch_decisions()
     sl = SparseLinear.from_dense(linear(32, 16), warn=False)
     for m, bucket in ((1, 1), (3, 4)):
-        key = ("cpu", torch.float32, bucket, 16, 32, True)
-        decision = cast_ext.nn.DispatchDecision("cpu", "float32", bucket, 16, 32, True, "packed",
-                                                None, 10.0, 9.0)  # fmt: skip
         sl(torch.randn(m, 32))  # a trial call of this bucket (it may build the dense copy)
         sl._dense_cached()  # as a dense trial call does
         cast_ext.nn._TRIALS.clear()
-        cast_ext.nn._DECISIONS[key] = decision
+        decide_cpu(bucket, "packed")
         sl(torch.randn(m, 32))
         assert sl.derived_bytes() == 0, m
     cast_ext.nn.clear_dispatch_decisions()
@@ -727,10 +732,7 @@ def test_cpu_dispatch_follows_the_decision(choice: str) -> None:
     cast_ext.nn.clear_dispatch_decisions()
     sl = SparseLinear.from_dense(linear(32, 16), warn=False)
     x = torch.randn(5, 32)
-    key = ("cpu", torch.float32, 8, 16, 32, True)
-    cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
-        "cpu", "float32", 8, 16, 32, True, choice, None, 10.0, 9.0
-    )
+    decide_cpu(8, choice)
     sl._dense_cached()
     y = sl(x)
     b = sl.bias.detach()
@@ -753,14 +755,6 @@ def test_cpu_forced_modes_measure_nothing() -> None:
     dense = SparseLinear.from_dense(linear(32, 16), mode="dense", warn=False)
     assert torch.equal(dense(x), F.linear(x, dense.dense_weight(), dense.bias.detach()))
     assert dispatch_decisions() == [] and cast_ext.nn._TRIALS == {}
-
-
-def decide_cpu(m_bucket: int, choice: str, n: int = 16, k: int = 32, bias: bool = True) -> None:
-    """Record a CPU fp32 decision for ``[n, k]`` layers (times made up)."""
-    key = ("cpu", torch.float32, m_bucket, n, k, bias)
-    cast_ext.nn._DECISIONS[key] = cast_ext.nn.DispatchDecision(
-        "cpu", "float32", m_bucket, n, k, bias, choice, None, 10.0, 9.0
-    )
 
 
 def test_decided_calls_follow_buckets_modes_clears_and_writes(
