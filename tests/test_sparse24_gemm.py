@@ -37,9 +37,16 @@ SHAPES = [  # (leading dims of x, N, K)
     ((5,), 12, 1040),  # 65 chunks: uneven across the 32 lanes; N not a multiple of 8 rows
     ((9,), 16, 2048),
     ((4,), 8, 100),  # CPU AVX-512 path: 3 blocks of 8 groups, then 1 group
-    # CPU AVX-512 paths at M = 16: chunks of x copied side by side, the last chunk partial (fp32:
-    # 34 blocks of 8 groups in chunks of 8; bf16: 17 blocks of 16 groups in chunks of 8)
+    # CPU AVX-512 paths past M = 4: chunks of x copied side by side, the last chunk partial (fp32
+    # at M = 16: 34 blocks of 8 groups in chunks of 8; bf16 at M = 8: 17 blocks of 16 groups in
+    # chunks of 16)
     ((16,), 24, 1088),
+    ((8,), 24, 1088),
+    # CPU bf16 pairs kernel (M >= 9): 3 tiles of 16 rows of x (a pair, then one alone), tiles
+    # of 12 rows of W (the last partial), 261 groups in chunks of 128 (the last odd: its final
+    # meta byte holds one group)
+    ((40,), 30, 1044),
+    ((520,), 12, 16),  # blocks of 512 rows of x, the second of 8
 ]
 
 
@@ -199,7 +206,15 @@ def test_gradients_vs_dense(device: str) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("k", "byte", "bad"),
-    [(16, 1, 0x37), (72, 2, 0x13), (72, 8, 0x60), (12, 1, 0x35), (320, 13, 0x70), (320, 36, 0x1)],
+    [
+        (16, 1, 0x37),
+        (72, 2, 0x13),
+        (72, 8, 0x60),
+        (12, 1, 0x35),
+        (320, 13, 0x70),
+        (320, 36, 0x1),
+        (1280, 70, 0x70),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
@@ -207,14 +222,16 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
 ) -> None:
     """A group keeping 3, 1 or 0 elements: in a row with no full block of 8 groups, inside a
     block (the CPU's AVX-512 path takes 8 groups at a time, its bf16 one 16: the second half of
-    the second block of 16, the first half of the fifth) and in the groups after the last; a row's
-    padding nibble set (k % 8 == 4: sparse24_decompress, the backward's, refuses it). An x
-    without rows is no excuse: no kernel pass reads the meta then, but it is checked."""
+    the second block of 16, the first half of the fifth) and in the groups after the last; in the
+    bf16 pairs kernel's second chunk of 128 groups, among the meta bytes it reads 16 at a time
+    (1280, byte 70); a row's padding nibble set (k % 8 == 4: sparse24_decompress, the
+    backward's, refuses it). An x without rows is no excuse: no kernel pass reads the meta then,
+    but it is checked."""
     w = make_weight(8, k, dtype, device)
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
     meta[3, byte] = bad
-    for m in (0, 1, 4, 12, 20):  # CPU: the AVX-512, dot and expand-then-GEMM paths
+    for m in (0, 1, 4, 12, 20):  # CPU: AVX-512, dot, expand-then-GEMM (fp32), pairs (bf16)
         x = torch.randn(m, k, device=device).to(dtype)
         before = (x.clone(), values.clone(), meta.clone())
         with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid"):

@@ -5,6 +5,9 @@
 // of W are expanded into fp32 (zeros at the pruned positions) by a branch-free loop over groups
 // that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline versions picked at
 // run time, csrc/cpu/isa.h), then multiplied:
+// * bf16, M >= kPairMinM rows of x on a CPU with AVX-512 BF16, x finite and without subnormal
+//   elements (see pairs_tiles): no expansion; x is rewritten as the pairs each 2:4 pattern reads
+//   and each kept pair of W meets 16 rows of x in one vdpbf16ps (half a dense GEMM's work);
 // * M <= kGemvMaxM rows of x on a CPU with AVX-512 (see gemv_rows_avx512) and a
 //   finite x: no expansion; each group's kept values meet their x elements through a permute
 //   indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's bytes and beats dense;
@@ -33,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -57,6 +61,7 @@ constexpr int kGemvMaxM = 16;        // AVX-512 path: up to this many rows of x
 constexpr int kGemvTileRows = 8;     // AVX-512 path: rows of W that share a chunk of x in the L1
 constexpr int64_t kGemvChunkBytes = 16 * 1024;  // AVX-512 path: bytes of x (M rows) per chunk
 constexpr int kGemvCopyMinM = 4;  // AVX-512 path: above this many rows of x, chunks are copied
+constexpr int kGemvBf16MaxM = 8;  // AVX-512 BF16 path: up to this many (then the pairs kernel)
 
 // Dot product of two fp32 rows; 8 lanes so the compiler can keep a vector register per lane.
 inline float dot(const float* a, const float* b, int64_t k) {
@@ -425,15 +430,225 @@ bool dispatch_m_bf16(std::integer_sequence<int, Is...>, int m, const c10::BFloat
 
 const bool kGemvBf16 = cpu_avx512_bf16();
 
-// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvMaxM with gemv_rows_bf16.
+// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvBf16MaxM with gemv_rows_bf16.
 bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
                     int64_t m, int64_t n, int64_t k, float* y32) {
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x, vals, meta, n, k,
-                         r0, r1, y32))
+    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvBf16MaxM>{}, int(m), x, vals, meta, n,
+                         k, r0, r1, y32))
       all_ok = false;
   });
+  return all_ok;
+}
+
+// The bf16 product for tens to hundreds of rows of x with AVX-512 BF16, rows of x in the lanes:
+// x is first rewritten as the pairs that each 2:4 pattern reads, then every kept pair of W meets
+// 16 rows of x in one vdpbf16ps.
+// * Pairs: xp[t][g][p][l] (a uint32) holds row 16t + l of x at the two positions a < b of
+//   pattern p in group g: x[a] in the low half, x[b] in the high half, as vdpbf16ps pairs them
+//   with a group's two kept values (stored in ascending position). The patterns are the valid
+//   nibbles 3 5 6 9 10 12 in that order: p = (nibble >> 1) - 1. Rows past M are 0. 3x x's bytes.
+// * Product: a tile of kPairRows rows of W against 2 tiles of 16 rows of x (the last one alone
+//   if their count is odd). Per group and row of W: the group's value pair broadcast, its
+//   pattern's 16 lanes of xp in each tile of x (one 64-byte load each), one vdpbf16ps each into
+//   that row's accumulators, whose lanes are rows of x: no permute, no horizontal sum, half the
+//   multiply-adds of a dense bf16 GEMM. Two tiles of x share each broadcast: the loads, not the
+//   vdpbf16ps, bound this loop (a 2-core Zen 4 took 0.50 ns a vdpbf16ps with one tile of x, 0.40
+//   with two, 0.27 with no loads). The tile's value pairs and pattern offsets are first copied
+//   side by side (wt, ot: one pointer for all its rows; the meta is checked there).
+// * Blocking: each thread takes a range of tiles of W; groups go in chunks whose pairs (every
+//   tile of x) fit kPairChunkBytes, so a chunk of xp stays in the L2 while the range's tiles
+//   pass over it, and W is read once. Between chunks the accumulators rest in yT [n][16 tiles].
+// The rounding is vdpbf16ps's (see gemv_rows_bf16): an x with a subnormal element goes elsewhere.
+#define CAST_PAIRS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+constexpr int kPairRows = 12;                     // rows of W per tile: 2 accumulators each
+constexpr int64_t kPairMinM = kGemvBf16MaxM + 1;  // the pairs path from this many rows of x
+constexpr int64_t kPairBlockM = 512;              // rows of x per block (xp and yT)
+constexpr int64_t kPairChunkBytes = 512 * 1024;   // pairs of one chunk of groups, all rows of x
+constexpr int64_t kPairMaxChunk = 128;            // groups per chunk at most (a multiple of 32)
+constexpr int kPairWords = 6 * 16;                // uint32 of xp per group and tile of x
+constexpr int kPairLo[6] = {0, 0, 1, 0, 1, 2}, kPairHi[6] = {1, 2, 2, 3, 3, 3};  // positions
+
+// Groups per chunk for m rows of x: a multiple of 32 (whole 16-byte runs of meta).
+int64_t pair_chunk(int64_t m) {
+  const int64_t xtiles = (m + 15) / 16;
+  const int64_t c = kPairChunkBytes / (xtiles * kPairWords * int64_t(sizeof(uint32_t)));
+  return std::clamp<int64_t>(c / 32 * 32, 32, kPairMaxChunk);
+}
+
+// xp for all of x [m, k] (bf16 bits), tiles of 16 rows.
+void build_pairs(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
+  const int64_t groups = k / 4, tiles = (m + 15) / 16;
+  at::parallel_for(0, tiles * groups, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / groups, g = i % groups;
+      uint32_t* dst = xp + i * kPairWords;
+      for (int l = 0; l < 16; ++l) {
+        const int64_t row = 16 * t + l;
+        const uint16_t* xg = x + row * k + 4 * g;
+        for (int p = 0; p < 6; ++p)
+          dst[16 * p + l] =
+              row < m ? uint32_t(xg[kPairLo[p]]) | (uint32_t(xg[kPairHi[p]]) << 16) : 0u;
+      }
+    }
+  });
+}
+
+// The xp offset (in uint32) of the pattern of each nibble in dword lanes: ((nib >> 1) - 1) & 7,
+// times 16. An invalid nibble's may be one of the 2 slots past its group (xp is padded; the
+// output is then dropped).
+CAST_PAIRS_TARGET C10_ALWAYS_INLINE __m512i pair_slot(__m512i nib) {
+  const __m512i p = _mm512_sub_epi32(_mm512_srli_epi32(nib, 1), _mm512_set1_epi32(1));
+  return _mm512_slli_epi32(_mm512_and_si512(p, _mm512_set1_epi32(7)), 4);
+}
+
+// The offsets of both nibbles of a meta byte in each dword lane: the low nibble's in the low
+// half, the high nibble's in the high half (the order of their groups). bad gets a 1 in a lane
+// with a nibble that does not have exactly 2 bits (the valid ones: the bits of 0x1668).
+CAST_PAIRS_TARGET C10_ALWAYS_INLINE __m512i pair_offsets(__m512i bytes, __m512i& bad) {
+  const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+  const __m512i hi = _mm512_srli_epi32(bytes, 4);
+  const __m512i valid = _mm512_set1_epi32(0x1668);
+  const __m512i both = _mm512_and_si512(_mm512_srlv_epi32(valid, lo), _mm512_srlv_epi32(valid, hi));
+  bad = _mm512_or_si512(bad, _mm512_andnot_si512(both, _mm512_set1_epi32(1)));
+  return _mm512_or_si512(pair_slot(lo), _mm512_slli_epi32(pair_slot(hi), 16));
+}
+
+// Accumulates chunk groups [0, cn) of a packed tile (wt, ot) against T tiles of x (xt, the
+// first one's pairs of the chunk; the next tile's `stride` uint32 further) into acc.
+template <int T>
+CAST_PAIRS_TARGET C10_ALWAYS_INLINE void pairs_chunk(const uint32_t (*wt)[kPairMaxChunk],
+                                                     const uint16_t (*ot)[kPairMaxChunk],
+                                                     const uint32_t* xt, int64_t stride, int64_t cn,
+                                                     __m512 (*acc)[T]) {
+  for (int64_t g = 0; g < cn; ++g) {
+    const uint32_t* xg = xt + g * kPairWords;
+#pragma GCC unroll 12
+    for (int r = 0; r < kPairRows; ++r) {
+      const __m512i w = _mm512_set1_epi32(int(wt[r][g]));
+      const uint32_t* xs = xg + ot[r][g];
+      for (int t = 0; t < T; ++t)
+        acc[r][t] =
+            _mm512_dpbf16_ps(acc[r][t], (__m512bh)w, (__m512bh)_mm512_load_si512(xs + t * stride));
+    }
+  }
+}
+
+// Tiles t0 .. t0 + T - 1 of x against a packed tile of W (rows [n0, n0 + rows)),
+// chunk groups [c0, c0 + cn): accumulators from yT (none if c0 == 0), to yT, or, in the last
+// chunk, to y32 [m, n].
+template <int T>
+CAST_PAIRS_TARGET void pairs_tiles_x(const uint32_t* xp, const uint32_t (*wt)[kPairMaxChunk],
+                                     const uint16_t (*ot)[kPairMaxChunk], int64_t m, int64_t n,
+                                     int64_t groups, int64_t t0, int64_t n0, int64_t rows,
+                                     int64_t c0, int64_t cn, float* yT, float* y32) {
+  const int64_t xtiles = (m + 15) / 16, ld = 16 * xtiles;  // yT: row r at yT + r * ld
+  __m512 acc[kPairRows][T];
+  float* yt = yT + n0 * ld + 16 * t0;
+  for (int r = 0; r < kPairRows; ++r)
+    for (int t = 0; t < T; ++t)
+      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
+  pairs_chunk<T>(wt, ot, xp + (t0 * groups + c0) * kPairWords, groups * kPairWords, cn, acc);
+  if (c0 + cn < groups) {
+    for (int r = 0; r < kPairRows; ++r)
+      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
+    return;
+  }
+  alignas(64) float out[kPairRows][16];
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < kPairRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
+    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
+  }
+}
+
+// Tiles [tile0, tile1) of W: y32 [m, n] for their columns, in chunks of `chunk` groups. Returns
+// false on an invalid nibble.
+CAST_PAIRS_TARGET bool pairs_tiles(const uint32_t* xp, const c10::BFloat16* vals,
+                                   const uint8_t* meta, int64_t m, int64_t n, int64_t k,
+                                   int64_t chunk, int64_t tile0, int64_t tile1, float* yT,
+                                   float* y32) {
+  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
+  // Row r of the tile at [r][0, chunk): compile-time strides, one pointer for all rows.
+  alignas(64) uint32_t wt[kPairRows][kPairMaxChunk];  // value pairs (two bf16)
+  alignas(64) uint16_t ot[kPairRows][kPairMaxChunk];  // offsets of their patterns in a group
+  const uint32_t* v32 = reinterpret_cast<const uint32_t*>(vals);  // a group's 2 values
+  __m512i bad = _mm512_setzero_si512();
+  uint32_t bad_tail = 0;
+  for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
+    const int64_t cn = std::min(groups, c0 + chunk) - c0;
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t n0 = tile * kPairRows, rows = std::min<int64_t>(kPairRows, n - n0);
+      for (int64_t r = 0; r < kPairRows; ++r) {
+        if (r >= rows) {  // past n: zero weights (x is finite)
+          std::fill_n(wt[r], cn, 0u);
+          std::fill_n(ot[r], cn, uint16_t(0));
+          continue;
+        }
+        std::memcpy(wt[r], v32 + (n0 + r) * (k / 4) + c0, cn * sizeof(uint32_t));
+        const uint8_t* mr = meta + (n0 + r) * kb + c0 / 2;
+        int64_t j = 0;  // meta bytes: 16 at a time (32 groups), then one at a time
+        for (; 2 * j + 32 <= cn; j += 16) {
+          const __m512i bytes =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + j)));
+          _mm512_store_si512(&ot[r][2 * j], pair_offsets(bytes, bad));
+        }
+        for (; 2 * j < cn; ++j) {
+          const uint32_t nib[2] = {mr[j] & 15u, uint32_t(mr[j]) >> 4};
+          for (int h = 0; h < 2 && 2 * j + h < cn; ++h) {
+            ot[r][2 * j + h] = uint16_t((((nib[h] >> 1) - 1u) & 7u) * 16u);
+            bad_tail |= ~(0x1668u >> nib[h]) & 1u;
+          }
+        }
+      }
+      if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
+        for (int64_t r = 0; r < std::min<int64_t>(kPairRows, n - n0 - kPairRows); ++r) {
+          const char* vr = reinterpret_cast<const char*>(v32 + (n0 + kPairRows + r) * (k / 4) + c0);
+          for (int64_t b = 0; b < cn * 4; b += 64) _mm_prefetch(vr + b, _MM_HINT_T0);
+          const char* mr = reinterpret_cast<const char*>(meta + (n0 + kPairRows + r) * kb + c0 / 2);
+          for (int64_t b = 0; b < (cn + 1) / 2; b += 64) _mm_prefetch(mr + b, _MM_HINT_T0);
+        }
+      }
+      int64_t t = 0;
+      for (; t + 2 <= xtiles; t += 2)
+        pairs_tiles_x<2>(xp, wt, ot, m, n, groups, t, n0, rows, c0, cn, yT, y32);
+      if (t < xtiles) pairs_tiles_x<1>(xp, wt, ot, m, n, groups, t, n0, rows, c0, cn, yT, y32);
+    }
+  }
+  return _mm512_test_epi32_mask(bad, bad) == 0 && bad_tail == 0;
+}
+#undef CAST_PAIRS_TARGET
+
+// y32 [m, n] = x [m, k] @ W^T (bf16) for m >= kPairMinM with pairs_tiles, kPairBlockM rows of x
+// at a time (so xp and yT stay a few MB; W is read once per block).
+bool gemm_pairs_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
+                     int64_t m, int64_t n, int64_t k, float* y32) {
+  const int64_t groups = k / 4, tiles = (n + kPairRows - 1) / kPairRows;
+  const int64_t xtiles_max = (std::min(m, kPairBlockM) + 15) / 16;
+  // Not zeroed: build_pairs writes all of xp, and yT is written before it is read. xp is 64-byte
+  // aligned for the aligned loads, with 2 slots past the end, which an invalid nibble's offset
+  // may read. yT: accumulators between chunks (tiles of W rounded up: all of a tile's rows are
+  // stored).
+  const std::unique_ptr<uint32_t[]> xp_buf(
+      new uint32_t[static_cast<size_t>((xtiles_max * groups + 1) * kPairWords + 16)]);
+  uint32_t* xp = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xp_buf.get()) + 63) &
+                                             ~uintptr_t(63));
+  const std::unique_ptr<float[]> yT(
+      new float[static_cast<size_t>(tiles * kPairRows * 16 * xtiles_max)]);
+  std::atomic<bool> all_ok{true};
+  for (int64_t m0 = 0; m0 < m; m0 += kPairBlockM) {
+    const int64_t mb = std::min(kPairBlockM, m - m0), chunk = pair_chunk(mb);
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x) + m0 * k;
+    build_pairs(xb, mb, k, xp);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      if (!pairs_tiles(xp, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
+        all_ok = false;
+    });
+    if (!all_ok) break;  // the meta is the same for every block
+  }
   return all_ok;
 }
 
@@ -447,8 +662,20 @@ inline bool has_subnormal(const float* x, int64_t cnt) {
   return acc != 0u;
 }
 
-// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
-// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512.
+// Whether every element of a bf16 x[0..cnt) (bits) is finite and not subnormal: its exponent
+// field is neither all ones nor 0 with a fraction. An integer test that vectorises.
+inline bool bf16_finite_normal(const uint16_t* x, int64_t cnt) {
+  uint32_t acc = 0;
+  for (int64_t i = 0; i < cnt; ++i) {
+    const uint32_t e = x[i] & 0x7f80u, f = x[i] & 0x007fu;
+    acc |= uint32_t(e == 0x7f80u) | (uint32_t(e == 0u) & uint32_t(f != 0u));
+  }
+  return acc == 0u;
+}
+
+// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for up to kGemvBf16MaxM
+// rows of bf16 where the CPU has AVX-512 BF16 and x has no subnormal element, else
+// gemv_rows_avx512.
 template <typename T>
 bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
@@ -457,7 +684,7 @@ bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* m
 template <>
 bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
                               const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
-  return kGemvBf16 && !has_subnormal(x32, m * k)
+  return kGemvBf16 && m <= kGemvBf16MaxM && !has_subnormal(x32, m * k)
              ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
              : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
 }
@@ -519,20 +746,34 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   oshape.back() = n;
   at::Tensor y = at::empty(oshape, x.options());
   if (m == 0 || n == 0) return y;
-  const at::Tensor x32 = x.reshape({m, k}).to(at::kFloat);
+  // bf16 x, finite, without a subnormal element, 9 rows or more: the pairs kernel, on x as it is.
+  bool pairs = false;
+#if defined(__x86_64__)
+  pairs = x.scalar_type() == at::kBFloat16 && kGemvBf16 && m >= kPairMinM &&
+          bf16_finite_normal(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), m * k);
+#endif
+  const at::Tensor x32 = pairs ? at::Tensor() : x.reshape({m, k}).to(at::kFloat);
   // fp32 results are computed in y itself; other dtypes are rounded once at the end.
   const bool direct = x.scalar_type() == at::kFloat;
-  const at::Tensor y32 = direct ? y.view({m, n}) : at::empty({m, n}, x32.options());
+  const at::Tensor y32 = direct ? y.view({m, n}) : at::empty({m, n}, x.options().dtype(at::kFloat));
   bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparse24_gemm", [&] {
     const scalar_t* vals = values.const_data_ptr<scalar_t>();
     const uint8_t* mt = meta.const_data_ptr<uint8_t>();
-    const float* xp = x32.const_data_ptr<float>();
     float* yp = y32.data_ptr<float>();
+#if defined(__x86_64__)
+    if (pairs) {  // (bf16: scalar_t is c10::BFloat16)
+      ok = gemm_pairs_bf16(static_cast<const c10::BFloat16*>(x.const_data_ptr()),
+                           reinterpret_cast<const c10::BFloat16*>(vals), mt, m, n, k, yp);
+      return;
+    }
+#endif
+    const float* xp = x32.const_data_ptr<float>();
 #if defined(__x86_64__)
     // gemv_rows_avx512 never multiplies a pruned weight, so a NaN or Inf of x at a pruned
     // position would not reach y, where F.linear on the decompressed weight (and every other
-    // path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path.
+    // path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path (the pairs
+    // kernel's too).
     if (kGemvAvx512 && m <= kGemvMaxM && nonfinite_bits(xp, m * k) == 0u) {
       ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
     } else
