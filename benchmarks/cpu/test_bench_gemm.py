@@ -1,6 +1,8 @@
 """sparse24_gemm on the CPU (the packed format) against dense ``F.linear`` on the same 2:4 weight
 and the pure-torch reference, same run: a LLaMA-2-7B attention weight (4096 x 4096, bf16) at a
-decode-sized, two small and a prefill-sized token count. Beside them, a ``SparseLinear`` in
+decode-sized, three small and two prefill-sized token counts (1, 4, 16, 32, 128, 512: the bf16
+kernels change at 9 rows of x, from the permute kernel to the pairs kernel). Beside them, a
+``SparseLinear`` in
 ``mode="auto"``, whose dispatch (its first calls, made before the timed rounds) picks the
 packed kernel or dense per token count: it should track the faster of the two.
 
@@ -38,7 +40,7 @@ def layer(weight) -> cast_ext.nn.SparseLinear:
     return out
 
 
-@pytest.mark.parametrize("m", [1, 4, 16, 128])
+@pytest.mark.parametrize("m", [1, 4, 16, 32, 128, 512])
 @pytest.mark.parametrize("impl", ["cast_ext", "dense", "reference", "sparselinear_auto"])
 def test_sparse24_gemm(benchmark, weight, layer, impl, m):
     benchmark.group = f"sparse24_gemm bf16 M={m}"
