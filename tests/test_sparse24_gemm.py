@@ -38,13 +38,14 @@ SHAPES = [  # (leading dims of x, N, K)
     ((9,), 16, 2048),
     ((4,), 8, 100),  # CPU AVX-512 path: 3 blocks of 8 groups, then 1 group
     # CPU AVX-512 paths past M = 4: chunks of x copied side by side, the last chunk partial (fp32
-    # at M = 16: 34 blocks of 8 groups in chunks of 8; bf16 at M = 8: 17 blocks of 16 groups in
-    # chunks of 16)
-    ((16,), 24, 1088),
+    # at M = 8: 34 blocks of 8 groups in chunks of 16; bf16: 17 blocks of 16 groups in chunks of
+    # 16)
     ((8,), 24, 1088),
-    # CPU bf16 pairs kernel (M >= 9): 3 tiles of 16 rows of x (a pair, then one alone), tiles
-    # of 12 rows of W (the last partial), 261 groups in chunks of 128 (the last odd: its final
-    # meta byte holds one group)
+    # CPU kernels with rows of x in the lanes (M >= 9; bf16 with AVX-512 BF16: the pairs kernel,
+    # else the kept-value kernel): one tile of 16 rows of x; 3 tiles (a pair, then one alone),
+    # tiles of 12 rows of W (the last partial), 261 groups in chunks of 128 (the last odd: its
+    # final meta byte holds one group; fewer than 8 groups: the kept-value kernel's scalar tail)
+    ((16,), 24, 1088),
     ((40,), 30, 1044),
     ((520,), 12, 16),  # blocks of 512 rows of x, the second of 8
 ]
@@ -88,6 +89,25 @@ def test_matches_linear(device: str, dtype: torch.dtype, shape: tuple, with_bias
     check_close(ref, x, w, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_cpu_kernels_give_the_same_bits_at_any_thread_count(dtype: torch.dtype) -> None:
+    """Each output of the CPU kernels on the packed format is summed by one thread in a fixed
+    order (threads split the rows of W), so the thread count does not change the bits."""
+    w = make_weight(200, 1040, dtype, "cpu")  # the permute kernel splits rows 64 at a time
+    values, meta = ops.sparse24_compress(w)
+    threads = torch.get_num_threads()
+    for m in (1, 5, 12, 40):  # the permute kernel, then rows of x in the lanes
+        x = torch.randn(m, 1040).to(dtype)
+        try:
+            torch.set_num_threads(1)
+            one = cast_ext.sparse24_gemm(x, values, meta)
+            torch.set_num_threads(3)
+            three = cast_ext.sparse24_gemm(x, values, meta)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, three), m
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_input(device: str) -> None:
     w = make_weight(16, 32, torch.float32, device)
@@ -119,30 +139,41 @@ def test_groups_with_fewer_than_two_nonzeros(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [1, 4, 16, 20])
-def test_nonfinite_x_at_pruned_positions_propagates_like_linear(device: str, m: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_nonfinite_x_at_pruned_positions_propagates_like_linear(
+    device: str, m: int, dtype: torch.dtype
+) -> None:
     """0 * NaN and 0 * Inf are NaN in F.linear on the decompressed weight; every path forms them
-    too (the CPU's AVX-512 path, which skips pruned weights, hands such inputs to another)."""
-    w = make_weight(8, 64, torch.float32, device)
+    too (the CPU's kernels on the packed format, which skip pruned weights, hand such inputs to
+    another)."""
+    w = make_weight(8, 64, dtype, device)
     w[:, 5] = 0.0  # column 5 pruned in every row
-    x = torch.randn(m, 64, device=device)
+    x = torch.randn(m, 64, device=device).to(dtype)
     values, meta = ops.sparse24_compress(w)
     for bad in (float("nan"), float("inf")):
         x[m - 1, 5] = bad
         y = cast_ext.sparse24_gemm(x, values, meta)
-        want = F.linear(x, w)
+        want = F.linear(x.double(), w.double())
         assert torch.isnan(y[m - 1]).all() and torch.isnan(want[m - 1]).all()
-        torch.testing.assert_close(y[: m - 1], want[: m - 1], rtol=1e-5, atol=1e-5)
+        check_close(y[: m - 1], x[: m - 1], w, None)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_subnormal_x_is_not_read_as_zero(device: str) -> None:
-    """The CPU's bf16 path for a few rows (vdpbf16ps) reads subnormal inputs as 0: an x with a
-    subnormal element takes the fp32 path, which does not."""
-    w = make_weight(8, 64, torch.bfloat16, device) * 1e30
+@pytest.mark.parametrize("m", [4, 20])
+def test_a_subnormal_x_is_not_read_as_zero(device: str, m: int) -> None:
+    """The CPU's bf16 kernels (vdpbf16ps) read subnormal inputs as 0: an x with a subnormal
+    element takes the fp32 ones, which do not. All of x subnormal, then one element, the last
+    (past the last 32 that the CPU's check reads at a time)."""
+    w = make_weight(8, 68, torch.bfloat16, device) * 1e30
     values, meta = ops.sparse24_compress(w)
-    x = torch.full((4, 64), 1e-39, device=device).bfloat16()  # below bf16's 1.2e-38: subnormal
+    x = torch.full((m, 68), 1e-39, device=device).bfloat16()  # below bf16's 1.2e-38: subnormal
     y = cast_ext.sparse24_gemm(x, values, meta)
     assert bool((y != 0).all())
+    check_close(y, x, w, None)
+    x = torch.zeros(m, 68, device=device).bfloat16()
+    x[-1, -1] = 1e-39
+    y = cast_ext.sparse24_gemm(x, values, meta)
+    assert torch.equal(y[-1] != 0, w[:, -1] != 0) and bool((w[:, -1] != 0).any())
     check_close(y, x, w, None)
 
 
@@ -223,15 +254,15 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
     """A group keeping 3, 1 or 0 elements: in a row with no full block of 8 groups, inside a
     block (the CPU's AVX-512 path takes 8 groups at a time, its bf16 one 16: the second half of
     the second block of 16, the first half of the fifth) and in the groups after the last; in the
-    bf16 pairs kernel's second chunk of 128 groups, among the meta bytes it reads 16 at a time
-    (1280, byte 70); a row's padding nibble set (k % 8 == 4: sparse24_decompress, the
-    backward's, refuses it). An x without rows is no excuse: no kernel pass reads the meta then,
-    but it is checked."""
+    second chunk of 128 groups of the kernels with rows of x in the lanes, among the meta bytes
+    they read 16 (bf16 pairs) or 4 (kept values) at a time (1280, byte 70); a row's padding
+    nibble set (k % 8 == 4: sparse24_decompress, the backward's, refuses it). An x without rows
+    is no excuse: no kernel pass reads the meta then, but it is checked."""
     w = make_weight(8, k, dtype, device)
     values, meta = ops.sparse24_compress(w)
     meta = meta.clone()
     meta[3, byte] = bad
-    for m in (0, 1, 4, 12, 20):  # CPU: AVX-512, dot, expand-then-GEMM (fp32), pairs (bf16)
+    for m in (0, 1, 4, 12, 20):  # CPU: no kernel, the AVX-512 one, then rows of x in the lanes
         x = torch.randn(m, k, device=device).to(dtype)
         before = (x.clone(), values.clone(), meta.clone())
         with pytest.raises(RuntimeError, match=r"cast_ext\.sparse24_gemm: meta .* not a valid"):

@@ -1,29 +1,30 @@
 // 2:4 sparse GEMM on the CPU, on the portable packed format: y = x @ W^T (+ bias).
 //
 // Algorithm: W [N, K] is held as values [N, K/2] (the 2 kept elements of each group of 4, in
-// ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). Rows
-// of W are expanded into fp32 (zeros at the pruned positions) by a branch-free loop over groups
-// that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline versions picked at
-// run time, csrc/cpu/isa.h), then multiplied:
-// * bf16, M >= kPairMinM rows of x on a CPU with AVX-512 BF16, x finite and without subnormal
-//   elements (see pairs_tiles): no expansion; x is rewritten as the pairs each 2:4 pattern reads
-//   and each kept pair of W meets 16 rows of x in one vdpbf16ps (half a dense GEMM's work);
-// * M <= kGemvMaxM rows of x on a CPU with AVX-512 (see gemv_rows_avx512) and a
-//   finite x: no expansion; each group's kept values meet their x elements through a permute
-//   indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's bytes and beats dense;
-// * otherwise M < kBlasMinM (decode-sized): OpenMP threads take tiles of kTileN rows of W, expand
-//   each tile once and run every row of x against it with 8 independent accumulators (each
-//   expanded row is reused M times while hot in cache);
+// ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). With
+// AVX-512 and a finite x (a NaN or Inf of x must meet the pruned weights, as in F.linear), the
+// kernels multiply straight from the packed format:
+// * M <= kGemvMaxM rows of x (see gemv_rows_avx512): each group's kept values meet their x
+//   elements through a permute indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's
+//   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (gemv_rows_bf16);
+// * more rows, rows of x in the lanes: bf16 with AVX-512 BF16 and no subnormal in x, the pairs
+//   kernel (x rewritten as the pairs each 2:4 pattern reads, one vdpbf16ps per kept pair and 16
+//   rows of x: see pairs_tiles); otherwise the kept-value kernel (x transposed, one fp32 FMA per
+//   kept value and 16 rows of x: see kept_tiles). Half a dense GEMM's multiply-adds.
+// Otherwise rows of W are expanded into fp32 (zeros at the pruned positions) by a branch-free
+// loop over groups that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline
+// versions picked at run time, csrc/cpu/isa.h), then multiplied:
+// * M < kBlasMinM: OpenMP threads take tiles of kTileN rows of W, expand each tile once and run
+//   every row of x against it with 8 independent accumulators (each expanded row is reused M
+//   times while hot in cache);
 // * M >= kBlasMinM: tiles of kBlasTileN rows are expanded (threads split the rows) and multiplied
-//   with torch's CPU GEMM (at::mm, MKL/oneDNN: blocked and multi-threaded), so a large M runs
-//   near dense speed; the expansion is then a small share of the work.
-// x is converted to fp32 once; accumulation is fp32 and y is rounded once to x's dtype at the
-// end (bias added in fp32), like the tensor-core GEMMs. A nibble without exactly 2 bits set is
-// invalid meta: it is reported after the parallel regions and the output is dropped (nothing of
-// the caller's is written).
-// Layout: x [..., K] (made contiguous), values/meta row-major, y [..., N] contiguous.
-// Dtypes: fp32, fp16, bf16; x, values and bias share one dtype.
-// Reference: cast_ext/reference.py sparse24_gemm.
+//   with torch's CPU GEMM (at::mm, MKL/oneDNN: blocked and multi-threaded).
+// x is converted to fp32 once (the pairs kernel reads a bf16 x as it is); accumulation is fp32 and
+// y is rounded once to x's dtype at the end (bias added in fp32), like the tensor-core GEMMs. A
+// nibble without exactly 2 bits set is invalid meta: it is reported after the parallel regions and
+// the output is dropped (nothing of the caller's is written). Layout: x [..., K] (made contiguous),
+// values/meta row-major, y [..., N] contiguous. Dtypes: fp32, fp16, bf16; x, values and bias share
+// one dtype. Reference: cast_ext/reference.py sparse24_gemm.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -44,6 +45,7 @@
 #if defined(__x86_64__)
 // GCC 12 flags the AVX-512 intrinsics' internal _mm512_undefined_* as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same, in the shuffles of transpose16
 #include <immintrin.h>
 #endif
 
@@ -57,11 +59,11 @@ namespace {
 constexpr int64_t kTileN = 16;       // dot path: rows of W expanded at a time
 constexpr int64_t kBlasMinM = 8;     // from this many rows of x on, expanded tiles go to at::mm
 constexpr int64_t kBlasTileN = 256;  // BLAS path: rows of W per GEMM call
-constexpr int kGemvMaxM = 16;        // AVX-512 path: up to this many rows of x
+constexpr int kGemvMaxM = 8;         // AVX-512 paths: up to this many rows of x (then the
+                                     // pairs and kept-value kernels)
 constexpr int kGemvTileRows = 8;     // AVX-512 path: rows of W that share a chunk of x in the L1
 constexpr int64_t kGemvChunkBytes = 16 * 1024;  // AVX-512 path: bytes of x (M rows) per chunk
 constexpr int kGemvCopyMinM = 4;  // AVX-512 path: above this many rows of x, chunks are copied
-constexpr int kGemvBf16MaxM = 8;  // AVX-512 BF16 path: up to this many (then the pairs kernel)
 
 // Dot product of two fp32 rows; 8 lanes so the compiler can keep a vector register per lane.
 inline float dot(const float* a, const float* b, int64_t k) {
@@ -430,13 +432,13 @@ bool dispatch_m_bf16(std::integer_sequence<int, Is...>, int m, const c10::BFloat
 
 const bool kGemvBf16 = cpu_avx512_bf16();
 
-// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvBf16MaxM with gemv_rows_bf16.
+// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvMaxM with gemv_rows_bf16.
 bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
                     int64_t m, int64_t n, int64_t k, float* y32) {
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvBf16MaxM>{}, int(m), x, vals, meta, n,
-                         k, r0, r1, y32))
+    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x, vals, meta, n, k,
+                         r0, r1, y32))
       all_ok = false;
   });
   return all_ok;
@@ -463,12 +465,12 @@ bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uin
 // The rounding is vdpbf16ps's (see gemv_rows_bf16): an x with a subnormal element goes elsewhere.
 #define CAST_PAIRS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-constexpr int kPairRows = 12;                     // rows of W per tile: 2 accumulators each
-constexpr int64_t kPairMinM = kGemvBf16MaxM + 1;  // the pairs path from this many rows of x
-constexpr int64_t kPairBlockM = 512;              // rows of x per block (xp and yT)
-constexpr int64_t kPairChunkBytes = 512 * 1024;   // pairs of one chunk of groups, all rows of x
-constexpr int64_t kPairMaxChunk = 128;            // groups per chunk at most (a multiple of 32)
-constexpr int kPairWords = 6 * 16;                // uint32 of xp per group and tile of x
+constexpr int kPairRows = 12;                    // rows of W per tile: 2 accumulators each
+constexpr int64_t kPairMinM = kGemvMaxM + 1;     // the pairs path from this many rows of x
+constexpr int64_t kPairBlockM = 512;             // rows of x per block (xp and yT)
+constexpr int64_t kPairChunkBytes = 512 * 1024;  // pairs of one chunk of groups, all rows of x
+constexpr int64_t kPairMaxChunk = 128;           // groups per chunk at most (a multiple of 32)
+constexpr int kPairWords = 6 * 16;               // uint32 of xp per group and tile of x
 constexpr int kPairLo[6] = {0, 0, 1, 0, 1, 2}, kPairHi[6] = {1, 2, 2, 3, 3, 3};  // positions
 
 // Groups per chunk for m rows of x: a multiple of 32 (whole 16-byte runs of meta).
@@ -478,21 +480,61 @@ int64_t pair_chunk(int64_t m) {
   return std::clamp<int64_t>(c / 32 * 32, 32, kPairMaxChunk);
 }
 
-// xp for all of x [m, k] (bf16 bits), tiles of 16 rows.
-void build_pairs(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
-  const int64_t groups = k / 4, tiles = (m + 15) / 16;
-  at::parallel_for(0, tiles * groups, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / groups, g = i % groups;
-      uint32_t* dst = xp + i * kPairWords;
-      for (int l = 0; l < 16; ++l) {
-        const int64_t row = 16 * t + l;
-        const uint16_t* xg = x + row * k + 4 * g;
-        for (int p = 0; p < 6; ++p)
-          dst[16 * p + l] =
-              row < m ? uint32_t(xg[kPairLo[p]]) | (uint32_t(xg[kPairHi[p]]) << 16) : 0u;
-      }
+// Transposes the 16 x 16 dwords of r (row i in r[i]) in place: r[j] holds column j. Unpacks
+// of dwords and qwords, then two rounds of 128-bit lane shuffles (64 instructions).
+__attribute__((target("avx512f"))) C10_ALWAYS_INLINE void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
     }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// Tile t of xp for columns [c0, c0 + 16) of x [m, k] (bf16 bits; 4 groups, fewer at the end):
+// the 16 rows widened to dwords and transposed (column c's 16 lanes in r[c], in the low halves),
+// then each pattern's pairs are r[a] | r[b] << 16.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void build_pairs_block(const uint16_t* x,
+                                                                            int64_t m, int64_t k,
+                                                                            int64_t t, int64_t c0,
+                                                                            uint32_t* xp) {
+  const int64_t cols = std::min<int64_t>(16, k - c0);
+  const __mmask16 mask = __mmask16((1u << cols) - 1u);
+  __m512i r[16];
+  for (int l = 0; l < 16; ++l) {
+    const int64_t row = 16 * t + l;
+    r[l] = row < m ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x + row * k + c0))
+                   : _mm512_setzero_si512();
+  }
+  transpose16(r);
+  for (int64_t j = 0; j < cols / 4; ++j) {
+    uint32_t* dst = xp + (t * (k / 4) + c0 / 4 + j) * kPairWords;
+    for (int p = 0; p < 6; ++p)
+      _mm512_store_si512(
+          dst + 16 * p,
+          _mm512_or_si512(r[4 * j + kPairLo[p]], _mm512_slli_epi32(r[4 * j + kPairHi[p]], 16)));
+  }
+}
+
+// xp for all of x [m, k] (bf16 bits), tiles of 16 rows (rows past m are 0).
+void build_pairs(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
+  const int64_t blocks = (k + 15) / 16;
+  at::parallel_for(0, (m + 15) / 16 * blocks, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) build_pairs_block(x, m, k, i / blocks, 16 * (i % blocks), xp);
   });
 }
 
@@ -652,6 +694,191 @@ bool gemm_pairs_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const ui
   return all_ok;
 }
 
+// The same lanes-are-rows-of-x product in fp32 with AVX-512F, for every dtype (x and the values
+// in fp32; fp32, fp16, and bf16 where the pairs kernel does not run): x is transposed into tiles
+// of 16 rows (xt[t][c][l]: column c of row 16t + l), and every kept value of W meets 16 rows of
+// x in one FMA: the value broadcast, its column's 16 lanes (one 64-byte load). Half a dense
+// GEMM's multiply-adds, no expansion of W. Tiles (kKeptRows rows of W, 2 tiles of x), chunks of
+// groups kept in the L2, accumulators in yT between chunks and blocks of rows of x as in
+// pairs_tiles. A row's offsets come from kept_positions, 8 groups at a time.
+#define CAST_KEPT_TARGET __attribute__((target("avx512f,avx512bw")))
+
+constexpr int kKeptRows = 12;                    // rows of W per tile: 2 accumulators each
+constexpr int64_t kKeptMinM = kGemvMaxM + 1;     // the kept-value kernel from this many rows of x
+constexpr int64_t kKeptBlockM = 512;             // rows of x per block (xt and yT)
+constexpr int64_t kKeptChunkBytes = 512 * 1024;  // columns of one chunk of groups, all rows of x
+constexpr int64_t kKeptMaxChunk = 128;           // groups per chunk at most (a multiple of 8)
+
+// Groups per chunk for m rows of x: a multiple of 8 (whole 4-byte words of meta).
+int64_t kept_chunk(int64_t m) {
+  const int64_t xtiles = (m + 15) / 16;
+  const int64_t c = kKeptChunkBytes / (xtiles * 4 * 16 * int64_t(sizeof(float)));
+  return std::clamp<int64_t>(c / 8 * 8, 8, kKeptMaxChunk);
+}
+
+// Tile t of xt for columns [c0, c0 + 16) of x32 [m, k] (fewer at the end): the 16 rows
+// transposed.
+__attribute__((target("avx512f"))) void build_columns_block(const float* x32, int64_t m, int64_t k,
+                                                            int64_t t, int64_t c0, float* xt) {
+  const int64_t cols = std::min<int64_t>(16, k - c0);
+  const __mmask16 mask = __mmask16((1u << cols) - 1u);
+  __m512i r[16];
+  for (int l = 0; l < 16; ++l) {
+    const int64_t row = 16 * t + l;
+    r[l] = row < m ? _mm512_maskz_loadu_epi32(mask, x32 + row * k + c0) : _mm512_setzero_si512();
+  }
+  transpose16(r);
+  for (int64_t c = 0; c < cols; ++c) _mm512_store_si512(xt + (t * k + c0 + c) * 16, r[c]);
+}
+
+// xt for all of x32 [m, k], tiles of 16 rows (rows past m are 0).
+void build_columns(const float* x32, int64_t m, int64_t k, float* xt) {
+  const int64_t blocks = (k + 15) / 16;
+  at::parallel_for(0, (m + 15) / 16 * blocks, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      build_columns_block(x32, m, k, i / blocks, 16 * (i % blocks), xt);
+  });
+}
+
+// Kept values [0, 2 cn) of a packed tile (wt, ot) against T tiles of x (xc, the first one's
+// columns of the chunk; the next tile's `stride` floats further) into acc.
+template <int T>
+CAST_KEPT_TARGET C10_ALWAYS_INLINE void kept_chunk_fma(const float (*wt)[2 * kKeptMaxChunk],
+                                                       const uint16_t (*ot)[2 * kKeptMaxChunk],
+                                                       const float* xc, int64_t stride, int64_t cn,
+                                                       __m512 (*acc)[T]) {
+  for (int64_t q = 0; q < 2 * cn; ++q) {
+#pragma GCC unroll 12
+    for (int r = 0; r < kKeptRows; ++r) {
+      const __m512 w = _mm512_set1_ps(wt[r][q]);
+      const float* xs = xc + ot[r][q];
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm512_fmadd_ps(w, _mm512_load_ps(xs + t * stride), acc[r][t]);
+    }
+  }
+}
+
+// Tiles t0 .. t0 + T - 1 of x against a packed tile of W (rows [n0, n0 + rows)), chunk groups
+// [c0, c0 + cn): accumulators from yT (none if c0 == 0), to yT, or, in the last chunk, to y32.
+template <int T>
+CAST_KEPT_TARGET void kept_tiles_x(const float* xt, const float (*wt)[2 * kKeptMaxChunk],
+                                   const uint16_t (*ot)[2 * kKeptMaxChunk], int64_t m, int64_t n,
+                                   int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
+                                   int64_t cn, float* yT, float* y32) {
+  const int64_t xtiles = (m + 15) / 16, ld = 16 * xtiles, groups = k / 4;
+  __m512 acc[kKeptRows][T];
+  float* yt = yT + n0 * ld + 16 * t0;
+  for (int r = 0; r < kKeptRows; ++r)
+    for (int t = 0; t < T; ++t)
+      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
+  kept_chunk_fma<T>(wt, ot, xt + (t0 * k + 4 * c0) * 16, k * 16, cn, acc);
+  if (c0 + cn < groups) {
+    for (int r = 0; r < kKeptRows; ++r)
+      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
+    return;
+  }
+  alignas(64) float out[kKeptRows][16];
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < kKeptRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
+    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
+  }
+}
+
+// Tiles [tile0, tile1) of W: y32 [m, n] for their columns, in chunks of `chunk` groups. Returns
+// false on an invalid nibble.
+template <typename T>
+CAST_KEPT_TARGET bool kept_tiles(const float* xt, const T* vals, const uint8_t* meta, int64_t m,
+                                 int64_t n, int64_t k, int64_t chunk, int64_t tile0, int64_t tile1,
+                                 float* yT, float* y32) {
+  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
+  // Row r of the tile at [r][0, 2 chunk): its kept values (fp32) and their columns' offsets in
+  // the chunk of xt (16 floats a column).
+  alignas(64) float wt[kKeptRows][2 * kKeptMaxChunk];
+  alignas(64) uint16_t ot[kKeptRows][2 * kKeptMaxChunk];
+  const __m512i quad = group_offsets();
+  __m512i flags = _mm512_setzero_si512();
+  uint32_t bad_tail = 0;
+  for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
+    const int64_t cn = std::min(groups, c0 + chunk) - c0;
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t n0 = tile * kKeptRows, rows = std::min<int64_t>(kKeptRows, n - n0);
+      for (int64_t r = 0; r < kKeptRows; ++r) {
+        if (r >= rows) {  // past n: zero weights (x is finite)
+          std::fill_n(wt[r], 2 * cn, 0.f);
+          std::fill_n(ot[r], 2 * cn, uint16_t(0));
+          continue;
+        }
+        to_float(vals + (n0 + r) * (k / 2) + 2 * c0, 2 * cn, wt[r]);
+        const uint8_t* mr = meta + (n0 + r) * kb + c0 / 2;
+        int64_t b = 0;  // 8 groups (a meta word, 16 kept values) at a time, then one at a time
+        for (; 8 * b + 8 <= cn; ++b) {
+          uint32_t word;
+          std::memcpy(&word, mr + 4 * b, 4);
+          const __m512i pos = kept_positions(word);
+          flags = _mm512_or_si512(flags, pos);
+          const __m512i col =
+              _mm512_add_epi32(_mm512_add_epi32(quad, _mm512_and_si512(pos, _mm512_set1_epi32(3))),
+                               _mm512_set1_epi32(int(32 * b)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(&ot[r][16 * b]),
+                             _mm512_cvtepi32_epi16(_mm512_slli_epi32(col, 4)));
+        }
+        for (int64_t g = 8 * b; g < cn; ++g) {
+          const uint32_t nb = (uint32_t(mr[g / 2]) >> (4 * (g & 1))) & 15u;
+          bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
+          const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+          ot[r][2 * g] = uint16_t((4 * g + p0) * 16);
+          ot[r][2 * g + 1] = uint16_t((4 * g + p1) * 16);
+        }
+      }
+      if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
+        for (int64_t r = 0; r < std::min<int64_t>(kKeptRows, n - n0 - kKeptRows); ++r) {
+          const char* vr =
+              reinterpret_cast<const char*>(vals + (n0 + kKeptRows + r) * (k / 2) + 2 * c0);
+          for (int64_t i = 0; i < 2 * cn * int64_t(sizeof(T)); i += 64)
+            _mm_prefetch(vr + i, _MM_HINT_T0);
+          const char* mr = reinterpret_cast<const char*>(meta + (n0 + kKeptRows + r) * kb + c0 / 2);
+          for (int64_t i = 0; i < (cn + 1) / 2; i += 64) _mm_prefetch(mr + i, _MM_HINT_T0);
+        }
+      }
+      int64_t t = 0;
+      for (; t + 2 <= xtiles; t += 2)
+        kept_tiles_x<2>(xt, wt, ot, m, n, k, t, n0, rows, c0, cn, yT, y32);
+      if (t < xtiles) kept_tiles_x<1>(xt, wt, ot, m, n, k, t, n0, rows, c0, cn, yT, y32);
+    }
+  }
+  return !any_bad(flags) && bad_tail == 0;
+}
+#undef CAST_KEPT_TARGET
+
+// y32 [m, n] = x32 [m, k] @ W^T for m >= kKeptMinM with kept_tiles, kKeptBlockM rows of x at a
+// time.
+template <typename T>
+bool gemm_kept(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
+               int64_t k, float* y32) {
+  const int64_t tiles = (n + kKeptRows - 1) / kKeptRows;
+  const int64_t xtiles_max = (std::min(m, kKeptBlockM) + 15) / 16;
+  // Not zeroed: build_columns writes all of xt (64-byte aligned for the aligned loads), and yT
+  // is written before it is read.
+  const std::unique_ptr<float[]> xt_buf(new float[static_cast<size_t>(xtiles_max * k * 16 + 16)]);
+  float* xt =
+      reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xt_buf.get()) + 63) & ~uintptr_t(63));
+  const std::unique_ptr<float[]> yT(
+      new float[static_cast<size_t>(tiles * kKeptRows * 16 * xtiles_max)]);
+  std::atomic<bool> all_ok{true};
+  for (int64_t m0 = 0; m0 < m; m0 += kKeptBlockM) {
+    const int64_t mb = std::min(kKeptBlockM, m - m0), chunk = kept_chunk(mb);
+    build_columns(x32 + m0 * k, mb, k, xt);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      if (!kept_tiles<T>(xt, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
+        all_ok = false;
+    });
+    if (!all_ok) break;  // the meta is the same for every block
+  }
+  return all_ok;
+}
+
 // Whether one of x[0..cnt) is subnormal (exponent field 0, fraction not): an integer test that
 // vectorises.
 inline bool has_subnormal(const float* x, int64_t cnt) {
@@ -662,20 +889,28 @@ inline bool has_subnormal(const float* x, int64_t cnt) {
   return acc != 0u;
 }
 
-// Whether every element of a bf16 x[0..cnt) (bits) is finite and not subnormal: its exponent
-// field is neither all ones nor 0 with a fraction. An integer test that vectorises.
-inline bool bf16_finite_normal(const uint16_t* x, int64_t cnt) {
-  uint32_t acc = 0;
-  for (int64_t i = 0; i < cnt; ++i) {
-    const uint32_t e = x[i] & 0x7f80u, f = x[i] & 0x007fu;
-    acc |= uint32_t(e == 0x7f80u) | (uint32_t(e == 0u) & uint32_t(f != 0u));
-  }
-  return acc == 0u;
+// The lanes of 32 bf16 (bits) that are NaN, Inf or subnormal: an exponent field of all ones, or
+// of 0 with a fraction.
+__attribute__((target("avx512f,avx512bw"))) C10_ALWAYS_INLINE __mmask32 bf16_odd_lanes(__m512i v) {
+  const __m512i exp = _mm512_set1_epi16(0x7f80), e = _mm512_and_si512(v, exp);
+  return _mm512_cmpeq_epi16_mask(e, exp) |
+         (_mm512_testn_epi16_mask(e, e) & _mm512_test_epi16_mask(v, _mm512_set1_epi16(0x007f)));
 }
 
-// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for up to kGemvBf16MaxM
-// rows of bf16 where the CPU has AVX-512 BF16 and x has no subnormal element, else
-// gemv_rows_avx512.
+// Whether every element of a bf16 x[0..cnt) (bits) is finite and not subnormal, 32 at a time
+// (callers have AVX-512 BF16).
+__attribute__((target("avx512f,avx512bw"))) bool bf16_finite_normal(const uint16_t* x,
+                                                                    int64_t cnt) {
+  __mmask32 acc = 0;
+  int64_t i = 0;
+  for (; i + 32 <= cnt; i += 32) acc |= bf16_odd_lanes(_mm512_loadu_si512(x + i));
+  if (i < cnt)
+    acc |= bf16_odd_lanes(_mm512_maskz_loadu_epi16(__mmask32((1ull << (cnt - i)) - 1u), x + i));
+  return acc == 0;
+}
+
+// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
+// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512.
 template <typename T>
 bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
@@ -684,7 +919,7 @@ bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* m
 template <>
 bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
                               const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
-  return kGemvBf16 && m <= kGemvBf16MaxM && !has_subnormal(x32, m * k)
+  return kGemvBf16 && !has_subnormal(x32, m * k)
              ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
              : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
 }
@@ -770,11 +1005,13 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
 #endif
     const float* xp = x32.const_data_ptr<float>();
 #if defined(__x86_64__)
-    // gemv_rows_avx512 never multiplies a pruned weight, so a NaN or Inf of x at a pruned
-    // position would not reach y, where F.linear on the decompressed weight (and every other
-    // path here and on CUDA) forms 0 * NaN = NaN: such inputs take another path (the pairs
-    // kernel's too).
-    if (kGemvAvx512 && m <= kGemvMaxM && nonfinite_bits(xp, m * k) == 0u) {
+    // The kernels on the packed format never multiply a pruned weight, so a NaN or Inf of x at
+    // a pruned position would not reach y, where F.linear on the decompressed weight (and every
+    // other path here and on CUDA) forms 0 * NaN = NaN: such inputs take the expansion paths.
+    const bool finite = kGemvAvx512 && nonfinite_bits(xp, m * k) == 0u;
+    if (finite && m >= kKeptMinM) {
+      ok = gemm_kept<scalar_t>(xp, vals, mt, m, n, k, yp);
+    } else if (finite && m <= kGemvMaxM) {
       ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
     } else
 #endif
