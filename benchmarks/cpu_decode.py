@@ -10,7 +10,9 @@ mode ("sparselinear_auto": per shape the packed kernel or dense, whichever ran f
 first calls, made in the warm-up round). A round is 32 new tokens after a 16-token prompt,
 greedy, with the KV cache, through ``generate``. The two models alternate round by round in
 one process: on a shared machine the time of a round drifts by 20% and more between runs, and
-interleaving keeps that drift out of the ratio. The embeddings and the tied head stay dense.
+interleaving keeps that drift out of the ratio. Then the prefill of a 256-token prompt (one
+forward, no cache), the two models alternating the same way. The embeddings and the tied head
+stay dense.
 Writes ``benchmarks/results/cpu_decode.json`` (rows as the GPU benchmarks write them; --quick
 writes to /tmp). Not in ``benchmarks/gpu_suite.sh``, which runs ``bench_*.py``.
 """
@@ -30,6 +32,7 @@ from cast_ext import demo
 
 NEW_TOKENS = 32
 PROMPT = 16
+PREFILL = 256
 
 
 def _model(quick: bool) -> torch.nn.Module:
@@ -90,7 +93,57 @@ def main() -> None:
                 "dispatch": decisions if impl == "sparselinear_auto" else None,
             })  # fmt: skip
             print(f"{dtype} {impl:18s} {ms:8.1f} ms  {ms / dense_ms:.3f}x dense's time")
+        rows += _prefill(models, base.config.vocab_size, rounds, dtype, args.quick)
     print(write_rows("cpu_decode", rows, "/tmp" if args.quick else None))
+
+
+def _prefill(
+    models: dict[str, torch.nn.Module], vocab: int, rounds: int, dtype: torch.dtype, quick: bool
+) -> list[dict]:
+    """One forward of a PREFILL-token prompt (no cache), the models alternating: the sizes where
+    the CPU kernels put rows of x in the vector lanes. The sparse model's first forwards make
+    its dispatch's timed calls at this size, before the timed rounds."""
+    prompt = torch.randint(0, vocab, (1, PREFILL), generator=torch.Generator())
+    sparse = models["sparselinear_auto"]
+    shapes = {
+        (m.out_features, m.in_features)
+        for m in sparse.modules()
+        if isinstance(m, cast_ext.nn.SparseLinear)
+    }
+    dt = str(dtype).removeprefix("torch.")
+
+    def decided() -> list[dict]:
+        return [
+            d for d in cast_ext.nn.dispatch_decisions()
+            if d["dtype"] == dt and d["m_bucket"] == PREFILL
+        ]  # fmt: skip
+
+    times: dict[str, list[float]] = {impl: [] for impl in models}
+    with torch.no_grad():
+        for _ in range(40):
+            if len(decided()) >= len(shapes):
+                break
+            sparse(prompt, use_cache=False)
+        for r in range(rounds + 1):  # round 0: warm-up
+            for impl, model in models.items():
+                t0 = time.perf_counter()
+                model(prompt, use_cache=False)
+                if r:
+                    times[impl].append(time.perf_counter() - t0)
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    rows = []
+    for impl, t in times.items():
+        ms = statistics.median(t) * 1e3
+        rows.append({
+            "op": "prefill", "impl": impl, "device": "cpu", "dtype": dt,
+            "model": "tiny LLaMA" if quick else "SmolLM2-135M-Instruct",
+            "prompt_tokens": PREFILL, "rounds": rounds, "median_ms": round(ms, 1),
+            "tokens_per_s": round(PREFILL / ms * 1e3, 1), "baseline": "dense",
+            "ratio_time_vs_dense": round(ms / dense_ms, 3),
+            "dispatch": decided() if impl == "sparselinear_auto" else None,
+        })  # fmt: skip
+        print(f"{dtype} prefill {impl:18s} {ms:8.1f} ms  {ms / dense_ms:.3f}x dense's time")
+    return rows
 
 
 if __name__ == "__main__":
