@@ -56,7 +56,7 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     base = _model(args.quick)
     _, masks = demo.magnitude_prune(base)  # plain nn.Linear layers again, exactly 2:4
-    names = set(masks)
+    names = {name.removesuffix(".weight") for name in masks}  # masks: by weight name
     prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator())
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -64,6 +64,11 @@ def main() -> None:
         models["sparselinear_auto"] = cast_ext.nn.to_sparse(
             copy.deepcopy(base).to(dtype), filter_fn=lambda name, m: name in names
         )
+        swapped = sum(
+            isinstance(m, cast_ext.nn.SparseLinear) for m in models["sparselinear_auto"].modules()
+        )
+        if swapped != len(names):  # (a dense model against itself would measure nothing)
+            raise RuntimeError(f"to_sparse swapped {swapped} of the {len(names)} pruned layers")
         times: dict[str, list[float]] = {impl: [] for impl in models}
         with torch.no_grad():
             for r in range(rounds + 1):  # round 0: warm-up, and the dispatch's timed calls
