@@ -6,7 +6,8 @@
 // kernels multiply straight from the packed format:
 // * M <= kGemvMaxM rows of x (see gemv_rows_avx512): each group's kept values meet their x
 //   elements through a permute indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's
-//   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (gemv_rows_bf16);
+//   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (gemv_rows_bf16); with AVX2
+//   but not AVX-512, the same with 8-lane vectors (gemv_rows_avx2);
 // * more rows, rows of x in the lanes: bf16 with AVX-512 BF16 and no subnormal in x, the pairs
 //   kernel (x rewritten as the pairs each 2:4 pattern reads, one vdpbf16ps per kept pair and 16
 //   rows of x: see pairs_tiles); otherwise the kept-value kernel (x transposed, one fp32 FMA per
@@ -346,6 +347,142 @@ bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int6
   return all_ok;
 }
 #undef CAST_GEMV_TARGET
+
+// The decode-sized product for CPUs with AVX2 but not AVX-512 (x86-64-v3: most AMD Zen 2/3
+// and Intel client CPUs), as gemv_rows_avx512 with 8-lane vectors: 4 groups of a row (8 kept
+// values, 2 meta bytes) at a time. A byte's two groups look up their 4 lanes' positions in a
+// 256-entry table (kAvx2Positions: 4 KB, in the L1); the x elements come from the 16 that the
+// 4 groups span through two one-source permutes and a blend on the position's bit 3. Up to 8
+// rows of x (16 vector registers).
+#define CAST_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+// Per meta byte (groups 2j, 2j+1 of a block of 4): the positions of its 4 kept values in the
+// group pair's 8 elements (low nibble's two, then the high nibble's two, each +4), or kBadPos
+// added for a nibble without exactly 2 bits.
+struct Avx2Positions {
+  alignas(16) int32_t pos[256][4];
+};
+constexpr Avx2Positions make_avx2_positions() {
+  Avx2Positions t{};
+  for (int b = 0; b < 256; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const int nib = (b >> (4 * h)) & 15;
+      int lo = -1, hi = -1, bits = 0;
+      for (int i = 0; i < 4; ++i) {
+        if ((nib >> i) & 1) {
+          lo = lo < 0 ? i : lo;
+          hi = i;
+          ++bits;
+        }
+      }
+      const bool ok = bits == 2;
+      t.pos[b][2 * h] = 4 * h + (ok ? lo : kBadPos);
+      t.pos[b][2 * h + 1] = 4 * h + (ok ? hi : kBadPos);
+    }
+  }
+  return t;
+}
+constexpr Avx2Positions kAvx2Positions = make_avx2_positions();
+
+template <typename T>
+CAST_AVX2_TARGET C10_ALWAYS_INLINE __m256 load8_avx2(const T* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v)));
+  }
+}
+
+CAST_AVX2_TARGET C10_ALWAYS_INLINE float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 d = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+template <typename T, int M>
+CAST_AVX2_TARGET bool gemv_rows_avx2(const float* x32, const T* vals, const uint8_t* meta,
+                                     int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
+  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 4;
+  __m256i flags = _mm256_setzero_si256();
+  uint32_t bad_tail = 0;
+  // Blocked for the L1 as gemv_rows_avx512 is (blocks of 16 columns here).
+  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 16 * int64_t(sizeof(float))));
+  __m256 acc_buf[kGemvTileRows][M];
+  alignas(64) float xbuf[kGemvChunkBytes / sizeof(float)];
+  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
+    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm256_setzero_ps();
+    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
+      const int64_t c1 = std::min(blocks, c0 + chunk);
+      int64_t ldx;
+      const float* xc = x_chunk<M>(x32, k, 16 * c0, 16 * (c1 - c0), xbuf, ldx);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* v = vals + (t0 + r) * (k / 2);
+        const uint8_t* mt = meta + (t0 + r) * kb;
+        __m256 acc[M];
+        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+        for (int64_t b = c0; b < c1; ++b) {
+          const __m128i lo =
+              _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mt[2 * b]]));
+          const __m128i hi =
+              _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mt[2 * b + 1]]));
+          const __m256i pos = _mm256_set_m128i(_mm_add_epi32(hi, _mm_set1_epi32(8)), lo);
+          flags = _mm256_or_si256(flags, pos);
+          const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(pos, 28));  // bit 3: x[8, 16)
+          const __m256 w = load8_avx2(v + 8 * b);
+#pragma GCC unroll 8
+          for (int i = 0; i < M; ++i) {
+            const float* xb = xc + i * ldx + 16 * (b - c0);
+            const __m256 xs =
+                _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xb), pos),
+                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8), pos), upper);
+            acc[i] = _mm256_fmadd_ps(w, xs, acc[i]);
+          }
+        }
+        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* v = vals + (t0 + r) * (k / 2);
+      const uint8_t* mt = meta + (t0 + r) * kb;
+      float tail[M] = {};
+      bad_tail |= tail_groups<M>(v, mt, x32, k, 4 * blocks, groups, tail);
+      for (int i = 0; i < M; ++i) y32[i * n + t0 + r] = hsum8(acc_buf[r][i]) + tail[i];
+    }
+  }
+  const __m256i bad = _mm256_and_si256(flags, _mm256_set1_epi32(kBadPos));
+  return _mm256_testz_si256(bad, bad) && bad_tail == 0;
+}
+#undef CAST_AVX2_TARGET
+
+template <typename T, int... Is>
+bool dispatch_m_avx2(std::integer_sequence<int, Is...>, int m, const float* x32, const T* vals,
+                     const uint8_t* meta, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                     float* y32) {
+  bool ok = true;
+  ((m == Is + 1 ? (ok = gemv_rows_avx2<T, Is + 1>(x32, vals, meta, n, k, r0, r1, y32), 0) : 0),
+   ...);
+  return ok;
+}
+
+const bool kGemvAvx2 = cpu_isa() == CpuIsa::Avx2;
+
+// y32 [m, n] = x32 [m, k] @ W^T for 1 <= m <= kGemvMaxM with gemv_rows_avx2.
+template <typename T>
+bool gemm_gemv_avx2(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
+                    int64_t k, float* y32) {
+  std::atomic<bool> all_ok{true};
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    if (!dispatch_m_avx2<T>(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x32, vals, meta,
+                            n, k, r0, r1, y32))
+      all_ok = false;
+  });
+  return all_ok;
+}
 
 // The same product for bf16 with AVX-512 BF16: 16 groups of a row (32 kept values, 8 meta
 // bytes) at a time, the 32 values as they are stored, their x elements gathered by one
@@ -910,18 +1047,20 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_finite_normal(const uint16
 }
 
 // The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
-// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512.
+// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512, or gemv_rows_avx2
+// where the CPU has AVX2 but not AVX-512.
 template <typename T>
 bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
-  return gemm_gemv_avx512<T>(x32, vals, meta, m, n, k, y32);
+  return kGemvAvx512 ? gemm_gemv_avx512<T>(x32, vals, meta, m, n, k, y32)
+                     : gemm_gemv_avx2<T>(x32, vals, meta, m, n, k, y32);
 }
 template <>
 bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
                               const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
-  return kGemvBf16 && !has_subnormal(x32, m * k)
-             ? gemm_gemv_bf16(x, vals, meta, m, n, k, y32)
-             : gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
+  if (kGemvBf16 && !has_subnormal(x32, m * k)) return gemm_gemv_bf16(x, vals, meta, m, n, k, y32);
+  return kGemvAvx512 ? gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32)
+                     : gemm_gemv_avx2<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
 }
 #endif
 
@@ -1008,8 +1147,8 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     // The kernels on the packed format never multiply a pruned weight, so a NaN or Inf of x at
     // a pruned position would not reach y, where F.linear on the decompressed weight (and every
     // other path here and on CUDA) forms 0 * NaN = NaN: such inputs take the expansion paths.
-    const bool finite = kGemvAvx512 && nonfinite_bits(xp, m * k) == 0u;
-    if (finite && m >= kKeptMinM) {
+    const bool finite = (kGemvAvx512 || kGemvAvx2) && nonfinite_bits(xp, m * k) == 0u;
+    if (finite && kGemvAvx512 && m >= kKeptMinM) {
       ok = gemm_kept<scalar_t>(xp, vals, mt, m, n, k, yp);
     } else if (finite && m <= kGemvMaxM) {
       ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
