@@ -20,12 +20,13 @@
 //   times while hot in cache);
 // * M >= kBlasMinM: tiles of kBlasTileN rows are expanded (threads split the rows) and multiplied
 //   with torch's CPU GEMM (at::mm, MKL/oneDNN: blocked and multi-threaded).
-// x is converted to fp32 once (the pairs kernel reads a bf16 x as it is); accumulation is fp32 and
-// y is rounded once to x's dtype at the end (bias added in fp32), like the tensor-core GEMMs. A
-// nibble without exactly 2 bits set is invalid meta: it is reported after the parallel regions and
-// the output is dropped (nothing of the caller's is written). Layout: x [..., K] (made contiguous),
-// values/meta row-major, y [..., N] contiguous. Dtypes: fp32, fp16, bf16; x, values and bias share
-// one dtype. Reference: cast_ext/reference.py sparse24_gemm.
+// x is converted to fp32 once (the pairs kernel reads a bf16 x as it is); accumulation is fp32
+// and y is rounded once to x's dtype at the end (bias added in fp32), like the tensor-core GEMMs.
+// A nibble without exactly 2 bits set is invalid meta: it is reported after the parallel regions
+// and the output is dropped (nothing of the caller's is written).
+// Layout: x [..., K] (made contiguous), values/meta row-major, y [..., N] contiguous.
+// Dtypes: fp32, fp16, bf16; x, values and bias share one dtype.
+// Reference: cast_ext/reference.py sparse24_gemm.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -322,30 +323,8 @@ CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const ui
   return !any_bad(flags) && bad_tail == 0;
 }
 
-// gemv_rows_avx512<T, M> for a run-time m in [1, kGemvMaxM].
-template <typename T, int... Is>
-bool dispatch_m(std::integer_sequence<int, Is...>, int m, const float* x32, const T* vals,
-                const uint8_t* meta, int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
-  bool ok = true;
-  ((m == Is + 1 ? (ok = gemv_rows_avx512<T, Is + 1>(x32, vals, meta, n, k, r0, r1, y32), 0) : 0),
-   ...);
-  return ok;
-}
-
 const bool kGemvAvx512 = cpu_isa() == CpuIsa::Avx512;
 
-// y32 [m, n] = x32 [m, k] @ W^T for 1 <= m <= kGemvMaxM with gemv_rows_avx512.
-template <typename T>
-bool gemm_gemv_avx512(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
-                      int64_t k, float* y32) {
-  std::atomic<bool> all_ok{true};
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!dispatch_m<T>(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x32, vals, meta, n, k,
-                       r0, r1, y32))
-      all_ok = false;
-  });
-  return all_ok;
-}
 #undef CAST_GEMV_TARGET
 
 // The decode-sized product for CPUs with AVX2 but not AVX-512 (x86-64-v3: most AMD Zen 2/3
@@ -459,30 +438,7 @@ CAST_AVX2_TARGET bool gemv_rows_avx2(const float* x32, const T* vals, const uint
 }
 #undef CAST_AVX2_TARGET
 
-template <typename T, int... Is>
-bool dispatch_m_avx2(std::integer_sequence<int, Is...>, int m, const float* x32, const T* vals,
-                     const uint8_t* meta, int64_t n, int64_t k, int64_t r0, int64_t r1,
-                     float* y32) {
-  bool ok = true;
-  ((m == Is + 1 ? (ok = gemv_rows_avx2<T, Is + 1>(x32, vals, meta, n, k, r0, r1, y32), 0) : 0),
-   ...);
-  return ok;
-}
-
 const bool kGemvAvx2 = cpu_isa() == CpuIsa::Avx2;
-
-// y32 [m, n] = x32 [m, k] @ W^T for 1 <= m <= kGemvMaxM with gemv_rows_avx2.
-template <typename T>
-bool gemm_gemv_avx2(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
-                    int64_t k, float* y32) {
-  std::atomic<bool> all_ok{true};
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!dispatch_m_avx2<T>(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x32, vals, meta,
-                            n, k, r0, r1, y32))
-      all_ok = false;
-  });
-  return all_ok;
-}
 
 // The same product for bf16 with AVX-512 BF16: 16 groups of a row (32 kept values, 8 meta
 // bytes) at a time, the 32 values as they are stored, their x elements gathered by one
@@ -558,28 +514,7 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
 }
 #undef CAST_BF16_TARGET
 
-template <int... Is>
-bool dispatch_m_bf16(std::integer_sequence<int, Is...>, int m, const c10::BFloat16* x,
-                     const c10::BFloat16* vals, const uint8_t* meta, int64_t n, int64_t k,
-                     int64_t r0, int64_t r1, float* y32) {
-  bool ok = true;
-  ((m == Is + 1 ? (ok = gemv_rows_bf16<Is + 1>(x, vals, meta, n, k, r0, r1, y32), 0) : 0), ...);
-  return ok;
-}
-
 const bool kGemvBf16 = cpu_avx512_bf16();
-
-// y32 [m, n] = x [m, k] @ W^T (bf16) for 1 <= m <= kGemvMaxM with gemv_rows_bf16.
-bool gemm_gemv_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
-                    int64_t m, int64_t n, int64_t k, float* y32) {
-  std::atomic<bool> all_ok{true};
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    if (!dispatch_m_bf16(std::make_integer_sequence<int, kGemvMaxM>{}, int(m), x, vals, meta, n, k,
-                         r0, r1, y32))
-      all_ok = false;
-  });
-  return all_ok;
-}
 
 // The bf16 product for tens to hundreds of rows of x with AVX-512 BF16, rows of x in the lanes:
 // x is first rewritten as the pairs that each 2:4 pattern reads, then every kept pair of W meets
@@ -1046,21 +981,35 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_finite_normal(const uint16
   return acc == 0;
 }
 
-// The small-M product from x (T) or its fp32 copy x32: gemv_rows_bf16 for bf16 where the CPU
-// has AVX-512 BF16 and x has no subnormal element, else gemv_rows_avx512, or gemv_rows_avx2
-// where the CPU has AVX2 but not AVX-512.
-template <typename T>
-bool gemm_gemv(const T* /*x*/, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
-               int64_t n, int64_t k, float* y32) {
-  return kGemvAvx512 ? gemm_gemv_avx512<T>(x32, vals, meta, m, n, k, y32)
-                     : gemm_gemv_avx2<T>(x32, vals, meta, m, n, k, y32);
+// f(std::integral_constant<int, M>{}) for the run-time m in [1, kGemvMaxM]: the small-M kernels
+// are compiled per M (their accumulators in registers).
+template <typename F, int... Is>
+bool with_m(int m, F&& f, std::integer_sequence<int, Is...>) {
+  bool ok = true;
+  ((m == Is + 1 ? (ok = f(std::integral_constant<int, Is + 1>{}), 0) : 0), ...);
+  return ok;
 }
-template <>
-bool gemm_gemv<c10::BFloat16>(const c10::BFloat16* x, const float* x32, const c10::BFloat16* vals,
-                              const uint8_t* meta, int64_t m, int64_t n, int64_t k, float* y32) {
-  if (kGemvBf16 && !has_subnormal(x32, m * k)) return gemm_gemv_bf16(x, vals, meta, m, n, k, y32);
-  return kGemvAvx512 ? gemm_gemv_avx512<c10::BFloat16>(x32, vals, meta, m, n, k, y32)
-                     : gemm_gemv_avx2<c10::BFloat16>(x32, vals, meta, m, n, k, y32);
+
+// The small-M product from x (T) or its fp32 copy x32, threads taking rows of W 64 at a time:
+// gemv_rows_bf16 for bf16 where the CPU has AVX-512 BF16 and x has no subnormal element, else
+// gemv_rows_avx512, or gemv_rows_avx2 where the CPU has AVX2 but not AVX-512.
+template <typename T>
+bool gemm_gemv(const T* x, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
+               int64_t n, int64_t k, float* y32) {
+  bool bf16 = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16 = kGemvBf16 && !has_subnormal(x32, m * k);
+  std::atomic<bool> all_ok{true};
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    const auto rows = [&](auto mc) {
+      constexpr int M = decltype(mc)::value;
+      if constexpr (std::is_same_v<T, c10::BFloat16>)
+        if (bf16) return gemv_rows_bf16<M>(x, vals, meta, n, k, r0, r1, y32);
+      return kGemvAvx512 ? gemv_rows_avx512<T, M>(x32, vals, meta, n, k, r0, r1, y32)
+                         : gemv_rows_avx2<T, M>(x32, vals, meta, n, k, r0, r1, y32);
+    };
+    if (!with_m(int(m), rows, std::make_integer_sequence<int, kGemvMaxM>{})) all_ok = false;
+  });
+  return all_ok;
 }
 #endif
 
