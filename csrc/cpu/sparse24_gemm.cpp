@@ -10,8 +10,8 @@
 //   but not AVX-512, the same with 8-lane vectors (gemv_rows_avx2);
 // * more rows, rows of x in the lanes: bf16 with AVX-512 BF16 and no subnormal in x, the pairs
 //   kernel (x rewritten as the pairs each 2:4 pattern reads, one vdpbf16ps per kept pair and 16
-//   rows of x: see pairs_tiles); otherwise the kept-value kernel (x transposed, one fp32 FMA per
-//   kept value and 16 rows of x: see kept_tiles). Half a dense GEMM's multiply-adds.
+//   rows of x: see PairsKernel, gemm_lanes); otherwise the kept-value kernel (x transposed, one
+//   fp32 FMA per kept value and 16 rows of x: see KeptKernel). Half a dense GEMM's multiply-adds.
 // Otherwise rows of W are expanded into fp32 (zeros at the pruned positions) by a branch-free
 // loop over groups that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline
 // versions picked at run time, csrc/cpu/isa.h), then multiplied:
@@ -516,41 +516,151 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
 
 const bool kGemvBf16 = cpu_avx512_bf16();
 
-// The bf16 product for tens to hundreds of rows of x with AVX-512 BF16, rows of x in the lanes:
-// x is first rewritten as the pairs that each 2:4 pattern reads, then every kept pair of W meets
-// 16 rows of x in one vdpbf16ps.
-// * Pairs: xp[t][g][p][l] (a uint32) holds row 16t + l of x at the two positions a < b of
+// ---- Rows of x in the lanes (from kLaneMinM rows of x, AVX-512) ------------------------------
+// Two kernels, one structure: x is first rewritten into a layout with 16 rows of x in the lanes
+// of a vector (a tile of x), then each kept weight (or kept pair) of W meets 16 rows of x in one
+// instruction: the pairs kernel (bf16, AVX-512 BF16) and the kept-value kernel (fp32 FMAs).
+// * A tile of kLaneRows rows of W against 2 tiles of x at a time (the last one alone if their
+//   count is odd): the weight broadcast, each tile's 16 lanes of x (one 64-byte load), one
+//   instruction each into that row's accumulators, whose lanes are rows of x: no permute, no
+//   horizontal sum, half the multiply-adds of a dense GEMM. Two tiles of x share each
+//   broadcast: the loads, not the arithmetic, bound the loop (a 2-core Zen 4 took 0.50 ns a
+//   vdpbf16ps with one tile of x, 0.40 with two, 0.27 with no loads). A tile's weights and their
+//   offsets in x's layout are first packed side by side (one pointer for all its rows; the meta
+//   is checked there), the next tile of W prefetched meanwhile.
+// * Blocking: each thread takes a range of tiles of W; groups go in chunks whose layout (every
+//   tile of x) fits kLaneChunkBytes, so a chunk stays in the L2 while the range's tiles pass over
+//   it, and W is read once per block of kLaneBlockM rows of x. Between chunks the accumulators
+//   rest in yT [n][16 tiles of x].
+// A kernel K gives: Source (x as the kernel reads it), Value (W's values), Layout (x's layout
+// element), Tile (a packed tile of W), kGroupBytes (the layout of a group in one tile of x),
+// kChunkMultiple (groups per run of meta its packing reads), tile_elems(k) and kPad (layout
+// elements per tile of x, and after the last), build (x's layout), pack_row (one row of a tile;
+// nonzero on an invalid nibble) and tiles_x<T> (T tiles of x against a packed tile).
+constexpr int kLaneRows = 12;                    // rows of W per tile: 2 accumulators each
+constexpr int64_t kLaneMinM = kGemvMaxM + 1;     // from this many rows of x
+constexpr int64_t kLaneBlockM = 512;             // rows of x per block (x's layout and yT)
+constexpr int64_t kLaneChunkBytes = 512 * 1024;  // x's layout of a chunk of groups, all of x
+constexpr int64_t kLaneMaxChunk = 128;           // groups per chunk at most
+
+// Groups per chunk for m rows of x: a multiple of `multiple`, at most kLaneMaxChunk.
+int64_t lane_chunk(int64_t m, int64_t group_bytes, int64_t multiple) {
+  const int64_t c = kLaneChunkBytes / ((m + 15) / 16 * group_bytes);
+  return std::clamp<int64_t>(c / multiple * multiple, multiple, kLaneMaxChunk);
+}
+
+// The accumulators of T tiles of x (t0 ...) for a tile of W (rows n0 ...), chunk groups from c0:
+// 0 in the first chunk, else from yT (row r of W at yt + r * ld).
+template <int T>
+__attribute__((target("avx512f"))) C10_ALWAYS_INLINE void lanes_acc_load(
+    __m512 (&acc)[kLaneRows][T], const float* yT, int64_t m, int64_t t0, int64_t n0, int64_t c0) {
+  const int64_t ld = 16 * ((m + 15) / 16);
+  const float* yt = yT + n0 * ld + 16 * t0;
+  for (int r = 0; r < kLaneRows; ++r)
+    for (int t = 0; t < T; ++t)
+      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
+}
+
+// After a chunk: the accumulators back to yT, or, after the last one, the tile's `rows` outputs
+// into y32 [m, n].
+template <int T>
+__attribute__((target("avx512f"))) C10_ALWAYS_INLINE void lanes_acc_store(
+    const __m512 (&acc)[kLaneRows][T], float* yT, float* y32, int64_t m, int64_t n, int64_t t0,
+    int64_t n0, int64_t rows, bool last) {
+  const int64_t ld = 16 * ((m + 15) / 16);
+  if (!last) {
+    float* yt = yT + n0 * ld + 16 * t0;
+    for (int r = 0; r < kLaneRows; ++r)
+      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
+    return;
+  }
+  alignas(64) float out[kLaneRows][16];
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < kLaneRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
+    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
+    for (int64_t l = 0; l < lanes; ++l)
+      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
+  }
+}
+
+// Tiles [tile0, tile1) of W: y32 [m, n] for their columns, in chunks of `chunk` groups. Returns
+// false on an invalid nibble.
+template <typename K>
+bool lanes_tiles(const typename K::Layout* xl, const typename K::Value* vals, const uint8_t* meta,
+                 int64_t m, int64_t n, int64_t k, int64_t chunk, int64_t tile0, int64_t tile1,
+                 float* yT, float* y32) {
+  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
+  typename K::Tile tile_w;
+  uint32_t bad = 0;
+  for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
+    const int64_t cn = std::min(groups, c0 + chunk) - c0;
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t n0 = tile * kLaneRows, rows = std::min<int64_t>(kLaneRows, n - n0);
+      for (int r = 0; r < kLaneRows; ++r) {  // rows past n: zero weights (x is finite)
+        const bool real = r < rows;
+        bad |= K::pack_row(tile_w, r, real ? vals + (n0 + r) * (k / 2) : nullptr,
+                           real ? meta + (n0 + r) * kb : nullptr, c0, cn);
+      }
+      if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
+        const int64_t vsize = int64_t(sizeof(typename K::Value));
+        for (int64_t r = n0 + kLaneRows; r < std::min(n, n0 + 2 * kLaneRows); ++r) {
+          const char* vr = reinterpret_cast<const char*>(vals + r * (k / 2) + 2 * c0);
+          for (int64_t i = 0; i < 2 * cn * vsize; i += 64) _mm_prefetch(vr + i, _MM_HINT_T0);
+          const char* mr = reinterpret_cast<const char*>(meta + r * kb + c0 / 2);
+          for (int64_t i = 0; i < (cn + 1) / 2; i += 64) _mm_prefetch(mr + i, _MM_HINT_T0);
+        }
+      }
+      int64_t t = 0;
+      for (; t + 2 <= xtiles; t += 2)
+        K::template tiles_x<2>(xl, tile_w, m, n, k, t, n0, rows, c0, cn, yT, y32);
+      if (t < xtiles) K::template tiles_x<1>(xl, tile_w, m, n, k, t, n0, rows, c0, cn, yT, y32);
+    }
+  }
+  return bad == 0;
+}
+
+// y32 [m, n] = x [m, k] @ W^T with kernel K, kLaneBlockM rows of x at a time (so x's layout and
+// yT stay a few MB).
+template <typename K>
+bool gemm_lanes(const typename K::Source* x, const typename K::Value* vals, const uint8_t* meta,
+                int64_t m, int64_t n, int64_t k, float* y32) {
+  using Layout = typename K::Layout;
+  const int64_t tiles = (n + kLaneRows - 1) / kLaneRows;
+  const int64_t xtiles_max = (std::min(m, kLaneBlockM) + 15) / 16;
+  // Not zeroed: build writes all of x's layout, and yT is written before it is read. The layout
+  // is 64-byte aligned for the aligned loads, kPad elements past its end. yT: tiles of W rounded
+  // up (all of a tile's rows are stored).
+  const std::unique_ptr<Layout[]> buf(
+      new Layout[static_cast<size_t>(xtiles_max * K::tile_elems(k) + K::kPad + 64)]);
+  Layout* xl =
+      reinterpret_cast<Layout*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
+  const std::unique_ptr<float[]> yT(
+      new float[static_cast<size_t>(tiles * kLaneRows * 16 * xtiles_max)]);
+  std::atomic<bool> all_ok{true};
+  for (int64_t m0 = 0; m0 < m; m0 += kLaneBlockM) {
+    const int64_t mb = std::min(kLaneBlockM, m - m0);
+    const int64_t chunk = lane_chunk(mb, K::kGroupBytes, K::kChunkMultiple);
+    K::build(x + m0 * k, mb, k, xl);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      if (!lanes_tiles<K>(xl, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
+        all_ok = false;
+    });
+    if (!all_ok) break;  // the meta is the same for every block
+  }
+  return all_ok;
+}
+
+// The pairs kernel: bf16 with AVX-512 BF16, x without a subnormal element.
+// * x's layout: xp[t][g][p][l] (a uint32) holds row 16t + l of x at the two positions a < b of
 //   pattern p in group g: x[a] in the low half, x[b] in the high half, as vdpbf16ps pairs them
 //   with a group's two kept values (stored in ascending position). The patterns are the valid
 //   nibbles 3 5 6 9 10 12 in that order: p = (nibble >> 1) - 1. Rows past M are 0. 3x x's bytes.
-// * Product: a tile of kPairRows rows of W against 2 tiles of 16 rows of x (the last one alone
-//   if their count is odd). Per group and row of W: the group's value pair broadcast, its
-//   pattern's 16 lanes of xp in each tile of x (one 64-byte load each), one vdpbf16ps each into
-//   that row's accumulators, whose lanes are rows of x: no permute, no horizontal sum, half the
-//   multiply-adds of a dense bf16 GEMM. Two tiles of x share each broadcast: the loads, not the
-//   vdpbf16ps, bound this loop (a 2-core Zen 4 took 0.50 ns a vdpbf16ps with one tile of x, 0.40
-//   with two, 0.27 with no loads). The tile's value pairs and pattern offsets are first copied
-//   side by side (wt, ot: one pointer for all its rows; the meta is checked there).
-// * Blocking: each thread takes a range of tiles of W; groups go in chunks whose pairs (every
-//   tile of x) fit kPairChunkBytes, so a chunk of xp stays in the L2 while the range's tiles
-//   pass over it, and W is read once. Between chunks the accumulators rest in yT [n][16 tiles].
-// The rounding is vdpbf16ps's (see gemv_rows_bf16): an x with a subnormal element goes elsewhere.
+// * Per group and row of W: the group's value pair broadcast, its pattern's 16 lanes of xp, one
+//   vdpbf16ps. The rounding is vdpbf16ps's (see gemv_rows_bf16).
 #define CAST_PAIRS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-constexpr int kPairRows = 12;                    // rows of W per tile: 2 accumulators each
-constexpr int64_t kPairMinM = kGemvMaxM + 1;     // the pairs path from this many rows of x
-constexpr int64_t kPairBlockM = 512;             // rows of x per block (xp and yT)
-constexpr int64_t kPairChunkBytes = 512 * 1024;  // pairs of one chunk of groups, all rows of x
-constexpr int64_t kPairMaxChunk = 128;           // groups per chunk at most (a multiple of 32)
-constexpr int kPairWords = 6 * 16;               // uint32 of xp per group and tile of x
+constexpr int kPairWords = 6 * 16;  // uint32 of xp per group and tile of x
 constexpr int kPairLo[6] = {0, 0, 1, 0, 1, 2}, kPairHi[6] = {1, 2, 2, 3, 3, 3};  // positions
-
-// Groups per chunk for m rows of x: a multiple of 32 (whole 16-byte runs of meta).
-int64_t pair_chunk(int64_t m) {
-  const int64_t xtiles = (m + 15) / 16;
-  const int64_t c = kPairChunkBytes / (xtiles * kPairWords * int64_t(sizeof(uint32_t)));
-  return std::clamp<int64_t>(c / 32 * 32, 32, kPairMaxChunk);
-}
 
 // Transposes the 16 x 16 dwords of r (row i in r[i]) in place: r[j] holds column j. Unpacks
 // of dwords and qwords, then two rounds of 128-bit lane shuffles (64 instructions).
@@ -630,163 +740,84 @@ CAST_PAIRS_TARGET C10_ALWAYS_INLINE __m512i pair_offsets(__m512i bytes, __m512i&
   return _mm512_or_si512(pair_slot(lo), _mm512_slli_epi32(pair_slot(hi), 16));
 }
 
-// Accumulates chunk groups [0, cn) of a packed tile (wt, ot) against T tiles of x (xt, the
-// first one's pairs of the chunk; the next tile's `stride` uint32 further) into acc.
-template <int T>
-CAST_PAIRS_TARGET C10_ALWAYS_INLINE void pairs_chunk(const uint32_t (*wt)[kPairMaxChunk],
-                                                     const uint16_t (*ot)[kPairMaxChunk],
-                                                     const uint32_t* xt, int64_t stride, int64_t cn,
-                                                     __m512 (*acc)[T]) {
-  for (int64_t g = 0; g < cn; ++g) {
-    const uint32_t* xg = xt + g * kPairWords;
+struct PairsKernel {
+  using Source = uint16_t;  // bf16 bits
+  using Value = c10::BFloat16;
+  using Layout = uint32_t;
+  // Row r of the tile at [r][0, chunk): its value pairs (two bf16) and their patterns' offsets
+  // in a group of xp.
+  struct Tile {
+    alignas(64) uint32_t wt[kLaneRows][kLaneMaxChunk];
+    alignas(64) uint16_t ot[kLaneRows][kLaneMaxChunk];
+  };
+  static constexpr int64_t kGroupBytes = kPairWords * int64_t(sizeof(uint32_t));
+  static constexpr int64_t kChunkMultiple = 32;  // meta read 16 bytes at a time
+  static constexpr int64_t kPad = kPairWords;    // the 2 slots an invalid nibble may read
+  static int64_t tile_elems(int64_t k) { return k / 4 * kPairWords; }
+
+  static void build(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
+    build_pairs(x, m, k, xp);
+  }
+
+  // Row r of the tile: groups [c0, c0 + cn) of the row whose values start at v (null: past n)
+  // and meta at mt.
+  static CAST_PAIRS_TARGET uint32_t pack_row(Tile& tw, int r, const c10::BFloat16* v,
+                                             const uint8_t* mt, int64_t c0, int64_t cn) {
+    if (v == nullptr) {
+      std::fill_n(tw.wt[r], cn, 0u);
+      std::fill_n(tw.ot[r], cn, uint16_t(0));
+      return 0;
+    }
+    std::memcpy(tw.wt[r], v + 2 * c0, cn * sizeof(uint32_t));  // a group's 2 values
+    const uint8_t* mr = mt + c0 / 2;
+    __m512i bad = _mm512_setzero_si512();
+    uint32_t bad_tail = 0;
+    int64_t j = 0;  // meta bytes: 16 at a time (32 groups), then one at a time
+    for (; 2 * j + 32 <= cn; j += 16) {
+      const __m512i bytes =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + j)));
+      _mm512_store_si512(&tw.ot[r][2 * j], pair_offsets(bytes, bad));
+    }
+    for (; 2 * j < cn; ++j) {
+      const uint32_t nib[2] = {mr[j] & 15u, uint32_t(mr[j]) >> 4};
+      for (int h = 0; h < 2 && 2 * j + h < cn; ++h) {
+        tw.ot[r][2 * j + h] = uint16_t((((nib[h] >> 1) - 1u) & 7u) * 16u);
+        bad_tail |= ~(0x1668u >> nib[h]) & 1u;
+      }
+    }
+    return uint32_t(_mm512_test_epi32_mask(bad, bad) != 0) | bad_tail;
+  }
+
+  template <int T>
+  static CAST_PAIRS_TARGET void tiles_x(const uint32_t* xp, const Tile& tw, int64_t m, int64_t n,
+                                        int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
+                                        int64_t cn, float* yT, float* y32) {
+    const int64_t groups = k / 4, stride = groups * kPairWords;
+    __m512 acc[kLaneRows][T];
+    lanes_acc_load<T>(acc, yT, m, t0, n0, c0);
+    const uint32_t* xt = xp + (t0 * groups + c0) * kPairWords;
+    for (int64_t g = 0; g < cn; ++g) {
+      const uint32_t* xg = xt + g * kPairWords;
 #pragma GCC unroll 12
-    for (int r = 0; r < kPairRows; ++r) {
-      const __m512i w = _mm512_set1_epi32(int(wt[r][g]));
-      const uint32_t* xs = xg + ot[r][g];
-      for (int t = 0; t < T; ++t)
-        acc[r][t] =
-            _mm512_dpbf16_ps(acc[r][t], (__m512bh)w, (__m512bh)_mm512_load_si512(xs + t * stride));
-    }
-  }
-}
-
-// Tiles t0 .. t0 + T - 1 of x against a packed tile of W (rows [n0, n0 + rows)),
-// chunk groups [c0, c0 + cn): accumulators from yT (none if c0 == 0), to yT, or, in the last
-// chunk, to y32 [m, n].
-template <int T>
-CAST_PAIRS_TARGET void pairs_tiles_x(const uint32_t* xp, const uint32_t (*wt)[kPairMaxChunk],
-                                     const uint16_t (*ot)[kPairMaxChunk], int64_t m, int64_t n,
-                                     int64_t groups, int64_t t0, int64_t n0, int64_t rows,
-                                     int64_t c0, int64_t cn, float* yT, float* y32) {
-  const int64_t xtiles = (m + 15) / 16, ld = 16 * xtiles;  // yT: row r at yT + r * ld
-  __m512 acc[kPairRows][T];
-  float* yt = yT + n0 * ld + 16 * t0;
-  for (int r = 0; r < kPairRows; ++r)
-    for (int t = 0; t < T; ++t)
-      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
-  pairs_chunk<T>(wt, ot, xp + (t0 * groups + c0) * kPairWords, groups * kPairWords, cn, acc);
-  if (c0 + cn < groups) {
-    for (int r = 0; r < kPairRows; ++r)
-      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
-    return;
-  }
-  alignas(64) float out[kPairRows][16];
-  for (int t = 0; t < T; ++t) {
-    for (int r = 0; r < kPairRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
-    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
-    for (int64_t l = 0; l < lanes; ++l)
-      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
-  }
-}
-
-// Tiles [tile0, tile1) of W: y32 [m, n] for their columns, in chunks of `chunk` groups. Returns
-// false on an invalid nibble.
-CAST_PAIRS_TARGET bool pairs_tiles(const uint32_t* xp, const c10::BFloat16* vals,
-                                   const uint8_t* meta, int64_t m, int64_t n, int64_t k,
-                                   int64_t chunk, int64_t tile0, int64_t tile1, float* yT,
-                                   float* y32) {
-  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
-  // Row r of the tile at [r][0, chunk): compile-time strides, one pointer for all rows.
-  alignas(64) uint32_t wt[kPairRows][kPairMaxChunk];  // value pairs (two bf16)
-  alignas(64) uint16_t ot[kPairRows][kPairMaxChunk];  // offsets of their patterns in a group
-  const uint32_t* v32 = reinterpret_cast<const uint32_t*>(vals);  // a group's 2 values
-  __m512i bad = _mm512_setzero_si512();
-  uint32_t bad_tail = 0;
-  for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
-    const int64_t cn = std::min(groups, c0 + chunk) - c0;
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t n0 = tile * kPairRows, rows = std::min<int64_t>(kPairRows, n - n0);
-      for (int64_t r = 0; r < kPairRows; ++r) {
-        if (r >= rows) {  // past n: zero weights (x is finite)
-          std::fill_n(wt[r], cn, 0u);
-          std::fill_n(ot[r], cn, uint16_t(0));
-          continue;
-        }
-        std::memcpy(wt[r], v32 + (n0 + r) * (k / 4) + c0, cn * sizeof(uint32_t));
-        const uint8_t* mr = meta + (n0 + r) * kb + c0 / 2;
-        int64_t j = 0;  // meta bytes: 16 at a time (32 groups), then one at a time
-        for (; 2 * j + 32 <= cn; j += 16) {
-          const __m512i bytes =
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + j)));
-          _mm512_store_si512(&ot[r][2 * j], pair_offsets(bytes, bad));
-        }
-        for (; 2 * j < cn; ++j) {
-          const uint32_t nib[2] = {mr[j] & 15u, uint32_t(mr[j]) >> 4};
-          for (int h = 0; h < 2 && 2 * j + h < cn; ++h) {
-            ot[r][2 * j + h] = uint16_t((((nib[h] >> 1) - 1u) & 7u) * 16u);
-            bad_tail |= ~(0x1668u >> nib[h]) & 1u;
-          }
-        }
+      for (int r = 0; r < kLaneRows; ++r) {
+        const __m512i w = _mm512_set1_epi32(int(tw.wt[r][g]));
+        const uint32_t* xs = xg + tw.ot[r][g];
+        for (int t = 0; t < T; ++t)
+          acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)w,
+                                       (__m512bh)_mm512_load_si512(xs + t * stride));
       }
-      if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
-        for (int64_t r = 0; r < std::min<int64_t>(kPairRows, n - n0 - kPairRows); ++r) {
-          const char* vr = reinterpret_cast<const char*>(v32 + (n0 + kPairRows + r) * (k / 4) + c0);
-          for (int64_t b = 0; b < cn * 4; b += 64) _mm_prefetch(vr + b, _MM_HINT_T0);
-          const char* mr = reinterpret_cast<const char*>(meta + (n0 + kPairRows + r) * kb + c0 / 2);
-          for (int64_t b = 0; b < (cn + 1) / 2; b += 64) _mm_prefetch(mr + b, _MM_HINT_T0);
-        }
-      }
-      int64_t t = 0;
-      for (; t + 2 <= xtiles; t += 2)
-        pairs_tiles_x<2>(xp, wt, ot, m, n, groups, t, n0, rows, c0, cn, yT, y32);
-      if (t < xtiles) pairs_tiles_x<1>(xp, wt, ot, m, n, groups, t, n0, rows, c0, cn, yT, y32);
     }
+    lanes_acc_store<T>(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == groups);
   }
-  return _mm512_test_epi32_mask(bad, bad) == 0 && bad_tail == 0;
-}
+};
 #undef CAST_PAIRS_TARGET
 
-// y32 [m, n] = x [m, k] @ W^T (bf16) for m >= kPairMinM with pairs_tiles, kPairBlockM rows of x
-// at a time (so xp and yT stay a few MB; W is read once per block).
-bool gemm_pairs_bf16(const c10::BFloat16* x, const c10::BFloat16* vals, const uint8_t* meta,
-                     int64_t m, int64_t n, int64_t k, float* y32) {
-  const int64_t groups = k / 4, tiles = (n + kPairRows - 1) / kPairRows;
-  const int64_t xtiles_max = (std::min(m, kPairBlockM) + 15) / 16;
-  // Not zeroed: build_pairs writes all of xp, and yT is written before it is read. xp is 64-byte
-  // aligned for the aligned loads, with 2 slots past the end, which an invalid nibble's offset
-  // may read. yT: accumulators between chunks (tiles of W rounded up: all of a tile's rows are
-  // stored).
-  const std::unique_ptr<uint32_t[]> xp_buf(
-      new uint32_t[static_cast<size_t>((xtiles_max * groups + 1) * kPairWords + 16)]);
-  uint32_t* xp = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(xp_buf.get()) + 63) &
-                                             ~uintptr_t(63));
-  const std::unique_ptr<float[]> yT(
-      new float[static_cast<size_t>(tiles * kPairRows * 16 * xtiles_max)]);
-  std::atomic<bool> all_ok{true};
-  for (int64_t m0 = 0; m0 < m; m0 += kPairBlockM) {
-    const int64_t mb = std::min(kPairBlockM, m - m0), chunk = pair_chunk(mb);
-    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x) + m0 * k;
-    build_pairs(xb, mb, k, xp);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      if (!pairs_tiles(xp, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
-        all_ok = false;
-    });
-    if (!all_ok) break;  // the meta is the same for every block
-  }
-  return all_ok;
-}
-
-// The same lanes-are-rows-of-x product in fp32 with AVX-512F, for every dtype (x and the values
-// in fp32; fp32, fp16, and bf16 where the pairs kernel does not run): x is transposed into tiles
-// of 16 rows (xt[t][c][l]: column c of row 16t + l), and every kept value of W meets 16 rows of
-// x in one FMA: the value broadcast, its column's 16 lanes (one 64-byte load). Half a dense
-// GEMM's multiply-adds, no expansion of W. Tiles (kKeptRows rows of W, 2 tiles of x), chunks of
-// groups kept in the L2, accumulators in yT between chunks and blocks of rows of x as in
-// pairs_tiles. A row's offsets come from kept_positions, 8 groups at a time.
+// The kept-value kernel: fp32 with AVX-512F, for every dtype (x and the values in fp32; fp32,
+// fp16, and bf16 where the pairs kernel does not run).
+// * x's layout: x transposed into tiles of 16 rows (xt[t][c][l]: column c of row 16t + l).
+// * Per kept value: the value broadcast, its column's 16 lanes, one FMA. A row's offsets come
+//   from kept_positions, 8 groups at a time.
 #define CAST_KEPT_TARGET __attribute__((target("avx512f,avx512bw")))
-
-constexpr int kKeptRows = 12;                    // rows of W per tile: 2 accumulators each
-constexpr int64_t kKeptMinM = kGemvMaxM + 1;     // the kept-value kernel from this many rows of x
-constexpr int64_t kKeptBlockM = 512;             // rows of x per block (xt and yT)
-constexpr int64_t kKeptChunkBytes = 512 * 1024;  // columns of one chunk of groups, all rows of x
-constexpr int64_t kKeptMaxChunk = 128;           // groups per chunk at most (a multiple of 8)
-
-// Groups per chunk for m rows of x: a multiple of 8 (whole 4-byte words of meta).
-int64_t kept_chunk(int64_t m) {
-  const int64_t xtiles = (m + 15) / 16;
-  const int64_t c = kKeptChunkBytes / (xtiles * 4 * 16 * int64_t(sizeof(float)));
-  return std::clamp<int64_t>(c / 8 * 8, 8, kKeptMaxChunk);
-}
 
 // Tile t of xt for columns [c0, c0 + 16) of x32 [m, k] (fewer at the end): the 16 rows
 // transposed.
@@ -812,144 +843,82 @@ void build_columns(const float* x32, int64_t m, int64_t k, float* xt) {
   });
 }
 
-// Kept values [0, 2 cn) of a packed tile (wt, ot) against T tiles of x (xc, the first one's
-// columns of the chunk; the next tile's `stride` floats further) into acc.
-template <int T>
-CAST_KEPT_TARGET C10_ALWAYS_INLINE void kept_chunk_fma(const float (*wt)[2 * kKeptMaxChunk],
-                                                       const uint16_t (*ot)[2 * kKeptMaxChunk],
-                                                       const float* xc, int64_t stride, int64_t cn,
-                                                       __m512 (*acc)[T]) {
-  for (int64_t q = 0; q < 2 * cn; ++q) {
-#pragma GCC unroll 12
-    for (int r = 0; r < kKeptRows; ++r) {
-      const __m512 w = _mm512_set1_ps(wt[r][q]);
-      const float* xs = xc + ot[r][q];
-      for (int t = 0; t < T; ++t)
-        acc[r][t] = _mm512_fmadd_ps(w, _mm512_load_ps(xs + t * stride), acc[r][t]);
-    }
-  }
-}
-
-// Tiles t0 .. t0 + T - 1 of x against a packed tile of W (rows [n0, n0 + rows)), chunk groups
-// [c0, c0 + cn): accumulators from yT (none if c0 == 0), to yT, or, in the last chunk, to y32.
-template <int T>
-CAST_KEPT_TARGET void kept_tiles_x(const float* xt, const float (*wt)[2 * kKeptMaxChunk],
-                                   const uint16_t (*ot)[2 * kKeptMaxChunk], int64_t m, int64_t n,
-                                   int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
-                                   int64_t cn, float* yT, float* y32) {
-  const int64_t xtiles = (m + 15) / 16, ld = 16 * xtiles, groups = k / 4;
-  __m512 acc[kKeptRows][T];
-  float* yt = yT + n0 * ld + 16 * t0;
-  for (int r = 0; r < kKeptRows; ++r)
-    for (int t = 0; t < T; ++t)
-      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
-  kept_chunk_fma<T>(wt, ot, xt + (t0 * k + 4 * c0) * 16, k * 16, cn, acc);
-  if (c0 + cn < groups) {
-    for (int r = 0; r < kKeptRows; ++r)
-      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
-    return;
-  }
-  alignas(64) float out[kKeptRows][16];
-  for (int t = 0; t < T; ++t) {
-    for (int r = 0; r < kKeptRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
-    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
-    for (int64_t l = 0; l < lanes; ++l)
-      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
-  }
-}
-
-// Tiles [tile0, tile1) of W: y32 [m, n] for their columns, in chunks of `chunk` groups. Returns
-// false on an invalid nibble.
 template <typename T>
-CAST_KEPT_TARGET bool kept_tiles(const float* xt, const T* vals, const uint8_t* meta, int64_t m,
-                                 int64_t n, int64_t k, int64_t chunk, int64_t tile0, int64_t tile1,
-                                 float* yT, float* y32) {
-  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
+struct KeptKernel {
+  using Source = float;
+  using Value = T;
+  using Layout = float;
   // Row r of the tile at [r][0, 2 chunk): its kept values (fp32) and their columns' offsets in
   // the chunk of xt (16 floats a column).
-  alignas(64) float wt[kKeptRows][2 * kKeptMaxChunk];
-  alignas(64) uint16_t ot[kKeptRows][2 * kKeptMaxChunk];
-  const __m512i quad = group_offsets();
-  __m512i flags = _mm512_setzero_si512();
-  uint32_t bad_tail = 0;
-  for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
-    const int64_t cn = std::min(groups, c0 + chunk) - c0;
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t n0 = tile * kKeptRows, rows = std::min<int64_t>(kKeptRows, n - n0);
-      for (int64_t r = 0; r < kKeptRows; ++r) {
-        if (r >= rows) {  // past n: zero weights (x is finite)
-          std::fill_n(wt[r], 2 * cn, 0.f);
-          std::fill_n(ot[r], 2 * cn, uint16_t(0));
-          continue;
-        }
-        to_float(vals + (n0 + r) * (k / 2) + 2 * c0, 2 * cn, wt[r]);
-        const uint8_t* mr = meta + (n0 + r) * kb + c0 / 2;
-        int64_t b = 0;  // 8 groups (a meta word, 16 kept values) at a time, then one at a time
-        for (; 8 * b + 8 <= cn; ++b) {
-          uint32_t word;
-          std::memcpy(&word, mr + 4 * b, 4);
-          const __m512i pos = kept_positions(word);
-          flags = _mm512_or_si512(flags, pos);
-          const __m512i col =
-              _mm512_add_epi32(_mm512_add_epi32(quad, _mm512_and_si512(pos, _mm512_set1_epi32(3))),
-                               _mm512_set1_epi32(int(32 * b)));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(&ot[r][16 * b]),
-                             _mm512_cvtepi32_epi16(_mm512_slli_epi32(col, 4)));
-        }
-        for (int64_t g = 8 * b; g < cn; ++g) {
-          const uint32_t nb = (uint32_t(mr[g / 2]) >> (4 * (g & 1))) & 15u;
-          bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
-          const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
-          ot[r][2 * g] = uint16_t((4 * g + p0) * 16);
-          ot[r][2 * g + 1] = uint16_t((4 * g + p1) * 16);
-        }
-      }
-      if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
-        for (int64_t r = 0; r < std::min<int64_t>(kKeptRows, n - n0 - kKeptRows); ++r) {
-          const char* vr =
-              reinterpret_cast<const char*>(vals + (n0 + kKeptRows + r) * (k / 2) + 2 * c0);
-          for (int64_t i = 0; i < 2 * cn * int64_t(sizeof(T)); i += 64)
-            _mm_prefetch(vr + i, _MM_HINT_T0);
-          const char* mr = reinterpret_cast<const char*>(meta + (n0 + kKeptRows + r) * kb + c0 / 2);
-          for (int64_t i = 0; i < (cn + 1) / 2; i += 64) _mm_prefetch(mr + i, _MM_HINT_T0);
-        }
-      }
-      int64_t t = 0;
-      for (; t + 2 <= xtiles; t += 2)
-        kept_tiles_x<2>(xt, wt, ot, m, n, k, t, n0, rows, c0, cn, yT, y32);
-      if (t < xtiles) kept_tiles_x<1>(xt, wt, ot, m, n, k, t, n0, rows, c0, cn, yT, y32);
-    }
-  }
-  return !any_bad(flags) && bad_tail == 0;
-}
-#undef CAST_KEPT_TARGET
+  struct Tile {
+    alignas(64) float wt[kLaneRows][2 * kLaneMaxChunk];
+    alignas(64) uint16_t ot[kLaneRows][2 * kLaneMaxChunk];
+  };
+  static constexpr int64_t kGroupBytes = 4 * 16 * int64_t(sizeof(float));
+  static constexpr int64_t kChunkMultiple = 8;  // meta read 4 bytes at a time
+  static constexpr int64_t kPad = 0;
+  static int64_t tile_elems(int64_t k) { return k * 16; }
 
-// y32 [m, n] = x32 [m, k] @ W^T for m >= kKeptMinM with kept_tiles, kKeptBlockM rows of x at a
-// time.
-template <typename T>
-bool gemm_kept(const float* x32, const T* vals, const uint8_t* meta, int64_t m, int64_t n,
-               int64_t k, float* y32) {
-  const int64_t tiles = (n + kKeptRows - 1) / kKeptRows;
-  const int64_t xtiles_max = (std::min(m, kKeptBlockM) + 15) / 16;
-  // Not zeroed: build_columns writes all of xt (64-byte aligned for the aligned loads), and yT
-  // is written before it is read.
-  const std::unique_ptr<float[]> xt_buf(new float[static_cast<size_t>(xtiles_max * k * 16 + 16)]);
-  float* xt =
-      reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xt_buf.get()) + 63) & ~uintptr_t(63));
-  const std::unique_ptr<float[]> yT(
-      new float[static_cast<size_t>(tiles * kKeptRows * 16 * xtiles_max)]);
-  std::atomic<bool> all_ok{true};
-  for (int64_t m0 = 0; m0 < m; m0 += kKeptBlockM) {
-    const int64_t mb = std::min(kKeptBlockM, m - m0), chunk = kept_chunk(mb);
-    build_columns(x32 + m0 * k, mb, k, xt);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      if (!kept_tiles<T>(xt, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
-        all_ok = false;
-    });
-    if (!all_ok) break;  // the meta is the same for every block
+  static void build(const float* x32, int64_t m, int64_t k, float* xt) {
+    build_columns(x32, m, k, xt);
   }
-  return all_ok;
-}
+
+  // Row r of the tile: groups [c0, c0 + cn) of the row whose values start at v (null: past n)
+  // and meta at mt.
+  static CAST_KEPT_TARGET uint32_t pack_row(Tile& tw, int r, const T* v, const uint8_t* mt,
+                                            int64_t c0, int64_t cn) {
+    if (v == nullptr) {
+      std::fill_n(tw.wt[r], 2 * cn, 0.f);
+      std::fill_n(tw.ot[r], 2 * cn, uint16_t(0));
+      return 0;
+    }
+    to_float(v + 2 * c0, 2 * cn, tw.wt[r]);
+    const uint8_t* mr = mt + c0 / 2;
+    const __m512i quad = group_offsets();
+    __m512i flags = _mm512_setzero_si512();
+    uint32_t bad_tail = 0;
+    int64_t b = 0;  // 8 groups (a meta word, 16 kept values) at a time, then one at a time
+    for (; 8 * b + 8 <= cn; ++b) {
+      uint32_t word;
+      std::memcpy(&word, mr + 4 * b, 4);
+      const __m512i pos = kept_positions(word);
+      flags = _mm512_or_si512(flags, pos);
+      const __m512i col =
+          _mm512_add_epi32(_mm512_add_epi32(quad, _mm512_and_si512(pos, _mm512_set1_epi32(3))),
+                           _mm512_set1_epi32(int(32 * b)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&tw.ot[r][16 * b]),
+                         _mm512_cvtepi32_epi16(_mm512_slli_epi32(col, 4)));
+    }
+    for (int64_t g = 8 * b; g < cn; ++g) {
+      const uint32_t nb = (uint32_t(mr[g / 2]) >> (4 * (g & 1))) & 15u;
+      bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
+      const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+      tw.ot[r][2 * g] = uint16_t((4 * g + p0) * 16);
+      tw.ot[r][2 * g + 1] = uint16_t((4 * g + p1) * 16);
+    }
+    return uint32_t(any_bad(flags)) | bad_tail;
+  }
+
+  template <int U>  // U tiles of x
+  static CAST_KEPT_TARGET void tiles_x(const float* xt, const Tile& tw, int64_t m, int64_t n,
+                                       int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
+                                       int64_t cn, float* yT, float* y32) {
+    __m512 acc[kLaneRows][U];
+    lanes_acc_load<U>(acc, yT, m, t0, n0, c0);
+    const float* xc = xt + (t0 * k + 4 * c0) * 16;
+    for (int64_t q = 0; q < 2 * cn; ++q) {
+#pragma GCC unroll 12
+      for (int r = 0; r < kLaneRows; ++r) {
+        const __m512 w = _mm512_set1_ps(tw.wt[r][q]);
+        const float* xs = xc + tw.ot[r][q];
+        for (int t = 0; t < U; ++t)
+          acc[r][t] = _mm512_fmadd_ps(w, _mm512_load_ps(xs + t * k * 16), acc[r][t]);
+      }
+    }
+    lanes_acc_store<U>(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == k / 4);
+  }
+};
+#undef CAST_KEPT_TARGET
 
 // Whether one of x[0..cnt) is subnormal (exponent field 0, fraction not): an integer test that
 // vectorises.
@@ -1072,7 +1041,7 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
   // bf16 x, finite, without a subnormal element, 9 rows or more: the pairs kernel, on x as it is.
   bool pairs = false;
 #if defined(__x86_64__)
-  pairs = x.scalar_type() == at::kBFloat16 && kGemvBf16 && m >= kPairMinM &&
+  pairs = x.scalar_type() == at::kBFloat16 && kGemvBf16 && m >= kLaneMinM &&
           bf16_finite_normal(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), m * k);
 #endif
   const at::Tensor x32 = pairs ? at::Tensor() : x.reshape({m, k}).to(at::kFloat);
@@ -1086,8 +1055,8 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     float* yp = y32.data_ptr<float>();
 #if defined(__x86_64__)
     if (pairs) {  // (bf16: scalar_t is c10::BFloat16)
-      ok = gemm_pairs_bf16(static_cast<const c10::BFloat16*>(x.const_data_ptr()),
-                           reinterpret_cast<const c10::BFloat16*>(vals), mt, m, n, k, yp);
+      ok = gemm_lanes<PairsKernel>(static_cast<const uint16_t*>(x.const_data_ptr()),
+                                   reinterpret_cast<const c10::BFloat16*>(vals), mt, m, n, k, yp);
       return;
     }
 #endif
@@ -1097,8 +1066,8 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     // a pruned position would not reach y, where F.linear on the decompressed weight (and every
     // other path here and on CUDA) forms 0 * NaN = NaN: such inputs take the expansion paths.
     const bool finite = (kGemvAvx512 || kGemvAvx2) && nonfinite_bits(xp, m * k) == 0u;
-    if (finite && kGemvAvx512 && m >= kKeptMinM) {
-      ok = gemm_kept<scalar_t>(xp, vals, mt, m, n, k, yp);
+    if (finite && kGemvAvx512 && m >= kLaneMinM) {
+      ok = gemm_lanes<KeptKernel<scalar_t>>(xp, vals, mt, m, n, k, yp);
     } else if (finite && m <= kGemvMaxM) {
       ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
     } else
