@@ -23,6 +23,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -69,35 +70,24 @@ def main() -> None:
         )
         if swapped != len(names):  # (a dense model against itself would measure nothing)
             raise RuntimeError(f"to_sparse swapped {swapped} of the {len(names)} pruned layers")
-        times: dict[str, list[float]] = {impl: [] for impl in models}
-        with torch.no_grad():
-            for r in range(rounds + 1):  # round 0: warm-up, and the dispatch's timed calls
-                for impl, model in models.items():
-                    t0 = time.perf_counter()
-                    out = model.generate(
-                        prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                        do_sample=False, pad_token_id=0,
-                    )  # fmt: skip
-                    if r:
-                        times[impl].append(time.perf_counter() - t0)
-                    assert out.shape == (1, PROMPT + NEW_TOKENS)
-        dense_ms = statistics.median(times["dense"]) * 1e3
+
+        def decode(model: torch.nn.Module) -> None:
+            out = model.generate(
+                prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+            assert out.shape == (1, PROMPT + NEW_TOKENS)
+
+        # round 0: warm-up, and the dispatch's timed calls
+        times = _alternate(models, decode, rounds)
         decisions = [
             d for d in cast_ext.nn.dispatch_decisions()
             if d["dtype"] == str(dtype).removeprefix("torch.")
         ]  # fmt: skip
-        for impl, t in times.items():
-            ms = statistics.median(t) * 1e3
-            rows.append({
-                "op": "greedy_decode", "impl": impl, "device": "cpu",
-                "dtype": str(dtype).removeprefix("torch."),
-                "model": "tiny LLaMA" if args.quick else "SmolLM2-135M-Instruct",
-                "new_tokens": NEW_TOKENS, "rounds": rounds, "median_ms": round(ms, 1),
-                "tokens_per_s": round(NEW_TOKENS / ms * 1e3, 2), "baseline": "dense",
-                "ratio_time_vs_dense": round(ms / dense_ms, 3),
-                "dispatch": decisions if impl == "sparselinear_auto" else None,
-            })  # fmt: skip
-            print(f"{dtype} {impl:18s} {ms:8.1f} ms  {ms / dense_ms:.3f}x dense's time")
+        rows += _rows(
+            times, decisions, {"op": "greedy_decode", "new_tokens": NEW_TOKENS}, NEW_TOKENS, 2,
+            dtype, rounds, args.quick, "",
+        )  # fmt: skip
         rows += _prefill(models, base.config.vocab_size, rounds, dtype, args.quick)
     print(write_rows("cpu_decode", rows, "/tmp" if args.quick else None))
 
@@ -123,31 +113,55 @@ def _prefill(
             if d["dtype"] == dt and d["m_bucket"] == PREFILL
         ]  # fmt: skip
 
-    times: dict[str, list[float]] = {impl: [] for impl in models}
     with torch.no_grad():
         for _ in range(40):
             if len(decided()) >= len(shapes):
                 break
             sparse(prompt, use_cache=False)
-        for r in range(rounds + 1):  # round 0: warm-up
+    times = _alternate(models, lambda model: model(prompt, use_cache=False), rounds)
+    return _rows(
+        times, decided(), {"op": "prefill", "prompt_tokens": PREFILL}, PREFILL, 1, dtype, rounds,
+        quick, "prefill ",
+    )  # fmt: skip
+
+
+def _alternate(
+    models: dict[str, torch.nn.Module], call: Callable[[torch.nn.Module], object], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of ``call(model)`` per round for each model, the models alternating round by round
+    (no grad); round 0, a warm-up, is not kept."""
+    times: dict[str, list[float]] = {impl: [] for impl in models}
+    with torch.no_grad():
+        for r in range(rounds + 1):
             for impl, model in models.items():
                 t0 = time.perf_counter()
-                model(prompt, use_cache=False)
+                call(model)
                 if r:
                     times[impl].append(time.perf_counter() - t0)
+    return times
+
+
+def _rows(
+    times: dict[str, list[float]], decisions: list[dict], op: dict, tokens: int, digits: int,
+    dtype: torch.dtype, rounds: int, quick: bool, label: str,
+) -> list[dict]:  # fmt: skip
+    """One result row per model (medians, the ratio to dense, the sparse model's decisions),
+    each printed."""
     dense_ms = statistics.median(times["dense"]) * 1e3
     rows = []
     for impl, t in times.items():
         ms = statistics.median(t) * 1e3
         rows.append({
-            "op": "prefill", "impl": impl, "device": "cpu", "dtype": dt,
+            "op": op["op"], "impl": impl, "device": "cpu",
+            "dtype": str(dtype).removeprefix("torch."),
             "model": "tiny LLaMA" if quick else "SmolLM2-135M-Instruct",
-            "prompt_tokens": PREFILL, "rounds": rounds, "median_ms": round(ms, 1),
-            "tokens_per_s": round(PREFILL / ms * 1e3, 1), "baseline": "dense",
+            **{key: v for key, v in op.items() if key != "op"},
+            "rounds": rounds, "median_ms": round(ms, 1),
+            "tokens_per_s": round(tokens / ms * 1e3, digits), "baseline": "dense",
             "ratio_time_vs_dense": round(ms / dense_ms, 3),
-            "dispatch": decided() if impl == "sparselinear_auto" else None,
+            "dispatch": decisions if impl == "sparselinear_auto" else None,
         })  # fmt: skip
-        print(f"{dtype} prefill {impl:18s} {ms:8.1f} ms  {ms / dense_ms:.3f}x dense's time")
+        print(f"{dtype} {label}{impl:18s} {ms:8.1f} ms  {ms / dense_ms:.3f}x dense's time")
     return rows
 
 
