@@ -920,16 +920,6 @@ struct KeptKernel {
 };
 #undef CAST_KEPT_TARGET
 
-// Whether one of x[0..cnt) is subnormal (exponent field 0, fraction not): an integer test that
-// vectorises.
-inline bool has_subnormal(const float* x, int64_t cnt) {
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
-  uint32_t acc = 0;
-  for (int64_t i = 0; i < cnt; ++i)
-    acc |= uint32_t((u[i] & 0x7f800000u) == 0u) & uint32_t((u[i] & 0x007fffffu) != 0u);
-  return acc != 0u;
-}
-
 // The lanes of 32 bf16 (bits) that are NaN, Inf or subnormal: an exponent field of all ones, or
 // of 0 with a fraction.
 __attribute__((target("avx512f,avx512bw"))) C10_ALWAYS_INLINE __mmask32 bf16_odd_lanes(__m512i v) {
@@ -966,7 +956,8 @@ template <typename T>
 bool gemm_gemv(const T* x, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
   bool bf16 = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16 = kGemvBf16 && !has_subnormal(x32, m * k);
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    bf16 = kGemvBf16 && bf16_finite_normal(reinterpret_cast<const uint16_t*>(x), m * k);
   std::atomic<bool> all_ok{true};
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
     const auto rows = [&](auto mc) {
