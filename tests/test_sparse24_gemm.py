@@ -242,6 +242,7 @@ def test_gradients_vs_dense(device: str) -> None:
         (72, 2, 0x13),
         (72, 8, 0x60),
         (12, 1, 0x35),
+        (12, 1, 0x07),
         (320, 13, 0x70),
         (320, 36, 0x1),
         (1280, 70, 0x70),
@@ -253,7 +254,8 @@ def test_meta_of_wrong_pattern_is_an_error_and_changes_nothing(
 ) -> None:
     """A group keeping 3, 1 or 0 elements: in a row with no full block of 8 groups, inside a
     block (the CPU's AVX-512 path takes 8 groups at a time, its bf16 one 16: the second half of
-    the second block of 16, the first half of the fifth) and in the groups after the last; in the
+    the second block of 16, the first half of the fifth) and in the groups after the last (12,
+    1, 0x07: a row's odd last group, which the kept-value kernels' packing takes alone); in the
     second chunk of 128 groups of the kernels with rows of x in the lanes, among the meta bytes
     they read 16 (bf16 pairs) or 4 (kept values) at a time (1280, byte 70); a row's padding
     nibble set (k % 8 == 4: sparse24_decompress, the backward's, refuses it). An x without rows

@@ -2,8 +2,8 @@
 //
 // Algorithm: W [N, K] is held as values [N, K/2] (the 2 kept elements of each group of 4, in
 // ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). With
-// AVX-512 and a finite x (a NaN or Inf of x must meet the pruned weights, as in F.linear), the
-// kernels multiply straight from the packed format:
+// AVX-512 or AVX2 and a finite x (a NaN or Inf of x must meet the pruned weights, as in
+// F.linear), the kernels multiply straight from the packed format:
 // * M <= kGemvMaxM rows of x (see gemv_rows_avx512): each group's kept values meet their x
 //   elements through a permute indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's
 //   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (gemv_rows_bf16); with AVX2
@@ -11,7 +11,8 @@
 // * more rows, rows of x in the lanes: bf16 with AVX-512 BF16 and no subnormal in x, the pairs
 //   kernel (x rewritten as the pairs each 2:4 pattern reads, one vdpbf16ps per kept pair and 16
 //   rows of x: see PairsKernel, gemm_lanes); otherwise the kept-value kernel (x transposed, one
-//   fp32 FMA per kept value and 16 rows of x: see KeptKernel). Half a dense GEMM's multiply-adds.
+//   fp32 FMA per kept value and 16 rows of x, 8 with AVX2: see KeptKernel, KeptKernelAvx2).
+//   Half a dense GEMM's multiply-adds.
 // Otherwise rows of W are expanded into fp32 (zeros at the pruned positions) by a branch-free
 // loop over groups that GCC vectorises (bit selects, no table lookups; x86-64-v4/v3/baseline
 // versions picked at run time, csrc/cpu/isa.h), then multiplied:
@@ -61,7 +62,7 @@ namespace {
 constexpr int64_t kTileN = 16;       // dot path: rows of W expanded at a time
 constexpr int64_t kBlasMinM = 8;     // from this many rows of x on, expanded tiles go to at::mm
 constexpr int64_t kBlasTileN = 256;  // BLAS path: rows of W per GEMM call
-constexpr int kGemvMaxM = 8;         // AVX-512 paths: up to this many rows of x (then the
+constexpr int kGemvMaxM = 8;         // permute kernels: up to this many rows of x (then the
                                      // pairs and kept-value kernels)
 constexpr int kGemvTileRows = 8;     // AVX-512 path: rows of W that share a chunk of x in the L1
 constexpr int64_t kGemvChunkBytes = 16 * 1024;  // AVX-512 path: bytes of x (M rows) per chunk
@@ -516,12 +517,13 @@ CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16
 
 const bool kGemvBf16 = cpu_avx512_bf16();
 
-// ---- Rows of x in the lanes (from kLaneMinM rows of x, AVX-512) ------------------------------
-// Two kernels, one structure: x is first rewritten into a layout with 16 rows of x in the lanes
-// of a vector (a tile of x), then each kept weight (or kept pair) of W meets 16 rows of x in one
-// instruction: the pairs kernel (bf16, AVX-512 BF16) and the kept-value kernel (fp32 FMAs).
-// * A tile of kLaneRows rows of W against 2 tiles of x at a time (the last one alone if their
-//   count is odd): the weight broadcast, each tile's 16 lanes of x (one 64-byte load), one
+// ---- Rows of x in the lanes (from kLaneMinM rows of x, AVX-512 or AVX2) ----------------------
+// Three kernels, one structure: x is first rewritten into a layout with kLanes rows of x in the
+// lanes of a vector (a tile of x: 16 rows with AVX-512, 8 with AVX2), then each kept weight (or
+// kept pair) of W meets a tile of x in one instruction: the pairs kernel (bf16, AVX-512 BF16)
+// and the kept-value kernels (fp32 FMAs, AVX-512 or AVX2).
+// * A tile of kRows rows of W against 2 tiles of x at a time (the last one alone if their
+//   count is odd): the weight broadcast, each tile's lanes of x (one vector load), one
 //   instruction each into that row's accumulators, whose lanes are rows of x: no permute, no
 //   horizontal sum, half the multiply-adds of a dense GEMM. Two tiles of x share each
 //   broadcast: the loads, not the arithmetic, bound the loop (a 2-core Zen 4 took 0.50 ns a
@@ -531,55 +533,74 @@ const bool kGemvBf16 = cpu_avx512_bf16();
 // * Blocking: each thread takes a range of tiles of W; groups go in chunks whose layout (every
 //   tile of x) fits kLaneChunkBytes, so a chunk stays in the L2 while the range's tiles pass over
 //   it, and W is read once per block of kLaneBlockM rows of x. Between chunks the accumulators
-//   rest in yT [n][16 tiles of x].
-// A kernel K gives: Source (x as the kernel reads it), Value (W's values), Layout (x's layout
-// element), Tile (a packed tile of W), kGroupBytes (the layout of a group in one tile of x),
-// kChunkMultiple (groups per run of meta its packing reads), tile_elems(k) and kPad (layout
-// elements per tile of x, and after the last), build (x's layout), pack_row (one row of a tile;
-// nonzero on an invalid nibble) and tiles_x<T> (T tiles of x against a packed tile).
-constexpr int kLaneRows = 12;                    // rows of W per tile: 2 accumulators each
+//   rest in yT [n][kLanes * tiles of x].
+// A kernel K gives: kLanes (rows of x per tile: its vectors' fp32 lanes), kRows (rows of W per
+// tile: 2 kRows accumulators and a broadcast fit the vector registers), Source (x as the kernel
+// reads it), Value (W's values), Layout (x's layout element), Tile (a packed tile of W),
+// kGroupBytes (the layout of a group in one tile of x), kChunkMultiple (groups per run of meta its
+// packing reads), tile_elems(k) and kPad (layout elements per tile of x, and after the last), build
+// (x's layout), pack_row (one row of a tile; nonzero on an invalid nibble) and tiles_x<T> (T tiles
+// of x against a packed tile).
 constexpr int64_t kLaneMinM = kGemvMaxM + 1;     // from this many rows of x
 constexpr int64_t kLaneBlockM = 512;             // rows of x per block (x's layout and yT)
 constexpr int64_t kLaneChunkBytes = 512 * 1024;  // x's layout of a chunk of groups, all of x
 constexpr int64_t kLaneMaxChunk = 128;           // groups per chunk at most
 
-// Groups per chunk for m rows of x: a multiple of `multiple`, at most kLaneMaxChunk.
-int64_t lane_chunk(int64_t m, int64_t group_bytes, int64_t multiple) {
-  const int64_t c = kLaneChunkBytes / ((m + 15) / 16 * group_bytes);
+// x's layout for m rows and k columns, L x L blocks at a time in parallel: block(t, c0) writes
+// tile t's columns [c0, c0 + L) (fewer at the end).
+template <int64_t L, typename F>
+void build_blocks(int64_t m, int64_t k, const F& block) {
+  const int64_t blocks = (k + L - 1) / L;
+  at::parallel_for(0, (m + L - 1) / L * blocks, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) block(i / blocks, L * (i % blocks));
+  });
+}
+
+// Groups per chunk for m rows of x in tiles of `lanes`: a multiple of `multiple`, at most
+// kLaneMaxChunk.
+int64_t lane_chunk(int64_t m, int64_t lanes, int64_t group_bytes, int64_t multiple) {
+  const int64_t c = kLaneChunkBytes / ((m + lanes - 1) / lanes * group_bytes);
   return std::clamp<int64_t>(c / multiple * multiple, multiple, kLaneMaxChunk);
 }
 
 // The accumulators of T tiles of x (t0 ...) for a tile of W (rows n0 ...), chunk groups from c0:
-// 0 in the first chunk, else from yT (row r of W at yt + r * ld).
-template <int T>
-__attribute__((target("avx512f"))) C10_ALWAYS_INLINE void lanes_acc_load(
-    __m512 (&acc)[kLaneRows][T], const float* yT, int64_t m, int64_t t0, int64_t n0, int64_t c0) {
-  const int64_t ld = 16 * ((m + 15) / 16);
-  const float* yt = yT + n0 * ld + 16 * t0;
-  for (int r = 0; r < kLaneRows; ++r)
-    for (int t = 0; t < T; ++t)
-      acc[r][t] = c0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(yt + r * ld + 16 * t);
+// 0 in the first chunk, else from yT (row r of W at yt + r * ld). V is a vector of L floats
+// (__m512 or __m256), moved with memcpy and V{}: no target-specific intrinsic, so this inlines
+// into either kernel's instruction set.
+template <typename V, int R, int T>
+C10_ALWAYS_INLINE void lanes_acc_load(V (&acc)[R][T], const float* yT, int64_t m, int64_t t0,
+                                      int64_t n0, int64_t c0) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t ld = L * ((m + L - 1) / L);
+  const float* yt = yT + n0 * ld + L * t0;
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      if (c0 == 0)
+        acc[r][t] = V{};
+      else
+        std::memcpy(&acc[r][t], yt + r * ld + L * t, sizeof(V));
+    }
 }
 
 // After a chunk: the accumulators back to yT, or, after the last one, the tile's `rows` outputs
 // into y32 [m, n].
-template <int T>
-__attribute__((target("avx512f"))) C10_ALWAYS_INLINE void lanes_acc_store(
-    const __m512 (&acc)[kLaneRows][T], float* yT, float* y32, int64_t m, int64_t n, int64_t t0,
-    int64_t n0, int64_t rows, bool last) {
-  const int64_t ld = 16 * ((m + 15) / 16);
+template <typename V, int R, int T>
+C10_ALWAYS_INLINE void lanes_acc_store(const V (&acc)[R][T], float* yT, float* y32, int64_t m,
+                                       int64_t n, int64_t t0, int64_t n0, int64_t rows, bool last) {
+  constexpr int64_t L = sizeof(V) / sizeof(float);
+  const int64_t ld = L * ((m + L - 1) / L);
   if (!last) {
-    float* yt = yT + n0 * ld + 16 * t0;
-    for (int r = 0; r < kLaneRows; ++r)
-      for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + r * ld + 16 * t, acc[r][t]);
+    float* yt = yT + n0 * ld + L * t0;
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) std::memcpy(yt + r * ld + L * t, &acc[r][t], sizeof(V));
     return;
   }
-  alignas(64) float out[kLaneRows][16];
+  alignas(64) float out[R][L];
   for (int t = 0; t < T; ++t) {
-    for (int r = 0; r < kLaneRows; ++r) _mm512_store_ps(out[r], acc[r][t]);
-    const int64_t lanes = std::min<int64_t>(16, m - 16 * (t0 + t));
+    for (int r = 0; r < R; ++r) std::memcpy(out[r], &acc[r][t], sizeof(V));
+    const int64_t lanes = std::min<int64_t>(L, m - L * (t0 + t));
     for (int64_t l = 0; l < lanes; ++l)
-      for (int64_t r = 0; r < rows; ++r) y32[(16 * (t0 + t) + l) * n + n0 + r] = out[r][l];
+      for (int64_t r = 0; r < rows; ++r) y32[(L * (t0 + t) + l) * n + n0 + r] = out[r][l];
   }
 }
 
@@ -589,21 +610,22 @@ template <typename K>
 bool lanes_tiles(const typename K::Layout* xl, const typename K::Value* vals, const uint8_t* meta,
                  int64_t m, int64_t n, int64_t k, int64_t chunk, int64_t tile0, int64_t tile1,
                  float* yT, float* y32) {
-  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + 15) / 16;
+  constexpr int R = K::kRows;
+  const int64_t groups = k / 4, kb = packed_last_dim(k), xtiles = (m + K::kLanes - 1) / K::kLanes;
   typename K::Tile tile_w;
   uint32_t bad = 0;
   for (int64_t c0 = 0; c0 < groups; c0 += chunk) {
     const int64_t cn = std::min(groups, c0 + chunk) - c0;
     for (int64_t tile = tile0; tile < tile1; ++tile) {
-      const int64_t n0 = tile * kLaneRows, rows = std::min<int64_t>(kLaneRows, n - n0);
-      for (int r = 0; r < kLaneRows; ++r) {  // rows past n: zero weights (x is finite)
+      const int64_t n0 = tile * R, rows = std::min<int64_t>(R, n - n0);
+      for (int r = 0; r < R; ++r) {  // rows past n: zero weights (x is finite)
         const bool real = r < rows;
         bad |= K::pack_row(tile_w, r, real ? vals + (n0 + r) * (k / 2) : nullptr,
                            real ? meta + (n0 + r) * kb : nullptr, c0, cn);
       }
       if (tile + 1 < tile1) {  // the next tile's part of the chunk, while this one computes
         const int64_t vsize = int64_t(sizeof(typename K::Value));
-        for (int64_t r = n0 + kLaneRows; r < std::min(n, n0 + 2 * kLaneRows); ++r) {
+        for (int64_t r = n0 + R; r < std::min(n, n0 + 2 * R); ++r) {
           const char* vr = reinterpret_cast<const char*>(vals + r * (k / 2) + 2 * c0);
           for (int64_t i = 0; i < 2 * cn * vsize; i += 64) _mm_prefetch(vr + i, _MM_HINT_T0);
           const char* mr = reinterpret_cast<const char*>(meta + r * kb + c0 / 2);
@@ -625,8 +647,9 @@ template <typename K>
 bool gemm_lanes(const typename K::Source* x, const typename K::Value* vals, const uint8_t* meta,
                 int64_t m, int64_t n, int64_t k, float* y32) {
   using Layout = typename K::Layout;
-  const int64_t tiles = (n + kLaneRows - 1) / kLaneRows;
-  const int64_t xtiles_max = (std::min(m, kLaneBlockM) + 15) / 16;
+  constexpr int64_t L = K::kLanes, R = K::kRows;
+  const int64_t tiles = (n + R - 1) / R;
+  const int64_t xtiles_max = (std::min(m, kLaneBlockM) + L - 1) / L;
   // Not zeroed: build writes all of x's layout, and yT is written before it is read. The layout
   // is 64-byte aligned for the aligned loads, kPad elements past its end. yT: tiles of W rounded
   // up (all of a tile's rows are stored).
@@ -634,12 +657,11 @@ bool gemm_lanes(const typename K::Source* x, const typename K::Value* vals, cons
       new Layout[static_cast<size_t>(xtiles_max * K::tile_elems(k) + K::kPad + 64)]);
   Layout* xl =
       reinterpret_cast<Layout*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
-  const std::unique_ptr<float[]> yT(
-      new float[static_cast<size_t>(tiles * kLaneRows * 16 * xtiles_max)]);
+  const std::unique_ptr<float[]> yT(new float[static_cast<size_t>(tiles * R * L * xtiles_max)]);
   std::atomic<bool> all_ok{true};
   for (int64_t m0 = 0; m0 < m; m0 += kLaneBlockM) {
     const int64_t mb = std::min(kLaneBlockM, m - m0);
-    const int64_t chunk = lane_chunk(mb, K::kGroupBytes, K::kChunkMultiple);
+    const int64_t chunk = lane_chunk(mb, L, K::kGroupBytes, K::kChunkMultiple);
     K::build(x + m0 * k, mb, k, xl);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       if (!lanes_tiles<K>(xl, vals, meta, mb, n, k, chunk, t0, t1, yT.get(), y32 + m0 * n))
@@ -712,14 +734,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void build_pairs_block(cons
   }
 }
 
-// xp for all of x [m, k] (bf16 bits), tiles of 16 rows (rows past m are 0).
-void build_pairs(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
-  const int64_t blocks = (k + 15) / 16;
-  at::parallel_for(0, (m + 15) / 16 * blocks, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) build_pairs_block(x, m, k, i / blocks, 16 * (i % blocks), xp);
-  });
-}
-
 // The xp offset (in uint32) of the pattern of each nibble in dword lanes: ((nib >> 1) - 1) & 7,
 // times 16. An invalid nibble's may be one of the 2 slots past its group (xp is padded; the
 // output is then dropped).
@@ -741,14 +755,15 @@ CAST_PAIRS_TARGET C10_ALWAYS_INLINE __m512i pair_offsets(__m512i bytes, __m512i&
 }
 
 struct PairsKernel {
+  static constexpr int kLanes = 16, kRows = 12;
   using Source = uint16_t;  // bf16 bits
   using Value = c10::BFloat16;
   using Layout = uint32_t;
   // Row r of the tile at [r][0, chunk): its value pairs (two bf16) and their patterns' offsets
   // in a group of xp.
   struct Tile {
-    alignas(64) uint32_t wt[kLaneRows][kLaneMaxChunk];
-    alignas(64) uint16_t ot[kLaneRows][kLaneMaxChunk];
+    alignas(64) uint32_t wt[kRows][kLaneMaxChunk];
+    alignas(64) uint16_t ot[kRows][kLaneMaxChunk];
   };
   static constexpr int64_t kGroupBytes = kPairWords * int64_t(sizeof(uint32_t));
   static constexpr int64_t kChunkMultiple = 32;  // meta read 16 bytes at a time
@@ -756,7 +771,8 @@ struct PairsKernel {
   static int64_t tile_elems(int64_t k) { return k / 4 * kPairWords; }
 
   static void build(const uint16_t* x, int64_t m, int64_t k, uint32_t* xp) {
-    build_pairs(x, m, k, xp);
+    build_blocks<kLanes>(m, k,
+                         [&](int64_t t, int64_t c0) { build_pairs_block(x, m, k, t, c0, xp); });
   }
 
   // Row r of the tile: groups [c0, c0 + cn) of the row whose values start at v (null: past n)
@@ -793,13 +809,13 @@ struct PairsKernel {
                                         int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
                                         int64_t cn, float* yT, float* y32) {
     const int64_t groups = k / 4, stride = groups * kPairWords;
-    __m512 acc[kLaneRows][T];
-    lanes_acc_load<T>(acc, yT, m, t0, n0, c0);
+    __m512 acc[kRows][T];
+    lanes_acc_load(acc, yT, m, t0, n0, c0);
     const uint32_t* xt = xp + (t0 * groups + c0) * kPairWords;
     for (int64_t g = 0; g < cn; ++g) {
       const uint32_t* xg = xt + g * kPairWords;
 #pragma GCC unroll 12
-      for (int r = 0; r < kLaneRows; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         const __m512i w = _mm512_set1_epi32(int(tw.wt[r][g]));
         const uint32_t* xs = xg + tw.ot[r][g];
         for (int t = 0; t < T; ++t)
@@ -807,16 +823,63 @@ struct PairsKernel {
                                        (__m512bh)_mm512_load_si512(xs + t * stride));
       }
     }
-    lanes_acc_store<T>(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == groups);
+    lanes_acc_store(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == groups);
   }
 };
 #undef CAST_PAIRS_TARGET
 
-// The kept-value kernel: fp32 with AVX-512F, for every dtype (x and the values in fp32; fp32,
-// fp16, and bf16 where the pairs kernel does not run).
-// * x's layout: x transposed into tiles of 16 rows (xt[t][c][l]: column c of row 16t + l).
-// * Per kept value: the value broadcast, its column's 16 lanes, one FMA. A row's offsets come
-//   from kept_positions, 8 groups at a time.
+// The kept-value kernels, for every dtype (x and the values in fp32; fp32, fp16, and bf16 where
+// the pairs kernel does not run): KeptKernel with AVX-512F, KeptKernelAvx2 with AVX2 but not
+// AVX-512.
+// * x's layout: x transposed into tiles of kLanes rows (xt[t][c][l]: column c of row
+//   kLanes * t + l).
+// * Per kept value: the value broadcast, its column's kLanes lanes, one FMA.
+// KeptTiles holds what they share: the packed tile, its rows' values and the offsets of groups
+// taken one at a time.
+template <typename T, int Lanes, int Rows>
+struct KeptTiles {
+  static constexpr int kLanes = Lanes, kRows = Rows;
+  using Source = float;
+  using Value = T;
+  using Layout = float;
+  // Row r of the tile at [r][0, 2 chunk): its kept values (fp32) and their columns' offsets in
+  // the chunk of xt (kLanes floats a column).
+  struct Tile {
+    alignas(64) float wt[kRows][2 * kLaneMaxChunk];
+    alignas(64) uint16_t ot[kRows][2 * kLaneMaxChunk];
+  };
+  static constexpr int64_t kGroupBytes = 4 * kLanes * int64_t(sizeof(float));
+  static constexpr int64_t kChunkMultiple = 8;  // meta read up to 4 bytes at a time
+  static constexpr int64_t kPad = 0;
+  static int64_t tile_elems(int64_t k) { return k * kLanes; }
+
+  // The start of pack_row (row r of the tile, groups [c0, c0 + cn) of the row whose values
+  // start at v): a row past n (v null) gets zeros, and false; a real one its values in fp32.
+  static bool row_values(Tile& tw, int r, const T* v, int64_t c0, int64_t cn) {
+    if (v == nullptr) {
+      std::fill_n(tw.wt[r], 2 * cn, 0.f);
+      std::fill_n(tw.ot[r], 2 * cn, uint16_t(0));
+      return false;
+    }
+    to_float(v + 2 * c0, 2 * cn, tw.wt[r]);
+    return true;
+  }
+
+  // The offsets of groups [g0, cn) of row r, one at a time (mr: the chunk's meta). Returns 1 on
+  // a nibble without exactly 2 bits.
+  static uint32_t tail_offsets(Tile& tw, int r, const uint8_t* mr, int64_t g0, int64_t cn) {
+    uint32_t bad = 0;
+    for (int64_t g = g0; g < cn; ++g) {
+      const uint32_t nb = (uint32_t(mr[g / 2]) >> (4 * (g & 1))) & 15u;
+      bad |= uint32_t(__builtin_popcount(nb) != 2);
+      const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
+      tw.ot[r][2 * g] = uint16_t((4 * g + p0) * kLanes);
+      tw.ot[r][2 * g + 1] = uint16_t((4 * g + p1) * kLanes);
+    }
+    return bad;
+  }
+};
+
 #define CAST_KEPT_TARGET __attribute__((target("avx512f,avx512bw")))
 
 // Tile t of xt for columns [c0, c0 + 16) of x32 [m, k] (fewer at the end): the 16 rows
@@ -834,49 +897,27 @@ __attribute__((target("avx512f"))) void build_columns_block(const float* x32, in
   for (int64_t c = 0; c < cols; ++c) _mm512_store_si512(xt + (t * k + c0 + c) * 16, r[c]);
 }
 
-// xt for all of x32 [m, k], tiles of 16 rows (rows past m are 0).
-void build_columns(const float* x32, int64_t m, int64_t k, float* xt) {
-  const int64_t blocks = (k + 15) / 16;
-  at::parallel_for(0, (m + 15) / 16 * blocks, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      build_columns_block(x32, m, k, i / blocks, 16 * (i % blocks), xt);
-  });
-}
-
+// AVX-512: tiles of 16 rows of x, 12 rows of W. A row's offsets come from kept_positions, 8
+// groups at a time.
 template <typename T>
-struct KeptKernel {
-  using Source = float;
-  using Value = T;
-  using Layout = float;
-  // Row r of the tile at [r][0, 2 chunk): its kept values (fp32) and their columns' offsets in
-  // the chunk of xt (16 floats a column).
-  struct Tile {
-    alignas(64) float wt[kLaneRows][2 * kLaneMaxChunk];
-    alignas(64) uint16_t ot[kLaneRows][2 * kLaneMaxChunk];
-  };
-  static constexpr int64_t kGroupBytes = 4 * 16 * int64_t(sizeof(float));
-  static constexpr int64_t kChunkMultiple = 8;  // meta read 4 bytes at a time
-  static constexpr int64_t kPad = 0;
-  static int64_t tile_elems(int64_t k) { return k * 16; }
+struct KeptKernel : KeptTiles<T, 16, 12> {
+  using Base = KeptTiles<T, 16, 12>;
+  using Base::kRows;
+  using typename Base::Tile;
 
   static void build(const float* x32, int64_t m, int64_t k, float* xt) {
-    build_columns(x32, m, k, xt);
+    build_blocks<16>(m, k,
+                     [&](int64_t t, int64_t c0) { build_columns_block(x32, m, k, t, c0, xt); });
   }
 
   // Row r of the tile: groups [c0, c0 + cn) of the row whose values start at v (null: past n)
   // and meta at mt.
   static CAST_KEPT_TARGET uint32_t pack_row(Tile& tw, int r, const T* v, const uint8_t* mt,
                                             int64_t c0, int64_t cn) {
-    if (v == nullptr) {
-      std::fill_n(tw.wt[r], 2 * cn, 0.f);
-      std::fill_n(tw.ot[r], 2 * cn, uint16_t(0));
-      return 0;
-    }
-    to_float(v + 2 * c0, 2 * cn, tw.wt[r]);
+    if (!Base::row_values(tw, r, v, c0, cn)) return 0;
     const uint8_t* mr = mt + c0 / 2;
     const __m512i quad = group_offsets();
     __m512i flags = _mm512_setzero_si512();
-    uint32_t bad_tail = 0;
     int64_t b = 0;  // 8 groups (a meta word, 16 kept values) at a time, then one at a time
     for (; 8 * b + 8 <= cn; ++b) {
       uint32_t word;
@@ -889,36 +930,123 @@ struct KeptKernel {
       _mm256_store_si256(reinterpret_cast<__m256i*>(&tw.ot[r][16 * b]),
                          _mm512_cvtepi32_epi16(_mm512_slli_epi32(col, 4)));
     }
-    for (int64_t g = 8 * b; g < cn; ++g) {
-      const uint32_t nb = (uint32_t(mr[g / 2]) >> (4 * (g & 1))) & 15u;
-      bad_tail |= uint32_t(__builtin_popcount(nb) != 2);
-      const int p0 = nb ? __builtin_ctz(nb) : 0, p1 = nb ? 31 - __builtin_clz(nb) : 0;
-      tw.ot[r][2 * g] = uint16_t((4 * g + p0) * 16);
-      tw.ot[r][2 * g + 1] = uint16_t((4 * g + p1) * 16);
-    }
-    return uint32_t(any_bad(flags)) | bad_tail;
+    return uint32_t(any_bad(flags)) | Base::tail_offsets(tw, r, mr, 8 * b, cn);
   }
 
   template <int U>  // U tiles of x
   static CAST_KEPT_TARGET void tiles_x(const float* xt, const Tile& tw, int64_t m, int64_t n,
                                        int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
                                        int64_t cn, float* yT, float* y32) {
-    __m512 acc[kLaneRows][U];
-    lanes_acc_load<U>(acc, yT, m, t0, n0, c0);
+    __m512 acc[kRows][U];
+    lanes_acc_load(acc, yT, m, t0, n0, c0);
     const float* xc = xt + (t0 * k + 4 * c0) * 16;
     for (int64_t q = 0; q < 2 * cn; ++q) {
 #pragma GCC unroll 12
-      for (int r = 0; r < kLaneRows; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         const __m512 w = _mm512_set1_ps(tw.wt[r][q]);
         const float* xs = xc + tw.ot[r][q];
         for (int t = 0; t < U; ++t)
           acc[r][t] = _mm512_fmadd_ps(w, _mm512_load_ps(xs + t * k * 16), acc[r][t]);
       }
     }
-    lanes_acc_store<U>(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == k / 4);
+    lanes_acc_store(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == k / 4);
   }
 };
 #undef CAST_KEPT_TARGET
+
+#define CAST_KEPT2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+// Transposes the 8 x 8 floats of r (row i in r[i]) in place: r[j] holds column j.
+CAST_KEPT2_TARGET C10_ALWAYS_INLINE void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {  // rows 2i, 2i+1 interleaved: columns (0 1 | 4 5), (2 3 | 6 7)
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3 of columns (c | c + 4), c = 0..3
+    u[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+// Tile t of xt (8 rows) for columns [c0, c0 + 8) of x32 [m, k] (fewer at the end): the 8 rows
+// transposed.
+CAST_KEPT2_TARGET void build_columns8_block(const float* x32, int64_t m, int64_t k, int64_t t,
+                                            int64_t c0, float* xt) {
+  const int64_t cols = std::min<int64_t>(8, k - c0);
+  const __m256i mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(cols)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 r[8];
+  for (int l = 0; l < 8; ++l) {
+    const int64_t row = 8 * t + l;
+    r[l] = row < m ? _mm256_maskload_ps(x32 + row * k + c0, mask) : _mm256_setzero_ps();
+  }
+  transpose8(r);
+  for (int64_t c = 0; c < cols; ++c) _mm256_store_ps(xt + (t * k + c0 + c) * 8, r[c]);
+}
+
+// AVX2 (x86-64-v3: AMD Zen 2/3, Intel client CPUs): tiles of 8 rows of x, 6 rows of W (12
+// accumulators and a broadcast in the 16 vector registers). A row's offsets come from
+// kAvx2Positions, a meta byte (2 groups) at a time.
+template <typename T>
+struct KeptKernelAvx2 : KeptTiles<T, 8, 6> {
+  using Base = KeptTiles<T, 8, 6>;
+  using Base::kRows;
+  using typename Base::Tile;
+
+  static void build(const float* x32, int64_t m, int64_t k, float* xt) {
+    build_blocks<8>(m, k,
+                    [&](int64_t t, int64_t c0) { build_columns8_block(x32, m, k, t, c0, xt); });
+  }
+
+  static CAST_KEPT2_TARGET uint32_t pack_row(Tile& tw, int r, const T* v, const uint8_t* mt,
+                                             int64_t c0, int64_t cn) {
+    if (!Base::row_values(tw, r, v, c0, cn)) return 0;
+    const uint8_t* mr = mt + c0 / 2;
+    __m128i flags = _mm_setzero_si128();
+    int64_t j = 0;  // meta bytes (2 groups, 4 kept values) while both groups are in the chunk
+    for (; 2 * j + 2 <= cn; ++j) {
+      const __m128i pos =
+          _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mr[j]]));
+      flags = _mm_or_si128(flags, pos);
+      // column 8j + position (its low 3 bits: a flagged one stays in the chunk), 8 floats each
+      const __m128i col =
+          _mm_add_epi32(_mm_and_si128(pos, _mm_set1_epi32(7)), _mm_set1_epi32(int(8 * j)));
+      const __m128i off = _mm_slli_epi32(col, 3);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(&tw.ot[r][4 * j]), _mm_packus_epi32(off, off));
+    }
+    const uint32_t bad = uint32_t(!_mm_testz_si128(flags, _mm_set1_epi32(kBadPos)));
+    return bad | Base::tail_offsets(tw, r, mr, 2 * j, cn);
+  }
+
+  template <int U>  // U tiles of x
+  static CAST_KEPT2_TARGET void tiles_x(const float* xt, const Tile& tw, int64_t m, int64_t n,
+                                        int64_t k, int64_t t0, int64_t n0, int64_t rows, int64_t c0,
+                                        int64_t cn, float* yT, float* y32) {
+    __m256 acc[kRows][U];
+    lanes_acc_load(acc, yT, m, t0, n0, c0);
+    const float* xc = xt + (t0 * k + 4 * c0) * 8;
+    for (int64_t q = 0; q < 2 * cn; ++q) {
+#pragma GCC unroll 6
+      for (int r = 0; r < kRows; ++r) {
+        // (set1 of the value: through _mm256_broadcast_ss's float pointer, GCC 12 stored every
+        // accumulator to the stack after each FMA; 4096 x 4096 fp32, M = 128: 29 ms, not 23)
+        const __m256 w = _mm256_set1_ps(tw.wt[r][q]);
+        const float* xs = xc + tw.ot[r][q];
+        for (int t = 0; t < U; ++t)
+          acc[r][t] = _mm256_fmadd_ps(w, _mm256_load_ps(xs + t * k * 8), acc[r][t]);
+      }
+    }
+    lanes_acc_store(acc, yT, y32, m, n, t0, n0, rows, c0 + cn == k / 4);
+  }
+};
+#undef CAST_KEPT2_TARGET
 
 // The lanes of 32 bf16 (bits) that are NaN, Inf or subnormal: an exponent field of all ones, or
 // of 0 with a fraction.
@@ -1057,9 +1185,10 @@ at::Tensor sparse24_gemm_cpu(const at::Tensor& x_in, const at::Tensor& values_in
     // a pruned position would not reach y, where F.linear on the decompressed weight (and every
     // other path here and on CUDA) forms 0 * NaN = NaN: such inputs take the expansion paths.
     const bool finite = (kGemvAvx512 || kGemvAvx2) && nonfinite_bits(xp, m * k) == 0u;
-    if (finite && kGemvAvx512 && m >= kLaneMinM) {
-      ok = gemm_lanes<KeptKernel<scalar_t>>(xp, vals, mt, m, n, k, yp);
-    } else if (finite && m <= kGemvMaxM) {
+    if (finite && m >= kLaneMinM) {
+      ok = kGemvAvx512 ? gemm_lanes<KeptKernel<scalar_t>>(xp, vals, mt, m, n, k, yp)
+                       : gemm_lanes<KeptKernelAvx2<scalar_t>>(xp, vals, mt, m, n, k, yp);
+    } else if (finite) {
       ok = gemm_gemv<scalar_t>(x.const_data_ptr<scalar_t>(), xp, vals, mt, m, n, k, yp);
     } else
 #endif
