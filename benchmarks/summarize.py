@@ -20,7 +20,14 @@ def summarize(path: str) -> list[str]:
     for b in data["benchmarks"]:
         impl = b["params"].get("impl", b["name"]) if b.get("params") else b["name"]
         groups[b["group"]][impl] = b["stats"]["median"]
-    lines = [f"{data['machine_info'].get('cpu', {}).get('brand_raw', '')} {data['datetime']}"]
+    info = data["machine_info"]
+    lines = [f"{info.get('cpu', {}).get('brand_raw', '')} {data['datetime']}"]
+    if "cast_ext_cpu_isa" in info:  # files written since the instruction sets were recorded
+        caps = " ".join(f"{k}={v}" for k, v in info.get("isa_caps", {}).items()) or "none"
+        lines.append(
+            f"kernels: cast_ext {info['cast_ext_cpu_isa']}, torch "
+            f"{info['torch_cpu_capability']}; caps: {caps}"
+        )
     for group, impls in sorted(groups.items()):
         lines.append(f"{group}:")
         for impl, t in sorted(impls.items(), key=lambda kv: kv[1]):

@@ -12,6 +12,24 @@ import pytest
 import torch
 
 QUICK = os.environ.get("CAST_EXT_BENCH_QUICK", "0") == "1"
+# Caps on the instruction sets of cast_ext's kernels and of torch's own (ATen's vectorised ops,
+# oneDNN, MKL): set together, they run a machine as a lesser CPU would (an AVX2 one, say).
+ISA_CAPS = (
+    "CAST_EXT_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    """The kernels' instruction sets in the results file: cast_ext's version, torch's CPU
+    capability and whichever caps were set."""
+    import cast_ext
+
+    machine_info["cast_ext_cpu_isa"] = cast_ext.build_info()["cpu_isa"]
+    machine_info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    machine_info["isa_caps"] = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
 
 
 def run(benchmark, fn, rounds: int = 5):
