@@ -4,10 +4,10 @@
 // ascending position) and meta [N, ceil(K/8)] (the packed 1-bit mask, a nibble per group). With
 // AVX-512 or AVX2 and a finite x (a NaN or Inf of x must meet the pruned weights, as in
 // F.linear), the kernels multiply straight from the packed format:
-// * M <= kGemvMaxM rows of x (see gemv_rows_avx512): each group's kept values meet their x
+// * M <= kGemvMaxM rows of x (see GemvAvx512, gemv_rows): each group's kept values meet their x
 //   elements through a permute indexed by the meta, so M = 1 reads 56% of a dense bf16 weight's
-//   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (gemv_rows_bf16); with AVX2
-//   but not AVX-512, the same with 8-lane vectors (gemv_rows_avx2);
+//   bytes and beats dense; for bf16 with AVX-512 BF16, vdpbf16ps (GemvBf16); with AVX2
+//   but not AVX-512, the same with 8-lane vectors (GemvAvx2);
 // * more rows, rows of x in the lanes: bf16 with AVX-512 BF16 and no subnormal in x, the pairs
 //   kernel (x rewritten as the pairs each 2:4 pattern reads, one vdpbf16ps per kept pair and 16
 //   rows of x: see PairsKernel, gemm_lanes); otherwise the kept-value kernel (x transposed, one
@@ -218,9 +218,9 @@ C10_ALWAYS_INLINE uint32_t tail_groups(const T* v, const uint8_t* mt, const X* x
 // per row of x accumulates. The meta is read 4 bytes at a time and the values once (56% of a
 // dense bf16 row's bytes). A nibble whose popcount is not 2 looks up a flag bit (kBadPos) that
 // is ORed up and reported (the lane's permute uses only the low 5 bits; the output is then
-// dropped). Groups
-// past the last multiple of 8 are done one at a time. Accumulation: fp32, 16 lanes per row of
-// x, summed at the end: the order differs from the expansion path, within the same fp32 bound.
+// dropped). Accumulation: fp32, 16 lanes per row of x, summed at the end (gemv_rows runs the
+// blocks and the groups past them): the order differs from the expansion path, within the same
+// fp32 bound.
 #define CAST_GEMV_TARGET __attribute__((target("avx512f")))
 
 template <typename T>
@@ -266,70 +266,57 @@ CAST_GEMV_TARGET C10_ALWAYS_INLINE bool any_bad(__m512i flags) {
   return _mm512_test_epi32_mask(flags, _mm512_set1_epi32(kBadPos)) != 0;
 }
 
-template <typename T, int M>
-CAST_GEMV_TARGET bool gemv_rows_avx512(const float* x32, const T* vals, const uint8_t* meta,
-                                       int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
-  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 8;
-  const __m512i quad = group_offsets();
-  __m512i flags = _mm512_setzero_si512();
-  uint32_t bad_tail = 0;
-  // Blocked for the L1: a tile of kGemvTileRows rows of W takes a chunk of the blocks at a time,
-  // every row of the tile against the same kGemvChunkBytes of x (M rows), its accumulators
-  // parked in acc_buf between chunks. Each lane accumulates its blocks in the same order as
-  // without blocking. (x whole per row of W, as before, streamed M * k * 4 bytes from the L2
-  // per row once M * k * 4 passed the L1: at M = 16, k = 4096, 256 KB a row.)
-  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 32 * int64_t(sizeof(float))));
-  __m512 acc_buf[kGemvTileRows][M];
-  alignas(64) float xbuf[kGemvChunkBytes / sizeof(float)];
-  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
-    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
-    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
-      const int64_t c1 = std::min(blocks, c0 + chunk);
-      int64_t ldx;
-      const float* xc = x_chunk<M>(x32, k, 32 * c0, 32 * (c1 - c0), xbuf, ldx);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* v = vals + (t0 + r) * (k / 2);
-        const uint8_t* mt = meta + (t0 + r) * kb;
-        __m512 acc[M];
-        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
-        for (int64_t b = c0; b < c1; ++b) {
-          uint32_t word;
-          std::memcpy(&word, mt + 4 * b, 4);
-          const __m512i pos = kept_positions(word);
-          flags = _mm512_or_si512(flags, pos);
-          const __m512i idx = _mm512_add_epi32(quad, pos);
-          const __m512 w = load16(v + 16 * b);
-#pragma GCC unroll 16  // whole: acc[] stays in registers (GCC kept it in memory at M = 16)
-          for (int i = 0; i < M; ++i) {
-            const float* xb = xc + i * ldx + 32 * (b - c0);
-            const __m512 xs =
-                _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
-            acc[i] = _mm512_fmadd_ps(w, xs, acc[i]);
-          }
-        }
-        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
-      }
-    }
+template <typename T>
+struct GemvAvx512 {
+  using X = float;
+  using Value = T;
+  using Acc = __m512;
+  static constexpr int64_t kCols = 32;  // x columns of a block: 8 groups
+
+  // Rows [0, rows) of a tile of W (row r's values at v + r * (k / 2), its meta at mt + r * kb)
+  // over blocks [c0, c1), whose x is xc (row stride ldx, from block c0): acc_buf[r][i] += the
+  // products with row i of x. False on an invalid nibble.
+  template <int M>
+  static CAST_GEMV_TARGET bool tile_chunk(__m512 (&acc_buf)[kGemvTileRows][M], int64_t rows,
+                                          const float* xc, int64_t ldx, const T* v,
+                                          const uint8_t* mt, int64_t kb, int64_t k, int64_t c0,
+                                          int64_t c1) {
+    const __m512i quad = group_offsets();
+    __m512i flags = _mm512_setzero_si512();
     for (int64_t r = 0; r < rows; ++r) {
-      const T* v = vals + (t0 + r) * (k / 2);
-      const uint8_t* mt = meta + (t0 + r) * kb;
-      float tail[M] = {};
-      bad_tail |= tail_groups<M>(v, mt, x32, k, 8 * blocks, groups, tail);
-      for (int i = 0; i < M; ++i)
-        y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
+      const T* vr = v + r * (k / 2);
+      const uint8_t* mr = mt + r * kb;
+      __m512 acc[M];
+      for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+      for (int64_t b = c0; b < c1; ++b) {
+        uint32_t word;
+        std::memcpy(&word, mr + 4 * b, 4);
+        const __m512i pos = kept_positions(word);
+        flags = _mm512_or_si512(flags, pos);
+        const __m512i idx = _mm512_add_epi32(quad, pos);
+        const __m512 w = load16(vr + 16 * b);
+#pragma GCC unroll 16  // whole: acc[] stays in registers (GCC kept it in memory at M = 16)
+        for (int i = 0; i < M; ++i) {
+          const float* xb = xc + i * ldx + 32 * (b - c0);
+          const __m512 xs =
+              _mm512_permutex2var_ps(_mm512_loadu_ps(xb), idx, _mm512_loadu_ps(xb + 16));
+          acc[i] = _mm512_fmadd_ps(w, xs, acc[i]);
+        }
+      }
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
     }
+    return !any_bad(flags);
   }
-  return !any_bad(flags) && bad_tail == 0;
-}
+
+  static CAST_GEMV_TARGET float reduce(const __m512& acc) { return _mm512_reduce_add_ps(acc); }
+};
 
 const bool kGemvAvx512 = cpu_isa() == CpuIsa::Avx512;
 
 #undef CAST_GEMV_TARGET
 
 // The decode-sized product for CPUs with AVX2 but not AVX-512 (x86-64-v3: most AMD Zen 2/3
-// and Intel client CPUs), as gemv_rows_avx512 with 8-lane vectors: 4 groups of a row (8 kept
+// and Intel client CPUs), as GemvAvx512 with 8-lane vectors: 4 groups of a row (8 kept
 // values, 2 meta bytes) at a time. A byte's two groups look up their 4 lanes' positions in a
 // 256-entry table (kAvx2Positions: 4 KB, in the L1); the x elements come from the 16 that the
 // 4 groups span through two one-source permutes and a blend on the position's bit 3. Up to 8
@@ -382,61 +369,50 @@ CAST_AVX2_TARGET C10_ALWAYS_INLINE float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
 }
 
-template <typename T, int M>
-CAST_AVX2_TARGET bool gemv_rows_avx2(const float* x32, const T* vals, const uint8_t* meta,
-                                     int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
-  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 4;
-  __m256i flags = _mm256_setzero_si256();
-  uint32_t bad_tail = 0;
-  // Blocked for the L1 as gemv_rows_avx512 is (blocks of 16 columns here).
-  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 16 * int64_t(sizeof(float))));
-  __m256 acc_buf[kGemvTileRows][M];
-  alignas(64) float xbuf[kGemvChunkBytes / sizeof(float)];
-  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
-    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm256_setzero_ps();
-    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
-      const int64_t c1 = std::min(blocks, c0 + chunk);
-      int64_t ldx;
-      const float* xc = x_chunk<M>(x32, k, 16 * c0, 16 * (c1 - c0), xbuf, ldx);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* v = vals + (t0 + r) * (k / 2);
-        const uint8_t* mt = meta + (t0 + r) * kb;
-        __m256 acc[M];
-        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
-        for (int64_t b = c0; b < c1; ++b) {
-          const __m128i lo =
-              _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mt[2 * b]]));
-          const __m128i hi =
-              _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mt[2 * b + 1]]));
-          const __m256i pos = _mm256_set_m128i(_mm_add_epi32(hi, _mm_set1_epi32(8)), lo);
-          flags = _mm256_or_si256(flags, pos);
-          const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(pos, 28));  // bit 3: x[8, 16)
-          const __m256 w = load8_avx2(v + 8 * b);
-#pragma GCC unroll 8
-          for (int i = 0; i < M; ++i) {
-            const float* xb = xc + i * ldx + 16 * (b - c0);
-            const __m256 xs =
-                _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xb), pos),
-                                 _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8), pos), upper);
-            acc[i] = _mm256_fmadd_ps(w, xs, acc[i]);
-          }
-        }
-        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
-      }
-    }
+template <typename T>
+struct GemvAvx2 {
+  using X = float;
+  using Value = T;
+  using Acc = __m256;
+  static constexpr int64_t kCols = 16;  // x columns of a block: 4 groups
+
+  template <int M>  // as GemvAvx512::tile_chunk
+  static CAST_AVX2_TARGET bool tile_chunk(__m256 (&acc_buf)[kGemvTileRows][M], int64_t rows,
+                                          const float* xc, int64_t ldx, const T* v,
+                                          const uint8_t* mt, int64_t kb, int64_t k, int64_t c0,
+                                          int64_t c1) {
+    __m256i flags = _mm256_setzero_si256();
     for (int64_t r = 0; r < rows; ++r) {
-      const T* v = vals + (t0 + r) * (k / 2);
-      const uint8_t* mt = meta + (t0 + r) * kb;
-      float tail[M] = {};
-      bad_tail |= tail_groups<M>(v, mt, x32, k, 4 * blocks, groups, tail);
-      for (int i = 0; i < M; ++i) y32[i * n + t0 + r] = hsum8(acc_buf[r][i]) + tail[i];
+      const T* vr = v + r * (k / 2);
+      const uint8_t* mr = mt + r * kb;
+      __m256 acc[M];
+      for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+      for (int64_t b = c0; b < c1; ++b) {
+        const __m128i lo =
+            _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mr[2 * b]]));
+        const __m128i hi =
+            _mm_load_si128(reinterpret_cast<const __m128i*>(kAvx2Positions.pos[mr[2 * b + 1]]));
+        const __m256i pos = _mm256_set_m128i(_mm_add_epi32(hi, _mm_set1_epi32(8)), lo);
+        flags = _mm256_or_si256(flags, pos);
+        const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(pos, 28));  // bit 3: x[8, 16)
+        const __m256 w = load8_avx2(vr + 8 * b);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i) {
+          const float* xb = xc + i * ldx + 16 * (b - c0);
+          const __m256 xs =
+              _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xb), pos),
+                               _mm256_permutevar8x32_ps(_mm256_loadu_ps(xb + 8), pos), upper);
+          acc[i] = _mm256_fmadd_ps(w, xs, acc[i]);
+        }
+      }
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
     }
+    const __m256i bad = _mm256_and_si256(flags, _mm256_set1_epi32(kBadPos));
+    return _mm256_testz_si256(bad, bad);
   }
-  const __m256i bad = _mm256_and_si256(flags, _mm256_set1_epi32(kBadPos));
-  return _mm256_testz_si256(bad, bad) && bad_tail == 0;
-}
+
+  static CAST_AVX2_TARGET float reduce(const __m256& acc) { return hsum8(acc); }
+};
 #undef CAST_AVX2_TARGET
 
 const bool kGemvAvx2 = cpu_isa() == CpuIsa::Avx2;
@@ -445,74 +421,58 @@ const bool kGemvAvx2 = cpu_isa() == CpuIsa::Avx2;
 // bytes) at a time, the 32 values as they are stored, their x elements gathered by one
 // two-source word permute from the 64 bf16 x elements the groups span, and one vdpbf16ps per
 // row of x: lane q adds group q's two products. Per row of x, half the instructions and half
-// the x bytes of gemv_rows_avx512's fp32 lanes. The word indices come from kept_positions'
+// the x bytes of GemvAvx512's fp32 lanes. The word indices come from kept_positions'
 // dword ones (two halves of 8 groups), narrowed. Products of bf16 are exact in fp32, and
 // vdpbf16ps adds them to the fp32 lane rounding to nearest: within the fp32 accumulation bound
 // of the other paths, whose order it does not follow, except that it reads subnormal inputs as
 // 0 and flushes subnormal sums to 0 (it ignores MXCSR). So an x with a subnormal element takes
-// gemv_rows_avx512; subnormal weights are read as 0. Groups past the last multiple of 16 are
-// done one at a time.
+// GemvAvx512; subnormal weights are read as 0.
 #define CAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-template <int M>
-CAST_BF16_TARGET bool gemv_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* vals,
-                                     const uint8_t* meta, int64_t n, int64_t k, int64_t r0,
-                                     int64_t r1, float* y32) {
-  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / 16;
-  const __m512i quad = group_offsets();
-  const __m512i quad_hi = _mm512_add_epi32(quad, _mm512_set1_epi32(32));
-  __m512i flags = _mm512_setzero_si512();
-  uint32_t bad_tail = 0;
-  using Bf16 = c10::BFloat16;
-  // Blocked for the L1 as gemv_rows_avx512 is (blocks of 64 columns here).
-  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * 64 * int64_t(sizeof(Bf16))));
-  __m512 acc_buf[kGemvTileRows][M];
-  alignas(64) Bf16 xbuf[kGemvChunkBytes / sizeof(Bf16)];
-  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
-    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int i = 0; i < M; ++i) acc_buf[r][i] = _mm512_setzero_ps();
-    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
-      const int64_t c1 = std::min(blocks, c0 + chunk);
-      int64_t ldx;
-      const Bf16* xc = x_chunk<M>(x, k, 64 * c0, 64 * (c1 - c0), xbuf, ldx);
-      for (int64_t r = 0; r < rows; ++r) {
-        const Bf16* v = vals + (t0 + r) * (k / 2);
-        const uint8_t* mt = meta + (t0 + r) * kb;
-        __m512 acc[M];
-        for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
-        for (int64_t b = c0; b < c1; ++b) {
-          uint32_t lo, hi;  // the nibbles of groups 0-7 and 8-15 of the block
-          std::memcpy(&lo, mt + 8 * b, 4);
-          std::memcpy(&hi, mt + 8 * b + 4, 4);
-          const __m512i pos_lo = kept_positions(lo), pos_hi = kept_positions(hi);
-          flags = _mm512_ternarylogic_epi32(flags, pos_lo, pos_hi, 0xFE);  // a | b | c
-          const __m512i idx = _mm512_inserti64x4(
-              _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_add_epi32(quad, pos_lo))),
-              _mm512_cvtepi32_epi16(_mm512_add_epi32(quad_hi, pos_hi)), 1);
-          const __m512i w = _mm512_loadu_si512(v + 32 * b);
-#pragma GCC unroll 16  // whole: acc[] stays in registers
-          for (int i = 0; i < M; ++i) {
-            const Bf16* xb = xc + i * ldx + 64 * (b - c0);
-            const __m512i xs =
-                _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), idx, _mm512_loadu_si512(xb + 32));
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w, (__m512bh)xs);
-          }
-        }
-        for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
-      }
-    }
+struct GemvBf16 {
+  using X = c10::BFloat16;
+  using Value = c10::BFloat16;
+  using Acc = __m512;
+  static constexpr int64_t kCols = 64;  // x columns of a block: 16 groups
+
+  template <int M>  // as GemvAvx512::tile_chunk
+  static CAST_BF16_TARGET bool tile_chunk(__m512 (&acc_buf)[kGemvTileRows][M], int64_t rows,
+                                          const c10::BFloat16* xc, int64_t ldx,
+                                          const c10::BFloat16* v, const uint8_t* mt, int64_t kb,
+                                          int64_t k, int64_t c0, int64_t c1) {
+    const __m512i quad = group_offsets();
+    const __m512i quad_hi = _mm512_add_epi32(quad, _mm512_set1_epi32(32));
+    __m512i flags = _mm512_setzero_si512();
     for (int64_t r = 0; r < rows; ++r) {
-      const Bf16* v = vals + (t0 + r) * (k / 2);
-      const uint8_t* mt = meta + (t0 + r) * kb;
-      float tail[M] = {};
-      bad_tail |= tail_groups<M>(v, mt, x, k, 16 * blocks, groups, tail);
-      for (int i = 0; i < M; ++i)
-        y32[i * n + t0 + r] = _mm512_reduce_add_ps(acc_buf[r][i]) + tail[i];
+      const c10::BFloat16* vr = v + r * (k / 2);
+      const uint8_t* mr = mt + r * kb;
+      __m512 acc[M];
+      for (int i = 0; i < M; ++i) acc[i] = acc_buf[r][i];
+      for (int64_t b = c0; b < c1; ++b) {
+        uint32_t lo, hi;  // the nibbles of groups 0-7 and 8-15 of the block
+        std::memcpy(&lo, mr + 8 * b, 4);
+        std::memcpy(&hi, mr + 8 * b + 4, 4);
+        const __m512i pos_lo = kept_positions(lo), pos_hi = kept_positions(hi);
+        flags = _mm512_ternarylogic_epi32(flags, pos_lo, pos_hi, 0xFE);  // a | b | c
+        const __m512i idx = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_add_epi32(quad, pos_lo))),
+            _mm512_cvtepi32_epi16(_mm512_add_epi32(quad_hi, pos_hi)), 1);
+        const __m512i w = _mm512_loadu_si512(vr + 32 * b);
+#pragma GCC unroll 16  // whole: acc[] stays in registers
+        for (int i = 0; i < M; ++i) {
+          const c10::BFloat16* xb = xc + i * ldx + 64 * (b - c0);
+          const __m512i xs =
+              _mm512_permutex2var_epi16(_mm512_loadu_si512(xb), idx, _mm512_loadu_si512(xb + 32));
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w, (__m512bh)xs);
+        }
+      }
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = acc[i];
     }
+    return !any_bad(flags);
   }
-  return !any_bad(flags) && bad_tail == 0;
-}
+
+  static CAST_BF16_TARGET float reduce(const __m512& acc) { return _mm512_reduce_add_ps(acc); }
+};
 #undef CAST_BF16_TARGET
 
 const bool kGemvBf16 = cpu_avx512_bf16();
@@ -678,7 +638,7 @@ bool gemm_lanes(const typename K::Source* x, const typename K::Value* vals, cons
 //   with a group's two kept values (stored in ascending position). The patterns are the valid
 //   nibbles 3 5 6 9 10 12 in that order: p = (nibble >> 1) - 1. Rows past M are 0. 3x x's bytes.
 // * Per group and row of W: the group's value pair broadcast, its pattern's 16 lanes of xp, one
-//   vdpbf16ps. The rounding is vdpbf16ps's (see gemv_rows_bf16).
+//   vdpbf16ps. The rounding is vdpbf16ps's (see GemvBf16).
 #define CAST_PAIRS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 constexpr int kPairWords = 6 * 16;  // uint32 of xp per group and tile of x
@@ -1068,6 +1028,48 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_finite_normal(const uint16
   return acc == 0;
 }
 
+// The small-M kernels' loops around a kernel G's blocks (GemvAvx512, GemvAvx2, GemvBf16): rows
+// [r0, r1) of W into y32 [m, n] from M rows of x (row stride k). Blocked for the L1: a tile of
+// kGemvTileRows rows of W takes a chunk of the blocks at a time, every row of the tile against
+// the same kGemvChunkBytes of x (M rows), its accumulators parked in acc_buf between chunks.
+// Each lane accumulates its blocks in the same order as without blocking. (x whole per row of
+// W, as before, streamed M * k * 4 bytes from the L2 per row once M * k * 4 passed the L1: at
+// M = 16, k = 4096, 256 KB a row.) Groups past the last whole block are done one at a time.
+// G gives X (x's element), Value, Acc (its vector of fp32 lanes), kCols (x's columns in a
+// block), tile_chunk<M> (a tile's rows of W over a chunk of blocks; false on an invalid nibble) and
+// reduce (an accumulator's lanes summed). No vector instruction here (accumulators zeroed as
+// Acc{}): G's functions hold them.
+template <typename G, int M>
+bool gemv_rows(const typename G::X* x, const typename G::Value* vals, const uint8_t* meta,
+               int64_t n, int64_t k, int64_t r0, int64_t r1, float* y32) {
+  using X = typename G::X;
+  const int64_t kb = packed_last_dim(k), groups = k / 4, blocks = groups / (G::kCols / 4);
+  const int64_t chunk = std::max<int64_t>(1, kGemvChunkBytes / (M * G::kCols * int64_t(sizeof(X))));
+  typename G::Acc acc_buf[kGemvTileRows][M];
+  alignas(64) X xbuf[kGemvChunkBytes / sizeof(X)];
+  bool ok = true;
+  uint32_t bad_tail = 0;
+  for (int64_t t0 = r0; t0 < r1; t0 += kGemvTileRows) {
+    const int64_t rows = std::min<int64_t>(kGemvTileRows, r1 - t0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int i = 0; i < M; ++i) acc_buf[r][i] = typename G::Acc{};
+    for (int64_t c0 = 0; c0 < blocks; c0 += chunk) {
+      const int64_t c1 = std::min(blocks, c0 + chunk);
+      int64_t ldx;
+      const X* xc = x_chunk<M>(x, k, G::kCols * c0, G::kCols * (c1 - c0), xbuf, ldx);
+      ok &= G::template tile_chunk<M>(acc_buf, rows, xc, ldx, vals + t0 * (k / 2), meta + t0 * kb,
+                                      kb, k, c0, c1);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float tail[M] = {};
+      bad_tail |= tail_groups<M>(vals + (t0 + r) * (k / 2), meta + (t0 + r) * kb, x, k,
+                                 G::kCols / 4 * blocks, groups, tail);
+      for (int i = 0; i < M; ++i) y32[i * n + t0 + r] = G::reduce(acc_buf[r][i]) + tail[i];
+    }
+  }
+  return ok && bad_tail == 0;
+}
+
 // f(std::integral_constant<int, M>{}) for the run-time m in [1, kGemvMaxM]: the small-M kernels
 // are compiled per M (their accumulators in registers).
 template <typename F, int... Is>
@@ -1078,8 +1080,8 @@ bool with_m(int m, F&& f, std::integer_sequence<int, Is...>) {
 }
 
 // The small-M product from x (T) or its fp32 copy x32, threads taking rows of W 64 at a time:
-// gemv_rows_bf16 for bf16 where the CPU has AVX-512 BF16 and x has no subnormal element, else
-// gemv_rows_avx512, or gemv_rows_avx2 where the CPU has AVX2 but not AVX-512.
+// GemvBf16 for bf16 where the CPU has AVX-512 BF16 and x has no subnormal element, else
+// GemvAvx512, or GemvAvx2 where the CPU has AVX2 but not AVX-512.
 template <typename T>
 bool gemm_gemv(const T* x, const float* x32, const T* vals, const uint8_t* meta, int64_t m,
                int64_t n, int64_t k, float* y32) {
@@ -1091,9 +1093,9 @@ bool gemm_gemv(const T* x, const float* x32, const T* vals, const uint8_t* meta,
     const auto rows = [&](auto mc) {
       constexpr int M = decltype(mc)::value;
       if constexpr (std::is_same_v<T, c10::BFloat16>)
-        if (bf16) return gemv_rows_bf16<M>(x, vals, meta, n, k, r0, r1, y32);
-      return kGemvAvx512 ? gemv_rows_avx512<T, M>(x32, vals, meta, n, k, r0, r1, y32)
-                         : gemv_rows_avx2<T, M>(x32, vals, meta, n, k, r0, r1, y32);
+        if (bf16) return gemv_rows<GemvBf16, M>(x, vals, meta, n, k, r0, r1, y32);
+      return kGemvAvx512 ? gemv_rows<GemvAvx512<T>, M>(x32, vals, meta, n, k, r0, r1, y32)
+                         : gemv_rows<GemvAvx2<T>, M>(x32, vals, meta, n, k, r0, r1, y32);
     };
     if (!with_m(int(m), rows, std::make_integer_sequence<int, kGemvMaxM>{})) all_ok = false;
   });
