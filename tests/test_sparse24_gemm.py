@@ -18,6 +18,8 @@ from conftest import (
     gemm_tol,
     requires_cusparselt,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import cast_ext
@@ -87,6 +89,32 @@ def test_matches_linear(device: str, dtype: torch.dtype, shape: tuple, with_bias
     ref = reference.sparse24_gemm(x, values, meta, b)
     assert ref.shape == y.shape
     check_close(ref, x, w, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 30),
+    groups=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_shapes_match_linear(
+    m: int, n: int, groups: int, dtype: torch.dtype, with_bias: bool, seed: int
+) -> None:
+    """Random shapes on the CPU kernels (each instruction-set version runs this through
+    test_cpu_isa.py): 1-70 rows of x (the permute kernels to 8 rows, then tiles of 16 or 8 rows
+    of x, the last partial), rows of W past the last whole tile of 12 or 6, and up to 300
+    groups (chunks of up to 128, blocks of 8 or 16 groups and the groups after them, a row's
+    odd last group)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 4 * groups
+    w = ops.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype))
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    values, meta = ops.sparse24_compress(w)
+    check_close(cast_ext.sparse24_gemm(x, values, meta, b), x, w, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
