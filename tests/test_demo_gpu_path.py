@@ -278,7 +278,7 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     assert saved["complete"] and saved["device"] == "cuda" and saved["gpu"] == "NVIDIA H200"
     assert saved["git_sha"] == SHA and saved["torch"] == torch.__version__
     preset = saved["preset"]
-    assert preset["name"] == "gpu" and preset["dense_finetune"]
+    assert preset["name"] == "gpu" and preset["dense_finetune"] and preset["graph_teacher"]
     assert (preset["cast_steps"], preset["ft_steps"]) == (6, 3)  # --cast-steps, same windows
     assert saved["train_tokens"] == 6 * small.cast_batch * small.seq_len
     runs = saved["runs"]
@@ -293,6 +293,7 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
         assert [e["step"] for e in r["curve"]][-1] == r["steps"] and len(r["curve"]) >= 2
     assert runs["cast"]["steps"] == 6 and runs["finetune"]["steps"] == dense_ft["steps"] == 3
     c = runs["cast"]
+    assert c["teacher"] == "eager"  # the shim's tensors are CPU ones: nothing to capture
     assert c["finalize"]["all_2to4"] and c["finalize"]["mask_source"] == ["optimizer"]
     assert math.isfinite(c["before_finalize"]["ppl"]) and "predicted_ratio" in c["decay_budget"]
     assert len(c["health"]) == 4  # steps 0, 2, 4, 6
@@ -316,6 +317,31 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     assert not list(out.glob("results.json.tmp*"))
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "demo.png").stat().st_size > 10_000
+
+
+def test_eager_teacher_option_turns_the_gpu_presets_graph_off(monkeypatch, tmp_path):
+    """``--eager-teacher`` reaches run_cast as the preset's ``graph_teacher``; the GPU preset
+    has it on, the CPU one off (a CPU teacher never captures)."""
+    assert demo.PRESETS["gpu"].graph_teacher and not demo.PRESETS["cpu"].graph_teacher
+    seen = []
+
+    def stop(model: Any, data: Any, preset: demo.Preset, **kw: Any) -> dict[str, Any]:
+        seen.append(preset.graph_teacher)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "run_all", stop)
+    monkeypatch.setattr(demo, "load_smollm2", lambda *a, **kw: (tiny_llama(), None))
+    monkeypatch.setattr(demo, "ensure_shakespeare", lambda *a, **kw: {})
+    monkeypatch.setattr(demo, "build_data", lambda *a, **kw: types.SimpleNamespace(
+        train=torch.zeros(2, 4, dtype=torch.long)))  # fmt: skip
+    monkeypatch.setattr(demo, "eos_id", lambda *a: 0)
+    for argv, want in (
+        (["--preset", "gpu"], True),
+        (["--preset", "gpu", "--eager-teacher"], False),
+    ):
+        with pytest.raises(SystemExit):
+            demo.main([*argv, "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+        assert seen.pop() is want
 
 
 def test_gpu_demo_sh_takes_only_stage_or_run_first():
