@@ -64,9 +64,9 @@ constexpr int64_t kBlasMinM = 8;     // from this many rows of x on, expanded ti
 constexpr int64_t kBlasTileN = 256;  // BLAS path: rows of W per GEMM call
 constexpr int kGemvMaxM = 8;         // permute kernels: up to this many rows of x (then the
                                      // pairs and kept-value kernels)
-constexpr int kGemvTileRows = 8;     // AVX-512 path: rows of W that share a chunk of x in the L1
-constexpr int64_t kGemvChunkBytes = 16 * 1024;  // AVX-512 path: bytes of x (M rows) per chunk
-constexpr int kGemvCopyMinM = 4;  // AVX-512 path: above this many rows of x, chunks are copied
+constexpr int kGemvTileRows = 8;     // permute kernels: rows of W that share a chunk of x
+constexpr int64_t kGemvChunkBytes = 16 * 1024;  // permute kernels: bytes of x (M rows) a chunk
+constexpr int kGemvCopyMinM = 4;  // permute kernels: above this many rows, chunks are copied
 
 // Dot product of two fp32 rows; 8 lanes so the compiler can keep a vector register per lane.
 inline float dot(const float* a, const float* b, int64_t k) {
