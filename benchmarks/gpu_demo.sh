@@ -11,10 +11,12 @@
 # `stage` also builds the extension (as gpu_suite.sh does, stamped, so neither script builds it
 # again on that machine): call 2's 600 s are the demo's. Call 1 can be
 # `bash benchmarks/gpu_demo.sh stage && SUITE_BUDGET=240 bash benchmarks/gpu_suite.sh verify`
-# (the build is shared), which leaves one 15-minute device session about 8 minutes for the demo
-# (about 7 by the H200's step times, the model's conversion and the evaluations). Demo args after
-# `run` go to `python -m cast_ext demo` (e.g. --cast-steps 800 for a shorter run); the demo runs
-# with --no-progress (the log keeps the evaluations, not 4,000 bar updates).
+# (the build is shared), which leaves one 15-minute device session about 8 minutes for the demo.
+# The GPU preset sizes its CAST steps from timed trial steps so that its three training runs take
+# about 300 s; the model's conversion, the trials and the evaluations come on top (about 1-2
+# minutes, not yet measured there). Demo args after `run` go to `python -m cast_ext demo`
+# (e.g. --time-budget 200 where less time is left); the demo runs with --no-progress (the log
+# keeps the evaluations, not thousands of bar updates).
 #
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and
 # verified, converted to the fp32 cache, the texts extracted from the sdist, the demo ran.

