@@ -13,8 +13,9 @@
 # `bash benchmarks/gpu_demo.sh stage && SUITE_BUDGET=240 bash benchmarks/gpu_suite.sh verify`
 # (the build is shared), which leaves one 15-minute device session about 8 minutes for the demo.
 # The GPU preset sizes its CAST steps from timed trial steps so that its three training runs take
-# about 300 s; the model's conversion, the trials and the evaluations come on top (about 1-2
-# minutes, not yet measured there). Demo args after `run` go to `python -m cast_ext demo`
+# about 300 s; the model's conversion, the trials and the evaluations come on top (estimated at
+# 1-2 minutes, not yet measured there): give call 2 a timeout_s of at least the budget + 150 s,
+# or a smaller budget. Demo args after `run` go to `python -m cast_ext demo`
 # (e.g. --time-budget 200 where less time is left); the demo runs with --no-progress (the log
 # keeps the evaluations, not thousands of bar updates).
 #
