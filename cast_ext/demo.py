@@ -170,8 +170,9 @@ PRESETS: dict[str, Preset] = {
     # where the demo runs with TF32 and the teacher as a CUDA graph (what those save has not
     # been measured). Without a budget (--time-budget 0): 1,200 steps, 2.5M training tokens
     # per run. decay_budget on the first batch predicts the pruned weights at 3% of their size
-    # after 1,200 steps at lr 3e-4 (11% at 2e-4). A teacher capture that fails, or differs
-    # from the eager forward, warns and runs eagerly.
+    # after 1,200 steps at lr 3e-4 (11% at 2e-4); where the dense fine-tune would leave CAST
+    # fewer steps than it asks for, the sizing drops that run. A teacher capture that fails, or
+    # differs from the eager forward, warns and runs eagerly.
     "gpu": Preset(
         name="gpu",
         eval_every=250,
@@ -637,6 +638,23 @@ def _cast_setup(
     )
 
 
+def _preflight(
+    student: nn.Module, data: DemoData, preset: Preset, sched: cast.WarmupCosine
+) -> cast.DecayBudget:
+    """:func:`cast.decay_budget` of the fresh student on the first batch's gradient. At step 0
+    the student equals the teacher, so the KL term's gradient is 0 and (1 - eta) * CE gives the
+    first step's gradient exactly."""
+    ids = data.train[: preset.cast_batch].to(next(student.parameters()).device)
+    logits = getattr(student(ids), "logits", None)
+    loss = cast.distill_loss(logits, None, cast.shift_labels(ids), eta=0.0)
+    ((1.0 - preset.eta) * loss).backward()
+    budget = cast.decay_budget(
+        student, sched, preset.cast_steps, decay=preset.cast_decay, warn=False
+    )
+    student.zero_grad(set_to_none=True)
+    return budget
+
+
 def _graphed(
     teacher: nn.Module, preset: Preset, device: torch.device
 ) -> cast.CudaGraphTeacher | None:
@@ -657,19 +675,10 @@ def run_cast(
 ) -> dict[str, Any]:
     """CAST: AdamS + weight scaling + distillation from the frozen dense model, then finalize."""
     teacher, student, opt, sched = _cast_setup(base, preset, adams_cls)
-    # Preflight on the first batch's gradient. At step 0 the student equals the teacher, so the
-    # KL term's gradient is 0 and (1 - eta) * CE gives the first step's gradient exactly.
-    ids = data.train[: preset.cast_batch].to(next(student.parameters()).device)
-    logits = getattr(student(ids), "logits", None)
-    loss = cast.distill_loss(logits, None, cast.shift_labels(ids), eta=0.0)
-    ((1.0 - preset.eta) * loss).backward()
-    budget = cast.decay_budget(
-        student, sched, preset.cast_steps, decay=preset.cast_decay, warn=False
-    )
-    student.zero_grad(set_to_none=True)
+    budget = _preflight(student, data, preset, sched)
     say(str(budget))
 
-    graphed = _graphed(teacher, preset, ids.device)
+    graphed = _graphed(teacher, preset, next(student.parameters()).device)
     hist = cast.train(
         student,
         opt,
@@ -741,11 +750,15 @@ def _trial_steps(preset: Preset) -> int:
 _TRIAL_ARGS = {"eval_fn": None, "health_every": 0, "progress": False, "run_name": "trial"}
 
 
-def _cast_trial(base: nn.Module, data: DemoData, preset: Preset, adams_cls: type | None) -> float:
+def _cast_trial(
+    base: nn.Module, data: DemoData, preset: Preset, adams_cls: type | None
+) -> tuple[float, int | None]:
     """Seconds per CAST step: trial steps with the run's teacher (a CUDA graph where the preset
-    asks for one), plus a share of a health record, every ``health_every`` steps."""
+    asks for one), plus a share of a health record, every ``health_every`` steps; and the
+    steps the run's preflight says a near-lossless finalize needs (None: unknown)."""
     device = next(base.parameters()).device
     teacher, student, opt, sched = _cast_setup(base, preset, adams_cls)
+    needed = _preflight(student, data, preset, sched).steps_needed
     graphed = _graphed(teacher, preset, device)
     batches = _batches(data.train, preset.cast_batch)
     step_s = _seconds_per_step(
@@ -768,7 +781,7 @@ def _cast_trial(base: nn.Module, data: DemoData, preset: Preset, adams_cls: type
         t0 = time.perf_counter()
         cast.sparsity_health(student, opt, packed)
         step_s += (time.perf_counter() - t0) / preset.health_every
-    return step_s
+    return step_s, needed
 
 
 def _finetune_trial(base: nn.Module, data: DemoData, preset: Preset) -> tuple[float, float]:
@@ -817,44 +830,62 @@ def size_to_budget(
     fine-tune and (``dense_finetune``) the dense fine-tune, at the fixed-mask step's time,
     with their periodic evaluations; not the model's loading, the untrained runs' evaluations
     or the final prunes. The steps are rounded down to a multiple of ``cast_steps_multiple``,
-    within ``[cast_steps_multiple, max_cast_steps]``.
+    within ``[cast_steps_multiple, max_cast_steps]``. The dense fine-tune (context for CAST's
+    model before finalize, not the comparison the demo is for) is dropped where with it fewer
+    CAST steps would fit than the run's :func:`cast.decay_budget` preflight asks for.
     """
     budget = preset.time_budget_s
     if budget is None:
         raise ValueError(f"preset {preset.name} has no time_budget_s")
     t_start = time.perf_counter()
-    cast_s = _cast_trial(base, data, preset, adams_cls)
+    cast_s, needed = _cast_trial(base, data, preset, adams_cls)
     ft_s, eval_s = _finetune_trial(base, data, preset)
-
-    # Seconds for S CAST steps: a * S + b (the evaluations: every eval_every steps of each
-    # run and one at its end; a fine-tune step takes cast_batch / ft_batch of CAST's windows).
-    ratio = preset.cast_batch / preset.ft_batch
-    finetunes = 2 if preset.dense_finetune else 1
-    per_eval = 1 / preset.eval_every if preset.eval_every else 0.0
-    a = cast_s + finetunes * ratio * ft_s + eval_s * per_eval * (1 + finetunes * ratio)
-    b = eval_s * (1 + finetunes)
     mult = preset.cast_steps_multiple
-    fit = max(int((budget - b) / a) // mult * mult, mult)
-    steps = min(fit, preset.max_cast_steps // mult * mult)
-    sized = preset.with_cast_steps(steps)
+
+    def fit(finetunes: int) -> tuple[int, float, float]:
+        """The steps that fit with ``finetunes`` fine-tune runs, and the seconds ``a * S + b``
+        of S CAST steps (the evaluations: every eval_every steps of each run and one at its
+        end; a fine-tune step takes cast_batch / ft_batch of CAST's windows)."""
+        ratio = preset.cast_batch / preset.ft_batch
+        per_eval = 1 / preset.eval_every if preset.eval_every else 0.0
+        a = cast_s + finetunes * ratio * ft_s + eval_s * per_eval * (1 + finetunes * ratio)
+        b = eval_s * (1 + finetunes)
+        return max(int((budget - b) / a) // mult * mult, mult), a, b
+
+    steps_fit, a, b = fit(2 if preset.dense_finetune else 1)
+    sized, dropped = preset, False
+    # The dense fine-tune is context, not the comparison: it goes where its time would keep
+    # CAST short of the steps the preflight asks for.
+    if preset.dense_finetune and needed is not None and steps_fit < needed:
+        steps_fit, a, b = fit(1)
+        sized, dropped = replace(preset, dense_finetune=False), True
+    steps = min(steps_fit, preset.max_cast_steps // mult * mult)
+    sized = sized.with_cast_steps(steps)
     sizing = {
         "time_budget_s": budget,
         "cast_step_s": cast_s,
         "finetune_step_s": ft_s,
         "eval_s": eval_s,
-        "steps_that_fit": fit,
+        "steps_needed": needed,
+        "dense_finetune_dropped": dropped,
+        "steps_that_fit": steps_fit,
         "cast_steps": steps,
         "ft_steps": sized.ft_steps,
         "predicted_train_s": a * steps + b,
         "trial_s": time.perf_counter() - t_start,
     }
-    capped = " (capped at max_cast_steps)" if steps < fit else ""
+    capped = " (capped at max_cast_steps)" if steps < steps_fit else ""
     say(
         f"time budget {budget:.0f} s: a CAST step took {1e3 * cast_s:.0f} ms, a fine-tune step "
         f"{1e3 * ft_s:.0f} ms, an evaluation {eval_s:.1f} s (trials: {sizing['trial_s']:.0f} s) "
         f"-> {steps} CAST steps{capped}, {sized.ft_steps} fine-tune steps, "
         f"about {sizing['predicted_train_s']:.0f} s of training"
     )
+    if dropped:
+        say(
+            f"no dense fine-tune: with it {fit(2)[0]} CAST steps would fit, short of the "
+            f"{needed} that decay_budget asks for"
+        )
     return sized, sizing
 
 
@@ -878,10 +909,10 @@ def run_all(
     kw = {"log_path": log_path, "progress": progress}
     t0 = time.perf_counter()
     runs: dict[str, Any] = {}
-    total = 5 if preset.dense_finetune else 4
     sizing = None
     if preset.time_budget_s is not None:
         preset, sizing = size_to_budget(base, data, preset, adams_cls=adams_cls, say=say)
+    total = 5 if preset.dense_finetune else 4
 
     def so_far(complete: bool) -> dict[str, Any]:
         return {

@@ -1897,6 +1897,7 @@ def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
     sizing, sized = results["sizing"], results["preset"]
     # a budget far past what 6 steps take: capped at max_cast_steps
     assert sizing["steps_that_fit"] > 6 and sized["cast_steps"] == sizing["cast_steps"] == 6
+    assert sizing["steps_needed"] > 6 and not sizing["dense_finetune_dropped"]
     assert sized["ft_steps"] * sized["ft_batch"] == 6 * sized["cast_batch"]
     assert sized["ft_steps"] == sizing["ft_steps"] and sized["time_budget_s"] == 1e6
     assert sizing["runs_s"] > sizing["train_s"]
@@ -1914,12 +1915,14 @@ def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
 def test_demo_budget_arithmetic(monkeypatch):
     """The steps that fit: CAST's step, the fine-tunes' steps for the same windows (two with
     dense_finetune) and the evaluations, every eval_every steps of each run and one at its end;
-    rounded down to the fine-tune's multiple, at least one multiple, at most max_cast_steps."""
+    rounded down to the fine-tune's multiple, at least one multiple, at most max_cast_steps;
+    without the dense fine-tune where with it CAST would fall short of decay_budget's steps."""
     import dataclasses
 
     from cast_ext import demo
 
-    monkeypatch.setattr(demo, "_cast_trial", lambda *a: 0.2)
+    needed: list[int | None] = [None]  # what the CAST trial's preflight says
+    monkeypatch.setattr(demo, "_cast_trial", lambda *a: (0.2, needed[0]))
     monkeypatch.setattr(demo, "_finetune_trial", lambda *a: (0.3, 1.0))
     gpu = demo.PRESETS["gpu"]
     assert gpu.time_budget_s == 300 and (gpu.cast_batch, gpu.ft_batch, gpu.eval_every) == (
@@ -1940,6 +1943,16 @@ def test_demo_budget_arithmetic(monkeypatch):
     assert sized(time_budget_s=1.0)[0].cast_steps == 2  # nothing fits: one multiple
     preset, sizing = sized(time_budget_s=1e4)
     assert (preset.cast_steps, preset.ft_steps, sizing["steps_that_fit"]) == (3000, 1500, 19678)
+    assert not sizing["dense_finetune_dropped"] and preset.dense_finetune
+    # The dense fine-tune goes where with it CAST would get fewer steps than decay_budget asks
+    # for: 836 steps then (as without it above); kept where the steps with it suffice.
+    needed[0] = 585
+    preset, sizing = sized()
+    assert (preset.cast_steps, preset.ft_steps, preset.dense_finetune) == (836, 418, False)
+    assert sizing["dense_finetune_dropped"] and sizing["steps_needed"] == 585
+    assert sizing["predicted_train_s"] == pytest.approx(0.356 * 836 + 2)
+    needed[0] = 584
+    assert sized()[0].dense_finetune and sized()[0].cast_steps == 584
     with pytest.raises(ValueError, match="max_cast_steps must be at least 2"):
         dataclasses.replace(gpu, max_cast_steps=1)
     with pytest.raises(ValueError, match="time_budget_s must be > 0"):
