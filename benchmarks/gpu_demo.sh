@@ -26,7 +26,8 @@
 # device tool keeps it between calls on a warm machine). `run` stages the second part, assembles
 # and checks the GGUF, installs the carried gguf wheel into /tmp/site, builds the extension if
 # `stage` did not, runs `python -m cast_ext demo --preset ${PRESET:-gpu} --no-progress [demo
-# args]` and writes results.json, demo.png and demo.log (build.log after a build) to $OUT.
+# args]` and writes results.json, demo.png and demo.log (build.log after a build) to $OUT; the
+# log ends with benchmarks/targets.py's table of issue 7's demo targets.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODE="${1:-}"
@@ -63,3 +64,4 @@ if ! "$PY" -c "import gguf" 2>/dev/null; then
 fi
 "$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --no-progress --out "$OUT_DIR" "$@" 2>&1 |
   tee "$OUT_DIR/demo.log"
+"$PY" -m benchmarks.targets "$OUT_DIR" | tee -a "$OUT_DIR/demo.log"  # issue 7's demo targets

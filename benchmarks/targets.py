@@ -1,11 +1,12 @@
 """The issues' GPU speed targets, checked against a GPU suite's results folder.
 
 Reads the JSON files the GPU benchmarks write (``sparse24_mask.json``, ``adams.json``,
-``sparse24_gemm.json``, ``distill.json``, ``cast_step.json``; any may be missing) and prints one
-markdown table row per target of issues 3, 4, 5 and 7: the target, the measured worst case and
-where it was measured, and ``met``, ``NOT met`` or ``not measured``. A GEMM row that raised or
-whose output was wrong counts against its targets. Rows without a target (the optimizer's
-share of a CAST step, the distillation kernels' bandwidth) follow as ``reported``.
+``sparse24_gemm.json``, ``distill.json``, ``cast_step.json``) and the demo's ``results.json``
+(any may be missing) and prints one markdown table row per target of issues 3, 4, 5 and 7: the
+target, the measured worst case and where it was measured, and ``met``, ``NOT met`` or ``not
+measured``. A GEMM row that raised or whose output was wrong counts against its targets. Rows
+without a target (the optimizer's share of a CAST step, the distillation kernels' bandwidth)
+follow as ``reported``.
 
 Run: ``python -m benchmarks.targets <folder>`` (``gpu_suite.sh`` prints it at the end of every
 call). A report: the exit status is 0 whatever it says (1 only for a folder that does not exist).
@@ -209,6 +210,72 @@ def _reported(distill: list[Row], step: list[Row]) -> list[Check]:
     return out
 
 
+# "Both far below one-shot" (issue 7), read here as at most a quarter of one-shot's perplexity.
+FAR_BELOW = 0.25
+
+
+def _demo_checks(folder: Path) -> list[Check]:
+    """Issue 7's demo targets from the demo's ``results.json`` (``gpu_demo.sh`` writes it to the
+    same folder): CAST after finalize below the fixed-mask fine-tune, both far below one-shot,
+    CAST's transition finished (the pruned weights' measured shrink within decay_budget's
+    target). Geometric-mean validation perplexities."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        res = json.load(f)
+    runs = res.get("runs", {})
+    where = f"preset {res.get('preset', {}).get('name', '?')} on {res.get('device', '?')}"
+    if not res.get("complete"):
+        where += ", incomplete"
+
+    def ppl(name: str) -> float | None:
+        return (runs.get(name) or {}).get("after", {}).get("ppl")
+
+    cast, ft, one = ppl("cast"), ppl("finetune"), ppl("oneshot")
+    steps = (runs.get("cast") or {}).get("steps")
+    out = []
+    if cast is not None and ft is not None:
+        out.append(
+            Check(
+                7,
+                f"demo ({where}): CAST after finalize vs 2:4 magnitude + fixed-mask fine-tune, "
+                "same tokens (perplexity)",
+                "< fine-tune's",
+                f"{cast:.1f} vs {ft:.1f} ({steps} CAST steps)",
+                "met" if cast < ft else "NOT met",
+            )
+        )
+    else:
+        out.append(Check(7, f"demo ({where}): CAST vs fine-tune", "< fine-tune's", "-",
+                         "not measured"))  # fmt: skip
+    if cast is not None and ft is not None and one is not None:
+        worst = max(cast, ft) / one
+        out.append(
+            Check(
+                7,
+                f"demo ({where}): CAST and the fine-tune against one-shot 2:4 (perplexity ratio)",
+                f"<= {FAR_BELOW:.2f}",
+                f"worst {worst:.3f} (one-shot {one:.1f})",
+                "met" if worst <= FAR_BELOW else "NOT met",
+            )
+        )
+    c = runs.get("cast") or {}
+    shrink, target = c.get("measured_shrink"), (c.get("decay_budget") or {}).get("target_ratio")
+    if shrink is not None and target is not None:
+        out.append(
+            Check(
+                7,
+                f"demo ({where}): CAST's transition, the pruned weights' mean magnitude at the "
+                "end / at the start",
+                f"<= {target:.2f}",
+                f"{shrink:.3f} after {steps} steps",
+                "met" if shrink <= target else "NOT met",
+            )
+        )
+    return out
+
+
 def check_all(folder: Path) -> list[Check]:
     """Every target's check against the results in ``folder``."""
     return [
@@ -216,6 +283,7 @@ def check_all(folder: Path) -> list[Check]:
         *_adams_checks(_load(folder, "adams")),
         *_gemm_checks(_load(folder, "sparse24_gemm")),
         *_reported(_load(folder, "distill"), _load(folder, "cast_step")),
+        *_demo_checks(folder),
     ]
 
 

@@ -534,3 +534,32 @@ def test_targets_verdicts(tmp_path: Path) -> None:
     assert "gpu NVIDIA H200" in lines[0] and "git_sha abc1234" in lines[0]
     assert sum("| not measured |" in line for line in lines) == 2
     assert targets.main([str(tmp_path / "missing")]) == 1
+
+
+def test_targets_demo_checks(tmp_path: Path) -> None:
+    """benchmarks/targets.py on a demo's results.json: CAST after finalize against the
+    fine-tune, both against one-shot (at most a quarter of its perplexity), CAST's measured
+    shrink against decay_budget's target; an incomplete run says so; no file, no rows."""
+    assert targets._demo_checks(tmp_path) == []
+
+    def write(cast: float, ft: float, shrink: float, complete: bool = True) -> dict[str, Any]:
+        runs = {
+            "oneshot": {"after": {"ppl": 1000.0}},
+            "finetune": {"after": {"ppl": ft}},
+            "cast": {"after": {"ppl": cast}, "steps": 1200, "measured_shrink": shrink,
+                     "decay_budget": {"target_ratio": 0.1}},
+        }  # fmt: skip
+        res = {"preset": {"name": "gpu"}, "device": "cuda", "complete": complete, "runs": runs}
+        (tmp_path / "results.json").write_text(json.dumps(res))
+        return {c.target: (c.verdict, c.measured, c.what) for c in targets._demo_checks(tmp_path)}
+
+    got = write(cast=60.0, ft=80.0, shrink=0.05)
+    assert got["< fine-tune's"][:2] == ("met", "60.0 vs 80.0 (1200 CAST steps)")
+    assert got["<= 0.25"][:2] == ("met", "worst 0.080 (one-shot 1000.0)")
+    assert got["<= 0.10"][:2] == ("met", "0.050 after 1200 steps")
+    assert "preset gpu on cuda)" in got["< fine-tune's"][2]
+    got = write(cast=300.0, ft=80.0, shrink=0.2, complete=False)
+    assert [v[0] for v in got.values()] == ["NOT met"] * 3
+    assert "preset gpu on cuda, incomplete" in got["< fine-tune's"][2]
+    lines = targets.report(tmp_path)
+    assert sum("| 7 | demo (" in line for line in lines) == 3
