@@ -14,7 +14,8 @@ if [[ -z "${CUDA_HOME:-}" ]]; then
 fi
 export CUDA_HOME
 if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' \r')"
+  # (a missing or failing nvidia-smi reads as no answer, under the callers' set -e -o pipefail too)
+  CAP="$({ nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true; } | head -1 | tr -d ' \r')"
   if [[ $CAP =~ ^[0-9]+\.[0-9]+$ ]]; then
     TORCH_CUDA_ARCH_LIST="$CAP+PTX"
   else

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -359,16 +360,27 @@ def test_gpu_demo_sh_takes_only_stage_or_run_first():
         ), argv
 
 
-@pytest.mark.parametrize("answer", ["9.0", "", "N/A"])
-def test_gpu_build_sh_builds_for_the_visible_gpu(tmp_path: Path, answer: str):
+@pytest.mark.parametrize("answer", ["9.0", "", "N/A", None])
+def test_gpu_build_sh_builds_for_the_visible_gpu(tmp_path: Path, answer: str | None):
     """The GPU scripts' build settings: the first GPU's compute capability from nvidia-smi (+PTX),
-    8.0;9.0+PTX where it gives none; a set TORCH_CUDA_ARCH_LIST is kept."""
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text(f"#!/bin/sh\necho '{answer}'\n" if answer else "#!/bin/sh\nexit 9\n")
-    fake.chmod(0o755)
+    8.0;9.0+PTX where it gives none, fails ("") or is missing (None); a set
+    TORCH_CUDA_ARCH_LIST is kept. Sourced under gpu_demo.sh's ``set -euo pipefail``, where a
+    failing nvidia-smi ended the script (exit 127 on a machine without one)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "head", "tr", "find", "sort", "xargs", "sha256sum", "cut", "cat",
+                 "mktemp", "rm", "ldd", "grep", "dirname", "nproc"):  # fmt: skip
+        if found := shutil.which(tool):
+            (bin_dir / tool).symlink_to(found)
+    if answer is not None:
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\necho '{answer}'\n" if answer else "#!/bin/sh\nexit 9\n")
+        fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
-    env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
-    script = "PY=true; source benchmarks/gpu_build.sh; echo $TORCH_CUDA_ARCH_LIST"
+    env["PATH"] = str(bin_dir)  # no nvidia-smi but the fake (none at all for None)
+    script = (
+        "set -euo pipefail; PY=true; source benchmarks/gpu_build.sh; echo $TORCH_CUDA_ARCH_LIST"
+    )
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == ("9.0+PTX" if answer == "9.0" else "8.0;9.0+PTX"), out.stderr
     env["TORCH_CUDA_ARCH_LIST"] = "8.6"
