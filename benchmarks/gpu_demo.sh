@@ -64,4 +64,4 @@ if ! "$PY" -c "import gguf" 2>/dev/null; then
 fi
 "$PY" -m cast_ext demo --preset "${PRESET:-gpu}" --no-progress --out "$OUT_DIR" "$@" 2>&1 |
   tee "$OUT_DIR/demo.log"
-"$PY" -m benchmarks.targets "$OUT_DIR" | tee -a "$OUT_DIR/demo.log"  # issue 7's demo targets
+"$PY" -m benchmarks.targets --issue 7 "$OUT_DIR" | tee -a "$OUT_DIR/demo.log"

@@ -8,8 +8,9 @@ measured``. A GEMM row that raised or whose output was wrong counts against its 
 without a target (the optimizer's share of a CAST step, the distillation kernels' bandwidth)
 follow as ``reported``.
 
-Run: ``python -m benchmarks.targets <folder>`` (``gpu_suite.sh`` prints it at the end of every
-call). A report: the exit status is 0 whatever it says (1 only for a folder that does not exist).
+Run: ``python -m benchmarks.targets [--issue N] <folder>`` (``gpu_suite.sh`` prints it at the
+end of every call, ``gpu_demo.sh`` issue 7's rows). A report: the exit status is 0 whatever it
+says (1 only for a folder that does not exist).
 """
 
 from __future__ import annotations
@@ -287,14 +288,16 @@ def check_all(folder: Path) -> list[Check]:
     ]
 
 
-def report(folder: Path) -> list[str]:
-    """The markdown lines: where the results come from, then the table."""
+def report(folder: Path, issue: int | None = None) -> list[str]:
+    """The markdown lines: where the results come from, then the table (of ``issue``'s targets
+    only, if given)."""
     env: dict[str, Any] = {}
-    for name in ("sparse24_gemm", "adams", "sparse24_mask", "distill", "cast_step"):
+    for name in ("sparse24_gemm", "adams", "sparse24_mask", "distill", "cast_step", "results"):
         path = folder / f"{name}.json"
         if path.is_file():
             with open(path) as f:
-                env = json.load(f).get("env", {})
+                data = json.load(f)
+            env = data.get("env", data)  # the demo's results.json holds its fields at the top
             break
     head = ", ".join(
         f"{k} {env[k]}" for k in ("gpu", "torch", "torch_cuda", "git_sha", "date") if env.get(k)
@@ -302,15 +305,20 @@ def report(folder: Path) -> list[str]:
     lines = [f"Targets against {folder} ({head or 'no results found'})", ""]
     lines += ["| issue | what | target | measured | verdict |", "|---|---|---|---|---|"]
     for c in check_all(folder):
+        if issue is not None and c.issue != issue:
+            continue
         lines.append(f"| {c.issue} | {c.what} | {c.target} | {c.measured} | {c.verdict} |")
     return lines
 
 
 def main(argv: list[str]) -> int:
+    issue = None
+    if len(argv) == 3 and argv[0] == "--issue" and argv[1].isdigit():
+        issue, argv = int(argv[1]), argv[2:]
     if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m benchmarks.targets <results folder>", file=sys.stderr)
+        print("usage: python -m benchmarks.targets [--issue N] <results folder>", file=sys.stderr)
         return 1
-    print("\n".join(report(Path(argv[0]))))
+    print("\n".join(report(Path(argv[0]), issue)))
     return 0
 
 

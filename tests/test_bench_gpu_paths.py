@@ -563,3 +563,10 @@ def test_targets_demo_checks(tmp_path: Path) -> None:
     assert "preset gpu on cuda, incomplete" in got["< fine-tune's"][2]
     lines = targets.report(tmp_path)
     assert sum("| 7 | demo (" in line for line in lines) == 3
+    # gpu_demo.sh's report: issue 7's rows only, under the demo's own fields
+    (tmp_path / "results.json").write_text(
+        json.dumps({**json.loads((tmp_path / "results.json").read_text()), "git_sha": "abc1234"})
+    )
+    lines = targets.report(tmp_path, issue=7)
+    assert "git_sha abc1234" in lines[0] and len(lines) == 4 + 3, lines
+    assert targets.main(["--issue", "7", str(tmp_path)]) == 0
