@@ -1031,11 +1031,21 @@ def verdict(results: dict[str, Any]) -> str:
             f"CAST does NOT beat the fixed-mask fine-tune after finalize at this budget "
             f"({c['steps']} steps)."
         )
-        if shrink is not None:
+        target = budget.get("target_ratio")
+        predicted = (
+            f"decay_budget predicted {100 * budget.get('predicted_ratio', float('nan')):.0f}%"
+        )
+        if shrink is not None and target is not None and shrink <= target:
+            # the transition finished by decay_budget's measure, and the prune still cost this
+            lines.append(
+                f"Its pruned weights shrank to {100 * shrink:.0f}% of their size ({predicted}; "
+                f"its target for a near-lossless prune: {100 * target:.0f}%), yet the final hard "
+                f"prune took perplexity from {cb:.1f} to {ca:.1f}."
+            )
+        elif shrink is not None:
             lines.append(
                 f"Its pruned weights shrank only to {100 * shrink:.0f}% of their size "
-                f"(decay_budget predicted {100 * budget.get('predicted_ratio', float('nan')):.0f}%)"
-                ", so the final hard prune still removed real weight."
+                f"({predicted}), so the final hard prune still removed real weight."
             )
         if budget.get("steps_needed"):
             preset = results.get("preset", {})

@@ -2027,6 +2027,16 @@ def test_demo_verdict_suggests_what_the_preset_allows():
     # 575 x 8 windows do not split into the fine-tune's batches of 16: the next that does
     assert "run with `--cast-steps 576`" in gpu and "--preset gpu" not in gpu
     assert demo.PRESETS["gpu"].cast_steps_multiple == 2
+    # shrunk within decay_budget's target, and still losing: said as such (not "only")
+    res = results("cpu")
+    res["runs"]["cast"]["measured_shrink"] = 0.07
+    res["runs"]["cast"]["decay_budget"] = {"predicted_ratio": 0.1, "target_ratio": 0.1}
+    done = demo.verdict(res)
+    assert "shrank to 7% of their size (decay_budget predicted 10%; its target" in done
+    assert "yet the final hard prune took perplexity from 20.0 to 30.0" in done
+    assert "only" not in done and "--cast-steps" not in done
+    res["runs"]["cast"]["measured_shrink"] = 0.3
+    assert "shrank only to 30% of their size (decay_budget predicted 10%)" in demo.verdict(res)
 
 
 class _FakeTokenizer:
