@@ -731,13 +731,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds_per_step(train: Callable[..., cast.TrainResult], device: torch.device, steps: int):
-    """Wall seconds per step of ``train(start_step=, stop_step=)`` (``cast.train`` on one model,
-    optimizer and batch stream) over ``steps`` steps after _TRIAL_WARM untimed ones."""
-    train(start_step=0, stop_step=_TRIAL_WARM)
+def _seconds_per_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Tensor],
+    steps: int,
+    **train_kw: Any,
+) -> float:
+    """Wall seconds per step of :func:`cast.train` on ``model``, over ``steps`` steps after
+    _TRIAL_WARM untimed ones (no evaluations, health records or progress bar)."""
+    device = next(model.parameters()).device
+    total = _TRIAL_WARM + steps
+    kw = {"eval_fn": None, "health_every": 0, "progress": False, "run_name": "trial", **train_kw}
+    cast.train(model, optimizer, batches, total_steps=total, stop_step=_TRIAL_WARM, **kw)
     _sync(device)
     t0 = time.perf_counter()
-    train(start_step=_TRIAL_WARM, stop_step=_TRIAL_WARM + steps)
+    cast.train(model, optimizer, batches, total_steps=total, start_step=_TRIAL_WARM, **kw)
     _sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -747,34 +756,23 @@ def _trial_steps(preset: Preset) -> int:
     return max(preset.mask_interval, 4)
 
 
-_TRIAL_ARGS = {"eval_fn": None, "health_every": 0, "progress": False, "run_name": "trial"}
-
-
 def _cast_trial(
     base: nn.Module, data: DemoData, preset: Preset, adams_cls: type | None
 ) -> tuple[float, int | None]:
     """Seconds per CAST step: trial steps with the run's teacher (a CUDA graph where the preset
     asks for one), plus a share of a health record, every ``health_every`` steps; and the
     steps the run's preflight says a near-lossless finalize needs (None: unknown)."""
-    device = next(base.parameters()).device
     teacher, student, opt, sched = _cast_setup(base, preset, adams_cls)
     needed = _preflight(student, data, preset, sched).steps_needed
-    graphed = _graphed(teacher, preset, device)
-    batches = _batches(data.train, preset.cast_batch)
+    graphed = _graphed(teacher, preset, next(student.parameters()).device)
     step_s = _seconds_per_step(
-        lambda **kw: cast.train(
-            student,
-            opt,
-            batches,
-            total_steps=_TRIAL_WARM + _trial_steps(preset),
-            lr_lambda=sched.factor,
-            teacher=teacher if graphed is None else graphed,
-            eta=preset.eta,
-            **_TRIAL_ARGS,
-            **kw,
-        ),
-        device,
+        student,
+        opt,
+        _batches(data.train, preset.cast_batch),
         _trial_steps(preset),
+        lr_lambda=sched.factor,
+        teacher=teacher if graphed is None else graphed,
+        eta=preset.eta,
     )
     if preset.health_every > 0:
         _, packed = cast.sparsity_health(student, opt)
@@ -787,28 +785,19 @@ def _cast_trial(
 def _finetune_trial(base: nn.Module, data: DemoData, preset: Preset) -> tuple[float, float]:
     """Seconds per fixed-mask AdamW fine-tune step (trial steps), and for one curve
     evaluation."""
-    device = next(base.parameters()).device
     fixed = _fixed_mask_model(base)
-    adamw = _adamw(fixed.model, preset.ft_lr)
-    batches = _batches(data.train, preset.ft_batch)
     step_s = _seconds_per_step(
-        lambda **kw: cast.train(
-            fixed.model,
-            adamw,
-            batches,
-            total_steps=_TRIAL_WARM + _trial_steps(preset),
-            after_step=fixed.remask,
-            **_TRIAL_ARGS,
-            **kw,
-        ),
-        device,
+        fixed.model,
+        _adamw(fixed.model, preset.ft_lr),
+        _batches(data.train, preset.ft_batch),
         _trial_steps(preset),
+        after_step=fixed.remask,
     )
     t0 = time.perf_counter()
     fixed.model.eval()
     with torch.no_grad():
         _eval(fixed.model, data, preset.curve_windows, preset.eval_batch)
-    _sync(device)
+    _sync(next(fixed.model.parameters()).device)
     return step_s, time.perf_counter() - t0
 
 
@@ -853,7 +842,7 @@ def size_to_budget(
         return max(int((budget - b) / a) // mult * mult, mult), a, b
 
     steps_fit, a, b = fit(2 if preset.dense_finetune else 1)
-    sized, dropped = preset, False
+    with_dense, sized, dropped = steps_fit, preset, False
     # The dense fine-tune is context, not the comparison: it goes where its time would keep
     # CAST short of the steps the preflight asks for.
     if preset.dense_finetune and needed is not None and steps_fit < needed:
@@ -883,7 +872,7 @@ def size_to_budget(
     )
     if dropped:
         say(
-            f"no dense fine-tune: with it {fit(2)[0]} CAST steps would fit, short of the "
+            f"no dense fine-tune: with it {with_dense} CAST steps would fit, short of the "
             f"{needed} that decay_budget asks for"
         )
     return sized, sizing
