@@ -2,11 +2,12 @@
 
 Reads the JSON files the GPU benchmarks write (``sparse24_mask.json``, ``adams.json``,
 ``sparse24_gemm.json``, ``distill.json``, ``cast_step.json``) and the demo's ``results.json``
-(any may be missing) and prints one markdown table row per target of issues 3, 4, 5 and 7: the
-target, the measured worst case and where it was measured, and ``met``, ``NOT met`` or ``not
-measured``. A GEMM row that raised or whose output was wrong counts against its targets. Rows
-without a target (the optimizer's share of a CAST step, the distillation kernels' bandwidth)
-follow as ``reported``.
+(any may be missing), in the folder or below it (a GPU session's calls each fill a subfolder;
+a benchmark found twice counts with the rows of both), and prints one markdown table row per
+target of issues 3, 4, 5 and 7: the target, the measured worst case and where it was measured,
+and ``met``, ``NOT met`` or ``not measured``. A GEMM row that raised or whose output was wrong
+counts against its targets. Rows without a target (the optimizer's share of a CAST step, the
+distillation kernels' bandwidth) follow as ``reported``.
 
 Run: ``python -m benchmarks.targets [--issue N] <folder>`` (``gpu_suite.sh`` prints it at the
 end of every call, ``gpu_demo.sh`` issue 7's rows). A report: the exit status is 0 whatever it
@@ -42,12 +43,24 @@ class Check:
     verdict: str  # "met", "NOT met", "not measured" or "reported"
 
 
-def _load(folder: Path, name: str) -> list[Row]:
-    path = folder / f"{name}.json"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(json.load(f).get("rows", []))
+# The files read: the benchmarks' JSON, then the demo's.
+NAMES = ("sparse24_gemm", "adams", "sparse24_mask", "distill", "cast_step", "results")
+
+Found = dict[str, list[tuple[Path, dict[str, Any]]]]
+
+
+def _read(folder: Path) -> Found:
+    """Each of ``NAMES``' JSON files in ``folder`` or below it, read once, in path order."""
+    found: Found = {name: [] for name in NAMES}
+    for path in sorted(folder.rglob("*.json")):
+        if path.stem in found:
+            with open(path) as f:
+                found[path.stem].append((path, json.load(f)))
+    return found
+
+
+def _rows(found: Found, name: str) -> list[Row]:
+    return [row for _, data in found[name] for row in data.get("rows", [])]
 
 
 def _at(row: Row) -> str:
@@ -215,18 +228,14 @@ def _reported(distill: list[Row], step: list[Row]) -> list[Check]:
 FAR_BELOW = 0.25
 
 
-def _demo_checks(folder: Path) -> list[Check]:
-    """Issue 7's demo targets from the demo's ``results.json`` (``gpu_demo.sh`` writes it to the
-    same folder): CAST after finalize below the fixed-mask fine-tune, both far below one-shot,
-    CAST's transition finished (the pruned weights' measured shrink within decay_budget's
-    target). Geometric-mean validation perplexities."""
-    path = folder / "results.json"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        res = json.load(f)
+def _demo_checks(res: dict[str, Any], label: str = "") -> list[Check]:
+    """Issue 7's demo targets from the demo's ``results.json`` (``gpu_demo.sh`` writes it to its
+    results folder), ``label`` naming it where there are several: CAST after finalize below the
+    fixed-mask fine-tune, both far below one-shot, CAST's transition finished (the pruned
+    weights' measured shrink within decay_budget's target). Geometric-mean validation
+    perplexities."""
     runs = res.get("runs", {})
-    where = f"preset {res.get('preset', {}).get('name', '?')} on {res.get('device', '?')}"
+    where = f"{label}preset {res.get('preset', {}).get('name', '?')} on {res.get('device', '?')}"
     if not res.get("complete"):
         where += ", incomplete"
 
@@ -277,34 +286,38 @@ def _demo_checks(folder: Path) -> list[Check]:
     return out
 
 
-def check_all(folder: Path) -> list[Check]:
-    """Every target's check against the results in ``folder``."""
+def check_all(folder: Path, found: Found | None = None) -> list[Check]:
+    """Every target's check against the results in ``folder`` (or those ``_read`` found there)."""
+    found = _read(folder) if found is None else found
+    demos = found["results"]
     return [
-        *_mask_checks(_load(folder, "sparse24_mask")),
-        *_adams_checks(_load(folder, "adams")),
-        *_gemm_checks(_load(folder, "sparse24_gemm")),
-        *_reported(_load(folder, "distill"), _load(folder, "cast_step")),
-        *_demo_checks(folder),
+        *_mask_checks(_rows(found, "sparse24_mask")),
+        *_adams_checks(_rows(found, "adams")),
+        *_gemm_checks(_rows(found, "sparse24_gemm")),
+        *_reported(_rows(found, "distill"), _rows(found, "cast_step")),
+        *(
+            check
+            for path, res in demos
+            for check in _demo_checks(
+                res, f"{path.parent.relative_to(folder)}: " if len(demos) > 1 else ""
+            )
+        ),
     ]
 
 
 def report(folder: Path, issue: int | None = None) -> list[str]:
     """The markdown lines: where the results come from, then the table (of ``issue``'s targets
     only, if given)."""
-    env: dict[str, Any] = {}
-    for name in ("sparse24_gemm", "adams", "sparse24_mask", "distill", "cast_step", "results"):
-        path = folder / f"{name}.json"
-        if path.is_file():
-            with open(path) as f:
-                data = json.load(f)
-            env = data.get("env", data)  # the demo's results.json holds its fields at the top
-            break
+    found = _read(folder)
+    # the first file's environment (the demo's results.json holds its fields at the top)
+    data = next((data for name in NAMES for _, data in found[name]), {})
+    env: dict[str, Any] = data.get("env", data)
     head = ", ".join(
         f"{k} {env[k]}" for k in ("gpu", "torch", "torch_cuda", "git_sha", "date") if env.get(k)
     )
     lines = [f"Targets against {folder} ({head or 'no results found'})", ""]
     lines += ["| issue | what | target | measured | verdict |", "|---|---|---|---|---|"]
-    for c in check_all(folder):
+    for c in check_all(folder, found):
         if issue is not None and c.issue != issue:
             continue
         lines.append(f"| {c.issue} | {c.what} | {c.target} | {c.measured} | {c.verdict} |")

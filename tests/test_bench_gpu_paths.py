@@ -540,7 +540,7 @@ def test_targets_demo_checks(tmp_path: Path) -> None:
     """benchmarks/targets.py on a demo's results.json: CAST after finalize against the
     fine-tune, both against one-shot (at most a quarter of its perplexity), CAST's measured
     shrink against decay_budget's target; an incomplete run says so; no file, no rows."""
-    assert targets._demo_checks(tmp_path) == []
+    assert [c for c in targets.check_all(tmp_path) if c.issue == 7] == []
 
     def write(cast: float, ft: float, shrink: float, complete: bool = True) -> dict[str, Any]:
         runs = {
@@ -551,7 +551,8 @@ def test_targets_demo_checks(tmp_path: Path) -> None:
         }  # fmt: skip
         res = {"preset": {"name": "gpu"}, "device": "cuda", "complete": complete, "runs": runs}
         (tmp_path / "results.json").write_text(json.dumps(res))
-        return {c.target: (c.verdict, c.measured, c.what) for c in targets._demo_checks(tmp_path)}
+        checks = [c for c in targets.check_all(tmp_path) if c.issue == 7]
+        return {c.target: (c.verdict, c.measured, c.what) for c in checks}
 
     got = write(cast=60.0, ft=80.0, shrink=0.05)
     assert got["< fine-tune's"][:2] == ("met", "60.0 vs 80.0 (1200 CAST steps)")
@@ -570,3 +571,28 @@ def test_targets_demo_checks(tmp_path: Path) -> None:
     lines = targets.report(tmp_path, issue=7)
     assert "git_sha abc1234" in lines[0] and len(lines) == 4 + 3, lines
     assert targets.main(["--issue", "7", str(tmp_path)]) == 0
+
+
+def test_targets_read_subfolders(tmp_path: Path) -> None:
+    """benchmarks/targets.py on a GPU session's folder, whose calls each wrote a subfolder: the
+    files below it are read (each once), a benchmark found twice counts with the rows of both,
+    and each demo's checks name its folder."""
+    env = {"gpu": "NVIDIA H200", "git_sha": "abc1234"}
+    for sub, frac in (("core", 0.85), ("rerun", 0.7)):
+        (tmp_path / sub).mkdir()
+        rows = [{"op": "sparse24_mask", "impl": "cast_ext", "dtype": "bfloat16", "shape": sub,
+                 "fraction_of_clone_gbps": frac}]  # fmt: skip
+        (tmp_path / sub / "sparse24_mask.json").write_text(json.dumps({"env": env, "rows": rows}))
+    for sub in ("demo-a", "demo-b"):
+        (tmp_path / sub).mkdir()
+        runs = {"oneshot": {"after": {"ppl": 1000.0}}, "finetune": {"after": {"ppl": 80.0}},
+                "cast": {"after": {"ppl": 60.0}, "steps": 10}}  # fmt: skip
+        res = {"preset": {"name": "gpu"}, "device": "cuda", "complete": True, "runs": runs}
+        (tmp_path / sub / "results.json").write_text(json.dumps(res))
+    (tmp_path / "other.json").write_text("not json: never read")
+    checks = targets.check_all(tmp_path)
+    mask = next(c for c in checks if c.what.startswith("`sparse24_mask`"))
+    assert (mask.verdict, mask.measured) == ("NOT met", "worst 0.70 at bfloat16 rerun (2 rows)")
+    vs_ft = [c.what for c in checks if c.target == "< fine-tune's"]
+    assert [w.split(":")[0] for w in vs_ft] == ["demo (demo-a", "demo (demo-b"], vs_ft
+    assert "gpu NVIDIA H200" in targets.report(tmp_path)[0]
