@@ -70,6 +70,52 @@ def prepare_parametrized(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class Steps:
+    """The two training steps compared, on SmolLM2-135M's shapes with random weights: a dense
+    model with AdamW (fused on CUDA, foreach on the CPU), and its CAST student (``cast.prepare``,
+    AdamS, embeddings and norms frozen in both) distilled from a frozen copy of the dense model.
+    Step ``i`` trains on the ``i % 3``-th of 3 batches of random token ids."""
+
+    def __init__(self, dev: torch.device, layers: int, batch: int, seq: int) -> None:
+        torch.manual_seed(0)
+        self.dense = smollm2_like(layers).to(dev)
+        self.teacher = copy.deepcopy(self.dense).eval().requires_grad_(False)
+        self.student = copy.deepcopy(self.dense)
+        cast.prepare(self.student)
+        groups = cast.param_groups(self.student, freeze_embeddings=True, freeze_norms=True)
+        self.adams = cast_ext.AdamS(groups, lr=1e-5, decay=1e-3, total_steps=10**6)
+        for m in self.dense.modules():  # same frozen set for the baseline
+            if isinstance(m, torch.nn.Embedding) or "Norm" in type(m).__name__:
+                m.requires_grad_(False)
+        trained = [q for q in self.dense.parameters() if q.requires_grad]
+        self.adamw = torch.optim.AdamW(trained, lr=1e-5, fused=dev.type == "cuda")
+        self.ids = [torch.randint(0, VOCAB, (batch, seq), device=dev) for _ in range(3)]
+        self.labels = [cast.shift_labels(x) for x in self.ids]
+
+    def dense_grads(self, i: int) -> None:
+        x, y = self.ids[i % 3], self.labels[i % 3]
+        cast.distill_loss(self.dense(x, use_cache=False).logits, None, y, eta=0.0).backward()
+
+    def dense_step(self, i: int) -> None:
+        self.dense_grads(i)
+        self.adamw.step()
+        self.adamw.zero_grad(set_to_none=False)
+
+    def eager_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x, use_cache=False).logits
+
+    def cast_grads(self, i: int, teach: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        x, y = self.ids[i % 3], self.labels[i % 3]
+        with torch.no_grad():
+            t_logits = (teach or self.eager_teacher)(x)
+        cast.distill_loss(self.student(x, use_cache=False).logits, t_logits, y).backward()
+
+    def cast_step(self, i: int, teach: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.cast_grads(i, teach)
+        self.adams.step()
+        self.adams.zero_grad(set_to_none=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -83,48 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     layers, batch, seq = (2, 2, 64) if quick() else (30, args.batch, args.seq)
-    torch.manual_seed(0)
-    dense = smollm2_like(layers).to(dev)
-    teacher = copy.deepcopy(dense).eval().requires_grad_(False)
-    student = copy.deepcopy(dense)
-    cast.prepare(student)
-    groups = cast.param_groups(student, freeze_embeddings=True, freeze_norms=True)
-    adams = cast_ext.AdamS(groups, lr=1e-5, decay=1e-3, total_steps=10**6)
-    for m in dense.modules():  # same frozen set for the baseline
-        if isinstance(m, torch.nn.Embedding) or "Norm" in type(m).__name__:
-            m.requires_grad_(False)
-    adamw = torch.optim.AdamW(
-        [q for q in dense.parameters() if q.requires_grad], lr=1e-5, fused=dev.type == "cuda"
-    )
-    ids = [torch.randint(0, VOCAB, (batch, seq), device=dev) for _ in range(3)]
-    labels = [cast.shift_labels(x) for x in ids]
-
-    def dense_grads(i: int) -> None:
-        loss = cast.distill_loss(
-            dense(ids[i % 3], use_cache=False).logits, None, labels[i % 3], eta=0.0
-        )
-        loss.backward()
-
-    def dense_step(i: int) -> None:
-        dense_grads(i)
-        adamw.step()
-        adamw.zero_grad(set_to_none=False)
-
-    def eager_teacher(x: torch.Tensor) -> torch.Tensor:
-        return teacher(x, use_cache=False).logits
-
-    def cast_grads(i: int, teach: Callable[[torch.Tensor], torch.Tensor] = eager_teacher) -> None:
-        with torch.no_grad():
-            t_logits = teach(ids[i % 3])
-        loss = cast.distill_loss(
-            student(ids[i % 3], use_cache=False).logits, t_logits, labels[i % 3]
-        )
-        loss.backward()
-
-    def cast_step(i: int, teach: Callable[[torch.Tensor], torch.Tensor] = eager_teacher) -> None:
-        cast_grads(i, teach)
-        adams.step()
-        adams.zero_grad(set_to_none=False)
+    st = Steps(dev, layers, batch, seq)
+    dense, teacher, student, adams, adamw = st.dense, st.teacher, st.student, st.adams, st.adamw
+    ids, labels = st.ids, st.labels
+    dense_grads, dense_step, eager_teacher = st.dense_grads, st.dense_step, st.eager_teacher
+    cast_grads, cast_step = st.cast_grads, st.cast_step
 
     host: list[float] = []  # the host's time in each call of the last timing (CUDA)
 

@@ -1253,6 +1253,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = replace(preset, graph_teacher=False)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # freed weight- and logits-sized CPU tensors stay in the process for the next ones
+    malloc_tuned = cast.tune_cpu_malloc() if device.type == "cpu" else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1307,6 +1309,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["malloc_tuned"] = malloc_tuned
 
     def partial(results: dict[str, Any]) -> None:  # what a run cut short leaves behind
         _write_results({**results, **env}, out)

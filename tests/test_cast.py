@@ -10,8 +10,10 @@ import copy
 import io
 import json
 import math
+import platform
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import warnings
@@ -1976,6 +1978,8 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo, "build_data", lambda *a, **k: demo.DemoData(torch.zeros(4, 8), {}))
     monkeypatch.setattr(demo, "eos_id", lambda *a: 0)
     monkeypatch.setattr(demo, "run_all", stop)
+    tuned = []  # a CPU run tunes glibc's malloc (not this test process's)
+    monkeypatch.setattr(demo.cast, "tune_cpu_malloc", lambda: tuned.append(True) or True)
     base = ["--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
     for argv, budget, steps in [
         (["--preset", "gpu"], 300.0, 1200),
@@ -1988,6 +1992,7 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
             demo.main([*argv, *base])
         assert (seen[-1].time_budget_s, seen[-1].cast_steps) == (budget, steps), argv
     assert "training runs sized to 45.5 s" in capsys.readouterr().out
+    assert len(tuned) == 5
     for argv in (
         ["--cast-steps", "800", "--time-budget", "60"],
         ["--time-budget", "-1"],
@@ -2000,6 +2005,71 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "give one (the steps, or the time for them)" in err
     assert "expected a number of seconds >= 0, got 'nan'" in err
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from cast_ext import cast
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+tuned = cast.tune_cpu_malloc() if sys.argv[1] == "tune" else None
+x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, written
+held = rss()
+del x
+print(tuned, (held - rss()) >> 20)
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_tune_cpu_malloc_keeps_freed_memory_in_the_process():
+    """Without the call glibc hands a freed 64 MiB tensor back to the OS (past its largest
+    mmap threshold); after it the memory stays for the next allocations (fresh processes)."""
+    got = {}
+    for arg in ("plain", "tune"):
+        run = subprocess.run(
+            [sys.executable, "-c", _RSS_AFTER_FREE, arg],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        tuned, freed_mib = run.stdout.split()
+        got[arg] = (tuned, int(freed_mib))
+    assert got["plain"][0] == "None" and got["plain"][1] >= 48, got
+    assert got["tune"][0] == "True" and got["tune"][1] <= 16, got
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_bench_cpu_malloc_quick(tmp_path, monkeypatch, capsys):
+    """benchmarks/cpu_malloc.py in quick mode (a plain and a tuned process, a 2-layer model):
+    a row per step kind and setting, the tuned CAST step with far fewer page faults."""
+    from benchmarks import cpu_malloc
+
+    monkeypatch.setenv("CAST_EXT_BENCH_QUICK", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    cpu_malloc.main(["--threads", "1", "--seq", "64"])
+    rows = json.loads((tmp_path / "cpu_malloc.json").read_text())["rows"]
+    got = {r["impl"]: r for r in rows}
+    assert set(got) == {
+        f"{k} malloc={s}" for k in ("dense_adamw", "cast") for s in ("plain", "tuned")
+    }
+    for r in rows:
+        assert r["median_us"] > 0 and r["time_vs_baseline"] > 0, r
+    plain, tuned = got["cast malloc=plain"], got["cast malloc=tuned"]
+    assert plain["time_vs_baseline"] == 1.0
+    assert tuned["minor_faults_per_step"] < plain["minor_faults_per_step"] / 2, (plain, tuned)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_tune_cpu_malloc_elsewhere_changes_nothing(monkeypatch):
+    """Another C library: False, and no mallopt is looked up."""
+    import ctypes
+
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("looked up the C library"))
+    assert cast.tune_cpu_malloc() is False
 
 
 def test_demo_verdict_suggests_what_the_preset_allows():

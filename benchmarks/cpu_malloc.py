@@ -1,0 +1,108 @@
+"""A CAST step and a dense AdamW step on the CPU, with and without ``cast.tune_cpu_malloc()``.
+
+glibc's ``malloc`` settings hold for a whole process, so each measurement is a fresh process:
+pairs of them, alternating (plain, tuned, plain, tuned, ...), so that the machine's drift falls
+on both. Each child builds ``bench_cast_step.Steps`` (SmolLM2-135M's shapes, random weights),
+takes two untimed steps of each kind (the first ones grow the heap, tuned or not), then times
+``--steps`` steps of each, alternating, and counts the minor page faults each step took
+(``getrusage``: the memory the OS filled on first write, what the tuning removes). The report:
+per setting the median over all its steps of all its processes, and tuned / plain.
+
+    python -m benchmarks.cpu_malloc [--pairs 4] [--steps 4] [--batch 1] [--seq 256] [--threads 2]
+
+Rows go to ``benchmarks/results/cpu_malloc.json`` (or ``$OUT``).
+``CAST_EXT_BENCH_QUICK=1``: a 2-layer model, 1 pair of 3 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from cast_ext import cast
+
+from ._harness import Row, quick, write_rows
+
+STEPS = ("dense_adamw", "cast")
+
+
+def child(tuned: bool, layers: int, batch: int, seq: int, steps: int, threads: int) -> dict:
+    """One process's measurements: per step kind, the seconds and minor faults of each step."""
+    took = cast.tune_cpu_malloc() if tuned else False
+    if tuned and not took:
+        raise SystemExit("cpu_malloc: glibc refused the settings (or this is not glibc)")
+    torch.set_num_threads(threads)
+    from .bench_cast_step import Steps
+
+    st = Steps(torch.device("cpu"), layers, batch, seq)
+    fns = {"dense_adamw": st.dense_step, "cast": st.cast_step}
+    out: dict[str, dict[str, list[float]]] = {k: {"s": [], "faults": []} for k in STEPS}
+    for i in range(2):
+        for fn in fns.values():
+            fn(i)
+    for i in range(steps):
+        for name, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            fn(i + 2)
+            out[name]["s"].append(time.perf_counter() - t0)
+            out[name]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--child", choices=("plain", "tuned"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    layers, pairs, steps = (2, 1, 3) if quick() else (30, args.pairs, args.steps)
+    shape = (layers, args.batch, args.seq)
+    if args.child:
+        got = child(args.child == "tuned", *shape, steps, args.threads)
+        print(json.dumps(got))
+        return
+    runs: dict[str, list[dict]] = {"plain": [], "tuned": []}
+    for _ in range(pairs):
+        for setting in runs:
+            cmd = [sys.executable, "-m", "benchmarks.cpu_malloc", "--child", setting,
+                   "--pairs", "1", "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[setting].append(json.loads(done.stdout.splitlines()[-1]))
+    base = {"device": "cpu", "dtype": "float32", "threads": args.threads,
+            "shape": f"smollm2-135m-shapes L={layers} tokens={args.batch * args.seq}",
+            "processes": pairs, "steps_per_process": steps}  # fmt: skip
+    rows: list[Row] = []
+    print(f"{base['shape']}, {args.threads} threads, {pairs} pairs of processes:")
+    for name in STEPS:
+        med = {
+            setting: (
+                statistics.median(s for r in got for s in r[name]["s"]),
+                statistics.median(f for r in got for f in r[name]["faults"]),
+            )
+            for setting, got in runs.items()
+        }
+        for setting, (sec, faults) in med.items():
+            ratio = sec / med["plain"][0]
+            row = {"op": "train_step", "impl": f"{name} malloc={setting}", "median_us": sec * 1e6,
+                   "minor_faults_per_step": faults, "baseline": f"{name} malloc=plain",
+                   "time_vs_baseline": ratio}  # fmt: skip
+            rows.append({**base, **row})
+            print(f"  {name:<12} malloc={setting:<6} {sec * 1e3:8.1f} ms  {ratio:6.3f}x  "
+                  f"{faults:9.0f} minor faults/step")  # fmt: skip
+    print(f"  wrote {write_rows('cpu_malloc', rows)}")
+
+
+if __name__ == "__main__":
+    main()
