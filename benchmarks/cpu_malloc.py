@@ -4,9 +4,10 @@ glibc's ``malloc`` settings hold for a whole process, so each measurement is a f
 pairs of them, alternating (plain, tuned, plain, tuned, ...), so that the machine's drift falls
 on both. Each child builds ``bench_cast_step.Steps`` (SmolLM2-135M's shapes, random weights),
 takes two untimed steps of each kind (the first ones grow the heap, tuned or not), then times
-``--steps`` steps of each, alternating, and counts the minor page faults each step took
-(``getrusage``: the memory the OS filled on first write, what the tuning removes). The report:
-per setting the median over all its steps of all its processes, and tuned / plain.
+``--steps`` steps of each, alternating, and counts the minor page faults and the user and
+system CPU time each step took (``getrusage``; a fault is memory the OS fills on first write,
+in system time: what the tuning removes). The report: per setting the medians over all its
+steps of all its processes, each process's median time, and tuned / plain.
 
     python -m benchmarks.cpu_malloc [--pairs 4] [--steps 4] [--batch 1] [--seq 256] [--threads 2]
 
@@ -43,17 +44,26 @@ def child(tuned: bool, layers: int, batch: int, seq: int, steps: int, threads: i
 
     st = Steps(torch.device("cpu"), layers, batch, seq)
     fns = {"dense_adamw": st.dense_step, "cast": st.cast_step}
-    out: dict[str, dict[str, list[float]]] = {k: {"s": [], "faults": []} for k in STEPS}
+    keys = ("s", "faults", "user_s", "sys_s")
+    out: dict[str, dict[str, list[float]]] = {k: {key: [] for key in keys} for k in STEPS}
     for i in range(2):
         for fn in fns.values():
             fn(i)
     for i in range(steps):
         for name, fn in fns.items():
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             fn(i + 2)
-            out[name]["s"].append(time.perf_counter() - t0)
-            out[name]["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            t = time.perf_counter() - t0
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            got = (
+                t,
+                r.ru_minflt - r0.ru_minflt,
+                r.ru_utime - r0.ru_utime,
+                r.ru_stime - r0.ru_stime,
+            )
+            for key, v in zip(keys, got, strict=True):
+                out[name][key].append(v)
     return out
 
 
@@ -85,22 +95,26 @@ def main(argv: list[str] | None = None) -> None:
             "processes": pairs, "steps_per_process": steps}  # fmt: skip
     rows: list[Row] = []
     print(f"{base['shape']}, {args.threads} threads, {pairs} pairs of processes:")
+
+    def median(name: str, setting: str, key: str) -> float:
+        return statistics.median(v for r in runs[setting] for v in r[name][key])
+
     for name in STEPS:
-        med = {
-            setting: (
-                statistics.median(s for r in got for s in r[name]["s"]),
-                statistics.median(f for r in got for f in r[name]["faults"]),
-            )
-            for setting, got in runs.items()
-        }
-        for setting, (sec, faults) in med.items():
-            ratio = sec / med["plain"][0]
+        for setting, got in runs.items():
+            sec = median(name, setting, "s")
+            ratio = sec / median(name, "plain", "s")
             row = {"op": "train_step", "impl": f"{name} malloc={setting}", "median_us": sec * 1e6,
-                   "minor_faults_per_step": faults, "baseline": f"{name} malloc=plain",
-                   "time_vs_baseline": ratio}  # fmt: skip
+                   "minor_faults_per_step": median(name, setting, "faults"),
+                   "user_cpu_s_per_step": median(name, setting, "user_s"),
+                   "sys_cpu_s_per_step": median(name, setting, "sys_s"),
+                   "median_us_per_process": [statistics.median(r[name]["s"]) * 1e6 for r in got],
+                   "baseline": f"{name} malloc=plain", "time_vs_baseline": ratio}  # fmt: skip
             rows.append({**base, **row})
+            per = " ".join(f"{t / 1e3:.0f}" for t in row["median_us_per_process"])
             print(f"  {name:<12} malloc={setting:<6} {sec * 1e3:8.1f} ms  {ratio:6.3f}x  "
-                  f"{faults:9.0f} minor faults/step")  # fmt: skip
+                  f"{row['minor_faults_per_step']:7.0f} faults  "
+                  f"user {row['user_cpu_s_per_step']:.2f} s sys {row['sys_cpu_s_per_step']:.2f} s"
+                  f"  per process: {per} ms")  # fmt: skip
     print(f"  wrote {write_rows('cpu_malloc', rows)}")
 
 

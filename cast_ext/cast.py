@@ -2027,10 +2027,12 @@ def tune_cpu_malloc() -> bool:
     freed, and gives memory at the top of its heap back once 2x that much is free. A training
     step on the CPU makes tensors of a weight's size (scaled weights, their gradients) and of
     the logits' (``[tokens, vocab]``), uses them once and frees them: each new one is fresh
-    memory, which the OS fills a page at a time on first write. Here (a 2-core virtual machine,
-    ``benchmarks/cpu_malloc.py``) a CAST step of SmolLM2-135M (256 tokens) took 64,559 minor
-    page faults and 2543 ms that way, 3 faults and 2198 ms (0.86x) after this call; a dense
-    AdamW step 0.93x.
+    memory, which the OS zero-fills a page at a time on first write, in system time. Here (a
+    2-core virtual machine, ``benchmarks/cpu_malloc.py``) a CAST step of SmolLM2-135M (256
+    tokens) took 70,226 minor page faults and 0.30 s of system CPU time that way, 1 fault and
+    0.02 s after this call: 3% less CPU time in all (user + system, 5.28 s to 5.11 s). Its wall
+    time did not measurably change there (2619 ms both, where one process's median ranged over
+    2.3-3.1 s; an earlier run of the same benchmark read 0.86x).
 
     This sets glibc's mmap threshold to ``MALLOC_MMAP_THRESHOLD`` (1 GiB) and its trim threshold
     to ``MALLOC_TRIM_THRESHOLD`` (2 GiB), for the whole process from now on: freed blocks stay
@@ -2230,6 +2232,7 @@ class TrainResult:
     tokens: int = 0
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
+    health_time_s: float = 0.0  # the health records' (masks, flips, magnitudes)
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     health: list[dict[str, Any]] = field(default_factory=list)
@@ -2542,7 +2545,9 @@ def train(
         nonlocal packed, packed_step
         if not prepared or health_every <= 0:
             return
+        t0 = time.perf_counter()
         metrics, packed = _health(layers, optimizer, packed)
+        result.health_time_s += time.perf_counter() - t0
         if keep:
             rec = {"step": step, "alpha": min(step / ramp, 1.0), **metrics}
             record("health", {**rec, "flips_since": packed_step})

@@ -548,6 +548,7 @@ def _hist(hist: cast.TrainResult) -> dict[str, Any]:
         "steps": hist.steps,
         "time_s": hist.train_time_s,
         "eval_time_s": hist.eval_time_s,
+        "health_time_s": hist.health_time_s,
         "curve": hist.evals,
         "loss": [{"step": r["step"], "loss": r["loss"]} for r in hist.train],
         "health": hist.health,
@@ -937,11 +938,13 @@ def run_all(
         say(f"[5/{total}] dense AdamW fine-tune ({preset.ft_steps} steps)")
         runs["dense"]["finetuned"] = run_dense_finetune(base, data, preset, **kw)
     if sizing:
-        # what the budget covers: the training loops with their periodic evaluations; and end to
-        # end, with the copies, the preflight, the final prunes and evaluations
+        # what the budget covers: the training loops with their periodic evaluations and health
+        # records; and end to end, with the copies, the preflight, the final prunes and evaluations
         sizing["runs_s"] = time.perf_counter() - t_runs
         trained = [runs["cast"], runs["finetune"], runs["dense"].get("finetuned")]
-        sizing["train_s"] = sum(r["time_s"] + r["eval_time_s"] for r in trained if r)
+        sizing["train_s"] = sum(
+            r["time_s"] + r["eval_time_s"] + r["health_time_s"] for r in trained if r
+        )
         say(
             f"training took {sizing['train_s']:.0f} s, sized for "
             f"{sizing['predicted_train_s']:.0f} s of a {sizing['time_budget_s']:.0f} s budget "

@@ -1908,6 +1908,13 @@ def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
     runs = results["runs"]
     assert runs["cast"]["steps"] == 6 and runs["finetune"]["steps"] == sized["ft_steps"]
     assert runs["dense"]["finetuned"]["steps"] == sized["ft_steps"]
+    # the budget's training time counts CAST's health records (the prediction does); the
+    # fine-tunes have none
+    assert runs["cast"]["health_time_s"] > 0 and runs["finetune"]["health_time_s"] == 0
+    assert sizing["train_s"] == pytest.approx(
+        sum(r["time_s"] + r["eval_time_s"] + r["health_time_s"]
+            for r in (runs["cast"], runs["finetune"], runs["dense"]["finetuned"]))
+    )  # fmt: skip
     assert results["train_tokens"] == 6 * preset.cast_batch * preset.seq_len
     out = capsys.readouterr().out
     assert "time budget 1000000 s: a CAST step took" in out and "(capped at max_cast_steps)" in out
