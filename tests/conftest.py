@@ -160,6 +160,20 @@ def _grad_mode_kept() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _malloc_untouched() -> Iterator[None]:
+    """``cast.tune_cpu_malloc`` changes glibc's malloc for the whole process, for good: a test
+    that ran the demo on the CPU would leave the suite's freed memory resident, which
+    test_memory's peak-RSS measurements read (the suite runs in one process). Here it does
+    nothing; its own tests run it in fresh processes. Its own MonkeyPatch, not the
+    ``monkeypatch`` fixture: that would be set up before (so torn down after) every fixture a
+    test names, and undo a test's patches with values a fixture (the shim of
+    test_bench_gpu_paths) had patched in and taken back already."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cast_ext.cast, "tune_cpu_malloc", lambda: False)
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _cuda_context_kept(request: pytest.FixtureRequest) -> Iterator[None]:
     """A CUDA fault (an illegal instruction, say) is sticky: every later CUDA call of the process
     fails. On the H200 (2026-11-30) one fault in a cuSPARSELt call became 43 errors in later tests.

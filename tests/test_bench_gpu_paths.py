@@ -93,6 +93,7 @@ def _patched_now() -> dict[str, Any]:
         "torch._C._cusparselt": getattr(torch._C, "_cusparselt", None),
         "cast_ext.cuda_kernels_available": cast_ext.cuda_kernels_available,
         "ops.cslt_compress": ops.cslt_compress,
+        "ops.cslt_linear": ops.cslt_linear,
         "cnn._cslt_reason": cnn._cslt_reason,
         "torch.backends.cuda.matmul": torch.backends.cuda.matmul,
         "fp32 matmul precision": torch.get_float32_matmul_precision(),

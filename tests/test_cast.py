@@ -2070,13 +2070,23 @@ def test_bench_cpu_malloc_quick(tmp_path, monkeypatch, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_tune_cpu_malloc_elsewhere_changes_nothing(monkeypatch):
-    """Another C library: False, and no mallopt is looked up."""
-    import ctypes
+_ELSEWHERE = """
+import ctypes, platform
+from cast_ext import cast
+platform.libc_ver = lambda *a, **k: ("", "")
+def refuse(*a, **k):
+    raise AssertionError("looked up the C library")
+ctypes.CDLL = refuse
+print(cast.tune_cpu_malloc())
+"""
 
-    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))
-    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("looked up the C library"))
-    assert cast.tune_cpu_malloc() is False
+
+def test_tune_cpu_malloc_elsewhere_changes_nothing():
+    """Another C library: False, and no mallopt is looked up (a fresh process)."""
+    run = subprocess.run(
+        [sys.executable, "-c", _ELSEWHERE], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and run.stdout.split() == ["False"], run.stderr
 
 
 def test_demo_verdict_suggests_what_the_preset_allows():
