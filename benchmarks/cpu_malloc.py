@@ -30,18 +30,17 @@ import torch
 from cast_ext import cast
 
 from ._harness import Row, quick, write_rows
+from .bench_cast_step import Steps
 
 STEPS = ("dense_adamw", "cast")
 
 
 def child(tuned: bool, layers: int, batch: int, seq: int, steps: int, threads: int) -> dict:
-    """One process's measurements: per step kind, the seconds and minor faults of each step."""
-    took = cast.tune_cpu_malloc() if tuned else False
-    if tuned and not took:
+    """One process's measurements: per step kind, each step's seconds, minor page faults and
+    user and system CPU seconds."""
+    if tuned and not cast.tune_cpu_malloc():
         raise SystemExit("cpu_malloc: glibc refused the settings (or this is not glibc)")
     torch.set_num_threads(threads)
-    from .bench_cast_step import Steps
-
     st = Steps(torch.device("cpu"), layers, batch, seq)
     fns = {"dense_adamw": st.dense_step, "cast": st.cast_step}
     keys = ("s", "faults", "user_s", "sys_s")
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(pairs):
         for setting in runs:
             cmd = [sys.executable, "-m", "benchmarks.cpu_malloc", "--child", setting,
-                   "--pairs", "1", "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--batch", str(args.batch),
                    "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[setting].append(json.loads(done.stdout.splitlines()[-1]))

@@ -2014,6 +2014,10 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     assert "expected a number of seconds >= 0, got 'nan'" in err
 
 
+requires_glibc = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+
 _RSS_AFTER_FREE = """
 import os, sys, torch
 from cast_ext import cast
@@ -2028,9 +2032,7 @@ print(tuned, (held - rss()) >> 20)
 """
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+@requires_glibc
 def test_tune_cpu_malloc_keeps_freed_memory_in_the_process():
     """Without the call glibc hands a freed 64 MiB tensor back to the OS (past its largest
     mmap threshold); after it the memory stays for the next allocations (fresh processes)."""
@@ -2046,9 +2048,7 @@ def test_tune_cpu_malloc_keeps_freed_memory_in_the_process():
     assert got["tune"][0] == "True" and got["tune"][1] <= 16, got
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+@requires_glibc
 def test_bench_cpu_malloc_quick(tmp_path, monkeypatch, capsys):
     """benchmarks/cpu_malloc.py in quick mode (a plain and a tuned process, a 2-layer model):
     a row per step kind and setting, the tuned CAST step with far fewer page faults. 256
