@@ -105,6 +105,15 @@ def _take_master(param: Tensor, master: Tensor) -> None:
         param.copy_(q)
 
 
+def _behind(p: Tensor, state: dict[str, Any], sparse: bool) -> bool:
+    """Whether :meth:`AdamS._sync_state` has anything to do for ``p``: it has a master (or is
+    not fp32), or its masks do not match ``sparse`` (none where it is sparse, some where it is
+    not)."""
+    if p.dtype != torch.float32 or "master" in state:
+        return True
+    return "mask" not in state if sparse else ("mask" in state or "prev_mask" in state)
+
+
 def _written(param: Tensor) -> tuple[int, int]:
     """What changes when ``param`` is written outside the step: its version counter (in-place
     writes through autograd) and its storage (``p.data = ...`` bumps no version)."""
@@ -257,6 +266,28 @@ def _share_elements(
     return bool(marker.as_strided(b[1], b[2], b[0] - lo).any())
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _apart(params: list[tuple[Tensor, int, int]]) -> bool:
+    """Whether every param is a plain contiguous tensor and no two of their byte ranges meet,
+    so that none shares memory with another: the common case, decided from one address and
+    size per param. Otherwise (a view, a DTensor, ranges that meet) the check looks closer."""
+    spans = []
+    for p, _, _ in params:
+        if type(p) not in _PLAIN or not p.is_contiguous():
+            return False
+        start = p.data_ptr()
+        spans.append((start, start + p.numel() * p.element_size()))
+    spans.sort()
+    reach = 0  # the furthest byte a range seen so far covers
+    for start, end in spans:
+        if start < reach:
+            return False
+        reach = max(reach, end)
+    return True
+
+
 def _check_param_memory(params: list[tuple[Tensor, int, int]]) -> None:
     """Refuse, before anything is written, a param the step cannot update in place: one whose
     elements overlap (an ``expand()`` ed or zero-stride view), or two that share elements. The
@@ -264,6 +295,9 @@ def _check_param_memory(params: list[tuple[Tensor, int, int]]) -> None:
     non-contiguous param through a contiguous copy, and each (device, dtype) bucket is its own
     call. ``params``: (the param, its group's index, its index there) for every param to be
     stepped. Layouts only (shapes, strides, offsets; results cached): no data is read."""
+
+    if _apart(params):
+        return
 
     def describe(p: Tensor, gi: int, pi: int) -> str:
         return _describe(p, f"{pi} of group {gi} ")
@@ -789,9 +823,10 @@ class AdamS(torch.optim.Optimizer):
             _check_sparse(group["sparse"], group["params"], group["m"], gi)
             buckets: dict[tuple[torch.device, torch.dtype, bool], list[Tensor]] = defaultdict(list)
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("cast_ext.AdamS does not support sparse gradients")
                 if p.dtype not in ops._FLOATS:  # cast since add_param_group checked it
                     raise _err(
@@ -799,7 +834,8 @@ class AdamS(torch.optim.Optimizer):
                         "float32, float16 or bfloat16; nothing was stepped"
                     )
                 sparse = _param_is_sparse(p, group)
-                _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
+                if isinstance(p, DTensor):
+                    _check_placements(p, sparse, group["m"], f"{pi} of group {gi} ")
                 buckets[(p.device, p.dtype, sparse)].append(p)
                 stepped.append((p, gi, pi))
             work += [(group, device, sparse, ps) for (device, _, sparse), ps in buckets.items()]
@@ -809,13 +845,16 @@ class AdamS(torch.optim.Optimizer):
         # NaN or Inf at a mask refresh; the calls before it would have stepped. So the sparse
         # buckets go first, and those after the first are checked before any call.
         work.sort(key=lambda w: not w[2])
-        # masters made from the params at their first step
-        fresh = {id(p) for _, _, _, ps in work for p in ps if not self.state.get(p)}
+        # Params without a state get one (masters made from the params) at their first step.
         # Existing states catch up with the params first, so the check below reads the weights
         # the step would use (a NaN written into a bf16 param since the last step included).
+        fresh: set[int] = set()
         for group, _, sparse, ps in work:
             for p in ps:
-                if id(p) not in fresh:
+                state = self.state.get(p)
+                if not state:
+                    fresh.add(id(p))
+                elif _behind(p, state, sparse):
                     self._sync_state(p, group, sparse)
         self._check_refresh_weights(work[1:], found_inf)
         for group, device, sparse, ps in work:
@@ -823,21 +862,28 @@ class AdamS(torch.optim.Optimizer):
                 if id(p) in fresh:
                     self._init_state(p, group)
             states = [self.state[p] for p in ps]
-
-            def each(key: str, states: list = states) -> list[Tensor]:
-                return [_local(s[key]) for s in states]
-
             # DTensors step on their local shards: the placements were checked to keep every
-            # group whole, and the state is laid out like the param. A non-contiguous param
-            # (channels_last, a transposed view) steps as a contiguous copy, copied back.
-            params = [_local(p) for p in ps]
+            # group whole, and the state is laid out like the param. A bucket of plain tensors
+            # (the state made like its params) passes its tensors as they are.
+            shards = any(isinstance(p, DTensor) or isinstance(p.grad, DTensor) for p in ps)
+
+            def each(key: str, states: list = states, shards: bool = shards) -> list[Tensor]:
+                return [_local(s[key]) for s in states] if shards else [s[key] for s in states]
+
+            # A non-contiguous param (channels_last, a transposed view) steps as a contiguous
+            # copy, copied back.
+            params = [_local(p) for p in ps] if shards else ps
             flat = [lp if lp.is_contiguous() else lp.contiguous() for lp in params]
+            if shards:
+                grads = [_local(_grad_like(p)).contiguous() for p in ps]
+            else:
+                grads = [p.grad.contiguous() for p in ps]
             masters = each("master") if "master" in states[0] else []
             track = not torch.compiler.is_compiling() and len(masters) > 0
             beta1, beta2 = group["betas"]
             fn(
                 flat,
-                [_local(_grad_like(p)).contiguous() for p in ps],
+                grads,
                 each("exp_avg"),
                 each("exp_avg_sq"),
                 each("mask") if sparse else [],

@@ -575,6 +575,25 @@ def test_params_sharing_memory_are_refused_before_any_state_is_made(layout: str)
     assert all(torch.equal(bits(p), b) for p, b in zip(flat, before, strict=True))
 
 
+def test_params_side_by_side_in_one_buffer_step_as_separate_ones() -> None:
+    """Params that are neighbouring slices of one buffer (one ends where the next begins, as a
+    flat parameter's views do) share no element: they step, each as its own copy would."""
+    flat = torch.randn(16 * 8 * 3)
+    views = [flat[:128].view(8, 16), flat[128:256].view(8, 16), flat[256:]]
+    grads = [torch.randn(v.shape) for v in views]
+    results = []
+    for tensors in (views, [v.clone() for v in views]):
+        params = [nn.Parameter(t) for t in tensors]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt = AdamS(params, lr=1e-2, decay=1e-2, total_steps=10)
+        for _ in range(3):
+            opt.step()
+        results.append([bits(p.detach()) for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert torch.equal(bits(flat[:128].view(8, 16)), results[0][0])
+
+
 def test_a_param_added_over_a_stepped_one_leaves_its_state_unchanged() -> None:
     buf = torch.randn(8, 16)
     p = nn.Parameter(buf[:, :8])
