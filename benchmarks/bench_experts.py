@@ -71,6 +71,8 @@ def experts_pair(
     with warnings.catch_warnings():  # random weights: pruned to 2:4 by magnitude
         warnings.simplefilter("ignore")
         sparse = cast_ext.nn.to_sparse(copy.deepcopy(dense).requires_grad_(False), experts=True)
+    if not isinstance(sparse, cast_ext.nn.SparseExperts):  # left dense: nothing to compare
+        raise RuntimeError(f"bench_experts: to_sparse left the experts dense ({type(sparse)})")
     dense = cast_ext.nn.to_dense(copy.deepcopy(sparse))  # the same 2:4 weights, stacked
     return dense, sparse
 

@@ -1384,8 +1384,10 @@ def _as_conv1d(cls: type[nn.Module], lin: nn.Linear) -> nn.Module:
 # ---- MoE experts -----------------------------------------------------------------------------
 
 # What transformers 5's use_experts_implementation decorator gives an experts module; the forward
-# below follows them as transformers' own experts forwards do.
-_EXPERTS_FLAGS = ("is_transposed", "has_gate", "has_bias", "has_post_expert_norm")
+# below follows them as transformers' own experts forwards do. has_post_expert_norm came later
+# (transformers 5.17, the GPU machine's, has none: no norm there); where set it must be a bool.
+_EXPERTS_FLAGS = ("is_transposed", "has_gate", "has_bias")
+_EXPERTS_LATER_FLAGS = ("has_post_expert_norm",)
 _SPARSE_EXPERTS_CLASSES: dict[type, type] = {}
 
 
@@ -1474,7 +1476,7 @@ class SparseExperts(nn.Module):
         y = torch.cat([down[e](h[a:b]) for e, a, b in hits])
         if self.has_bias:
             y = y + self.down_proj_bias[expert_of_row]
-        if self.has_post_expert_norm:
+        if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
         y = y * weights.reshape(-1)[routed].unsqueeze(-1)
         out = y.new_zeros(tokens * k, y.shape[-1]).index_copy(0, routed, y)
@@ -1530,6 +1532,7 @@ def _clone_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 def _experts_refusal(module: nn.Module, stacks: list[tuple[str, int, int, int]]) -> str | None:
     """Why :class:`SparseExperts` cannot run the experts module ``module`` (None if it can)."""
     missing = [f for f in _EXPERTS_FLAGS if not isinstance(getattr(module, f, None), bool)]
+    missing += [f for f in _EXPERTS_LATER_FLAGS if not isinstance(getattr(module, f, False), bool)]
     if missing:
         return (
             f"it lacks {missing} (set by transformers' use_experts_implementation): its forward "

@@ -659,6 +659,7 @@ def test_sparse_experts_on_cuda_in_bf16(arch):
     """Dispatched on the GPU (cuSPARSELt, the small-M kernel or cuBLAS per token count)."""
     model = finalized_moe(arch).cuda().bfloat16()
     sparse = cast_ext.nn.to_sparse(copy.deepcopy(model), experts=True)
+    assert len(sparse_experts(sparse)) == 2
     for seed, length in ((9, 16), (10, 64)):
         x = ids(seed=seed, length=length).cuda()
         for _ in range(14):  # through the dispatch's trials, into its decisions
@@ -699,6 +700,31 @@ def test_lora_all_linear_on_sparse_experts_gives_each_expert_an_adapter():
     F.cross_entropy(p(x).logits.flatten(0, 1), x.flatten()).backward()
     grads = [q.grad for n, q in p.named_parameters() if ".experts." in n and "lora_B" in n]
     assert len(grads) == 16 and all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_experts_modules_without_the_post_expert_norm_flag_convert(arch):
+    """transformers 5.17 (the GPU machine's) sets is_transposed, has_gate and has_bias but no
+    has_post_expert_norm (no norm after the experts there): its experts modules still become
+    SparseExperts, with the same logits. A flag that is set must be a bool."""
+    model = finalized_moe(arch)
+    x = ids(seed=11)
+    with torch.no_grad():
+        expected = model(x).logits
+    older = copy.deepcopy(model)
+    for m in experts_modules(older):
+        assert m.has_post_expert_norm is False
+        del m.has_post_expert_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left dense
+        cast_ext.nn.to_sparse(older, experts=True)
+    assert len(sparse_experts(older)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(older(x).logits, expected, rtol=1e-5, atol=1e-5)
+    odd = copy.deepcopy(model)
+    experts_modules(odd)[1].has_post_expert_norm = None
+    with pytest.raises(ValueError, match=r"experts module '.*' cannot be converted: it lacks"):
+        cast_ext.nn.to_sparse(odd, experts=True, filter_fn=lambda name, m: "experts" in name)
 
 
 def test_to_sparse_leaves_experts_dense_unless_asked_and_says_so():
