@@ -144,7 +144,11 @@ def cuda_time_interleaved(
     run (clocks, temperature, another process) then falls on every callable alike, where timing
     them one after the other charged it to whichever ran at the time: on the H200, a
     ``SparseLinear`` that had chosen dense, the very cuBLAS call of the baseline, read 0.96x to
-    1.01x of it. Returns each name's (median, 20th, 80th percentile) in microseconds."""
+    1.01x of it. Calls rotate over the ``n_inputs`` copies one call at a time (round ``r``'s
+    ``j``-th call takes copy ``(r * len(fns) + j) % n_inputs``), so that consecutive calls read
+    different copies: with one copy per round, every callable after a round's first read its
+    input from the L2 where the first had left it. Returns each name's (median, 20th, 80th
+    percentile) in microseconds."""
     names = list(fns)
     for i in range(warmup):
         for name in names:
@@ -160,7 +164,7 @@ def cuda_time_interleaved(
             if flush is not None:
                 flush()
             start.record()
-            fns[name](r % n_inputs)
+            fns[name]((r * len(names) + j) % n_inputs)
             end.record()
             pairs[name].append((start, end))
     torch.cuda.synchronize()

@@ -9,13 +9,14 @@ each token routed to ``top_k`` distinct experts drawn at random (a balanced rout
 
 Two times per row, both medians over interleaved rounds: ``median_us``, wall time per call of a
 burst of calls (the host's launches included: the loop launches a few kernels per expert hit,
-where the grouped forward launches a few per layer), and ``device_us``, CUDA events with the
-host queued ahead (the kernels alone). ``speedup_vs_dense`` is the dense module's time over the
-sparse one's (> 1: the 2:4 experts are faster). ``gbps`` counts the weight bytes of the experts
-hit (bf16 dense, or the 2:4 ``values`` + ``metadata``: 9/16 of them), and ``tflops`` the
-products' dense FLOPs, per device time; ``fraction_of_hbm_peak`` is that GB/s over the GPU's
-spec-sheet bandwidth (the limit where a few tokens make the layer memory-bound). ``correct``:
-the two outputs agree within 2% of the largest (bf16, different summation orders).
+where the grouped forward launches a few per layer), and ``device_us``, CUDA events with the host
+queued ahead and the L2 flushed before each call (the kernels alone, the weights read from HBM).
+``speedup_vs_dense`` is the dense module's time over the sparse one's (> 1: the 2:4 experts are
+faster). ``gbps`` counts the weight bytes of the experts hit (bf16 dense, or the 2:4 ``values`` +
+``metadata``: 9/16 of them), and ``tflops`` the products' dense FLOPs, per device time;
+``fraction_of_hbm_peak`` is that GB/s over the GPU's spec-sheet bandwidth (the limit where a few
+tokens make the layer memory-bound). ``correct``: the two outputs agree within 2% of the largest
+(bf16, different summation orders).
 
     python -m benchmarks.bench_experts [--device cuda]
 
@@ -37,7 +38,7 @@ import torch
 
 import cast_ext
 
-from ._harness import Row, cuda_time_interleaved, hbm_fraction, quick, write_rows
+from ._harness import Row, cuda_time_interleaved, hbm_fraction, l2_flusher, quick, write_rows
 
 # name -> (experts, hidden, expert MLP width, experts routed per token)
 SHAPES = {
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     shapes = QUICK_SHAPES if quick() else SHAPES
     tokens_list = QUICK_TOKENS if quick() else TOKENS
     rounds, burst = (3, 2) if quick() else (15, 10)
+    flush = l2_flusher() if cuda else None
     rows: list[Row] = []
     for name, (experts, hidden, inter, top_k) in shapes.items():
         dense, sparse = experts_pair(experts, hidden, inter, top_k, args.device)
@@ -135,8 +137,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
             want, got = (fns[k]().float() for k in ("dense_grouped_mm", "sparse_experts"))
             correct = bool((got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3)
             wall = wall_us(fns, rounds, burst, sync)
+            # the weights read from HBM, as in a model whose other layers evict them from the L2
             device = (
-                cuda_time_interleaved({k: (lambda i, f=f: f()) for k, f in fns.items()})
+                cuda_time_interleaved(
+                    {k: (lambda i, f=f: f()) for k, f in fns.items()}, flush=flush
+                )
                 if cuda
                 else {}
             )

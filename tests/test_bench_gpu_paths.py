@@ -461,6 +461,19 @@ def test_interleaved_timing_rotates_the_order_each_round(shim: _Shim) -> None:
     assert set(stats) == {"a", "b", "c"} and all(len(t) == 3 for t in stats.values())
 
 
+def test_interleaved_timing_gives_consecutive_calls_different_inputs(shim: _Shim) -> None:
+    """The timed calls rotate over the input copies one call at a time: no call reads the copy
+    the call before it read (with one copy per round, every callable after the first found its
+    input in the L2)."""
+    harness = importlib.import_module("benchmarks._harness")
+    used: list[tuple[str, int]] = []
+    fns = {name: (lambda i, name=name: used.append((name, i))) for name in ("a", "b", "c")}
+    harness.cuda_time_interleaved(fns, n_inputs=4, warmup=0, reps=8)
+    copies = [i for _, i in used]
+    assert copies == [k % 4 for k in range(24)]
+    assert all(len({i for n, i in used if n == name}) > 1 for name in fns)
+
+
 def test_bench_sparse24_gemm_times_each_alone_if_the_rounds_fail(
     shim: _Shim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
