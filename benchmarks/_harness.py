@@ -221,5 +221,8 @@ def write_rows(name: str, rows: list[Row], out_dir: str | os.PathLike[str] | Non
     """Write ``rows`` with the environment to ``<results_dir(out_dir)>/<name>.json`` and return
     the path."""
     path = results_dir(out_dir) / f"{name}.json"
-    path.write_text(json.dumps({"env": env_info(), "rows": rows}, indent=1) + "\n")
+    # whole or not at all: a benchmark killed at its time limit mid-write keeps its last file
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"env": env_info(), "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path)
     return path

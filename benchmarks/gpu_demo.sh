@@ -15,7 +15,8 @@
 # The GPU preset sizes its CAST steps from timed trial steps so that its three training runs take
 # about 300 s; the model's conversion, the trials and the evaluations come on top (estimated at
 # 1-2 minutes, not yet measured there): give call 2 a timeout_s of at least the budget + 150 s,
-# or a smaller budget. Demo args after `run` go to `python -m cast_ext demo`
+# or a smaller budget: with L the device time left after call 1 (the tool's budget_left_s),
+# timeout_s L - 10 and `run --time-budget $((L - 200))`. Demo args after `run` go to `python -m cast_ext demo`
 # (e.g. --time-budget 200 where less time is left); the demo runs with --no-progress (the log
 # keeps the evaluations, not thousands of bar updates).
 #
@@ -43,12 +44,26 @@ STAGE="${STAGE:-.gpu_stage}"
 OUT_DIR="${OUT:-benchmarks/results/gpu-demo-$(date -u +%Y%m%d)}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+
+carried=0
+for part in .gpu_bundle/a .gpu_bundle/b; do
+  if [ -d "$part" ]; then
+    "$PY" scripts/gpu_demo_bundle.py stage "$part" "$STAGE"
+    carried=1
+  fi
+done
+# Before any build: a call without its part, or a `run` on a fresh machine (more than 30 s after
+# call 1: part a's staging is gone), stops here, not after a build it cannot use.
+if ((!carried)); then
+  echo "gpu_demo.sh $MODE: no .gpu_bundle/a or .gpu_bundle/b here: carry the part (scripts/gpu_demo_bundle.py pack)" >&2
+  exit 3
+fi
+if [[ $MODE == run ]] && ! compgen -G "$STAGE/*.part0" >/dev/null; then
+  echo "gpu_demo.sh run: part a is not staged in $STAGE (a fresh machine?): run 'stage' with .gpu_bundle/a first" >&2
+  exit 3
+fi
 # shellcheck source=benchmarks/gpu_build.sh
 source benchmarks/gpu_build.sh  # CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS, the build stamp
-
-for part in .gpu_bundle/a .gpu_bundle/b; do
-  if [ -d "$part" ]; then "$PY" scripts/gpu_demo_bundle.py stage "$part" "$STAGE"; fi
-done
 if ! gpu_build_current; then
   echo "building cast_ext (archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs) ..."
   CAST_EXT_CUDA=1 "$PY" setup.py build_ext --inplace >"$OUT_DIR/build.log" 2>&1 ||

@@ -49,13 +49,24 @@ NAMES = ("sparse24_gemm", "adams", "sparse24_mask", "distill", "cast_step", "res
 Found = dict[str, list[tuple[Path, dict[str, Any]]]]
 
 
+# Found's key for the files that could not be read (a JSON cut off by a kill mid-write), each
+# with {"error": ...}: reported, not checked.
+UNREADABLE = "unreadable"
+
+
 def _read(folder: Path) -> Found:
-    """Each of ``NAMES``' JSON files in ``folder`` or below it, read once, in path order."""
-    found: Found = {name: [] for name in NAMES}
+    """Each of ``NAMES``' JSON files in ``folder`` or below it, read once, in path order (those
+    that do not parse under ``UNREADABLE``)."""
+    found: Found = {name: [] for name in (*NAMES, UNREADABLE)}
     for path in sorted(folder.rglob("*.json")):
-        if path.stem in found:
-            with open(path) as f:
-                found[path.stem].append((path, json.load(f)))
+        if path.stem in NAMES:
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as e:
+                found[UNREADABLE].append((path, {"error": f"{type(e).__name__}: {e}"}))
+                continue
+            found[path.stem].append((path, data))
     return found
 
 
@@ -316,6 +327,8 @@ def report(folder: Path, issue: int | None = None) -> list[str]:
         f"{k} {env[k]}" for k in ("gpu", "torch", "torch_cuda", "git_sha", "date") if env.get(k)
     )
     lines = [f"Targets against {folder} ({head or 'no results found'})", ""]
+    lines += [f"Not read: {path} ({bad['error']})" for path, bad in found[UNREADABLE]]
+    lines += [""] if found[UNREADABLE] else []
     lines += ["| issue | what | target | measured | verdict |", "|---|---|---|---|---|"]
     for c in check_all(folder, found):
         if issue is not None and c.issue != issue:

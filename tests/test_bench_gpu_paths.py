@@ -610,3 +610,33 @@ def test_targets_read_subfolders(tmp_path: Path) -> None:
     vs_ft = [c.what for c in checks if c.target == "< fine-tune's"]
     assert [w.split(":")[0] for w in vs_ft] == ["demo (demo-a", "demo (demo-b"], vs_ft
     assert "gpu NVIDIA H200" in targets.report(tmp_path)[0]
+
+
+def test_targets_report_a_file_cut_off_mid_write(tmp_path: Path) -> None:
+    """A benchmark killed while writing its JSON (before writes were atomic) left half a file:
+    the report names it and checks the rest, where it had raised."""
+    rows = [{"op": "sparse24_mask", "impl": "cast_ext", "dtype": "bfloat16", "shape": "q",
+             "fraction_of_clone_gbps": 0.9}]  # fmt: skip
+    (tmp_path / "sparse24_mask.json").write_text(json.dumps({"env": {}, "rows": rows}))
+    (tmp_path / "sparse24_gemm.json").write_text('{"env": {}, "rows": [{"op": "sparse24_ge')
+    lines = targets.report(tmp_path)
+    assert any(line.startswith("Not read: ") and "sparse24_gemm.json" in line for line in lines)
+    assert any("`sparse24_mask` GB/s" in line and "| met |" in line for line in lines)
+
+
+def test_benchmark_json_is_replaced_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """write_rows writes a temporary file and renames it over the old one: a kill mid-write
+    leaves the previous rows, never half a file."""
+    harness = importlib.import_module("benchmarks._harness")
+    path = harness.write_rows("probe", [{"a": 1}], tmp_path)
+    assert json.loads(path.read_text())["rows"] == [{"a": 1}]
+
+    def killed(self: Path, text: str) -> None:
+        Path.write_bytes(self, text[:10].encode())
+        raise KeyboardInterrupt  # the stage's SIGINT, mid-write
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        harness.write_rows("probe", [{"a": 2}], tmp_path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["rows"] == [{"a": 1}]

@@ -360,6 +360,28 @@ def test_gpu_demo_sh_takes_only_stage_or_run_first():
         ), argv
 
 
+def test_gpu_demo_sh_stops_before_building_without_its_parts(tmp_path: Path):
+    """A call that carried no part, or a ``run`` whose machine lost part a (a fresh one), stops
+    with status 3 before the build it could not use (that cost a minute of device time)."""
+    tree = tmp_path / "tree"
+    for rel in ("benchmarks/gpu_demo.sh", "benchmarks/gpu_build.sh", "scripts/gpu_demo_bundle.py"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tree / rel)
+    calls = tmp_path / "calls.txt"
+    fake_py = tmp_path / "py"
+    fake_py.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    fake_py.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_py), "OUT": str(tmp_path / "out")}
+    script = str(tree / "benchmarks" / "gpu_demo.sh")
+    for mode in ("stage", "run"):
+        proc = subprocess.run(["bash", script, mode], env=env, capture_output=True, text=True)
+        assert proc.returncode == 3 and "no .gpu_bundle/a or .gpu_bundle/b here" in proc.stderr
+    (tree / ".gpu_bundle" / "b").mkdir(parents=True)  # part b carried, part a never staged
+    proc = subprocess.run(["bash", script, "run"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 3 and "part a is not staged" in proc.stderr, proc.stderr
+    assert "setup.py" not in (calls.read_text() if calls.exists() else "")
+
+
 @pytest.mark.parametrize("answer", ["9.0", "", "N/A", None])
 def test_gpu_build_sh_builds_for_the_visible_gpu(tmp_path: Path, answer: str | None):
     """The GPU scripts' build settings: the first GPU's compute capability from nvidia-smi (+PTX),
