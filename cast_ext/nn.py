@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C, ops
-from ._build import cusparselt_available
+from ._build import cuda_value_checks, cusparselt_available
 
 __all__ = [
     "SPARSE_MARGIN",
@@ -263,6 +263,19 @@ def _timed_on_device(
         end.record(stream)
         covered = not start.query()
     return y, (start, end), covered
+
+
+class _CsltFailed(RuntimeError):
+    """A dispatch trial's cuSPARSELt call (its buffer, or its GEMM) raised: the cause."""
+
+
+def _cslt_call(call: Callable[[], Tensor]) -> Tensor:
+    """``call()``, a cuSPARSELt step of a trial call, its RuntimeError raised as
+    :class:`_CsltFailed` (apart from errors of the timing around it)."""
+    try:
+        return call()
+    except RuntimeError as e:
+        raise _CsltFailed(str(e)) from e
 
 
 def _save_frozen(ctx: Any, values: Tensor, meta: Tensor) -> None:
@@ -864,8 +877,16 @@ class SparseLinear(nn.Module):
 
     def _meta_passed(self, x: Tensor, checked: bool) -> None:
         """After a packed call on ``x`` returned: if it checked the meta on CUDA, the current
-        buffers need no further check (see :meth:`_meta_unchecked`)."""
-        if checked and x.is_cuda and not torch.compiler.is_compiling():
+        buffers need no further check (see :meth:`_meta_unchecked`). A call that asked for the
+        check while the kernels skip it (value checks off, a CUDA graph captured) checked
+        nothing: the next call asks again."""
+        if (
+            checked
+            and x.is_cuda
+            and not torch.compiler.is_compiling()
+            and cuda_value_checks()
+            and not torch.cuda.is_current_stream_capturing()
+        ):
             self._meta_checked = self._tag()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -919,29 +940,34 @@ class SparseLinear(nn.Module):
             return self._run(path, x)
         # A trial call: the derived weight is built outside the timed call.
         sample: _Sample
+
+        def run() -> Tensor:
+            if path == "sparse":
+                return _cslt_call(lambda: self._run(path, x))
+            return self._run(path, x)
+
         try:
             if path == "dense":
                 self._dense_cached()
             elif path == "sparse":
-                self._cslt_buffer()
+                _cslt_call(self._cslt_buffer)
             elif x.device.type == "cuda" and self._meta_unchecked(x):
                 # This weight's meta check (a sync) on one row of x, outside the timed call.
                 self._packed(x.reshape(-1, self.in_features)[:1])
             covered = True
             if x.device.type == "cuda":
-                y, sample, covered = _timed_on_device(x.device, lambda: self._run(path, x))
+                y, sample, covered = _timed_on_device(x.device, run)
             else:
                 t0 = time.perf_counter()
-                y = self._run(path, x)
+                y = run()
                 sample = (time.perf_counter() - t0) * 1e6
-        except RuntimeError as e:
-            if path != "sparse":
-                raise
-            # cuSPARSELt refused this problem: the bucket goes on with the other paths.
+        except _CsltFailed as e:
+            # cuSPARSELt refused this problem: the bucket goes on with the other paths. (An
+            # error of the timing itself, or of another path, is raised as it is.)
             warnings.warn(
                 f"cast_ext.nn.SparseLinear: cuSPARSELt failed for [{self.out_features}, "
                 f"{self.in_features}] with {x.numel() // self.in_features} tokens of {x.dtype}; "
-                f"this shape is measured without it: {e}",
+                f"this shape is measured without it: {e.__cause__}",
                 stacklevel=2,
             )
             with _LOCK:

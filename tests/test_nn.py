@@ -548,6 +548,63 @@ def test_a_failing_cusparselt_trial_drops_that_path(monkeypatch: pytest.MonkeyPa
     cast_ext.nn.clear_dispatch_decisions()
 
 
+def test_a_trial_error_outside_cusparselt_is_raised_not_blamed_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only cuSPARSELt's own calls in a sparse trial call fall back to the other paths: an error
+    of the timing around them (on a GPU, a CUDA event refused while another thread captures a
+    graph) is raised as it is, with no "cuSPARSELt failed" warning, and the sparse path stays a
+    candidate of the bucket."""
+    import time
+    import types
+
+    cast_ext.nn.clear_dispatch_decisions()
+    monkeypatch.setattr(cast_ext.nn, "_cslt_reason", lambda *_: None)
+    real_run = SparseLinear._run
+    monkeypatch.setattr(
+        SparseLinear,
+        "_run",
+        lambda self, path, x: real_run(self, "dense" if path == "sparse" else path, x),
+    )
+    monkeypatch.setattr(SparseLinear, "_cslt_buffer", lambda self: torch.empty(0))
+    armed = [False]
+
+    def perf_counter() -> float:
+        if armed[0]:
+            raise RuntimeError("timing refused (simulated)")
+        return time.perf_counter()
+
+    monkeypatch.setattr(cast_ext.nn, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    sl = SparseLinear.from_dense(linear(64, 48), warn=False)
+    x = torch.randn(3, 64)
+    sl(x)  # the trial's first call: dense
+    armed[0] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="timing refused"):
+            sl(x)  # the sparse path's turn
+    (trial,) = cast_ext.nn._TRIALS.values()
+    assert "sparse" in trial.paths
+    cast_ext.nn.clear_dispatch_decisions()
+
+
+@pytest.mark.parametrize("checks, capturing", [(True, False), (False, False), (True, True)])
+def test_a_cuda_meta_check_counts_only_where_the_kernel_ran_it(
+    monkeypatch: pytest.MonkeyPatch, checks: bool, capturing: bool
+) -> None:
+    """A packed CUDA call that asked for the meta check marks the layer's meta checked only where
+    the kernel ran it: not with the value checks off, nor while a CUDA graph is captured (the
+    kernel skips it there), so that a later call checks (a stand-in for a CUDA input)."""
+    import types
+
+    monkeypatch.setattr(cast_ext.nn, "cuda_value_checks", lambda: checks)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    sl = SparseLinear.from_dense(linear(64, 48), warn=False)
+    assert sl._meta_checked is None
+    sl._meta_passed(types.SimpleNamespace(is_cuda=True), True)
+    assert (sl._meta_checked is not None) == (checks and not capturing)
+
+
 def test_threads_sharing_a_bucket_decide_it_once() -> None:
     """Threads making the first calls of one shape bucket at once: every call is served, the
     trial is completed and decided by one of them (it raised KeyError in the others)."""
