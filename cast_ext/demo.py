@@ -164,11 +164,11 @@ PRESETS: dict[str, Preset] = {
     # For one device call on an H200 (not yet run there): CAST's steps are sized from timed
     # trial steps so that the three training runs take about 300 s (time_budget_s), 2,048
     # tokens a step, at most 3,000 steps (max_cast_steps: 4.1 passes over the 5,783 training
-    # windows). The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, fp32 without
-    # TF32) took 221 ms a CAST step and 117 ms a dense AdamW step of 2,048 tokens: at those
-    # rates 650-900 steps would fit (a fine-tune step of 4,096 tokens at 1-2 dense steps' time),
-    # where the demo runs with TF32 and the teacher as a CUDA graph (what those save has not
-    # been measured). Without a budget (--time-budget 0): 1,200 steps, 2.5M training tokens
+    # windows). The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, fp32 with TF32
+    # matmuls, as the demo) took 221 ms a CAST step and 117 ms a dense AdamW step of 2,048
+    # tokens: at those rates 650-900 steps would fit (a fine-tune step of 4,096 tokens at 1-2
+    # dense steps' time), where the demo runs the teacher as a CUDA graph (what that saves has
+    # not been measured). Without a budget (--time-budget 0): 1,200 steps, 2.5M training tokens
     # per run. decay_budget on the first batch predicts the pruned weights at 3% of their size
     # after 1,200 steps at lr 3e-4 (11% at 2e-4); where the dense fine-tune would leave CAST
     # fewer steps than it asks for, the sizing drops that run. A teacher capture that fails, or

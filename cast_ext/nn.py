@@ -265,6 +265,11 @@ def _timed_on_device(
     return y, (start, end), covered
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (for a CUDA ``t``)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class _CsltFailed(RuntimeError):
     """A dispatch trial's cuSPARSELt call (its buffer, or its GEMM) raised: the cause."""
 
@@ -655,10 +660,20 @@ class SparseLinear(nn.Module):
 
     def _get(self, name: str, build: Callable[[], Tensor]) -> Tensor:
         t = self._current(name)
-        if t is not None:
-            return t
         if torch.compiler.is_compiling():
-            return build()  # inside the graph (or an export); nothing is cached from a trace
+            # inside the graph (or an export); nothing is cached from a trace
+            return t if t is not None else build()
+        capturing = _capturing(self._buffers["values"])  # type: ignore[arg-type]
+        if t is not None:
+            if capturing:
+                # A CUDA graph captured now reads this tensor at every replay: kept for the
+                # layer's life, though a decision may drop it from the cache.
+                self.__dict__.setdefault("_graph_held", {})[id(t)] = t
+            return t
+        if capturing:
+            # Derived inside the graph (in its memory, at every replay): a tensor made during a
+            # capture holds nothing until the first replay, so it is not cached.
+            return build()
         # A normal tensor even when this call runs under torch.inference_mode: an inference
         # tensor in the cache would break every later call that autograd records (adapters
         # trained on the layer, after an evaluation under inference_mode).
@@ -710,6 +725,7 @@ class SparseLinear(nn.Module):
         # are not carried (a dense copy would add 16/9 of the buffers' bytes).
         state = super().__getstate__()
         state.update(_derived={}, _uses=set(), _routes={}, _meta_checked=None, _derived_new=False)
+        state.pop("_graph_held", None)
         return state
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

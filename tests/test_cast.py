@@ -1539,7 +1539,9 @@ def test_cast_train_with_activation_checkpointing_is_the_plain_run():
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         cast.prepare(model)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            # (transformers >= 5.24's name; gradient_checkpointing_enable before, e.g. 5.17)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         calls = []  # (forward hooks do not run again when the checkpoint recomputes)
         mlp = model.model.layers[0].mlp
         mlp_forward = mlp.forward

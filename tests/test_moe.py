@@ -365,7 +365,9 @@ def test_eager_experts_under_activation_checkpointing_train_as_without_it():
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         cast.prepare(model)
         if checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            # (transformers >= 5.24's name; gradient_checkpointing_enable before, e.g. 5.17)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-3, decay=1e-2, total_steps=3)
         for s in range(3):
             x = ids(seed=20 + s)
@@ -712,9 +714,8 @@ def test_experts_modules_without_the_post_expert_norm_flag_convert(arch):
     with torch.no_grad():
         expected = model(x).logits
     older = copy.deepcopy(model)
-    for m in experts_modules(older):
-        assert m.has_post_expert_norm is False
-        del m.has_post_expert_norm
+    for m in experts_modules(older):  # (transformers 5.17 has none to remove)
+        assert m.__dict__.pop("has_post_expert_norm", False) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left dense
         cast_ext.nn.to_sparse(older, experts=True)

@@ -605,6 +605,30 @@ def test_a_cuda_meta_check_counts_only_where_the_kernel_ran_it(
     assert (sl._meta_checked is not None) == (checks and not capturing)
 
 
+def test_derived_weights_and_cuda_graph_captures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a CUDA graph capture (pretended here, on the CPU): a dense weight derived during the
+    capture is not cached (made in the graph's memory, it holds nothing until the first replay:
+    eager calls would have read it unwritten); one cached before the capture is kept alive for
+    the layer's life once a capture read it (the graph reads it at every replay), even after the
+    layer drops it from its cache."""
+    sl = SparseLinear.from_dense(linear(64, 48), mode="dense", warn=False)
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(cast_ext.nn, "_capturing", lambda t: True)
+    close_to_linear(sl(x), x, sl.dense_weight(), sl.bias.detach())
+    assert not sl._derived and not sl.__dict__.get("_graph_held")
+    monkeypatch.setattr(cast_ext.nn, "_capturing", lambda t: False)
+    sl(x)  # eager: cached
+    (_, cached) = sl._derived["dense"]
+    alive = weakref.ref(cached)
+    monkeypatch.setattr(cast_ext.nn, "_capturing", lambda t: True)
+    sl(x)  # captured: the graph reads the cached weight
+    del cached
+    sl._derived.clear()  # as a decision that no longer uses it, or a load, drops it
+    gc.collect()
+    assert alive() is not None
+    assert "_graph_held" not in copy.deepcopy(sl).__dict__  # a copy has no graphs
+
+
 def test_threads_sharing_a_bucket_decide_it_once() -> None:
     """Threads making the first calls of one shape bucket at once: every call is served, the
     trial is completed and decided by one of them (it raised KeyError in the others)."""
