@@ -45,8 +45,9 @@ void release_host_flag(HostFlagSlot slot);
 // ones with a zeroed device int read back by a copy (a fill, a copy, a sync). Off (the kernel
 // gets nullptr, nothing is synced) when the caller does not ask for it, while a CUDA graph is
 // captured (no sync allowed) and when the user turned the value checks off
-// (cast_ext.set_cuda_value_checks). A flag never read (an error between its launch and the
-// read) keeps its slot: a kernel still in flight could set it for the next user.
+// (cast_ext.set_cuda_value_checks). A flag handed to a launch and never read (an error between
+// the launch and the read) keeps its slot: a kernel still in flight could set it for the next
+// user. One never handed to a kernel (an error before the launch: an allocation) goes back.
 class DeviceFlag {
  public:
   DeviceFlag(const at::Tensor& like, bool wanted)
@@ -58,12 +59,17 @@ class DeviceFlag {
     *slot_.host = 0;
   }
   ~DeviceFlag() {
-    if (on_ && read_) release_host_flag(slot_);
+    if (on_ && (read_ || !handed_)) release_host_flag(slot_);
   }
   DeviceFlag(const DeviceFlag&) = delete;
   DeviceFlag& operator=(const DeviceFlag&) = delete;
 
-  int* ptr() { return on_ ? slot_.dev : nullptr; }
+  // The device pointer for the kernel's launch (nullptr when off).
+  int* ptr() {
+    if (!on_) return nullptr;
+    handed_ = true;
+    return slot_.dev;
+  }
   // Syncs the stream the kernel ran on (torch's sync-debug mode sees it), then reads the flag.
   bool raised() {
     if (!on_) return false;
@@ -74,6 +80,7 @@ class DeviceFlag {
 
  private:
   bool on_;
+  bool handed_ = false;
   bool read_ = false;
   cudaStream_t stream_ = nullptr;
   HostFlagSlot slot_;
