@@ -16,9 +16,9 @@
 # about 300 s; the model's conversion, the trials and the evaluations come on top (estimated at
 # 1-2 minutes, not yet measured there): give call 2 a timeout_s of at least the budget + 150 s,
 # or a smaller budget: with L the device time left after call 1 (the tool's budget_left_s),
-# timeout_s L - 10 and `run --time-budget $((L - 200))`. Demo args after `run` go to `python -m cast_ext demo`
-# (e.g. --time-budget 200 where less time is left); the demo runs with --no-progress (the log
-# keeps the evaluations, not thousands of bar updates).
+# timeout_s L - 10 and `run --time-budget $((L - 200))`. Demo args after `run` go to
+# `python -m cast_ext demo` (e.g. --time-budget 200 where less time is left); the demo runs with
+# --no-progress (the log keeps the evaluations, not thousands of bar updates).
 #
 # Seen here (CPU, PRESET=smoke, offline, from the packed parts): the GGUF reassembled and
 # verified, converted to the fp32 cache, the texts extracted from the sdist, the demo ran. Again

@@ -805,7 +805,7 @@ class SparseLinear(nn.Module):
             if len(paths) == 1:
                 return "dense", None  # dense is the only path: nothing to decide or record
             trial = _Trial(tuple(paths))
-        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        capturing = _capturing(x)
         if m == 0 or torch.compiler.is_compiling() or capturing:
             return "dense", None  # cannot measure here; nothing recorded: a later eager call will
         with _LOCK:  # another thread may have opened this bucket's trial meanwhile
@@ -901,7 +901,7 @@ class SparseLinear(nn.Module):
             and x.is_cuda
             and not torch.compiler.is_compiling()
             and cuda_value_checks()
-            and not torch.cuda.is_current_stream_capturing()
+            and not _capturing(x)
         ):
             self._meta_checked = self._tag()
 

@@ -277,3 +277,11 @@ def tiny_llama(vocab: int, tied: bool = True) -> torch.nn.Module:
         tie_word_embeddings=tied,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing on a transformers model, by the name its version
+    has: ``activation_checkpointing_enable`` (transformers >= 5.24), else
+    ``gradient_checkpointing_enable`` (5.17, the GPU machine's)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})

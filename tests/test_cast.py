@@ -23,7 +23,7 @@ import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import enable_activation_checkpointing, requires_cuda
 from torch import nn
 
 import cast_ext
@@ -1539,9 +1539,7 @@ def test_cast_train_with_activation_checkpointing_is_the_plain_run():
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         cast.prepare(model)
         if checkpointing:
-            # (transformers >= 5.24's name; gradient_checkpointing_enable before, e.g. 5.17)
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+            enable_activation_checkpointing(model)
         calls = []  # (forward hooks do not run again when the checkpoint recomputes)
         mlp = model.model.layers[0].mlp
         mlp_forward = mlp.forward

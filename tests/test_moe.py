@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import enable_activation_checkpointing, requires_cuda
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -365,9 +365,7 @@ def test_eager_experts_under_activation_checkpointing_train_as_without_it():
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         cast.prepare(model)
         if checkpointing:
-            # (transformers >= 5.24's name; gradient_checkpointing_enable before, e.g. 5.17)
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+            enable_activation_checkpointing(model)
         opt = cast_ext.AdamS(cast.param_groups(model), lr=3e-3, decay=1e-2, total_steps=3)
         for s in range(3):
             x = ids(seed=20 + s)
