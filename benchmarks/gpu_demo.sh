@@ -12,9 +12,10 @@
 # again on that machine): call 2's 600 s are the demo's. Call 1 can be
 # `bash benchmarks/gpu_demo.sh stage && SUITE_BUDGET=240 bash benchmarks/gpu_suite.sh verify`
 # (the build is shared), which leaves one 15-minute device session about 8 minutes for the demo.
-# The GPU preset sizes its CAST steps from timed trial steps so that its three training runs take
-# about 300 s; the model's conversion, the trials and the evaluations come on top (estimated at
-# 1-2 minutes, not yet measured there): give call 2 a timeout_s of at least the budget + 150 s,
+# The GPU preset sizes its CAST steps from timed trial steps (at up to three batch sizes) so that
+# its three training runs take about 300 s; the model's conversion, the trials and the
+# evaluations come on top (estimated at 1-2 minutes, not yet measured there; the CPU's run below
+# tried one batch size): give call 2 a timeout_s of at least the budget + 150 s,
 # or a smaller budget: with L the device time left after call 1 (the tool's budget_left_s),
 # timeout_s L - 10 and `run --time-budget $((L - 200))`. Demo args after `run` go to
 # `python -m cast_ext demo` (e.g. --time-budget 200 where less time is left); the demo runs with

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -104,6 +105,10 @@ class Preset:
     # (see size_to_budget); cast_steps is then only the trials' schedule length.
     time_budget_s: float | None = None
     max_cast_steps: int = 3000
+    # With a budget: smaller CAST batches (descending; the fine-tunes' scaled alike) the sizing
+    # falls back to where fewer CAST steps fit than cast.decay_budget asks for (see
+    # size_to_budget).
+    fallback_batches: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
@@ -116,6 +121,15 @@ class Preset:
             raise ValueError(
                 f"preset {self.name}: fine-tune ({self.ft_steps} x {self.ft_batch}) and CAST "
                 f"({self.cast_steps} x {self.cast_batch}) must see the same number of windows"
+            )
+        sizes = (self.cast_batch, *self.fallback_batches)
+        if any(not b >= 1 or b >= a for a, b in itertools.pairwise(sizes)) or any(
+            self.ft_batch * b % self.cast_batch for b in sizes
+        ):
+            raise ValueError(
+                f"preset {self.name}: fallback_batches {self.fallback_batches} must fall from "
+                f"cast_batch {self.cast_batch} and keep the fine-tune's batch "
+                f"({self.ft_batch}) in proportion"
             )
 
     @property
@@ -132,6 +146,16 @@ class Preset:
         """``--cast-steps`` must be a multiple of this (the fine-tune's batches then split the
         same windows evenly)."""
         return self.ft_batch // math.gcd(self.ft_batch, self.cast_batch)
+
+    def with_cast_batch(self, batch: int) -> Preset:
+        """This preset with CAST batches of ``batch`` windows and the fine-tunes' in proportion
+        (the same steps; the warmup stays in steps)."""
+        return replace(
+            self,
+            cast_batch=batch,
+            ft_batch=self.ft_batch * batch // self.cast_batch,
+            fallback_batches=tuple(b for b in self.fallback_batches if b < batch),
+        )
 
     def with_cast_steps(self, steps: int) -> Preset:
         """This preset with ``steps`` CAST steps and the fine-tunes' steps for the same windows
@@ -162,24 +186,25 @@ PRESETS: dict[str, Preset] = {
     # for CAST's decay to finish (SPEC §6); the demo says so.
     "cpu": Preset(name="cpu"),
     # For one device call on an H200 (not yet run there): CAST's steps are sized from timed
-    # trial steps so that the three training runs take about 300 s (time_budget_s), 2,048
-    # tokens a step, at most 3,000 steps (max_cast_steps: 4.1 passes over the 5,783 training
-    # windows). The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes, fp32 with TF32
-    # matmuls, as the demo) took 221 ms a CAST step and 117 ms a dense AdamW step of 2,048
-    # tokens: at those rates 650-900 steps would fit (a fine-tune step of 4,096 tokens at 1-2
-    # dense steps' time), where the demo runs the teacher as a CUDA graph (what that saves has
-    # not been measured). Without a budget (--time-budget 0): 1,200 steps, 2.5M training tokens
-    # per run. decay_budget on the first batch predicts the pruned weights at 3% of their size
-    # after 1,200 steps at lr 3e-4 (11% at 2e-4); where the dense fine-tune would leave CAST
-    # fewer steps than it asks for, the sizing drops that run. A teacher capture that fails, or
-    # differs from the eager forward, warns and runs eagerly.
+    # trial steps so that the three training runs take about 300 s (time_budget_s), at most
+    # 3,000 steps (max_cast_steps). A near-lossless finalize needs about 1,300 steps at lr
+    # 3e-4 (decay_budget's preflight, target 3%); on 2 CPU cores 880 steps left the pruned
+    # weights at 7% of their size, and the finalize cost 1.27x in perplexity, more than the
+    # fixed-mask fine-tune lost. The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes,
+    # fp32 with TF32 matmuls) took 221 ms a CAST step of 2,048 tokens (batch 8) and 117 ms a
+    # dense AdamW step: 650-900 steps would fit. So where fewer steps fit than the preflight
+    # asks for, the sizing drops the dense fine-tune, then tries batches of 4 and 2 windows
+    # (fallback_batches): more, smaller steps where the step time falls with the batch. The
+    # teacher runs as a CUDA graph (a capture that fails, or differs from the eager forward,
+    # warns and runs eagerly). Without a budget (--time-budget 0): 2,000 steps of batch 8,
+    # 4.1M training tokens per run, pruned weights predicted at about 0.3% of their size.
     "gpu": Preset(
         name="gpu",
         eval_every=250,
         curve_windows=16,
-        ft_steps=600,
+        ft_steps=1000,
         ft_batch=16,
-        cast_steps=1200,
+        cast_steps=2000,
         cast_batch=8,
         cast_lr=3e-4,
         warmup=50,
@@ -187,6 +212,7 @@ PRESETS: dict[str, Preset] = {
         eval_batch=32,
         graph_teacher=True,
         time_budget_s=300.0,
+        fallback_batches=(4, 2),
     ),
 }
 
@@ -820,14 +846,82 @@ def size_to_budget(
     fine-tune and (``dense_finetune``) the dense fine-tune, at the fixed-mask step's time,
     with their periodic evaluations; not the model's loading, the untrained runs' evaluations
     or the final prunes. The steps are rounded down to a multiple of ``cast_steps_multiple``,
-    within ``[cast_steps_multiple, max_cast_steps]``. The dense fine-tune (context for CAST's
-    model before finalize, not the comparison the demo is for) is dropped where with it fewer
-    CAST steps would fit than the run's :func:`cast.decay_budget` preflight asks for.
+    within ``[cast_steps_multiple, max_cast_steps]``.
+
+    CAST's finalize is near lossless only after the steps its :func:`cast.decay_budget`
+    preflight asks for (SPEC §6: a pruned weight moves about lr per step, whatever the batch).
+    Where fewer fit, the dense fine-tune (context for CAST's model before finalize, not the
+    comparison the demo is for) goes first; where still fewer fit, the next of
+    ``fallback_batches`` is tried (fewer tokens a step, so more steps where the step time
+    falls with the batch). The largest batch whose steps suffice wins; where none suffices,
+    the one that comes closest (a smaller batch only for over 10% more of the steps asked).
     """
     budget = preset.time_budget_s
     if budget is None:
         raise ValueError(f"preset {preset.name} has no time_budget_s")
     t_start = time.perf_counter()
+    batches = (preset.cast_batch, *preset.fallback_batches)
+    tried: list[dict[str, Any]] = []
+    for i, batch in enumerate(batches):
+        plan = _plan_batch(base, data, preset.with_cast_batch(batch), adams_cls)
+        tried.append(plan)
+        if plan["enough"]:
+            break
+        if i + 1 < len(batches):
+            say(
+                f"batch {batch}: {plan['steps']} CAST steps fit, short of the "
+                f"{plan['steps_needed']} that decay_budget asks for; trying batch {batches[i + 1]}"
+            )
+    best = tried[-1]
+    if not best["enough"]:
+        best = tried[0]
+        for plan in tried[1:]:
+            if plan["reach"] > 1.1 * best["reach"]:
+                best = plan
+    steps_fit, steps = best["steps_that_fit"], best["steps"]
+    sized = best["preset"].with_cast_steps(steps)
+    a, b = best["a"], best["b"]
+    sizing = {
+        "time_budget_s": budget,
+        "cast_batch": sized.cast_batch,
+        "cast_step_s": best["cast_step_s"],
+        "finetune_step_s": best["finetune_step_s"],
+        "eval_s": best["eval_s"],
+        "steps_needed": best["steps_needed"],
+        "dense_finetune_dropped": best["dropped"],
+        "steps_that_fit": steps_fit,
+        "cast_steps": steps,
+        "ft_steps": sized.ft_steps,
+        "predicted_train_s": a * steps + b,
+        "batches_tried": [{k: p[k] for k in _TRIED_KEYS} for p in tried],
+        "trial_s": time.perf_counter() - t_start,
+    }
+    capped = " (capped at max_cast_steps)" if steps < steps_fit else ""
+    say(
+        f"time budget {budget:.0f} s: a CAST step of {sized.cast_batch} x {sized.seq_len} tokens "
+        f"took {1e3 * best['cast_step_s']:.0f} ms, a fine-tune step "
+        f"{1e3 * best['finetune_step_s']:.0f} ms, an evaluation {best['eval_s']:.1f} s (trials: "
+        f"{sizing['trial_s']:.0f} s) -> {steps} CAST steps{capped}, {sized.ft_steps} fine-tune "
+        f"steps, about {sizing['predicted_train_s']:.0f} s of training"
+    )
+    if best["dropped"]:
+        say(
+            f"no dense fine-tune: with it {best['with_dense']} CAST steps would fit, short of "
+            f"the {best['steps_needed']} that decay_budget asks for"
+        )
+    return sized, sizing
+
+
+_TRIED_KEYS = ("cast_batch", "cast_step_s", "finetune_step_s", "steps_needed", "steps_that_fit")
+
+
+def _plan_batch(
+    base: nn.Module, data: DemoData, preset: Preset, adams_cls: type | None
+) -> dict[str, Any]:
+    """Trials at ``preset``'s batches, and the CAST steps that then fit its budget: with the
+    dense fine-tune if the steps suffice for decay_budget with it (or it asks for none),
+    else without it; ``steps`` those capped at max_cast_steps. ``enough``: they suffice;
+    ``reach``: their share of the steps asked for."""
     cast_s, needed = _cast_trial(base, data, preset, adams_cls)
     ft_s, eval_s = _finetune_trial(base, data, preset)
     mult = preset.cast_steps_multiple
@@ -840,43 +934,30 @@ def size_to_budget(
         per_eval = 1 / preset.eval_every if preset.eval_every else 0.0
         a = cast_s + finetunes * ratio * ft_s + eval_s * per_eval * (1 + finetunes * ratio)
         b = eval_s * (1 + finetunes)
-        return max(int((budget - b) / a) // mult * mult, mult), a, b
+        return max(int((preset.time_budget_s - b) / a) // mult * mult, mult), a, b
 
     steps_fit, a, b = fit(2 if preset.dense_finetune else 1)
     with_dense, sized, dropped = steps_fit, preset, False
-    # The dense fine-tune is context, not the comparison: it goes where its time would keep
-    # CAST short of the steps the preflight asks for.
     if preset.dense_finetune and needed is not None and steps_fit < needed:
         steps_fit, a, b = fit(1)
         sized, dropped = replace(preset, dense_finetune=False), True
     steps = min(steps_fit, preset.max_cast_steps // mult * mult)
-    sized = sized.with_cast_steps(steps)
-    sizing = {
-        "time_budget_s": budget,
+    return {
+        "preset": sized,
+        "cast_batch": preset.cast_batch,
         "cast_step_s": cast_s,
         "finetune_step_s": ft_s,
         "eval_s": eval_s,
         "steps_needed": needed,
-        "dense_finetune_dropped": dropped,
         "steps_that_fit": steps_fit,
-        "cast_steps": steps,
-        "ft_steps": sized.ft_steps,
-        "predicted_train_s": a * steps + b,
-        "trial_s": time.perf_counter() - t_start,
+        "steps": steps,
+        "with_dense": with_dense,
+        "dropped": dropped,
+        "a": a,
+        "b": b,
+        "enough": needed is None or steps >= needed,
+        "reach": 1.0 if needed is None else steps / needed,
     }
-    capped = " (capped at max_cast_steps)" if steps < steps_fit else ""
-    say(
-        f"time budget {budget:.0f} s: a CAST step took {1e3 * cast_s:.0f} ms, a fine-tune step "
-        f"{1e3 * ft_s:.0f} ms, an evaluation {eval_s:.1f} s (trials: {sizing['trial_s']:.0f} s) "
-        f"-> {steps} CAST steps{capped}, {sized.ft_steps} fine-tune steps, "
-        f"about {sizing['predicted_train_s']:.0f} s of training"
-    )
-    if dropped:
-        say(
-            f"no dense fine-tune: with it {with_dense} CAST steps would fit, short of the "
-            f"{needed} that decay_budget asks for"
-        )
-    return sized, sizing
 
 
 def run_all(
@@ -1039,7 +1120,7 @@ def verdict(results: dict[str, Any]) -> str:
                 f"Its pruned weights shrank only to {100 * shrink:.0f}% of their size "
                 f"({predicted}), so the final hard prune still removed real weight."
             )
-        if budget.get("steps_needed"):
+        if (budget.get("steps_needed") or 0) > c["steps"]:
             preset = results.get("preset", {})
             # a value --cast-steps accepts (the fine-tune's batches must split the same windows)
             mult = Preset(**preset).cast_steps_multiple if preset else 1

@@ -1153,10 +1153,18 @@ def test_decay_budget_verdicts():
         [w], sched.with_total(mid.steps_needed), mid.steps_needed, decay=1e-3, grad_rms=1e-4
     )
     assert longer.ok and "OK" in str(longer)
+    # where the plan suffices, steps_needed is the fewest steps that do (the same search)
+    assert abs(longer.steps_needed - mid.steps_needed) <= 0.04 * mid.steps_needed
+    assert f"about {longer.steps_needed} steps" in str(longer)
+    shorter = cast.decay_budget(
+        [w], sched.with_total(longer.steps_needed - 10), longer.steps_needed - 10, decay=1e-3,
+        grad_rms=1e-4, warn=False,
+    )  # fmt: skip
+    assert not shorter.ok
     # a model works too (its prepared layers)
     model = tiny_llama()
     cast.prepare(model)
-    b = cast.decay_budget(model, 1e-3, 500, decay=1e-2, warn=False)
+    b = cast.decay_budget(model, 1e-4, 500, decay=1e-2, warn=False)
     assert b.ok and b.momentum_source.startswith("the default")
     with pytest.raises(ValueError, match="prepare"):
         cast.decay_budget(tiny_llama(), 1e-3, 10, decay=1e-3)
@@ -1917,7 +1925,8 @@ def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
     )  # fmt: skip
     assert results["train_tokens"] == 6 * preset.cast_batch * preset.seq_len
     out = capsys.readouterr().out
-    assert "time budget 1000000 s: a CAST step took" in out and "(capped at max_cast_steps)" in out
+    assert "time budget 1000000 s: a CAST step of 1 x 64 tokens took" in out
+    assert "(capped at max_cast_steps)" in out
     assert "training took" in out and "s end to end)" in out
 
 
@@ -1968,6 +1977,67 @@ def test_demo_budget_arithmetic(monkeypatch):
         dataclasses.replace(gpu, time_budget_s=0.0)
 
 
+def test_demo_budget_falls_back_to_smaller_batches(monkeypatch):
+    """Where fewer CAST steps fit than decay_budget asks for, even without the dense
+    fine-tune, the sizing tries the preset's fallback_batches in turn (the fine-tune's batch in
+    proportion, the warmup and lr kept) and takes the first whose steps suffice; where none
+    does, the one that comes closest, a smaller batch only for over 10% more of the steps."""
+    import dataclasses
+
+    from cast_ext import demo
+
+    gpu = demo.PRESETS["gpu"]
+    assert gpu.fallback_batches == (4, 2) and gpu.cast_steps == 2000
+    seen: list[tuple[int, int, int]] = []
+    per_batch: dict[int, float] = {}  # CAST step seconds at each batch
+    needed = [1800]
+
+    def cast_trial(base, data, preset, adams_cls):
+        seen.append((preset.cast_batch, preset.ft_batch, preset.warmup))
+        return per_batch[preset.cast_batch], needed[0]
+
+    monkeypatch.setattr(demo, "_cast_trial", cast_trial)
+    # a fine-tune step at the CAST step's time, per window; evaluations of 1 s
+    monkeypatch.setattr(demo, "_finetune_trial", lambda b, d, p: (per_batch[p.cast_batch], 1.0))
+    lines: list[str] = []
+
+    def sized(**kw):
+        seen.clear()
+        lines.clear()
+        return demo.size_to_budget(
+            tiny_llama(), None, dataclasses.replace(gpu, **kw), say=lines.append
+        )
+
+    # the step time falls with the batch: batch 8 fits too few, batch 4 enough (with the
+    # dense fine-tune dropped), so batch 2 is never tried
+    per_batch.update({8: 0.2, 4: 0.1, 2: 0.06})
+    preset, sizing = sized()
+    assert seen == [(8, 16, 50), (4, 8, 50)]
+    # batch 4: 0.1 + 0.5 x 0.1 + 1.5 / 250 = 0.156 s a step without the dense fine-tune,
+    # 298 / 0.156 = 1910.3 (with it: 0.208 s, 1427.9, short of 1800)
+    assert (preset.cast_batch, preset.ft_batch, preset.cast_steps) == (4, 8, 1910)
+    assert preset.ft_steps == 955 and not preset.dense_finetune and preset.fallback_batches == (2,)
+    assert sizing["cast_batch"] == 4 and sizing["dense_finetune_dropped"]
+    assert [t["cast_batch"] for t in sizing["batches_tried"]] == [8, 4]
+    assert sizing["batches_tried"][0]["steps_that_fit"] == 972  # 298 / 0.306 at batch 8
+    assert "batch 8: 972 CAST steps fit, short of the 1800" in lines[0]
+    assert "trying batch 4" in lines[0] and "a CAST step of 4 x 256 tokens" in lines[1]
+    # batch 2 asked for more steps than any batch fits: the one with the most steps wins
+    needed[0] = 5000
+    preset, sizing = sized()
+    assert [b for b, _, _ in seen] == [8, 4, 2] and preset.cast_batch == 2
+    assert preset.cast_steps == 3000  # capped at max_cast_steps
+    # a step time that does not fall with the batch (the host sets the pace): more steps by
+    # 10% or less keep the larger batch
+    per_batch.update({8: 0.1, 4: 0.095, 2: 0.092})
+    preset, sizing = sized()
+    assert preset.cast_batch == 8 and len(sizing["batches_tried"]) == 3
+    # the batches must fall from cast_batch
+    for bad in ((8,), (4, 4), (0,)):
+        with pytest.raises(ValueError, match="fallback_batches"):
+            dataclasses.replace(gpu, fallback_batches=bad)
+
+
 def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     """--time-budget sets the preset's budget (0: none, the preset's steps); --cast-steps
     gives the steps and turns a preset's budget off; both at once, or a budget that is not a
@@ -1989,9 +2059,9 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(demo.cast, "tune_cpu_malloc", lambda: tuned.append(True) or True)
     base = ["--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
     for argv, budget, steps in [
-        (["--preset", "gpu"], 300.0, 1200),
-        (["--preset", "gpu", "--time-budget", "0"], None, 1200),
-        (["--preset", "gpu", "--time-budget", "45.5"], 45.5, 1200),
+        (["--preset", "gpu"], 300.0, 2000),
+        (["--preset", "gpu", "--time-budget", "0"], None, 2000),
+        (["--preset", "gpu", "--time-budget", "45.5"], 45.5, 2000),
         (["--preset", "gpu", "--cast-steps", "800"], None, 800),
         (["--preset", "smoke", "--time-budget", "60"], 60.0, demo.PRESETS["smoke"].cast_steps),
     ]:

@@ -243,7 +243,7 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     small = dataclasses.replace(
         gpu, seq_len=32, eval_windows=2, curve_windows=1, eval_every=2, ft_steps=2, ft_batch=4,
         cast_steps=4, cast_batch=2, warmup=1, mask_interval=2, health_every=2, eval_batch=2,
-        max_cast_steps=6,
+        max_cast_steps=6, fallback_batches=(1,),
     )  # fmt: skip
     assert small.name == "gpu" and small.dense_finetune and small.cast_steps_multiple == 2
     monkeypatch.setitem(demo.PRESETS, "gpu", small)
@@ -285,6 +285,7 @@ def test_demo_main_gpu_path_under_the_cuda_shim(
     assert preset["name"] == "gpu" and preset["dense_finetune"] and preset["graph_teacher"]
     assert (preset["cast_steps"], preset["ft_steps"]) == (6, 3)  # sized, same windows
     assert preset["time_budget_s"] == 300 and saved["sizing"]["steps_that_fit"] > 6
+    assert saved["sizing"]["cast_batch"] == preset["cast_batch"] == 2
     assert saved["train_tokens"] == 6 * small.cast_batch * small.seq_len
     runs = saved["runs"]
     assert list(runs) == ["dense", "oneshot", "cast", "finetune"]
