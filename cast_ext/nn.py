@@ -7,8 +7,8 @@ device. Its forward runs one of
 * ``"sparse"`` (CUDA): cuSPARSELt (:func:`cast_ext.ops.cslt_linear`) with the library's
   compressed buffer, kept as a non-persistent cache rebuilt after ``.to()``/``load_state_dict``;
 * ``"packed"``: :func:`cast_ext.sparse24_gemm` on ``values``/``metadata`` (on CUDA the small-M
-  kernel, for at most 16 tokens, which reads 56% of a dense weight's bytes; on the CPU the
-  packed-format kernel, any token count);
+  kernels, for at most 16 tokens, which read 56% of a dense weight's bytes, on tensor cores for
+  fp16/bf16 from 2 tokens; on the CPU the packed-format kernel, any token count);
 * ``"dense"``: ``F.linear`` (cuBLAS, or the CPU BLAS) on the decompressed weight, cached,
 
 whichever the dispatch picked for this shape. A MoE experts module becomes a

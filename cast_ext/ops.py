@@ -529,7 +529,8 @@ def sparse24_gemm(
     ``values`` (the mask in ``meta`` is fixed). CPU: with AVX-512 and at most 16 rows of ``x``,
     products straight from the packed format; else the weight expanded tile by tile, then dot
     products or torch's GEMM. CUDA: a packed small-M kernel for at most 16 rows and
-    ``K % 16 == 0``, else decompress + cuBLAS (the fast CUDA path for large M is
+    ``K % 16 == 0`` (fp16/bf16 from 2 rows with ``K % 32 == 0`` on tensor cores, sm80+; fp32
+    accumulation there too), else decompress + cuBLAS (the fast CUDA path for large M is
     :func:`cslt_linear`). That cuBLAS call is ``F.linear``'s and follows its settings:
     ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (and the fp16 one),
     on by default, let cuBLAS add split-K partial sums in 16 bits (H200, x [17, 1040] bf16:

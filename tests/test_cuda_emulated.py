@@ -42,6 +42,7 @@ bounds (only writes are guarded).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import re
 import shutil
@@ -203,7 +204,7 @@ class Emu:
             "emu_unpack_mask": [vp, i64, i64, vp],
             "emu_mask_flips": [vp, vp, i64, i32, vp],
             "emu_adams_step": [i32, i32, i32, vp, i64, vp, vp, vp, vp, i32],
-            "emu_sparse24_gemv": [i32, vp, vp, vp, vp, i64, i64, i64, vp, vp],
+            "emu_sparse24_gemv": [i32, vp, vp, vp, vp, i64, i64, i64, vp, i32, vp],
             "emu_distill_fwd": [i32, vp, vp, vp, i64, i64, f64, i64, vp, vp, vp, i32, vp],
             "emu_distill_bwd": [i32, vp, vp, vp, vp, vp, i64, i64, f64, f64, i64, vp, i32],
         }
@@ -1163,21 +1164,45 @@ GEMV_SHAPES = [
     (2, 1, 16),
     (7, 33, 528),
     (2, 5, 4800),
+    (16, 20, 256),
+    (9, 40, 96),
+    (12, 17, 1024),
 ]
 """(M, N, K): one chunk per row; several; 65 chunks (uneven across the 32 lanes) with the largest
 M; N not a multiple of the 8 rows a block takes; a single row; 33 chunks; 300 chunks (three
-passes of a lane's 4-chunk batches, the last one partial)."""
+passes of a lane's 4-chunk batches, the last one partial). For the tensor-core kernel (fp16/bf16,
+M >= 2, K % 32 == 0): 150 32-column steps (19 a warp, its last 4-step batch partial); two
+8-token tiles, the second full, N not a multiple of its 16 rows a block; 9 tokens (the second
+tile nearly empty), 3 steps (5 of the 8 warps with none); 32 steps, 17 rows (a block of one)."""
+
+
+def uses_tensor_cores(dtype: torch.dtype, m: int, k: int, tensor_cores: bool) -> bool:
+    """Whether sparse24_gemv takes its tensor-core kernel (sparse24_gemv_uses_tensor_cores, with
+    an aligned meta)."""
+    return tensor_cores and dtype != torch.float32 and 2 <= m <= 16 and k % 32 == 0
+
+
+def gemv_grid(dtype: torch.dtype, m: int, n: int, k: int, tensor_cores: bool) -> int:
+    """The launch's gridDim.x: 16 rows a block on tensor cores, else 8."""
+    return (n + 15) // 16 if uses_tensor_cores(dtype, m, k, tensor_cores) else (n + 7) // 8
 
 
 def run_gemv(
-    emu: Emu, x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, null_flag: bool = False
+    emu: Emu,
+    x: Tensor,
+    values: Tensor,
+    meta: Tensor,
+    bias: Tensor | None,
+    null_flag: bool = False,
+    tensor_cores: bool = False,
 ) -> tuple[int, Tensor, int]:
+    """sparse24_gemv on a device with (``tensor_cores``, sm80+) or without them."""
     m, k = x.shape
     n = values.shape[0]
     y = Guarded((m, n), x.dtype)
     b = None if bias is None else bias.data_ptr()
     args = (DTYPE_CODE[x.dtype], x.data_ptr(), values.data_ptr(), meta.data_ptr(), b, m, n, k)
-    args += (y.ptr,)
+    args += (y.ptr, int(tensor_cores))
     rc, bad = call_flagged(emu, "emu_sparse24_gemv", args, {"y": y}, "bad_meta", null_flag)
     return rc, y.t, bad
 
@@ -1195,8 +1220,10 @@ def assert_gemm_close(y: Tensor, x: Tensor, w: Tensor, b: Tensor | None, what: s
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
-    """y = x @ W^T (+ b) for every shape, each thread schedule; no flag on valid metadata."""
+@pytest.mark.parametrize("tensor_cores", [False, True], ids=["simt", "tensor_cores"])
+def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool, tensor_cores: bool) -> None:
+    """y = x @ W^T (+ b) for every shape, each thread schedule, on a device with tensor cores
+    and without; no flag on valid metadata."""
     gen = torch.Generator().manual_seed(21)
     for m, n, k in GEMV_SHAPES:
         w = reference.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype))
@@ -1205,10 +1232,10 @@ def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
         b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
         for schedule in SCHEDULES:
             emu.configure(schedule=schedule, seed=m)
-            rc, y, bad = run_gemv(emu, x, values, meta, b)
+            rc, y, bad = run_gemv(emu, x, values, meta, b, tensor_cores=tensor_cores)
             assert (rc, bad) == (CUDA_SUCCESS, 0), (m, n, k)
             assert_gemm_close(y, x, w, b, f"[{m}x{k}] @ [{n}x{k}]^T schedule {schedule}")
-        assert emu.grids() == [(n + 7) // 8]
+        assert emu.grids() == [gemv_grid(dtype, m, n, k, tensor_cores)]
 
 
 @PROPERTY
@@ -1220,13 +1247,14 @@ def test_sparse24_gemv(emu: Emu, dtype: torch.dtype, with_bias: bool) -> None:
     with_bias=st.booleans(),
     seed=st.integers(0, 2**16),
     schedule=st.sampled_from(SCHEDULES),
+    tensor_cores=st.booleans(),
 )
 def test_sparse24_gemv_property(
     emu_lib: Emu, m: int, n: int, chunks: int, dtype: torch.dtype, with_bias: bool, seed: int,
-    schedule: int,
+    schedule: int, tensor_cores: bool,
 ) -> None:  # fmt: skip
-    """Any M <= 16, N, K = 16 * chunks, dtype, bias and thread schedule: y = x @ W^T (+ b)
-    within the GEMM bound, no flag on valid metadata."""
+    """Any M <= 16, N, K = 16 * chunks, dtype, bias, thread schedule and device (tensor cores
+    or not): y = x @ W^T (+ b) within the GEMM bound, no flag on valid metadata."""
     emu_lib.configure(schedule=schedule, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     k = 16 * chunks
@@ -1234,32 +1262,44 @@ def test_sparse24_gemv_property(
     values, meta = reference.sparse24_compress(w)
     x = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    rc, y, bad = run_gemv(emu_lib, x, values, meta, b)
+    rc, y, bad = run_gemv(emu_lib, x, values, meta, b, tensor_cores=tensor_cores)
     assert (rc, bad) == (CUDA_SUCCESS, 0)
     assert_gemm_close(y, x, w, b, f"[{m}x{k}] @ [{n}x{k}]^T")
+    assert emu_lib.grids() == [gemv_grid(dtype, m, n, k, tensor_cores)]
     emu_lib.configure()
 
 
-def test_sparse24_gemv_every_m_and_invalid_meta(emu: Emu) -> None:
-    """Every M from 1 to 16 (each template width, partially filled); then a corrupted group:
-    ``bad_meta`` is raised and the group contributes zeros, the rest is unchanged."""
+@pytest.mark.parametrize(
+    "dtype,tensor_cores",
+    [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)],
+    ids=["fp32", "bf16-tensor-cores", "fp16-tensor-cores"],
+)
+def test_sparse24_gemv_every_m_and_invalid_meta(
+    emu: Emu, dtype: torch.dtype, tensor_cores: bool
+) -> None:
+    """Every M from 1 to 16 (each template width, partially filled); then a corrupted group in
+    each of the 4 positions of a 16-column chunk (the tensor-core kernel's lanes split a chunk's
+    groups): ``bad_meta`` is raised and the group contributes zeros, the rest is unchanged."""
     gen = torch.Generator().manual_seed(22)
     n, k = 16, 96
-    w = reference.sparse24_prune(torch.randn(n, k, generator=gen))
+    w = reference.sparse24_prune(torch.randn(n, k, generator=gen).to(dtype))
     values, meta = reference.sparse24_compress(w)
     for m in range(1, 17):
-        x = torch.randn(m, k, generator=gen)
-        rc, y, bad = run_gemv(emu, x, values, meta, None)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        rc, y, bad = run_gemv(emu, x, values, meta, None, tensor_cores=tensor_cores)
         assert (rc, bad) == (CUDA_SUCCESS, 0), m
         assert_gemm_close(y, x, w, None, f"m={m}")
-    corrupt = meta.clone()
-    corrupt[5, 3] = (corrupt[5, 3] & 0xF0) | 0x7  # group 6 of row 5 keeps 3
-    w_bad = w.clone()
-    w_bad[5, 24:28] = 0.0
-    x = torch.randn(4, k, generator=gen)
-    rc, y, bad = run_gemv(emu, x, values, corrupt, None)
-    assert (rc, bad) == (CUDA_SUCCESS, 1)
-    assert_gemm_close(y, x, w_bad, None, "invalid group")
+        assert emu.grids() == [gemv_grid(dtype, m, n, k, tensor_cores)]
+    for row, group in ((5, 6), (12, 1), (0, 8), (15, 19)):  # positions 2, 1, 0, 3 in a chunk
+        corrupt = meta.clone()
+        byte, shift = divmod(group, 2)
+        corrupt[row, byte] = (corrupt[row, byte] & (0xF0 >> 4 * shift)) | (0x7 << 4 * shift)
+        w_bad = w.clone()
+        w_bad[row, 4 * group : 4 * group + 4] = 0.0  # keeps 3: the group reads as zeros
+        x = torch.randn(4, k, generator=gen).to(dtype)
+        rc, y, bad = run_gemv(emu, x, values, corrupt, None, tensor_cores=tensor_cores)
+        assert (rc, bad) == (CUDA_SUCCESS, 1), (row, group)
+        assert_gemm_close(y, x, w_bad, None, f"invalid group {group} of row {row}")
 
 
 def test_sparse24_gemv_refuses_what_it_cannot_run(emu: Emu) -> None:
@@ -1284,8 +1324,10 @@ def test_sparse24_gemv_rounds_once_with_bias(emu: Emu) -> None:
     or off-halfway where a rounding of x @ W^T before the bias is added lands elsewhere (257 + 0.5
     in bf16: 258 once, 256 twice). assert_gemm_close's tolerance let such a double rounding pass."""
     gen = torch.Generator().manual_seed(24)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for m, n, k in ((1, 16, 1040), (5, 24, 64), (16, 9, 528)):
+    for dtype, tensor_cores in itertools.product(
+        (torch.float16, torch.bfloat16, torch.float32), (False, True)
+    ):
+        for m, n, k in ((1, 16, 1040), (5, 24, 64), (16, 9, 528), (12, 20, 256)):
             w = torch.randint(-3, 4, (n, k), generator=gen).to(dtype)
             w = reference.sparse24_prune(w)
             values, meta = reference.sparse24_compress(w)
@@ -1294,7 +1336,7 @@ def test_sparse24_gemv_rounds_once_with_bias(emu: Emu) -> None:
             b = (torch.randint(-40, 41, (n,), generator=gen).double() + 0.5).to(dtype)
             for bias in (None, b):
                 exact = acc if bias is None else acc + bias.double()
-                rc, y, bad = run_gemv(emu, x, values, meta, bias)
+                rc, y, bad = run_gemv(emu, x, values, meta, bias, tensor_cores=tensor_cores)
                 assert (rc, bad) == (CUDA_SUCCESS, 0)
                 assert_bits_equal(y, exact.to(dtype), f"{dtype} [{m}x{k}] @ [{n}x{k}]^T")
     # the halfway case itself: 257 + 0.5 = 257.5 -> 258 in bf16 (257 alone rounds to even 256)
@@ -1339,10 +1381,22 @@ def test_sparse24_gemv_refuses_misaligned_operands(emu: Emu) -> None:
                 for key, p in zip(("values", "meta", "bias", "y"), ok, strict=True)
             )
             flag = torch.zeros(1, dtype=torch.int32)
-            args = (DTYPE_CODE[dtype], x.data_ptr(), v, mt, b, m, n, k, yp, flag.data_ptr())
+            args = (DTYPE_CODE[dtype], x.data_ptr(), v, mt, b, m, n, k, yp, 0, flag.data_ptr())
             rc = emu.call("emu_sparse24_gemv", *args)
             want = CUDA_SUCCESS if name is None else CUDA_INVALID_VALUE
             assert (rc, emu.stats()["launches"]) == (want, int(name is None)), (dtype, name)
+    # the tensor-core kernel reads 4 meta bytes at a time: a meta aligned to 2 bytes, not 4,
+    # takes the SIMT kernel (8 rows a block), with the same result
+    n, k, m = 8, 64, 3
+    w = reference.sparse24_prune(torch.randn(n, k).to(torch.bfloat16))
+    values, meta = reference.sparse24_compress(w)
+    raw = torch.zeros(meta.numel() + 66, dtype=torch.uint8)
+    meta2 = raw[66 : 66 + meta.numel()].view(n, k // 8)  # 2 bytes past a 64-byte boundary
+    meta2.copy_(meta)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    rc, y, bad = run_gemv(emu, x, values, meta2, None, tensor_cores=True)
+    assert (rc, bad, emu.grids()) == (CUDA_SUCCESS, 0, [1])
+    assert_gemm_close(y, x, w, None, "meta aligned to 2 bytes")
 
 
 # ---- distill_fwd / distill_bwd -----------------------------------------------------------------

@@ -61,9 +61,13 @@ def cupy_decompress(values, meta, k: int):
     return cp.where(bit == 1, pick, cp.zeros((), values.dtype)).reshape(n, k)
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 40])  # the packed small-M kernel (<= 16) and the fallback
-def test_cuda_sparse24_gemm_matches_cupy(m):
-    n, k = 96, 1040
+# the packed small-M kernels (M <= 16: SIMT at K = 1040, tensor cores at M >= 2 with K = 1024 on
+# sm80+) and the fallback
+@pytest.mark.parametrize(
+    "m,k", [(1, 1040), (7, 1040), (16, 1040), (40, 1040), (7, 1024), (16, 1024)]
+)
+def test_cuda_sparse24_gemm_matches_cupy(m, k):
+    n = 96
     w = cp.random.standard_normal((n, k), dtype=cp.float32).astype(cp.float16)
     w = cp.where(cupy_nm_mask(w, 2, 4), w, cp.float16(0))
     x = cp.random.standard_normal((m, k), dtype=cp.float32).astype(cp.float16)

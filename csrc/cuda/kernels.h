@@ -57,9 +57,15 @@ constexpr int64_t kGemv24MaxM = 16;
 bool sparse24_gemv_supported(int64_t m, int64_t k, const void* x, const void* values,
                              const uint8_t* meta, const void* bias, const void* y);
 
+// Whether sparse24_gemv runs its tensor-core kernel (mma.sync, sm80+) for these arguments:
+// fp16/bf16, 2 <= m <= kGemv24MaxM, k % 32 == 0, 4-byte-aligned meta, on a device that has
+// `tensor_cores` (compute capability >= 8.0); else the SIMT kernel.
+bool sparse24_gemv_uses_tensor_cores(DType dt, int64_t m, int64_t k, const uint8_t* meta,
+                                     bool tensor_cores);
+
 cudaError_t sparse24_gemv(DType dt, const void* x, const void* values, const uint8_t* meta,
                           const void* bias, int64_t m, int64_t n, int64_t k, void* y, int* bad_meta,
-                          cudaStream_t stream);
+                          bool tensor_cores, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cast_ext

@@ -1,7 +1,7 @@
 // sparse24_gemm on CUDA tensors, from the portable packed format (values + meta):
-// * M <= 16 rows of x (decode-sized), K % 16 == 0, aligned: the packed small-M kernel
-//   (csrc/cuda/sparse24_gemv.cu), which reads the 2:4 weight once in its packed form (56% of a
-//   dense fp16/bf16 weight's bytes);
+// * M <= 16 rows of x (decode-sized), K % 16 == 0, aligned: the packed small-M kernels
+//   (csrc/cuda/sparse24_gemv.cu: tensor cores for fp16/bf16 at M >= 2 on sm80+), which read the
+//   2:4 weight once in its packed form (56% of a dense fp16/bf16 weight's bytes);
 // * otherwise: the mask file's decompress kernel, then a dense cuBLAS GEMM with fused bias.
 // Both accumulate in fp32 and round once. Invalid meta is reported through an error flag read
 // like the mask ops' (a sync); check_meta=False skips it, for callers that checked the meta
@@ -44,10 +44,11 @@ at::Tensor sparse24_gemm_cuda(const at::Tensor& x_in, const at::Tensor& values_i
     if (cuda::sparse24_gemv_supported(m, k, x.const_data_ptr(), values.const_data_ptr(),
                                       meta.const_data_ptr<uint8_t>(), bp, y.const_data_ptr())) {
       DeviceFlag flag(x, check_meta);
-      check_launch(
-          op, cuda::sparse24_gemv(to_cuda_dtype(x.scalar_type()), x.const_data_ptr(),
-                                  values.const_data_ptr(), meta.const_data_ptr<uint8_t>(), bp, m, n,
-                                  k, y.data_ptr(), flag.ptr(), at::cuda::getCurrentCUDAStream()));
+      const bool tensor_cores = at::cuda::getCurrentDeviceProperties()->major >= 8;
+      check_launch(op, cuda::sparse24_gemv(to_cuda_dtype(x.scalar_type()), x.const_data_ptr(),
+                                           values.const_data_ptr(), meta.const_data_ptr<uint8_t>(),
+                                           bp, m, n, k, y.data_ptr(), flag.ptr(), tensor_cores,
+                                           at::cuda::getCurrentCUDAStream()));
       check_meta_flag(op, meta_in, flag.raised());
       return y;
     }

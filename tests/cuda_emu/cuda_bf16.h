@@ -34,3 +34,9 @@ inline float __bfloat162float(__nv_bfloat16 b) {
   std::memcpy(&f, &x, sizeof(f));
   return f;
 }
+
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short x) {
+  __nv_bfloat16 h;
+  h.__x = x;
+  return h;
+}

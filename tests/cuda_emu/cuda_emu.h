@@ -174,6 +174,15 @@ struct alignas(16) uint4 {
   }
 };
 
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+  uint4 v;
+  v.x = x;
+  v.y = y;
+  v.z = z;
+  v.w = w;
+  return v;
+}
+
 // ---- synchronisation ---------------------------------------------------------------------------
 inline void __syncthreads(int line = __builtin_LINE()) { cuda_emu::block_barrier(line); }
 
@@ -226,6 +235,12 @@ inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 // Cache-hinted loads: a plain load here (a uint2/uint4 copy checks its alignment).
 template <typename T>
 inline T __ldcs(const T* p) {
+  return *p;
+}
+// Read-only-cache load: a plain load here, its alignment checked as the device's would fault.
+template <typename T>
+inline T __ldg(const T* p) {
+  cuda_emu::check_aligned(p, sizeof(T), "__ldg");
   return *p;
 }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {

@@ -30,3 +30,9 @@ inline float __half2float(__half h) {
   std::memcpy(&v, &h.__x, sizeof(v));
   return static_cast<float>(v);
 }
+
+inline __half __ushort_as_half(unsigned short x) {
+  __half h;
+  h.__x = x;
+  return h;
+}

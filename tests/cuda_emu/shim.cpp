@@ -38,9 +38,12 @@ int emu_mask_flips(const uint8_t* a, const uint8_t* b, int64_t nbytes, int m, in
   return cuda::mask_flips(a, b, nbytes, m, out, nullptr);
 }
 
+// `tensor_cores`: whether the device has them (the glue passes compute capability >= 8.0).
 int emu_sparse24_gemv(int dt, const void* x, const void* values, const uint8_t* meta,
-                      const void* bias, int64_t m, int64_t n, int64_t k, void* y, int* bad_meta) {
-  return cuda::sparse24_gemv(cuda::DType(dt), x, values, meta, bias, m, n, k, y, bad_meta, nullptr);
+                      const void* bias, int64_t m, int64_t n, int64_t k, void* y, int tensor_cores,
+                      int* bad_meta) {
+  return cuda::sparse24_gemv(cuda::DType(dt), x, values, meta, bias, m, n, k, y, bad_meta,
+                             tensor_cores != 0, nullptr);
 }
 
 // `table`: `count` rows of 10 words, the fields of AdamsTensorArgs in declaration order (param,
