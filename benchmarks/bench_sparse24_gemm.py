@@ -10,7 +10,8 @@ token counts M in {1, 16, 128, 1024, 4096, 16384}, one run times
 * ``torch_cslt_searched``: the same with the algorithm, split-K and split-K mode from
   ``torch._C._cusparselt.mm_search`` (when this torch has it);
 * ``packed`` (M <= 16): ``cast_ext.sparse24_gemm`` on the portable packed format, i.e. the
-  packed small-M kernel, which reads 56% of the dense weight's bytes;
+  packed small-M kernels (SIMT at M = 1, tensor cores from M = 2 on sm80+), which read 56% of
+  the dense weight's bytes;
 * ``sparse_linear``: ``cast_ext.nn.SparseLinear`` with ``mode="auto"`` (the dispatched layer).
 
 ``packed`` runs with ``check_meta=False``: the meta check reads a device flag back, a host sync
@@ -85,7 +86,7 @@ _SPARSE_TC = {"cast_ext_cslt", "torch_cslt", "torch_cslt_searched", "sparse"}
 
 def peak_tflops(device: str, impl: str) -> float | None:
     """The tensor-core peak that bounds ``impl`` on ``device`` (None: unknown GPU, or the packed
-    kernel, which runs on the CUDA cores and is bounded by memory bandwidth)."""
+    kernels, bounded by memory bandwidth at the M <= 16 they serve)."""
     dense = next((v for key, v in PEAK_BF16_TFLOPS.items() if key in device), None)
     if dense is None or impl == "packed":
         return None
