@@ -188,17 +188,19 @@ def test_nonfinite_x_at_pruned_positions_propagates_like_linear(
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m", [4, 20])
-def test_a_subnormal_x_is_not_read_as_zero(device: str, m: int) -> None:
+@pytest.mark.parametrize("k", [68, 64])
+def test_a_subnormal_x_is_not_read_as_zero(device: str, m: int, k: int) -> None:
     """The CPU's bf16 kernels (vdpbf16ps) read subnormal inputs as 0: an x with a subnormal
     element takes the fp32 ones, which do not. All of x subnormal, then one element, the last
-    (past the last 32 that the CPU's check reads at a time)."""
-    w = make_weight(8, 68, torch.bfloat16, device) * 1e30
+    (at K = 68, past the last 32 that the CPU's check reads at a time; K = 64 at M = 4 is CUDA's
+    tensor-core kernel on sm80+)."""
+    w = make_weight(8, k, torch.bfloat16, device) * 1e30
     values, meta = ops.sparse24_compress(w)
-    x = torch.full((m, 68), 1e-39, device=device).bfloat16()  # below bf16's 1.2e-38: subnormal
+    x = torch.full((m, k), 1e-39, device=device).bfloat16()  # below bf16's 1.2e-38: subnormal
     y = cast_ext.sparse24_gemm(x, values, meta)
     assert bool((y != 0).all())
     check_close(y, x, w, None)
-    x = torch.zeros(m, 68, device=device).bfloat16()
+    x = torch.zeros(m, k, device=device).bfloat16()
     x[-1, -1] = 1e-39
     y = cast_ext.sparse24_gemm(x, values, meta)
     assert torch.equal(y[-1] != 0, w[:, -1] != 0) and bool((w[:, -1] != 0).any())
