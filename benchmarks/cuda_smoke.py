@@ -141,17 +141,18 @@ def fp32_reductions() -> Iterator[None]:
 
 
 def _packed_gemm() -> None:
-    """sparse24_gemm: M <= 16 takes the packed small-M kernel on CUDA, M = 17 the fallback; each
-    with the meta check and without (no flag: the kernels get nullptr). The fallback is
-    F.linear's cuBLAS call: with torch's default reduced-precision reductions it was 0.5 off the
-    fp32-accumulated reference (H200, [17, 1040] bf16), so they are off here."""
+    """sparse24_gemm: M <= 16 takes the packed small-M kernels on CUDA (fp16/bf16 at M = 5 and
+    16 with K = 64 or 1024 the tensor-core one on sm80+, 20 rows a partial 16-row tile), M = 17
+    the fallback; each with the meta check and without (no flag: the kernels get nullptr). The
+    fallback is F.linear's cuBLAS call: with torch's default reduced-precision reductions it was
+    0.5 off the fp32-accumulated reference (H200, [17, 1040] bf16), so they are off here."""
     with fp32_reductions():
         _packed_gemm_checks()
 
 
 def _packed_gemm_checks() -> None:
     for dt in DTYPES:
-        for n, k in ((24, 64), (12, 1040)):
+        for n, k in ((24, 64), (12, 1040), (20, 1024)):
             w = reference.sparse24_prune(torch.randn(n, k, dtype=dt))
             bias = torch.randn(n, dtype=dt)
             values, meta = reference.sparse24_compress(w)
