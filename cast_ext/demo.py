@@ -187,10 +187,11 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(name="cpu"),
     # For one device call on an H200 (not yet run there): CAST's steps are sized from timed
     # trial steps so that the three training runs take about 300 s (time_budget_s), at most
-    # 3,000 steps (max_cast_steps). A near-lossless finalize needs about 1,300 steps at lr
-    # 3e-4 (decay_budget's preflight, target 3%); on 2 CPU cores 880 steps left the pruned
+    # 3,000 steps (max_cast_steps). decay_budget's preflight (target 3%) asks about 1,300
+    # steps at lr 3e-4; on 2 CPU cores 880 steps left the pruned
     # weights at 7% of their size, and the finalize cost 1.27x in perplexity, more than the
-    # fixed-mask fine-tune lost. The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes,
+    # fixed-mask fine-tune lost (and 1,500 steps of 128 tokens, at 1.4%, still cost 1.11x: more
+    # steps are better). The H200's bench_cast_step (2026-11-30, SmolLM2-135M shapes,
     # fp32 with TF32 matmuls) took 221 ms a CAST step of 2,048 tokens (batch 8) and 117 ms a
     # dense AdamW step: 650-900 steps would fit. So where fewer steps fit than the preflight
     # asks for, the sizing drops the dense fine-tune, then tries batches of 4 and 2 windows
