@@ -1177,8 +1177,8 @@ tile nearly empty), 3 steps (5 of the 8 warps with none); 32 steps, 17 rows (a b
 
 
 def uses_tensor_cores(dtype: torch.dtype, m: int, k: int, tensor_cores: bool) -> bool:
-    """Whether sparse24_gemv takes its tensor-core kernel (sparse24_gemv_uses_tensor_cores, with
-    an aligned meta)."""
+    """Whether sparse24_gemv takes its tensor-core kernel (sparse24_gemv.cu's uses_tensor_cores,
+    with an aligned meta)."""
     return tensor_cores and dtype != torch.float32 and 2 <= m <= 16 and k % 32 == 0
 
 

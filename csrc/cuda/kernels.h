@@ -57,12 +57,9 @@ constexpr int64_t kGemv24MaxM = 16;
 bool sparse24_gemv_supported(int64_t m, int64_t k, const void* x, const void* values,
                              const uint8_t* meta, const void* bias, const void* y);
 
-// Whether sparse24_gemv runs its tensor-core kernel (mma.sync, sm80+) for these arguments:
-// fp16/bf16, 2 <= m <= kGemv24MaxM, k % 32 == 0, 4-byte-aligned meta, on a device that has
-// `tensor_cores` (compute capability >= 8.0); else the SIMT kernel.
-bool sparse24_gemv_uses_tensor_cores(DType dt, int64_t m, int64_t k, const uint8_t* meta,
-                                     bool tensor_cores);
-
+// `tensor_cores`: the device has them (compute capability >= 8.0); fp16/bf16 with
+// 2 <= m <= kGemv24MaxM, k % 32 == 0 and a 4-byte-aligned meta then run the mma.sync kernel,
+// everything else the SIMT one.
 cudaError_t sparse24_gemv(DType dt, const void* x, const void* values, const uint8_t* meta,
                           const void* bias, int64_t m, int64_t n, int64_t k, void* y, int* bad_meta,
                           bool tensor_cores, cudaStream_t stream);

@@ -310,6 +310,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, 2)
 
 bool misaligned(const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a != 0; }
 
+// Whether the tensor-core kernel takes these arguments (see kernels.h).
+bool uses_tensor_cores(DType dt, int64_t m, int64_t k, const uint8_t* meta, bool tensor_cores) {
+  return tensor_cores && dt != DType::F32 && m >= 2 && m <= kGemv24MaxM && k % 32 == 0 &&
+         !misaligned(meta, 4);
+}
+
 // `mma`: the tensor-core kernel (fp16/bf16 only; the caller checked its conditions).
 template <typename T>
 cudaError_t gemv24_t(const T* x, const T* values, const uint8_t* meta, const T* bias, int m,
@@ -358,18 +364,12 @@ bool sparse24_gemv_supported(int64_t m, int64_t k, const void* x, const void* va
          !misaligned(y, 2);
 }
 
-bool sparse24_gemv_uses_tensor_cores(DType dt, int64_t m, int64_t k, const uint8_t* meta,
-                                     bool tensor_cores) {
-  return tensor_cores && dt != DType::F32 && m >= 2 && m <= kGemv24MaxM && k % 32 == 0 &&
-         !misaligned(meta, 4);
-}
-
 cudaError_t sparse24_gemv(DType dt, const void* x, const void* values, const uint8_t* meta,
                           const void* bias, int64_t m, int64_t n, int64_t k, void* y, int* bad_meta,
                           bool tensor_cores, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   if (!sparse24_gemv_supported(m, k, x, values, meta, bias, y)) return cudaErrorInvalidValue;
-  const bool mma = sparse24_gemv_uses_tensor_cores(dt, m, k, meta, tensor_cores);
+  const bool mma = uses_tensor_cores(dt, m, k, meta, tensor_cores);
   switch (dt) {
     case DType::F32:
       return gemv24_t(static_cast<const float*>(x), static_cast<const float*>(values), meta,
