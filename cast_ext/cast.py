@@ -34,7 +34,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1140,6 +1140,12 @@ class WarmupCosine:
     """Linear warmup from ``start_factor * peak_lr`` to ``peak_lr``, then cosine to
     ``final_factor * peak_lr`` at ``total_steps``; constant after.
 
+    ``decay_frac`` < 1 holds ``peak_lr`` after the warmup and runs the cosine over only the
+    last ``decay_frac`` of the steps after it (warmup-stable-decay). For CAST that shape moves
+    the pruned weights much further: a pruned weight travels about ``lr_t * alpha_t`` per step
+    once the decay dominates (SPEC §6), and ``alpha_t = t / T`` is largest where a full-length
+    cosine has already lowered the lr (:func:`decay_budget` quantifies it).
+
     ``sched(step)`` is the lr of step ``step`` (0-based); ``sched.factor(step)`` the multiplier
     of ``peak_lr`` (for ``torch.optim.lr_scheduler.LambdaLR``).
     """
@@ -1149,13 +1155,27 @@ class WarmupCosine:
     warmup_steps: int = 10
     start_factor: float = 0.1
     final_factor: float = 0.1
+    decay_frac: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay_frac <= 1.0:  # NaN fails too
+            raise ValueError(
+                "cast_ext.cast.warmup_cosine: decay_frac must be in (0, 1], got "
+                f"{self.decay_frac!r}"
+            )
+
+    def _phases(self) -> tuple[int, int, int]:
+        """(warmup end, cosine start, cosine length in steps)."""
+        w = min(self.warmup_steps, max(self.total_steps - 1, 0))
+        after = max(self.total_steps - 1 - w, 1)
+        span = max(round(self.decay_frac * after), 1)
+        return w, w + after - span, span
 
     def factor(self, step: int) -> float:
-        w = min(self.warmup_steps, max(self.total_steps - 1, 0))
+        w, start, span = self._phases()
         if step < w:
             return self.start_factor + (1.0 - self.start_factor) * step / w
-        span = max(self.total_steps - 1 - w, 1)
-        progress = min(max(step - w, 0) / span, 1.0)
+        progress = min(max(step - start, 0) / span, 1.0)
         cos = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.final_factor + (1.0 - self.final_factor) * cos
 
@@ -1165,10 +1185,9 @@ class WarmupCosine:
     def values(self, steps: int) -> Tensor:
         """``[self(t) for t in range(steps)]`` as a float64 tensor, vectorized."""
         t = torch.arange(steps, dtype=torch.float64)
-        w = min(self.warmup_steps, max(self.total_steps - 1, 0))
+        w, start, span = self._phases()
         warm = self.start_factor + (1.0 - self.start_factor) * t / max(w, 1)
-        span = max(self.total_steps - 1 - w, 1)
-        progress = ((t - w).clamp(min=0) / span).clamp(max=1.0)
+        progress = ((t - start).clamp(min=0) / span).clamp(max=1.0)
         cos = self.final_factor + (1.0 - self.final_factor) * 0.5 * (
             1.0 + torch.cos(math.pi * progress)
         )
@@ -1176,9 +1195,7 @@ class WarmupCosine:
 
     def with_total(self, total_steps: int) -> WarmupCosine:
         """The same shape stretched to another length (same warmup steps)."""
-        return WarmupCosine(
-            self.peak_lr, total_steps, self.warmup_steps, self.start_factor, self.final_factor
-        )
+        return replace(self, total_steps=total_steps)
 
 
 def warmup_cosine(
@@ -1188,9 +1205,12 @@ def warmup_cosine(
     *,
     start_factor: float = 0.1,
     final_factor: float = 0.1,
+    decay_frac: float = 1.0,
 ) -> WarmupCosine:
-    """The schedule SPEC §6 found healthy: 10-step warmup from lr/10, cosine to 10%."""
-    return WarmupCosine(peak_lr, total_steps, warmup_steps, start_factor, final_factor)
+    """The schedule SPEC §6 found healthy: 10-step warmup from lr/10, cosine to 10%.
+    ``decay_frac`` < 1: the cosine over only the last part of the run (see
+    :class:`WarmupCosine`)."""
+    return WarmupCosine(peak_lr, total_steps, warmup_steps, start_factor, final_factor, decay_frac)
 
 
 @dataclass

@@ -93,6 +93,9 @@ class Preset:
     cast_lr: float = 3e-4
     cast_decay: float = 1e-3  # AdamS lam
     warmup: int = 10
+    # Both schedules' cosine runs over this last share of the steps after the warmup (1: all of
+    # them; below 1 the lr holds its peak before: cast.WarmupCosine's decay_frac).
+    decay_frac: float = 1.0
     eta: float = 1.0 / 3.0
     mask_interval: int = 10
     health_every: int = 10
@@ -117,6 +120,8 @@ class Preset:
             raise ValueError(
                 f"preset {self.name}: max_cast_steps must be at least {self.cast_steps_multiple}"
             )
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise ValueError(f"preset {self.name}: decay_frac must be in (0, 1]")
         if self.ft_steps * self.ft_batch != self.cast_steps * self.cast_batch:
             raise ValueError(
                 f"preset {self.name}: fine-tune ({self.ft_steps} x {self.ft_batch}) and CAST "
@@ -528,7 +533,9 @@ def _adamw_finetune(
 ) -> cast.TrainResult:
     """The preset's AdamW fine-tune (dense or fixed-mask): CAST's windows, schedule shape over
     them (warmup and cosine in windows) and evals."""
-    sched = cast.warmup_cosine(preset.ft_lr, preset.ft_steps, preset.ft_warmup)
+    sched = cast.warmup_cosine(
+        preset.ft_lr, preset.ft_steps, preset.ft_warmup, decay_frac=preset.decay_frac
+    )
     return cast.train(
         model,
         _adamw(model, preset.ft_lr),
@@ -662,7 +669,9 @@ def _cast_setup(
         teacher,
         student,
         opt,
-        cast.warmup_cosine(preset.cast_lr, preset.cast_steps, preset.warmup),
+        cast.warmup_cosine(
+            preset.cast_lr, preset.cast_steps, preset.warmup, decay_frac=preset.decay_frac
+        ),
     )
 
 
@@ -1266,6 +1275,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def _device(text: str) -> torch.device:
     """argparse type: a cpu or cuda device."""
     try:
@@ -1304,6 +1324,14 @@ def _parser() -> argparse.ArgumentParser:
         f"sizes itself to {PRESETS['gpu'].time_budget_s:.0f} s)",
     )
     p.add_argument(
+        "--decay-frac",
+        type=_fraction,
+        metavar="F",
+        help="the lr schedules hold their peak after the warmup and run the cosine over only "
+        "the last F of the steps (warmup-stable-decay; default: the preset's, "
+        f"cpu {PRESETS['cpu'].decay_frac:g}, gpu {PRESETS['gpu'].decay_frac:g})",
+    )
+    p.add_argument(
         "--eager-teacher",
         action="store_true",
         help="run CAST's teacher eagerly on a GPU (the GPU preset captures it as a CUDA graph)",
@@ -1334,6 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = replace(preset.with_cast_steps(args.cast_steps), time_budget_s=None)
     if args.time_budget is not None:
         preset = replace(preset, time_budget_s=args.time_budget or None)
+    if args.decay_frac is not None:
+        preset = replace(preset, decay_frac=args.decay_frac)
     if args.eager_teacher:
         preset = replace(preset, graph_teacher=False)
     if args.threads is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -1222,6 +1223,48 @@ def test_warmup_cosine():
     torch.testing.assert_close(
         s.values(120), torch.tensor([s(i) for i in range(120)], dtype=torch.float64)
     )
+    assert s.decay_frac == 1.0 and s.with_total(50) == cast.warmup_cosine(1e-3, 50, 10)
+
+
+def test_warmup_stable_decay():
+    """decay_frac < 1: the peak lr held after the warmup, the cosine over the last share of the
+    steps after it; values() agrees with the per-step lrs; with_total keeps the shape."""
+    s = cast.warmup_cosine(1e-3, 111, warmup_steps=10, decay_frac=0.2)  # 100 steps after warmup
+    assert s(0) == pytest.approx(1e-4) and s(10) == pytest.approx(1e-3)
+    assert all(s(i) == pytest.approx(1e-3) for i in range(10, 91))  # stable: steps 10-90
+    assert s(91) < 1e-3 and s(110) == pytest.approx(1e-4) and s(300) == pytest.approx(1e-4)
+    assert s(100) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway through the cosine
+    assert all(s(i) >= s(i + 1) for i in range(10, 110))
+    torch.testing.assert_close(
+        s.values(130), torch.tensor([s(i) for i in range(130)], dtype=torch.float64)
+    )
+    long = s.with_total(1011)
+    assert long.decay_frac == 0.2 and long(810) == pytest.approx(1e-3) and long(811) < 1e-3
+    # the whole run at peak but a one-step cosine; the default shape is decay_frac 1
+    tiny = cast.warmup_cosine(1e-3, 111, warmup_steps=10, decay_frac=1e-6)
+    assert tiny(109) == pytest.approx(1e-3) and tiny(110) == pytest.approx(1e-4)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"decay_frac must be in \(0, 1\]"):
+            cast.warmup_cosine(1e-3, 100, decay_frac=bad)
+    # the demo's presets refuse it alike
+    from cast_ext import demo
+
+    with pytest.raises(ValueError, match="preset cpu: decay_frac"):
+        dataclasses.replace(demo.PRESETS["cpu"], decay_frac=0.0)
+
+
+def test_decay_budget_travel_grows_with_a_stable_phase():
+    """At the same steps and peak lr a pruned weight travels further under warmup-stable-decay
+    than under a cosine over the whole run (alpha = t / T is large where the cosine has already
+    cut the lr), and steps_needed falls with it."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05
+    kw = {"decay": 1e-3, "grad_rms": 1e-4, "warn": False}
+    cos = cast.decay_budget([w], cast.warmup_cosine(3e-4, 400, 10), 400, **kw)
+    wsd = cast.decay_budget([w], cast.warmup_cosine(3e-4, 400, 10, decay_frac=0.2), 400, **kw)
+    assert wsd.travel > 1.4 * cos.travel  # 1.58x
+    assert wsd.predicted_ratio < cos.predicted_ratio
+    assert wsd.steps_needed < cos.steps_needed
 
 
 # ------------------------------------------------------------------------------------------
@@ -1886,8 +1929,6 @@ def test_demo_sizes_its_runs_to_a_time_budget(tmp_path, capsys):
     """A preset with time_budget_s: trial steps on copies of the model size CAST's steps and
     the fine-tunes' (the same windows) before the runs, which then run those steps;
     results.json records what the trials measured and how long the runs took."""
-    import dataclasses
-
     from cast_ext import demo
 
     model = tiny_llama()
@@ -1935,8 +1976,6 @@ def test_demo_budget_arithmetic(monkeypatch):
     dense_finetune) and the evaluations, every eval_every steps of each run and one at its end;
     rounded down to the fine-tune's multiple, at least one multiple, at most max_cast_steps;
     without the dense fine-tune where with it CAST would fall short of decay_budget's steps."""
-    import dataclasses
-
     from cast_ext import demo
 
     needed: list[int | None] = [None]  # what the CAST trial's preflight says
@@ -1982,8 +2021,6 @@ def test_demo_budget_falls_back_to_smaller_batches(monkeypatch):
     fine-tune, the sizing tries the preset's fallback_batches in turn (the fine-tune's batch in
     proportion, the warmup and lr kept) and takes the first whose steps suffice; where none
     does, the one that comes closest, a smaller batch only for over 10% more of the steps."""
-    import dataclasses
-
     from cast_ext import demo
 
     gpu = demo.PRESETS["gpu"]
@@ -2070,11 +2107,17 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
         assert (seen[-1].time_budget_s, seen[-1].cast_steps) == (budget, steps), argv
     assert "training runs sized to 45.5 s" in capsys.readouterr().out
     assert len(tuned) == 5
+    with pytest.raises(SystemExit):
+        demo.main(["--preset", "cpu", "--decay-frac", "0.2", *base])
+    assert seen[-1].decay_frac == 0.2 and demo.PRESETS["cpu"].decay_frac == 1.0
     for argv in (
         ["--cast-steps", "800", "--time-budget", "60"],
         ["--time-budget", "-1"],
         ["--time-budget", "nan"],
         ["--time-budget", "soon"],
+        ["--decay-frac", "0"],
+        ["--decay-frac", "1.5"],
+        ["--decay-frac", "nan"],
     ):
         with pytest.raises(SystemExit) as info:
             demo.main(["--preset", "gpu", *argv, *base])
@@ -2082,6 +2125,7 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "give one (the steps, or the time for them)" in err
     assert "expected a number of seconds >= 0, got 'nan'" in err
+    assert "--decay-frac: expected a number in (0, 1], got '1.5'" in err
 
 
 requires_glibc = pytest.mark.skipif(
@@ -2166,8 +2210,6 @@ def test_tune_cpu_malloc_elsewhere_changes_nothing():
 def test_demo_verdict_suggests_what_the_preset_allows():
     """Too few CAST steps: the CPU preset's verdict points to the GPU preset; the GPU preset's
     to the steps decay_budget asks for."""
-    import dataclasses
-
     from cast_ext import demo
 
     def results(preset: str) -> dict:
@@ -2287,12 +2329,16 @@ def test_demo_fine_tune_warms_up_over_cast_s_windows(monkeypatch):
     assert [demo.PRESETS[p].ft_warmup for p in ("cpu", "gpu", "smoke")] == [5, 25, 1]
     seen = []
     real = cast.warmup_cosine
-    monkeypatch.setattr(cast, "warmup_cosine", lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setattr(cast, "warmup_cosine", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     monkeypatch.setattr(cast, "train", lambda *a, **k: None)
-    preset = demo.PRESETS["cpu"]
+    preset = dataclasses.replace(demo.PRESETS["cpu"], decay_frac=0.25)
     data = types.SimpleNamespace(train=torch.zeros(4, 8, dtype=torch.long))
     demo._adamw_finetune(tiny_llama(), data, preset, "finetune")
-    assert seen == [(preset.ft_lr, preset.ft_steps, 5)]
+    assert seen == [((preset.ft_lr, preset.ft_steps, 5), {"decay_frac": 0.25})]
+    # CAST's schedule has the same shape over its steps
+    sched = demo._cast_setup(tiny_llama(), preset, None)[3]
+    assert (sched.total_steps, sched.warmup_steps) == (preset.cast_steps, 10)
+    assert sched.decay_frac == 0.25
 
 
 def test_demo_refuses_bad_arguments_before_any_work(capsys):
@@ -2317,8 +2363,6 @@ def test_demo_refuses_bad_arguments_before_any_work(capsys):
 def test_demo_dense_finetune_run(tmp_path):
     """The GPU preset's dense AdamW baseline (dense_finetune=True), on the tiny model: same
     budget as the fixed-mask fine-tune, a finite perplexity afterwards."""
-    import dataclasses
-
     from cast_ext import demo
 
     preset = dataclasses.replace(demo.PRESETS["smoke"], dense_finetune=True)
