@@ -72,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=10, help="warmup steps (from lr/10)")
+    p.add_argument(
+        "--decay-frac",
+        type=float,
+        default=1.0,
+        help="the cosine (to lr/10) covers this last share of the steps after the warmup, the "
+        "peak lr held before it (1: all of them); below 1 the pruned weights travel further "
+        "(cast.decay_budget)",
+    )
     p.add_argument("--decay", type=float, default=1e-3, help="AdamS's lambda (SPEC §6)")
     p.add_argument("--mask-interval", type=int, default=10)
     p.add_argument("--eta", type=float, default=1 / 3, help="KL share of the distillation loss")
@@ -109,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if not 0 < args.decay_frac <= 1:
+        p.error(f"--decay-frac must be in (0, 1], got {args.decay_frac}")
     if args.timeout_min <= 0:
         p.error(f"--timeout-min must be > 0, got {args.timeout_min}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         total_steps=args.steps,
         mask_interval=args.mask_interval,
     )
-    sched = cast.warmup_cosine(args.lr, args.steps, args.warmup)
+    sched = cast.warmup_cosine(args.lr, args.steps, args.warmup, decay_frac=args.decay_frac)
     # The lr schedule's base (LambdaLR's "initial_lr") must be in the state to load too:
     # dcp.load fills only the keys the target already has.
     for group in opt.param_groups:

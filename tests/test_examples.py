@@ -242,7 +242,7 @@ def test_cast_fsdp2_example_checks_its_arguments(capsys: pytest.CaptureFixture[s
     example = _example_module()
     base = ["--model", "m", "--train", "t.npy", "--out", "o", "--steps", "4"]
     bad = [["--seq", "1"], ["--batch", "0"], ["--grad-accum", "0"], ["--stop-after", "0"]]
-    bad += [["--steps", "0"], ["--timeout-min", "0"]]
+    bad += [["--steps", "0"], ["--timeout-min", "0"], ["--decay-frac", "0"], ["--decay-frac", "2"]]
     if not torch.cuda.is_available():
         bad.append(["--device", "cuda"])
     for extra in bad:
@@ -251,6 +251,7 @@ def test_cast_fsdp2_example_checks_its_arguments(capsys: pytest.CaptureFixture[s
         assert info.value.code == 2, extra
     err = capsys.readouterr().err
     assert "--seq must be >= 2, got 1" in err and "--batch must be >= 1, got 0" in err
+    assert "--decay-frac must be in (0, 1], got 2.0" in err
 
 
 def test_cast_fsdp2_example_log_of_a_finished_run_resumed(tmp_path: Path) -> None:
