@@ -1249,8 +1249,8 @@ def test_warmup_stable_decay():
     # the demo's presets refuse it alike
     from cast_ext import demo
 
-    with pytest.raises(ValueError, match="preset cpu: decay_frac"):
-        dataclasses.replace(demo.PRESETS["cpu"], decay_frac=0.0)
+    with pytest.raises(ValueError, match="preset cpu: cast_decay_frac"):
+        dataclasses.replace(demo.PRESETS["cpu"], cast_decay_frac=0.0)
 
 
 def test_decay_budget_travel_grows_with_a_stable_phase():
@@ -2109,7 +2109,7 @@ def test_demo_cli_time_budget_and_cast_steps(monkeypatch, tmp_path, capsys):
     assert len(tuned) == 5
     with pytest.raises(SystemExit):
         demo.main(["--preset", "cpu", "--decay-frac", "0.2", *base])
-    assert seen[-1].decay_frac == 0.2 and demo.PRESETS["cpu"].decay_frac == 1.0
+    assert seen[-1].cast_decay_frac == 0.2 and demo.PRESETS["cpu"].cast_decay_frac == 1.0
     for argv in (
         ["--cast-steps", "800", "--time-budget", "60"],
         ["--time-budget", "-1"],
@@ -2331,11 +2331,11 @@ def test_demo_fine_tune_warms_up_over_cast_s_windows(monkeypatch):
     real = cast.warmup_cosine
     monkeypatch.setattr(cast, "warmup_cosine", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     monkeypatch.setattr(cast, "train", lambda *a, **k: None)
-    preset = dataclasses.replace(demo.PRESETS["cpu"], decay_frac=0.25)
+    preset = dataclasses.replace(demo.PRESETS["cpu"], cast_decay_frac=0.25)
     data = types.SimpleNamespace(train=torch.zeros(4, 8, dtype=torch.long))
     demo._adamw_finetune(tiny_llama(), data, preset, "finetune")
-    assert seen == [((preset.ft_lr, preset.ft_steps, 5), {"decay_frac": 0.25})]
-    # CAST's schedule has the same shape over its steps
+    assert seen == [((preset.ft_lr, preset.ft_steps, 5), {})]  # the full cosine
+    # CAST's schedule holds its peak lr for all but the last quarter
     sched = demo._cast_setup(tiny_llama(), preset, None)[3]
     assert (sched.total_steps, sched.warmup_steps) == (preset.cast_steps, 10)
     assert sched.decay_frac == 0.25
