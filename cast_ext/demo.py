@@ -40,7 +40,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -1092,6 +1092,12 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pct(ratio: float) -> str:
+    """A ratio as a percentage, two significant digits below 10% ("0.093%", "1.4%", "73%")."""
+    pct = 100.0 * ratio
+    return f"{pct:.0f}%" if not math.isfinite(pct) or abs(pct) >= 10.0 else f"{pct:.2g}%"
+
+
 def verdict(results: dict[str, Any]) -> str:
     """Plain words on what the numbers show, including when CAST did not win."""
     runs = results["runs"]
@@ -1118,25 +1124,31 @@ def verdict(results: dict[str, Any]) -> str:
             f"({c['steps']} steps)."
         )
         target = budget.get("target_ratio")
-        predicted = (
-            f"decay_budget predicted {100 * budget.get('predicted_ratio', float('nan')):.0f}%"
-        )
+        predicted = f"decay_budget predicted {_pct(budget.get('predicted_ratio', float('nan')))}"
         if shrink is not None and target is not None and shrink <= target:
             # the transition finished by decay_budget's measure, and the prune still cost this
             lines.append(
-                f"Its pruned weights shrank to {100 * shrink:.0f}% of their size ({predicted}; "
-                f"its target for a near-lossless prune: {100 * target:.0f}%), yet the final hard "
-                f"prune took perplexity from {cb:.1f} to {ca:.1f}."
+                f"Its pruned weights shrank to {_pct(shrink)} of their size ({predicted}; its "
+                f"target for a near-lossless prune: {_pct(target)}), yet the final hard prune "
+                f"took perplexity from {cb:.1f} to {ca:.1f} ({_pct(ca / cb - 1.0)} more)."
             )
+            if cb >= fa:
+                lines.append(
+                    f"CAST was behind the fine-tune before the prune too ({cb:.1f} against "
+                    f"{fa:.1f}): its training, not the prune, lost the comparison."
+                )
         elif shrink is not None:
             lines.append(
-                f"Its pruned weights shrank only to {100 * shrink:.0f}% of their size "
+                f"Its pruned weights shrank only to {_pct(shrink)} of their size "
                 f"({predicted}), so the final hard prune still removed real weight."
             )
         if (budget.get("steps_needed") or 0) > c["steps"]:
             preset = results.get("preset", {})
             # a value --cast-steps accepts (the fine-tune's batches must split the same windows)
-            mult = Preset(**preset).cast_steps_multiple if preset else 1
+            mult = 1
+            if preset:  # (the fields this version knows: a results.json may be older or newer)
+                known = {f.name for f in fields(Preset)}
+                mult = Preset(**{k: v for k, v in preset.items() if k in known}).cast_steps_multiple
             steps = -(-budget["steps_needed"] // mult) * mult
             lines.append(
                 f"decay_budget estimates about {budget['steps_needed']} steps for a near-lossless "

@@ -2238,8 +2238,21 @@ def test_demo_verdict_suggests_what_the_preset_allows():
     assert "shrank to 7% of their size (decay_budget predicted 10%; its target" in done
     assert "yet the final hard prune took perplexity from 20.0 to 30.0" in done
     assert "only" not in done and "--cast-steps" not in done
+    assert "(50% more)" in done and "behind the fine-tune" not in done
     res["runs"]["cast"]["measured_shrink"] = 0.3
     assert "shrank only to 30% of their size (decay_budget predicted 10%)" in demo.verdict(res)
+    # a prune that cost little, CAST behind the fine-tune before it: the training lost
+    res["runs"]["cast"] |= {"measured_shrink": 0.00093, "after": {"ppl": 20.1}}
+    res["runs"]["cast"]["decay_budget"] = {"predicted_ratio": 0.0, "target_ratio": 0.03}
+    res["runs"]["finetune"]["after"]["ppl"] = 19.0
+    tight = demo.verdict(res)
+    assert "shrank to 0.093% of their size (decay_budget predicted 0%; its target" in tight
+    assert "from 20.0 to 20.1 (0.5% more)" in tight
+    assert "behind the fine-tune before the prune too (20.0 against 19.0)" in tight
+    # a results.json with a field this version does not know still gets its suggestion
+    res = results("gpu")
+    res["preset"]["decay_frac"] = 0.2  # (the field's name in one session's run)
+    assert "run with `--cast-steps 576`" in demo.verdict(res)
 
 
 class _FakeTokenizer:
