@@ -1283,26 +1283,24 @@ _positive = _int_in(1, None, "must be an integer >= 1")
 _seed = _int_in(0, 2**64, "expected an int in [0, 2**64)")  # what torch.manual_seed takes
 
 
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+def _float_where(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """argparse type: a float for which ``ok`` holds (NaN fails any comparison), else
+    ``expected`` in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+_seconds = _float_where(lambda v: math.isfinite(v) and v >= 0, "expected a number of seconds >= 0")
+_fraction = _float_where(lambda v: 0.0 < v <= 1.0, "expected a number in (0, 1]")
 
 
 def _device(text: str) -> torch.device:
